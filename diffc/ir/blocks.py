@@ -1,0 +1,265 @@
+"""The block table: which nodes of the graph belong to which module of interest (UNet stages,
+resnets, attentions, transformer blocks, FFNs), with their parameters, FLOPs and residual structure."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.fx
+
+from .fxutil import attr_value
+
+aten = torch.ops.aten
+
+STAGE, RESNET, ATTENTION, TRANSFORMER_BLOCK, FFN = "stage", "resnet", "attention", "transformer_block", "ffn"
+BLOCK_KINDS = (STAGE, RESNET, ATTENTION, TRANSFORMER_BLOCK, FFN)
+
+_STAGE_PATH = re.compile(r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block)$")
+
+# Ops through which a tensor passes unchanged in meaning (layout, dtype, scaling by a constant),
+# so a residual add can be found behind them.
+_TRANSPARENT = {
+    aten.view.default, aten.reshape.default, aten.permute.default, aten.transpose.int,
+    aten.contiguous.default, aten.clone.default, aten.to.dtype, aten._to_copy.default,
+    aten.dropout.default, aten.squeeze.dim, aten.unsqueeze.default, aten.flatten.using_ints,
+    aten.unflatten.int, aten.alias.default,
+}
+_SCALING = {aten.div.Tensor, aten.mul.Tensor, aten.div.Scalar, aten.mul.Scalar}
+_ADDS = {aten.add.Tensor}
+
+
+@dataclass
+class Residual:
+    """`add` computes branch + skip; replacing `add` by `skip` removes the block's contribution.
+    `in_parent` is true when the add sits in the enclosing block (FFN and attention outputs are
+    added to the residual stream by the transformer block that calls them)."""
+
+    add: str
+    skip: str
+    branch: str
+    in_parent: bool
+
+
+@dataclass
+class Block:
+    name: str
+    kind: str
+    module_class: str
+    parent: str | None
+    nodes: list[str]
+    parameters: list[str]
+    num_params: int
+    flops: int
+    inputs: list[str]
+    outputs: list[str]
+    residual: Residual | None
+    # The input whose shape equals the output's: the block can be bypassed as identity through it.
+    identity_input: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Block":
+        residual = Residual(**data["residual"]) if data["residual"] else None
+        return cls(**{**data, "residual": residual})
+
+
+def classify_module(path: str, class_name: str) -> str | None:
+    short = class_name.rsplit(".", 1)[-1]
+    if _STAGE_PATH.match(path):
+        return STAGE
+    if short.startswith("ResnetBlock"):
+        return RESNET
+    if short.endswith("TransformerBlock") or short == "DiTBlock":
+        return TRANSFORMER_BLOCK
+    if short == "FeedForward":
+        return FFN
+    if short in ("Attention", "Transformer2DModel", "JointAttention", "FluxAttention"):
+        return ATTENTION
+    return None
+
+
+def module_path(node: torch.fx.Node) -> list[tuple[str, str]]:
+    """The (path, class) stack of modules a node was traced in, outermost first."""
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for path, cls in stack.values():
+        if path:
+            out.append((_normalize_path(path), cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"))
+    return out
+
+
+def _normalize_path(path: str) -> str:
+    # strict export spells paths as L['self'].down_blocks[0]; non-strict as down_blocks.0
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return path.split("@")[0]
+
+
+def node_flops(node: torch.fx.Node) -> int:
+    """Multiply-add FLOPs (2 per MAC) of matmul-like ops at the shapes recorded by shape propagation."""
+    if node.op != "call_function":
+        return 0
+    out = _shape(node)
+    if out is None:
+        return 0
+    target = node.target
+    if target in (aten.conv2d.default, aten.convolution.default, aten.conv1d.default):
+        weight = _shape(node.args[1])
+        if weight is None:
+            return 0
+        return 2 * math.prod(out) * math.prod(weight[1:])
+    if target in (aten.linear.default, aten.addmm.default, aten.mm.default, aten.bmm.default,
+                  aten.matmul.default, aten.baddbmm.default):
+        a = _shape(node.args[1] if target in (aten.addmm.default, aten.baddbmm.default) else node.args[0])
+        if a is None:
+            return 0
+        return 2 * math.prod(out) * a[-1]
+    if target == aten.scaled_dot_product_attention.default:
+        q, k = _shape(node.args[0]), _shape(node.args[1])
+        if q is None or k is None:
+            return 0
+        return 4 * math.prod(q[:-1]) * k[-2] * q[-1]
+    if target == aten.einsum.default:
+        return 0
+    return 0
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    if not isinstance(value, torch.fx.Node):
+        return None
+    meta = value.meta.get("tensor_meta")
+    if meta is None or not hasattr(meta, "shape"):
+        return None
+    return tuple(int(d) for d in meta.shape)
+
+
+def discover_blocks(gm: torch.fx.GraphModule) -> list[Block]:
+    """Builds the block table from the module stacks recorded on each node. FLOPs need
+    `tensor_meta` from a shape propagation at the example inputs."""
+    members: dict[str, list[torch.fx.Node]] = {}
+    classes: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        for path, cls in module_path(node):
+            if classify_module(path, cls) is not None:
+                members.setdefault(path, []).append(node)
+                classes[path] = cls
+    blocks = []
+    ordered = sorted(members, key=lambda p: _first_index(gm, members[p]))
+    for path in ordered:
+        nodes = members[path]
+        kind = classify_module(path, classes[path])
+        assert kind is not None
+        blocks.append(_make_block(gm, path, kind, classes[path], nodes, ordered))
+    return blocks
+
+
+def _first_index(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> int:
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return min(order[n] for n in nodes)
+
+
+def _make_block(gm: torch.fx.GraphModule, path: str, kind: str, cls: str, nodes: list[torch.fx.Node],
+                all_paths: list[str]) -> Block:
+    inside = set(nodes)
+    compute = [n for n in nodes if n.op != "get_attr"]
+    params = sorted({a.target for n in compute for a in n.all_input_nodes if a.op == "get_attr"})
+    num_params = 0
+    for name in params:
+        value = attr_value(gm, name)
+        if isinstance(value, torch.Tensor):
+            num_params += value.numel()
+    inputs = _unique(a for n in compute for a in n.all_input_nodes if a not in inside and a.op != "get_attr")
+    outputs = _unique(n for n in compute if any(u not in inside for u in n.users))
+    parent = max((p for p in all_paths if p != path and path.startswith(p + ".")), key=len, default=None)
+    residual = find_residual(compute, inside, outputs)
+    identity_input = None
+    if len(outputs) == 1 and _shape(outputs[0]) is not None:
+        same = [i for i in inputs if _shape(i) == _shape(outputs[0])]
+        identity_input = same[0].name if len(same) == 1 else None
+    return Block(
+        name=path, kind=kind, module_class=cls, parent=parent,
+        nodes=[n.name for n in compute], parameters=params, num_params=num_params,
+        flops=sum(node_flops(n) for n in compute),
+        inputs=[n.name for n in inputs], outputs=[n.name for n in outputs],
+        residual=residual, identity_input=identity_input,
+    )
+
+
+def find_residual(compute: list[torch.fx.Node], inside: set[torch.fx.Node],
+                  outputs: list[torch.fx.Node]) -> Residual | None:
+    if len(outputs) != 1:
+        return None
+    out = outputs[0]
+    # Backward: the block's own output is a residual sum (resnets, transformer blocks).
+    node = out
+    while node in inside and node.op == "call_function" and node.target not in _ADDS:
+        if node.target in _TRANSPARENT or node.target in _SCALING:
+            node = node.args[0] if isinstance(node.args[0], torch.fx.Node) else None
+            if node is None:
+                return None
+        else:
+            break
+    if node in inside and node.op == "call_function" and node.target in _ADDS:
+        a, b = node.args[0], node.args[1]
+        if isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node):
+            cost_a, cost_b = _slice_flops(a, inside), _slice_flops(b, inside)
+            skip, branch = (a, b) if cost_a < cost_b else (b, a)
+            if cost_a != cost_b:
+                return Residual(add=node.name, skip=skip.name, branch=branch.name, in_parent=False)
+    # Forward: the output (possibly gated or rescaled) is added to the residual stream outside.
+    node, previous = out, out
+    for _ in range(4):
+        users = [u for u in node.users if u not in inside]
+        if len(users) != 1:
+            return None
+        user = users[0]
+        if user.op != "call_function":
+            return None
+        if user.target in _ADDS:
+            other = user.args[1] if user.args[0] is node else user.args[0]
+            if isinstance(other, torch.fx.Node) and not _depends_on(other, previous):
+                return Residual(add=user.name, skip=other.name, branch=node.name, in_parent=True)
+            return None
+        if user.target in _TRANSPARENT or user.target in _SCALING:
+            node = user
+            continue
+        return None
+    return None
+
+
+def _slice_flops(node: torch.fx.Node, inside: set[torch.fx.Node]) -> int:
+    seen, stack, total = set(), [node], 0
+    while stack:
+        n = stack.pop()
+        if n in seen or n not in inside:
+            continue
+        seen.add(n)
+        total += node_flops(n)
+        stack.extend(n.all_input_nodes)
+    return total
+
+
+def _depends_on(node: torch.fx.Node, ancestor: torch.fx.Node, limit: int = 2000) -> bool:
+    seen, stack = set(), [node]
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        if n is ancestor:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def _unique(items: Iterable[torch.fx.Node]) -> list[torch.fx.Node]:
+    return list(dict.fromkeys(items))
+

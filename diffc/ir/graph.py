@@ -1,0 +1,142 @@
+"""The IR: an aten-level FX graph with its signature, I/O roles and block table."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+
+from .blocks import Block
+from .fxutil import attr_value
+
+LATENT, TIMESTEP, CONDITIONING = "latent", "timestep", "conditioning"
+ROLES = (LATENT, TIMESTEP, CONDITIONING)
+
+
+@dataclass(frozen=True)
+class TensorInput:
+    """One tensor the denoiser takes. `path` locates it in the forward call: ("sample",) or
+    ("added_cond_kwargs", "text_embeds"). A str in `shape` names a dynamic dimension (batch,
+    height, width, tokens, text_len); `example_shape` is the shape it was captured at."""
+
+    path: tuple[str, ...]
+    role: str
+    shape: tuple[int | str, ...]
+    dtype: str
+    example_shape: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return ".".join(self.path)
+
+
+@dataclass(frozen=True)
+class TensorOutput:
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Signature:
+    """How the original forward is called and what it returns.
+
+    `parameters` are the forward's parameter names in order (to bind positional arguments);
+    `output_class` is the import path of the output dataclass returned when return_dict=True."""
+
+    model_class: str
+    parameters: tuple[str, ...]
+    inputs: tuple[TensorInput, ...]
+    outputs: tuple[TensorOutput, ...]
+    output_class: str | None
+    return_dict_default: bool = True
+
+    def input(self, name: str) -> TensorInput:
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    @property
+    def latent(self) -> TensorInput:
+        return next(s for s in self.inputs if s.role == LATENT)
+
+    @property
+    def timestep(self) -> TensorInput | None:
+        return next((s for s in self.inputs if s.role == TIMESTEP), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Signature":
+        return cls(
+            model_class=data["model_class"],
+            parameters=tuple(data["parameters"]),
+            inputs=tuple(TensorInput(tuple(i["path"]), i["role"], tuple(i["shape"]), i["dtype"],
+                                     tuple(i["example_shape"])) for i in data["inputs"]),
+            outputs=tuple(TensorOutput(o["name"], tuple(o["shape"]), o["dtype"]) for o in data["outputs"]),
+            output_class=data["output_class"],
+            return_dict_default=data["return_dict_default"],
+        )
+
+
+@dataclass
+class DiffusionGraph:
+    """A captured denoiser: `module` is a flat fx.GraphModule whose placeholders are the signature's
+    inputs in order and whose output is the tuple of the signature's outputs. Weights live in
+    `module` under the original model's state-dict names.
+
+    `config` is the model's diffusers config (so pipelines can read `unet.config`), `applied`
+    records each pass run on it (name, config, report) so a result can be replayed, and
+    `annotations` holds per-node precision specs written by passes and read by backends."""
+
+    module: torch.fx.GraphModule
+    signature: Signature
+    blocks: list[Block]
+    config: dict[str, Any] = field(default_factory=dict)
+    applied: list[dict[str, Any]] = field(default_factory=list)
+    annotations: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.module.graph
+
+    def block(self, name: str) -> Block:
+        for block in self.blocks:
+            if block.name == name:
+                return block
+        raise KeyError(f"no block named {name!r}; blocks: {', '.join(b.name for b in self.blocks[:20])} ...")
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Every tensor the graph reads through get_attr, by its qualified name."""
+        out = {}
+        for node in self.graph.nodes:
+            if node.op == "get_attr":
+                value = attr_value(self.module, node.target)
+                if isinstance(value, torch.Tensor):
+                    out[node.target] = value
+        return out
+
+    def num_parameters(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        for tensor in self.weights().values():
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor.numel()
+        return total
+
+    def clone(self) -> "DiffusionGraph":
+        """A copy whose graph can be rewritten freely; weight tensors are shared, not copied."""
+        graph = copy.deepcopy(self.graph)
+        module = torch.fx.GraphModule(self.weights(), graph)
+        return DiffusionGraph(module, self.signature, copy.deepcopy(self.blocks), copy.deepcopy(self.config),
+                              copy.deepcopy(self.applied), copy.deepcopy(self.annotations))
+
+    def __call__(self, *flat_inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.module(*flat_inputs))
+

@@ -1,0 +1,8 @@
+"""Passes over the IR and the PassManager that runs pipelines of them."""
+from .base import (CONDITIONS, PASSES, PRESETS, Condition, Pass, PassConfig, PassContext, PassManager, PassResult,
+                   available_passes, build_pipeline, register_condition, register_pass)
+
+__all__ = [
+    "CONDITIONS", "PASSES", "PRESETS", "Condition", "Pass", "PassConfig", "PassContext", "PassManager", "PassResult",
+    "available_passes", "build_pipeline", "register_condition", "register_pass",
+]

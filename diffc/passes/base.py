@@ -1,0 +1,225 @@
+"""Passes: a frozen config, declared pre/postconditions, a registry by name, and a PassManager
+that validates a pipeline before running it, lints after every pass and records what ran."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
+
+from .._json import jsonable
+from ..errors import LintError, PassError
+from ..ir import DiffusionGraph, lint
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    """Base of every pass's config; subclasses are frozen dataclasses with defaults."""
+
+
+@dataclass
+class PassResult:
+    graph: DiffusionGraph
+    modified: bool
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """What a pass may use besides the graph: calibration data, the user's budget, the target."""
+
+    calibration: Any = None
+    budget: dict[str, Any] = field(default_factory=dict)
+    target: str = "torch"
+    used_budget: set[str] = field(default_factory=set)
+
+    def take_budget(self, key: str, default: Any = None) -> Any:
+        """Reads a budget entry and marks it used, so unused entries can be reported."""
+        self.used_budget.add(key)
+        return self.budget.get(key, default)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A named property of a graph (and context) that passes require or ensure.
+    `check` returns None when it holds, else the reason it does not."""
+
+    name: str
+    check: Callable[[DiffusionGraph, PassContext], str | None]
+    fix: str
+
+
+CONDITIONS: dict[str, Condition] = {}
+
+
+def register_condition(condition: Condition) -> Condition:
+    CONDITIONS[condition.name] = condition
+    return condition
+
+
+register_condition(Condition(
+    "calibrated",
+    lambda dg, ctx: None if ctx.calibration is not None else "no calibration data was given",
+    "pass calibration=diffc.calibration.collect(pipe, ...) (or a recorded set) to diffc.optimize"))
+register_condition(Condition(
+    "full_precision",
+    lambda dg, ctx: None if not any("precision" in a for a in dg.annotations.values())
+    else "the graph already carries precision annotations",
+    "run this pass before quantization in the pipeline"))
+
+
+class Pass(ABC):
+    """A graph rewrite. Subclasses set `name`, `Config` (a frozen PassConfig dataclass),
+    `requires`/`ensures` (names of registered Conditions) and `runs_after` (passes that must come
+    earlier when both are in a pipeline), and implement `run`."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[PassConfig]] = PassConfig
+    requires: ClassVar[tuple[str, ...]] = ()
+    ensures: ClassVar[tuple[str, ...]] = ()
+    runs_after: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: PassConfig | None = None, **options: Any) -> None:
+        if config is not None and options:
+            raise PassError(f"pass {self.name}: give either a config object or options, not both")
+        if config is None:
+            fields = {f.name for f in dataclasses.fields(self.Config)}
+            unknown = sorted(set(options) - fields)
+            if unknown:
+                raise PassError(f"pass {self.name} has no option {', '.join(unknown)}; "
+                                f"its options are: {', '.join(sorted(fields)) or '(none)'}")
+            try:
+                config = self.Config(**options)
+            except (TypeError, ValueError) as exc:
+                raise PassError(f"pass {self.name}: invalid options {options}: {exc}") from exc
+        elif not isinstance(config, self.Config):
+            raise PassError(f"pass {self.name} takes a {self.Config.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    @abstractmethod
+    def run(self, dg: DiffusionGraph, ctx: PassContext) -> PassResult:
+        """Rewrites `dg` (a private copy: it may be changed in place) and reports what changed."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"pass": self.name, **jsonable(dataclasses.asdict(self.config))}
+
+
+PASSES: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: makes a pass available by its name in pipelines."""
+    if not getattr(cls, "name", None):
+        raise PassError(f"{cls.__name__} needs a class attribute `name` to be registered")
+    if not dataclasses.is_dataclass(cls.Config) or not cls.Config.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+        raise PassError(f"pass {cls.name}: Config must be a frozen dataclass")
+    for condition in (*cls.requires, *cls.ensures):
+        if condition not in CONDITIONS:
+            raise PassError(f"pass {cls.name} names unknown condition {condition!r}; known: {', '.join(CONDITIONS)}")
+    PASSES[cls.name] = cls
+    return cls
+
+
+def available_passes() -> list[str]:
+    return sorted(PASSES)
+
+
+# Named pipelines. A preset lists only registered passes; "default" is what diffc.optimize runs
+# when the user names no passes.
+PRESETS: dict[str, list[str]] = {"none": [], "default": []}
+
+PipelineSpec = str | Sequence[str | Mapping[str, Any] | Pass]
+
+
+def build_pipeline(spec: PipelineSpec | None) -> list[Pass]:
+    """Instantiates a pipeline given as a preset name, or a list of pass names, `{"pass": name,
+    **options}` dicts or Pass instances."""
+    if spec is None:
+        spec = "default"
+    if isinstance(spec, str):
+        if spec in PRESETS:
+            return build_pipeline(PRESETS[spec])
+        if spec in PASSES:
+            return [PASSES[spec]()]
+        raise PassError(f"unknown pipeline {spec!r}: presets are {', '.join(PRESETS)}; "
+                        f"passes are {', '.join(available_passes()) or '(none registered)'}")
+    passes = []
+    for item in spec:
+        if isinstance(item, Pass):
+            passes.append(item)
+            continue
+        if isinstance(item, str):
+            name, options = item, {}
+        elif isinstance(item, Mapping):
+            if "pass" not in item:
+                raise PassError(f"pipeline entry {dict(item)} has no 'pass' key; write {{'pass': name, **options}}")
+            options = dict(item)
+            name = options.pop("pass")
+        else:
+            raise PassError(f"pipeline entry {item!r} is not a pass name, a {{'pass': ...}} dict or a Pass")
+        if name not in PASSES:
+            raise PassError(f"unknown pass {name!r}; registered passes: {', '.join(available_passes()) or '(none)'}")
+        passes.append(PASSES[name](**options))
+    return passes
+
+
+class PassManager:
+    def __init__(self, passes: PipelineSpec | None = None, progress: bool = False) -> None:
+        self.passes = build_pipeline(passes)
+        self.progress = progress
+
+    def validate(self) -> None:
+        """Checks the pipeline's order before anything runs."""
+        names = [p.name for p in self.passes]
+        for index, current in enumerate(self.passes):
+            for earlier in current.runs_after:
+                if earlier in names[index + 1:]:
+                    fixed = [n for n in names if n != earlier]
+                    fixed.insert(fixed.index(current.name), earlier)
+                    raise PassError(f"pipeline {names}: {current.name} must run after {earlier}; "
+                                    f"reorder it, e.g. {fixed}")
+
+    def run(self, dg: DiffusionGraph, ctx: PassContext | None = None) -> DiffusionGraph:
+        """Runs every pass on a copy of `dg` (which is left untouched) and returns the result."""
+        ctx = ctx or PassContext()
+        self.validate()
+        lint(dg)
+        current = dg.clone()
+        done: list[str] = []
+        for p in _progress(self.passes, self.progress):
+            where = f"pass {p.name}" + (f" (after {', '.join(done)})" if done else " (first in the pipeline)")
+            for name in p.requires:
+                problem = CONDITIONS[name].check(current, ctx)
+                if problem:
+                    raise PassError(f"{where} requires {name}: {problem}. Fix: {CONDITIONS[name].fix}.")
+            started = time.perf_counter()
+            try:
+                result = p.run(current.clone(), ctx)
+            except PassError as exc:
+                raise PassError(f"{where} failed: {exc}") from exc
+            if not isinstance(result, PassResult):
+                raise PassError(f"{where} returned {type(result).__name__}, not a PassResult")
+            try:
+                lint(result.graph)
+            except LintError as exc:
+                raise PassError(f"{where} left an invalid graph: {exc}") from exc
+            for name in p.ensures:
+                problem = CONDITIONS[name].check(result.graph, ctx)
+                if problem:
+                    raise PassError(f"{where} should ensure {name} but {problem}")
+            current = result.graph
+            current.applied.append({**p.describe(), "modified": result.modified,
+                                    "seconds": round(time.perf_counter() - started, 3),
+                                    "report": jsonable(result.report)})
+            done.append(p.name)
+        return current
+
+
+def _progress(passes: Iterable[Pass], enabled: bool) -> Iterable[Pass]:
+    if not enabled:
+        return passes
+    from tqdm.auto import tqdm
+
+    return tqdm(list(passes), desc="passes", unit="pass")
+

@@ -1,0 +1,177 @@
+"""Artifacts on disk: a manifest (JSON), graphs (JSON), weights (safetensors) and backend files.
+
+Writes are atomic (a temporary sibling folder renamed into place), every file's SHA-256 is in the
+manifest and checked on load, and nothing is ever unpickled."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import ArtifactError
+from ..ir import Block, DiffusionGraph, Plan, Schedule, Segment, Signature, Variant
+from ..ir.fxutil import attr_value
+from ..ir.serialize import graph_from_json, graph_to_json
+
+FORMAT = "diffc-artifact-1"
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+
+
+def diffc_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("diffc")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def save_artifact(path: str | os.PathLike[str], plan: Plan, target: dict[str, Any],
+                  files: dict[str, bytes] | None = None, overwrite: bool = False) -> Path:
+    """Writes `plan` (and the backend's `files`) to the folder `path`, atomically."""
+    final = Path(path)
+    if final.exists() and not overwrite:
+        raise ArtifactError(f"{final} already exists; choose another folder or pass overwrite=True")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        manifest = _write_contents(staging, plan, target, files or {})
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        _replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def _write_contents(root: Path, plan: Plan, target: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
+    weights, aliases = _unique_weights(plan)
+    save_file(weights, str(root / WEIGHTS))
+    segments = {}
+    (root / "graphs").mkdir()
+    for name, segment in plan.segments.items():
+        rel = f"graphs/{name}.json"
+        (root / rel).write_text(json.dumps(graph_to_json(segment.module.graph)))
+        segments[name] = {"graph": rel, "inputs": list(segment.inputs), "outputs": list(segment.outputs)}
+    source = next((name for name, seg in plan.segments.items() if seg.module is plan.graph.module), None)
+    if source is None:
+        (root / "graphs" / "source.json").write_text(json.dumps(graph_to_json(plan.graph.module.graph)))
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    dg = plan.graph
+    return {
+        "format": FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": {"diffc": diffc_version(), "torch": torch.__version__},
+        "target": target,
+        "signature": dg.signature.to_json(),
+        "config": dg.config,
+        "blocks": [b.to_json() for b in dg.blocks],
+        "applied": dg.applied,
+        "annotations": dg.annotations,
+        "source_graph": {"segment": source} if source else {"graph": "graphs/source.json"},
+        "plan": {"segments": segments, "variants": {k: list(v.segments) for k, v in plan.variants.items()},
+                 "schedule": plan.schedule.to_json(), "outputs": list(plan.outputs), "state": list(plan.state),
+                 "metadata": plan.metadata},
+        "weights": {"file": WEIGHTS, "aliases": aliases},
+        "files": {str(p.relative_to(root)): _sha256(p) for p in sorted(root.rglob("*")) if p.is_file()},
+    }
+
+
+def _unique_weights(plan: Plan) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tied weights are stored once; `aliases` maps each other name to the stored one."""
+    stored: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    by_identity: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for segment in plan.segments.values():
+        for node in segment.module.graph.nodes:
+            if node.op != "get_attr" or node.target in stored or node.target in aliases:
+                continue
+            tensor = attr_value(segment.module, node.target)
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+            if key in by_identity:
+                aliases[node.target] = by_identity[key]
+            else:
+                by_identity[key] = node.target
+                stored[node.target] = tensor.detach().cpu().contiguous()
+    return stored, aliases
+
+
+def _replace(staging: Path, final: Path) -> None:
+    if not final.exists():
+        os.rename(staging, final)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+    os.rename(final, retired / "content")
+    os.rename(staging, final)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Reads and verifies an artifact's manifest: format, and every file's hash."""
+    root = Path(path)
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{root} is not a diffc artifact (no {MANIFEST}); save one with fast.save(dir)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{manifest_path} is not valid JSON ({exc}); the artifact is corrupt") from exc
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{root} has format {manifest.get('format')!r}; this diffc "
+                            f"({diffc_version()}) reads {FORMAT!r}. Re-create the artifact with this version.")
+    for rel, digest in manifest["files"].items():
+        file = root / rel
+        if not file.is_file():
+            raise ArtifactError(f"artifact file {rel} is missing from {root}; the artifact is incomplete")
+        if _sha256(file) != digest:
+            raise ArtifactError(f"artifact file {rel} does not match its SHA-256 in the manifest: it was modified "
+                                "or corrupted. Re-create the artifact; diffc does not load tampered files.")
+    return manifest
+
+
+def load_plan(path: str | os.PathLike[str], manifest: dict[str, Any]) -> Plan:
+    root = Path(path)
+    weights = load_file(str(root / manifest["weights"]["file"]))
+    for alias, stored in manifest["weights"]["aliases"].items():
+        weights[alias] = weights[stored]
+    segments = {}
+    for name, entry in manifest["plan"]["segments"].items():
+        graph = graph_from_json(json.loads((root / entry["graph"]).read_text()))
+        needed = {n.target: weights[n.target] for n in graph.nodes if n.op == "get_attr"}
+        module = torch.fx.GraphModule(needed, graph)
+        segments[name] = Segment(name, module, tuple(entry["inputs"]), tuple(entry["outputs"]))
+    plan_data = manifest["plan"]
+    source = manifest["source_graph"]
+    if "segment" in source:
+        main = segments[source["segment"]].module
+    else:
+        graph = graph_from_json(json.loads((root / source["graph"]).read_text()))
+        main = torch.fx.GraphModule({n.target: weights[n.target] for n in graph.nodes if n.op == "get_attr"}, graph)
+    dg = DiffusionGraph(module=main, signature=Signature.from_json(manifest["signature"]),
+                        blocks=[Block.from_json(b) for b in manifest["blocks"]], config=manifest["config"],
+                        applied=manifest["applied"], annotations=manifest["annotations"])
+    plan = Plan(graph=dg, segments=segments,
+                variants={k: Variant(k, tuple(v)) for k, v in plan_data["variants"].items()},
+                schedule=Schedule.from_json(plan_data["schedule"]), outputs=tuple(plan_data["outputs"]),
+                state=tuple(plan_data["state"]), metadata=plan_data["metadata"])
+    plan.check()
+    return plan

@@ -1,0 +1,216 @@
+"""OptimizedModel: a drop-in nn.Module for the original denoiser that runs a compiled Plan."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ..errors import InputError
+from ..ir import CompiledPlan, Plan, TensorInput
+from .artifact import save_artifact
+from .stepping import StepTracker
+
+# Inputs a caller may leave out although the graph was captured with them, and the value that
+# means "absent" for each (an all-ones attention mask masks nothing).
+_NEUTRAL_FILLS: dict[str, Callable[[tuple[int, ...], torch.device], torch.Tensor]] = {
+    "encoder_attention_mask": lambda shape, device: torch.ones(shape, device=device),
+}
+
+
+class OptimizedModel(torch.nn.Module):
+    """Same forward signature and output type as the captured denoiser, so `pipe.unet = fast`
+    or `pipe.transformer = fast` works in unchanged diffusers pipelines.
+
+    It follows the denoising loop from the timesteps it is called with (see StepTracker), picks
+    the plan's variant for each step and keeps the plan's cross-step state between calls."""
+
+    def __init__(self, compiled: CompiledPlan, recompile: Callable[[Plan, Any], CompiledPlan] | None = None) -> None:
+        super().__init__()
+        self._compiled = compiled
+        self._recompile = recompile
+        self.segments = torch.nn.ModuleDict(
+            {k: v for k, v in compiled.runners.items() if isinstance(v, torch.nn.Module)})
+        self.steps = StepTracker()
+        self._state: dict[str, torch.Tensor] = {}
+        from diffusers.configuration_utils import FrozenDict
+
+        self._config = FrozenDict(compiled.plan.graph.config)
+
+    # --- what pipelines read from a denoiser -------------------------------------------------
+    @property
+    def config(self) -> Any:
+        return self._config
+
+    @property
+    def plan(self) -> Plan:
+        return self._compiled.plan
+
+    @property
+    def target(self) -> str:
+        return f"{self._compiled.backend}-{self._compiled.precision}"
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self._compiled.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._compiled.input_dtype
+
+    @property
+    def report(self) -> list[dict[str, Any]]:
+        """Each applied pass with its config and report (what changed, measured error)."""
+        return list(self.plan.graph.applied)
+
+    def to(self, *args: Any, **kwargs: Any) -> "OptimizedModel":
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None and dtype != self.dtype:
+            raise InputError(f"this model was compiled for {self.target} ({self.dtype}); it cannot be cast to "
+                             f"{dtype}. Optimize again with the target precision you need (e.g. torch-fp16).")
+        if device is not None and torch.device(device) != self.device:
+            if self._recompile is None:
+                raise InputError(f"this {self.target} model cannot move to {device}; optimize it for that device")
+            self.__init__(self._recompile(self.plan, device), self._recompile)  # type: ignore[misc]
+        return self
+
+    def save(self, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
+        """Writes the artifact folder (manifest, graphs, weights, backend files); see diffc.load."""
+        target = {"backend": self._compiled.backend, "precision": self._compiled.precision,
+                  "device": str(self._compiled.device), "info": self._compiled.info}
+        return save_artifact(path, self.plan, target, self._compiled.files, overwrite=overwrite)
+
+    # --- the denoising loop -----------------------------------------------------------------
+    def reset(self) -> None:
+        """Forgets the loop position and frees cross-step state (e.g. cached features)."""
+        self.steps.reset()
+        self._state.clear()
+
+    def begin_loop(self, num_steps: int | None = None) -> None:
+        """Declares that a new denoising loop starts with the next call (optionally its length)."""
+        self.steps.begin_loop(num_steps)
+        self._state.clear()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        sig = self.plan.graph.signature
+        bound = self._bind(args, kwargs)
+        return_dict = bound.pop("return_dict", sig.return_dict_default)
+        flat = self._flat_inputs(bound)
+        timestep = sig.timestep
+        t_value = None
+        if timestep is not None:
+            t_value = float(flat[sig.inputs.index(timestep)].reshape(-1)[0])
+        if self.steps.observe(t_value):
+            self._state.clear()
+        variant = self.plan.variants[self.plan.schedule.variant_for(self.steps.step)]
+        env: dict[str, torch.Tensor] = dict(self._state)
+        env.update({spec.name: value for spec, value in zip(sig.inputs, flat)})
+        for segment_name in variant.segments:
+            segment = self.plan.segments[segment_name]
+            outputs = self._compiled.runners[segment_name](*[env[name] for name in segment.inputs])
+            env.update(zip(segment.outputs, outputs))
+        self._state = {name: env[name] for name in self.plan.state if name in env}
+        results = tuple(env[name] for name in self.plan.outputs)
+        if return_dict and sig.output_class:
+            cls = _output_class(sig.output_class)
+            return cls(**{f.name: r for f, r in zip(dataclasses.fields(cls), results)})
+        return results
+
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        sig = self.plan.graph.signature
+        if len(args) > len(sig.parameters):
+            raise InputError(f"forward takes at most {len(sig.parameters)} positional arguments, got {len(args)}")
+        bound = dict(zip(sig.parameters, args))
+        for key, value in kwargs.items():
+            if key not in sig.parameters:
+                raise InputError(f"forward got an unexpected argument {key!r}; it takes {', '.join(sig.parameters)}")
+            if key in bound:
+                raise InputError(f"forward got argument {key!r} twice (positionally and by keyword)")
+            bound[key] = value
+        captured = {spec.path[0] for spec in sig.inputs} | {"return_dict"}
+        for key, value in bound.items():
+            if key not in captured and not _is_absent(value):
+                raise InputError(
+                    f"argument {key!r} was given, but the model was captured without it, so it would be ignored. "
+                    f"Optimize again with it in example_inputs (diffc.optimize(..., example_inputs={{...}})).")
+        return bound
+
+    def _flat_inputs(self, bound: dict[str, Any]) -> list[torch.Tensor]:
+        sig = self.plan.graph.signature
+        latent = bound.get(sig.latent.path[0])
+        if not isinstance(latent, torch.Tensor):
+            raise InputError(f"forward needs the latent {sig.latent.name!r} as a tensor, got {type(latent).__name__}")
+        batch = latent.shape[0]
+        values: list[torch.Tensor] = []
+        for spec in sig.inputs:
+            value: Any = bound.get(spec.path[0])
+            if len(spec.path) == 2:
+                value = value.get(spec.path[1]) if isinstance(value, Mapping) else None
+            if value is None:
+                value = self._fill_missing(spec, values, batch)
+            values.append(self._conform(spec, value, batch))
+        _check_shapes(sig.inputs, values)
+        return values
+
+    def _fill_missing(self, spec: TensorInput, earlier: list[torch.Tensor], batch: int) -> torch.Tensor:
+        fill = _NEUTRAL_FILLS.get(spec.path[-1])
+        if fill is None:
+            raise InputError(f"forward needs {spec.name!r}: the model was captured with it (shape {spec.shape}).")
+        length = spec.example_shape[-1]
+        for other, value in zip(self.plan.graph.signature.inputs, earlier):
+            if "text_len" in other.shape:
+                length = value.shape[other.shape.index("text_len")]
+                break
+        return fill((batch, length), self.device)
+
+    def _conform(self, spec: TensorInput, value: Any, batch: int) -> torch.Tensor:
+        dtype = getattr(torch, spec.dtype)
+        if not isinstance(value, torch.Tensor):
+            if not isinstance(value, (int, float)):
+                raise InputError(f"{spec.name} must be a tensor or a number, got {type(value).__name__}")
+            value = torch.tensor(value)
+        if spec.role == "timestep" and value.dim() == 0:
+            value = value.reshape(1).expand(batch)
+        if value.device != self.device:
+            raise InputError(f"{spec.name} is on {value.device} but the model runs on {self.device}; "
+                             f"move the inputs (or the model: fast.to('{value.device}'))")
+        if value.is_floating_point() and dtype.is_floating_point:
+            dtype = self.dtype if spec.role != "timestep" else dtype
+        return value.to(dtype)
+
+
+def _is_absent(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, Mapping):
+        return all(v is None for v in value.values())
+    return False
+
+
+def _check_shapes(specs: tuple[TensorInput, ...], values: list[torch.Tensor]) -> None:
+    sizes: dict[str, tuple[int, str]] = {}
+    for spec, value in zip(specs, values):
+        expected = "(" + ", ".join(str(d) for d in spec.shape) + ")"
+        if value.dim() != len(spec.shape):
+            raise InputError(f"input {spec.name} has shape {tuple(value.shape)} but the model was compiled for "
+                             f"{expected} ({len(spec.shape)} dims)")
+        for dim, (want, got) in enumerate(zip(spec.shape, value.shape)):
+            if isinstance(want, int):
+                if want != got:
+                    raise InputError(f"input {spec.name} has shape {tuple(value.shape)} but the model was compiled "
+                                     f"for {expected}: dim {dim} must be {want}")
+            elif want in sizes and sizes[want][0] != got:
+                raise InputError(f"input {spec.name} has {want}={got} (dim {dim}) but {sizes[want][1]} has "
+                                 f"{want}={sizes[want][0]}; they must agree")
+            else:
+                sizes.setdefault(want, (got, spec.name))
+
+
+def _output_class(path: str) -> type:
+    module_name, _, qualname = path.rpartition(".")
+    if not module_name.startswith("diffusers."):
+        raise InputError(f"output class {path} is not a diffusers output; refusing to import it")
+    return getattr(importlib.import_module(module_name), qualname)
