@@ -150,7 +150,9 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def load_plan(path: str | os.PathLike[str], manifest: dict[str, Any]) -> Plan:
     root = Path(path)
-    weights = load_file(str(root / manifest["weights"]["file"]))
+    # fresh allocations: mmap-backed tensors can be misaligned, which changes CPU kernel paths
+    # and so the last bits of the outputs
+    weights = {name: tensor.clone() for name, tensor in load_file(str(root / manifest["weights"]["file"])).items()}
     for alias, stored in manifest["weights"]["aliases"].items():
         weights[alias] = weights[stored]
     segments = {}

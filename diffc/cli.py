@@ -1,0 +1,157 @@
+"""Command line: diffc optimize | inspect."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .errors import DiffcError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="diffc", description="A compiler for diffusion denoisers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    opt = commands.add_parser("optimize", help="optimize a model and print a before/after table")
+    opt.add_argument("model", nargs="?", default=None,
+                     help="an embedded model name (see `diffc optimize --list`) or a diffusers pipeline folder; "
+                          "default: the first embedded model")
+    opt.add_argument("--target", default="torch", help="<backend>[-<precision>], e.g. torch, torch-bf16")
+    opt.add_argument("--passes", default="default",
+                     help="a preset name, comma-separated pass names, or a JSON list of {\"pass\": name, ...}")
+    opt.add_argument("--out", default=None, help="folder for the artifact and the side-by-side PNG")
+    opt.add_argument("--steps", type=int, default=20, help="denoising steps per image")
+    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--labels", default="0,1,2,3,4,5,6,7,8,9", help="class labels to generate (class-conditional models)")
+    opt.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up round")
+    opt.add_argument("--device", default=None)
+    opt.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    opt.add_argument("--list", action="store_true", help="list the embedded models and exit")
+
+    ins = commands.add_parser("inspect", help="print the block table of a model: params and FLOPs per block")
+    ins.add_argument("model", help="an embedded model name, a diffusers model/pipeline folder, or a diffc artifact")
+    ins.add_argument("--kind", default=None, help="only blocks of this kind (stage, resnet, attention, ...)")
+
+    args = parser.parse_args(argv)
+    try:
+        return {"optimize": _optimize, "inspect": _inspect}[args.command](args)
+    except DiffcError as exc:
+        print(f"diffc: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parse_passes(text: str) -> Any:
+    text = text.strip()
+    if text.startswith("["):
+        return json.loads(text)
+    if "," in text or text in ("", "none"):
+        return [p for p in text.split(",") if p and p != "none"]
+    return text
+
+
+def _load_pipeline(name: str | None) -> tuple[Any, str]:
+    from . import models
+    from .api import denoiser_of
+
+    if name is None:
+        available = models.available()
+        if not available:
+            raise DiffcError("no embedded model is installed; pass a diffusers pipeline folder")
+        name = available[0]
+    if name in models.available():
+        pipe = models.load(name)
+    elif Path(name).is_dir():
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(name)
+    else:
+        raise DiffcError(f"model {name!r} is neither an embedded model ({', '.join(models.available())}) "
+                         "nor a folder")
+    _, attribute = denoiser_of(pipe)
+    if attribute is None:
+        raise DiffcError(f"{name} is a bare model; `diffc optimize` needs a pipeline to generate images")
+    return pipe, attribute
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    from . import models
+    from .api import optimize
+    from .backends import parse_target
+    from .evaluate import compare, format_table, side_by_side
+
+    if args.list:
+        print("\n".join(models.available()))
+        return 0
+    parse_target(args.target)
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not args.overwrite:
+        raise DiffcError(f"{out} already exists; choose another --out or pass --overwrite")
+    pipe, attribute = _load_pipeline(args.model)
+    labels = [int(x) for x in args.labels.split(",") if x.strip()]
+
+    def generate(p: Any) -> Any:
+        generator = torch.Generator().manual_seed(args.seed)
+        return p(class_labels=labels, num_inference_steps=args.steps, generator=generator, output_type="np").images
+
+    started = time.perf_counter()
+    fast = optimize(pipe, target=args.target, passes=_parse_passes(args.passes), device=args.device, progress=True)
+    optimize_seconds = time.perf_counter() - started
+    scorer = models.load_scorer() if args.model is None or args.model in models.available() else None
+    result = compare(pipe, attribute, fast, generate, rounds=args.rounds,
+                     score=(lambda images: {"accuracy": scorer.accuracy(images, labels)}) if scorer else None)
+    print(f"model: {args.model or models.available()[0]}   target: {fast.target}   passes: "
+          f"{[a['pass'] for a in fast.report] or 'none'}   steps: {args.steps}   images: {len(labels)}")
+    print(format_table(result))
+    print(f"optimize() took {optimize_seconds:.1f} s")
+    for entry in fast.report:
+        print(f"pass {entry['pass']}: {json.dumps(entry['report'])[:300]}")
+    if out is not None:
+        fast.save(out / "model", overwrite=args.overwrite)
+        side_by_side(result.images[0], result.images[1], str(out / "side_by_side.png"))
+        print(f"wrote {out / 'model'} and {out / 'side_by_side.png'} (top: original, bottom: optimized)")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from . import models
+    from .api import denoiser_of
+    from .ir import capture
+
+    path = Path(args.model)
+    if args.model in models.available():
+        denoiser, _ = denoiser_of(models.load(args.model))
+        dg = capture(denoiser)
+    elif (path / "manifest.json").is_file():
+        from .runtime import load_plan, read_manifest
+
+        dg = load_plan(path, read_manifest(path)).graph
+    elif path.is_dir():
+        from diffusers import DiffusionPipeline
+
+        loaded: Any = DiffusionPipeline.from_pretrained(path) if (path / "model_index.json").is_file() else None
+        if loaded is None:
+            raise DiffcError(f"{path} has no model_index.json (pipeline) or manifest.json (diffc artifact)")
+        denoiser, _ = denoiser_of(loaded)
+        dg = capture(denoiser)
+    else:
+        raise DiffcError(f"{args.model!r} is not an embedded model ({', '.join(models.available())}), "
+                         "a pipeline folder or a diffc artifact")
+    print(f"{dg.signature.model_class}: {dg.num_parameters():,} parameters")
+    print("inputs: " + ", ".join(f"{i.name} {tuple(i.shape)} [{i.role}]" for i in dg.signature.inputs))
+    rows = [b for b in dg.blocks if args.kind is None or b.kind == args.kind]
+    width = max([len(b.name) for b in rows] + [5])
+    print(f"{'block'.ljust(width)}  {'kind':<17} {'params':>10} {'MFLOPs':>10}  residual")
+    for b in rows:
+        residual = f"{b.residual.add} (skip {b.residual.skip})" if b.residual else "-"
+        print(f"{b.name.ljust(width)}  {b.kind:<17} {b.num_params:>10,} {b.flops / 1e6:>10.2f}  {residual}")
+    print(f"{len(rows)} blocks")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+from diffc.runtime import StepTracker
+
+
+def test_steps_follow_decreasing_timesteps_and_new_loops():
+    tracker = StepTracker()
+    assert tracker.observe(999.0) and tracker.step == 0
+    assert not tracker.observe(500.0) and tracker.step == 1
+    assert not tracker.observe(500.0) and tracker.step == 1 and tracker.call_in_step == 1
+    assert not tracker.observe(1.0) and tracker.step == 2
+    assert tracker.observe(999.0) and tracker.step == 0  # a larger timestep starts a new loop
+
+
+def test_begin_loop_and_reset():
+    tracker = StepTracker()
+    tracker.begin_loop(num_steps=4)
+    assert tracker.observe(10.0) and tracker.num_steps == 4
+    tracker.observe(5.0)
+    assert tracker.step == 1
+    tracker.observe(10.0)  # new loop not announced: its length is unknown
+    assert tracker.step == 0 and tracker.num_steps is None
+    tracker.reset()
+    assert tracker.step == -1 and tracker.last_timestep is None
+
+
+def test_without_timestep_every_call_is_step_zero():
+    tracker = StepTracker()
+    assert tracker.observe(None) and tracker.observe(None) and tracker.step == 0

@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+import diffc
+from diffc.errors import DiffcError, TargetError
+from diffc.backends import parse_target, valid_targets
+
+
+def test_targets_parse():
+    assert str(parse_target("torch")) == "torch-fp32"
+    assert str(parse_target("TORCH-bf16")) == "torch-bf16"
+    assert "torch-fp16" in valid_targets()
+
+
+@pytest.mark.parametrize("target, reason", [
+    ("nonsense-int3", "unknown target"),
+    ("torch-int3", "unknown target"),
+    ("trt-int4", "TensorRT backend is not part"),
+    ("torch-int8", "quantization pass"),
+])
+def test_bad_targets_list_the_valid_ones(target, reason):
+    with pytest.raises(TargetError, match=reason) as info:
+        parse_target(target)
+    assert "torch-fp32" in str(info.value)
+
+
+def test_bad_target_fails_before_any_work(family, monkeypatch):
+    import diffc.api
+
+    monkeypatch.setattr(diffc.api, "capture", lambda *a, **k: pytest.fail("captured before the target was checked"))
+    with pytest.raises(TargetError):
+        diffc.optimize(family("dit")[0], target="nonsense-int3")
+
+
+def test_unused_budget_is_refused(family):
+    with pytest.raises(TargetError, match="budget size was given but no pass"):
+        diffc.optimize(family("dit")[0], passes=[], size=0.5)
+
+
+def test_pipeline_gives_its_denoiser(family):
+    model, inputs = family("dit")
+
+    class Pipe:
+        transformer = model
+
+    fast = diffc.optimize(Pipe(), passes=[])
+    assert fast.config["num_layers"] == model.config.num_layers
+    assert fast.config.num_layers == model.config.num_layers
+    with pytest.raises(DiffcError, match="denoiser"):
+        diffc.optimize(object())
+
+
+def test_original_model_is_untouched(family):
+    model, inputs = family("dit")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    diffc.optimize(model, target="torch-bf16", passes=[])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
