@@ -7,26 +7,12 @@ from typing import Any, Mapping
 import torch
 
 from .backends import get_backend, parse_target
+from .calibration import as_calibration_set
 from .errors import DiffcError, TargetError
-from .ir import DiffusionGraph, Plan, capture
+from .ir import DiffusionGraph, Plan, capture, find_denoiser
 from .passes import PassContext, PassManager
 from .passes.base import PipelineSpec
 from .runtime import OptimizedModel, load_plan, read_manifest
-
-DENOISER_ATTRIBUTES = ("unet", "transformer")
-
-
-def denoiser_of(model_or_pipeline: Any) -> tuple[torch.nn.Module, str | None]:
-    """The denoiser to optimize and, for a pipeline, the attribute it lives under."""
-    for attribute in DENOISER_ATTRIBUTES:
-        candidate = getattr(model_or_pipeline, attribute, None)
-        if isinstance(candidate, torch.nn.Module) and not isinstance(model_or_pipeline, torch.nn.Module):
-            return candidate, attribute
-    if isinstance(model_or_pipeline, torch.nn.Module):
-        return model_or_pipeline, None
-    raise DiffcError(f"diffc.optimize needs a denoiser (nn.Module) or a diffusers pipeline with a "
-                     f"{' or '.join(DENOISER_ATTRIBUTES)}; got {type(model_or_pipeline).__name__}")
-
 
 def optimize(model_or_pipeline: Any, target: str = "torch", passes: PipelineSpec | None = "default",
              calibration: Any = None, example_inputs: Mapping[str, Any] | None = None, device: Any = None,
@@ -38,10 +24,13 @@ def optimize(model_or_pipeline: Any, target: str = "torch", passes: PipelineSpec
     parsed = parse_target(target)  # fail before any work on a bad target
     manager = PassManager(passes, progress=progress)
     manager.validate()
-    denoiser, _ = denoiser_of(model_or_pipeline)
+    denoiser, _ = find_denoiser(model_or_pipeline)
     device = device if device is not None else _module_device(denoiser)
+    calibration_set = as_calibration_set(calibration)
     graph = capture(denoiser, example_inputs=example_inputs)
-    ctx = PassContext(calibration=calibration, budget=dict(budget), target=str(parsed))
+    if calibration_set is not None:
+        calibration_set.check_compatible(graph)
+    ctx = PassContext(calibration=calibration_set, budget=dict(budget), target=str(parsed))
     optimized = manager.run(graph, ctx)
     unused = sorted(set(budget) - ctx.used_budget)
     if unused:

@@ -56,7 +56,7 @@ def _parse_passes(text: str) -> Any:
 
 def _load_pipeline(name: str | None) -> tuple[Any, str]:
     from . import models
-    from .api import denoiser_of
+    from .ir import find_denoiser
 
     if name is None:
         available = models.available()
@@ -72,7 +72,7 @@ def _load_pipeline(name: str | None) -> tuple[Any, str]:
     else:
         raise DiffcError(f"model {name!r} is neither an embedded model ({', '.join(models.available())}) "
                          "nor a folder")
-    _, attribute = denoiser_of(pipe)
+    _, attribute = find_denoiser(pipe)
     if attribute is None:
         raise DiffcError(f"{name} is a bare model; `diffc optimize` needs a pipeline to generate images")
     return pipe, attribute
@@ -119,12 +119,11 @@ def _optimize(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from . import models
-    from .api import denoiser_of
-    from .ir import capture
+    from .ir import capture, find_denoiser
 
     path = Path(args.model)
     if args.model in models.available():
-        denoiser, _ = denoiser_of(models.load(args.model))
+        denoiser, _ = find_denoiser(models.load(args.model))
         dg = capture(denoiser)
     elif (path / "manifest.json").is_file():
         from .runtime import load_plan, read_manifest
@@ -136,7 +135,7 @@ def _inspect(args: argparse.Namespace) -> int:
         loaded: Any = DiffusionPipeline.from_pretrained(path) if (path / "model_index.json").is_file() else None
         if loaded is None:
             raise DiffcError(f"{path} has no model_index.json (pipeline) or manifest.json (diffc artifact)")
-        denoiser, _ = denoiser_of(loaded)
+        denoiser, _ = find_denoiser(loaded)
         dg = capture(denoiser)
     else:
         raise DiffcError(f"{args.model!r} is not an embedded model ({', '.join(models.available())}), "

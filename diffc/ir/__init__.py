@@ -1,11 +1,12 @@
 """The IR: capture a denoiser into a DiffusionGraph, inspect its blocks, lint it, export it."""
 from .blocks import BLOCK_KINDS, Block, Residual
-from .capture import capture
+from .capture import capture, find_denoiser
 from .graph import CONDITIONING, LATENT, TIMESTEP, DiffusionGraph, Signature, TensorInput, TensorOutput
 from .lint import lint
+from .stepping import StepTracker
 from .plan import CompiledPlan, Plan, Schedule, Segment, Variant
 
 __all__ = [
     "BLOCK_KINDS", "Block", "Residual", "capture", "CONDITIONING", "LATENT", "TIMESTEP", "DiffusionGraph",
-    "Signature", "TensorInput", "TensorOutput", "lint", "CompiledPlan", "Plan", "Schedule", "Segment", "Variant",
+    "Signature", "TensorInput", "TensorOutput", "lint", "CompiledPlan", "Plan", "Schedule", "Segment", "Variant", "StepTracker", "find_denoiser",
 ]

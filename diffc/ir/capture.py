@@ -77,6 +77,21 @@ def capture(model: torch.nn.Module, example_inputs: Mapping[str, Any] | None = N
                           config=jsonable(config))
 
 
+DENOISER_ATTRIBUTES = ("unet", "transformer")
+
+
+def find_denoiser(model_or_pipeline: Any) -> tuple[torch.nn.Module, str | None]:
+    """The denoiser of a diffusers pipeline (and the attribute it lives under), or the model itself."""
+    if not isinstance(model_or_pipeline, torch.nn.Module):
+        for attribute in DENOISER_ATTRIBUTES:
+            candidate = getattr(model_or_pipeline, attribute, None)
+            if isinstance(candidate, torch.nn.Module):
+                return candidate, attribute
+        raise CaptureError(f"expected a denoiser (nn.Module) or a diffusers pipeline with a "
+                           f"{' or '.join(DENOISER_ATTRIBUTES)}; got {type(model_or_pipeline).__name__}")
+    return model_or_pipeline, None
+
+
 def _flat_tensor_inputs(kwargs: Mapping[str, Any]) -> list[tuple[tuple[str, ...], torch.Tensor]]:
     """(path, tensor) for every tensor leaf, in the order torch.export makes placeholders."""
     out = []

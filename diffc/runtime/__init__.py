@@ -1,6 +1,5 @@
 """Running compiled plans: OptimizedModel, step tracking, artifacts."""
 from .artifact import load_plan, read_manifest, save_artifact
 from .model import OptimizedModel
-from .stepping import StepTracker
 
-__all__ = ["OptimizedModel", "StepTracker", "load_plan", "read_manifest", "save_artifact"]
+__all__ = ["OptimizedModel", "load_plan", "read_manifest", "save_artifact"]

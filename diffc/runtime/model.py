@@ -12,7 +12,7 @@ import torch
 from ..errors import InputError
 from ..ir import CompiledPlan, Plan, TensorInput
 from .artifact import save_artifact
-from .stepping import StepTracker
+from ..ir.stepping import StepTracker
 
 # Inputs a caller may leave out although the graph was captured with them, and the value that
 # means "absent" for each (an all-ones attention mask masks nothing).

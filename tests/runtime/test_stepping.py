@@ -1,4 +1,4 @@
-from diffc.runtime import StepTracker
+from diffc.ir import StepTracker
 
 
 def test_steps_follow_decreasing_timesteps_and_new_loops():

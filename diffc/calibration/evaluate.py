@@ -1,0 +1,114 @@
+"""How far a candidate denoiser is from the reference on calibration data: per step with the
+recorded inputs (teacher-forced), on chosen intermediate tensors, and along whole trajectories
+re-sampled with the candidate in the loop."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from ..ir import DiffusionGraph, find_denoiser
+from .collect import _call_pipeline
+from .statistics import _Observer
+from .store import CalibrationError, CalibrationSet
+
+
+@dataclass
+class StepErrors:
+    """Mean squared error and relative error (MSE / mean square of the reference) per step."""
+
+    mse: dict[int, float]
+    relative: dict[int, float]
+
+    @property
+    def mean_relative(self) -> float:
+        return float(np.mean(list(self.relative.values()))) if self.relative else 0.0
+
+
+def output_error(calibration: CalibrationSet, candidate: Callable[..., Any], dg: DiffusionGraph,
+                 steps: set[int] | None = None) -> StepErrors:
+    """Feeds each recorded call's inputs (flat, in `dg.signature` order) to `candidate` and compares
+    its first output with the recorded reference output."""
+    sums: dict[int, list[float]] = {}
+    refs: dict[int, list[float]] = {}
+    for record in calibration.records(steps=steps):
+        flat = [record.inputs[spec.name] for spec in dg.signature.inputs]
+        with torch.no_grad():
+            out = candidate(*flat)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        diff = (out.double() - record.output.double()).pow(2).mean().item()
+        sums.setdefault(record.step, []).append(diff)
+        refs.setdefault(record.step, []).append(record.output.double().pow(2).mean().item())
+    mse = {s: float(np.mean(v)) for s, v in sorted(sums.items())}
+    return StepErrors(mse=mse, relative={s: mse[s] / max(float(np.mean(refs[s])), 1e-20) for s in mse})
+
+
+def node_error(calibration: CalibrationSet, reference: DiffusionGraph, candidate: DiffusionGraph,
+               nodes: list[str], steps: set[int] | None = None) -> dict[str, float]:
+    """Relative MSE of chosen intermediate tensors (by node name, present in both graphs)."""
+    missing = [n for n in nodes if n not in {x.name for x in candidate.graph.nodes}]
+    if missing:
+        raise CalibrationError(f"candidate graph has no nodes {missing}")
+    errors: dict[str, list[float]] = {n: [] for n in nodes}
+    for record in calibration.records(steps=steps):
+        flat = [record.inputs[spec.name] for spec in reference.signature.inputs]
+        values: dict[str, dict[str, torch.Tensor]] = {"ref": {}, "cand": {}}
+        for label, graph in (("ref", reference), ("cand", candidate)):
+            sink = values[label]
+            with torch.no_grad():
+                _Observer(graph.module, set(nodes), lambda n, v, sink=sink: sink.__setitem__(n, v)).run(*flat)
+        for n in nodes:
+            ref = values["ref"][n].double()
+            errors[n].append(((values["cand"][n].double() - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(1e-20)).item())
+    return {n: float(np.mean(v)) for n, v in errors.items()}
+
+
+@contextlib.contextmanager
+def _swapped_denoiser(pipe: Any, module: torch.nn.Module) -> Iterator[None]:
+    _, attribute = find_denoiser(pipe)
+    original = getattr(pipe, attribute)
+    setattr(pipe, attribute, module)
+    try:
+        yield
+    finally:
+        setattr(pipe, attribute, original)
+
+
+def trajectory_error(calibration: CalibrationSet, candidate: torch.nn.Module) -> dict[str, float]:
+    """Re-runs the sampler from the recorded seeds and conditions with `candidate` as the denoiser
+    and compares the final outputs with the recorded ones: mean MSE and PSNR (for outputs in
+    [0, 1]) over trajectories. Needs the live pipeline the set was collected with."""
+    pipe, replay = calibration.pipeline, calibration.replay
+    if pipe is None or replay is None:
+        raise CalibrationError("trajectory error needs the pipeline: use a set returned by collect(pipe, ...) in "
+                               "this process (sets opened from disk or recorded from a bare loop have none)")
+    finals = calibration.final_outputs()
+    items = {item["id"]: item for item in calibration.items}
+    mses = []
+    original_scheduler = pipe.scheduler
+    if replay["scheduler"] is not None:
+        pipe.scheduler = replay["scheduler"]
+    try:
+        with _swapped_denoiser(pipe, candidate):
+            for item_id, reference in finals.items():
+                item = items[item_id]
+                condition = replay["conditions"][item["condition_index"]]
+                with torch.no_grad():
+                    result = _call_pipeline(pipe, condition, calibration.settings["num_steps"], item["seed"],
+                                            replay["call_kwargs"])
+                out = _as_tensor(result)
+                mses.append(float((out.double() - reference.double()).pow(2).mean()))
+    finally:
+        pipe.scheduler = original_scheduler
+    mse = float(np.mean(mses)) if mses else 0.0
+    return {"mse": mse, "psnr": float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse)), "trajectories": len(mses)}
+
+
+def _as_tensor(result: Any) -> torch.Tensor:
+    images = getattr(result, "images", None)
+    if images is None:
+        images = result[0] if isinstance(result, (tuple, list)) else result
+    return images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images, dtype=np.float32))

@@ -1,0 +1,181 @@
+import numpy as np
+import pytest
+import torch
+
+import diffc
+from diffc.calibration import (CalibrationError, CalibrationSet, collect, compute_statistics, node_error, output_error,
+                               record, select_steps, trajectory_error)
+from diffc.ir import capture
+from digits_tiny import tiny_digits_pipeline
+
+STEPS = 6
+
+
+class CallCounter:
+    def __init__(self, module, fail_after=None):
+        self.calls, self.fail_after = 0, fail_after
+        module.register_forward_pre_hook(self)
+
+    def __call__(self, *_):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt("simulated interruption")
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory):
+    pipe = tiny_digits_pipeline()
+    cal = collect(pipe, conditions=[1, 7], num_steps=STEPS, out=tmp_path_factory.mktemp("cal") / "set", progress=False)
+    return pipe, cal, capture(pipe.unet)
+
+
+def test_collect_records_every_step_with_cfg_batches(collected):
+    pipe, cal, _ = collected
+    assert len(cal.items) == 2 and cal.steps == list(range(STEPS)) and len(cal) == 2 * STEPS
+    record = next(cal.records())
+    assert record.inputs["sample"].shape[0] == 2  # guidance doubles the batch of one condition
+    assert set(record.inputs) == {"sample", "timestep", "encoder_hidden_states"}
+    assert cal.final_outputs()["seed0-cond0"].shape == (1, 8, 8, 1)
+
+
+def test_resume_skips_finished_trajectories(tmp_path):
+    pipe = tiny_digits_pipeline()
+    counter = CallCounter(pipe.unet, fail_after=STEPS + 2)  # dies inside the second trajectory
+    with pytest.raises(KeyboardInterrupt):
+        collect(pipe, conditions=[1, 2, 3], num_steps=STEPS, out=tmp_path / "set", progress=False)
+    counter.fail_after = None
+    counter.calls = 0
+    cal = collect(pipe, conditions=[1, 2, 3], num_steps=STEPS, out=tmp_path / "set", progress=False)
+    assert counter.calls == 2 * STEPS  # only the two unfinished trajectories ran again
+    assert len(cal.items) == 3
+    counter.calls = 0
+    collect(pipe, conditions=[1, 2, 3], num_steps=STEPS, out=tmp_path / "set", progress=False)
+    assert counter.calls == 0
+    with pytest.raises(CalibrationError, match="other settings.*num_steps"):
+        collect(pipe, conditions=[1, 2, 3], num_steps=STEPS + 1, out=tmp_path / "set", progress=False)
+
+
+def test_statistics_match_brute_force(collected):
+    _, cal, dg = collected
+    stats = compute_statistics(cal, dg, groups=2, progress=False, cache=False)
+    linear = next(n for n in dg.graph.nodes if n.target == torch.ops.aten.linear.default)
+    values = {0: [], 1: []}
+    for rec in cal.records():
+        seen = {}
+        from diffc.calibration.statistics import _Observer
+
+        with torch.no_grad():
+            _Observer(dg.module, {linear.name}, seen.__setitem__).run(*[rec.inputs[s.name] for s in dg.signature.inputs])
+        values[rec.step * 2 // STEPS].append(seen[linear.name].double().flatten())
+    for group in (0, 1):
+        brute = torch.cat(values[group])
+        s = stats.node(linear.name, group)
+        assert s.count == brute.numel()
+        assert s.minimum == pytest.approx(brute.min().item(), rel=1e-6)
+        assert s.maximum == pytest.approx(brute.max().item(), rel=1e-6)
+        assert s.mean == pytest.approx(brute.mean().item(), rel=1e-4, abs=1e-7)
+        assert s.std == pytest.approx(brute.std(unbiased=False).item(), rel=1e-4)
+        q = s.abs_percentile(99.0)
+        assert np.mean(brute.abs().numpy() <= q) >= 0.99
+    merged = stats.node(linear.name)
+    assert merged.count == sum(stats.node(linear.name, g).count for g in (0, 1))
+    # ranges move with the timestep: the latent input's range differs between noisy and clean steps
+    latent = dg.signature.latent.name
+    assert stats.node(latent, 0).absmax != stats.node(latent, 1).absmax
+    assert stats.traces and all(np.isnan(t[0]) and np.isfinite(t[1]) for t in stats.traces.values())
+
+
+def test_statistics_are_cached_with_the_set(collected):
+    _, cal, dg = collected
+    first = compute_statistics(cal, dg, groups=2, progress=False)
+    again = compute_statistics(CalibrationSet(cal.root), dg, groups=2, progress=False)
+    name = next(iter(first.stats))
+    assert again.node(name, 0).histogram.tolist() == first.node(name, 0).histogram.tolist()
+
+
+def test_evaluation_api(collected):
+    pipe, cal, dg = collected
+    assert output_error(cal, dg.module, dg).mean_relative == 0.0
+    noisy = output_error(cal, lambda *x: (dg.module(*x)[0] * 1.1,), dg)
+    assert noisy.mean_relative == pytest.approx(0.01, rel=1e-3)
+    first_conv = next(n.name for n in dg.graph.nodes if n.target == torch.ops.aten.conv2d.default)
+    assert node_error(cal, dg, dg.clone(), [first_conv]) == {first_conv: 0.0}
+    assert trajectory_error(cal, pipe.unet)["psnr"] == float("inf")
+    with pytest.raises(CalibrationError, match="needs the pipeline"):
+        trajectory_error(CalibrationSet(cal.root), pipe.unet)
+
+
+def test_record_a_hand_written_cfg_loop_and_optimize_with_it(tmp_path):
+    pipe = tiny_digits_pipeline()
+    unet, embed = pipe.unet, pipe.class_embedding
+    scheduler = pipe.scheduler
+    with record(unet, out=tmp_path / "rec", timesteps="uniform:3") as recording:
+        for label in (2, 5):
+            scheduler.set_timesteps(STEPS)
+            x = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(label))
+            tokens = embed(torch.tensor([10, label]))
+            for t in scheduler.timesteps:
+                eps = unet(torch.cat([x, x]), t.expand(2), encoder_hidden_states=tokens).sample
+                uncond, cond = eps.chunk(2)
+                x = scheduler.step(uncond + 3.0 * (cond - uncond), t, x).prev_sample
+    cal = recording.calibration_set
+    assert [i["num_steps"] for i in cal.items] == [STEPS, STEPS] and cal.steps == select_steps(STEPS, "uniform:3")
+    fast = diffc.optimize(unet, passes=[], calibration=recording)
+    rec = next(cal.records())
+    assert torch.equal(fast(rec.inputs["sample"], rec.inputs["timestep"],
+                            encoder_hidden_states=rec.inputs["encoder_hidden_states"]).sample, rec.output)
+
+
+def test_mismatched_calibration_set_is_refused(collected):
+    from tiny_families import families
+
+    _, cal, _ = collected
+    with pytest.raises(CalibrationError, match="recorded from UNet2DConditionModel, not DiTTransformer2DModel"):
+        diffc.optimize(families()["dit"][0], passes=[], calibration=cal)
+
+
+def test_non_finite_inputs_are_named(tmp_path):
+    pipe = tiny_digits_pipeline()
+    pipe.unet.register_forward_pre_hook(
+        lambda m, args, kwargs: ((args[0].clone().index_fill_(0, torch.tensor([1]), float("nan")), *args[1:]), kwargs),
+        with_kwargs=True)
+    with pytest.raises(CalibrationError, match=r"non-finite values \(NaN/Inf\) in sample at step 0 of trajectory "
+                                               r"seed0-cond0, batch rows \[1\]"):
+        collect(pipe, conditions=[3], num_steps=2, out=tmp_path / "set", progress=False)
+
+
+def test_non_finite_activation_is_named(collected, tmp_path):
+    _, cal, dg = collected
+    broken = dg.clone()
+    conv = next(n for n in broken.graph.nodes if n.target == torch.ops.aten.conv2d.default)
+    with broken.graph.inserting_after(conv):
+        nan = broken.graph.call_function(torch.ops.aten.div.Tensor, (conv, 0.0))
+    conv.replace_all_uses_with(nan, delete_user_cb=lambda user: user is not nan)
+    broken.module.recompile()
+    with pytest.raises(CalibrationError, match=r"non-finite activation in node \w+ at step 0 of trajectory seed0-cond0"):
+        compute_statistics(cal, broken, groups=2, progress=False, cache=False, nodes=[nan.name])
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("all", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]), ("uniform:4", [0, 3, 6, 9]), ("groups:2", [2, 7]),
+    ("steps:1,8", [1, 8]),
+])
+def test_step_selection(spec, expected):
+    assert select_steps(10, spec) == expected
+
+
+def test_skewed_normal_selection_prefers_late_steps():
+    steps = select_steps(50, "normal:10")
+    assert len(steps) == 10 and np.mean(steps) > 25
+    with pytest.raises(diffc.DiffcError, match="strategies"):
+        select_steps(10, "bogus:3")
+
+
+def test_bare_model_gets_synthetic_trajectories_with_a_warning(tmp_path):
+    from tiny_families import families
+
+    model = families()["dit"][0]
+    with pytest.warns(UserWarning, match="synthetic"):
+        cal = collect(model, num_steps=3, out=tmp_path / "set", progress=False)
+    assert len(cal) == 3
+    cal.check_compatible(capture(model))

@@ -1,0 +1,18 @@
+"""A tiny, untrained class-conditional UNet pipeline of the embedded-model kind, for fast tests."""
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+
+from diffc.models.components import ClassTokenEmbedding
+from diffc.models.pipelines import DigitsUNetPipeline
+
+
+def tiny_digits_pipeline(seed: int = 0) -> DigitsUNetPipeline:
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8).eval()
+    embedding = ClassTokenEmbedding(num_classes=10, embedding_dim=16, num_tokens=1).eval()
+    pipe = DigitsUNetPipeline(unet=unet, class_embedding=embedding, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
