@@ -1,15 +1,17 @@
 """diffc.optimize and diffc.load: the public entry points."""
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any, Mapping
 
 import torch
 
 from .backends import get_backend, parse_target
-from .calibration import as_calibration_set
+from .calibration import as_calibration_set, collect
 from .errors import DiffcError, TargetError
 from .ir import DiffusionGraph, Plan, capture, find_denoiser
+from .ir.partition import build_plan
 from .passes import PassContext, PassManager
 from .passes.base import PipelineSpec
 from .runtime import OptimizedModel, load_plan, read_manifest
@@ -27,6 +29,8 @@ def optimize(model_or_pipeline: Any, target: str = "torch", passes: PipelineSpec
     denoiser, _ = find_denoiser(model_or_pipeline)
     device = device if device is not None else _module_device(denoiser)
     calibration_set = as_calibration_set(calibration)
+    if calibration_set is None and any("calibrated" in p.requirements() for p in manager.passes):
+        calibration_set = _default_calibration(model_or_pipeline, progress)
     graph = capture(denoiser, example_inputs=example_inputs)
     if calibration_set is not None:
         calibration_set.check_compatible(graph)
@@ -41,9 +45,20 @@ def optimize(model_or_pipeline: Any, target: str = "torch", passes: PipelineSpec
 
 def compile_graph(dg: DiffusionGraph, backend: str, precision: str, device: Any = None,
                   **options: Any) -> OptimizedModel:
-    plan = Plan.single(dg)
-    plan.check()
-    return _compile_plan(plan, backend, precision, device, **options)
+    return _compile_plan(build_plan(dg), backend, precision, device, **options)
+
+
+def _default_calibration(model_or_pipeline: Any, progress: bool) -> Any:
+    """Calibration for passes that need it when the user gave none: the pipeline's own sampler
+    at its default step count, or synthetic trajectories for a bare denoiser."""
+    if isinstance(model_or_pipeline, torch.nn.Module):
+        return collect(model_or_pipeline, progress=progress)
+    parameters = inspect.signature(model_or_pipeline.__call__).parameters
+    steps = parameters["num_inference_steps"].default if "num_inference_steps" in parameters else None
+    if not isinstance(steps, int):
+        raise DiffcError(f"{type(model_or_pipeline).__name__} has no default num_inference_steps to calibrate at; "
+                         "pass calibration=diffc.calibration.collect(pipe, num_steps=..., conditions=...)")
+    return collect(model_or_pipeline, num_steps=steps, progress=progress)
 
 
 def _compile_plan(plan: Plan, backend: str, precision: str, device: Any, **options: Any) -> OptimizedModel:

@@ -92,7 +92,9 @@ class DiffusionGraph:
 
     `config` is the model's diffusers config (so pipelines can read `unet.config`), `applied`
     records each pass run on it (name, config, report) so a result can be replayed, and
-    `annotations` holds per-node precision specs written by passes and read by backends."""
+    `annotations` holds per-node precision specs written by passes and read by backends;
+    `step_plan` describes step-dependent work (cached regions, variants, schedule) that
+    `diffc.ir.partition.build_plan` turns into a Plan."""
 
     module: torch.fx.GraphModule
     signature: Signature
@@ -100,6 +102,7 @@ class DiffusionGraph:
     config: dict[str, Any] = field(default_factory=dict)
     applied: list[dict[str, Any]] = field(default_factory=list)
     annotations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    step_plan: dict[str, Any] | None = None
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -135,7 +138,8 @@ class DiffusionGraph:
         graph = copy.deepcopy(self.graph)
         module = torch.fx.GraphModule(self.weights(), graph)
         return DiffusionGraph(module, self.signature, copy.deepcopy(self.blocks), copy.deepcopy(self.config),
-                              copy.deepcopy(self.applied), copy.deepcopy(self.annotations))
+                              copy.deepcopy(self.applied), copy.deepcopy(self.annotations),
+                              copy.deepcopy(self.step_plan))
 
     def __call__(self, *flat_inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self.module(*flat_inputs))

@@ -35,21 +35,32 @@ class Variant:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Which variant runs at each step of a denoising loop: `steps[i]` at step i when given,
-    `default` otherwise (and for steps past the end of `steps`)."""
+    """Which variant runs at each step of a denoising loop.
+
+    With `repeat`, `steps` is a pattern repeated over the loop (a uniform interval does not depend
+    on the step count). Otherwise `steps[i]` is the variant of step i of a loop of len(steps)
+    steps; a loop of another length is mapped onto it by position in the trajectory. With no
+    `steps`, every step runs `default`."""
 
     default: str
     steps: tuple[str, ...] = ()
+    repeat: bool = False
 
-    def variant_for(self, step: int) -> str:
-        return self.steps[step] if 0 <= step < len(self.steps) else self.default
+    def variant_for(self, step: int, num_steps: int | None = None) -> str:
+        if not self.steps or step < 0:
+            return self.default
+        if self.repeat:
+            return self.steps[step % len(self.steps)]
+        if num_steps and num_steps != len(self.steps):
+            step = round(step * (len(self.steps) - 1) / max(num_steps - 1, 1))
+        return self.steps[step] if step < len(self.steps) else self.default
 
     def to_json(self) -> dict[str, Any]:
-        return {"default": self.default, "steps": list(self.steps)}
+        return {"default": self.default, "steps": list(self.steps), "repeat": self.repeat}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Schedule":
-        return cls(default=data["default"], steps=tuple(data["steps"]))
+        return cls(default=data["default"], steps=tuple(data["steps"]), repeat=data.get("repeat", False))
 
 
 @dataclass
@@ -69,6 +80,18 @@ class Plan:
         segment = Segment("main", dg.module, tuple(i.name for i in dg.signature.inputs), outputs)
         return cls(graph=dg, segments={"main": segment}, variants={"full": Variant("full", ("main",))},
                    schedule=Schedule(default="full"), outputs=outputs)
+
+    def run(self, variant: str, inputs: dict[str, Any], state: dict[str, Any],
+            runners: dict[str, Any] | None = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Runs one variant: returns the model outputs and the state to keep for the next step.
+        `runners` maps segment names to compiled callables (default: the segments' own graphs)."""
+        env = dict(state)
+        env.update(inputs)
+        for name in self.variants[variant].segments:
+            segment = self.segments[name]
+            run = runners[name] if runners is not None else segment.module
+            env.update(zip(segment.outputs, run(*[env[i] for i in segment.inputs])))
+        return tuple(env[name] for name in self.outputs), {name: env[name] for name in self.state if name in env}
 
     def check(self) -> None:
         """Every variant can run: each segment's inputs are produced before it is called."""

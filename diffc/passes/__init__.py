@@ -6,3 +6,5 @@ __all__ = [
     "CONDITIONS", "PASSES", "PRESETS", "Condition", "Pass", "PassConfig", "PassContext", "PassManager", "PassResult",
     "available_passes", "build_pipeline", "register_condition", "register_pass",
 ]
+
+from . import cache  # noqa: E402,F401  registers the cache pass

@@ -97,6 +97,10 @@ class Pass(ABC):
             raise PassError(f"pass {self.name} takes a {self.Config.__name__}, got {type(config).__name__}")
         self.config = config
 
+    def requirements(self) -> tuple[str, ...]:
+        """The conditions this pass needs with its config (by default, the class's `requires`)."""
+        return self.requires
+
     @abstractmethod
     def run(self, dg: DiffusionGraph, ctx: PassContext) -> PassResult:
         """Rewrites `dg` (a private copy: it may be changed in place) and reports what changed."""
@@ -189,7 +193,7 @@ class PassManager:
         done: list[str] = []
         for p in _progress(self.passes, self.progress):
             where = f"pass {p.name}" + (f" (after {', '.join(done)})" if done else " (first in the pipeline)")
-            for name in p.requires:
+            for name in p.requirements():
                 problem = CONDITIONS[name].check(current, ctx)
                 if problem:
                     raise PassError(f"{where} requires {name}: {problem}. Fix: {CONDITIONS[name].fix}.")

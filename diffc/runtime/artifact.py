@@ -79,6 +79,7 @@ def _write_contents(root: Path, plan: Plan, target: dict[str, Any], files: dict[
         "blocks": [b.to_json() for b in dg.blocks],
         "applied": dg.applied,
         "annotations": dg.annotations,
+        "step_plan": dg.step_plan,
         "source_graph": {"segment": source} if source else {"graph": "graphs/source.json"},
         "plan": {"segments": segments, "variants": {k: list(v.segments) for k, v in plan.variants.items()},
                  "schedule": plan.schedule.to_json(), "outputs": list(plan.outputs), "state": list(plan.state),
@@ -170,7 +171,8 @@ def load_plan(path: str | os.PathLike[str], manifest: dict[str, Any]) -> Plan:
         main = torch.fx.GraphModule({n.target: weights[n.target] for n in graph.nodes if n.op == "get_attr"}, graph)
     dg = DiffusionGraph(module=main, signature=Signature.from_json(manifest["signature"]),
                         blocks=[Block.from_json(b) for b in manifest["blocks"]], config=manifest["config"],
-                        applied=manifest["applied"], annotations=manifest["annotations"])
+                        applied=manifest["applied"], annotations=manifest["annotations"],
+                        step_plan=manifest["step_plan"])
     plan = Plan(graph=dg, segments=segments,
                 variants={k: Variant(k, tuple(v)) for k, v in plan_data["variants"].items()},
                 schedule=Schedule.from_json(plan_data["schedule"]), outputs=tuple(plan_data["outputs"]),

@@ -105,15 +105,9 @@ class OptimizedModel(torch.nn.Module):
             t_value = float(flat[sig.inputs.index(timestep)].reshape(-1)[0])
         if self.steps.observe(t_value):
             self._state.clear()
-        variant = self.plan.variants[self.plan.schedule.variant_for(self.steps.step)]
-        env: dict[str, torch.Tensor] = dict(self._state)
-        env.update({spec.name: value for spec, value in zip(sig.inputs, flat)})
-        for segment_name in variant.segments:
-            segment = self.plan.segments[segment_name]
-            outputs = self._compiled.runners[segment_name](*[env[name] for name in segment.inputs])
-            env.update(zip(segment.outputs, outputs))
-        self._state = {name: env[name] for name in self.plan.state if name in env}
-        results = tuple(env[name] for name in self.plan.outputs)
+        variant = self.plan.schedule.variant_for(self.steps.step, self.steps.num_steps)
+        inputs = {spec.name: value for spec, value in zip(sig.inputs, flat)}
+        results, self._state = self.plan.run(variant, inputs, self._state, self._compiled.runners)
         if return_dict and sig.output_class:
             cls = _output_class(sig.output_class)
             return cls(**{f.name: r for f, r in zip(dataclasses.fields(cls), results)})

@@ -1,0 +1,349 @@
+"""Block caching across timesteps: cut the graph at block boundaries into a cached region and the
+rest, build a "full" variant (computes and stores the region's outputs) and a "cached" variant
+(reuses them and skips the region), and a schedule saying which variant runs at each step.
+
+Cuts (see ../shared/papers.md): `deep` (DeepCache: the UNet branch below skip depth d), `encoder`
+(Faster Diffusion: the UNet encoder), `blocks` (a DiT block range, caching its residual as in
+Delta-DiT), `first_block` (everything after the first transformer block, FORA / first-block
+cache), `delta_dit` (rear blocks cached early in sampling, front blocks late).
+Schedules: `uniform` (every `interval` steps), `nonuniform` (full steps denser at the start and
+the end), `dp` (CacheQuant-style dynamic programming over steps on calibration data, minimising
+the accumulated error for a budget of full steps)."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import PassError
+from ..ir import DiffusionGraph
+from ..ir.blocks import STAGE, TRANSFORMER_BLOCK, node_flops
+from ..ir.partition import build_plan, region_nodes
+from .base import Pass, PassConfig, PassContext, PassResult, register_pass
+
+CUTS = ("auto", "deep", "encoder", "blocks", "first_block", "delta_dit")
+SCHEDULES = ("dp", "uniform", "nonuniform")
+FULL, CACHED = "full", "cached"
+
+
+@dataclass(frozen=True)
+class CacheConfig(PassConfig):
+    cut: str = "auto"
+    depth: int = 1
+    blocks: tuple[int, int] | None = None
+    mode: str = "auto"
+    schedule: str = "dp"
+    interval: int = 3
+    full_steps: int | None = None
+    full_fraction: float = 0.4
+    max_gap: int = 4
+
+    def __post_init__(self) -> None:
+        if self.cut not in CUTS:
+            raise ValueError(f"cut must be one of {CUTS}, got {self.cut!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.mode not in ("auto", "raw", "delta"):
+            raise ValueError(f"mode must be auto, raw or delta, got {self.mode!r}")
+        if self.interval < 1 or self.max_gap < 1 or self.depth < 0:
+            raise ValueError("interval, max_gap must be >= 1 and depth >= 0")
+        if not 0 < self.full_fraction <= 1:
+            raise ValueError(f"full_fraction must be in (0, 1], got {self.full_fraction}")
+
+
+@register_pass
+class CachePass(Pass):
+    name = "cache"
+    Config = CacheConfig
+
+    def requirements(self) -> tuple[str, ...]:
+        return ("calibrated",) if self.config.schedule == "dp" else ()
+
+    def run(self, dg: DiffusionGraph, ctx: PassContext) -> PassResult:
+        cfg = self.config
+        if dg.step_plan:
+            raise PassError("the graph already has a step plan (caching ran before); run cache once")
+        regions, variants = self._regions(dg)
+        cached_variant = _cached_variant_for(variants)
+        staged = len(variants) > 2
+        num_steps = ctx.calibration.num_steps if ctx.calibration is not None else None
+        if cfg.schedule == "uniform" and not staged:
+            steps = [FULL] + [CACHED] * (cfg.interval - 1)
+            schedule = {"default": FULL, "steps": steps, "repeat": True}
+        else:
+            if num_steps is None:
+                raise PassError(f"schedule {cfg.schedule!r}" + (" with a stage-dependent cut" if staged else "") +
+                                " is made for a number of steps, which comes from the calibration set; pass "
+                                "calibration=... (or use schedule='uniform' with a single cached region)")
+            if cfg.schedule == "uniform":
+                full = {s for s in range(num_steps) if s % cfg.interval == 0}
+            else:
+                budget = cfg.full_steps or max(1, math.ceil(cfg.full_fraction * num_steps))
+                if budget > num_steps:
+                    raise PassError(f"full_steps={budget} exceeds the calibration's {num_steps} steps")
+                if cfg.schedule == "nonuniform":
+                    full = _nonuniform_full_steps(num_steps, budget)
+                else:
+                    dg.step_plan = _step_plan(regions, variants, {"default": FULL, "steps": [], "repeat": False})
+                    errors = reuse_errors(build_plan(dg), ctx.calibration, cfg.max_gap, cached_variant)
+                    full = dp_full_steps(errors, num_steps, budget, cfg.max_gap)
+            steps = [FULL if s in full else cached_variant(s, num_steps) for s in range(num_steps)]
+            schedule = {"default": FULL, "steps": steps, "repeat": False}
+        dg.step_plan = _step_plan(regions, variants, schedule)
+        plan = build_plan(dg)
+        return PassResult(dg, modified=True, report=self._report(dg, plan, steps, ctx))
+
+    # --- cut discovery ------------------------------------------------------------------------
+    def _regions(self, dg: DiffusionGraph) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+        cfg = self.config
+        stages = _unet_stages(dg)
+        layers = _transformer_layers(dg)
+        cut = cfg.cut
+        if cut == "auto":
+            cut = "deep" if stages else "first_block" if layers else ""
+            if not cut:
+                raise PassError(f"{dg.signature.model_class}: found neither UNet stages nor transformer blocks to "
+                                "cache; this model has no block structure diffc can cut")
+        mode = cfg.mode if cfg.mode != "auto" else ("raw" if cut in ("deep", "encoder") else "delta")
+        if cut in ("deep", "encoder"):
+            if not stages:
+                raise PassError(f"cut {cut!r} needs a UNet (down_blocks/mid_block/up_blocks); "
+                                f"{dg.signature.model_class} has none. Use cut='blocks' or 'first_block'")
+            cuts = _deep_cuts(dg, stages, cfg.depth) if cut == "deep" else _encoder_cuts(dg, stages)
+            region = {"name": cut, "cuts": cuts, "mode": mode}
+            if mode == "delta":
+                raise PassError(f"cut {cut!r} caches the UNet features themselves; use mode='raw'")
+            return [region], {FULL: [], CACHED: [cut]}
+        if not layers:
+            raise PassError(f"cut {cut!r} needs transformer blocks; {dg.signature.model_class} has none")
+        n = len(layers)
+        if cut == "delta_dit":
+            if n < 2:
+                raise PassError(f"delta_dit needs at least 2 transformer blocks, the model has {n}")
+            middle = n // 2
+            front = _range_region(dg, layers, 0, middle, "front", mode)
+            rear = _range_region(dg, layers, middle, n, "rear", mode)
+            return [front, rear], {FULL: [], "cached_rear": ["rear"], "cached_front": ["front"]}
+        start, end = (1, n) if cut == "first_block" else (cfg.blocks or (1, n))
+        if not 0 <= start < end <= n:
+            raise PassError(f"blocks must be a range within 0..{n} with start < end, got {(start, end)}")
+        return [_range_region(dg, layers, start, end, "blocks", mode)], {FULL: [], CACHED: ["blocks"]}
+
+    # --- report -------------------------------------------------------------------------------
+    def _report(self, dg: DiffusionGraph, plan: Any, steps: list[str], ctx: PassContext) -> dict[str, Any]:
+        total = sum(node_flops(n) for n in dg.graph.nodes)
+        variant_flops = {name: sum(_segment_flops(dg, plan.segments[s]) for s in variant.segments)
+                         for name, variant in plan.variants.items()}
+        skipped = {name: 1 - f / max(total, 1) for name, f in variant_flops.items()}
+        per_step = [round(skipped[v], 4) for v in steps]
+        mean_cost = float(np.mean([variant_flops[v] for v in steps])) if steps else total
+        report: dict[str, Any] = {
+            "cut": self.config.cut, "regions": {r["name"]: len(r["cuts"]) for r in dg.step_plan["regions"]},
+            "schedule": self.config.schedule, "steps": steps,
+            "full_steps": sum(v == FULL for v in steps), "num_steps": len(steps),
+            "flops_skipped_per_step": per_step, "flops_skipped": round(1 - mean_cost / max(total, 1), 4),
+            "predicted_speedup": round(total / max(mean_cost, 1), 3),
+        }
+        if ctx.calibration is not None:
+            errors = measured_error(plan, ctx.calibration)
+            report["relative_error_per_step"] = [round(e, 6) for e in errors]
+            report["relative_error"] = round(float(np.mean(errors)), 6)
+        return report
+
+
+def _by_stage(_: str, step: int, num_steps: int) -> str:
+    """Delta-DiT: rear blocks shape details, cached early; front blocks shape outlines, cached late."""
+    return "cached_rear" if step < num_steps / 2 else "cached_front"
+
+
+def _cached_variant_for(variants: dict[str, list[str]]) -> Any:
+    names = [v for v in variants if v != FULL]
+
+    def pick(step: int, num_steps: int) -> str:
+        return _by_stage("", step, num_steps) if len(names) > 1 else names[0]
+
+    return pick
+
+
+def _step_plan(regions: list[dict[str, Any]], variants: dict[str, list[str]], schedule: dict[str, Any]) -> dict[str, Any]:
+    return {"regions": regions, "variants": variants, "schedule": schedule}
+
+
+def _unet_stages(dg: DiffusionGraph) -> dict[str, list[str]]:
+    stages: dict[str, list[str]] = {"down": [], "up": [], "mid": []}
+    for block in dg.blocks:
+        if block.kind != STAGE:
+            continue
+        kind = block.name.split("_")[0] if block.name != "mid_block" else "mid"
+        stages[kind].append(block.name)
+    return stages if stages["down"] and stages["up"] else {}
+
+
+def _deep_cuts(dg: DiffusionGraph, stages: dict[str, list[str]], depth: int) -> list[str]:
+    ups = sorted(stages["up"], key=_index)
+    n = len(ups)
+    if not 1 <= depth <= n - 1:
+        raise PassError(f"deep caching needs 1 <= depth <= {n - 1} for a UNet with {n} up blocks, got {depth}: "
+                        "depth d keeps the d outermost down/up blocks and caches everything below them")
+    deepest_kept = dg.block(ups[n - depth])
+    feeding = dg.block(ups[n - depth - 1])
+    cuts = [o for o in feeding.outputs if o in deepest_kept.inputs]
+    if len(cuts) != 1:
+        raise PassError(f"cannot cut between {feeding.name} and {deepest_kept.name}: expected one hidden state passing "
+                        f"between them, found {cuts or 'none'}")
+    return cuts
+
+
+def _encoder_cuts(dg: DiffusionGraph, stages: dict[str, list[str]]) -> list[str]:
+    encoder = set(stages["down"]) | set(stages["mid"])
+    members = {n for b in dg.blocks if b.name in encoder for n in b.nodes}
+    cuts = []
+    for block in dg.blocks:
+        if block.name in encoder:
+            for out in block.outputs:
+                users = {u.name for u in _node(dg, out).users}
+                if users - members and out not in cuts:
+                    cuts.append(out)
+    return cuts
+
+
+def _transformer_layers(dg: DiffusionGraph) -> list[Any]:
+    """Top-level transformer blocks in execution order (e.g. transformer_blocks.* then
+    single_transformer_blocks.* for FLUX)."""
+    return [b for b in dg.blocks if b.kind == TRANSFORMER_BLOCK and (b.parent is None)]
+
+
+def _range_region(dg: DiffusionGraph, layers: list[Any], start: int, end: int, name: str, mode: str) -> dict[str, Any]:
+    first, last = layers[start], layers[end - 1]
+    members = {n for b in layers[start:end] for n in b.nodes}
+    cuts = [o for o in last.outputs if any(u.name not in members for u in _node(dg, o).users)]
+    if not cuts:
+        raise PassError(f"block range {start}..{end} has no output used after it")
+    region: dict[str, Any] = {"name": name, "cuts": cuts, "mode": mode}
+    if mode == "delta":
+        bases = {}
+        for cut in cuts:
+            shape = _node(dg, cut).meta.get("tensor_meta")
+            match = [i for i in first.inputs if _node(dg, i).meta.get("tensor_meta") is not None
+                     and tuple(_node(dg, i).meta["tensor_meta"].shape) == tuple(shape.shape)] if shape else []
+            if not match:
+                raise PassError(f"cannot cache the residual of blocks {start}..{end}: no input of {first.name} has the "
+                                f"shape of its output {cut}; use mode='raw'")
+            bases[cut] = match[0] if len(cuts) == 1 else match[min(cuts.index(cut), len(match) - 1)]
+        region["bases"] = bases
+    dead = region_nodes(dg.graph, cuts, list(region.get("bases", {}).values()))
+    if not any(n.name in members for n in dead):
+        raise PassError(f"caching blocks {start}..{end} would skip nothing: their outputs are needed elsewhere")
+    return region
+
+
+def _node(dg: DiffusionGraph, name: str) -> torch.fx.Node:
+    for node in dg.graph.nodes:
+        if node.name == name:
+            return node
+    raise PassError(f"node {name} not in graph")
+
+
+def _index(name: str) -> int:
+    match = re.search(r"(\d+)$", name)
+    return int(match.group(1)) if match else 0
+
+
+def _segment_flops(dg: DiffusionGraph, segment: Any) -> int:
+    names = {n.name for n in segment.module.graph.nodes if n.op == "call_function"}
+    return sum(node_flops(n) for n in dg.graph.nodes if n.name in names)
+
+
+def _nonuniform_full_steps(num_steps: int, budget: int) -> set[int]:
+    """Full steps at cosine-spaced positions: denser at the start and the end of sampling."""
+    if budget == 1:
+        return {0}
+    positions = 0.5 - 0.5 * np.cos(np.pi * np.arange(budget) / (budget - 1))
+    chosen: set[int] = set()
+    for p in positions:
+        step = int(round(p * (num_steps - 1)))
+        while step in chosen and step < num_steps - 1:
+            step += 1
+        chosen.add(step)
+    return chosen
+
+
+def reuse_errors(plan: Any, calibration: Any, max_gap: int, cached_variant: Any) -> dict[tuple[int, int], float]:
+    """e[(i, j)]: mean relative error of the output at step j when the cache was filled at step i
+    (teacher-forced: recorded inputs of step j, cache from the full run at step i)."""
+    sums: dict[tuple[int, int], list[float]] = {}
+    by_item: dict[str, list[Any]] = {}
+    for record in calibration.records():
+        by_item.setdefault(record.item, []).append(record)
+    for records in by_item.values():
+        records.sort(key=lambda r: r.step)
+        states: dict[int, dict[str, Any]] = {}
+        for record in records:
+            with torch.no_grad():
+                _, states[record.step] = plan.run(FULL, record.inputs, {})
+        for record in records:
+            reference = record.output.double()
+            scale = reference.pow(2).mean().clamp_min(1e-20)
+            for i in range(max(0, record.step - max_gap), record.step):
+                if i not in states:
+                    continue
+                variant = cached_variant(record.step, record.num_steps)
+                with torch.no_grad():
+                    out, _ = plan.run(variant, record.inputs, states[i])
+                error = float((out[0].double() - reference).pow(2).mean() / scale)
+                sums.setdefault((i, record.step), []).append(error)
+    return {k: float(np.mean(v)) for k, v in sums.items()}
+
+
+def dp_full_steps(errors: dict[tuple[int, int], float], num_steps: int, budget: int, max_gap: int) -> set[int]:
+    """The `budget` steps to compute fully (step 0 always) that minimise the summed reuse error of
+    the others, by dynamic programming over steps. A step farther than max_gap from its last full
+    step is not allowed."""
+    inf = math.inf
+
+    def segment_cost(i: int, j: int) -> float:
+        """Cost of steps i+1..j-1 reusing the cache filled at step i."""
+        return sum(errors.get((i, m), inf) for m in range(i + 1, j))
+
+    best = np.full((budget + 1, num_steps), inf)
+    parent = np.full((budget + 1, num_steps), -1, dtype=int)
+    best[1][0] = 0.0
+    for k in range(2, budget + 1):
+        for j in range(1, num_steps):
+            for i in range(max(0, j - max_gap), j):
+                cost = best[k - 1][i] + segment_cost(i, j)
+                if cost < best[k][j]:
+                    best[k][j], parent[k][j] = cost, i
+    finals = [(best[budget][i] + segment_cost(i, num_steps), i) for i in range(num_steps)
+              if best[budget][i] < inf and num_steps - i <= max_gap]
+    if not finals:
+        raise PassError(f"no schedule with {budget} full steps keeps every gap within max_gap={max_gap} over "
+                        f"{num_steps} steps; raise full_steps or max_gap")
+    _, last = min(finals)
+    chosen, k = set(), budget
+    while last >= 0 and k >= 1:
+        chosen.add(int(last))
+        last, k = parent[k][last], k - 1
+    return chosen
+
+
+def measured_error(plan: Any, calibration: Any) -> list[float]:
+    """Relative output error per step of the scheduled plan along each recorded trajectory, the
+    cache carried from step to step as at run time (teacher-forced inputs)."""
+    per_step: dict[int, list[float]] = {}
+    state: dict[str, Any] = {}
+    last_item = None
+    for record in calibration.records():
+        if record.item != last_item:
+            state, last_item = {}, record.item
+        variant = plan.schedule.variant_for(record.step, record.num_steps)
+        with torch.no_grad():
+            out, state = plan.run(variant, record.inputs, state)
+        reference = record.output.double()
+        error = float((out[0].double() - reference).pow(2).mean() / reference.pow(2).mean().clamp_min(1e-20))
+        per_step.setdefault(record.step, []).append(error)
+    return [float(np.mean(per_step[s])) for s in sorted(per_step)]
