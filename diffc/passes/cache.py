@@ -95,6 +95,8 @@ class CachePass(Pass):
             schedule = {"default": FULL, "steps": steps, "repeat": False}
         dg.step_plan = _step_plan(regions, variants, schedule)
         plan = build_plan(dg)
+        if num_steps is not None:
+            steps = [plan.schedule.variant_for(s, num_steps) for s in range(num_steps)]
         return PassResult(dg, modified=True, report=self._report(dg, plan, steps, ctx))
 
     # --- cut discovery ------------------------------------------------------------------------

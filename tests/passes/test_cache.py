@@ -1,0 +1,145 @@
+import numpy as np
+import pytest
+import torch
+
+import diffc
+from diffc.calibration import collect
+from diffc.errors import PassError
+from diffc.ir import lint
+from diffc.ir.partition import build_plan
+from diffc.passes import PassContext, PassManager
+from diffc.passes.cache import dp_full_steps
+from digits_tiny import tiny_digits_pipeline
+from tiny_families import first_tensor
+
+
+def _run(passes, dg, calibration=None):
+    return PassManager(passes).run(dg, PassContext(calibration=calibration))
+
+
+def _inputs(dg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {s.name: (torch.randn(s.example_shape, generator=g) if s.dtype.startswith("float")
+                     else torch.ones(s.example_shape, dtype=torch.int64)) for s in dg.signature.inputs}
+
+
+def test_interval_one_is_exact_on_every_family(family_name, family):
+    model, inputs = family(family_name)
+    fast = diffc.optimize(model, passes=[{"pass": "cache", "schedule": "uniform", "interval": 1}])
+    assert set(fast.plan.variants) == {"full", "cached"}
+    with torch.no_grad():
+        for step in range(3):
+            call = dict(inputs)
+            call["timestep"] = inputs["timestep"] * 0 + (0.9 - 0.2 * step if family_name == "flux" else 900 - 200 * step)
+            assert torch.equal(first_tensor(fast(**call)), first_tensor(model(**call)))
+
+
+def test_deep_cut_structure_and_reuse(captured):
+    dg = _run([{"pass": "cache", "schedule": "uniform", "interval": 2}], captured("unet2dcond"))
+    lint(dg)
+    plan = build_plan(dg)
+    assert plan.variants["full"].segments == ("main0", "cache_deep", "main1")
+    assert plan.variants["cached"].segments == ("main0", "main1")
+    region = {n.name for n in plan.segments["cache_deep"].module.graph.nodes if n.op == "call_function"}
+    heavy = lambda block: {n for n in dg.block(block).nodes if n.startswith(("conv2d", "linear"))}  # noqa: E731
+    assert heavy("mid_block") <= region  # the deep branch holds the mid block
+    assert not region & (heavy("down_blocks.0.resnets.0") | heavy("down_blocks.0.attentions.0"))  # nor the outermost
+    inputs = _inputs(dg)
+    full, state = plan.run("full", inputs, {})
+    cached, _ = plan.run("cached", inputs, state)
+    assert torch.equal(full[0], cached[0])  # the same step reusing its own cache is exact
+    report = dg.applied[-1]["report"]
+    assert report["flops_skipped_per_step"] == [0.0, report["flops_skipped_per_step"][1]]
+    assert 0.3 < report["flops_skipped_per_step"][1] < 1 and report["predicted_speedup"] > 1.2
+
+
+def test_residual_cut_on_transformers(captured):
+    dg = _run([{"pass": "cache", "schedule": "uniform", "interval": 3}], captured("dit"))
+    plan = build_plan(dg)
+    assert plan.variants["cached"].segments == ("main0", "apply_blocks", "main1")
+    assert any(name.endswith("__delta") for name in plan.state)
+    inputs = _inputs(dg)
+    full, state = plan.run("full", inputs, {})
+    cached, _ = plan.run("cached", inputs, state)
+    assert (full[0] - cached[0]).abs().max() < 1e-5  # base + (out - base) == out up to rounding
+
+
+def test_delta_dit_uses_stage_dependent_variants(captured, tmp_path):
+    pipe = tiny_digits_pipeline()
+    cal = collect(pipe, conditions=[3], num_steps=6, out=tmp_path / "c", progress=False)
+    assert cal.num_steps == 6
+    dg = captured("dit")
+    with pytest.raises(PassError, match="comes from the calibration set"):
+        _run([{"pass": "cache", "cut": "delta_dit", "schedule": "uniform", "interval": 2}], dg)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"cut": "deep", "depth": 5}, "1 <= depth <= 1"),
+    ({"cut": "encoder", "mode": "delta"}, "mode='raw'"),
+    ({"cut": "blocks", "blocks": (1, 9)}, "range within 0..2"),
+])
+def test_invalid_cuts_are_rejected_with_the_reason(captured, config, message):
+    name = "unet2dcond" if config["cut"] in ("deep", "encoder") else "dit"
+    with pytest.raises(PassError, match=message):
+        _run([{"pass": "cache", "schedule": "uniform", **config}], captured(name))
+    with pytest.raises(PassError, match="needs a UNet"):
+        _run([{"pass": "cache", "cut": "deep", "schedule": "uniform"}], captured("dit"))
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(PassError, match="schedule must be one of"):
+        PassManager([{"pass": "cache", "schedule": "weekly"}])
+
+
+def test_dp_picks_the_cheapest_full_steps():
+    errors = {(i, j): (j - i) * (10.0 if 3 <= j <= 5 else 1.0) for i in range(8) for j in range(i + 1, min(i + 4, 8))}
+    chosen = dp_full_steps(errors, 8, 3, max_gap=3)
+    assert 0 in chosen and len(chosen) == 3
+    cost = lambda full: sum(errors[(max(f for f in full if f < j), j)] for j in range(8) if j not in full)  # noqa: E731
+    best = min(cost({0, a, b}) for a in range(1, 8) for b in range(a + 1, 8)
+               if all(j - max(f for f in {0, a, b} if f <= j) < 3 for j in range(8)))
+    assert cost(chosen) == best
+    with pytest.raises(PassError, match="raise full_steps or max_gap"):
+        dp_full_steps(errors, 8, 1, max_gap=3)
+
+
+@pytest.fixture(scope="module")
+def digits_calibration(tmp_path_factory):
+    pipe = tiny_digits_pipeline()
+    return pipe, collect(pipe, conditions=[1, 4], num_steps=10, out=tmp_path_factory.mktemp("c") / "set",
+                         progress=False)
+
+
+def test_dp_schedule_beats_uniform_at_equal_full_steps(digits_calibration):
+    pipe, cal = digits_calibration
+    dg = diffc.capture(pipe.unet)
+    dp = _run([{"pass": "cache", "schedule": "dp", "full_steps": 4}], dg, cal).applied[-1]["report"]
+    uniform = _run([{"pass": "cache", "schedule": "uniform", "interval": 3}], dg, cal).applied[-1]["report"]
+    assert dp["full_steps"] == uniform["full_steps"] == 4
+    assert dp["relative_error"] <= uniform["relative_error"]
+    assert len(dp["relative_error_per_step"]) == 10
+
+
+def test_cached_model_in_the_pipeline_loop(digits_calibration, tmp_path):
+    pipe, cal = digits_calibration
+    fast = diffc.optimize(pipe, passes=[{"pass": "cache", "schedule": "nonuniform", "full_steps": 5}], calibration=cal)
+    report = fast.report[-1]["report"]
+    assert report["steps"][0] == "full" and report["steps"][-1] == "full" and report["full_steps"] == 5
+    seen = []
+    fast.segments["cache_deep"].register_forward_hook(lambda *a: seen.append(fast.steps.step))
+    original = pipe.unet
+    try:
+        pipe.unet = fast
+        images = pipe(class_labels=[1, 4], num_inference_steps=10, generator=torch.Generator().manual_seed(0)).images
+        assert seen == [i for i, v in enumerate(report["steps"]) if v == "full"]
+        seen.clear()
+        pipe(class_labels=[1], num_inference_steps=5, generator=torch.Generator().manual_seed(0))  # new loop, 5 steps
+        assert seen and seen[0] == 0
+        fast.save(tmp_path / "cached")
+        back = diffc.load(tmp_path / "cached")
+        pipe.unet = back
+        again = pipe(class_labels=[1, 4], num_inference_steps=10, generator=torch.Generator().manual_seed(0)).images
+    finally:
+        pipe.unet = original
+    assert np.array_equal(images, again)
+    assert back.plan.schedule == fast.plan.schedule
