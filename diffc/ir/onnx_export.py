@@ -123,7 +123,6 @@ def _rename_dims(model: Any, dynamic_dims: Sequence[Mapping[int, str]]) -> None:
     import onnx_ir as ir
 
     names: dict[str, str] = {}
-    taken: set[str] = set()
     for value, dims in zip(model.graph.inputs, dynamic_dims):
         if value.shape is None:
             continue
@@ -131,9 +130,10 @@ def _rename_dims(model: Any, dynamic_dims: Sequence[Mapping[int, str]]) -> None:
             if index >= len(value.shape):
                 continue
             dim = value.shape[index]
-            if isinstance(dim, ir.SymbolicDim) and dim.value and dim.value not in names and name not in taken:
+            # Two symbols may get one name (the exporter left timestep's batch independent of the
+            # latent's); one symbol keeps its first name.
+            if isinstance(dim, ir.SymbolicDim) and dim.value and dim.value not in names:
                 names[dim.value] = name
-                taken.add(name)
     if not names:
         return
 
@@ -164,8 +164,8 @@ def _initializer_bytes(model: Any) -> int:
 
 
 def _describe_failure(module: torch.fx.GraphModule, path: pathlib.Path, exc: BaseException) -> str:
-    """'could not export <path> to ONNX: op X in node Y: reason', naming the first fx node whose
-    target appears in the exporter's message when the exporter does not name one."""
+    """'could not export <path> to ONNX: op X in node Y: reason': the node the exporter's message
+    names ("node %add_3"), else the first node whose target it mentions ("aten.foo.default")."""
     text = " ".join(str(exc).split())
     cause = exc
     while cause.__cause__ is not None and cause.__cause__ is not cause:
@@ -175,13 +175,11 @@ def _describe_failure(module: torch.fx.GraphModule, path: pathlib.Path, exc: Bas
     for node in module.graph.nodes:
         if node.op != "call_function":
             continue
-        target = str(node.target)
-        short = target.split(".")[0] if target.startswith("aten.") is False else target
-        if node.name in text and re.search(rf"\b{re.escape(node.name)}\b", text):
-            op, node_name = target, node.name
+        if re.search(rf"node %?{re.escape(node.name)}\b", text):
+            op, node_name = str(node.target), node.name
             break
-        if op is None and (target in text or short in text):
-            op, node_name = target, node.name
+        if op is None and str(node.target) in text:
+            op, node_name = str(node.target), node.name
     reason = text[:600] + (" ..." if len(text) > 600 else "")
     where = f"op {op} in node {node_name}: " if op else ""
     return (f"could not export {path.name} to ONNX: {where}{type(exc).__name__}: {reason}. Rewrite or decompose "

@@ -19,7 +19,7 @@ import torch.fx
 from ..errors import PassError
 from .fxutil import attr_value
 from .graph import DiffusionGraph
-from .plan import OUTPUT_PREFIX, Plan, Schedule, Segment, Variant
+from .plan import OUTPUT_PREFIX, PROBE_STATE, SKIPPED_STATE, Plan, Schedule, Segment, Variant
 
 DELTA_SUFFIX = "__delta"
 
@@ -110,6 +110,8 @@ def build_plan(dg: DiffusionGraph) -> Plan:
                     sequence.append(f"apply_{region['name']}")
         variants[variant_name] = Variant(variant_name, tuple(s for s in sequence if s in segments))
     outputs = tuple(OUTPUT_PREFIX + o.name for o in dg.signature.outputs)
+    if spec["schedule"].get("adaptive"):
+        state += [PROBE_STATE, SKIPPED_STATE]
     plan = Plan(graph=dg, segments=segments, variants=variants, schedule=Schedule.from_json(spec["schedule"]),
                 outputs=outputs, state=tuple(state), metadata={"step_plan": spec.get("summary", {})})
     plan.check()

@@ -17,6 +17,8 @@ from ..errors import LintError
 from .graph import DiffusionGraph
 
 OUTPUT_PREFIX = "output."
+ADAPTIVE = "adaptive"
+PROBE_STATE, SKIPPED_STATE = "adaptive.probe", "adaptive.skipped"
 
 
 @dataclass
@@ -40,11 +42,13 @@ class Schedule:
     With `repeat`, `steps` is a pattern repeated over the loop (a uniform interval does not depend
     on the step count). Otherwise `steps[i]` is the variant of step i of a loop of len(steps)
     steps; a loop of another length is mapped onto it by position in the trajectory. With no
-    `steps`, every step runs `default`."""
+    `steps`, every step runs `default`. A step scheduled as "adaptive" decides at run time (see
+    Plan.run): `adaptive` holds the probe tensor, the threshold and the two variants."""
 
     default: str
     steps: tuple[str, ...] = ()
     repeat: bool = False
+    adaptive: dict[str, Any] | None = None
 
     def variant_for(self, step: int, num_steps: int | None = None) -> str:
         if not self.steps or step < 0:
@@ -56,11 +60,12 @@ class Schedule:
         return self.steps[step] if step < len(self.steps) else self.default
 
     def to_json(self) -> dict[str, Any]:
-        return {"default": self.default, "steps": list(self.steps), "repeat": self.repeat}
+        return {"default": self.default, "steps": list(self.steps), "repeat": self.repeat, "adaptive": self.adaptive}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Schedule":
-        return cls(default=data["default"], steps=tuple(data["steps"]), repeat=data.get("repeat", False))
+        return cls(default=data["default"], steps=tuple(data["steps"]), repeat=data.get("repeat", False),
+                   adaptive=data.get("adaptive"))
 
 
 @dataclass
@@ -83,15 +88,50 @@ class Plan:
 
     def run(self, variant: str, inputs: dict[str, Any], state: dict[str, Any],
             runners: dict[str, Any] | None = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """Runs one variant: returns the model outputs and the state to keep for the next step.
-        `runners` maps segment names to compiled callables (default: the segments' own graphs)."""
+        """Runs one variant (or the adaptive choice between two): returns the model outputs and the
+        state to keep for the next step. `runners` maps segment names to compiled callables
+        (default: the segments' own graphs)."""
         env = dict(state)
         env.update(inputs)
+        done: tuple[str, ...] = ()
+        if variant == ADAPTIVE:
+            variant, done = self._adapt(env, runners)
         for name in self.variants[variant].segments:
-            segment = self.segments[name]
-            run = runners[name] if runners is not None else segment.module
-            env.update(zip(segment.outputs, run(*[env[i] for i in segment.inputs])))
+            if name not in done:
+                self._run_segment(name, env, runners)
         return tuple(env[name] for name in self.outputs), {name: env[name] for name in self.state if name in env}
+
+    def _run_segment(self, name: str, env: dict[str, Any], runners: dict[str, Any] | None) -> None:
+        segment = self.segments[name]
+        run = runners[name] if runners is not None else segment.module
+        env.update(zip(segment.outputs, run(*[env[i] for i in segment.inputs])))
+
+    def _adapt(self, env: dict[str, Any], runners: dict[str, Any] | None) -> tuple[str, tuple[str, ...]]:
+        """Runs the segments both variants start with, then picks the cached variant when the probe
+        moved less than the threshold (relative L1) since the last full step, the full one
+        otherwise. The decision falls between segment calls, so static-graph backends keep
+        static graphs. Returns the variant and the segments already run."""
+        rule = self.schedule.adaptive
+        if rule is None:
+            raise LintError("an adaptive step needs schedule.adaptive (probe, threshold, variants)")
+        full, cached = self.variants[rule["full"]].segments, self.variants[rule["cached"]].segments
+        shared: list[str] = []
+        for a, b in zip(full, cached):
+            if a != b:
+                break
+            shared.append(a)
+            self._run_segment(a, env, runners)
+        probe = env[rule["probe"]]
+        reference = env.get(PROBE_STATE)
+        skipped = int(env.get(SKIPPED_STATE, 0))
+        has_cache = all(name in env for name in self.state if name not in (PROBE_STATE, SKIPPED_STATE))
+        if reference is not None and has_cache and skipped < rule["max_skip"]:
+            change = float((probe - reference).abs().mean() / reference.abs().mean().clamp_min(1e-12))
+            if change <= rule["threshold"]:
+                env[SKIPPED_STATE] = skipped + 1
+                return rule["cached"], tuple(shared)
+        env[PROBE_STATE], env[SKIPPED_STATE] = probe, 0
+        return rule["full"], tuple(shared)
 
     def check(self) -> None:
         """Every variant can run: each segment's inputs are produced before it is called."""
@@ -110,7 +150,13 @@ class Plan:
             absent = [o for o in self.outputs if o not in available]
             if absent:
                 problems.append(f"variant {variant.name} never produces {absent}")
-        for step_variant in {self.schedule.default, *self.schedule.steps}:
+        named = {self.schedule.default, *self.schedule.steps} - {ADAPTIVE}
+        if ADAPTIVE in self.schedule.steps:
+            rule = self.schedule.adaptive or {}
+            named |= {rule.get("full"), rule.get("cached")}
+            if not rule or rule.get("probe") is None:
+                problems.append("the schedule has adaptive steps but no adaptive rule (probe, threshold, variants)")
+        for step_variant in named:
             if step_variant not in self.variants:
                 problems.append(f"schedule names unknown variant {step_variant}")
         if problems:

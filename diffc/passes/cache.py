@@ -8,7 +8,10 @@ Delta-DiT), `first_block` (everything after the first transformer block, FORA / 
 cache), `delta_dit` (rear blocks cached early in sampling, front blocks late).
 Schedules: `uniform` (every `interval` steps), `nonuniform` (full steps denser at the start and
 the end), `dp` (CacheQuant-style dynamic programming over steps on calibration data, minimising
-the accumulated error for a budget of full steps)."""
+the accumulated error for a budget of full steps), `adaptive` (decided at run time: recompute when the
+tensor entering the cached region moved more than a threshold since the last full step, as in
+TeaCache / first-block cache; the threshold is calibrated so that about `full_fraction` of the
+calibration steps recompute)."""
 from __future__ import annotations
 
 import math
@@ -23,10 +26,11 @@ from ..errors import PassError
 from ..ir import DiffusionGraph
 from ..ir.blocks import STAGE, TRANSFORMER_BLOCK, node_flops
 from ..ir.partition import build_plan, region_nodes
+from ..ir.plan import ADAPTIVE
 from .base import Pass, PassConfig, PassContext, PassResult, register_pass
 
 CUTS = ("auto", "deep", "encoder", "blocks", "first_block", "delta_dit")
-SCHEDULES = ("dp", "uniform", "nonuniform")
+SCHEDULES = ("dp", "uniform", "nonuniform", "adaptive")
 FULL, CACHED = "full", "cached"
 
 
@@ -61,7 +65,7 @@ class CachePass(Pass):
     Config = CacheConfig
 
     def requirements(self) -> tuple[str, ...]:
-        return ("calibrated",) if self.config.schedule == "dp" else ()
+        return ("calibrated",) if self.config.schedule in ("dp", "adaptive") else ()
 
     def run(self, dg: DiffusionGraph, ctx: PassContext) -> PassResult:
         cfg = self.config
@@ -71,7 +75,13 @@ class CachePass(Pass):
         cached_variant = _cached_variant_for(variants)
         staged = len(variants) > 2
         num_steps = ctx.calibration.num_steps if ctx.calibration is not None else None
-        if cfg.schedule == "uniform" and not staged:
+        if cfg.schedule == "adaptive":
+            if staged:
+                raise PassError("the adaptive schedule gates one cached region; use cut='first_block', 'blocks' or 'deep'")
+            dg.step_plan = _step_plan(regions, variants, {"default": FULL, "steps": [], "repeat": False})
+            schedule = adaptive_schedule(build_plan(dg), ctx.calibration, cfg.full_fraction, cfg.max_gap)
+            steps = [ADAPTIVE]
+        elif cfg.schedule == "uniform" and not staged:
             steps = [FULL] + [CACHED] * (cfg.interval - 1)
             schedule = {"default": FULL, "steps": steps, "repeat": True}
         else:
@@ -140,6 +150,10 @@ class CachePass(Pass):
         total = sum(node_flops(n) for n in dg.graph.nodes)
         variant_flops = {name: sum(_segment_flops(dg, plan.segments[s]) for s in variant.segments)
                          for name, variant in plan.variants.items()}
+        adaptive = plan.schedule.adaptive
+        if adaptive:
+            share = adaptive["calibrated_full_share"]
+            variant_flops[ADAPTIVE] = share * variant_flops[adaptive["full"]] + (1 - share) * variant_flops[adaptive["cached"]]
         skipped = {name: 1 - f / max(total, 1) for name, f in variant_flops.items()}
         per_step = [round(skipped[v], 4) for v in steps]
         mean_cost = float(np.mean([variant_flops[v] for v in steps])) if steps else total
@@ -349,3 +363,52 @@ def measured_error(plan: Any, calibration: Any) -> list[float]:
         error = float((out[0].double() - reference).pow(2).mean() / reference.pow(2).mean().clamp_min(1e-20))
         per_step.setdefault(record.step, []).append(error)
     return [float(np.mean(per_step[s])) for s in sorted(per_step)]
+
+
+def adaptive_schedule(plan: Any, calibration: Any, full_fraction: float, max_gap: int) -> dict[str, Any]:
+    """An adaptive schedule whose threshold makes about `full_fraction` of the calibration steps
+    recompute. The probe is the largest tensor the shared first segment hands on, the latest
+    computed among equals (the first blocks' output)."""
+    full, cached = plan.variants[FULL].segments, plan.variants[CACHED].segments
+    shared = [a for a, b in zip(full, cached) if a == b]
+    handed = {i for name in full if name not in shared for i in plan.segments[name].inputs}
+    candidates = [o for name in shared for o in plan.segments[name].outputs if o in handed]
+    if not candidates:
+        raise PassError("the adaptive schedule needs a tensor computed before the cached region to probe; "
+                        "this cut has none")
+    order = {n.name: i for i, n in enumerate(plan.graph.graph.nodes)}
+    probes: dict[str, list[torch.Tensor]] = {}
+    probe_name = None
+    for record in calibration.records():
+        env = dict(record.inputs)
+        with torch.no_grad():
+            for name in shared:
+                plan._run_segment(name, env, None)
+        probe_name = probe_name or max(candidates, key=lambda c: (
+            env[c].numel() if isinstance(env[c], torch.Tensor) else -1, order.get(c, -1)))
+        probes.setdefault(record.item, []).append(env[probe_name].detach())
+
+    def full_share(threshold: float) -> float:
+        shares = []
+        for sequence in probes.values():
+            reference, skipped, full_count = None, 0, 0
+            for probe in sequence:
+                change = math.inf if reference is None else \
+                    float((probe - reference).abs().mean() / reference.abs().mean().clamp_min(1e-12))
+                if change <= threshold and skipped < max_gap - 1:
+                    skipped += 1
+                else:
+                    reference, skipped, full_count = probe, 0, full_count + 1
+            shares.append(full_count / len(sequence))
+        return float(np.mean(shares))
+
+    low, high = 0.0, 1.0
+    while full_share(high) > full_fraction and high < 1e6:
+        high *= 2
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if full_share(middle) > full_fraction else (low, middle)
+    return {"default": FULL, "steps": [ADAPTIVE], "repeat": True,
+            "adaptive": {"probe": probe_name, "threshold": high, "full": FULL, "cached": CACHED,
+                         "max_skip": max_gap - 1, "calibrated_full_share": round(full_share(high), 4)}}
+

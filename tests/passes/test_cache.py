@@ -143,3 +143,23 @@ def test_cached_model_in_the_pipeline_loop(digits_calibration, tmp_path):
         pipe.unet = original
     assert np.array_equal(images, again)
     assert back.plan.schedule == fast.plan.schedule
+
+
+def test_adaptive_schedule_decides_between_segment_calls(digits_calibration):
+    pipe, cal = digits_calibration
+    fast = diffc.optimize(pipe, passes=[{"pass": "cache", "schedule": "adaptive", "full_fraction": 0.5}],
+                          calibration=cal)
+    rule = fast.plan.schedule.adaptive
+    assert rule["threshold"] > 0 and abs(rule["calibrated_full_share"] - 0.5) <= 0.15
+    full_steps = []
+    fast.segments["cache_deep"].register_forward_hook(lambda *a: full_steps.append(fast.steps.step))
+    original = pipe.unet
+    try:
+        pipe.unet = fast
+        pipe(class_labels=[1, 4], num_inference_steps=10, generator=torch.Generator().manual_seed(0))
+    finally:
+        pipe.unet = original
+    assert full_steps[0] == 0 and 2 <= len(full_steps) <= 8
+    assert all(b - a <= rule["max_skip"] + 1 for a, b in zip(full_steps, full_steps[1:]))
+    report = fast.report[-1]["report"]
+    assert report["predicted_speedup"] > 1 and report["relative_error"] > 0
