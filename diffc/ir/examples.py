@@ -111,9 +111,11 @@ def _pixart(cfg: Any, batch: int, randn: Any) -> dict[str, Any]:
         additional = cfg.sample_size == 128
     added = {"resolution": randn(batch, 2).abs() * 512, "aspect_ratio": randn(batch, 1).abs()} if additional \
         else {"resolution": None, "aspect_ratio": None}
+    # PixArt pipelines always pass the prompt's attention mask; a caller that does not gets an
+    # all-ones mask at run time (see runtime.model), which masks nothing
     return {"hidden_states": randn(batch, cfg.in_channels, h, w), "timestep": _timesteps(batch),
             "encoder_hidden_states": randn(batch, EXAMPLE_TEXT_LEN, cfg.caption_channels),
-            "added_cond_kwargs": added}
+            "encoder_attention_mask": torch.ones(batch, EXAMPLE_TEXT_LEN), "added_cond_kwargs": added}
 
 
 def _sd3(cfg: Any, batch: int, randn: Any) -> dict[str, Any]:

@@ -1,11 +1,12 @@
 """OptimizedModel: a drop-in nn.Module for the original denoiser that runs a compiled Plan."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -35,7 +36,8 @@ class OptimizedModel(torch.nn.Module):
         self.segments = torch.nn.ModuleDict(
             {k: v for k, v in compiled.runners.items() if isinstance(v, torch.nn.Module)})
         self.steps = StepTracker()
-        self._state: dict[str, torch.Tensor] = {}
+        self._states: dict[str, dict[str, Any]] = {}
+        self._context = ""
         from diffusers.configuration_utils import FrozenDict
 
         self._config = FrozenDict(compiled.plan.graph.config)
@@ -87,12 +89,33 @@ class OptimizedModel(torch.nn.Module):
     def reset(self) -> None:
         """Forgets the loop position and frees cross-step state (e.g. cached features)."""
         self.steps.reset()
-        self._state.clear()
+        self._states.clear()
 
     def begin_loop(self, num_steps: int | None = None) -> None:
         """Declares that a new denoising loop starts with the next call (optionally its length)."""
         self.steps.begin_loop(num_steps)
-        self._state.clear()
+        self._states.clear()
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str) -> Iterator[None]:
+        """diffusers pipelines that call the denoiser separately per branch (e.g. conditional and
+        unconditional) name each call; each name keeps its own cross-step state."""
+        previous, self._context = self._context, name
+        try:
+            yield
+        finally:
+            self._context = previous
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_"):
+                raise
+            view = _WeightView.of(self.plan.graph.weights(), name)
+            if view is None:
+                raise
+            return view
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         sig = self.plan.graph.signature
@@ -104,10 +127,11 @@ class OptimizedModel(torch.nn.Module):
         if timestep is not None:
             t_value = float(flat[sig.inputs.index(timestep)].reshape(-1)[0])
         if self.steps.observe(t_value):
-            self._state.clear()
+            self._states.clear()
         variant = self.plan.schedule.variant_for(self.steps.step, self.steps.num_steps)
         inputs = {spec.name: value for spec, value in zip(sig.inputs, flat)}
-        results, self._state = self.plan.run(variant, inputs, self._state, self._compiled.runners)
+        results, self._states[self._context] = self.plan.run(variant, inputs, self._states.get(self._context, {}),
+                                                             self._compiled.runners)
         if return_dict and sig.output_class:
             cls = _output_class(sig.output_class)
             return cls(**{f.name: r for f, r in zip(dataclasses.fields(cls), results)})
@@ -208,3 +232,30 @@ def _output_class(path: str) -> type:
     if not module_name.startswith("diffusers."):
         raise InputError(f"output class {path} is not a diffusers output; refusing to import it")
     return getattr(importlib.import_module(module_name), qualname)
+
+
+class _WeightView:
+    """Read-only stand-in for a submodule of the original denoiser, for pipelines that inspect
+    one (e.g. SDXL reads `unet.add_embedding.linear_1.in_features`): its weights and the
+    Linear/Conv sizes they imply."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], prefix: str) -> None:
+        self._weights, self._prefix = weights, prefix
+
+    @classmethod
+    def of(cls, weights: dict[str, torch.Tensor], prefix: str) -> "_WeightView | None":
+        return cls(weights, prefix) if any(k.startswith(prefix + ".") for k in weights) else None
+
+    def __getattr__(self, name: str) -> Any:
+        weight = self._weights.get(f"{self._prefix}.weight")
+        if name in ("in_features", "in_channels") and weight is not None:
+            return weight.shape[1]
+        if name in ("out_features", "out_channels") and weight is not None:
+            return weight.shape[0]
+        key = f"{self._prefix}.{name}"
+        if key in self._weights:
+            return self._weights[key]
+        view = _WeightView.of(self._weights, key)
+        if view is None:
+            raise AttributeError(f"the optimized model has no submodule or weight {key!r}")
+        return view
