@@ -8,6 +8,7 @@ optimization profiles see them. Weights are embedded in the file when they fit i
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import pathlib
 import re
@@ -55,6 +56,7 @@ def export_onnx(module: torch.fx.GraphModule, example_inputs: Sequence[torch.Ten
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dynamic_shapes = tuple({int(d): torch.export.Dim.AUTO for d in dims} or None for dims in dynamic_dims)
+    module = _without_noop_squeezes(module)
 
     with _quiet():
         try:
@@ -87,12 +89,26 @@ def export_onnx(module: torch.fx.GraphModule, example_inputs: Sequence[torch.Ten
 
 def export_graph(dg: DiffusionGraph, path: str | pathlib.Path, opset: int = 21) -> pathlib.Path:
     """Exports a captured DiffusionGraph with inputs named after its signature ("." becomes "__"),
-    its dynamic dimensions named as in the signature, and outputs named as its outputs."""
+    its dynamic dimensions named as in the signature, and outputs named as its outputs.
+
+    Where the exporter cannot keep every dynamic dimension symbolic, the text length, then everything
+    but the batch, then everything are pinned to the captured sizes (the file's input shapes say which)."""
     generator = torch.Generator().manual_seed(0)
     inputs = tuple(_example_input(spec, generator) for spec in dg.signature.inputs)
     input_names, output_names = onnx_names(dg)
     dims = [{d: s for d, s in enumerate(spec.shape) if isinstance(s, str)} for spec in dg.signature.inputs]
-    return export_onnx(dg.module, inputs, path, input_names, output_names, dims, opset=opset)
+    attempts: list[list[dict[int, str]]] = []
+    for attempt in (dims, [{d: n for d, n in x.items() if n != "text_len"} for x in dims],
+                    [{d: n for d, n in x.items() if n == "batch"} for x in dims], [{} for _ in dims]):
+        if attempt not in attempts:
+            attempts.append(attempt)
+    for index, attempt in enumerate(attempts):
+        try:
+            return export_onnx(dg.module, inputs, path, input_names, output_names, attempt, opset=opset)
+        except CaptureError:
+            if index == len(attempts) - 1:
+                raise
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def onnx_names(dg: DiffusionGraph) -> tuple[list[str], list[str]]:
@@ -114,6 +130,40 @@ def _example_input(spec: Any, generator: torch.Generator) -> torch.Tensor:
     if spec.role == "timestep":
         return torch.full(shape, 500.0).to(dtype)
     return torch.randn(shape, generator=generator).to(dtype)
+
+
+def _without_noop_squeezes(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of `module` (weights shared) without squeezes of dims that are not 1, which torch treats
+    as no-ops but the exporter lowers to an ONNX Squeeze that fails (PixArt's `squeeze(1)` of
+    [batch, tokens, channels]). Returns `module` itself when it has none."""
+    def noop_dims(node: torch.fx.Node) -> tuple[list[int], int] | None:
+        if node.op != "call_function" or node.target not in (torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims):
+            return None
+        source = node.args[0]
+        value = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
+        if not isinstance(value, torch.Tensor) or len(node.args) < 2:
+            return None
+        dims = [node.args[1]] if isinstance(node.args[1], int) else list(node.args[1])
+        rank = value.dim()
+        keep = [d for d in dims if not (isinstance(value.shape[d % rank], int) and value.shape[d % rank] != 1)]
+        return (keep, len(dims)) if len(keep) < len(dims) else None
+
+    if not any(noop_dims(n) for n in module.graph.nodes):
+        return module
+    graph = copy.deepcopy(module.graph)
+    for node in list(graph.nodes):
+        found = noop_dims(node)
+        if found is None:
+            continue
+        keep, _ = found
+        if not keep:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        else:
+            node.target = torch.ops.aten.squeeze.dims
+            node.args = (node.args[0], keep)
+    graph.lint()
+    return torch.fx.GraphModule(module, graph)
 
 
 def _rename_dims(model: Any, dynamic_dims: Sequence[Mapping[int, str]]) -> None:
