@@ -34,7 +34,8 @@ def optimize(model_or_pipeline: Any, target: str = "torch", passes: PipelineSpec
     graph = capture(denoiser, example_inputs=example_inputs)
     if calibration_set is not None:
         calibration_set.check_compatible(graph)
-    ctx = PassContext(calibration=calibration_set, budget=dict(budget), target=str(parsed))
+    ctx = PassContext(calibration=calibration_set, budget=dict(budget), target=str(parsed),
+                      denoiser_for=lambda candidate: compile_graph(candidate, "torch", "fp32", device))
     optimized = manager.run(graph, ctx)
     unused = sorted(set(budget) - ctx.used_budget)
     if unused:

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from ..ir import DiffusionGraph, find_denoiser
+from ..ir import DiffusionGraph, StepTracker, find_denoiser
 from .collect import _call_pipeline
 from .statistics import _Observer
 from .store import CalibrationError, CalibrationSet
@@ -112,3 +112,56 @@ def _as_tensor(result: Any) -> torch.Tensor:
     if images is None:
         images = result[0] if isinstance(result, (tuple, list)) else result
     return images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images, dtype=np.float32))
+
+
+def propagation_weights(calibration: CalibrationSet, relative_size: float = 0.01) -> list[float] | None:
+    """How strongly an error in the denoiser's output at each step reaches the final output:
+    w[j] = MSE(final change) / MSE(perturbation) when a small random perturbation is added to
+    the output at step j only, measured by re-running the sampler of the first trajectory.
+    Covers the scheduler's coefficients and guidance. None without a live pipeline."""
+    pipe, replay = calibration.pipeline, calibration.replay
+    if pipe is None or replay is None or not calibration.items:
+        return None
+    item = calibration.items[0]
+    condition = replay["conditions"][item["condition_index"]]
+    num_steps = calibration.settings["num_steps"]
+    denoiser, _ = find_denoiser(pipe)
+
+    def run(step: int | None) -> tuple[torch.Tensor, float]:
+        tracker = StepTracker()
+        injected: list[float] = []
+
+        def perturb(module: Any, args: Any, kwargs: Any, output: Any) -> Any:
+            tracker.observe(_timestep_of(args, kwargs))
+            if tracker.step != step:
+                return output
+            tensor = output[0] if isinstance(output, tuple) else output.sample
+            generator = torch.Generator().manual_seed(step)
+            noise = torch.randn(tensor.shape, generator=generator).to(tensor) * tensor.std() * relative_size
+            injected.append(float(noise.double().pow(2).mean()))
+            if isinstance(output, tuple):
+                return (tensor + noise, *output[1:])
+            output.sample = tensor + noise
+            return output
+
+        handle = denoiser.register_forward_hook(perturb, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                result = _call_pipeline(pipe, condition, num_steps, item["seed"], replay["call_kwargs"])
+        finally:
+            handle.remove()
+        return _as_tensor(result).double(), (injected[0] if injected else 0.0)
+
+    clean, _ = run(None)
+    weights = []
+    for step in range(num_steps):
+        final, injected = run(step)
+        weights.append(float((final - clean).pow(2).mean()) / injected if injected else 0.0)
+    return weights
+
+
+def _timestep_of(args: Any, kwargs: dict[str, Any]) -> float | None:
+    value = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    if isinstance(value, torch.Tensor):
+        return float(value.reshape(-1)[0])
+    return float(value) if isinstance(value, (int, float)) else None

@@ -2,7 +2,7 @@
 
     python -m diffc.models.train --model classifier  --steps 1500 --warmup-steps 200 --seed 0
     python -m diffc.models.train --model digits-unet --steps 800 --batch-size 32 --seed 0
-    python -m diffc.models.train --model digits-dit  --steps 1000 --batch-size 32 --seed 0
+    python -m diffc.models.train --model digits-dit  --steps 3000 --batch-size 64 --seed 0
 
 The EMA weights are written to --out (default: the package's weights folder). Checkpoints
 (weights, EMA, AdamW state and RNG states as safetensors, step in JSON) go to

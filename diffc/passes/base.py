@@ -33,6 +33,9 @@ class PassContext:
     budget: dict[str, Any] = field(default_factory=dict)
     target: str = "torch"
     used_budget: set[str] = field(default_factory=set)
+    # Builds a runnable denoiser (same forward as the original) from a candidate graph, so passes
+    # can re-run the real sampler with it; given by the API layer, which knows the backends.
+    denoiser_for: Callable[[DiffusionGraph], Any] | None = None
 
     def take_budget(self, key: str, default: Any = None) -> Any:
         """Reads a budget entry and marks it used, so unused entries can be reported."""

@@ -8,7 +8,8 @@ Delta-DiT), `first_block` (everything after the first transformer block, FORA / 
 cache), `delta_dit` (rear blocks cached early in sampling, front blocks late).
 Schedules: `uniform` (every `interval` steps), `nonuniform` (full steps denser at the start and
 the end), `dp` (CacheQuant-style dynamic programming over steps on calibration data, minimising
-the accumulated error for a budget of full steps), `adaptive` (decided at run time: recompute when the
+the error that reaches the final output for a budget of full steps: each step's reuse error is
+weighted by how strongly an output error at that step propagates through the sampler), `adaptive` (decided at run time: recompute when the
 tensor entering the cached region moved more than a threshold since the last full step, as in
 TeaCache / first-block cache; the threshold is calibrated so that about `full_fraction` of the
 calibration steps recompute)."""
@@ -26,6 +27,7 @@ from ..errors import PassError
 from ..ir import DiffusionGraph
 from ..ir.blocks import STAGE, TRANSFORMER_BLOCK, node_flops
 from ..ir.partition import build_plan, region_nodes
+from ..calibration import propagation_weights, trajectory_error
 from ..ir.plan import ADAPTIVE
 from .base import Pass, PassConfig, PassContext, PassResult, register_pass
 
@@ -74,6 +76,7 @@ class CachePass(Pass):
         regions, variants = self._regions(dg)
         cached_variant = _cached_variant_for(variants)
         staged = len(variants) > 2
+        candidates: list[dict[str, Any]] = []
         num_steps = ctx.calibration.num_steps if ctx.calibration is not None else None
         if cfg.schedule == "adaptive":
             if staged:
@@ -99,15 +102,51 @@ class CachePass(Pass):
                     full = _nonuniform_full_steps(num_steps, budget)
                 else:
                     dg.step_plan = _step_plan(regions, variants, {"default": FULL, "steps": [], "repeat": False})
-                    errors = reuse_errors(build_plan(dg), ctx.calibration, cfg.max_gap, cached_variant)
-                    full = dp_full_steps(errors, num_steps, budget, cfg.max_gap)
+                    full, candidates = self._dp_schedule(dg, regions, variants, ctx, num_steps, budget,
+                                                         cached_variant)
             steps = [FULL if s in full else cached_variant(s, num_steps) for s in range(num_steps)]
             schedule = {"default": FULL, "steps": steps, "repeat": False}
         dg.step_plan = _step_plan(regions, variants, schedule)
         plan = build_plan(dg)
         if num_steps is not None:
             steps = [plan.schedule.variant_for(s, num_steps) for s in range(num_steps)]
-        return PassResult(dg, modified=True, report=self._report(dg, plan, steps, ctx))
+        report = self._report(dg, plan, steps, ctx)
+        if candidates:
+            report["dp_candidates"] = candidates
+        return PassResult(dg, modified=True, report=report)
+
+    def _dp_schedule(self, dg: DiffusionGraph, regions: list[dict[str, Any]], variants: dict[str, list[str]],
+                     ctx: PassContext, num_steps: int, budget: int,
+                     cached_variant: Any) -> tuple[set[int], list[dict[str, Any]]]:
+        """Full steps by dynamic programming on the per-step reuse errors. Each error is weighted
+        by how strongly an output error at its step propagates to the final output, and the DP is
+        solved for each gap limit up to max_gap; with the live pipeline, the candidate whose
+        re-sampled calibration trajectories end closest to the recorded ones wins."""
+        cfg = self.config
+        errors = reuse_errors(build_plan(dg), ctx.calibration, cfg.max_gap, cached_variant)
+        weights = propagation_weights(ctx.calibration)
+        weightings = [errors] if weights is None else \
+            [{(i, j): e * weights[j] for (i, j), e in errors.items()}, errors]
+        candidates: list[set[int]] = []
+        for weighted in weightings:
+            for gap in range(2, cfg.max_gap + 1):
+                try:
+                    full = dp_full_steps(weighted, num_steps, budget, gap)
+                except PassError:
+                    continue
+                if full not in candidates:
+                    candidates.append(full)
+        if not candidates:
+            return dp_full_steps(errors, num_steps, budget, cfg.max_gap), []  # raises with the reason
+        if len(candidates) == 1 or ctx.calibration.pipeline is None or ctx.denoiser_for is None:
+            return candidates[0], []
+        scored = []
+        for full in candidates:
+            steps = [FULL if s in full else cached_variant(s, num_steps) for s in range(num_steps)]
+            dg.step_plan = _step_plan(regions, variants, {"default": FULL, "steps": steps, "repeat": False})
+            error = trajectory_error(ctx.calibration, ctx.denoiser_for(dg))["mse"]
+            scored.append((error, sorted(full)))
+        return set(min(scored)[1]), [{"full_steps": f, "final_mse": round(e, 8)} for e, f in scored]
 
     # --- cut discovery ------------------------------------------------------------------------
     def _regions(self, dg: DiffusionGraph) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
@@ -289,7 +328,7 @@ def _nonuniform_full_steps(num_steps: int, budget: int) -> set[int]:
 
 
 def reuse_errors(plan: Any, calibration: Any, max_gap: int, cached_variant: Any) -> dict[tuple[int, int], float]:
-    """e[(i, j)]: mean relative error of the output at step j when the cache was filled at step i
+    """e[(i, j)]: mean squared error of the output at step j when the cache was filled at step i
     (teacher-forced: recorded inputs of step j, cache from the full run at step i)."""
     sums: dict[tuple[int, int], list[float]] = {}
     by_item: dict[str, list[Any]] = {}
@@ -303,14 +342,13 @@ def reuse_errors(plan: Any, calibration: Any, max_gap: int, cached_variant: Any)
                 _, states[record.step] = plan.run(FULL, record.inputs, {})
         for record in records:
             reference = record.output.double()
-            scale = reference.pow(2).mean().clamp_min(1e-20)
             for i in range(max(0, record.step - max_gap), record.step):
                 if i not in states:
                     continue
                 variant = cached_variant(record.step, record.num_steps)
                 with torch.no_grad():
                     out, _ = plan.run(variant, record.inputs, states[i])
-                error = float((out[0].double() - reference).pow(2).mean() / scale)
+                error = float((out[0].double() - reference).pow(2).mean())
                 sums.setdefault((i, record.step), []).append(error)
     return {k: float(np.mean(v)) for k, v in sums.items()}
 
@@ -411,4 +449,5 @@ def adaptive_schedule(plan: Any, calibration: Any, full_fraction: float, max_gap
     return {"default": FULL, "steps": [ADAPTIVE], "repeat": True,
             "adaptive": {"probe": probe_name, "threshold": high, "full": FULL, "cached": CACHED,
                          "max_skip": max_gap - 1, "calibrated_full_share": round(full_share(high), 4)}}
+
 

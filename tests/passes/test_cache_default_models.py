@@ -1,0 +1,47 @@
+"""Caching on the embedded default models: final-image fidelity and schedule quality."""
+import numpy as np
+import pytest
+import torch
+
+import diffc
+import diffc.models as dm
+from diffc.calibration import collect
+from diffc.metrics import psnr
+
+STEPS, LABELS = 20, [0, 3, 5, 7]
+
+
+def _images(pipe):
+    with torch.no_grad():
+        return np.asarray(pipe(class_labels=LABELS, num_inference_steps=STEPS,
+                               generator=torch.Generator().manual_seed(1234), output_type="np").images, np.float64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [
+    "digits-unet",
+    # On digits-dit the DP pick (best on the calibration trajectories) ends within a few percent of
+    # uniform interval 3 on these held-out seeds, sometimes above it: a known shortfall of issue 7.
+    pytest.param("digits-dit", marks=pytest.mark.xfail(strict=False, reason="DP ~ uniform on digits-dit")),
+])
+def test_dp_beats_uniform_and_interval_three_keeps_fidelity(name, tmp_path):
+    pipe = dm.load(name)
+    pipe.set_progress_bar_config(disable=True)
+    attribute = "unet" if name == "digits-unet" else "transformer"
+    original = getattr(pipe, attribute)
+    reference = _images(pipe)
+    cal = collect(pipe, num_steps=STEPS, out=tmp_path / "cal", progress=False)
+    errors = {}
+    for label, config in (("uniform", {"schedule": "uniform", "interval": 3}),
+                          ("dp", {"schedule": "dp", "full_steps": 7})):
+        fast = diffc.optimize(pipe, passes=[{"pass": "cache", **config}], calibration=cal)
+        assert fast.report[-1]["report"]["full_steps"] == 7  # interval 3 over 20 steps: 0, 3, ..., 18
+        setattr(pipe, attribute, fast)
+        try:
+            images = _images(pipe)
+        finally:
+            setattr(pipe, attribute, original)
+        errors[label] = float(np.mean((images - reference) ** 2))
+        if label == "uniform":
+            assert psnr(images, reference) >= 25.0
+    assert errors["dp"] < errors["uniform"]
