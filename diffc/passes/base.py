@@ -133,8 +133,8 @@ def available_passes() -> list[str]:
 
 
 # Named pipelines. A preset lists only registered passes; "default" is what diffc.optimize runs
-# when the user names no passes.
-PRESETS: dict[str, list[str]] = {"none": [], "default": []}
+# when the user names no passes (extended as passes land).
+PRESETS: dict[str, list[str]] = {"none": [], "default": ["cache"], "cache": ["cache"]}
 
 PipelineSpec = str | Sequence[str | Mapping[str, Any] | Pass]
 

@@ -22,7 +22,10 @@ def test_captured_graph_matches_model_at_other_batch(family_name, family, captur
     for batch in (1, 3):
         call = {}
         for spec in dg.signature.inputs:
-            value = inputs[spec.path[0]] if len(spec.path) == 1 else inputs[spec.path[0]][spec.path[1]]
+            if spec.name == "encoder_attention_mask" and spec.name not in inputs:  # neutral: masks nothing
+                value = torch.ones(inputs["encoder_hidden_states"].shape[:2])
+            else:
+                value = inputs[spec.path[0]] if len(spec.path) == 1 else inputs[spec.path[0]][spec.path[1]]
             if spec.shape and spec.shape[0] == "batch":
                 value = torch.cat([value] * 3)[:batch]
             call[spec.path] = value
