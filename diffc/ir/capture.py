@@ -299,7 +299,9 @@ def _signature(model: torch.nn.Module, module: torch.fx.GraphModule,
 
 
 def _dim_name(names: dict[str, str], symbol: str, path: tuple[str, ...], role: str, dim: int, rank: int) -> str:
-    """A readable name for a dynamic dimension, shared by every input that has the same symbol."""
+    """A readable name for a dynamic dimension. Dimensions with the same meaning get the same name
+    even where torch.export gave them separate symbols (a mask's batch is the latent's batch), so
+    the runtime checks that they agree."""
     if symbol in names:
         return names[symbol]
     leaf = path[-1]
@@ -313,8 +315,6 @@ def _dim_name(names: dict[str, str], symbol: str, path: tuple[str, ...], role: s
         name = "height" if dim == 2 else "width"
     else:
         name = f"{leaf}_dim{dim}"
-    while name in names.values():
-        name += "_"
     names[symbol] = name
     return name
 
