@@ -5,7 +5,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..errors import TargetError
 from ..ir import CompiledPlan, Plan
 
 BACKEND_NAMES = ("torch", "ort", "trt")

@@ -2,7 +2,6 @@
 or CUDA, in fp32, or with fp16/bf16 weights under autocast."""
 from __future__ import annotations
 
-import copy
 import functools
 from typing import Any, Callable
 
@@ -11,7 +10,7 @@ import torch.fx
 
 from ..errors import TargetError
 from ..ir import CompiledPlan, Plan
-from ..ir.fxutil import attr_value
+from ..ir.fxutil import attr_value, copy_graph
 from .base import LOW_BIT, Backend
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -55,7 +54,7 @@ class TorchBackend(Backend):
 
         runners: dict[str, Callable[..., Any]] = {}
         for name, segment in plan.segments.items():
-            graph = copy.deepcopy(segment.module.graph)
+            graph = copy_graph(segment.module.graph)
             _retarget_devices(graph, device)
             weights = {n.target: convert(attr_value(segment.module, n.target))
                        for n in graph.nodes if n.op == "get_attr"}

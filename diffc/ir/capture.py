@@ -1,7 +1,6 @@
 """Capture a diffusers denoiser into a DiffusionGraph through torch.export (non-strict)."""
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
 import traceback
@@ -16,6 +15,7 @@ from torch.utils import _pytree as pytree
 from .._json import jsonable
 from ..errors import CaptureError
 from .blocks import discover_blocks
+from .fxutil import copy_graph
 from .examples import LATENT_NAMES, TEXT_NAMES, TIMESTEP_NAMES, TOKEN_NAMES, UNBATCHED_NAMES
 from .examples import example_inputs as derive_example_inputs
 from .graph import CONDITIONING, LATENT, TIMESTEP, DiffusionGraph, Signature, TensorInput, TensorOutput
@@ -181,7 +181,7 @@ def _flatten(exported: torch.export.ExportedProgram) -> torch.fx.GraphModule:
     """A plain GraphModule: placeholders in input order, a tuple of tensors out, no pytree
     (un)flattening hooks and no export-internal assertion nodes."""
     unlifted = exported.module()
-    graph = copy.deepcopy(unlifted.graph)
+    graph = copy_graph(unlifted.graph)
     for node in list(graph.nodes):
         if node.op == "call_module" or (node.op == "call_function" and node.target in _CHECK_OPS):
             graph.erase_node(node)

@@ -12,3 +12,14 @@ def attr_value(module: torch.nn.Module, target: str) -> Any:
     for part in target.split("."):
         value = getattr(value, part)
     return value
+
+
+def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """A deep copy of an FX graph. Node metadata holds torch pytree specs whose copying warns
+    about a deprecated LeafSpec check inside torch; that warning says nothing to diffc's users."""
+    import copy
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        return copy.deepcopy(graph)

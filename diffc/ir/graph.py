@@ -10,7 +10,7 @@ import torch
 import torch.fx
 
 from .blocks import Block
-from .fxutil import attr_value
+from .fxutil import attr_value, copy_graph
 
 LATENT, TIMESTEP, CONDITIONING = "latent", "timestep", "conditioning"
 ROLES = (LATENT, TIMESTEP, CONDITIONING)
@@ -135,7 +135,7 @@ class DiffusionGraph:
 
     def clone(self) -> "DiffusionGraph":
         """A copy whose graph can be rewritten freely; weight tensors are shared, not copied."""
-        graph = copy.deepcopy(self.graph)
+        graph = copy_graph(self.graph)
         module = torch.fx.GraphModule(self.weights(), graph)
         return DiffusionGraph(module, self.signature, copy.deepcopy(self.blocks), copy.deepcopy(self.config),
                               copy.deepcopy(self.applied), copy.deepcopy(self.annotations),

@@ -8,7 +8,6 @@ optimization profiles see them. Weights are embedded in the file when they fit i
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import pathlib
 import re
@@ -20,6 +19,7 @@ import torch
 import torch.fx
 
 from ..errors import CaptureError
+from .fxutil import copy_graph
 from .graph import DiffusionGraph
 
 MIN_OPSET = 21
@@ -150,7 +150,7 @@ def _without_noop_squeezes(module: torch.fx.GraphModule) -> torch.fx.GraphModule
 
     if not any(noop_dims(n) for n in module.graph.nodes):
         return module
-    graph = copy.deepcopy(module.graph)
+    graph = copy_graph(module.graph)
     for node in list(graph.nodes):
         found = noop_dims(node)
         if found is None:

@@ -10,7 +10,6 @@ FLUX wraps calls in `transformer.cache_context(...)`, SDXL reads
 `unet.add_embedding.linear_1.in_features`; these tests keep those paths working."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import importlib.util
@@ -27,7 +26,6 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DDPMPipeline, DDPMScheduler
                        FlowMatchEulerDiscreteScheduler, UNet2DConditionModel)
 
 import diffc
-from diffc.errors import InputError
 from tiny_families import families
 
 ATOL = 1e-4
