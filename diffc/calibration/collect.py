@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 
 from ..ir.examples import example_inputs
+from .._progress import progress as progress_bar
 from ..ir import StepTracker, find_denoiser
 from .store import CalibrationError, CalibrationSet, SetWriter
 from .timesteps import select_steps
@@ -122,7 +123,7 @@ def collect(pipeline_or_model: Any, conditions: Sequence[Any] | None = None, num
     if scheduler is not None:
         pipe.scheduler = scheduler
     try:
-        for seed, index, condition in _progress(jobs, progress, "calibration trajectories"):
+        for seed, index, condition in progress_bar(jobs, progress, "calibration trajectories", "traj"):
             item = f"seed{seed}-cond{index}"
             if writer.is_complete(item):
                 continue
@@ -195,7 +196,7 @@ def _collect_synthetic(model: torch.nn.Module, num_steps: int, timesteps: str, s
     writer = SetWriter(root, {"pipeline": None, "synthetic": True, "num_steps": num_steps, "timesteps": timesteps,
                               "selected_steps": sorted(selected), "seeds": list(seeds)})
     writer.manifest["meta"]["model_class"] = family
-    for seed in _progress(list(seeds), progress, "synthetic trajectories"):
+    for seed in progress_bar(seeds, progress, "synthetic trajectories", "traj"):
         item = f"seed{seed}"
         if writer.is_complete(item):
             continue
@@ -284,10 +285,3 @@ def as_calibration_set(value: Any) -> CalibrationSet | None:
         return CalibrationSet(value)
     raise CalibrationError(f"calibration must be a CalibrationSet, a Recording or a folder, got {type(value).__name__}")
 
-
-def _progress(items: list[Any], enabled: bool, label: str) -> Any:
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=label, unit="traj")

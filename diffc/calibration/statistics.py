@@ -16,6 +16,7 @@ import torch
 import torch.fx
 from safetensors.numpy import load_file, save_file
 
+from .._progress import progress as progress_bar
 from ..ir import DiffusionGraph
 from .store import CalibrationError, CalibrationSet
 from .timesteps import step_group
@@ -201,7 +202,7 @@ def compute_statistics(calibration: CalibrationSet, dg: DiffusionGraph, groups: 
     num_steps = calibration.num_steps
     watch_set = set(watch)
     observed = watch_set | set(block_outputs)
-    for record in _progress(calibration.records(), progress, len(calibration)):
+    for record in progress_bar(calibration.records(), progress, "calibration statistics", "call", len(calibration)):
         group = step_group(record.step, record.num_steps, groups)
         consecutive = last[0] == record.item and last[1] == record.step - 1
         if not consecutive:
@@ -261,10 +262,3 @@ def _cache_key(dg: DiffusionGraph, groups: int, watch: list[str]) -> str:
     text = json.dumps([graph_to_json(dg.graph), groups, watch], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-
-def _progress(items: Any, enabled: bool, total: int) -> Any:
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, total=total, desc="calibration statistics", unit="call")

@@ -6,9 +6,10 @@ import dataclasses
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 from .._json import jsonable
+from .._progress import progress
 from ..errors import LintError, PassError
 from ..ir import DiffusionGraph, lint
 
@@ -194,7 +195,7 @@ class PassManager:
         lint(dg)
         current = dg.clone()
         done: list[str] = []
-        for p in _progress(self.passes, self.progress):
+        for p in progress(self.passes, self.progress, "passes", "pass"):
             where = f"pass {p.name}" + (f" (after {', '.join(done)})" if done else " (first in the pipeline)")
             for name in p.requirements():
                 problem = CONDITIONS[name].check(current, ctx)
@@ -221,12 +222,4 @@ class PassManager:
                                     "report": jsonable(result.report)})
             done.append(p.name)
         return current
-
-
-def _progress(passes: Iterable[Pass], enabled: bool) -> Iterable[Pass]:
-    if not enabled:
-        return passes
-    from tqdm.auto import tqdm
-
-    return tqdm(list(passes), desc="passes", unit="pass")
 
