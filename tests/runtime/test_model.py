@@ -111,3 +111,12 @@ def test_save_is_atomic_and_never_clobbers(family, tmp_path, monkeypatch):
 def test_not_an_artifact(tmp_path):
     with pytest.raises(ArtifactError, match="not a diffc artifact"):
         diffc.load(tmp_path)
+
+
+@pytest.mark.slow
+def test_torch_compile_matches(family):
+    model, inputs = family("dit")
+    fast = diffc.optimize(model, passes=[], compile=True)
+    with torch.no_grad():
+        assert (first_tensor(fast(**inputs)) - _reference(model, inputs)).abs().max().item() <= 1e-4
+    assert fast.plan.graph.applied == [] and fast._compiled.info["compile"]
