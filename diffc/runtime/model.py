@@ -189,14 +189,14 @@ class OptimizedModel(torch.nn.Module):
         if not isinstance(value, torch.Tensor):
             if not isinstance(value, (int, float)):
                 raise InputError(f"{spec.name} must be a tensor or a number, got {type(value).__name__}")
-            value = torch.tensor(value)
+            value = torch.tensor(value, device=self.device)
         if spec.role == "timestep" and value.dim() == 0:
             value = value.reshape(1).expand(batch)
         if value.device != self.device:
             raise InputError(f"{spec.name} is on {value.device} but the model runs on {self.device}; "
                              f"move the inputs (or the model: fast.to('{value.device}'))")
-        if value.is_floating_point() and dtype.is_floating_point:
-            dtype = self.dtype if spec.role != "timestep" else dtype
+        if value.is_floating_point() and dtype.is_floating_point and spec.role != "timestep":
+            dtype = self.dtype  # activations in the compiled precision; timesteps keep theirs
         return value.to(dtype)
 
 
