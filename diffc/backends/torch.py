@@ -1,5 +1,10 @@
 """The PyTorch backend: runs each segment's aten graph eagerly (or through torch.compile) on CPU
-or CUDA, in fp32, or with fp16/bf16 weights under autocast."""
+or CUDA, in fp32, or with fp16/bf16 weights under autocast.
+
+Precision annotations (written by the quant pass) are lowered at every precision: on CPU as
+exact fake quantization (diffc.ir.precision.simulate), on CUDA with the low-bit kernels of
+diffc.backends.quantized. The low-bit targets (int8, fp8, int4, mixed) need them; the rest of
+their graph runs in fp32 on CPU and in bf16 on CUDA."""
 from __future__ import annotations
 
 import functools
@@ -11,6 +16,8 @@ import torch.fx
 from ..errors import TargetError
 from ..ir import CompiledPlan, Plan
 from ..ir.fxutil import attr_value, copy_graph
+from ..ir.precision import precision_specs, simulate
+from . import quantized
 from .base import LOW_BIT, Backend
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -21,11 +28,8 @@ class TorchBackend(Backend):
 
     @classmethod
     def unavailable_reason(cls, precision: str) -> str | None:
-        if precision in DTYPES:
+        if precision in DTYPES or precision in LOW_BIT:
             return None
-        if precision in LOW_BIT:
-            return (f"torch-{precision} lowers the precision annotations written by the quantization pass, "
-                    "which this version of diffc does not provide yet; use torch-fp16 or torch-bf16")
         return f"the torch backend has no precision {precision!r}"
 
     def compile(self, plan: Plan, precision: str, device: Any = None, compile: bool = False,
@@ -38,7 +42,13 @@ class TorchBackend(Backend):
         device = torch.device(device or "cpu")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise TargetError("device cuda was asked for but torch sees no CUDA GPU; use device='cpu'")
-        dtype = DTYPES[precision]
+        annotations = plan.graph.annotations
+        specs = precision_specs(annotations)
+        if precision in LOW_BIT and not specs:
+            raise TargetError(f"target torch-{precision} lowers the precision annotations of the quant pass, and this "
+                              f"graph has none; add the pass (passes=['quant'] or [..., 'quant']) or use torch-fp16 / "
+                              "torch-bf16")
+        dtype = DTYPES.get(precision, torch.bfloat16 if device.type == "cuda" else torch.float32)
         converted: dict[int, torch.Tensor] = {}
 
         def convert(tensor: torch.Tensor) -> torch.Tensor:
@@ -53,18 +63,40 @@ class TorchBackend(Backend):
             return converted[key]
 
         runners: dict[str, Callable[..., Any]] = {}
+        kernels: dict[str, str] = {}
         for name, segment in plan.segments.items():
             graph = copy_graph(segment.module.graph)
             _retarget_devices(graph, device)
             weights = {n.target: convert(attr_value(segment.module, n.target))
                        for n in graph.nodes if n.op == "get_attr"}
             module = torch.fx.GraphModule(weights, graph)
+            if specs:
+                module, segment_kernels = self._lower_precision(module, segment.module, annotations, device, dtype)
+                kernels.update(segment_kernels)
             runner: Callable[..., Any] = torch.compile(module, dynamic=True) if compile else module
             if dtype != torch.float32:
                 runner = _autocast(runner, device.type, dtype)
             runners[name] = runner
+        missing = sorted(set(specs) - set(kernels))
+        if missing:
+            raise TargetError(f"precision annotations on nodes no segment computes: {missing[:5]}; the plan and its "
+                              "annotations disagree, run the quant pass after the passes that change the graph")
+        info: dict[str, Any] = {"compile": compile}
+        if kernels:
+            info["kernels"] = {k: sum(v == k for v in kernels.values()) for k in sorted(set(kernels.values()))}
         return CompiledPlan(plan=plan, runners=runners, backend=self.name, precision=precision, device=device,
-                            input_dtype=dtype, info={"compile": compile})
+                            input_dtype=dtype, info=info)
+
+    @staticmethod
+    def _lower_precision(module: torch.fx.GraphModule, source: torch.fx.GraphModule, annotations: Any,
+                         device: torch.device, dtype: torch.dtype) -> tuple[torch.fx.GraphModule, dict[str, str]]:
+        """CPU: exact fake quantization of the annotated nodes; CUDA: the low-bit kernels where
+        they take the node, the same simulation elsewhere."""
+        if device.type == "cuda":
+            return quantized.lower(module, annotations, source, dtype)
+        names = {n.name for n in module.graph.nodes}
+        lowered = simulate(module, annotations, weights_from=source)
+        return lowered, {n: quantized.SIMULATED for n in precision_specs(annotations) if n in names}
 
 
 def _retarget_devices(graph: torch.fx.Graph, device: torch.device) -> None:

@@ -8,3 +8,4 @@ __all__ = [
 ]
 
 from . import cache  # noqa: E402,F401  registers the cache pass
+from . import quant  # noqa: E402,F401  registers the quant pass

@@ -1,0 +1,170 @@
+"""Low-bit layers for the torch backend on CUDA: precision annotations lowered to real kernels.
+
+- int8 W8A8 linear: torch._int_mm (int8 x int8 -> int32, cuBLAS), rescaled by the activation
+  scale times the per-channel weight scales;
+- fp8 W8A8 linear: torch._scaled_mm with row-wise scales (e4m3 inputs, bf16 output);
+- int4 weight-only linear: weights stored packed two per byte with fp16 block scales, unpacked
+  to the compute dtype in the layer (memory traffic of int4, matmul in bf16).
+
+Every other annotated node (convolutions, W4A8, shapes a kernel cannot take) runs the exact
+fake-quantization of diffc.ir.precision; `lower` reports which kernel each node got."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.fx
+
+from ..ir.fxutil import attr_value, copy_graph
+from ..ir.precision import (FP8, FP8_MAX, INT4, INT8, PrecisionSpec, precision_specs, quantizable_weight,
+                            quantize_weight, simulate)
+
+aten = torch.ops.aten
+INT_MM, SCALED_MM, INT4_PACKED, SIMULATED = "int_mm", "scaled_mm", "int4_packed", "simulated"
+# cuBLAS int8 GEMM shape rules (torch._int_mm): more than 16 rows, K and N multiples of 8;
+# fp8 (torch._scaled_mm): K and N multiples of 16.
+_INT_MM_MIN_ROWS, _INT_MM_MULTIPLE, _SCALED_MM_MULTIPLE = 17, 8, 16
+
+
+class Int8Linear(torch.nn.Module):
+    """y = (round(x / s_x) @ W_q^T) * s_x * s_w + b with an int32 accumulator."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: PrecisionSpec,
+                 out_dtype: torch.dtype) -> None:
+        super().__init__()
+        activation_scale = spec.activation.scale
+        q = quantize_weight(weight, spec.weight)
+        self.register_buffer("weight_t", q.values.to(torch.int8).t())  # (K, N) column-major view for cuBLAS
+        self.register_buffer("output_scale", (q.scale.reshape(1, -1) * activation_scale).float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.activation_scale = float(activation_scale)
+        self.out_dtype = out_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, shape[-1])
+        q = torch.round(rows.float() / self.activation_scale).clamp(-128, 127).to(torch.int8)
+        count = q.shape[0]
+        if count < _INT_MM_MIN_ROWS:  # zero rows are exact and let cuBLAS take small batches
+            q = torch.cat([q, q.new_zeros(_INT_MM_MIN_ROWS - count, q.shape[1])])
+        y = torch._int_mm(q, self.weight_t)[:count].float() * self.output_scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(self.out_dtype).reshape(*shape[:-1], y.shape[-1])
+
+
+class Fp8Linear(torch.nn.Module):
+    """e4m3 W8A8 through torch._scaled_mm with the activation scale per row and the weight
+    scale per column."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: PrecisionSpec,
+                 out_dtype: torch.dtype) -> None:
+        super().__init__()
+        activation_scale = spec.activation.scale
+        q = quantize_weight(weight, spec.weight)
+        self.register_buffer("weight_t", q.values.to(torch.float8_e4m3fn).t())
+        self.register_buffer("weight_scale", q.scale.reshape(1, -1).float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(out_dtype))
+        self.activation_scale = float(activation_scale)
+        self.out_dtype = out_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, shape[-1])
+        q = (rows.float() / self.activation_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        row_scale = torch.full((q.shape[0], 1), self.activation_scale, device=q.device, dtype=torch.float32)
+        y = torch._scaled_mm(q, self.weight_t, scale_a=row_scale, scale_b=self.weight_scale,
+                             out_dtype=torch.bfloat16)
+        y = y.to(self.out_dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+
+class Int4WeightOnlyLinear(torch.nn.Module):
+    """int4 weights packed two per uint8 with fp16 block scales; unpacked per call."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: PrecisionSpec,
+                 out_dtype: torch.dtype) -> None:
+        super().__init__()
+        q = quantize_weight(weight, spec.weight)
+        values = (q.values.flatten(1, 2).to(torch.int16) + 8).to(torch.uint8)  # (N, K padded), 0..15
+        self.register_buffer("packed", values[:, 0::2] | (values[:, 1::2] << 4))
+        self.register_buffer("scale", q.scale.to(torch.float16))  # (N, blocks, 1)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(out_dtype))
+        self.in_features = weight.shape[1]
+        self.out_dtype = out_dtype
+
+    def unpacked(self) -> torch.Tensor:
+        low = (self.packed & 0xF).to(torch.int8) - 8
+        high = (self.packed >> 4).to(torch.int8) - 8
+        values = torch.stack([low, high], dim=-1).flatten(1)
+        blocks = values.reshape(values.shape[0], self.scale.shape[1], -1).to(self.out_dtype)
+        return (blocks * self.scale.to(self.out_dtype)).flatten(1)[:, : self.in_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.to(self.out_dtype), self.unpacked(), self.bias)
+
+
+def kernel_for(node: torch.fx.Node, spec: PrecisionSpec, weight: torch.Tensor) -> str:
+    """The kernel a CUDA lowering gives an annotated node: the low-bit layers take linears with
+    a constant (or no) bias."""
+    bias = node.args[2] if len(node.args) > 2 else None
+    if node.target != aten.linear.default or weight.dim() != 2 or \
+            (isinstance(bias, torch.fx.Node) and bias.op != "get_attr"):
+        return SIMULATED
+    n, k = weight.shape
+    weight_type = spec.weight.dtype if spec.weight else None
+    activation_type = spec.activation.dtype if spec.activation else None
+    if weight_type == INT8 and activation_type == INT8 and k % _INT_MM_MULTIPLE == 0 and n % _INT_MM_MULTIPLE == 0:
+        return INT_MM
+    if weight_type == FP8 and activation_type == FP8 and k % _SCALED_MM_MULTIPLE == 0 and n % _SCALED_MM_MULTIPLE == 0:
+        return SCALED_MM
+    if weight_type == INT4 and activation_type is None:
+        return INT4_PACKED
+    return SIMULATED
+
+
+def lower(module: torch.fx.GraphModule, annotations: Mapping[str, Mapping[str, Any]], weights_from: torch.nn.Module,
+          compute_dtype: torch.dtype) -> tuple[torch.fx.GraphModule, dict[str, str]]:
+    """`module` with each annotated linear replaced by its low-bit layer where a kernel takes it
+    and the rest simulated exactly. Returns the module and the kernel of each annotated node."""
+    specs = precision_specs(annotations)
+    kernels: dict[str, str] = {}
+    layers: dict[str, torch.nn.Module] = {}
+    for node in module.graph.nodes:
+        spec = specs.get(node.name)
+        weight_node = quantizable_weight(node) if spec is not None else None
+        if spec is None or weight_node is None:
+            continue
+        weight = attr_value(weights_from, weight_node.target).detach().float()
+        kernel = kernel_for(node, spec, weight)
+        kernels[node.name] = kernel
+        if kernel == SIMULATED:
+            continue
+        bias_node = node.args[2] if len(node.args) > 2 else None
+        bias = attr_value(weights_from, bias_node.target).detach().float() if bias_node is not None else None
+        device = attr_value(module, weight_node.target).device
+        weight, bias = weight.to(device), None if bias is None else bias.to(device)
+        layer = {INT_MM: Int8Linear, SCALED_MM: Fp8Linear, INT4_PACKED: Int4WeightOnlyLinear}[kernel]
+        layers[node.name] = layer(weight, bias, spec, compute_dtype)
+    simulated = simulate(module, annotations, weights_from=weights_from, skip=lambda n, s: n.name in layers)
+    graph = copy_graph(simulated.graph)
+    root: dict[str, Any] = {n.target: attr_value(simulated, n.target) for n in graph.nodes if n.op == "get_attr"}
+    for node in list(graph.nodes):
+        if node.name not in layers:
+            continue
+        target = f"diffc_lowbit_{node.name}"
+        root[target] = layers[node.name]
+        with graph.inserting_before(node):
+            replacement = graph.call_module(target, (node.args[0],))
+        node.replace_all_uses_with(replacement)
+        graph.erase_node(node)
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+            root.pop(node.target, None)
+    return torch.fx.GraphModule(root, graph), kernels
+
+
+__all__ = ["Fp8Linear", "Int4WeightOnlyLinear", "Int8Linear", "kernel_for", "lower"]

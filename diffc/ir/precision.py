@@ -1,0 +1,302 @@
+"""Precision annotations: the plain-data spec a quantization pass writes on a node
+(`dg.annotations[node]["precision"]`) and backends lower, the formats it may name, the quantizers
+both sides share (so a backend computes exactly the numbers the pass measured), and the exact
+fake-quantization simulation of an annotated graph.
+
+Weights are quantized symmetrically: int8 and fp8 (e4m3fn) with one scale per output channel,
+int4 in blocks of `block_size` input channels with one scale per block. Activations take one
+static scale per tensor, calibrated by the pass. A spec holds the scheme and the activation
+scale; weight scales follow from the weights, so every backend derives the same ones."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.fx
+
+from ..errors import LintError
+from .fxutil import attr_value, copy_graph
+
+aten = torch.ops.aten
+
+INT8, FP8, INT4, BF16, FP16 = "int8", "fp8_e4m3", "int4", "bf16", "fp16"
+NUMBER_TYPES = (INT8, FP8, INT4, BF16, FP16)
+INT_LIMITS = {INT8: (-128, 127), INT4: (-8, 7)}
+# Symmetric weight scales map the largest magnitude to this level (127, not 128, keeps 0 exact
+# and the grid symmetric); activations use the full signed range when rounding.
+WEIGHT_LEVELS = {INT8: 127.0, INT4: 7.0, FP8: 448.0}
+FP8_MAX = 448.0
+INT4_BLOCK = 128
+PER_CHANNEL, BLOCKED = "per_channel", "blocked"
+QUANTIZABLE_OPS = (aten.linear.default, aten.conv2d.default, aten.convolution.default)
+
+
+@dataclass(frozen=True)
+class Format:
+    """A layer format: how its weight and its input activation are stored/computed.
+    None means unchanged (the backend's compute precision)."""
+
+    name: str
+    weight: str | None
+    activation: str | None
+    description: str
+
+
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    Format("bf16", BF16, BF16, "bfloat16 weights and activations"),
+    Format("fp16", FP16, FP16, "float16 weights and activations"),
+    Format("fp8", FP8, FP8, "W8A8 fp8 e4m3: per-channel weight scales, per-tensor activation scale"),
+    Format("int8", INT8, INT8, "W8A8 int8: symmetric per-channel weights, per-tensor activations"),
+    Format("int4", INT4, None, "int4 weight-only, symmetric blocks of 128 input channels"),
+    Format("w4a8", INT4, INT8, "int4 blocked weights with int8 activations"),
+)}
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    dtype: str
+    granularity: str | None = None
+    axis: int = 0
+    block_size: int | None = None
+
+
+@dataclass(frozen=True)
+class ActivationQuant:
+    dtype: str
+    scale: float | None = None
+    range_method: str | None = None
+
+
+@dataclass(frozen=True)
+class PrecisionSpec:
+    """What a backend must do with one matmul/conv node. `reason` says why the pass chose it."""
+
+    format: str
+    weight: WeightQuant | None
+    activation: ActivationQuant | None
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "PrecisionSpec":
+        try:
+            weight = WeightQuant(**data["weight"]) if data.get("weight") else None
+            activation = ActivationQuant(**data["activation"]) if data.get("activation") else None
+            spec = cls(format=data["format"], weight=weight, activation=activation, reason=data.get("reason", ""))
+        except (KeyError, TypeError) as exc:
+            raise LintError(f"malformed precision annotation {dict(data)}: {exc}. Write it with "
+                            "PrecisionSpec(...).to_json() (diffc.ir.precision)") from exc
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        problems = []
+        if self.format not in FORMATS:
+            problems.append(f"unknown format {self.format!r} (formats: {', '.join(FORMATS)})")
+        for part in (self.weight, self.activation):
+            if part is not None and part.dtype not in NUMBER_TYPES:
+                problems.append(f"unknown number type {part.dtype!r} (types: {', '.join(NUMBER_TYPES)})")
+        if self.weight is not None and self.weight.dtype == INT4 and not (self.weight.block_size or 0) > 0:
+            problems.append("int4 weights need a positive block_size")
+        if self.activation is not None and self.activation.dtype in (INT8, FP8):
+            scale = self.activation.scale
+            if scale is None or not math.isfinite(scale) or scale <= 0:
+                problems.append(f"{self.activation.dtype} activations need a finite positive scale, got {scale}")
+        if problems:
+            raise LintError("invalid precision spec: " + "; ".join(problems))
+
+
+def spec_for(format_name: str, activation_scale: float | None = None, range_method: str | None = None,
+             reason: str = "") -> PrecisionSpec:
+    """The spec of a format with diffc's weight schemes and the given activation scale."""
+    if format_name not in FORMATS:
+        raise LintError(f"unknown format {format_name!r}; formats: {', '.join(FORMATS)}")
+    fmt = FORMATS[format_name]
+    weight = None
+    if fmt.weight in (INT8, FP8):
+        weight = WeightQuant(fmt.weight, PER_CHANNEL, axis=0)
+    elif fmt.weight == INT4:
+        weight = WeightQuant(INT4, BLOCKED, axis=1, block_size=INT4_BLOCK)
+    elif fmt.weight is not None:
+        weight = WeightQuant(fmt.weight)
+    activation = None
+    if fmt.activation in (INT8, FP8):
+        activation = ActivationQuant(fmt.activation, float(activation_scale) if activation_scale else None,
+                                     range_method)
+    elif fmt.activation is not None:
+        activation = ActivationQuant(fmt.activation)
+    spec = PrecisionSpec(format_name, weight, activation, reason)
+    spec.validate()
+    return spec
+
+
+def precision_specs(annotations: Mapping[str, Mapping[str, Any]]) -> dict[str, PrecisionSpec]:
+    """The precision specs among a graph's annotations, by node name."""
+    return {name: PrecisionSpec.from_json(a["precision"]) for name, a in annotations.items() if "precision" in a}
+
+
+# --- layers -------------------------------------------------------------------------------------
+def quantizable_weight(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The weight (a get_attr node) of a linear or 2-d convolution node, None for other nodes."""
+    if node.op != "call_function" or node.target not in QUANTIZABLE_OPS or len(node.args) < 2:
+        return None
+    if node.target == aten.convolution.default and (len(node.args) < 7 or node.args[6]):
+        return None  # transposed convolutions keep their precision
+    weight = node.args[1]
+    if not isinstance(weight, torch.fx.Node) or weight.op != "get_attr":
+        return None
+    meta = weight.meta.get("tensor_meta")
+    if meta is not None and len(meta.shape) not in (2, 4):
+        return None
+    return weight
+
+
+# --- quantizers ---------------------------------------------------------------------------------
+@dataclass
+class QuantizedWeight:
+    """Integer (or fp8) values and the scales that map them back: w ~ values * scale, with
+    `scale` broadcastable to the weight (per-channel) or to its blocks (blocked)."""
+
+    values: torch.Tensor
+    scale: torch.Tensor | None
+    scheme: WeightQuant
+    shape: tuple[int, ...]
+
+
+def quantize_weight(weight: torch.Tensor, scheme: WeightQuant) -> QuantizedWeight:
+    w = weight.detach().float()
+    if scheme.dtype in (BF16, FP16):
+        return QuantizedWeight(w.to(_torch_dtype(scheme.dtype)), None, scheme, tuple(w.shape))
+    if scheme.granularity == BLOCKED:
+        blocks = _blocks(w, scheme.axis, scheme.block_size or INT4_BLOCK)
+        amax = blocks.abs().amax(dim=scheme.axis + 1, keepdim=True)
+        scale = _scale_from_amax(amax, WEIGHT_LEVELS[scheme.dtype])
+        values = _round_to(blocks / scale, scheme.dtype)
+        return QuantizedWeight(values, scale, scheme, tuple(w.shape))
+    reduce = [d for d in range(w.dim()) if d != scheme.axis]
+    amax = w.abs().amax(dim=reduce, keepdim=True) if reduce else w.abs()
+    scale = _scale_from_amax(amax, WEIGHT_LEVELS[scheme.dtype])
+    return QuantizedWeight(_round_to(w / scale, scheme.dtype), scale, scheme, tuple(w.shape))
+
+
+def dequantize_weight(q: QuantizedWeight) -> torch.Tensor:
+    if q.scale is None:
+        return q.values.float()
+    values = q.values.float() * q.scale
+    if q.scheme.granularity == BLOCKED:
+        axis = q.scheme.axis
+        merged = values.flatten(axis, axis + 1)
+        return merged.narrow(axis, 0, q.shape[axis]).contiguous()
+    return values
+
+
+def fake_quantize_weight(weight: torch.Tensor, scheme: WeightQuant) -> torch.Tensor:
+    return dequantize_weight(quantize_weight(weight, scheme)).to(weight.dtype)
+
+
+def blocked_scales(q: QuantizedWeight) -> torch.Tensor:
+    """Blocked scales laid out as ONNX's blocked DequantizeLinear takes them: the weight's shape
+    with the blocked axis reduced to its number of blocks."""
+    return q.scale.squeeze(q.scheme.axis + 1)
+
+
+def _blocks(w: torch.Tensor, axis: int, block: int) -> torch.Tensor:
+    """w with `axis` split into (blocks, block), zero-padded to a whole number of blocks."""
+    size = w.shape[axis]
+    count = -(-size // block)
+    pad = count * block - size
+    if pad:
+        shape = list(w.shape)
+        shape[axis] = pad
+        w = torch.cat([w, w.new_zeros(shape)], dim=axis)
+    return w.unflatten(axis, (count, block))
+
+
+def _scale_from_amax(amax: torch.Tensor, level: float) -> torch.Tensor:
+    # an all-zero channel gets scale 1 (any scale represents it exactly)
+    return torch.where(amax > 0, amax / level, torch.ones_like(amax))
+
+
+def _round_to(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Rounds scaled values onto the number type's grid (round half to even, saturating, as
+    ONNX QuantizeLinear does); returns them in a float tensor for int types."""
+    if dtype == FP8:
+        return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    low, high = INT_LIMITS[dtype]
+    return torch.round(x).clamp(low, high)
+
+
+def fake_quantize_activation(x: torch.Tensor, dtype: str, scale: float | None) -> torch.Tensor:
+    """x rounded onto the activation grid and mapped back, in x's dtype."""
+    if dtype in (BF16, FP16):
+        return x.to(_torch_dtype(dtype)).to(x.dtype)
+    if dtype == FP8:
+        return ((x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype)) * scale
+    low, high = INT_LIMITS[dtype]
+    return torch.round(x / scale).clamp(low, high) * scale
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {BF16: torch.bfloat16, FP16: torch.float16}[name]
+
+
+# --- simulation ---------------------------------------------------------------------------------
+def simulate(module: torch.fx.GraphModule, annotations: Mapping[str, Mapping[str, Any]],
+             weights_from: torch.nn.Module | None = None,
+             skip: Callable[[torch.fx.Node, PrecisionSpec], bool] | None = None) -> torch.fx.GraphModule:
+    """A copy of `module` that computes every annotated node with fake-quantized weights and
+    input activations: the exact numbers of the annotated formats, in the module's dtype.
+
+    Weights are read from `weights_from` (default: `module`) so a backend that converted the
+    module's weights still quantizes the originals. Nodes for which `skip` is true are left to
+    the caller. Annotated nodes that are absent from `module` are ignored (a segment holds part
+    of a graph)."""
+    specs = precision_specs(annotations)
+    graph = copy_graph(module.graph)
+    source = weights_from if weights_from is not None else module
+    root: dict[str, Any] = {n.target: attr_value(module, n.target) for n in graph.nodes if n.op == "get_attr"}
+    for node in list(graph.nodes):
+        spec = specs.get(node.name)
+        if spec is None or (skip is not None and skip(node, spec)):
+            continue
+        weight = quantizable_weight(node)
+        if weight is None:
+            raise LintError(f"node {node.name} ({node.target}) carries a precision annotation but is not a linear or "
+                            "2-d convolution with a constant weight; only those can be quantized")
+        original = attr_value(source, weight.target)
+        with graph.inserting_before(node):
+            args = list(node.args)
+            if spec.weight is not None:
+                name = f"diffc_quantized_{node.name}_weight"
+                like = attr_value(module, weight.target)
+                root[name] = fake_quantize_weight(original, spec.weight).to(device=like.device, dtype=like.dtype)
+                args[1] = graph.get_attr(name)
+            if spec.activation is not None:
+                args[0] = graph.call_function(fake_quantize_activation,
+                                              (args[0], spec.activation.dtype, spec.activation.scale))
+            node.args = tuple(args)
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+    used = {n.target for n in graph.nodes if n.op == "get_attr"}
+    return torch.fx.GraphModule({k: v for k, v in root.items() if k in used}, graph)
+
+
+def weight_bytes(shape: tuple[int, ...], format_name: str | None) -> int:
+    """Storage of a weight in a format, scales included (fp32 when None): per-channel scales
+    and int4 block scales are counted as fp32 and fp16 respectively."""
+    numel = math.prod(shape)
+    fmt = FORMATS.get(format_name) if format_name else None
+    if fmt is None or fmt.weight is None:
+        return 4 * numel
+    if fmt.weight in (BF16, FP16):
+        return 2 * numel
+    if fmt.weight in (INT8, FP8):
+        return numel + 4 * shape[0]
+    blocks = -(-shape[1] // INT4_BLOCK) if len(shape) > 1 else 1
+    return -(-numel // 2) + 2 * shape[0] * blocks * math.prod(shape[2:])

@@ -1,0 +1,197 @@
+"""Mixed-precision quantization (annotate, then the backend materializes).
+
+For each linear / 2-d convolution with a constant weight, the pass writes a frozen precision
+spec (diffc.ir.precision) into `dg.annotations[node]["precision"]`: the format (bf16, fp8 W8A8,
+int8 W8A8, int4 weight-only in blocks of 128, W4A8), the weight scheme and a static activation
+scale calibrated on the whole denoising trajectory (Q-Diffusion, PTQ4DM: ranges shift with the
+timestep, so statistics cover every timestep group). The target's precision says which formats
+are allowed: int8 / fp8 / int4 quantize every unprotected layer to that format; mixed chooses a
+format per layer minimizing the total HAWQ-v2 sensitivity (Hessian trace x perturbation) under
+a size or estimated-latency budget, solved exactly as an integer program. Layers that carry the
+timestep embedding (TFMQ-DM), the first and the last layer stay at the backend's precision; the
+report gives the reason for each, every layer's format, size and sensitivity, the cheap
+layer-output MSE proxy beside it, the Pareto front and the error measured on calibration data."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ...calibration import compute_statistics, output_error
+from ...errors import PassError
+from ...ir import DiffusionGraph
+from ...ir.precision import FORMATS, INT8, FP8, simulate, weight_bytes
+from ..base import Pass, PassConfig, PassContext, PassResult, register_pass
+from .annotate import RANGE_METHODS, activation_scale, annotate
+from .formats import RELATIVE_COST, formats_for
+from .layers import PROTECTIONS, Layer, quantizable_layers
+from .placement import cheapest_within, pareto_front, place, total
+from .sensitivity import Sensitivity, measure, sample_calls
+
+SENSITIVITIES = ("hessian", "mse")
+
+
+@dataclass(frozen=True)
+class QuantConfig(PassConfig):
+    formats: tuple[str, ...] | None = None
+    size_ratio: float | None = None
+    latency_ratio: float | None = None
+    sensitivity: str = "hessian"
+    samples: int = 8
+    probes: int = 4
+    activation_range: str = "mse"
+    percentile: float = 99.99
+    groups: int = 4
+    protect: tuple[str, ...] = PROTECTIONS
+    pareto_points: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.formats is not None:
+            object.__setattr__(self, "formats", tuple(self.formats))
+        object.__setattr__(self, "protect", tuple(self.protect))
+        if self.sensitivity not in SENSITIVITIES:
+            raise ValueError(f"sensitivity must be one of {SENSITIVITIES}, got {self.sensitivity!r}")
+        if self.activation_range not in RANGE_METHODS:
+            raise ValueError(f"activation_range must be one of {RANGE_METHODS}, got {self.activation_range!r}")
+        unknown = sorted(set(self.protect) - set(PROTECTIONS))
+        if unknown:
+            raise ValueError(f"protect names unknown layer groups {unknown}; choose from {PROTECTIONS}")
+        for name in ("size_ratio", "latency_ratio"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.samples < 1 or self.probes < 1 or self.groups < 1 or self.pareto_points < 2:
+            raise ValueError("samples, probes and groups must be >= 1 and pareto_points >= 2")
+        if not 0 < self.percentile <= 100:
+            raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+
+
+@register_pass
+class QuantPass(Pass):
+    name = "quant"
+    Config = QuantConfig
+    requires = ("calibrated", "full_precision")
+
+    def run(self, dg: DiffusionGraph, ctx: PassContext) -> PassResult:
+        cfg = self.config
+        formats = formats_for(ctx.target, cfg.formats)
+        budget_kind, ratio = self._budget(ctx, formats)
+        layers = quantizable_layers(dg, cfg.protect)
+        placeable = [layer for layer in layers if layer.protected is None]
+        if not placeable:
+            raise PassError(f"{dg.signature.model_class} has no linear or convolution layer left to quantize "
+                            f"({len(layers)} found, all protected); protect fewer layer groups (protect=...)")
+        scales = self._activation_scales(dg, ctx, placeable, formats)
+        sensitivity = measure(dg, placeable, formats, scales, ctx.calibration, cfg.samples, cfg.probes, cfg.seed)
+        objective = np.array([[(sensitivity.hessian if cfg.sensitivity == "hessian" else sensitivity.mse)[layer.node][f]
+                               for f in formats] for layer in placeable])
+        sizes = np.array([[weight_bytes(layer.shape, f) for f in formats] for layer in placeable], float)
+        times = np.array([[layer.flops * RELATIVE_COST[f] for f in formats] for layer in placeable], float)
+        original_bytes = float(sum(weight_bytes(layer.shape, None) for layer in placeable))
+        if len(formats) == 1:
+            choice = [0] * len(placeable)
+            rule = f"every unprotected layer in {formats[0]} (target {ctx.target})"
+        elif budget_kind == "size":
+            choice = place(objective, sizes, ratio * original_bytes)
+            rule = f"minimum predicted error within size_ratio={ratio} of the fp32 weights"
+        elif budget_kind == "latency":
+            choice = place(objective, times, ratio * float(sum(layer.flops for layer in placeable)))
+            rule = f"minimum predicted error within latency_ratio={ratio} of bf16 matmul time"
+        else:
+            reference = next((f for f in (INT8, "fp8") if f in formats), None)
+            if reference is None:
+                raise PassError(f"formats {list(formats)} hold neither int8 nor fp8, so there is no W8A8 reference to "
+                                "match by default; give a budget: size_ratio=... or latency_ratio=...")
+            limit = total(objective, [formats.index(reference)] * len(placeable))
+            choice = cheapest_within(objective, sizes, limit)
+            rule = f"smallest placement predicted no worse than uniform {reference}"
+        chosen = {layer.node: formats[i] for layer, i in zip(placeable, choice)}
+        annotate(dg, chosen, scales, cfg.activation_range, {layer.node: rule for layer in placeable})
+        report = self._report(dg, ctx, layers, placeable, formats, chosen, sensitivity, sizes, objective, rule)
+        return PassResult(dg, modified=True, report=report)
+
+    def _budget(self, ctx: PassContext, formats: tuple[str, ...]) -> tuple[str | None, float | None]:
+        cfg = self.config
+        size = cfg.size_ratio if cfg.size_ratio is not None else ctx.take_budget("size_ratio")
+        latency = cfg.latency_ratio if cfg.latency_ratio is not None else ctx.take_budget("latency_ratio")
+        if size is not None and latency is not None:
+            raise PassError("give one budget, size_ratio or latency_ratio, not both")
+        if (size is not None or latency is not None) and len(formats) == 1:
+            raise PassError(f"a budget chooses among formats, but target {ctx.target} allows only {formats[0]}; use "
+                            "a mixed target (e.g. torch-mixed) with a budget")
+        for value in (size, latency):
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise PassError(f"a budget ratio must be a positive number, got {value!r}")
+        return ("size", float(size)) if size is not None else ("latency", float(latency)) if latency is not None \
+            else (None, None)
+
+    def _activation_scales(self, dg: DiffusionGraph, ctx: PassContext, layers: list[Layer],
+                           formats: tuple[str, ...]) -> dict[str, dict[str, float]]:
+        """Per layer and format, the static scale of the layer's input from statistics over every
+        recorded step (all timestep groups merged)."""
+        quantized = [f for f in formats if FORMATS[f].activation in (INT8, FP8)]
+        if not quantized:
+            return {}
+        cfg = self.config
+        stats = compute_statistics(ctx.calibration, dg, groups=cfg.groups,
+                                   nodes=sorted({layer.input for layer in layers}), progress=False)
+        missing = [layer.input for layer in layers if layer.input not in stats.stats]
+        if missing:
+            raise PassError(f"the calibration statistics have no values for {missing[:5]}; the calibration set does "
+                            "not run these nodes. Collect it again with this model")
+        return {layer.node: {f: activation_scale(stats.node(layer.input), FORMATS[f].activation, cfg.activation_range,
+                                                 cfg.percentile) for f in quantized} for layer in layers}
+
+    def _report(self, dg: DiffusionGraph, ctx: PassContext, layers: list[Layer], placeable: list[Layer],
+                formats: tuple[str, ...], chosen: dict[str, str], sensitivity: Sensitivity, sizes: np.ndarray,
+                objective: np.ndarray, rule: str) -> dict[str, Any]:
+        cfg = self.config
+        steps = {step for _, step in sample_calls(ctx.calibration, cfg.samples)}
+        errors = output_error(ctx.calibration, simulate(dg.module, dg.annotations), dg, steps=steps)
+        before = sum(weight_bytes(layer.shape, None) for layer in layers)
+        after = sum(weight_bytes(layer.shape, chosen.get(layer.node)) for layer in layers)
+        per_layer = []
+        for layer in layers:
+            entry: dict[str, Any] = {"node": layer.node, "weight": layer.weight, "shape": list(layer.shape),
+                                     "bytes_before": weight_bytes(layer.shape, None)}
+            if layer.protected:
+                entry.update(format=None, bytes_after=entry["bytes_before"], protected=layer.protected)
+            else:
+                fmt = chosen[layer.node]
+                entry.update(format=fmt, bytes_after=weight_bytes(layer.shape, fmt),
+                             sensitivity=_rounded(sensitivity.hessian[layer.node]),
+                             mse_proxy=_rounded(sensitivity.mse[layer.node]),
+                             weight_trace=float(f"{sensitivity.weight_trace[layer.node]:.4g}"),
+                             activation_trace=float(f"{sensitivity.activation_trace[layer.node]:.4g}"))
+                spec = dg.annotations[layer.node]["precision"]
+                if spec.get("activation") and spec["activation"].get("scale"):
+                    entry["activation_scale"] = float(f"{spec['activation']['scale']:.6g}")
+            per_layer.append(entry)
+        front = pareto_front(objective, sizes, cfg.pareto_points) if len(formats) > 1 else []
+        original = float(sum(weight_bytes(layer.shape, None) for layer in placeable))
+        return {
+            "target": ctx.target, "formats": list(formats), "placement": rule, "sensitivity": cfg.sensitivity,
+            "activation_range": cfg.activation_range, "calibration_calls": sensitivity.calls,
+            "hutchinson_probes": sensitivity.probes,
+            "layers_quantized": {f: sum(v == f for v in chosen.values()) for f in formats},
+            "layers_protected": sum(1 for layer in layers if layer.protected),
+            "weight_bytes_before": before, "weight_bytes_after": after,
+            "size_ratio": round(after / max(before, 1), 4),
+            "predicted_error": float(f"{sum(sensitivity.hessian[n][f] for n, f in chosen.items()):.6g}"),
+            "pareto_front": [{"size_ratio": round(size / original, 4), "predicted_error": float(f"{cost:.6g}"),
+                              "formats": {f: sum(formats[i] == f for i in c) for f in formats}}
+                             for size, cost, c in front],
+            "relative_error_per_step": {int(s): float(f"{e:.6g}") for s, e in errors.relative.items()},
+            "relative_error": float(f"{errors.mean_relative:.6g}"),
+            "norms": "normalization layers are not quantized: they run at the backend's precision",
+            "layers": per_layer,
+        }
+
+
+def _rounded(values: dict[str, float]) -> dict[str, float]:
+    return {k: float(f"{v:.4g}") for k, v in values.items()}
+
+
+__all__ = ["QuantConfig", "QuantPass"]

@@ -1,0 +1,179 @@
+"""The quant pass on a tiny class-conditional UNet pipeline: annotations, lint, error bounds,
+bad input, and the exactness of the integer program."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from diffc.calibration import collect, output_error
+from diffc.errors import LintError, PassError
+from diffc.ir import capture, lint
+from diffc.ir.precision import (FORMATS, INT4_BLOCK, PrecisionSpec, fake_quantize_activation, fake_quantize_weight,
+                                quantize_weight, simulate, spec_for, weight_bytes)
+from diffc.passes import PassContext, PassManager
+from diffc.passes.quant.layers import PROTECTIONS, quantizable_layers
+from diffc.passes.quant.placement import cheapest_within, pareto_front, place, total
+from digits_tiny import tiny_digits_pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    pipe = tiny_digits_pipeline()
+    calibration = collect(pipe, conditions=[1, 6], num_steps=4, out=tmp_path_factory.mktemp("cal"), progress=False)
+    return capture(pipe.unet), calibration
+
+
+def _quantize(dg, calibration, target, **options):
+    return PassManager([{"pass": "quant", "samples": 4, "probes": 2, **options}]).run(
+        dg, PassContext(calibration=calibration, target=target))
+
+
+@pytest.fixture(scope="module")
+def int8_graph(tiny):
+    dg, calibration = tiny
+    return _quantize(dg, calibration, "torch-int8")
+
+
+def test_int8_annotations_structure_and_lint(tiny, int8_graph):
+    dg, _ = tiny
+    quantized = int8_graph
+    lint(quantized)
+    assert not dg.annotations  # the input graph is untouched
+    layers = quantizable_layers(quantized, PROTECTIONS)
+    protected = {layer.node for layer in layers if layer.protected}
+    for layer in layers:
+        annotation = quantized.annotations.get(layer.node, {})
+        if layer.node in protected:
+            assert "precision" not in annotation
+            continue
+        spec = PrecisionSpec.from_json(annotation["precision"])
+        assert spec.format == "int8" and spec.weight.granularity == "per_channel"
+        assert spec.activation.dtype == "int8" and spec.activation.scale > 0
+    weights = {layer.node: layer.weight for layer in layers}
+    assert {weights[n] for n in protected} >= {"conv_in.weight", "conv_out.weight", "time_embedding.linear_1.weight"}
+    report = quantized.applied[-1]["report"]
+    assert report["layers_quantized"] == {"int8": len(layers) - len(protected)}
+    assert all("TFMQ" in e["protected"] or "first" in e["protected"] or "last" in e["protected"]
+               for e in report["layers"] if e["format"] is None)
+    assert report["weight_bytes_after"] < 0.4 * report["weight_bytes_before"]
+    assert 0 < report["relative_error"] < 0.02  # W8A8 on calibration data
+    entry = next(e for e in report["layers"] if e["format"] == "int8")
+    assert entry["sensitivity"]["int8"] >= 0 and entry["mse_proxy"]["int8"] >= 0 and entry["weight_trace"] > 0
+
+
+def test_empty_annotations_simulate_exactly(tiny):
+    dg, calibration = tiny
+    record = next(calibration.records())
+    flat = [record.inputs[s.name] for s in dg.signature.inputs]
+    with torch.no_grad():
+        assert torch.equal(simulate(dg.module, {})(*flat)[0], dg.module(*flat)[0])
+
+
+def test_lower_bits_cost_more_error(tiny, int8_graph):
+    dg, calibration = tiny
+    int4 = _quantize(dg, calibration, "torch-int4")
+    errors = {name: output_error(calibration, simulate(g.module, g.annotations), g).mean_relative
+              for name, g in (("int8", int8_graph), ("int4", int4))}
+    assert 0 < errors["int8"] < errors["int4"] < 0.2
+    specs = [PrecisionSpec.from_json(a["precision"]) for a in int4.annotations.values()]
+    assert all(s.activation is None and s.weight.block_size == INT4_BLOCK for s in specs)
+
+
+def test_mixed_budget_is_met_and_pareto_front_reported(tiny):
+    dg, calibration = tiny
+    quantized = _quantize(dg, calibration, "torch-mixed", size_ratio=0.2)
+    report = quantized.applied[-1]["report"]
+    placed = [e for e in report["layers"] if e["format"]]
+    assert sum(e["bytes_after"] for e in placed) <= 0.2 * sum(e["bytes_before"] for e in placed) + 1
+    front = report["pareto_front"]
+    assert len(front) >= 2
+    assert [p["size_ratio"] for p in front] == sorted(p["size_ratio"] for p in front)
+    assert all(a["predicted_error"] > b["predicted_error"] for a, b in zip(front, front[1:]))
+
+
+@pytest.mark.parametrize("target, options, message", [
+    ("torch-mixed", {"size_ratio": 0.01}, "below the smallest possible"),
+    ("torch-mixed", {"formats": ("int3",)}, "unknown format"),
+    ("torch", {}, "not low-bit"),
+    ("torch-int8", {"size_ratio": 0.3}, "allows only int8"),
+    ("torch-int8", {"formats": ("int4",)}, "runs int8 layers only"),
+    ("torch-mixed", {"formats": ("int4", "bf16")}, "neither int8 nor fp8"),
+])
+def test_bad_input_names_the_fix(tiny, target, options, message):
+    dg, calibration = tiny
+    with pytest.raises(PassError, match=message):
+        _quantize(dg, calibration, target, **options)
+
+
+def test_bad_config_and_order(tiny, int8_graph):
+    _, calibration = tiny
+    with pytest.raises(PassError, match="activation_range"):
+        PassManager([{"pass": "quant", "activation_range": "guess"}])
+    with pytest.raises(PassError, match="requires full_precision"):
+        _quantize(int8_graph, calibration, "torch-int8")  # quantizing twice
+    with pytest.raises(PassError, match="requires calibrated"):
+        PassManager(["quant"]).run(int8_graph, PassContext(target="torch-int8"))
+
+
+def test_invalid_specs_are_rejected(tiny):
+    dg, _ = tiny
+    with pytest.raises(LintError, match="unknown format"):
+        PrecisionSpec.from_json({"format": "int3", "weight": None, "activation": None})
+    with pytest.raises(LintError, match="finite positive scale"):
+        spec_for("int8", 0.0)
+    not_a_layer = next(n.name for n in dg.graph.nodes if n.op == "call_function" and "silu" in str(n.target))
+    with pytest.raises(LintError, match="not a linear"):
+        simulate(dg.module, {not_a_layer: {"precision": spec_for("int8", 0.1).to_json()}})
+
+
+def test_weight_quantizers_round_within_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(24, 300)
+    for name in ("int8", "int4"):
+        q = quantize_weight(w, spec_for(name, 1.0).weight)
+        step = q.scale.expand_as(q.values).flatten(1, 2)[:, :300] if name == "int4" else q.scale.expand_as(w)
+        assert ((fake_quantize_weight(w, q.scheme) - w).abs() <= step / 2 + 1e-6).all()
+    blocked = quantize_weight(w, spec_for("int4").weight)
+    assert blocked.scale.shape == (24, 3, 1)  # 300 inputs -> 3 blocks of 128 (the last padded)
+    assert blocked.values.min() >= -8 and blocked.values.max() <= 7
+    fp8 = fake_quantize_weight(w, spec_for("fp8", 1.0).weight)
+    assert ((fp8 - w).abs() / w.abs().clamp_min(1e-3)).median() < 0.04  # 3 mantissa bits
+    assert weight_bytes((24, 300), "int8") == 24 * 300 + 4 * 24
+    assert weight_bytes((24, 300), "int4") == 24 * 150 + 2 * 24 * 3
+
+
+def test_activation_quantizers_saturate():
+    x = torch.tensor([-10.0, -0.26, 0.0, 0.125, 10.0])  # 0.125 / 0.05 = 2.5 rounds to even
+    assert fake_quantize_activation(x, "int8", 0.05).tolist() == pytest.approx([-6.4, -0.25, 0.0, 0.1, 6.35])
+    assert fake_quantize_activation(x, "fp8_e4m3", 0.01)[-1].item() == pytest.approx(4.48)
+
+
+def _brute_force(costs, weights, budget):
+    best = None
+    for choice in itertools.product(range(costs.shape[1]), repeat=costs.shape[0]):
+        if total(weights, list(choice)) <= budget + 1e-9:
+            value = total(costs, list(choice))
+            best = value if best is None else min(best, value)
+    return best
+
+
+def test_integer_program_matches_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        costs = rng.random((5, 3)) * 10
+        weights = rng.integers(1, 20, (5, 3)).astype(float)
+        low, high = weights.min(axis=1).sum(), weights.max(axis=1).sum()
+        budget = float(rng.uniform(low, high))
+        assert total(costs, place(costs, weights, budget)) == pytest.approx(_brute_force(costs, weights, budget))
+        limit = total(costs, place(costs, weights, budget))
+        smallest = total(weights, cheapest_within(costs, weights, limit))
+        assert smallest <= total(weights, place(costs, weights, budget)) + 1e-9
+    front = pareto_front(costs, weights, points=6)
+    assert all(a[0] < b[0] and a[1] > b[1] for a, b in zip(front, front[1:]))
+
+
+def test_formats_are_plain_data():
+    for name in FORMATS:
+        spec = spec_for(name, 0.1)
+        assert PrecisionSpec.from_json(spec.to_json()) == spec
