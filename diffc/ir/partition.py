@@ -3,8 +3,9 @@
 A cached *region* is given by its cut nodes: the tensors a later step may reuse. The region's
 nodes are those that die when the cut nodes are replaced by cached values. With `mode: "delta"`,
 what is cached is the residual `cut - base` (Delta-DiT, first-block caching): a skipping step
-recomputes `base` and adds the cached residual. Nodes outside the regions form the main
-segments, ordered by how many regions' cuts they depend on:
+recomputes `base` and adds the cached residual. With `mode: "bypass"` nothing is cached: a
+skipping step passes `base` on as the cut (a residual unit removed at some steps). Nodes
+outside the regions form the main segments, ordered by how many regions' cuts they depend on:
 
     main0 -> region0 (or apply0) -> main1 -> region1 (or apply1) -> ... -> mainN
 
@@ -22,6 +23,9 @@ from .graph import DiffusionGraph
 from .plan import OUTPUT_PREFIX, PROBE_STATE, SKIPPED_STATE, Plan, Schedule, Segment, Variant
 
 DELTA_SUFFIX = "__delta"
+# A region whose skip replaces each cut by its residual input ("bases"): step-dependent pruning
+# and timestep-routed experts skip work without any cross-step state.
+BYPASS = "bypass"
 
 
 def region_nodes(graph: torch.fx.Graph, cuts: list[str], keep: list[str] = ()) -> set[torch.fx.Node]:
@@ -94,6 +98,10 @@ def build_plan(dg: DiffusionGraph) -> Plan:
                 extract(segments, name, members, deltas=extra)
                 segments[f"apply_{region['name']}"] = _apply_segment(extra, env_name, f"apply_{region['name']}")
                 state += [env_name[c] + DELTA_SUFFIX for c in extra]
+            elif region.get("mode") == BYPASS:
+                skips = {by_name[c]: by_name[region["bases"][c]] for c in region["cuts"]}
+                extract(segments, name, members)
+                segments[f"apply_{region['name']}"] = _bypass_segment(skips, env_name, f"apply_{region['name']}")
             else:
                 extract(segments, name, members)
                 state += [env_name[by_name[c]] for c in region["cuts"]]
@@ -106,7 +114,7 @@ def build_plan(dg: DiffusionGraph) -> Plan:
                 region = regions[index]
                 if region["name"] not in skipped:
                     sequence.append(f"cache_{region['name']}")
-                elif region.get("mode", "raw") == "delta":
+                elif region.get("mode", "raw") in ("delta", BYPASS):
                     sequence.append(f"apply_{region['name']}")
         variants[variant_name] = Variant(variant_name, tuple(s for s in sequence if s in segments))
     outputs = tuple(OUTPUT_PREFIX + o.name for o in dg.signature.outputs)
@@ -204,6 +212,19 @@ def _apply_segment(deltas: dict[torch.fx.Node, torch.fx.Node], env_name: dict[to
         delta_in = graph.placeholder(_safe(env_name[cut] + DELTA_SUFFIX))
         inputs += [env_name[base], env_name[cut] + DELTA_SUFFIX]
         outputs.append(graph.call_function(torch.ops.aten.add.Tensor, (base_in, delta_in)))
+        names.append(env_name[cut])
+    graph.output(tuple(outputs))
+    return Segment(name, torch.fx.GraphModule({}, graph), tuple(inputs), tuple(names))
+
+
+def _bypass_segment(skips: dict[torch.fx.Node, torch.fx.Node], env_name: dict[torch.fx.Node, str],
+                    name: str) -> Segment:
+    """A skipped bypass region hands on its residual inputs in place of its outputs."""
+    graph = torch.fx.Graph()
+    outputs, inputs, names = [], [], []
+    for cut, skip in skips.items():
+        outputs.append(graph.placeholder(_safe(env_name[skip])))
+        inputs.append(env_name[skip])
         names.append(env_name[cut])
     graph.output(tuple(outputs))
     return Segment(name, torch.fx.GraphModule({}, graph), tuple(inputs), tuple(names))

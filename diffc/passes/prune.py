@@ -1,0 +1,474 @@
+"""Layer pruning: remove whole residual units (resnets, attentions, transformer blocks, FFNs,
+stages whose input and output agree) by rewiring each unit's output to its residual input.
+
+Scores (LD-Pruner): a unit's score is how much removing it alone moves the denoiser's output in
+latent space, measured on calibration calls (relative MSE against the unpruned graph). LAPTOP-Diff
+observes that this output loss is close to additive over sets of removed units; the pass measures
+how well single scores add up on random sets (their correlation with the measured set errors is
+in the report) and then picks the set by an exact tree knapsack on the additive scores: the least
+summed score that removes at least the asked share of parameters or FLOPs, a unit and the units
+nested in it never both chosen.
+
+Without an `amount`, the share is derived from calibration data: the largest one whose pruned
+model keeps the re-sampled calibration images above `min_psnr` (with the live pipeline), or the
+teacher-forced output error below `max_relative_error` (without one).
+
+With `step_groups > 1`, each range of denoising steps gets its own set (different units matter
+at high and low noise, as in Delta-DiT's stage split): units removed at every step are removed
+from the graph, the others become bypass regions of a step plan, one Plan variant per range."""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.fx
+
+from .._progress import progress
+from ..calibration import trajectory_error
+from ..errors import PassError
+from ..ir import DiffusionGraph
+from ..ir.blocks import ATTENTION, FFN, RESNET, STAGE, TRANSFORMER_BLOCK, discover_blocks, node_flops
+from ..ir.partition import BYPASS, build_plan
+from .base import Pass, PassConfig, PassContext, PassResult, register_pass
+
+TARGETS = ("params", "flops")
+UNIT_KINDS = (RESNET, ATTENTION, TRANSFORMER_BLOCK, FFN, STAGE)
+FULL = "full"
+AMOUNT_GRID = tuple(round(0.05 * k, 2) for k in range(1, 13))
+
+
+@dataclass(frozen=True)
+class PruneConfig(PassConfig):
+    target: str = "params"
+    amount: float | None = None
+    min_psnr: float = 30.0
+    max_relative_error: float = 0.05
+    kinds: tuple[str, ...] = UNIT_KINDS
+    step_groups: int = 1
+    max_records: int = 64
+    additivity_sets: int = 16
+    seed: int = 0
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.amount is not None and not 0 <= self.amount < 1:
+            raise ValueError(f"amount is the share of {self.target} to remove, in [0, 1); got {self.amount}")
+        unknown = sorted(set(self.kinds) - set(UNIT_KINDS))
+        if unknown or not self.kinds:
+            raise ValueError(f"kinds must be a non-empty subset of {UNIT_KINDS}, got {self.kinds}")
+        if self.step_groups < 1 or self.max_records < 1 or self.additivity_sets < 0:
+            raise ValueError("step_groups and max_records must be >= 1, additivity_sets >= 0")
+
+
+@dataclass
+class Unit:
+    """A removable residual unit: every use of `out` is rewired to `skip`."""
+
+    name: str
+    kind: str
+    out: str
+    skip: str
+    parent: str | None
+    params: int = 0
+    flops: int = 0
+
+
+# --- units and their removal --------------------------------------------------------------------
+
+def residual_units(dg: DiffusionGraph, kinds: Sequence[str] = UNIT_KINDS) -> list[Unit]:
+    """The blocks that can be removed by rewiring a residual: attention/FFN branches added to the
+    stream by their parent (output add -> its other operand), transformer blocks, resnets and
+    stages whose output has the shape of an input (output -> that input), and resnets with a
+    projected shortcut (residual add -> shortcut)."""
+    nodes = {n.name: n for n in dg.graph.nodes}
+    units: list[Unit] = []
+    for block in dg.blocks:
+        if block.kind not in kinds or block.residual is None:
+            continue
+        residual = block.residual
+        if residual.in_parent:
+            out, skip = residual.add, residual.skip
+        elif block.identity_input is not None and len(block.outputs) == 1:
+            out, skip = block.outputs[0], block.identity_input
+        else:
+            out, skip = residual.add, residual.skip
+        if _shape(nodes.get(out)) is None or _shape(nodes.get(out)) != _shape(nodes.get(skip)):
+            continue
+        units.append(Unit(block.name, block.kind, out, skip, None))
+    # a block whose removal rewires the same node to the same input as an enclosing one is the same removal
+    units = [u for u in units if not any(_nested(u, v) and len(v.name) < len(u.name) and (v.out, v.skip) == (u.out, u.skip)
+                                         for v in units)]
+    names = [u.name for u in units]
+    for unit in units:
+        unit.parent = max((p for p in names if unit.name.startswith(p + ".")), key=len, default=None)
+    total_params, total_flops = dg.num_parameters(), graph_flops(dg)
+    for unit in units:
+        pruned = remove_units(dg.clone(), [unit])
+        unit.params = total_params - pruned.num_parameters()
+        unit.flops = total_flops - graph_flops(pruned)
+    return units
+
+
+def remove_units(dg: DiffusionGraph, units: Sequence[Unit]) -> DiffusionGraph:
+    """Rewires each unit's output to its residual input, removes what became dead and rebuilds
+    the block table; `dg` is changed in place and returned."""
+    if not units:
+        return dg
+    nodes = {n.name: n for n in dg.graph.nodes}
+    order = {n: i for i, n in enumerate(dg.graph.nodes)}
+    missing = [u.name for u in units if u.out not in nodes or u.skip not in nodes]
+    if missing:
+        raise PassError(f"units {missing} are not in this graph; score units on the graph you prune")
+    replaced: dict[torch.fx.Node, torch.fx.Node] = {}
+    for unit in sorted(units, key=lambda u: order[nodes[u.out]]):
+        out, skip = nodes[unit.out], nodes[unit.skip]
+        while skip in replaced:
+            skip = replaced[skip]
+        out.replace_all_uses_with(skip)
+        replaced[out] = skip
+    _eliminate_dead_code(dg)
+    return dg
+
+
+def _eliminate_dead_code(dg: DiffusionGraph) -> None:
+    """Erases unused nodes, dropout included (fx keeps it as a random op, but the captured graph
+    runs in eval mode, where it is the identity); runtime assertions stay."""
+    for node in reversed(list(dg.graph.nodes)):
+        if node.op in ("call_function", "get_attr") and not node.users and \
+                not str(getattr(node.target, "__name__", node.target)).startswith("_assert"):
+            dg.graph.erase_node(node)
+    dg.module = torch.fx.GraphModule(dg.weights(), dg.graph)
+    dg.blocks = discover_blocks(dg.module)
+    alive = {n.name for n in dg.graph.nodes}
+    dg.annotations = {k: v for k, v in dg.annotations.items() if k in alive}
+
+
+def graph_flops(dg: DiffusionGraph) -> int:
+    return sum(node_flops(n) for n in dg.graph.nodes)
+
+
+def _shape(node: torch.fx.Node | None) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if node is not None else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+# --- calibration batches ------------------------------------------------------------------------
+
+class CalibrationBatch:
+    """Up to `max_records` recorded calls spread evenly over the steps, stacked into batches, with
+    the outputs of a reference graph on them: errors of candidates are relative MSE against it."""
+
+    def __init__(self, calibration: Any, reference: DiffusionGraph, max_records: int) -> None:
+        records = list(calibration.records())
+        if not records:
+            raise PassError("the calibration set holds no recorded calls; collect it again")
+        if len(records) > max_records:
+            keep = np.linspace(0, len(records) - 1, max_records).round().astype(int)
+            records = [records[i] for i in sorted(set(keep.tolist()))]
+        self.num_steps = max(r.num_steps for r in records)
+        names = [spec.name for spec in reference.signature.inputs]
+        flat = [[r.inputs[n] for n in names] for r in records]
+        rows = [r.inputs[names[0]].shape[0] for r in records]
+        self.row_steps = torch.tensor([r.step for r, n in zip(records, rows) for _ in range(n)])
+        stacked = [torch.cat(parts) for parts in zip(*flat)]
+        try:
+            with torch.no_grad():
+                reference.module(*stacked)
+            self.batches = [stacked]
+        except Exception:  # noqa: BLE001 - a graph captured with a pinned batch takes one call at a time
+            self.batches = flat
+        self.reference = self.outputs(reference.module)
+        self.energy = float(self.reference.double().pow(2).mean().clamp_min(1e-20))
+
+    def outputs(self, run: Callable[..., Any]) -> torch.Tensor:
+        results = []
+        with torch.no_grad():
+            for batch in self.batches:
+                out = run(*batch)
+                results.append(out[0] if isinstance(out, (tuple, list)) else out)
+        return torch.cat(results)
+
+    def row_errors(self, output: torch.Tensor) -> torch.Tensor:
+        """Per calibration row: MSE against the reference, relative to the reference's mean square."""
+        diff = (output.double() - self.reference.double()).pow(2)
+        return diff.reshape(diff.shape[0], -1).mean(dim=1) / self.energy
+
+    def error(self, run: Callable[..., Any], steps: set[int] | None = None) -> float:
+        errors = self.row_errors(self.outputs(run))
+        if steps is not None:
+            errors = errors[torch.tensor([int(s) in steps for s in self.row_steps])]
+        return float(errors.mean()) if errors.numel() else 0.0
+
+    def step_mask(self, steps: set[int]) -> torch.Tensor:
+        return torch.tensor([int(s) in steps for s in self.row_steps])
+
+    def calls(self, mask: torch.Tensor) -> list[list[torch.Tensor]]:
+        """The flat inputs of the rows in `mask`, as calls the graph accepts (in row order)."""
+        if len(self.batches) == 1:
+            return [[t[mask] for t in self.batches[0]]]
+        calls, start = [], 0
+        for flat in self.batches:
+            rows = flat[0].shape[0]
+            if bool(mask[start:start + rows].all()):
+                calls.append(flat)
+            start += rows
+        return calls
+
+
+def step_ranges(num_steps: int, groups: int) -> list[tuple[int, int]]:
+    """`groups` contiguous ranges of steps [start, end) covering 0..num_steps."""
+    groups = min(groups, num_steps)
+    bounds = np.linspace(0, num_steps, groups + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+# --- selection ----------------------------------------------------------------------------------
+
+def knapsack(units: Sequence[Unit], scores: Sequence[float], weights: Sequence[float], need: float,
+             resolution: int = 400) -> list[Unit]:
+    """The set of units with the least summed score whose summed weight reaches `need`, never a
+    unit together with one nested in it: a min-plus tree knapsack over the nesting forest, weights
+    discretised into `resolution` steps of the need (rounded down, so the need is met)."""
+    if need <= 0:
+        return []
+    if sum(weights) < need:
+        raise PassError(f"the prunable units hold {sum(weights):.4g} in all, less than the {need:.4g} asked; "
+                        "lower amount or allow more kinds of units")
+    quantum = need / resolution
+    cap = resolution
+    index = {u.name: i for i, u in enumerate(units)}
+    children: dict[str | None, list[int]] = {}
+    for i, unit in enumerate(units):
+        children.setdefault(unit.parent if unit.parent in index else None, []).append(i)
+    inf = math.inf
+
+    def combine(a: tuple[np.ndarray, list[list[int]]], b: tuple[np.ndarray, list[list[int]]]):
+        cost_a, sets_a = a
+        cost_b, sets_b = b
+        cost = np.full(cap + 1, inf)
+        sets: list[list[int]] = [[] for _ in range(cap + 1)]
+        for wa in np.nonzero(np.isfinite(cost_a))[0]:
+            for wb in np.nonzero(np.isfinite(cost_b))[0]:
+                w = min(cap, wa + wb)
+                c = cost_a[wa] + cost_b[wb]
+                if c < cost[w]:
+                    cost[w], sets[w] = c, sets_a[wa] + sets_b[wb]
+        return cost, sets
+
+    def empty() -> tuple[np.ndarray, list[list[int]]]:
+        cost = np.full(cap + 1, inf)
+        cost[0] = 0.0
+        return cost, [[] for _ in range(cap + 1)]
+
+    def solve(i: int | None) -> tuple[np.ndarray, list[list[int]]]:
+        table = empty()
+        for child in children.get(i if i is None else units[i].name, []):
+            table = combine(table, solve(child))
+        if i is not None:
+            w = min(cap, int(weights[i] / quantum))
+            if scores[i] < table[0][w]:
+                table[0][w], table[1][w] = scores[i], [i]
+        return table
+
+    cost, sets = solve(None)
+    if not np.isfinite(cost[cap]):
+        raise PassError(f"no set of non-nested units removes the {need:.4g} asked; lower amount")
+    return [units[i] for i in sorted(sets[cap])]
+
+
+def additivity(dg: DiffusionGraph, units: Sequence[Unit], scores: Sequence[float], batch: CalibrationBatch,
+               count: int, seed: int, steps: set[int] | None = None) -> dict[str, Any]:
+    """Measured error of random sets of non-nested units against the sum of their single scores
+    (LAPTOP-Diff's additivity): Pearson correlation and the mean measured / predicted ratio."""
+    rng = random.Random(seed)
+    predicted, measured = [], []
+    flat = [i for i, u in enumerate(units)]
+    for _ in range(count):
+        size = rng.randint(2, max(2, min(len(flat), 6)))
+        chosen: list[int] = []
+        for i in rng.sample(flat, len(flat)):
+            if len(chosen) == size:
+                break
+            if not any(_nested(units[i], units[j]) for j in chosen):
+                chosen.append(i)
+        if len(chosen) < 2:
+            continue
+        pruned = remove_units(dg.clone(), [units[i] for i in chosen])
+        predicted.append(sum(scores[i] for i in chosen))
+        measured.append(batch.error(pruned.module, steps))
+    if len(predicted) < 3:
+        return {"sets": len(predicted)}
+    correlation = float(np.corrcoef(predicted, measured)[0, 1]) if np.std(predicted) > 0 and np.std(measured) > 0 \
+        else float("nan")
+    ratio = float(np.mean([m / p for m, p in zip(measured, predicted) if p > 0]))
+    return {"sets": len(predicted), "pearson": round(correlation, 4), "measured_over_predicted": round(ratio, 4)}
+
+
+def _nested(a: Unit, b: Unit) -> bool:
+    return a.name.startswith(b.name + ".") or b.name.startswith(a.name + ".")
+
+
+# --- the pass -----------------------------------------------------------------------------------
+
+@register_pass
+class PrunePass(Pass):
+    name = "prune"
+    Config = PruneConfig
+    requires = ("calibrated", "full_precision")
+
+    def run(self, dg: DiffusionGraph, ctx: PassContext) -> PassResult:
+        cfg = self.config
+        if dg.step_plan:
+            raise PassError("the graph already has a step plan (cache or moe ran before); run prune first in "
+                            "the pipeline, e.g. ['prune', 'cache']")
+        ctx.calibration.check_compatible(dg)
+        units = residual_units(dg, cfg.kinds)
+        if cfg.step_groups > 1:
+            # bypass regions must be disjoint: per step range, only innermost units are candidates
+            units = [u for u in units if not any(v.parent == u.name for v in units)]
+        if not units:
+            raise PassError(f"{dg.signature.model_class}: no block of kinds {cfg.kinds} has a residual that can be "
+                            "rewired; this model has nothing layer pruning can remove")
+        batch = CalibrationBatch(ctx.calibration, dg, cfg.max_records)
+        total = dg.num_parameters() if cfg.target == "params" else graph_flops(dg)
+        weights = [float(u.params if cfg.target == "params" else u.flops) for u in units]
+        ranges = step_ranges(batch.num_steps, cfg.step_groups) if cfg.step_groups > 1 else [(0, batch.num_steps)]
+        groups = [set(range(a, b)) for a, b in ranges]
+        scores = self._scores(dg, units, batch, groups)
+        report: dict[str, Any] = {"target": cfg.target, "candidates": len(units),
+                                  "scores": {u.name: [round(s[i], 6) for s in scores] for i, u in enumerate(units)}}
+        report["additivity"] = additivity(dg, units, scores[0] if len(groups) == 1 else
+                                          [float(np.mean([s[i] for s in scores])) for i in range(len(units))],
+                                          batch, cfg.additivity_sets, cfg.seed)
+
+        def build(amount: float) -> tuple[DiffusionGraph, list[list[Unit]]]:
+            chosen = [knapsack(units, score, weights, amount * total) for score in scores]
+            return self._pruned(dg, chosen, ranges, batch.num_steps), chosen
+
+        amount = cfg.amount
+        if amount is None:
+            amount, searched = self._default_amount(build, batch, ctx, groups)
+            report["amount_search"] = searched
+        pruned, chosen = build(amount)
+        plan = build_plan(pruned)
+        report.update(self._summary(dg, pruned, plan, chosen, ranges, amount, batch, groups))
+        return PassResult(pruned, modified=any(chosen), report=report)
+
+    def _scores(self, dg: DiffusionGraph, units: list[Unit], batch: CalibrationBatch,
+                groups: list[set[int]]) -> list[list[float]]:
+        """scores[g][i]: mean relative output error over the calls in step range g with unit i removed."""
+        masks = [batch.step_mask(g) for g in groups]
+        scores: list[list[float]] = [[] for _ in groups]
+        for unit in progress(units, self.config.progress, "prune: scoring units", "unit"):
+            errors = batch.row_errors(batch.outputs(remove_units(dg.clone(), [unit]).module))
+            for g, mask in enumerate(masks):
+                scores[g].append(float(errors[mask].mean()) if bool(mask.any()) else 0.0)
+        return scores
+
+    def _pruned(self, dg: DiffusionGraph, chosen: list[list[Unit]], ranges: list[tuple[int, int]],
+                num_steps: int) -> DiffusionGraph:
+        """Units chosen for every step range are removed from the graph; the others become bypass
+        regions skipped by the variants of the ranges that chose them."""
+        everywhere = [u for u in chosen[0] if all(any(v.name == u.name for v in c) for c in chosen)]
+        pruned = remove_units(dg.clone(), everywhere)
+        gone = {u.name for u in everywhere}
+        partial = {u.name: u for c in chosen for u in c if u.name not in gone}
+        if not partial:
+            return pruned
+        alive = {n.name for n in pruned.graph.nodes}
+        regions = []
+        for unit in partial.values():
+            if unit.out not in alive or unit.skip not in alive:
+                raise PassError(f"unit {unit.name} lost its nodes to another removal; use step_groups=1")
+            regions.append({"name": unit.name, "cuts": [unit.out], "bases": {unit.out: unit.skip}, "mode": BYPASS})
+        variants = {FULL: []}
+        steps: list[str] = []
+        for (start, end), units in zip(ranges, chosen):
+            name = f"steps_{start}_{end}"
+            variants[name] = sorted(u.name for u in units if u.name in partial)
+            steps += [name] * (end - start)
+        pruned.step_plan = {"regions": regions, "variants": variants,
+                            "schedule": {"default": FULL, "steps": steps, "repeat": False},
+                            "summary": {"pass": "prune", "step_ranges": ranges}}
+        return pruned
+
+    def _default_amount(self, build: Callable[[float], tuple[DiffusionGraph, Any]], batch: CalibrationBatch,
+                        ctx: PassContext, groups: list[set[int]]) -> tuple[float, list[dict[str, Any]]]:
+        """The largest share on the grid whose pruned model passes the quality bar, by bisection
+        (quality falls as the share grows)."""
+        cfg = self.config
+        live = ctx.calibration.pipeline is not None and ctx.denoiser_for is not None
+        searched: list[dict[str, Any]] = []
+
+        def passes(amount: float) -> bool:
+            try:
+                pruned, _ = build(amount)
+            except PassError:
+                return False
+            entry: dict[str, Any] = {"amount": amount}
+            if live:
+                entry["psnr"] = round(trajectory_error(ctx.calibration, ctx.denoiser_for(pruned))["psnr"], 3)
+                ok = entry["psnr"] >= cfg.min_psnr
+            else:
+                entry["relative_error"] = round(_plan_error(pruned, batch), 6)
+                ok = entry["relative_error"] <= cfg.max_relative_error
+            searched.append({**entry, "passes": ok})
+            return ok
+
+        low, high = -1, len(AMOUNT_GRID)
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if passes(AMOUNT_GRID[middle]) else (low, middle)
+        return (AMOUNT_GRID[low] if low >= 0 else 0.0), searched
+
+    def _summary(self, dg: DiffusionGraph, pruned: DiffusionGraph, plan: Any, chosen: list[list[Unit]],
+                 ranges: list[tuple[int, int]], amount: float, batch: CalibrationBatch,
+                 groups: list[set[int]]) -> dict[str, Any]:
+        params, flops = dg.num_parameters(), graph_flops(dg)
+        summary: dict[str, Any] = {
+            "amount": amount,
+            "params_removed": params - pruned.num_parameters(),
+            "params_removed_share": round(1 - pruned.num_parameters() / max(params, 1), 4),
+        }
+        if len(chosen) == 1:
+            summary["removed"] = [u.name for u in chosen[0]]
+            summary["flops_removed_share"] = round(1 - graph_flops(pruned) / max(flops, 1), 4)
+        else:
+            summary["removed_per_steps"] = {f"{a}-{b}": [u.name for u in c] for (a, b), c in zip(ranges, chosen)}
+            per_variant = []
+            for (start, end), units in zip(ranges, chosen):
+                removed = remove_units(dg.clone(), units)
+                per_variant.append((1 - graph_flops(removed) / max(flops, 1)) * (end - start))
+            summary["flops_removed_share"] = round(sum(per_variant) / max(batch.num_steps, 1), 4)
+        summary["relative_error"] = round(_plan_error(pruned, batch), 6)
+        summary["relative_error_per_range"] = [round(_plan_error(pruned, batch, g), 6) for g in groups]
+        return summary
+
+
+def _plan_error(dg: DiffusionGraph, batch: CalibrationBatch, steps: set[int] | None = None) -> float:
+    """Relative output error of a (possibly step-planned) graph on the calibration rows, each row
+    run through the variant its step is scheduled to."""
+    if not dg.step_plan:
+        return batch.error(dg.module, steps)
+    plan = build_plan(dg)
+    names = [spec.name for spec in dg.signature.inputs]
+    errors = []
+    for step in sorted(set(batch.row_steps.tolist())):
+        if steps is not None and step not in steps:
+            continue
+        variant = plan.schedule.variant_for(step, batch.num_steps)
+        mask = batch.row_steps == step
+        outputs = []
+        for flat in batch.calls(mask):
+            with torch.no_grad():
+                out, _ = plan.run(variant, dict(zip(names, flat)), {})
+            outputs.append(out[0])
+        diff = (torch.cat(outputs).double() - batch.reference[mask].double()).pow(2)
+        errors.append(diff.reshape(diff.shape[0], -1).mean(dim=1) / batch.energy)
+    return float(torch.cat(errors).mean()) if errors else 0.0
