@@ -84,6 +84,9 @@ class PrecisionSpec:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "PrecisionSpec":
+        if not isinstance(data, Mapping):
+            raise LintError(f"a precision annotation must be a spec dict, got {data!r}; write it with "
+                            "PrecisionSpec(...).to_json() (diffc.ir.precision)")
         try:
             weight = WeightQuant(**data["weight"]) if data.get("weight") else None
             activation = ActivationQuant(**data["activation"]) if data.get("activation") else None

@@ -1,0 +1,131 @@
+"""Lowering precision annotations in the torch backend: the CPU path is the exact simulation,
+the low-bit layers (int8 via torch._int_mm, fp8 via torch._scaled_mm, packed int4) match it, and
+targets without annotations fail clearly. Kernel tests on CUDA are marked gpu."""
+import pytest
+import torch
+
+import diffc
+from diffc.backends import parse_target
+from diffc.backends.quantized import (INT4_PACKED, INT_MM, SCALED_MM, SIMULATED, Fp8Linear, Int4WeightOnlyLinear,
+                                      Int8Linear, lower)
+from diffc.backends.torch import TorchBackend
+from diffc.errors import TargetError
+from diffc.ir import capture
+from diffc.ir.partition import build_plan
+from diffc.ir.precision import simulate, spec_for
+from diffc.passes.quant.layers import PROTECTIONS, quantizable_layers
+from digits_tiny import tiny_digits_pipeline
+
+
+@pytest.fixture(scope="module")
+def annotated():
+    """The tiny UNet with every unprotected layer annotated in turn int8, fp8 and int4, and
+    activation scales from its own example inputs."""
+    pipe = tiny_digits_pipeline()
+    dg = capture(pipe.unet)
+    torch.manual_seed(0)
+    flat = [torch.randn(2, 1, 8, 8), torch.tensor([500.0, 500.0]), torch.randn(2, 1, 16)]
+    formats = ("int8", "fp8", "int4", "w4a8")
+    for index, layer in enumerate(layer for layer in quantizable_layers(dg, PROTECTIONS) if layer.protected is None):
+        name = formats[index % len(formats)]
+        dg.annotations[layer.node] = {"precision": spec_for(name, 0.02 if name != "fp8" else 0.01).to_json()}
+    return dg, flat
+
+
+def _rows(seed=0, rows=5, features=64):
+    torch.manual_seed(seed)
+    return torch.randn(rows, features), torch.randn(48, features) * 0.1, torch.randn(48)
+
+
+@pytest.mark.parametrize("layer, name", [(Int8Linear, "int8"), (Fp8Linear, "fp8"), (Int4WeightOnlyLinear, "int4")])
+def test_low_bit_layers_match_the_simulation(layer, name):
+    x, weight, bias = _rows()
+    spec = spec_for(name, 0.05 if name == "int8" else 0.01)
+    module = layer(weight, bias, spec, torch.float32 if name == "int8" else torch.bfloat16)
+    graph = torch.fx.Graph()
+    node = graph.call_function(torch.ops.aten.linear.default,
+                               (graph.placeholder("x"), graph.get_attr("weight"), graph.get_attr("bias")))
+    graph.output((node,))
+    reference = simulate(torch.fx.GraphModule({"weight": weight, "bias": bias}, graph),
+                         {node.name: {"precision": spec.to_json()}})(x)[0]
+    out = module(x).float()
+    tolerance = 1e-5 if name == "int8" else 2e-2  # int32 accumulation is exact; fp8/int4 layers emit bf16
+    assert (out - reference).abs().max() <= tolerance * reference.abs().max()
+
+
+def test_int8_layer_pads_small_batches():
+    x, weight, bias = _rows(rows=3)
+    module = Int8Linear(weight, bias, spec_for("int8", 0.05), torch.float32)
+    assert module(x).shape == (3, 48)
+    assert torch.allclose(module(x), module(torch.cat([x, x]))[:3])
+
+
+def test_cpu_lowering_is_the_simulation(annotated):
+    dg, flat = annotated
+    compiled = TorchBackend().compile(build_plan(dg), "int8")
+    assert compiled.input_dtype == torch.float32
+    assert compiled.info["kernels"] == {SIMULATED: len(dg.annotations)}
+    with torch.no_grad():
+        out = compiled.runners["main"](*flat)[0]
+        assert torch.equal(out, simulate(dg.module, dg.annotations)(*flat)[0])
+        assert not torch.equal(out, dg.module(*flat)[0])
+
+
+def test_kernel_lowering_matches_the_simulation_on_cpu(annotated):
+    """torch._int_mm and torch._scaled_mm also run on CPU, so the kernel path is checked here."""
+    dg, flat = annotated
+    lowered, kernels = lower(dg.module, dg.annotations, dg.module, torch.float32)
+    assert {INT_MM, SCALED_MM, INT4_PACKED, SIMULATED} == set(kernels.values())
+    assert all(kernels[n] == SIMULATED for n, a in dg.annotations.items() if a["precision"]["format"] == "w4a8")
+    with torch.no_grad():
+        reference = simulate(dg.module, dg.annotations)(*flat)[0]
+        out = lowered(*flat)[0].float()
+    # the fp8 layers emit bf16 (torch._scaled_mm with row-wise scales), whose rounding moves a
+    # few activations across int8 grid points downstream
+    assert (out - reference).pow(2).mean() <= 1e-2 * reference.pow(2).mean()
+
+
+def test_low_bit_target_without_annotations_fails_clearly(family):
+    assert str(parse_target("torch-int8")) == "torch-int8"
+    with pytest.raises(TargetError, match="add the pass"):
+        diffc.optimize(family("dit")[0], target="torch-int8", passes=[])
+
+
+def test_fp32_targets_are_unchanged(annotated):
+    dg, flat = annotated
+    plain = dg.clone()
+    plain.annotations.clear()
+    compiled = TorchBackend().compile(build_plan(plain), "fp32")
+    assert "kernels" not in compiled.info
+    with torch.no_grad():
+        assert torch.equal(compiled.runners["main"](*flat)[0], dg.module(*flat)[0])
+
+
+@pytest.mark.gpu
+def test_cuda_lowering_uses_the_kernels_and_matches_the_simulation(annotated):
+    dg, flat = annotated
+    compiled = TorchBackend().compile(build_plan(dg), "mixed", device="cuda")
+    assert compiled.input_dtype == torch.bfloat16
+    assert {INT_MM, SCALED_MM, INT4_PACKED} <= set(compiled.info["kernels"])
+    with torch.no_grad():
+        out = compiled.runners["main"](*[t.cuda() for t in flat])[0].float().cpu()
+        reference = simulate(dg.module, dg.annotations)(*flat)[0]
+    assert (out - reference).pow(2).mean() <= 1e-2 * reference.pow(2).mean()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layer, name", [(Int8Linear, "int8"), (Fp8Linear, "fp8"), (Int4WeightOnlyLinear, "int4")])
+def test_cuda_layers_match_the_simulation(layer, name):
+    if name == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 matmuls need compute capability 8.9 or newer")
+    x, weight, bias = _rows(rows=40, features=128)
+    spec = spec_for(name, 0.05 if name == "int8" else 0.01)
+    module = layer(weight.cuda(), bias.cuda(), spec, torch.bfloat16)
+    graph = torch.fx.Graph()
+    node = graph.call_function(torch.ops.aten.linear.default,
+                               (graph.placeholder("x"), graph.get_attr("weight"), graph.get_attr("bias")))
+    graph.output((node,))
+    reference = simulate(torch.fx.GraphModule({"weight": weight, "bias": bias}, graph),
+                         {node.name: {"precision": spec.to_json()}})(x)[0]
+    out = module(x.cuda().to(torch.bfloat16)).float().cpu()
+    assert (out - reference).abs().max() <= 2e-2 * reference.abs().max()
