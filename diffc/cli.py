@@ -1,4 +1,4 @@
-"""Command line: diffc optimize | inspect."""
+"""Command line: diffc optimize | inspect | export."""
 from __future__ import annotations
 
 import argparse
@@ -38,9 +38,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ins.add_argument("model", help="an embedded model name, a diffusers model/pipeline folder, or a diffc artifact")
     ins.add_argument("--kind", default=None, help="only blocks of this kind (stage, resnet, attention, ...)")
 
+    exp = commands.add_parser("export", help="write a deployment folder: artifact, ONNX models or TensorRT engines "
+                                             "per segment, schedule, Triton model repository, README")
+    exp.add_argument("model", help="a diffc artifact folder, an embedded model name or a diffusers pipeline folder")
+    exp.add_argument("--target", default=None, help="<backend>[-<precision>] to optimize for (not for an artifact, "
+                                                    "which keeps its own); default torch")
+    exp.add_argument("--passes", default="default", help="as for `diffc optimize` (not for an artifact)")
+    exp.add_argument("--out", required=True, help="the deployment folder to write")
+    exp.add_argument("--device", default=None)
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+
     args = parser.parse_args(argv)
     try:
-        return {"optimize": _optimize, "inspect": _inspect}[args.command](args)
+        return {"optimize": _optimize, "inspect": _inspect, "export": _export}[args.command](args)
     except DiffcError as exc:
         print(f"diffc: error: {exc}", file=sys.stderr)
         return 2
@@ -119,6 +129,30 @@ def _optimize(args: argparse.Namespace) -> int:
         fast.save(out / "model", overwrite=args.overwrite)
         side_by_side(result.images[0], result.images[1], str(out / "side_by_side.png"))
         print(f"wrote {out / 'model'} and {out / 'side_by_side.png'} (top: original, bottom: optimized)")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .runtime.export import export_deployment
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise DiffcError(f"{out} already exists; choose another --out or pass --overwrite")
+    if (Path(args.model) / "manifest.json").is_file():
+        if args.target is not None or args.passes != "default":
+            raise DiffcError(f"{args.model} is an artifact, already optimized for its own target and passes; drop "
+                             "--target/--passes, or export the original model with them")
+        source: Any = args.model
+    else:
+        from .api import optimize
+        from .backends import parse_target
+
+        parse_target(args.target or "torch")
+        pipe, _ = _load_pipeline(args.model)
+        source = optimize(pipe, target=args.target or "torch", passes=_parse_passes(args.passes), device=args.device,
+                          progress=True)
+    path = export_deployment(source, out, overwrite=args.overwrite, progress_bar=True)
+    print(f"wrote {path}: serve {path / 'triton'} with Triton, or diffc.load('{path}'); see {path / 'README.md'}")
     return 0
 
 
