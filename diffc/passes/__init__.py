@@ -10,3 +10,4 @@ __all__ = [
 from . import cache  # noqa: E402,F401  registers the cache pass
 from . import quant  # noqa: E402,F401  registers the quant pass
 from . import prune  # noqa: E402,F401  registers the prune pass
+from . import moe  # noqa: E402,F401  registers the moe pass

@@ -1,0 +1,462 @@
+"""Dense-to-MoE conversion (Dense2MoE): split each transformer FFN (Linear -> GELU or GEGLU ->
+Linear) into experts and route them per range of denoising steps.
+
+Experts: the hidden neurons of an FFN are clustered by co-activation on calibration data (neurons
+that fire on the same tokens land in the same expert; k-means on normalised activation patterns,
+balanced to equal sizes). With `shared`, the neurons of highest Taylor importance (the energy of
+their first-order contribution a_i * W2[:, i] to the FFN output) form an always-on shared expert.
+Each FFN becomes a chain acc_e = acc_{e-1} + expert_e(x), the shared expert (or, without one, the
+most important expert) at its head carrying the output bias.
+
+Routing per timestep group: for each range of steps, a static subset of experts is kept active,
+chosen on the calibration calls of that range by the error of leaving the others out (greedy on
+the exact energy of the dropped experts' summed output). Every routed expert is a bypass region
+of the step plan; each range is a Plan variant whose skipped experts pass the chain on unchanged,
+so every backend runs plain smaller FFNs with static shapes. Without an `active` share, the
+smallest share on a grid that keeps the re-sampled calibration images above `min_psnr` (or,
+without the live pipeline, the teacher-forced error below `max_relative_error`) is used.
+With every expert active nothing is routed and the pass leaves the FFNs dense (exact).
+
+Per-token top-k routers (Dense2MoE's routing (a)) are not implemented: the routing is static per
+step range."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from ..calibration import trajectory_error
+from ..calibration.statistics import _Observer
+from ..errors import PassError
+from ..ir import DiffusionGraph
+from ..ir.blocks import FFN
+from ..ir.fxutil import attr_value
+from ..ir.partition import BYPASS
+from .base import Pass, PassConfig, PassContext, PassResult, register_pass
+from .prune import CalibrationBatch, _eliminate_dead_code, _plan_error, step_ranges
+
+aten = torch.ops.aten
+FULL = "full"
+ACTIVE_GRID = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
+_PASS_THROUGH = {aten.dropout.default, aten.clone.default, aten.alias.default}
+
+
+@dataclass(frozen=True)
+class MoeConfig(PassConfig):
+    experts: int = 8
+    shared: bool = True
+    active: float | None = None
+    step_groups: int = 4
+    min_psnr: float = 30.0
+    max_relative_error: float = 0.05
+    max_records: int = 32
+    max_tokens: int = 4096
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.experts < 2:
+            raise ValueError(f"experts must be >= 2 (an FFN split in one part routes nothing), got {self.experts}")
+        if self.active is not None and not 0 < self.active <= 1:
+            raise ValueError(f"active is the share of each FFN's hidden neurons active per step, in (0, 1]; "
+                             f"got {self.active}")
+        if self.step_groups < 1 or self.max_records < 1 or self.max_tokens < 1:
+            raise ValueError("step_groups, max_records and max_tokens must be >= 1")
+
+
+@dataclass
+class DenseFFN:
+    """An FFN found in the graph: `up` the first linear (input x), `down` the second (reads
+    `hidden`, the activation of the hidden neurons), `gate` the GELU node; GEGLU when the up
+    projection's output is chunked into value and gate halves."""
+
+    block: str
+    up: torch.fx.Node
+    gelu: torch.fx.Node
+    hidden: torch.fx.Node
+    down: torch.fx.Node
+    geglu: bool
+
+
+def find_ffns(dg: DiffusionGraph) -> tuple[list[DenseFFN], dict[str, str]]:
+    """The FFN blocks whose aten graph is Linear -> GELU (or GEGLU) -> Linear, and for the others
+    the reason they do not match."""
+    nodes = {n.name: n for n in dg.graph.nodes}
+    found, skipped = [], {}
+    for block in dg.blocks:
+        if block.kind != FFN:
+            continue
+        members = set(block.nodes)
+        linears = [nodes[n] for n in block.nodes if nodes[n].target == aten.linear.default]
+        if len(linears) != 2 or len(block.outputs) != 1 or block.outputs[0] != linears[1].name:
+            skipped[block.name] = f"expected two linears ending the block, found {len(linears)}"
+            continue
+        up, down = linears
+        hidden = down.args[0]
+        inner = hidden
+        while inner.target in _PASS_THROUGH:
+            inner = inner.args[0]
+        geglu = inner.target == aten.mul.Tensor
+        if geglu:
+            value, gelu = inner.args
+            if not (isinstance(gelu, torch.fx.Node) and gelu.target == aten.gelu.default):
+                value, gelu = gelu, value
+            ok = (isinstance(gelu, torch.fx.Node) and gelu.target == aten.gelu.default
+                  and _chunk_half(value, up) == 0 and _chunk_half(gelu.args[0], up) == 1)
+        else:
+            gelu = inner
+            ok = gelu.target == aten.gelu.default and gelu.args[0] is up
+        if not ok or any(n.name not in members for n in (hidden, gelu)) or len(up.users) != 1 or \
+                not isinstance(up.args[1], torch.fx.Node) or up.args[1].op != "get_attr" or \
+                not isinstance(down.args[1], torch.fx.Node) or down.args[1].op != "get_attr":
+            skipped[block.name] = "not Linear -> GELU/GEGLU -> Linear with weights of its own"
+            continue
+        found.append(DenseFFN(block.name, up, gelu, hidden, down, geglu))
+    return found, skipped
+
+
+def _chunk_half(node: Any, up: torch.fx.Node) -> int | None:
+    """Which half of `up`'s output `node` is, when it is getitem(chunk(up, 2, -1), i)."""
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and len(node.args) == 2):
+        return None
+    chunk, index = node.args
+    if not (isinstance(chunk, torch.fx.Node) and chunk.target == aten.chunk.default and chunk.args[0] is up
+            and chunk.args[1] == 2 and (chunk.args[2] if len(chunk.args) > 2 else 0) in (-1, len(_shape(up)) - 1)):
+        return None
+    return int(index)
+
+
+def _weight(dg: DiffusionGraph, linear: torch.fx.Node) -> torch.Tensor:
+    return attr_value(dg.module, linear.args[1].target)
+
+
+def _bias(dg: DiffusionGraph, linear: torch.fx.Node) -> torch.Tensor | None:
+    if len(linear.args) < 3 or linear.args[2] is None:
+        return None
+    return attr_value(dg.module, linear.args[2].target)
+
+
+def _shape(node: torch.fx.Node) -> tuple[int, ...]:
+    return tuple(node.meta["tensor_meta"].shape)
+
+
+# --- experts ------------------------------------------------------------------------------------
+
+def split_experts(activations: torch.Tensor, down_weight: torch.Tensor, parts: int, shared: bool,
+                  max_tokens: int, seed: int) -> tuple[list[int] | None, list[list[int]]]:
+    """(shared neurons or None, routed experts as neuron lists): the shared expert takes the
+    neurons of highest Taylor importance, the rest are clustered by co-activation into equal parts."""
+    from sklearn.cluster import KMeans
+
+    width = activations.shape[1]
+    if width < parts:
+        raise PassError(f"an FFN with {width} hidden neurons cannot be split into {parts} experts; lower experts")
+    generator = torch.Generator().manual_seed(seed)
+    if activations.shape[0] > max_tokens:
+        activations = activations[torch.randperm(activations.shape[0], generator=generator)[:max_tokens]]
+    importance = activations.double().pow(2).mean(0) * down_weight.double().pow(2).sum(0)
+    sizes = [width // parts + (1 if k < width % parts else 0) for k in range(parts)]
+    remaining = list(range(width))
+    shared_neurons = None
+    if shared:
+        order = torch.argsort(importance, descending=True).tolist()
+        shared_neurons = sorted(order[:sizes[0]])
+        remaining = sorted(order[sizes[0]:])
+        sizes = sizes[1:]
+    pattern = activations[:, remaining].abs().double().T
+    pattern = (pattern / pattern.norm(dim=1, keepdim=True).clamp_min(1e-12)).numpy()
+    centers = KMeans(n_clusters=len(sizes), n_init=4, random_state=seed).fit(pattern).cluster_centers_
+    distance = ((pattern[:, None, :] - centers[None, :, :]) ** 2).sum(-1)
+    experts: list[list[int]] = [[] for _ in sizes]
+    assigned: set[int] = set()
+    for flat in np.argsort(distance, axis=None):
+        row, cluster = divmod(int(flat), len(sizes))
+        if row in assigned or len(experts[cluster]) >= sizes[cluster]:
+            continue
+        experts[cluster].append(remaining[row])
+        assigned.add(row)
+    return shared_neurons, [sorted(e) for e in experts]
+
+
+def choose_active(outputs: list[torch.Tensor], keep: int) -> list[int]:
+    """Indices of the `keep` experts to leave on: drops, one at a time, the expert whose removal
+    adds least to the energy of everything dropped so far (their outputs may cancel)."""
+    dropped: list[int] = []
+    dropped_sum = torch.zeros_like(outputs[0])
+    candidates = list(range(len(outputs)))
+    while len(candidates) > keep:
+        energies = [float((dropped_sum + outputs[e]).pow(2).mean()) for e in candidates]
+        worst = candidates[int(np.argmin(energies))]
+        dropped_sum = dropped_sum + outputs[worst]
+        dropped.append(worst)
+        candidates.remove(worst)
+    return candidates
+
+
+# --- rewrite ------------------------------------------------------------------------------------
+
+@dataclass
+class ConvertedFFN:
+    block: str
+    width: int
+    chain: list[str]            # acc node of each expert, head first
+    sizes: list[int]
+    routed_from: int            # chain[routed_from:] are routable (bypass regions)
+
+
+def convert(dg: DiffusionGraph, ffn: DenseFFN, shared_neurons: list[int] | None,
+            experts: list[list[int]], order: list[int]) -> ConvertedFFN:
+    """Rewrites one FFN into a chain of experts (in place): head = the shared expert, or the
+    first expert of `order`; the rest follow in `order`."""
+    up_w, up_b = _weight(dg, ffn.up), _bias(dg, ffn.up)
+    down_w, down_b = _weight(dg, ffn.down), _bias(dg, ffn.down)
+    width = down_w.shape[1]
+    parts = ([shared_neurons] if shared_neurons is not None else []) + [experts[i] for i in order]
+    x = ffn.up.args[0]
+    graph = dg.graph
+    prefix = ffn.block.replace(".", "_") + "_moe"
+    new_weights: dict[str, torch.Tensor] = {}
+    meta = {k: v for k, v in ffn.down.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
+    out_shape = _shape(ffn.down)
+    dtype = ffn.down.meta["tensor_meta"].dtype
+
+    def node(target: Any, args: tuple[Any, ...], shape: tuple[int, ...] | None, kwargs: Any = None) -> torch.fx.Node:
+        created = graph.call_function(target, args, kwargs or {})
+        created.meta.update(meta)
+        if shape is not None:
+            created.meta["tensor_meta"] = _extract_tensor_metadata(torch.empty(shape, dtype=dtype, device="meta"))
+        return created
+
+    def attr(name: str, tensor: torch.Tensor) -> torch.fx.Node:
+        target = f"{prefix}_{name}"
+        new_weights[target] = tensor.detach().clone().contiguous()
+        dg.module.register_buffer(target, new_weights[target])
+        created = graph.get_attr(target)
+        created.meta["tensor_meta"] = _extract_tensor_metadata(new_weights[target])
+        return created
+
+    chain: list[str] = []
+    acc = None
+    lead = _shape(ffn.down)[:-1]
+    with graph.inserting_before(ffn.down):
+        for index, neurons in enumerate(parts):
+            rows = torch.tensor(neurons)
+            hidden_shape = (*lead, len(neurons))
+            if ffn.geglu:
+                value = node(aten.linear.default, (x, attr(f"e{index}_value_weight", up_w[rows]),
+                                                   *([attr(f"e{index}_value_bias", up_b[rows])] if up_b is not None
+                                                     else [])), hidden_shape)
+                gate = node(aten.linear.default, (x, attr(f"e{index}_gate_weight", up_w[rows + width]),
+                                                  *([attr(f"e{index}_gate_bias", up_b[rows + width])]
+                                                    if up_b is not None else [])), hidden_shape)
+                activated = node(aten.mul.Tensor, (value, node(aten.gelu.default, (gate, *ffn.gelu.args[1:]),
+                                                                 hidden_shape, ffn.gelu.kwargs)), hidden_shape)
+            else:
+                pre = node(aten.linear.default, (x, attr(f"e{index}_up_weight", up_w[rows]),
+                                                 *([attr(f"e{index}_up_bias", up_b[rows])] if up_b is not None
+                                                   else [])), hidden_shape)
+                activated = node(aten.gelu.default, (pre, *ffn.gelu.args[1:]), hidden_shape, ffn.gelu.kwargs)
+            bias = [attr("down_bias", down_b)] if index == 0 and down_b is not None else []
+            out = node(aten.linear.default, (activated, attr(f"e{index}_down_weight", down_w[:, rows]), *bias),
+                       out_shape)
+            acc = out if acc is None else node(aten.add.Tensor, (acc, out), out_shape)
+            chain.append(acc.name)
+    ffn.down.replace_all_uses_with(acc)
+    weights = {n.target: attr_value(dg.module, n.target) for n in graph.nodes
+               if n.op == "get_attr" and n.target not in new_weights}
+    dg.module = torch.fx.GraphModule({**weights, **new_weights}, graph)
+    return ConvertedFFN(ffn.block, width, chain, [len(p) for p in parts], 1)
+
+
+# --- the pass -----------------------------------------------------------------------------------
+
+@register_pass
+class MoePass(Pass):
+    name = "moe"
+    Config = MoeConfig
+    requires = ("calibrated", "full_precision")
+
+    def run(self, dg: DiffusionGraph, ctx: PassContext) -> PassResult:
+        cfg = self.config
+        if dg.step_plan:
+            raise PassError("the graph already has a step plan (cache ran before, or prune with step_groups); "
+                            "run moe before them, e.g. ['moe', 'cache'] needs cache to run alone: use one of them")
+        ctx.calibration.check_compatible(dg)
+        ffns, skipped = find_ffns(dg)
+        if not ffns:
+            reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "the block table lists no FFN"
+            raise PassError(f"{dg.signature.model_class}: no FFN of the form Linear -> GELU/GEGLU -> Linear to "
+                            f"convert ({reasons})")
+        if cfg.active == 1:
+            return PassResult(dg, modified=False, report={
+                "ffns": [f.block for f in ffns], "active": 1.0,
+                "note": "every expert active: nothing to route, the FFNs stay dense (outputs unchanged)"})
+        batch = CalibrationBatch(ctx.calibration, dg, cfg.max_records)
+        ranges = step_ranges(batch.num_steps, cfg.step_groups)
+        hidden = self._hidden(dg, ffns, batch)
+        converted, contributions = [], []
+        for ffn in ffns:
+            activations, steps = hidden[ffn.hidden.name]
+            down_w = _weight(dg, ffn.down).detach()
+            shared, experts = split_experts(activations, down_w, cfg.experts, cfg.shared, cfg.max_tokens, cfg.seed)
+            outputs = [activations[:, e].double() @ down_w[:, e].T.double() for e in experts]
+            energy = [float(o.pow(2).mean()) for o in outputs]
+            order = sorted(range(len(experts)), key=lambda e: -energy[e])
+            if shared is None:
+                # without a shared expert, the most important one heads the chain and stays on
+                head, order = order[0], order[1:]
+                shared, outputs = experts[head], [o for k, o in enumerate(outputs) if k != head]
+                experts = [e for k, e in enumerate(experts) if k != head]
+                order = [k - (k > head) for k in order]
+            item = convert(dg, ffn, shared, experts, order)
+            converted.append(item)
+            contributions.append(([outputs[k] for k in order], steps))
+        _eliminate_dead_code(dg)
+
+        def plan_for(active: float) -> tuple[DiffusionGraph, list[list[list[int]]]]:
+            return self._routed(dg, converted, contributions, ranges, active)
+
+        active = cfg.active
+        report: dict[str, Any] = {"ffns": [c.block for c in converted], "skipped_ffns": skipped,
+                                  "experts": cfg.experts, "shared": cfg.shared,
+                                  "expert_sizes": {c.block: c.sizes for c in converted},
+                                  "step_ranges": ranges, "routing": "per step range (static)"}
+        if active is None:
+            active, report["active_search"] = self._default_active(plan_for, batch, ctx)
+        routed, chosen = plan_for(active)
+        report.update(self._summary(dg, routed, converted, chosen, ranges, active, batch))
+        return PassResult(routed, modified=True, report=report)
+
+    def _hidden(self, dg: DiffusionGraph, ffns: list[DenseFFN],
+                batch: CalibrationBatch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per FFN: hidden activations on the calibration rows as (tokens, neurons), and each token's step."""
+        watch = {f.hidden.name for f in ffns}
+        seen: dict[str, list[torch.Tensor]] = {n: [] for n in watch}
+        for flat in batch.batches:
+            with torch.no_grad():
+                _Observer(dg.module, watch, lambda n, v: seen[n].append(v.detach())).run(*flat)
+        result = {}
+        for name, values in seen.items():
+            tensor = torch.cat(values)
+            per_row = math.prod(tensor.shape[1:-1])
+            result[name] = (tensor.reshape(-1, tensor.shape[-1]), batch.row_steps.repeat_interleave(per_row))
+        return result
+
+    def _routed(self, dg: DiffusionGraph, converted: list[ConvertedFFN],
+                contributions: list[tuple[list[torch.Tensor], torch.Tensor]], ranges: list[tuple[int, int]],
+                active: float) -> tuple[DiffusionGraph, list[list[list[int]]]]:
+        """A copy of the converted graph with a step plan: per step range, per FFN, the routed
+        experts left on. Experts off at every step are removed from the graph."""
+        routed = dg.clone()
+        chosen: list[list[list[int]]] = []
+        for item, (outputs, steps) in zip(converted, contributions):
+            head = item.sizes[0]
+            keep = max(0, min(len(outputs), int(math.floor((active * item.width - head) / item.sizes[1] + 1e-9))))
+            per_range = []
+            for start, end in ranges:
+                mask = (steps >= start) & (steps < end)
+                if not bool(mask.any()):
+                    per_range.append(list(range(len(outputs))))
+                    continue
+                per_range.append(sorted(choose_active([o[mask] for o in outputs], keep)))
+            chosen.append(per_range)
+        nodes = {n.name: n for n in routed.graph.nodes}
+        regions, off_everywhere = [], []
+        variants: dict[str, list[str]] = {FULL: []}
+        for item, per_range in zip(converted, chosen):
+            base = item.chain[0]
+            for expert in range(len(item.chain) - 1):
+                on = [expert in active_set for active_set in per_range]
+                cut = item.chain[expert + 1]
+                if not any(on):
+                    off_everywhere.append((cut, base))
+                    continue
+                if not all(on):
+                    regions.append({"name": _region(item, expert), "cuts": [cut], "bases": {cut: base},
+                                    "mode": BYPASS})
+                base = cut
+        removed = set()
+        for cut, base in off_everywhere:
+            nodes[cut].replace_all_uses_with(nodes[base])
+            removed.add(cut)
+        _eliminate_dead_code(routed)
+        steps: list[str] = []
+        for index, (start, end) in enumerate(ranges):
+            name = f"steps_{start}_{end}"
+            variants[name] = [_region(item, e) for item, per_range in zip(converted, chosen)
+                              for e in range(len(item.chain) - 1)
+                              if e not in per_range[index] and item.chain[e + 1] not in removed]
+            steps += [name] * (end - start)
+        if regions:
+            routed.step_plan = {"regions": regions, "variants": variants,
+                                "schedule": {"default": FULL, "steps": steps, "repeat": False},
+                                "summary": {"pass": "moe", "step_ranges": ranges}}
+        return routed, chosen
+
+    def _default_active(self, plan_for: Any, batch: CalibrationBatch,
+                        ctx: PassContext) -> tuple[float, list[dict[str, Any]]]:
+        """The smallest active share on the grid whose routed model passes the quality bar, by
+        bisection (quality rises with the share); 1.0 (dense) when none does."""
+        cfg = self.config
+        live = ctx.calibration.pipeline is not None and ctx.denoiser_for is not None
+        searched: list[dict[str, Any]] = []
+
+        def passes(active: float) -> bool:
+            routed, _ = plan_for(active)
+            entry: dict[str, Any] = {"active": active}
+            if live:
+                entry["psnr"] = round(trajectory_error(ctx.calibration, ctx.denoiser_for(routed))["psnr"], 3)
+                ok = entry["psnr"] >= cfg.min_psnr
+            else:
+                entry["relative_error"] = round(_plan_error(routed, batch), 6)
+                ok = entry["relative_error"] <= cfg.max_relative_error
+            searched.append({**entry, "passes": ok})
+            return ok
+
+        low, high = -1, len(ACTIVE_GRID)
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if passes(ACTIVE_GRID[middle]) else (middle, high)
+        return (ACTIVE_GRID[high] if high < len(ACTIVE_GRID) else 1.0), searched
+
+    def _summary(self, dense: DiffusionGraph, routed: DiffusionGraph, converted: list[ConvertedFFN],
+                 chosen: list[list[list[int]]], ranges: list[tuple[int, int]], active: float,
+                 batch: CalibrationBatch) -> dict[str, Any]:
+        ffn_params = sum(item.width * _per_neuron(dense, item) for item in converted)
+        total_params = dense.num_parameters()
+        num_steps = max(ranges[-1][1], 1)
+        active_neurons = []
+        for index, (start, end) in enumerate(ranges):
+            on = sum(item.sizes[0] + sum(item.sizes[1 + e] for e in per_range[index])
+                     for item, per_range in zip(converted, chosen))
+            active_neurons.append((on, end - start))
+        mean_on = sum(on * length for on, length in active_neurons) / num_steps
+        all_neurons = sum(item.width for item in converted)
+        inactive_params = (all_neurons - mean_on) * ffn_params / max(all_neurons, 1)
+        groups = [set(range(a, b)) for a, b in ranges]
+        return {
+            "active": active,
+            "active_experts": {item.block: {f"{a}-{b}": per_range[i] for i, (a, b) in enumerate(ranges)}
+                               for item, per_range in zip(converted, chosen)},
+            "ffn_active_share_per_range": [round(on / max(all_neurons, 1), 4) for on, _ in active_neurons],
+            "ffn_active_share": round(mean_on / max(all_neurons, 1), 4),
+            "activated_params_reduction": round(inactive_params / max(total_params, 1), 4),
+            "params": routed.num_parameters(),
+            "relative_error": round(_plan_error(routed, batch), 6),
+            "relative_error_per_range": [round(_plan_error(routed, batch, g), 6) for g in groups],
+        }
+
+
+def _region(item: ConvertedFFN, expert: int) -> str:
+    return f"{item.block.replace('.', '_')}_expert{expert}"
+
+
+def _per_neuron(dg: DiffusionGraph, item: ConvertedFFN) -> float:
+    """Parameters per hidden neuron of a converted FFN (up rows, GEGLU's gate rows, down column)."""
+    prefix = item.block.replace(".", "_") + "_moe_"
+    weights = {k: v for k, v in dg.weights().items() if k.startswith(prefix) and "down_bias" not in k}
+    return sum(v.numel() for v in weights.values()) / max(item.width, 1)
