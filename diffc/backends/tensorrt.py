@@ -66,7 +66,7 @@ class TensorRTBackend(Backend):
         if not torch.cuda.is_available():
             return ("TensorRT runs on NVIDIA GPUs and torch sees no CUDA device; install a CUDA build of torch "
                     "on a machine with an NVIDIA GPU")
-        if precision in LOW_BIT and importlib.util.find_spec("diffc.backends.onnx_qdq") is None:
+        if precision in LOW_BIT and not qdq_lowering_available():
             return (f"trt-{precision} lowers the precision annotations written by the quantization pass to Q/DQ "
                     "ONNX, which this version of diffc does not provide yet; use trt-fp16")
         return None
@@ -122,6 +122,11 @@ class TensorRTBackend(Backend):
                           **{key: entry[key] for key in ("inputs", "outputs", "entries")}}
                    for name, entry in segments.items()}
         return {"engines": engines, "built_for": info.get("built_for", {}), **info.get("settings", {})}
+
+
+def qdq_lowering_available() -> bool:
+    """Whether this diffc has the lowering of precision annotations to Q/DQ ONNX (diffc.backends.onnx_qdq)."""
+    return importlib.util.find_spec("diffc.backends.onnx_qdq") is not None
 
 
 def tensorrt_version() -> str | None:

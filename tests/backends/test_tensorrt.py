@@ -1,0 +1,213 @@
+"""The TensorRT backend. Without TensorRT (this CI): the module imports, trt targets stop before any work
+with the install instructions, and the parts that do not need a GPU (options, optimization-profile
+ranges, the built-for check, saved-engine options) are tested. With a real TensorRT (`pytest -m tensorrt`
+on a CUDA machine): engines are built and run for tiny families and compared to torch."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import diffc
+from diffc import cli
+from diffc.backends import parse_target, tensorrt, valid_targets
+from diffc.backends.tensorrt import (INSTALL_HINT, BuildSettings, TensorRTBackend, check_built_for, dim_value,
+                                     tensorrt_version)
+from diffc.errors import ArtifactError, TargetError
+
+pytestmark_no_trt = pytest.mark.skipif(tensorrt_version() is not None, reason="TensorRT is installed here")
+
+
+@pytestmark_no_trt
+def test_trt_targets_say_how_to_install_tensorrt():
+    for precision in ("fp16", "int8", "fp32"):
+        reason = TensorRTBackend.unavailable_reason(precision)
+        assert reason == INSTALL_HINT
+    assert "pip install tensorrt" in INSTALL_HINT and "NVIDIA GPU" in INSTALL_HINT
+    assert "docs.nvidia.com/deeplearning/tensorrt" in INSTALL_HINT
+    with pytest.raises(TargetError, match="target 'trt-fp16' is not available: TensorRT is not installed"):
+        parse_target("trt-fp16")
+    assert not any(t.startswith("trt") for t in valid_targets())
+
+
+def test_unknown_trt_precision_is_named():
+    assert TensorRTBackend.unavailable_reason("int3") == "the TensorRT backend has no precision 'int3'"
+
+
+@pytestmark_no_trt
+def test_optimize_with_trt_stops_before_any_work(family, monkeypatch):
+    import diffc.api
+
+    monkeypatch.setattr(diffc.api, "capture", lambda *a, **k: pytest.fail("captured before the target was checked"))
+    with pytest.raises(TargetError, match="pip install tensorrt"):
+        diffc.optimize(family("dit")[0], target="trt-fp16", passes=[])
+
+
+@pytestmark_no_trt
+def test_cli_optimize_with_trt_stops_before_loading_the_model(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_load_pipeline", lambda *a: pytest.fail("loaded a model before the target was checked"))
+    assert cli.main(["optimize", "--target", "trt-fp16"]) == 2
+    error = capsys.readouterr().err
+    assert "diffc: error: target 'trt-fp16' is not available: TensorRT is not installed" in error
+    assert "pip install tensorrt" in error
+    assert cli.main(["export", "digits-unet", "--target", "trt-int8", "--out", "unused"]) == 2
+    assert "pip install tensorrt" in capsys.readouterr().err
+
+
+def test_low_bit_trt_targets_need_the_q_dq_lowering(monkeypatch):
+    monkeypatch.setattr(tensorrt, "tensorrt_version", lambda: "10.13.0.35")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tensorrt, "qdq_lowering_available", lambda: False)
+    assert TensorRTBackend.unavailable_reason("fp16") is None
+    assert "quantization pass" in TensorRTBackend.unavailable_reason("int8")
+
+
+def test_build_options_are_validated():
+    settings = BuildSettings.from_options({"profiles": {"batch": (1, 2, 4), "height": 32}, "optimization_level": 5,
+                                           "workspace_bytes": 1 << 30, "timing_cache": None, "cuda_graph": True})
+    assert settings.profiles == {"batch": (1, 2, 4), "height": (32, 32, 32)}
+    assert settings.timing_cache is None and settings.cuda_graph and settings.optimization_level == 5
+    assert BuildSettings.from_options(json.loads(json.dumps(settings.to_json()))) == settings
+    for options, message in [({"profile": {}}, "no option profile"),
+                             ({"optimization_level": 7}, "optimization_level must be an integer from 0 to 5"),
+                             ({"workspace_bytes": -1}, "workspace_bytes must be a positive number"),
+                             ({"profiles": {"batch": (4, 2, 8)}}, r"profile 'batch' must be .* min <= opt <= max"),
+                             ({"profiles": {"batch": (1, 2)}}, "profile 'batch' must be")]:
+        with pytest.raises(TargetError, match=message):
+            BuildSettings.from_options(options)
+
+
+def test_dim_values_of_exporter_expressions():
+    sizes = {"batch": 2, "height": 17, "width": 32}
+    assert dim_value("height", sizes) == 17
+    assert dim_value("2*((height - 1)//2) + 2", sizes) == 18
+    assert dim_value("((height//2))*((width//2))", sizes) == 128
+    for bad in ("tokens", "Max(height, 4)", "height ** 2", "__import__('os')"):
+        with pytest.raises(ValueError):
+            dim_value(bad, sizes)
+
+
+def test_profile_ranges_per_onnx_input():
+    inputs = [{"name": "sample", "dims": ["batch", 4, "height", "width"]},
+              {"name": "cached", "dims": ["batch", 64, "(height//2)", "(width//2)"]},
+              {"name": "tokens", "dims": ["batch", "text_len", 32]}]
+    ranges = tensorrt._dim_ranges(inputs, {"batch": (1, 2, 4), "height": (16, 32, 64)},
+                                  {"batch": 2, "height": 16, "width": 16, "text_len": 7}, "main0")
+    assert ranges["sample"] == [(1, 2, 4), (4, 4, 4), (16, 32, 64), (16, 16, 16)]
+    assert ranges["cached"] == [(1, 2, 4), (64, 64, 64), (8, 16, 32), (8, 8, 8)]
+    assert ranges["tokens"] == [(1, 2, 4), (7, 7, 7), (32, 32, 32)]
+    with pytest.raises(TargetError, match=r"segment 'main0': dim 1 of input 'x' is 's77'.*profiles=\{'s77'"):
+        tensorrt._dim_ranges([{"name": "x", "dims": ["batch", "s77"]}], {}, {"batch": 2}, "main0")
+
+
+def test_engines_built_for_another_gpu_or_tensorrt_are_refused():
+    here = {"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "tensorrt": "10.13.0.35"}
+    check_built_for(dict(here), here)
+    for key, other in (("gpu", "NVIDIA L4"), ("compute_capability", "8.9"), ("tensorrt", "10.3.0.26")):
+        with pytest.raises(ArtifactError, match=r"built for .* but this machine has NVIDIA H100.*rebuild them here"):
+            check_built_for({**here, key: other}, here)
+    with pytest.raises(ArtifactError, match="no record of the GPU and TensorRT version"):
+        check_built_for({}, here)
+
+
+def test_saved_engines_come_back_as_compile_options(tmp_path):
+    (tmp_path / "engines").mkdir()
+    (tmp_path / "engines" / "main.plan").write_bytes(b"engine bytes")
+    io = {"inputs": [{"name": "x", "dtype": "FLOAT", "dims": ["batch"]}],
+          "outputs": [{"name": "y", "dtype": "FLOAT", "dims": ["batch"]}],
+          "entries": {"inputs": [{"name": "x", "kind": "tensor", "count": 1}],
+                      "outputs": [{"name": "y", "kind": "tensor", "count": 1}]}}
+    built_for = {"gpu": "g", "compute_capability": "9.0", "tensorrt": "10.13"}
+    manifest = {"plan": {"segments": {"main": {}}},
+                "target": {"info": {"built_for": built_for, "settings": BuildSettings().to_json(),
+                                    "segments": {"main": {"file": "engines/main.plan", **io}}}}}
+    options = TensorRTBackend.artifact_options(tmp_path, manifest)
+    assert options["engines"]["main"] == {"engine": b"engine bytes", **io}
+    assert options["built_for"] == built_for
+    assert BuildSettings.from_options({k: v for k, v in options.items() if k not in ("engines", "built_for")}) \
+        == BuildSettings()
+    manifest["plan"]["segments"]["cache_deep"] = {}
+    with pytest.raises(ArtifactError, match=r"no TensorRT engine for segments \['cache_deep'\]"):
+        TensorRTBackend.artifact_options(tmp_path, manifest)
+
+
+# --- with a real TensorRT on a CUDA GPU -------------------------------------------------------------
+FP16_TOLERANCE = 2e-2  # relative to the output's scale: fp16 accumulation over a tiny model
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float().cpu() - want.float().cpu()).abs().max() / want.abs().max().clamp_min(1e-6))
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["dit", "unet2dcond", "sd3"])
+def test_fp16_engines_match_torch(name, family, tmp_path):
+    model, inputs = family(name)
+    model = copy.deepcopy(model).to("cuda")
+    cuda_inputs = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    with torch.no_grad():
+        want = model(**cuda_inputs, return_dict=False)[0]
+        fast = diffc.optimize(model, target="trt-fp16", passes=[])
+        got = fast(**cuda_inputs, return_dict=False)[0]
+    assert got.device.type == "cuda" and got.shape == want.shape
+    assert _relative_error(got, want) <= FP16_TOLERANCE
+    info = fast._compiled.info
+    assert info["built_for"]["tensorrt"] == tensorrt_version()
+    assert set(fast._compiled.files) == {f"engines/{s}.plan" for s in fast.plan.segments}
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_cached_plan_profiles_and_cuda_graphs(family, tmp_path):
+    """Several segments with state kept on the GPU, a batch range, CUDA-graph replay: the same outputs
+    as the torch backend of the same Plan, step by step; a batch outside the profile is refused."""
+    from diffc.api import _compile_plan
+    from diffc.errors import InputError
+
+    model, inputs = family("dit")
+    model = copy.deepcopy(model).to("cuda")
+    reference = diffc.optimize(model, passes=[{"pass": "cache", "schedule": "uniform", "interval": 2}])
+    plan = reference.plan
+    assert len(plan.segments) > 1
+    fast = _compile_plan(plan, "trt", "fp16", "cuda", profiles={"batch": (1, 2, 4)}, cuda_graph=True,
+                         timing_cache=tmp_path / "timing.cache")
+    assert (tmp_path / "timing.cache").stat().st_size > 0
+    for batch in (2, 4):
+        latent = torch.randn(batch, 4, 8, 8, device="cuda")
+        labels = torch.arange(batch, device="cuda")
+        reference.begin_loop(4)
+        fast.begin_loop(4)
+        for t in (900, 600, 300, 100):
+            timestep = torch.full((batch,), t, device="cuda")
+            want = reference(latent, timestep, labels, return_dict=False)[0]
+            got = fast(latent, timestep, labels, return_dict=False)[0]
+            assert _relative_error(got, want) <= FP16_TOLERANCE
+    with pytest.raises(InputError, match="outside the engine's optimization profile"):
+        fast.begin_loop(1)
+        fast(torch.randn(8, 4, 8, 8, device="cuda"), torch.full((8,), 900, device="cuda"),
+             torch.zeros(8, dtype=torch.long, device="cuda"))
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_saved_engines_load_back_and_refuse_another_machine(family, tmp_path, monkeypatch):
+    from diffc.api import _compile_plan
+    from diffc.runtime import load_plan, read_manifest
+
+    model, inputs = family("dit")
+    model = copy.deepcopy(model).to("cuda")
+    fast = diffc.optimize(model, target="trt-fp16", passes=[])
+    fast.save(tmp_path / "a")
+    manifest = read_manifest(tmp_path / "a")
+    assert manifest["target"]["info"]["built_for"] == tensorrt.machine_description(torch.device("cuda"))
+    options = TensorRTBackend.artifact_options(tmp_path / "a", manifest)
+    loaded = _compile_plan(load_plan(tmp_path / "a", manifest), "trt", "fp16", "cuda", **options)
+    cuda_inputs = {k: v.to("cuda") for k, v in inputs.items()}
+    with torch.no_grad():
+        assert torch.equal(loaded(**cuda_inputs, return_dict=False)[0], fast(**cuda_inputs, return_dict=False)[0])
+    options["built_for"] = {**options["built_for"], "tensorrt": "9.0.0"}
+    with pytest.raises(ArtifactError, match="with TensorRT 9.0.0, but this machine has"):
+        _compile_plan(load_plan(tmp_path / "a", manifest), "trt", "fp16", "cuda", **options)
