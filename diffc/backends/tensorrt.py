@@ -19,6 +19,7 @@ import importlib.util
 import json
 import operator
 import os
+import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -74,9 +75,9 @@ class TensorRTBackend(Backend):
     def compile(self, plan: Plan, precision: str, device: Any = None, compile: bool = False,
                 engines: Mapping[str, Mapping[str, Any]] | None = None, built_for: Mapping[str, str] | None = None,
                 progress_bar: bool = False, **options: Any) -> CompiledPlan:
-        """Builds one engine per segment (or, with `engines` ({segment: {"engine": bytes, "inputs",
-        "outputs", "entries" as segment_io gives them}}) and `built_for` from a saved artifact (see artifact_options), loads them after
-        checking they were built for this GPU and TensorRT version).
+        """Builds one engine per segment, or, given `engines` ({segment: {"engine": bytes, "inputs",
+        "outputs", "entries" as segment_io gives them}}) and `built_for` from a saved artifact (see
+        artifact_options), loads them after checking they were built for this GPU and TensorRT version.
 
         Options: `profiles` {dim name: (min, opt, max) or size} for the ONNX dynamic dims (batch, height,
         width, tokens, text_len; unnamed dims default to the captured example size), `optimization_level`
@@ -246,24 +247,39 @@ def _lower_precision(model: Any, plan: Plan, segment: str, precision: str) -> An
 
 def _build_all(plan: Plan, precision: str, settings: BuildSettings,
                progress_bar: bool) -> tuple[dict[str, bytes], dict[str, dict[str, Any]]]:
+    """Exports, lowers and checks every segment first (cheap, CPU), then builds the engines."""
     import onnx
 
-    engines: dict[str, bytes] = {}
     io: dict[str, dict[str, Any]] = {}
+    lowered: dict[str, Path] = {}
     example_sizes = _example_sizes(plan)
     with tempfile.TemporaryDirectory(prefix="diffc-trt-") as tmp:
         paths = _export_segments(plan, Path(tmp) / "onnx", settings.opset)
-        for name in progress(list(plan.segments), progress_bar, "TensorRT engines", "segment"):
+        for name in plan.segments:
             model = _lower_precision(onnx.load(str(paths[name])), plan, name, precision)
             check_tensorrt_contract(model, precision, segment=name)
             io[name] = segment_io(model, plan, name)
-            ranges = _dim_ranges(io[name]["inputs"], settings.profiles, example_sizes, name)
-            path = Path(tmp) / "lowered" / f"{name}.onnx"
-            path.parent.mkdir(parents=True, exist_ok=True)
+            lowered[name] = Path(tmp) / "lowered" / f"{name}.onnx"
+            lowered[name].parent.mkdir(parents=True, exist_ok=True)
             weights = sum(len(t.raw_data) for t in model.graph.initializer)
-            onnx.save(model, str(path), save_as_external_data=weights >= EXTERNAL_DATA_BYTES)
-            engines[name] = build_engine(path, precision, ranges, settings, name)
+            onnx.save(model, str(lowered[name]), save_as_external_data=weights >= EXTERNAL_DATA_BYTES)
+        _check_profile_names(settings.profiles, io)
+        engines = {}
+        for name in progress(list(plan.segments), progress_bar, "TensorRT engines", "segment"):
+            ranges = _dim_ranges(io[name]["inputs"], settings.profiles, example_sizes, name)
+            engines[name] = build_engine(lowered[name], precision, ranges, settings, name)
     return engines, io
+
+
+def _check_profile_names(profiles: Mapping[str, Any], io: Mapping[str, Mapping[str, Any]]) -> None:
+    """A profile for a dim no segment has dynamic would be silently ignored: refuse it instead."""
+    dynamic = {symbol for segment in io.values() for spec in segment["inputs"] for dim in spec["dims"]
+               if isinstance(dim, str) for symbol in _SYMBOL.findall(dim)}
+    unused = sorted(set(profiles) - dynamic)
+    if unused:
+        raise TargetError(f"profiles were given for {unused}, but no segment has a dynamic dim of that name (the "
+                          f"dynamic dims are {sorted(dynamic) or 'none: the export pinned every dim'}); name one of "
+                          "those, or capture the model with that dim dynamic")
 
 
 def segment_io(model: Any, plan: Plan, name: str) -> dict[str, Any]:
@@ -296,6 +312,7 @@ def _example_sizes(plan: Plan) -> dict[str, int]:
             for dim, size in zip(spec.shape, spec.example_shape) if isinstance(dim, str)}
 
 
+_SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _BINARY: dict[type, Callable[[int, int], int]] = {ast.Add: operator.add, ast.Sub: operator.sub,
                                                   ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
                                                   ast.Mod: operator.mod}

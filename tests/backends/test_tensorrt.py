@@ -211,3 +211,29 @@ def test_saved_engines_load_back_and_refuse_another_machine(family, tmp_path, mo
     options["built_for"] = {**options["built_for"], "tensorrt": "9.0.0"}
     with pytest.raises(ArtifactError, match="with TensorRT 9.0.0, but this machine has"):
         _compile_plan(load_plan(tmp_path / "a", manifest), "trt", "fp16", "cuda", **options)
+
+
+def test_build_pipeline_up_to_the_engine_builder(family, monkeypatch, tmp_path):
+    """Everything before TensorRT's builder runs on the CPU: per-segment export, the contract check, the
+    recorded inputs/outputs and the optimization-profile ranges handed to the builder."""
+    built = {}
+
+    def build_engine(path, precision, ranges, settings, segment):
+        import onnx
+
+        assert onnx.load(str(path)).graph.node and precision == "fp16"
+        built[segment] = ranges
+        return f"engine of {segment}".encode()
+
+    monkeypatch.setattr(tensorrt, "build_engine", build_engine)
+    plan = diffc.optimize(family("dit")[0], passes=[]).plan
+    settings = BuildSettings.from_options({"timing_cache": tmp_path / "cache"})
+    engines, io = tensorrt._build_all(plan, "fp16", settings, progress_bar=False)
+    assert engines == {"main": b"engine of main"}
+    assert [e["name"] for e in io["main"]["entries"]["inputs"]] == list(plan.segments["main"].inputs)
+    assert [spec["name"] for spec in io["main"]["inputs"]] == list(built["main"])
+    example = {spec.name.replace(".", "_x2E_"): tuple(spec.example_shape) for spec in plan.graph.signature.inputs}
+    for name, dims in built["main"].items():
+        assert tuple(low for low, _, _ in dims) == tuple(high for _, _, high in dims) == example[name]
+    with pytest.raises(TargetError, match=r"profiles were given for \['heigth'\], but no segment has a dynamic dim"):
+        tensorrt._check_profile_names({"heigth": (8, 16, 32)}, io)
