@@ -382,11 +382,15 @@ class PrunePass(Pass):
         if not partial:
             return pruned
         alive = {n.name for n in pruned.graph.nodes}
+        rewired = {u.out: u.skip for u in everywhere}
         regions = []
         for unit in partial.values():
-            if unit.out not in alive or unit.skip not in alive:
+            skip = unit.skip
+            while skip in rewired:
+                skip = rewired[skip]
+            if unit.out not in alive or skip not in alive:
                 raise PassError(f"unit {unit.name} lost its nodes to another removal; use step_groups=1")
-            regions.append({"name": unit.name, "cuts": [unit.out], "bases": {unit.out: unit.skip}, "mode": BYPASS})
+            regions.append({"name": unit.name, "cuts": [unit.out], "bases": {unit.out: skip}, "mode": BYPASS})
         variants = {FULL: []}
         steps: list[str] = []
         for (start, end), units in zip(ranges, chosen):

@@ -1,0 +1,197 @@
+import functools
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import diffc
+from diffc.calibration import collect
+from diffc.errors import PassError
+from diffc.ir import lint
+from diffc.ir.partition import build_plan
+from diffc.passes import PassContext, PassManager
+from diffc.passes.prune import CalibrationBatch, PrunePass, Unit, knapsack, remove_units, residual_units
+from tiny_families import first_tensor
+
+
+@functools.lru_cache(maxsize=None)
+def _calibration(family_name, num_steps=4):
+    from conftest import _family
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return collect(_family(family_name)[0], num_steps=num_steps, progress=False)
+
+
+def _run(passes, dg, calibration):
+    return PassManager(passes).run(dg, PassContext(calibration=calibration))
+
+
+@pytest.mark.parametrize("family_name", ["dit", "sd3"])
+def test_pruning_nothing_reproduces_the_model_exactly(family_name, family):
+    model, inputs = family(family_name)
+    fast = diffc.optimize(model, passes=[{"pass": "prune", "amount": 0.0, "additivity_sets": 0}],
+                          calibration=_calibration(family_name))
+    report = fast.report[-1]["report"]
+    assert report["removed"] == [] and report["params_removed"] == 0 and report["relative_error"] == 0.0
+    with torch.no_grad():
+        assert torch.equal(first_tensor(fast(**inputs)), first_tensor(model(**inputs)))
+
+
+def test_residual_units_of_a_dit(captured):
+    dg = captured("dit")
+    units = {u.name: u for u in residual_units(dg)}
+    assert {"transformer_blocks.0", "transformer_blocks.0.attn1", "transformer_blocks.0.ff"} <= set(units)
+    assert units["transformer_blocks.0.ff"].parent == "transformer_blocks.0"
+    block = units["transformer_blocks.1"]
+    assert block.params == dg.block("transformer_blocks.1").num_params  # the whole block dies
+    assert 0 < units["transformer_blocks.1.ff"].params < block.params
+
+
+def test_removal_rewires_the_residual_and_eliminates_dead_code(captured):
+    dg = captured("dit")
+    unit = next(u for u in residual_units(dg) if u.name == "transformer_blocks.1")
+    pruned = remove_units(dg.clone(), [unit])
+    lint(pruned)
+    assert not {b.name for b in pruned.blocks} & {"transformer_blocks.1", "transformer_blocks.1.ff"}
+    assert pruned.num_parameters() == dg.num_parameters() - unit.params
+    names = {n.name for n in pruned.graph.nodes}
+    assert unit.skip in names and not set(dg.block("transformer_blocks.1").nodes) & names
+
+
+def test_prune_structure_numerics_and_report(captured):
+    dg = captured("dit")
+    cal = _calibration("dit")
+    out = _run([{"pass": "prune", "amount": 0.3, "additivity_sets": 6}], dg, cal)
+    lint(out)
+    report = out.applied[-1]["report"]
+    assert report["params_removed_share"] >= 0.3 and report["removed"]
+    assert out.num_parameters() == dg.num_parameters() - report["params_removed"]
+    assert report["additivity"]["sets"] == 6 and -1 <= report["additivity"]["pearson"] <= 1
+    # the reported error is the one the pruned graph makes on the calibration calls
+    batch = CalibrationBatch(cal, dg, 64)
+    assert report["relative_error"] == pytest.approx(batch.error(out.module), rel=1e-4, abs=1e-6)
+    assert 0 < report["relative_error"] < 10
+
+
+def test_flops_target(captured):
+    out = _run([{"pass": "prune", "target": "flops", "amount": 0.25, "additivity_sets": 0}], captured("dit"),
+               _calibration("dit"))
+    assert out.applied[-1]["report"]["flops_removed_share"] >= 0.25
+
+
+def _brute_force(units, scores, weights, need):
+    best = None
+    for size in range(len(units) + 1):
+        for chosen in itertools.combinations(range(len(units)), size):
+            nested = any(units[a].name.startswith(units[b].name + ".") or units[b].name.startswith(units[a].name + ".")
+                         for a in chosen for b in chosen if a != b)
+            if nested or sum(weights[i] for i in chosen) < need:
+                continue
+            cost = sum(scores[i] for i in chosen)
+            if best is None or cost < best[0]:
+                best = (cost, chosen)
+    return best
+
+
+def test_knapsack_is_optimal_on_a_nesting_forest():
+    rng = np.random.default_rng(0)
+    names = ["a", "a.x", "a.y", "b", "b.x", "c", "d", "d.x"]
+    parents = {n: n.rsplit(".", 1)[0] if "." in n else None for n in names}
+    units = [Unit(n, "ffn", n, n, parents[n]) for n in names]
+    for trial in range(20):
+        weights = [float(w) for w in rng.integers(1, 50, len(units))]
+        for i, unit in enumerate(units):  # a parent holds at least its children
+            weights[i] += sum(weights[j] for j, v in enumerate(units) if v.parent == unit.name)
+        scores = list(rng.random(len(units)))
+        need = float(rng.integers(10, 120))
+        expected = _brute_force(units, scores, weights, need)
+        chosen = knapsack(units, scores, weights, need, resolution=2000)
+        assert sum(weights[units.index(u)] for u in chosen) >= need
+        assert sum(scores[units.index(u)] for u in chosen) == pytest.approx(expected[0])
+
+
+def test_step_dependent_pruning_builds_bypass_variants(captured):
+    dg = captured("dit")
+    cal = _calibration("dit")
+    out = _run([{"pass": "prune", "amount": 0.05, "step_groups": 2, "additivity_sets": 0}], dg, cal)
+    lint(out)
+    report = out.applied[-1]["report"]
+    per_range = report["removed_per_steps"]
+    assert len(per_range) == 2
+    plan = build_plan(out)
+    units = {u.name: u for u in residual_units(dg)}
+    batch = CalibrationBatch(cal, dg, 8)
+    inputs = {s.name: t[:2] for s, t in zip(dg.signature.inputs, batch.batches[0])}
+    assert list(per_range) == ["0-2", "2-4"]
+    # ranges that chose different units: shared units leave the graph, the others become bypass regions
+    per_range = {"0-2": ["transformer_blocks.0.attn1", "transformer_blocks.1.ff"],
+                 "2-4": ["transformer_blocks.0.attn1", "transformer_blocks.0.ff"]}
+    planned = PrunePass(amount=0.1)._pruned(dg, [[units[n] for n in v] for v in per_range.values()],
+                                            [(0, 2), (2, 4)], 4)
+    lint(planned)
+    assert sorted(r["name"] for r in planned.step_plan["regions"]) == ["transformer_blocks.0.ff",
+                                                                       "transformer_blocks.1.ff"]
+    assert all(r["mode"] == "bypass" for r in planned.step_plan["regions"])
+    assert "transformer_blocks.0.attn1" not in {b.name for b in planned.blocks}
+    plan = build_plan(planned)
+    assert plan.schedule.steps == ("steps_0_2",) * 2 + ("steps_2_4",) * 2 and not plan.state
+    for steps, removed in per_range.items():
+        # the variant bypassing the range's units computes what the graph without them computes
+        reference = remove_units(dg.clone(), [units[n] for n in removed])
+        got, _ = plan.run(plan.schedule.variant_for(int(steps[0]), 4), inputs, {})
+        with torch.no_grad():
+            assert torch.equal(got[0], reference.module(*inputs.values())[0])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"amount": 1.5}, "share of params to remove"),
+    ({"target": "latency"}, "target must be one of"),
+    ({"kinds": ("conv",)}, "subset of"),
+    ({"amount": 0.99, "additivity_sets": 0}, "lower amount"),
+])
+def test_bad_options_fail_clearly(captured, options, message):
+    with pytest.raises(PassError, match=message):
+        _run([{"pass": "prune", **options}], captured("dit"), _calibration("dit"))
+
+
+def test_needs_calibration_and_an_unplanned_graph(captured):
+    with pytest.raises(PassError, match="requires calibrated"):
+        _run(["prune"], captured("dit"), None)
+    planned = _run([{"pass": "cache", "schedule": "uniform", "interval": 2}], captured("dit"), None)
+    with pytest.raises(PassError, match="run prune first"):
+        _run([{"pass": "prune", "amount": 0.1}], planned, _calibration("dit"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", ["digits-unet", "digits-dit"])
+def test_additive_selection_beats_random_on_default_models(model_name):
+    import diffc.models as dm
+    from diffc.api import compile_graph
+    from diffc.calibration import trajectory_error
+    from diffc.ir import capture, find_denoiser
+
+    pipe = dm.load(model_name)
+    cal = collect(pipe, num_steps=20, progress=False)
+    dg = capture(find_denoiser(pipe)[0])
+    ctx = PassContext(calibration=cal, denoiser_for=lambda c: compile_graph(c, "torch", "fp32"))
+    out = PassManager([{"pass": "prune", "amount": 0.2, "additivity_sets": 0}]).run(dg, ctx)
+    chosen = trajectory_error(cal, compile_graph(out, "torch", "fp32"))["mse"]
+    units = [u for u in residual_units(dg)]
+    rng = np.random.default_rng(0)
+    random_errors = []
+    while len(random_errors) < 5:
+        picked, removed = [], 0
+        for i in rng.permutation(len(units)):
+            unit = units[i]
+            if any(unit.name.startswith(p.name + ".") or p.name.startswith(unit.name + ".") for p in picked):
+                continue
+            picked.append(unit)
+            removed += unit.params
+            if removed >= 0.2 * dg.num_parameters():
+                break
+        pruned = remove_units(dg.clone(), picked)
+        random_errors.append(trajectory_error(cal, compile_graph(pruned, "torch", "fp32"))["mse"])
+    assert chosen < np.median(random_errors)
