@@ -32,6 +32,8 @@ TRITON = "triton"
 TRITON_TYPES = {"FLOAT": "TYPE_FP32", "FLOAT16": "TYPE_FP16", "BFLOAT16": "TYPE_BF16", "DOUBLE": "TYPE_FP64",
                 "INT64": "TYPE_INT64", "INT32": "TYPE_INT32", "INT16": "TYPE_INT16", "INT8": "TYPE_INT8",
                 "UINT8": "TYPE_UINT8", "BOOL": "TYPE_BOOL"}
+# precisions whose segment graphs carry quantization annotations that a plain ONNX export would drop
+LOW_BIT = ("fp8", "int8", "int4", "mixed")
 PLATFORMS = {".onnx": ("onnxruntime_onnx", "model.onnx"), ".plan": ("tensorrt_plan", "model.plan")}
 
 
@@ -86,6 +88,11 @@ def _segment_models(plan: Plan, target: Mapping[str, Any], files: Mapping[str, b
             models[name] = {"platform": platform, "model": filename, "bytes": files[entry["file"]],
                             "inputs": entry["inputs"], "outputs": entry["outputs"], "extra": {}}
         return models
+    if target["precision"] in LOW_BIT:
+        raise ArtifactError(f"the {target['backend']}-{target['precision']} model recorded no per-segment model "
+                            "files, and a plain ONNX export of its segments would serve them unquantized; export an "
+                            f"ort-{target['precision']} or trt-{target['precision']} model, whose segments are "
+                            "compiled to quantized ONNX models or engines")
     import onnx
 
     from ..ir.onnx_export import export_plan

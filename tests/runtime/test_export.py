@@ -230,3 +230,12 @@ def test_cached_plan_exports_one_onnx_model_per_segment(family, tmp_path):
         for t in (900, 600, 300):
             step = {**inputs, "timestep": torch.tensor([t, t])}
             assert torch.equal(first_tensor(back(**step)), first_tensor(fast(**step)))
+
+
+def test_low_bit_models_without_compiled_segment_files_are_refused(exported, tmp_path):
+    """A plain ONNX export of an int8 plan would serve it unquantized: refused, with what to export instead."""
+    fast, _, _ = exported
+    save_artifact(tmp_path / "int8", fast.plan, {"backend": "torch", "precision": "int8", "device": "cpu", "info": {}})
+    with pytest.raises(ArtifactError, match="would serve them unquantized; export an ort-int8 or trt-int8 model"):
+        export_deployment(tmp_path / "int8", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
