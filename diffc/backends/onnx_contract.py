@@ -466,8 +466,10 @@ def _check_block(graph: _Graph, node: Any, kind: str | None, block: int, weight_
         return
     expected = [d // block if i == axis else d for i, d in enumerate(weight_shape)]
     if weight_shape[axis] % block:
+        fitting = max(b for b in range(1, block + 1) if weight_shape[axis] % b == 0 and b & (b - 1) == 0)
         yield Violation(name, "DequantizeLinear", f"weight dim {axis} ({weight_shape[axis]}) is not a multiple of "
-                        f"block_size {block}", "choose a block size that divides the blocked dimension")
+                        f"block_size {block}; TensorRT blocks a dimension into whole blocks",
+                        f"choose a block size that divides the blocked dimension (e.g. {fitting})")
     elif list(scale_shape) != expected:
         yield Violation(name, "DequantizeLinear", f"block scale shape {list(scale_shape)} does not match weight "
                         f"{list(weight_shape)} blocked by {block} along axis {axis} (expected {expected})",

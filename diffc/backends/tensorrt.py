@@ -384,11 +384,14 @@ def build_engine(onnx_path: Path, precision: str, ranges: Mapping[str, Sequence[
                           "passed, so this is a gap in diffc's contract table: report it with this message")
     config = builder.create_builder_config()
     if not strongly_typed:
-        # float targets are weakly typed: the flag lets TensorRT pick FP16/BF16 kernels per layer
+        # float targets are weakly typed: the flag lets TensorRT pick FP16/BF16 kernels per layer;
+        # fp32 means fp32, so TensorRT's default TF32 matrix multiplies are switched off
         if precision == "fp16":
             config.set_flag(trt.BuilderFlag.FP16)
         elif precision == "bf16":
             config.set_flag(trt.BuilderFlag.BF16)
+        elif precision == "fp32":
+            config.clear_flag(trt.BuilderFlag.TF32)
     config.builder_optimization_level = settings.optimization_level
     if settings.workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)

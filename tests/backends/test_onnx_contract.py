@@ -184,3 +184,9 @@ def test_types_and_restrictions_of_the_operator_table():
 def test_unknown_precision_is_refused():
     with pytest.raises(TargetError, match="no precision 'int3'"):
         tensorrt_contract_violations(_qdq_conv(), "int3")
+
+
+def test_int4_blocks_must_divide_the_blocked_dimension():
+    model = _int4_matmul(block_size=128, scale_shape=(1, 16))
+    with pytest.raises(TargetError, match=r"weight dim 0 \(64\) is not a multiple of block_size 128.*\(e.g. 64\)"):
+        check_tensorrt_contract(model, "int4")
