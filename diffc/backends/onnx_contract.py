@@ -447,6 +447,8 @@ def _output_channel_axis(consumer: Any, rank: int) -> int | None:
 
 def _check_block(graph: _Graph, node: Any, kind: str | None, block: int, weight_shape: Any, scale_shape: Any,
                  axis: int) -> Iterator[Violation]:
+    """TensorRT's IDequantizeLayer: block scales have the weight's shape with the blocked dimension divided
+    by the block size, and a rank of at most 2."""
     name = _name(node)
     if kind != "INT4":
         yield Violation(name, "DequantizeLinear", f"block quantization of {kind} weights",
