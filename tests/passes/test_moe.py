@@ -1,0 +1,153 @@
+import functools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import diffc
+from diffc.calibration import collect
+from diffc.errors import PassError
+from diffc.ir import lint
+from diffc.ir.fxutil import attr_value
+from diffc.ir.partition import build_plan
+from diffc.passes import PassContext, PassManager
+from diffc.passes.moe import convert, find_ffns, split_experts
+from diffc.passes.prune import CalibrationBatch, _eliminate_dead_code, _plan_error
+from tiny_families import first_tensor
+
+
+@functools.lru_cache(maxsize=None)
+def _calibration(family_name, num_steps=4):
+    from conftest import _family
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return collect(_family(family_name)[0], num_steps=num_steps, progress=False)
+
+
+def _run(passes, dg, calibration):
+    return PassManager(passes).run(dg, PassContext(calibration=calibration))
+
+
+def test_finds_gelu_and_geglu_ffns(captured):
+    dit, _ = find_ffns(captured("dit"))
+    assert [f.block for f in dit] == ["transformer_blocks.0.ff", "transformer_blocks.1.ff"]
+    assert not dit[0].geglu
+    unet, _ = find_ffns(captured("unet2dcond"))
+    assert unet and all(f.geglu for f in unet)
+
+
+def test_all_experts_active_reproduces_the_model_exactly(family, captured):
+    model, inputs = family("dit")
+    fast = diffc.optimize(model, passes=[{"pass": "moe", "active": 1.0}], calibration=_calibration("dit"))
+    with torch.no_grad():
+        assert torch.equal(first_tensor(fast(**inputs)), first_tensor(model(**inputs)))
+
+
+@pytest.mark.parametrize("family_name", ["dit", "unet2dcond"])
+def test_expert_chain_computes_the_dense_ffn(family_name, captured):
+    """Every expert on: the converted FFNs equal the dense ones up to float summation order."""
+    dg = captured(family_name)
+    converted = dg.clone()
+    generator = torch.Generator().manual_seed(0)
+    for ffn in find_ffns(converted)[0]:
+        width = ffn.down.args[1].meta["tensor_meta"].shape[1]
+        activations = torch.rand(64, width, generator=generator)
+        weight = attr_value(converted.module, ffn.down.args[1].target)
+        shared, experts = split_experts(activations, weight.detach(), 4, True, 64, 0)
+        assert sorted(shared + sum(experts, [])) == list(range(width))
+        convert(converted, ffn, shared, experts, list(range(len(experts))))
+    _eliminate_dead_code(converted)
+    lint(converted)
+    assert converted.num_parameters() == dg.num_parameters()
+    flat = [torch.randn(s.example_shape, generator=generator) if s.dtype.startswith("float")
+            else torch.ones(s.example_shape, dtype=torch.int64) for s in dg.signature.inputs]
+    with torch.no_grad():
+        expected, got = dg.module(*flat)[0], converted.module(*flat)[0]
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_timestep_routing_structure_and_numerics(captured):
+    dg = captured("dit")
+    cal = _calibration("dit")
+    out = _run([{"pass": "moe", "active": 0.5, "experts": 8, "step_groups": 2}], dg, cal)
+    lint(out)
+    report = out.applied[-1]["report"]
+    assert report["ffn_active_share_per_range"] == [0.5, 0.5]
+    assert 0 < report["activated_params_reduction"] < 0.5
+    plan = build_plan(out)
+    if out.step_plan:
+        assert all(r["mode"] == "bypass" for r in out.step_plan["regions"])
+        assert set(plan.variants) == {"full", "steps_0_2", "steps_2_4"} and not plan.state
+        full_segments = len(plan.variants["full"].segments)
+        assert all(len(v.segments) == full_segments for v in plan.variants.values())
+    batch = CalibrationBatch(cal, dg, 64)
+    assert report["relative_error"] == pytest.approx(_plan_error(out, batch), abs=1e-6)
+    assert 0 < report["relative_error"] < 1
+
+
+def test_routed_variant_equals_graph_without_its_experts(captured):
+    """Bypassing an expert region gives exactly what removing that expert from the chain gives."""
+    dg = captured("dit")
+    out = _run([{"pass": "moe", "active": 0.5, "experts": 8, "step_groups": 2}], dg, _calibration("dit"))
+    assert out.step_plan, "the two step ranges of the tiny DiT route different experts"
+    plan = build_plan(out)
+    variant = "steps_2_4"
+    skipped = set(out.step_plan["variants"][variant])
+    reference = out.clone()
+    ref_nodes = {n.name: n for n in reference.graph.nodes}
+    for region in out.step_plan["regions"]:
+        if region["name"] in skipped:
+            cut = region["cuts"][0]
+            ref_nodes[cut].replace_all_uses_with(ref_nodes[region["bases"][cut]])
+    reference.step_plan = None
+    _eliminate_dead_code(reference)
+    generator = torch.Generator().manual_seed(1)
+    inputs = {s.name: (torch.randn(s.example_shape, generator=generator) if s.dtype.startswith("float")
+                       else torch.ones(s.example_shape, dtype=torch.int64)) for s in dg.signature.inputs}
+    got, _ = plan.run(variant, inputs, {})
+    with torch.no_grad():
+        assert torch.equal(got[0], reference.module(*inputs.values())[0])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"experts": 1}, "experts must be >= 2"),
+    ({"active": 0.0}, "active is the share"),
+    ({"experts": 1000}, "cannot be split into 1000 experts"),
+])
+def test_bad_options_fail_clearly(captured, options, message):
+    with pytest.raises(PassError, match=message):
+        _run([{"pass": "moe", "active": 0.5, **options}], captured("dit"), _calibration("dit"))
+
+
+def test_model_without_ffns_fails_clearly(captured):
+    with pytest.raises(PassError, match="no FFN of the form"):
+        _run([{"pass": "moe", "active": 0.5}], captured("unet2d"), _calibration("unet2d"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", ["digits-unet", "digits-dit"])
+def test_half_the_ffn_active_on_default_models(model_name):
+    """Issue 4 asks >= 25 dB at half the FFN parameters active; measured, this is reported."""
+    import diffc.models as dm
+
+    pipe = dm.load(model_name)
+    attribute = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    original = getattr(pipe, attribute)
+
+    def sample():
+        with torch.no_grad():
+            return np.asarray(pipe(class_labels=[0, 3, 5, 7], num_inference_steps=20,
+                                   generator=torch.Generator().manual_seed(1234), output_type="np").images)
+
+    reference = sample()
+    fast = diffc.optimize(pipe, passes=[{"pass": "moe", "active": 0.5}])
+    assert fast.report[-1]["report"]["ffn_active_share"] == 0.5
+    setattr(pipe, attribute, fast)
+    try:
+        images = sample()
+    finally:
+        setattr(pipe, attribute, original)
+    psnr = 10 * np.log10(1 / float(np.mean((images - reference) ** 2)))
+    assert psnr >= 25
