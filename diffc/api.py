@@ -78,6 +78,10 @@ def load(path: str | os.PathLike[str], device: Any = None) -> OptimizedModel:
     target = manifest["target"]
     parse_target(f"{target['backend']}-{target['precision']}")
     options = {k: v for k, v in target.get("info", {}).items() if k == "compile"}
+    # backends that saved compiled files (ONNX models, engines) load those instead of compiling again
+    artifact_options = getattr(get_backend(target["backend"]), "artifact_options", None)
+    if artifact_options is not None:
+        options = artifact_options(path, manifest)
     return _compile_plan(plan, target["backend"], target["precision"], device or target["device"], **options)
 
 

@@ -3,15 +3,14 @@ from __future__ import annotations
 
 from ..errors import TargetError
 from .base import BACKEND_NAMES, PRECISIONS, Backend, Target
+from .onnxruntime import OnnxRuntimeBackend
 from .tensorrt import TensorRTBackend
 from .torch import TorchBackend
 
-BACKENDS: dict[str, type[Backend]] = {"torch": TorchBackend, "trt": TensorRTBackend}
+BACKENDS: dict[str, type[Backend]] = {"torch": TorchBackend, "ort": OnnxRuntimeBackend, "trt": TensorRTBackend}
 
 # Backends this diffc names in its target grammar but does not ship yet, with the reason.
-_NOT_YET = {
-    "ort": "the ONNX Runtime backend is not part of this diffc version yet",
-}
+_NOT_YET: dict[str, str] = {}
 
 
 def parse_target(text: str) -> Target:

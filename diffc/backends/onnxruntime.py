@@ -1,0 +1,275 @@
+"""The ONNX Runtime backend (`ort`, `ort-fp16`, `ort-int8`, ...): one InferenceSession per plan
+segment, built from the segment's ONNX export (diffc.ir.onnx_export.export_plan).
+
+fp16 converts each segment model to float16 (weights and compute); its inputs and outputs are
+float16 too, except the timestep inputs, which OptimizedModel keeps in float32. Low-bit targets
+lower the quantization pass's precision annotations to Q/DQ nodes (diffc.backends.onnx_qdq).
+On a CUDA device the sessions use the CUDA execution provider with IO binding: inputs and outputs
+stay torch CUDA tensors, so cached state never leaves the GPU between segments. The runners take
+and return torch tensors, so Plan.run drives the step schedule across segments unchanged."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._progress import progress
+from ..errors import ArtifactError, InputError, TargetError
+from ..ir import CompiledPlan, Plan, onnx_export
+from ..ir.onnx_export import SEGMENT_METADATA, SIZE, TENSORS, export_plan, segment_values
+from .base import LOW_BIT, Backend
+
+ONNX_DIR = "onnx"
+INSTALL_HINT = ("onnxruntime is not installed; install it with `pip install onnxruntime` "
+                "(`pip install onnxruntime-gpu` for CUDA)")
+_TORCH_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64,
+                 "tensor(int64)": torch.int64, "tensor(int32)": torch.int32, "tensor(bool)": torch.bool,
+                 "tensor(int8)": torch.int8, "tensor(uint8)": torch.uint8}
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "ort"
+
+    @classmethod
+    def unavailable_reason(cls, precision: str) -> str | None:
+        if importlib.util.find_spec("onnxruntime") is None:
+            return INSTALL_HINT
+        if precision in ("fp32", "fp16"):
+            return None
+        if precision in LOW_BIT:
+            if importlib.util.find_spec("diffc.backends.onnx_qdq") is None:
+                return (f"ort-{precision} lowers the precision annotations written by the quantization pass to "
+                        "Q/DQ ONNX, which this version of diffc does not provide yet; use ort-fp32 or ort-fp16")
+            return None
+        return f"the ort backend has no precision {precision!r}; it runs fp32, fp16 and {', '.join(LOW_BIT)}"
+
+    def compile(self, plan: Plan, precision: str, device: Any = None, compile: bool = False,
+                models: Mapping[str, bytes] | None = None, opset: int = 21, progress_bar: bool = False,
+                **options: Any) -> CompiledPlan:
+        """Exports every segment to ONNX, converts it to `precision` and opens one session per
+        segment; given `models` ({segment: ONNX bytes} from a saved artifact, see
+        artifact_options), opens those instead of exporting again."""
+        reason = self.unavailable_reason(precision)
+        if reason:
+            raise TargetError(reason)
+        if compile:
+            raise TargetError("compile=True asks for torch.compile, which does not apply to ONNX Runtime sessions; "
+                              "drop it for ort targets")
+        if options:
+            raise TargetError(f"the ort backend has no option {', '.join(sorted(options))}; it takes `opset`")
+        device = torch.device(device or "cpu")
+        providers = _providers(device)
+        if models is None:
+            models = _export_models(plan, precision, opset, progress_bar)
+        missing = sorted(set(plan.segments) - set(models))
+        if missing:
+            raise ArtifactError(f"no ONNX model for segments {missing}; re-create the artifact with "
+                                "diffc.optimize(..., target='ort...') and fast.save()")
+        runners: dict[str, Any] = {}
+        files: dict[str, bytes] = {}
+        segments: dict[str, Any] = {}
+        with tempfile.TemporaryDirectory(prefix="diffc-ort-") as scratch:
+            for name in plan.segments:
+                rel = f"{ONNX_DIR}/{name}.onnx"
+                path = Path(scratch) / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(models[name])
+                data = models.get(name + ".data")
+                if data is not None:
+                    # ONNX files over 2 GB keep their weights next to them; the session reads them on creation
+                    path.with_name(path.name + ".data").write_bytes(data)
+                    files[rel + ".data"] = data
+                files[rel] = models[name]
+                runners[name] = SegmentSession(name, str(path), device, providers)
+                segments[name] = {"file": rel, **runners[name].io}
+        info = {"opset": opset, "providers": providers, "segments": segments}
+        return CompiledPlan(plan=plan, runners=runners, backend=self.name, precision=precision, device=device,
+                            input_dtype=torch.float16 if precision == "fp16" else torch.float32, files=files,
+                            info=info)
+
+    @classmethod
+    def artifact_options(cls, root: str | os.PathLike[str], manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """The compile options that open a saved artifact's ONNX models (hash-checked by
+        read_manifest) instead of exporting the plan again."""
+        info = manifest["target"].get("info", {})
+        segments = info.get("segments", {})
+        models: dict[str, bytes] = {}
+        for name in manifest["plan"]["segments"]:
+            entry = segments.get(name)
+            if entry is None or entry["file"] not in manifest["files"]:
+                raise ArtifactError(f"the artifact at {root} has no ONNX model for segment {name!r}; re-create it "
+                                    "with diffc.optimize(..., target='ort...') and fast.save()")
+            models[name] = (Path(root) / entry["file"]).read_bytes()
+            if entry["file"] + ".data" in manifest["files"]:
+                models[name + ".data"] = (Path(root) / (entry["file"] + ".data")).read_bytes()
+        return {"models": models, "opset": info.get("opset", 21)}
+
+
+def _providers(device: torch.device) -> list[str]:
+    import onnxruntime
+
+    if device.type == "cpu":
+        return ["CPUExecutionProvider"]
+    if device.type != "cuda":
+        raise TargetError(f"the ort backend runs on cpu or cuda, not {device.type}; pass device='cpu' or 'cuda'")
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        raise TargetError("device cuda was asked for, but this onnxruntime has no CUDAExecutionProvider; "
+                          "install onnxruntime-gpu (pip uninstall onnxruntime && pip install onnxruntime-gpu)")
+    if not torch.cuda.is_available():
+        raise TargetError("device cuda was asked for but torch sees no CUDA GPU; use device='cpu'")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def _export_models(plan: Plan, precision: str, opset: int, progress_bar: bool) -> dict[str, bytes]:
+    """{segment: ONNX bytes} ({segment + ".data": weights} too for models over 2 GB), in `precision`."""
+    import onnx
+
+    models: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory(prefix="diffc-onnx-") as directory:
+        paths = export_plan(plan, directory, opset=opset, show_progress=progress_bar)
+        for name in progress(list(paths), progress_bar, f"ort-{precision}", "segment"):
+            model = onnx.load(str(paths[name]))
+            if precision == "fp16":
+                model = _to_float16(model, plan)
+            elif precision in LOW_BIT:
+                from .onnx_qdq import quantize_segment_onnx
+
+                model = quantize_segment_onnx(model, plan.segments[name].module, plan.graph.annotations, precision)
+            if model.ByteSize() < onnx_export.EXTERNAL_DATA_THRESHOLD:
+                models[name] = model.SerializeToString()
+                continue
+            path = Path(directory) / "large" / f"{name}.onnx"
+            path.parent.mkdir(exist_ok=True)
+            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data")
+            models[name] = path.read_bytes()
+            models[name + ".data"] = path.with_name(path.name + ".data").read_bytes()
+    return models
+
+
+def _to_float16(model: Any, plan: Plan) -> Any:
+    """The model with float16 weights and compute; timestep inputs stay float32 (OptimizedModel
+    passes them in float32), every other float input and output is float16."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    timesteps = {spec.name for spec in plan.graph.signature.inputs if spec.role == "timestep"}
+    entries = json.loads({p.key: p.value for p in model.metadata_props}[SEGMENT_METADATA])
+    keep = segment_values([e for e in entries["inputs"] if e["name"] in timesteps])
+    return convert_float_to_float16(model, keep_io_types=keep)
+
+
+class SegmentSession:
+    """One segment as an InferenceSession: called with the segment's inputs (tensors, lists of
+    tensors, sizes) as torch tensors, returns its outputs the same way."""
+
+    def __init__(self, name: str, path: str, device: torch.device, providers: Sequence[str]) -> None:
+        import onnx
+        import onnxruntime
+
+        from .onnx_contract import onnx_io
+
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        provider_options: list[dict[str, Any]] = [{}] * len(providers)
+        if device.type == "cuda":
+            provider_options = [{"device_id": device.index or 0}, {}]
+        self.name, self.device = name, device
+        self.session = onnxruntime.InferenceSession(path, sess_options=options, providers=list(providers),
+                                                    provider_options=provider_options)
+        proto = onnx.load(path, load_external_data=False)
+        metadata = {p.key: p.value for p in proto.metadata_props}
+        if SEGMENT_METADATA not in metadata:
+            raise ArtifactError(f"the ONNX model of segment {name!r} has no {SEGMENT_METADATA!r} metadata; it was not "
+                                "written by diffc.ir.onnx_export.export_plan. Re-create the artifact.")
+        entries = json.loads(metadata[SEGMENT_METADATA])
+        self.inputs, self.outputs = entries["inputs"], entries["outputs"]
+        self.io = {**onnx_io(proto), "entries": {"inputs": self.inputs, "outputs": self.outputs}}
+        declared = {v.name: v for v in self.session.get_inputs()}
+        self.input_names = segment_values(self.inputs)
+        self.input_types = [_TORCH_DTYPES[declared[n].type] for n in self.input_names]
+        self.input_shapes = [declared[n].shape for n in self.input_names]
+        self.output_names = segment_values(self.outputs)
+        produced = {v.name: v for v in self.session.get_outputs()}
+        self.output_types = [_TORCH_DTYPES[produced[n].type] for n in self.output_names]
+        self._output_shapes: dict[tuple[tuple[int, ...], ...], list[tuple[int, ...]]] = {}
+
+    def __call__(self, *args: Any) -> tuple[Any, ...]:
+        flat = self._flat_inputs(args)
+        results = self._run_cuda(flat) if self.device.type == "cuda" else self._run_cpu(flat)
+        outputs: list[Any] = []
+        position = 0
+        for entry in self.outputs:
+            if entry["kind"] == TENSORS:
+                outputs.append(list(results[position:position + entry["count"]]))
+                position += entry["count"]
+            elif entry["kind"] == SIZE:
+                outputs.append(int(results[position]))
+                position += 1
+            else:
+                outputs.append(results[position])
+                position += 1
+        return tuple(outputs)
+
+    def _flat_inputs(self, args: Sequence[Any]) -> list[torch.Tensor]:
+        if len(args) != len(self.inputs):
+            raise InputError(f"segment {self.name} takes {len(self.inputs)} inputs "
+                             f"({', '.join(e['name'] for e in self.inputs)}), got {len(args)}")
+        flat: list[torch.Tensor] = []
+        for entry, value in zip(self.inputs, args):
+            if entry["kind"] == TENSORS:
+                flat += list(value)
+            elif entry["kind"] == SIZE:
+                # a size crosses as a vector whose length is the size (see diffc.ir.onnx_export)
+                flat.append(torch.empty(int(value), device=self.device))
+            else:
+                flat.append(value)
+        converted = []
+        for name, value, dtype, shape in zip(self.input_names, flat, self.input_types, self.input_shapes):
+            pinned = [(d, want) for d, want in enumerate(shape) if isinstance(want, int)]
+            if value.dim() != len(shape) or any(value.shape[d] != want for d, want in pinned):
+                raise InputError(f"segment {self.name} of this ort model takes {name} with shape {shape}, got "
+                                 f"{tuple(value.shape)}; ONNX export kept only the named dims dynamic. Optimize "
+                                 "again with example_inputs of the size you run.")
+            converted.append(value.detach().to(device=self.device, dtype=dtype).contiguous())
+        return converted
+
+    def _run_cpu(self, flat: list[torch.Tensor]) -> list[torch.Tensor]:
+        results = self.session.run(self.output_names, {n: t.numpy() for n, t in zip(self.input_names, flat)})
+        return [torch.from_numpy(r) for r in results]
+
+    def _run_cuda(self, flat: list[torch.Tensor]) -> list[torch.Tensor]:
+        """IO binding on torch CUDA memory. Output shapes depend on the input shapes only: the first
+        call at new shapes lets ONNX Runtime allocate to learn them, later calls write into torch
+        tensors directly."""
+        index = self.device.index or 0
+        binding = self.session.io_binding()
+        for name, tensor in zip(self.input_names, flat):
+            binding.bind_input(name, "cuda", index, _numpy_dtype(tensor.dtype), tuple(tensor.shape),
+                               tensor.data_ptr())
+        key = tuple(tuple(t.shape) for t in flat)
+        # ONNX Runtime runs on its own stream: the inputs torch is still writing must be ready
+        torch.cuda.current_stream(self.device).synchronize()
+        if key not in self._output_shapes:
+            for name in self.output_names:
+                binding.bind_output(name, "cuda", index)
+            self.session.run_with_iobinding(binding)
+            self._output_shapes[key] = [tuple(v.shape()) for v in binding.get_outputs()]
+            binding.clear_binding_outputs()
+        outputs = [torch.empty(shape, dtype=dtype, device=self.device)
+                   for shape, dtype in zip(self._output_shapes[key], self.output_types)]
+        for name, tensor in zip(self.output_names, outputs):
+            binding.bind_output(name, "cuda", index, _numpy_dtype(tensor.dtype), tuple(tensor.shape),
+                                tensor.data_ptr())
+        self.session.run_with_iobinding(binding)
+        return outputs
+
+
+def _numpy_dtype(dtype: torch.dtype) -> Any:
+    return torch.empty((), dtype=dtype).numpy().dtype
