@@ -54,7 +54,8 @@ def export_deployment(fast_or_artifact: Any, out: str | os.PathLike[str], overwr
         plan = load_plan(root, manifest)
         target = {k: v for k, v in manifest["target"].items() if k != "deployment"}
         files = _backend_files(root, manifest)
-        models = _segment_models(plan, target, files, Path(tmp) / "onnx", opset, progress_bar)
+        models = _exported_models(root, manifest, plan) or _segment_models(plan, target, files, Path(tmp) / "onnx",
+                                                                           opset, progress_bar)
         deployment = {**_triton_repository(plan, models), SCHEDULE: _schedule_json(plan, models).encode()}
         deployment[README] = deployment_readme(plan, target, models).encode()
         files.update(deployment)
@@ -86,24 +87,47 @@ def _segment_models(plan: Plan, target: Mapping[str, Any], files: Mapping[str, b
                                     f"(it serves {', '.join(PLATFORMS)} files)")
             platform, filename = PLATFORMS[suffix]
             models[name] = {"platform": platform, "model": filename, "bytes": files[entry["file"]],
-                            "inputs": entry["inputs"], "outputs": entry["outputs"], "extra": {}}
+                            "inputs": entry["inputs"], "outputs": entry["outputs"], "extra": {},
+                            "entries": entry.get("entries")}
         return models
     if target["precision"] in LOW_BIT:
         raise ArtifactError(f"the {target['backend']}-{target['precision']} model recorded no per-segment model "
                             "files, and a plain ONNX export of its segments would serve them unquantized; export an "
                             f"ort-{target['precision']} or trt-{target['precision']} model, whose segments are "
                             "compiled to quantized ONNX models or engines")
-    import onnx
 
     from ..ir.onnx_export import export_plan
 
     paths = export_plan(plan, directory, opset=opset, show_progress=progress_bar)
-    for name, path in paths.items():
-        io = _onnx_io(onnx.load(str(path), load_external_data=False))
-        extra = {p.name: p.read_bytes() for p in path.parent.glob(path.name + ".data")}
-        models[name] = {"platform": "onnxruntime_onnx", "model": "model.onnx", "bytes": path.read_bytes(),
-                        "inputs": io["inputs"], "outputs": io["outputs"], "extra": extra}
-    return models
+    return {name: _onnx_model(path, list(path.parent.glob(path.name + ".data"))) for name, path in paths.items()}
+
+
+def _exported_models(root: Path, manifest: Mapping[str, Any], plan: Plan) -> dict[str, dict[str, Any]] | None:
+    """The ONNX models an earlier export of this artifact wrote (re-exporting it serves the same files)."""
+    if "deployment" not in manifest["target"]:
+        return None
+    folders = {name: f"{TRITON}/{name}/1/" for name in plan.segments}
+    if not all(folder + "model.onnx" in manifest["files"] for folder in folders.values()):
+        return None
+    return {name: _onnx_model(root / folder / "model.onnx",
+                              [root / rel for rel in manifest["files"]
+                               if rel.startswith(folder) and rel != folder + "model.onnx"])
+            for name, folder in folders.items()}
+
+
+def _onnx_model(path: Path, extra: Sequence[Path]) -> dict[str, Any]:
+    """A segment's ONNX model as the Triton repository serves it, with the exporter's value layout."""
+    import onnx
+
+    from ..ir.onnx_export import SEGMENT_METADATA
+
+    proto = onnx.load(str(path), load_external_data=False)
+    io = _onnx_io(proto)
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    entries = json.loads(metadata[SEGMENT_METADATA]) if SEGMENT_METADATA in metadata else {}
+    return {"platform": "onnxruntime_onnx", "model": "model.onnx", "bytes": path.read_bytes(),
+            "inputs": io["inputs"], "outputs": io["outputs"], "extra": {p.name: p.read_bytes() for p in extra},
+            "entries": {k: entries[k] for k in ("inputs", "outputs") if k in entries} or None}
 
 
 def _onnx_io(model: Any) -> dict[str, list[dict[str, Any]]]:
@@ -161,7 +185,8 @@ def _schedule_json(plan: Plan, models: Mapping[str, Mapping[str, Any]]) -> str:
     segments = {name: {"inputs": list(segment.inputs), "outputs": list(segment.outputs),
                        "triton_model": name,
                        "triton_inputs": [s["name"] for s in models[name]["inputs"]],
-                       "triton_outputs": [s["name"] for s in models[name]["outputs"]]}
+                       "triton_outputs": [s["name"] for s in models[name]["outputs"]],
+                       "values": models[name]["entries"]}
                 for name, segment in plan.segments.items()}
     return json.dumps({"format": DEPLOYMENT_FORMAT,
                        "model_inputs": [{"name": s.name, "role": s.role, "dtype": s.dtype, "shape": list(s.shape)}
@@ -217,7 +242,9 @@ def deployment_readme(plan: Plan, target: Mapping[str, Any], models: Mapping[str
               "by position when the loop has another length, `default` otherwise);",
               "2. call the variant's segments in order; each reads plan values (model inputs, earlier segments' "
               "outputs, kept state) and writes its outputs (`triton_inputs`/`triton_outputs` give the Triton "
-              "tensor names, in the same order as `inputs`/`outputs`);",
+              "tensor names, in the same order as `inputs`/`outputs`; `values` says how a value maps onto "
+              "them: a tensor is one, a list of tensors one per item, a size is an int64 scalar output and, as an "
+              "input, a float vector of that length);",
               "3. return `model_outputs`; keep the values named in `state` for the next step "
               "(on the server side with a BLS model, or in the client).", "",
               "Batch (e.g. classifier-free guidance), resolution and text length are dynamic dims (-1 in the "

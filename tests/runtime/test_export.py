@@ -92,6 +92,9 @@ def test_readme_and_schedule_say_how_to_serve(exported):
     schedule = json.loads((out / "schedule.json").read_text())
     assert schedule["variants"] == {"full": ["main"]} and schedule["schedule"]["default"] == "full"
     assert schedule["segments"]["main"]["triton_model"] == "main"
+    values = schedule["segments"]["main"]["values"]
+    assert [(v["name"], v["kind"]) for v in values["inputs"]] == [
+        ("hidden_states", "tensor"), ("timestep", "tensor"), ("class_labels", "tensor")]
     assert [s["name"] for s in schedule["model_inputs"]] == ["hidden_states", "timestep", "class_labels"]
 
 
@@ -190,6 +193,7 @@ def test_triton_repository_for_a_cached_plan_of_engines(family, tmp_path):
     out = export_deployment(tmp_path / "trt", tmp_path / "deploy")
     schedule = json.loads((out / "schedule.json").read_text())
     assert schedule["state"] == list(plan.state) and len(set(schedule["schedule"]["steps"])) == 2
+    assert all(segment["values"] is None for segment in schedule["segments"].values())  # none recorded here
     for name, segment in plan.segments.items():
         assert (out / f"triton/{name}/1/model.plan").read_bytes() == f"engine of {name}".encode()
         config = _parse_config((out / f"triton/{name}/config.pbtxt").read_text())
