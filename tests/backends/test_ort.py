@@ -1,0 +1,173 @@
+"""The ONNX Runtime backend: outputs match the model (single segment) and the torch backend of the
+same Plan (cached segments over a denoising loop), dynamic batch and resolution, save/load from
+the saved ONNX files, fp16, and clear errors for what it cannot do."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+import diffc
+from diffc.api import compile_graph
+from diffc.backends import parse_target
+from diffc.backends.onnxruntime import OnnxRuntimeBackend
+from diffc.errors import ArtifactError, InputError, TargetError
+from diffc.passes import PassContext, PassManager
+from tiny_families import first_tensor
+
+pytest.importorskip("onnxruntime")
+
+TOL = 1e-4
+
+
+def _call(fast, model, inputs):
+    with torch.no_grad():
+        return first_tensor(fast(**inputs)), first_tensor(model(**inputs))
+
+
+@pytest.fixture(scope="module")
+def dit_ort():
+    """The tiny DiT compiled for ort with no passes (one segment), exported once for the module."""
+    from tiny_families import families
+
+    model, inputs = families()["dit"]
+    return model, inputs, diffc.optimize(model, target="ort", passes=[])
+
+
+def test_single_segment_matches_the_model_at_two_batch_sizes(dit_ort):
+    model, inputs, fast = dit_ort
+    assert fast.target == "ort-fp32" and list(fast.plan.segments) == ["main"]
+    ours, theirs = _call(fast, model, inputs)
+    assert (ours - theirs).abs().max() <= TOL
+    # the export keeps the batch dynamic: the unconditional half of a CFG batch runs alone
+    single = {k: v[:1] for k, v in inputs.items()}
+    ours, theirs = _call(fast, model, single)
+    assert ours.shape[0] == 1 and (ours - theirs).abs().max() <= TOL
+
+
+def test_artifact_loads_its_saved_onnx_and_refuses_a_tampered_one(dit_ort, tmp_path, monkeypatch):
+    model, inputs, fast = dit_ort
+    fast.save(tmp_path / "a")
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert "onnx/main.onnx" in manifest["files"] and manifest["target"]["backend"] == "ort"
+    assert manifest["target"]["info"]["segments"]["main"]["file"] == "onnx/main.onnx"
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("loading an ort artifact exported the plan again")
+
+    monkeypatch.setattr("diffc.backends.onnxruntime.export_plan", no_export)
+    loaded = diffc.load(tmp_path / "a")
+    assert torch.equal(_call(loaded, model, inputs)[0], _call(fast, model, inputs)[0])
+
+    onnx_file = tmp_path / "a" / "onnx" / "main.onnx"
+    data = bytearray(onnx_file.read_bytes())
+    data[-1] ^= 1
+    onnx_file.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="onnx/main.onnx does not match its SHA-256"):
+        diffc.load(tmp_path / "a")
+
+
+def test_cached_plan_matches_the_torch_backend_over_a_loop(captured):
+    """Cached state (the DiT residual of the skipped blocks) and values crossing segments (sizes,
+    lists of chunks) pass between ONNX sessions as they do between torch segments."""
+    dg = PassManager([{"pass": "cache", "schedule": "uniform", "interval": 2}]).run(captured("dit"), PassContext())
+    torch_model = compile_graph(dg, "torch", "fp32")
+    ort_model = compile_graph(dg, "ort", "fp32")
+    assert set(ort_model.plan.segments) == {"main0", "cache_blocks", "apply_blocks", "main1"}
+    generator = torch.Generator().manual_seed(0)
+    latent = torch.randn(2, 4, 8, 8, generator=generator)
+    labels = torch.tensor([1, 2])
+    for fast in (torch_model, ort_model):
+        fast.begin_loop(4)
+    with torch.no_grad():
+        for step, t in enumerate((900.0, 700.0, 500.0, 300.0)):
+            timestep = torch.tensor([t, t])
+            call = {"hidden_states": latent, "timestep": timestep, "class_labels": labels, "return_dict": False}
+            expected, got = torch_model(**call)[0], ort_model(**call)[0]
+            assert (got - expected).abs().max() <= TOL, f"step {step}"
+            assert ort_model.steps.step == step
+    assert set(ort_model._states[""]) == set(ort_model.plan.state)
+
+
+@pytest.mark.slow
+def test_other_resolution_and_batch_on_a_dynamic_unet(family):
+    model, inputs = family("unet2dcond")
+    fast = diffc.optimize(model, target="ort", passes=[])
+    generator = torch.Generator().manual_seed(3)
+    other = {"sample": torch.randn(1, 4, 24, 32, generator=generator), "timestep": torch.tensor([10]),
+             "encoder_hidden_states": torch.randn(1, 7, 32, generator=generator)}
+    for call in (inputs, other):
+        ours, theirs = _call(fast, model, call)
+        assert ours.shape == theirs.shape and (ours - theirs).abs().max() <= TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["unet2dcond", "unet2d", "dit", "pixart", "sd3", "flux"])
+def test_every_family_matches_the_model(name, family):
+    model, inputs = family(name)
+    ours, theirs = _call(diffc.optimize(model, target="ort", passes=[]), model, inputs)
+    assert (ours - theirs).abs().max() <= TOL
+
+
+@pytest.mark.slow
+def test_fp16_is_close_and_keeps_the_timestep_in_fp32(family):
+    model, inputs = family("dit")
+    fast = diffc.optimize(model, target="ort-fp16", passes=[])
+    assert fast.dtype == torch.float16
+    session = fast._compiled.runners["main"].session
+    types = {v.name: v.type for v in session.get_inputs()}
+    assert types == {"hidden_states": "tensor(float16)", "timestep": "tensor(float)", "class_labels": "tensor(int64)"}
+    ours, theirs = _call(fast, model, inputs)
+    assert ours.dtype == torch.float16
+    # float16 keeps ~3 significant digits: the error is bounded relative to the output's scale
+    assert (ours.float() - theirs).abs().max() <= 1e-2 * theirs.abs().max()
+
+
+@pytest.mark.gpu
+def test_cuda_io_binding_matches_cpu(dit_ort):
+    model, inputs, fast = dit_ort
+    cuda = diffc.optimize(model.cuda(), target="ort", passes=[], device="cuda")
+    assert cuda._compiled.info["providers"][0] == "CUDAExecutionProvider"
+    on_gpu = {k: v.cuda() for k, v in inputs.items()}
+    with torch.no_grad():
+        first = first_tensor(cuda(**on_gpu))
+        second = first_tensor(cuda(**on_gpu))  # the second call writes into preallocated torch tensors
+    assert first.is_cuda and torch.equal(first, second)
+    assert (first.cpu() - _call(fast, model.cpu(), inputs)[0]).abs().max() <= 1e-3
+
+
+def test_bad_targets_and_options_are_refused(dit_ort):
+    with pytest.raises(TargetError, match="no precision 'bf16'"):
+        parse_target("ort-bf16")
+    assert parse_target("ort") == parse_target("ort-fp32")
+    _, _, fast = dit_ort
+    backend = OnnxRuntimeBackend()
+    with pytest.raises(TargetError, match="no option profiles"):
+        backend.compile(fast.plan, "fp32", profiles={"batch": (1, 2, 4)})
+    with pytest.raises(TargetError, match="torch.compile"):
+        backend.compile(fast.plan, "fp32", compile=True)
+    with pytest.raises(TargetError, match="runs on cpu or cuda"):
+        backend.compile(fast.plan, "fp32", device="meta")
+
+
+def test_low_bit_needs_the_qdq_lowering_and_onnxruntime(monkeypatch):
+    real = importlib.util.find_spec
+
+    def without(*missing):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a))
+
+    without("diffc.backends.onnx_qdq")
+    assert "Q/DQ ONNX" in OnnxRuntimeBackend.unavailable_reason("int8")
+    assert OnnxRuntimeBackend.unavailable_reason("fp16") is None
+    without("diffc.backends.onnx_qdq", "onnxruntime")
+    assert "pip install onnxruntime" in OnnxRuntimeBackend.unavailable_reason("fp32")
+
+
+def test_inputs_outside_the_pinned_shapes_are_refused(dit_ort):
+    """Where the export pinned a dim, a call at another size names the segment, the input and the fix."""
+    _, inputs, fast = dit_ort
+    runner = fast._compiled.runners["main"]
+    with pytest.raises(InputError, match="segment main of this ort model takes hidden_states with shape"):
+        runner(torch.randn(2, 4, 6, 8), inputs["timestep"].float(), inputs["class_labels"])
