@@ -427,16 +427,43 @@ def _save_timing_cache(cache: "trt.ITimingCache", path: Path) -> None:
     os.replace(staging, path)  # atomic: concurrent builds never read half a cache
 
 
+def flatten_values(entries: Sequence[Mapping[str, Any]], values: Sequence[Any],
+                   device: torch.device) -> list[torch.Tensor]:
+    """A segment's input values as engine tensors, laid out as the exporter's entries say: a tensor is one,
+    a list of tensors one per item, a size a float vector of that length (its shape carries it)."""
+    flat: list[torch.Tensor] = []
+    for entry, value in zip(entries, values):
+        if entry["kind"] == "tensors":
+            flat += list(value)
+        elif entry["kind"] == "size":
+            flat.append(torch.empty(int(value), device=device))
+        else:
+            flat.append(value)
+    return flat
+
+
+def regroup_values(entries: Sequence[Mapping[str, Any]], outputs: Sequence[torch.Tensor]) -> tuple[Any, ...]:
+    """Engine output tensors back as the segment's values: lists regrouped, sizes (int64 scalars) as ints."""
+    values: list[Any] = []
+    position = 0
+    for entry in entries:
+        if entry["kind"] == "tensors":
+            values.append(list(outputs[position:position + int(entry["count"])]))
+            position += int(entry["count"])
+        else:
+            values.append(int(outputs[position].item()) if entry["kind"] == "size" else outputs[position])
+            position += 1
+    return tuple(values)
+
+
 def _shape(dims: "trt.Dims") -> tuple[int, ...]:
     return tuple(dims[i] for i in range(len(dims)))
 
 
 class EngineRunner:
     """Runs one segment's engine on torch CUDA tensors, called like the segment (its values in, a tuple of
-    its values out, all on the GPU). The exporter's entries say how values map onto engine tensors: a
-    tensor is one, a list of tensors one per item, a size travels as a float vector of that length (its
-    shape carries it) in and an int64 scalar out. Inputs outside the engine's optimization profile raise
-    InputError naming the option that widens it."""
+    its values out, all on the GPU; see flatten_values and regroup_values for lists and sizes). Inputs
+    outside the engine's optimization profile raise InputError naming the option that widens it."""
 
     def __init__(self, engine: bytes, segment: str, io: Mapping[str, Any], device: torch.device,
                  cuda_graph: bool = False) -> None:
@@ -467,36 +494,14 @@ class EngineRunner:
         if len(values) != len(self.entries["inputs"]):
             raise InputError(f"segment {self.segment!r} takes {len(self.entries['inputs'])} values, got {len(values)}")
         with torch.cuda.device(self.device):
-            tensors = [self._conform(name, t) for name, t in zip(self.inputs, self._flatten(values))]
+            flat = flatten_values(self.entries["inputs"], values, self.device)
+            tensors = [self._conform(name, t) for name, t in zip(self.inputs, flat)]
             if self.cuda_graph:
                 outputs = self._replay(tensors)
             else:
                 outputs = self._bind(tensors)
                 self._enqueue()
-        return self._regroup(outputs)
-
-    def _flatten(self, values: Sequence[Any]) -> list[torch.Tensor]:
-        flat: list[torch.Tensor] = []
-        for entry, value in zip(self.entries["inputs"], values):
-            if entry["kind"] == "tensors":
-                flat += list(value)
-            elif entry["kind"] == "size":
-                flat.append(torch.empty(int(value), device=self.device))
-            else:
-                flat.append(value)
-        return flat
-
-    def _regroup(self, outputs: Sequence[torch.Tensor]) -> tuple[Any, ...]:
-        values: list[Any] = []
-        position = 0
-        for entry in self.entries["outputs"]:
-            if entry["kind"] == "tensors":
-                values.append(list(outputs[position:position + int(entry["count"])]))
-                position += int(entry["count"])
-            else:
-                values.append(int(outputs[position].item()) if entry["kind"] == "size" else outputs[position])
-                position += 1
-        return tuple(values)
+        return regroup_values(self.entries["outputs"], outputs)
 
     def _conform(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         value = tensor.to(device=self.device, dtype=self._dtypes[name]).contiguous()

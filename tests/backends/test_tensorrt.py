@@ -237,3 +237,13 @@ def test_build_pipeline_up_to_the_engine_builder(family, monkeypatch, tmp_path):
         assert tuple(low for low, _, _ in dims) == tuple(high for _, _, high in dims) == example[name]
     with pytest.raises(TargetError, match=r"profiles were given for \['heigth'\], but no segment has a dynamic dim"):
         tensorrt._check_profile_names({"heigth": (8, 16, 32)}, io)
+
+
+def test_segment_values_map_onto_engine_tensors_and_back():
+    entries = [{"name": "h", "kind": "tensor", "count": 1}, {"name": "chunks", "kind": "tensors", "count": 2},
+               {"name": "n", "kind": "size", "count": 1}]
+    h, a, b = torch.randn(2, 3), torch.randn(1), torch.randn(4)
+    flat = tensorrt.flatten_values(entries, [h, [a, b], 5], torch.device("cpu"))
+    assert [t.shape for t in flat] == [(2, 3), (1,), (4,), (5,)] and flat[0] is h and flat[1] is a
+    values = tensorrt.regroup_values(entries, [h, a, b, torch.tensor(7)])
+    assert values[0] is h and values[1] == [a, b] and values[2] == 7 and isinstance(values[2], int)
