@@ -13,7 +13,7 @@ from diffc.ir.precision import (FORMATS, INT4_BLOCK, PrecisionSpec, fake_quantiz
                                 quantize_weight, simulate, spec_for, weight_bytes)
 from diffc.passes import PassContext, PassManager
 from diffc.passes.quant.layers import PROTECTIONS, quantizable_layers
-from diffc.passes.quant.placement import cheapest_within, pareto_front, place, total
+from diffc.passes.quant.placement import pareto_front, place, total
 from digits_tiny import tiny_digits_pipeline
 
 
@@ -166,9 +166,6 @@ def test_integer_program_matches_brute_force():
         low, high = weights.min(axis=1).sum(), weights.max(axis=1).sum()
         budget = float(rng.uniform(low, high))
         assert total(costs, place(costs, weights, budget)) == pytest.approx(_brute_force(costs, weights, budget))
-        limit = total(costs, place(costs, weights, budget))
-        smallest = total(weights, cheapest_within(costs, weights, limit))
-        assert smallest <= total(weights, place(costs, weights, budget)) + 1e-9
     front = pareto_front(costs, weights, points=6)
     assert all(a[0] < b[0] and a[1] > b[1] for a, b in zip(front, front[1:]))
 

@@ -7,7 +7,8 @@ scale calibrated on the whole denoising trajectory (Q-Diffusion, PTQ4DM: ranges 
 timestep, so statistics cover every timestep group). The target's precision says which formats
 are allowed: int8 / fp8 / int4 quantize every unprotected layer to that format; mixed chooses a
 format per layer minimizing the total HAWQ-v2 sensitivity (Hessian trace x perturbation) under
-a size or estimated-latency budget, solved exactly as an integer program. Layers that carry the
+a size or estimated-latency budget (by default the size of uniform W8A8), solved exactly as an
+integer program. Layers that carry the
 timestep embedding (TFMQ-DM), the first and the last layer stay at the backend's precision; the
 report gives the reason for each, every layer's format, size and sensitivity, the cheap
 layer-output MSE proxy beside it, the Pareto front and the error measured on calibration data."""
@@ -26,7 +27,7 @@ from ..base import Pass, PassConfig, PassContext, PassResult, register_pass
 from .annotate import RANGE_METHODS, activation_scale, annotate
 from .formats import RELATIVE_COST, formats_for
 from .layers import PROTECTIONS, Layer, quantizable_layers
-from .placement import cheapest_within, pareto_front, place, total
+from .placement import pareto_front, place
 from .sensitivity import Sensitivity, measure, sample_calls
 
 SENSITIVITIES = ("hessian", "mse")
@@ -102,11 +103,10 @@ class QuantPass(Pass):
         else:
             reference = next((f for f in (INT8, "fp8") if f in formats), None)
             if reference is None:
-                raise PassError(f"formats {list(formats)} hold neither int8 nor fp8, so there is no W8A8 reference to "
-                                "match by default; give a budget: size_ratio=... or latency_ratio=...")
-            limit = total(objective, [formats.index(reference)] * len(placeable))
-            choice = cheapest_within(objective, sizes, limit)
-            rule = f"smallest placement predicted no worse than uniform {reference}"
+                raise PassError(f"formats {list(formats)} hold neither int8 nor fp8, so there is no W8A8 size to "
+                                "budget by default; give a budget: size_ratio=... or latency_ratio=...")
+            choice = place(objective, sizes, float(sizes[:, formats.index(reference)].sum()))
+            rule = f"minimum predicted error at the size of uniform {reference}"
         chosen = {layer.node: formats[i] for layer, i in zip(placeable, choice)}
         annotate(dg, chosen, scales, cfg.activation_range, {layer.node: rule for layer in placeable})
         report = self._report(dg, ctx, layers, placeable, formats, chosen, sensitivity, sizes, objective, rule)

@@ -45,20 +45,6 @@ def place(costs: np.ndarray, weights: np.ndarray, budget: float, allowed: np.nda
     return choice
 
 
-def cheapest_within(costs: np.ndarray, weights: np.ndarray, max_cost: float,
-                    allowed: np.ndarray | None = None) -> list[int]:
-    """The format index per layer minimising sum(weights) subject to sum(costs) <= max_cost."""
-    costs, weights = np.asarray(costs, float), np.asarray(weights, float)
-    allowed = np.isfinite(costs) if allowed is None else allowed & np.isfinite(costs)
-    one_each, bounds, integrality = _problem(costs, allowed)
-    within = LinearConstraint(np.where(allowed, costs, 0.0).reshape(1, -1), -np.inf,
-                              max_cost * (1 + 1e-9) + 1e-30)
-    choice = _solve(np.where(allowed, weights, 0.0).reshape(-1), [one_each, within], bounds, integrality, costs.shape)
-    if choice is None:
-        raise PassError(f"no placement keeps the predicted error within {max_cost:.3g}")
-    return choice
-
-
 def total(matrix: np.ndarray, choice: list[int]) -> float:
     return float(sum(matrix[layer, index] for layer, index in enumerate(choice)))
 

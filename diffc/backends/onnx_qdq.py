@@ -1,0 +1,209 @@
+"""Precision annotations lowered into an exported ONNX model as QuantizeLinear /
+DequantizeLinear pairs (opset >= 21), the form ONNX Runtime and TensorRT consume:
+
+- a quantized activation: QuantizeLinear -> DequantizeLinear in front of the layer, with the
+  spec's per-tensor scale (int8, or float8e4m3fn);
+- a quantized weight: its initializer replaced by the quantized values and a DequantizeLinear
+  with per-channel scales (int8, float8e4m3fn) or, for int4, blocked scales (`block_size`);
+- bf16 / fp16 layers: the weight and activation rounded through a Cast pair.
+
+Values and scales come from diffc.ir.precision, so the model computes what the torch
+backend's CPU simulation computes. The exporter re-traces a module and names its nodes afresh,
+so layers are matched by their weights instead: a linear becomes Gemm, or MatMul with a
+transposed constant weight (then Add for the bias), a convolution becomes Conv, and each
+annotated FX node takes the first unclaimed such ONNX node (in graph order) whose constant
+weight holds its weight or its transpose."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.fx
+
+from ..errors import TargetError
+from ..ir.fxutil import attr_value
+from ..ir.precision import (BF16, BLOCKED, FP8, FP16, INT4, INT8, PrecisionSpec, QuantizedWeight, blocked_scales,
+                            precision_specs, quantizable_weight, quantize_weight)
+
+MIN_OPSET = 21
+_LAYER_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def quantize_segment_onnx(model: Any, module: torch.fx.GraphModule, annotations: Mapping[str, Mapping[str, Any]],
+                          precision: str) -> Any:
+    """A copy of `model` (the ONNX export of `module`) with every annotated layer of `module`
+    in Q/DQ form. Raises TargetError when the model's opset is below 21 or an annotated layer
+    cannot be found in it."""
+    import onnx
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < MIN_OPSET:
+        raise TargetError(f"Q/DQ lowering needs ONNX opset >= {MIN_OPSET} (blocked and fp8 DequantizeLinear), the "
+                          f"model has {opset}; export it with opset={MIN_OPSET}")
+    specs = precision_specs(annotations)
+    lowered = onnx.ModelProto()
+    lowered.CopyFrom(model)
+    editor = _GraphEditor(lowered.graph)
+    for node in module.graph.nodes:
+        spec = specs.get(node.name)
+        if spec is None:
+            continue
+        weight_node = quantizable_weight(node)
+        if weight_node is None:
+            raise TargetError(f"node {node.name} carries a precision annotation but is not a linear or 2-d convolution")
+        weight = attr_value(module, weight_node.target).detach().float()
+        layer, flip = editor.claim_layer(node.name, weight)
+        if spec.activation is not None:
+            editor.quantize_input(layer, spec, node.name)
+        if spec.weight is not None:
+            editor.quantize_weight(layer, weight, flip, spec, node.name)
+    editor.drop_unused_initializers()
+    lowered.ir_version = max(lowered.ir_version, 10)  # int4 and blocked DequantizeLinear
+    return lowered
+
+
+class _GraphEditor:
+    def __init__(self, graph: Any) -> None:
+        self.graph = graph
+        self.initializers = {i.name: i for i in graph.initializer}
+        self.claimed: set[str] = set()
+
+    def _producer(self, value: str) -> Any:
+        return next((n for n in self.graph.node if value in n.output), None)
+
+    def _constant_weight(self, layer: Any) -> tuple[str, Any] | None:
+        """The initializer holding a layer's weight and the Transpose between them (or None)."""
+        if len(layer.input) < 2:
+            return None
+        value = layer.input[1]
+        if value in self.initializers:
+            return value, None
+        producer = self._producer(value)
+        if producer is not None and producer.op_type == "Transpose" and producer.input[0] in self.initializers:
+            return producer.input[0], producer
+        return None
+
+    def claim_layer(self, fx_name: str, weight: torch.Tensor) -> tuple[Any, bool]:
+        """The first unclaimed Conv / Gemm / MatMul whose constant weight is `weight` (flip:
+        stored transposed)."""
+        from onnx import numpy_helper
+
+        for layer in self.graph.node:
+            if layer.op_type not in _LAYER_OPS or layer.output[0] in self.claimed:
+                continue
+            constant = self._constant_weight(layer)
+            if constant is None:
+                continue
+            tensor = self.initializers[constant[0]]
+            dims = tuple(tensor.dims)
+            shapes = [(False, tuple(weight.shape))] + ([(True, tuple(weight.t().shape))] if weight.dim() == 2 else [])
+            orientations = [flip for flip, shape in shapes if dims == shape]
+            if not orientations:
+                continue
+            stored = torch.from_numpy(numpy_helper.to_array(tensor).astype(np.float32))
+            for flip in orientations:
+                if torch.allclose(stored, weight.t() if flip else weight, atol=1e-6, rtol=1e-5):
+                    self.claimed.add(layer.output[0])  # SSA: a node's output names it
+                    return layer, flip
+        raise TargetError(f"no Conv, Gemm or MatMul in the ONNX model holds the weight of node {fx_name}; the model "
+                          "is not an export of this graph module (or the exporter changed the weight)")
+
+    def _insert_before(self, layer: Any, nodes: list[Any]) -> None:
+        index = list(self.graph.node).index(layer)
+        for offset, node in enumerate(nodes):
+            self.graph.node.insert(index + offset, node)
+
+    def quantize_input(self, layer: Any, spec: PrecisionSpec, name: str) -> None:
+        from onnx import TensorProto, helper
+
+        source = layer.input[0]
+        activation = spec.activation
+        if activation.dtype in (BF16, FP16):
+            target = TensorProto.BFLOAT16 if activation.dtype == BF16 else TensorProto.FLOAT16
+            nodes = [helper.make_node("Cast", [source], [f"{name}_input_rounded"], to=target, name=f"{name}_input_cast"),
+                     helper.make_node("Cast", [f"{name}_input_rounded"], [f"{name}_input_dq"], to=TensorProto.FLOAT,
+                                      name=f"{name}_input_uncast")]
+        else:
+            zero_type = TensorProto.INT8 if activation.dtype == INT8 else TensorProto.FLOAT8E4M3FN
+            self._add(helper.make_tensor(f"{name}_input_scale", TensorProto.FLOAT, [], [activation.scale]))
+            self._add(helper.make_tensor(f"{name}_input_zero", zero_type, [], [0]))
+            inputs = [f"{name}_input_scale", f"{name}_input_zero"]
+            nodes = [helper.make_node("QuantizeLinear", [source, *inputs], [f"{name}_input_q"], name=f"{name}_input_q"),
+                     helper.make_node("DequantizeLinear", [f"{name}_input_q", *inputs], [f"{name}_input_dq"],
+                                      name=f"{name}_input_dq")]
+        self._insert_before(layer, nodes)
+        layer.input[0] = f"{name}_input_dq"
+
+    def quantize_weight(self, layer: Any, weight: torch.Tensor, flip: bool, spec: PrecisionSpec, name: str) -> None:
+        from onnx import TensorProto, helper
+
+        _, transposed_by = self._constant_weight(layer)
+        scheme = spec.weight
+        q = quantize_weight(weight, scheme)
+        target = f"{name}_weight_dq"
+        if scheme.dtype in (BF16, FP16):
+            target = f"{name}_weight_rounded"  # a constant: rounded once, here
+            self._add(_raw_tensor(target, (q.values.t() if flip else q.values).float(), TensorProto.FLOAT))
+            nodes = []
+        else:
+            values, scale, attributes = _onnx_layout(q, flip)
+            kind = {INT8: TensorProto.INT8, FP8: TensorProto.FLOAT8E4M3FN, INT4: TensorProto.INT4}[scheme.dtype]
+            self._add(_raw_tensor(f"{name}_weight_q", values, kind))
+            self._add(_raw_tensor(f"{name}_weight_scale", scale, TensorProto.FLOAT))
+            self._add(_raw_tensor(f"{name}_weight_zero", torch.zeros(scale.shape), kind))
+            nodes = [helper.make_node("DequantizeLinear",
+                                      [f"{name}_weight_q", f"{name}_weight_scale", f"{name}_weight_zero"], [target],
+                                      name=f"{name}_weight_dq", **attributes)]
+        self._insert_before(transposed_by or layer, nodes)
+        if transposed_by is not None:
+            transposed_by.input[0] = target
+        else:
+            layer.input[1] = target
+
+    def _add(self, tensor: Any) -> None:
+        self.graph.initializer.append(tensor)
+        self.initializers[tensor.name] = tensor
+
+    def drop_unused_initializers(self) -> None:
+        used = {i for n in self.graph.node for i in n.input} | {o.name for o in self.graph.output}
+        keep = [i for i in self.graph.initializer if i.name in used]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(keep)
+
+
+def _onnx_layout(q: QuantizedWeight, flip: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """Quantized values, scales and DequantizeLinear attributes in the layout the ONNX weight
+    has (transposed for a MatMul that multiplies by W^T)."""
+    if q.scheme.granularity == BLOCKED:
+        axis, block = q.scheme.axis, q.scheme.block_size
+        values = q.values.flatten(axis, axis + 1).narrow(axis, 0, q.shape[axis])
+        scale = blocked_scales(q)
+        if flip:
+            values, scale, axis = values.t(), scale.t(), 1 - axis
+        return values.contiguous(), scale.contiguous(), {"axis": axis, "block_size": block}
+    scale = q.scale.reshape(-1)
+    values = q.values.t() if flip else q.values
+    return values.contiguous(), scale.contiguous(), {"axis": 1 if flip else 0}
+
+
+def _raw_tensor(name: str, values: torch.Tensor, kind: int) -> Any:
+    from onnx import TensorProto, helper
+
+    dims = list(values.shape)
+    if kind == TensorProto.INT8:
+        data = values.to(torch.int8).numpy().tobytes()
+    elif kind == TensorProto.FLOAT8E4M3FN:
+        data = values.to(torch.float8_e4m3fn).view(torch.uint8).numpy().tobytes()
+    elif kind == TensorProto.INT4:
+        flat = values.reshape(-1).to(torch.int8)
+        if flat.numel() % 2:
+            flat = torch.cat([flat, flat.new_zeros(1)])
+        nibbles = (flat & 0xF).to(torch.uint8)
+        data = (nibbles[0::2] | (nibbles[1::2] << 4)).numpy().tobytes()
+    else:
+        data = values.to(torch.float32).numpy().tobytes()
+    return helper.make_tensor(name, kind, dims, data, raw=True)
+
+
+__all__ = ["quantize_segment_onnx"]
