@@ -3,16 +3,20 @@ of the captured graph and the original model, at the example shape and at other 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from diffc.errors import CaptureError
 from diffc.ir import onnx_export
-from diffc.ir.onnx_export import export_graph, export_onnx, onnx_names
+from diffc.ir.onnx_export import (SEGMENT_METADATA, export_graph, export_onnx, export_plan, export_segment,
+                                  onnx_names, onnx_safe_name, original_name, segment_values)
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -201,3 +205,66 @@ def test_export_failure_names_op_and_node(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.onnx, "export", fail)
     with pytest.raises(CaptureError, match=re.escape(f"could not export m.onnx to ONNX: op {node.target} in node {node.name}:")):
         export_onnx(module, example, tmp_path / "m.onnx", ["sample", "cond"], ["out"], _TINY_DIMS)
+
+
+@given(st.text(min_size=1, max_size=30))
+def test_onnx_safe_names_are_identifiers_and_reversible(name):
+    safe = onnx_safe_name(name)
+    assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", safe)
+    assert original_name(safe) == name
+
+
+def test_onnx_safe_names_keep_plain_names_readable():
+    assert onnx_safe_name("add_14__delta") == "add_14__delta"
+    assert onnx_safe_name("output.sample") == "output_x2E_sample"
+    assert onnx_safe_name("chunk_1[0]") == "chunk_1_x5B_0_x5D_"
+    assert onnx_safe_name("a_xb") == "a_x5F_xb" and original_name("a_x5F_xb") == "a_xb"
+
+
+# tests/backends/test_ort.py exports a cached plan by default; this checks the files themselves
+@pytest.mark.slow
+def test_export_plan_writes_one_model_per_segment_with_the_segment_values(tmp_path):
+    """A cached UNet plan: every segment exports, names decode to the segment's values, the batch
+    stays dynamic, and each ONNX segment computes what its torch segment computes."""
+    from diffc.ir import capture
+    from diffc.ir.partition import build_plan
+    from diffc.passes import PassContext, PassManager
+    from digits_tiny import tiny_digits_pipeline
+
+    dg = PassManager([{"pass": "cache", "schedule": "uniform", "interval": 2}]).run(
+        capture(tiny_digits_pipeline().unet), PassContext())
+    plan = build_plan(dg)
+    paths = export_plan(plan, tmp_path / "plan")
+    assert set(paths) == set(plan.segments) and len(paths) > 1
+    with pytest.raises(CaptureError, match="no segment 'nope'"):
+        export_segment(plan, "nope", tmp_path / "x.onnx")
+
+    generator = torch.Generator().manual_seed(5)
+    env = {s.name: (torch.randn((3, *s.example_shape[1:]), generator=generator) if s.role != "timestep"
+                    else torch.full((3,), 700.0)) for s in dg.signature.inputs}
+    for name in ("main0", "cache_deep", "main1"):
+        segment = plan.segments[name]
+        proto = onnx.load(str(paths[name]))
+        onnx.checker.check_model(proto, full_check=True)
+        entries = json.loads({p.key: p.value for p in proto.metadata_props}[SEGMENT_METADATA])
+        assert [e["name"] for e in entries["inputs"]] == list(segment.inputs)
+        assert [e["name"] for e in entries["outputs"]] == list(segment.outputs)
+        assert [i.name for i in proto.graph.input] == segment_values(entries["inputs"])
+        assert [o.name for o in proto.graph.output] == segment_values(entries["outputs"])
+        assert {original_name(o.name) for o in proto.graph.output if "_x5B_" not in o.name} <= set(segment.outputs)
+        assert "batch" in {d.dim_param for v in proto.graph.input for d in v.type.tensor_type.shape.dim}
+        with torch.no_grad():
+            expected = segment.module(*[env[i] for i in segment.inputs])
+        session = ort.InferenceSession(str(paths[name]), providers=["CPUExecutionProvider"])
+        feeds = {}
+        for entry, onnx_input in zip(entries["inputs"], proto.graph.input):
+            value = env[entry["name"]]
+            feeds[onnx_input.name] = (np.empty(int(value), np.float32) if entry["kind"] == "size"
+                                      else value.numpy())
+        got = session.run(None, feeds)
+        for entry, value, ours in zip(entries["outputs"], expected, got):
+            if entry["kind"] == "size":
+                assert int(ours) == int(value)
+            else:
+                assert np.abs(ours - value.numpy()).max() <= TOL, (name, entry["name"])
+            env[entry["name"]] = value
