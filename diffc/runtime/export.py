@@ -86,8 +86,11 @@ def _segment_models(plan: Plan, target: Mapping[str, Any], files: Mapping[str, b
                 raise ArtifactError(f"segment {name!r} is compiled to {entry['file']}, which Triton cannot serve "
                                     f"(it serves {', '.join(PLATFORMS)} files)")
             platform, filename = PLATFORMS[suffix]
+            # ONNX models over 2 GB keep their weights in "<file>.data", which they name; it goes beside them
+            data = entry["file"] + ".data"
+            extra = {Path(data).name: files[data]} if data in files else {}
             models[name] = {"platform": platform, "model": filename, "bytes": files[entry["file"]],
-                            "inputs": entry["inputs"], "outputs": entry["outputs"], "extra": {},
+                            "inputs": entry["inputs"], "outputs": entry["outputs"], "extra": extra,
                             "entries": entry.get("entries")}
         return models
     if target["precision"] in LOW_BIT:

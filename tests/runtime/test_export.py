@@ -213,9 +213,11 @@ def test_triton_repository_for_a_cached_plan_of_engines(family, tmp_path):
     assert all(f"engines/{name}.plan" in manifest["files"] for name in plan.segments)
 
 
+@pytest.mark.slow
 def test_cached_plan_exports_one_onnx_model_per_segment(family, tmp_path):
-    """The ONNX path for a plan with several segments: every segment is served, and the configs agree
-    with the exported models."""
+    """The ONNX path for a plan with several segments (exporting each segment takes minutes here, so it
+    runs with -m slow; the default run checks several segments through recorded engines above): every
+    segment is served, the configs agree with the exported models, and the folder loads back."""
     import onnx
 
     model, inputs = family("dit")
