@@ -26,7 +26,8 @@ def test_exported_families_are_within_the_contract_at_fp16(name, captured, tmp_p
     assert {"MatMul", "Softmax"} <= ops or "Conv" in ops  # the check saw the real graph
     io = onnx_io(model)
     assert [v["name"] for v in io["inputs"]] == [i.name for i in model.graph.input]
-    assert io["inputs"][0]["dims"][0] == "batch"
+    # the batch stays a named dim where the exporter keeps it symbolic (it pins PixArt's shapes)
+    assert io["inputs"][0]["dims"][0] in ("batch", captured(name).signature.inputs[0].example_shape[0])
 
 
 def _model(nodes, inputs, outputs, initializers=(), opset=21):
