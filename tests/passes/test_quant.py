@@ -25,7 +25,7 @@ def tiny(tmp_path_factory):
 
 
 def _quantize(dg, calibration, target, **options):
-    return PassManager([{"pass": "quant", "samples": 4, "probes": 2, **options}]).run(
+    return PassManager([{"pass": "quant", "samples": 4, "probes": 2, "trajectories": 1, **options}]).run(
         dg, PassContext(calibration=calibration, target=target))
 
 
@@ -110,6 +110,8 @@ def test_bad_config_and_order(tiny, int8_graph):
     _, calibration = tiny
     with pytest.raises(PassError, match="activation_range"):
         PassManager([{"pass": "quant", "activation_range": "guess"}])
+    with pytest.raises(PassError, match="accumulate"):
+        PassManager([{"pass": "quant", "accumulate": "never"}])
     with pytest.raises(PassError, match="requires full_precision"):
         _quantize(int8_graph, calibration, "torch-int8")  # quantizing twice
     with pytest.raises(PassError, match="requires calibrated"):
@@ -174,3 +176,15 @@ def test_formats_are_plain_data():
     for name in FORMATS:
         spec = spec_for(name, 0.1)
         assert PrecisionSpec.from_json(spec.to_json()) == spec
+
+
+def test_step_and_trajectory_sensitivities_rank_formats_alike(tiny):
+    """Both accumulations see int4 weights as more harmful than int8 ones in every layer."""
+    dg, calibration = tiny
+    for accumulate in ("step", "trajectory"):
+        report = _quantize(dg, calibration, "torch-mixed", formats=("int8", "int4"), size_ratio=0.2,
+                           accumulate=accumulate).applied[-1]["report"]
+        assert report["accumulate"] == accumulate
+        placed = [e for e in report["layers"] if e["format"]]
+        assert all(min(e["sensitivity"].values()) >= 0 for e in placed)
+        assert sum(e["sensitivity"]["int4"] > e["sensitivity"]["int8"] for e in placed) > 0.8 * len(placed)

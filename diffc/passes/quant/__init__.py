@@ -28,7 +28,7 @@ from .annotate import RANGE_METHODS, activation_scale, annotate
 from .formats import RELATIVE_COST, formats_for
 from .layers import PROTECTIONS, Layer, quantizable_layers
 from .placement import pareto_front, place
-from .sensitivity import Sensitivity, measure, sample_calls
+from .sensitivity import ACCUMULATIONS, Sensitivity, measure, sample_calls
 
 SENSITIVITIES = ("hessian", "mse")
 
@@ -39,6 +39,8 @@ class QuantConfig(PassConfig):
     size_ratio: float | None = None
     latency_ratio: float | None = None
     sensitivity: str = "hessian"
+    accumulate: str = "trajectory"
+    trajectories: int = 2
     samples: int = 8
     probes: int = 4
     activation_range: str = "mse"
@@ -54,6 +56,8 @@ class QuantConfig(PassConfig):
         object.__setattr__(self, "protect", tuple(self.protect))
         if self.sensitivity not in SENSITIVITIES:
             raise ValueError(f"sensitivity must be one of {SENSITIVITIES}, got {self.sensitivity!r}")
+        if self.accumulate not in ACCUMULATIONS:
+            raise ValueError(f"accumulate must be one of {ACCUMULATIONS}, got {self.accumulate!r}")
         if self.activation_range not in RANGE_METHODS:
             raise ValueError(f"activation_range must be one of {RANGE_METHODS}, got {self.activation_range!r}")
         unknown = sorted(set(self.protect) - set(PROTECTIONS))
@@ -63,8 +67,8 @@ class QuantConfig(PassConfig):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
-        if self.samples < 1 or self.probes < 1 or self.groups < 1 or self.pareto_points < 2:
-            raise ValueError("samples, probes and groups must be >= 1 and pareto_points >= 2")
+        if min(self.samples, self.probes, self.groups, self.trajectories) < 1 or self.pareto_points < 2:
+            raise ValueError("samples, probes, groups and trajectories must be >= 1 and pareto_points >= 2")
         if not 0 < self.percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
 
@@ -85,7 +89,8 @@ class QuantPass(Pass):
             raise PassError(f"{dg.signature.model_class} has no linear or convolution layer left to quantize "
                             f"({len(layers)} found, all protected); protect fewer layer groups (protect=...)")
         scales = self._activation_scales(dg, ctx, placeable, formats)
-        sensitivity = measure(dg, placeable, formats, scales, ctx.calibration, cfg.samples, cfg.probes, cfg.seed)
+        sensitivity = measure(dg, placeable, formats, scales, ctx.calibration, cfg.samples, cfg.probes, cfg.accumulate,
+                              cfg.trajectories, cfg.seed)
         objective = np.array([[(sensitivity.hessian if cfg.sensitivity == "hessian" else sensitivity.mse)[layer.node][f]
                                for f in formats] for layer in placeable])
         sizes = np.array([[weight_bytes(layer.shape, f) for f in formats] for layer in placeable], float)
@@ -173,6 +178,7 @@ class QuantPass(Pass):
         original = float(sum(weight_bytes(layer.shape, None) for layer in placeable))
         return {
             "target": ctx.target, "formats": list(formats), "placement": rule, "sensitivity": cfg.sensitivity,
+            "accumulate": cfg.accumulate,
             "activation_range": cfg.activation_range, "calibration_calls": sensitivity.calls,
             "hutchinson_probes": sensitivity.probes,
             "layers_quantized": {f: sum(v == f for v in chosen.values()) for f in formats},

@@ -9,9 +9,16 @@ Hutchinson's estimator of each layer's trace needs only vector-Jacobian products
 Tr(J_l^T J_l) = E_u ||J_l^T u||^2 for Rademacher u in output space, one backward pass per probe
 for all layers at once.
 
+What reaches the final image is the denoiser's error summed over the steps, and errors of
+quantized weights add up coherently from step to step (the same weights see similar inputs)
+while activation rounding errors do not. With `accumulate="trajectory"` (the default) the loss
+is therefore the error of the mean output over all recorded steps of a trajectory: one probe u
+per trajectory, J^T u summed over its steps for the weights, and per step (1/S^2 each, S steps)
+for the activations. With `accumulate="step"` each call is its own loss (HAWQ-v2 as published).
+Either way every recorded step, hence every timestep group, weighs the same.
+
 Beside it, the cheap proxy: the mean squared error of each layer's own output when only that
-layer is quantized (same calls). Calls are spread evenly over the trajectory, so every timestep
-group weighs the same."""
+layer is quantized (same calls)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,6 +34,9 @@ from ...ir import DiffusionGraph
 from ...ir.fxutil import attr_value
 from ...ir.precision import fake_quantize_activation, fake_quantize_weight, spec_for
 from .layers import Layer
+
+TRAJECTORY, STEP = "trajectory", "step"
+ACCUMULATIONS = (TRAJECTORY, STEP)
 
 
 @dataclass
@@ -93,8 +103,11 @@ class _Instrumented(torch.fx.Interpreter):
 
 
 def measure(dg: DiffusionGraph, layers: list[Layer], formats: tuple[str, ...], scales: dict[str, dict[str, float]],
-            calibration: CalibrationSet, samples: int, probes: int, seed: int = 0,
-            progress: bool = False) -> Sensitivity:
+            calibration: CalibrationSet, samples: int, probes: int, accumulate: str = TRAJECTORY,
+            trajectories: int = 2, seed: int = 0, progress: bool = False) -> Sensitivity:
+    """Sensitivities from calibration calls: with `accumulate="step"`, `samples` calls spread over
+    the trajectory, each its own loss; with "trajectory", every recorded step of `trajectories`
+    trajectories, the loss being the error of their mean output (see the module docstring)."""
     by_node = {layer.node: layer for layer in layers}
     originals = {layer.node: attr_value(dg.module, layer.weight).detach().float() for layer in layers}
     weights = {node: w.clone().requires_grad_(True) for node, w in originals.items()}
@@ -108,34 +121,69 @@ def measure(dg: DiffusionGraph, layers: list[Layer], formats: tuple[str, ...], s
             quantized[node][name] = wq
             perturbation[node][name] = float((wq - w).double().pow(2).sum())
     generator = torch.Generator().manual_seed(seed)
-    weight_trace = {n: 0.0 for n in by_node}
-    activation_term = {n: {f: 0.0 for f in formats} for n in by_node}
-    activation_trace = {n: 0.0 for n in by_node}
-    mse = {n: {f: 0.0 for f in formats} for n in by_node}
-    calls = sample_calls(calibration, samples)
-    for item, step in progress_bar(calls, progress, "quant sensitivity", "call"):
-        record = next(calibration.records(steps={step}, items={item}))
-        flat = [record.inputs[spec.name] for spec in dg.signature.inputs]
-        runner = _Instrumented(dg.module, by_node, weights, formats, scales, quantized)
-        with torch.enable_grad():
-            output = runner.run(*flat)[0]
-            leaves = [weights[n] for n in by_node] + [runner.deltas[n] for n in by_node]
-            squared = torch.zeros(len(leaves), dtype=torch.float64)
-            for probe in range(probes):
-                u = (torch.randint(0, 2, output.shape, generator=generator) * 2 - 1).to(output.dtype)
-                grads = torch.autograd.grad(output, leaves, grad_outputs=u, retain_graph=probe < probes - 1,
-                                            allow_unused=True)
-                squared += torch.tensor([0.0 if g is None else float(g.double().pow(2).sum()) for g in grads],
-                                        dtype=torch.float64)
-        # Tr(H) = (2/N) E_u ||J^T u||^2 for the mean-squared output error over N elements
-        traces = (2.0 / output.numel()) * squared.numpy() / probes
-        for index, node in enumerate(by_node):
-            weight_trace[node] += traces[index] / originals[node].numel() / len(calls)
-            x_trace = traces[len(by_node) + index] / runner.deltas[node].numel()
-            activation_trace[node] += x_trace / len(calls)
-            for name in formats:
-                activation_term[node][name] += x_trace * runner.activation_error[node][name] / len(calls)
-                mse[node][name] += runner.output_mse[node][name] / len(calls)
-    hessian = {n: {f: weight_trace[n] * perturbation[n][f] + activation_term[n][f] for f in formats} for n in by_node}
-    return Sensitivity(hessian, mse, weight_trace, activation_trace, perturbation, len(calls), probes)
+    nodes = list(by_node)
+    weight_trace = dict.fromkeys(nodes, 0.0)
+    activation_trace = dict.fromkeys(nodes, 0.0)
+    activation_term = {n: dict.fromkeys(formats, 0.0) for n in nodes}
+    mse = {n: dict.fromkeys(formats, 0.0) for n in nodes}
+    groups = _call_groups(calibration, samples, accumulate, trajectories)
+    total_calls = sum(len(g) for g in groups)
+    bar = progress_bar(range(total_calls), progress, "quant sensitivity", "call")
+    ticks = iter(bar)
+    for calls in groups:
+        # the loss of a group is the error of its mean output: weight errors add up coherently
+        # over its calls (one probe u per group), activation rounding errors do not
+        steps_in_group = len(calls)
+        summed: list[dict[str, torch.Tensor]] = [{} for _ in range(probes)]
+        probes_u: list[torch.Tensor] = []
+        for item, step in calls:
+            next(ticks, None)
+            record = next(calibration.records(steps={step}, items={item}))
+            flat = [record.inputs[spec.name] for spec in dg.signature.inputs]
+            runner = _Instrumented(dg.module, by_node, weights, formats, scales, quantized)
+            with torch.enable_grad():
+                output = runner.run(*flat)[0]
+                if not probes_u:
+                    probes_u = [(torch.randint(0, 2, output.shape, generator=generator) * 2 - 1).to(output.dtype)
+                                for _ in range(probes)]
+                leaves = [weights[n] for n in nodes] + [runner.deltas[n] for n in nodes]
+                activation_squared = dict.fromkeys(nodes, 0.0)
+                for probe, u in enumerate(probes_u):
+                    grads = torch.autograd.grad(output, leaves, grad_outputs=u, retain_graph=probe < probes - 1,
+                                                allow_unused=True)
+                    for index, node in enumerate(nodes):
+                        g = grads[index]
+                        if g is not None:
+                            summed[probe][node] = summed[probe].get(node, 0) + g.detach() / steps_in_group
+                        g = grads[len(nodes) + index]
+                        if g is not None:
+                            activation_squared[node] += float(g.double().pow(2).sum()) / probes
+            # Tr(H) = (2/N) E_u ||J^T u||^2 for the mean squared output error over N elements;
+            # the error of a mean of S calls with independent rounding is 1/S^2 of their sum
+            scale = 2.0 / output.numel() / steps_in_group ** 2 / len(groups)
+            for node in nodes:
+                x_trace = scale * activation_squared[node] / runner.deltas[node].numel()
+                activation_trace[node] += x_trace
+                for name in formats:
+                    activation_term[node][name] += x_trace * runner.activation_error[node][name]
+                    mse[node][name] += runner.output_mse[node][name] / total_calls
+        for node in nodes:
+            squared = sum(float(summed[p][node].double().pow(2).sum()) for p in range(probes) if node in summed[p])
+            weight_trace[node] += 2.0 / output.numel() * squared / probes / originals[node].numel() / len(groups)
+    hessian = {n: {f: weight_trace[n] * perturbation[n][f] + activation_term[n][f] for f in formats} for n in nodes}
+    return Sensitivity(hessian, mse, weight_trace, activation_trace, perturbation, total_calls, probes)
 
+
+def _call_groups(calibration: CalibrationSet, samples: int, accumulate: str,
+                 trajectories: int) -> list[list[tuple[str, int]]]:
+    if accumulate == STEP:
+        return [[call] for call in sample_calls(calibration, samples)]
+    items = calibration.items
+    if not items:
+        raise ValueError("the calibration set holds no recorded calls")
+    picks = np.unique(np.round(np.linspace(0, len(items) - 1, min(trajectories, len(items)))).astype(int))
+    groups = []
+    for index in picks:
+        item = items[int(index)]
+        groups.append([(item["id"], step) for step in sorted({c["step"] for c in item["calls"]})])
+    return groups
