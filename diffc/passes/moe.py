@@ -43,6 +43,7 @@ from .prune import CalibrationBatch, _eliminate_dead_code, _plan_error, step_ran
 aten = torch.ops.aten
 FULL = "full"
 ACTIVE_GRID = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
+ALLOCATIONS = ("global", "per_ffn")
 _PASS_THROUGH = {aten.dropout.default, aten.clone.default, aten.alias.default}
 
 
@@ -50,6 +51,7 @@ _PASS_THROUGH = {aten.dropout.default, aten.clone.default, aten.alias.default}
 class MoeConfig(PassConfig):
     experts: int = 8
     shared: bool = True
+    allocation: str = "global"
     active: float | None = None
     step_groups: int = 4
     min_psnr: float = 30.0
@@ -64,6 +66,8 @@ class MoeConfig(PassConfig):
         if self.active is not None and not 0 < self.active <= 1:
             raise ValueError(f"active is the share of each FFN's hidden neurons active per step, in (0, 1]; "
                              f"got {self.active}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.step_groups < 1 or self.max_records < 1 or self.max_tokens < 1:
             raise ValueError("step_groups, max_records and max_tokens must be >= 1")
 
@@ -316,9 +320,18 @@ class MoePass(Pass):
             converted.append(item)
             contributions.append(([outputs[k] for k in order], steps))
         _eliminate_dead_code(dg)
+        if cfg.allocation == "global":
+            scores = self._expert_scores(dg, converted, batch, ranges)
+
+            def select(active: float) -> list[list[list[int]]]:
+                return _global_selection(converted, scores, active)
+        else:
+            def select(active: float) -> list[list[list[int]]]:
+                return _per_ffn_selection(converted, contributions, ranges, active)
 
         def plan_for(active: float) -> tuple[DiffusionGraph, list[list[list[int]]]]:
-            return self._routed(dg, converted, contributions, ranges, active)
+            chosen = select(active)
+            return self._routed(dg, converted, chosen, ranges), chosen
 
         active = cfg.active
         report: dict[str, Any] = {"ffns": [c.block for c in converted], "skipped_ffns": skipped,
@@ -346,24 +359,28 @@ class MoePass(Pass):
             result[name] = (tensor.reshape(-1, tensor.shape[-1]), batch.row_steps.repeat_interleave(per_row))
         return result
 
-    def _routed(self, dg: DiffusionGraph, converted: list[ConvertedFFN],
-                contributions: list[tuple[list[torch.Tensor], torch.Tensor]], ranges: list[tuple[int, int]],
-                active: float) -> tuple[DiffusionGraph, list[list[list[int]]]]:
+    def _expert_scores(self, dg: DiffusionGraph, converted: list[ConvertedFFN], batch: CalibrationBatch,
+                       ranges: list[tuple[int, int]]) -> list[dict[tuple[int, int], float]]:
+        """scores[g][(ffn, expert)]: relative denoiser output error on the calibration calls of step
+        range g with that one routed expert switched off."""
+        masks = [batch.step_mask(set(range(a, b))) for a, b in ranges]
+        scores: list[dict[tuple[int, int], float]] = [{} for _ in ranges]
+        for index, item in enumerate(converted):
+            for expert in range(len(item.chain) - 1):
+                trial = dg.clone()
+                nodes = {n.name: n for n in trial.graph.nodes}
+                nodes[item.chain[expert + 1]].replace_all_uses_with(nodes[item.chain[expert]])
+                _eliminate_dead_code(trial)
+                errors = batch.row_errors(batch.outputs(trial.module))
+                for g, mask in enumerate(masks):
+                    scores[g][(index, expert)] = float(errors[mask].mean()) if bool(mask.any()) else 0.0
+        return scores
+
+    def _routed(self, dg: DiffusionGraph, converted: list[ConvertedFFN], chosen: list[list[list[int]]],
+                ranges: list[tuple[int, int]]) -> DiffusionGraph:
         """A copy of the converted graph with a step plan: per step range, per FFN, the routed
-        experts left on. Experts off at every step are removed from the graph."""
+        experts left on (`chosen`). Experts off at every step are removed from the graph."""
         routed = dg.clone()
-        chosen: list[list[list[int]]] = []
-        for item, (outputs, steps) in zip(converted, contributions):
-            head = item.sizes[0]
-            keep = max(0, min(len(outputs), int(math.floor((active * item.width - head) / item.sizes[1] + 1e-9))))
-            per_range = []
-            for start, end in ranges:
-                mask = (steps >= start) & (steps < end)
-                if not bool(mask.any()):
-                    per_range.append(list(range(len(outputs))))
-                    continue
-                per_range.append(sorted(choose_active([o[mask] for o in outputs], keep)))
-            chosen.append(per_range)
         nodes = {n.name: n for n in routed.graph.nodes}
         regions, off_everywhere = [], []
         variants: dict[str, list[str]] = {FULL: []}
@@ -395,7 +412,7 @@ class MoePass(Pass):
             routed.step_plan = {"regions": regions, "variants": variants,
                                 "schedule": {"default": FULL, "steps": steps, "repeat": False},
                                 "summary": {"pass": "moe", "step_ranges": ranges}}
-        return routed, chosen
+        return routed
 
     def _default_active(self, plan_for: Any, batch: CalibrationBatch,
                         ctx: PassContext) -> tuple[float, list[dict[str, Any]]]:
@@ -449,6 +466,39 @@ class MoePass(Pass):
             "relative_error": round(_plan_error(routed, batch), 6),
             "relative_error_per_range": [round(_plan_error(routed, batch, g), 6) for g in groups],
         }
+
+
+def _global_selection(converted: list[ConvertedFFN], scores: list[dict[tuple[int, int], float]],
+                      active: float) -> list[list[list[int]]]:
+    """Per step range, switches off the routed experts of least score per neuron across all FFNs
+    (scores taken as additive) until `active` of all hidden neurons are left on."""
+    total = sum(item.width for item in converted)
+    chosen = [[list(range(len(item.chain) - 1)) for _ in scores] for item in converted]
+    for g, range_scores in enumerate(scores):
+        on = total
+        for (index, expert), score in sorted(range_scores.items(),
+                                             key=lambda kv: kv[1] / converted[kv[0][0]].sizes[kv[0][1] + 1]):
+            size = converted[index].sizes[expert + 1]
+            if on - size >= active * total - 1e-9:
+                chosen[index][g].remove(expert)
+                on -= size
+    return chosen
+
+
+def _per_ffn_selection(converted: list[ConvertedFFN], contributions: list[tuple[list[torch.Tensor], torch.Tensor]],
+                       ranges: list[tuple[int, int]], active: float) -> list[list[list[int]]]:
+    """Per FFN and step range, `active` of the FFN's neurons left on: the experts whose dropped
+    outputs add least energy on that range's calibration tokens."""
+    chosen = []
+    for item, (outputs, steps) in zip(converted, contributions):
+        keep = max(0, min(len(outputs), int(math.floor((active * item.width - item.sizes[0]) / item.sizes[1] + 1e-9))))
+        per_range = []
+        for start, end in ranges:
+            mask = (steps >= start) & (steps < end)
+            per_range.append(sorted(choose_active([o[mask] for o in outputs], keep)) if bool(mask.any())
+                             else list(range(len(outputs))))
+        chosen.append(per_range)
+    return chosen
 
 
 def _region(item: ConvertedFFN, expert: int) -> str:

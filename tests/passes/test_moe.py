@@ -12,7 +12,7 @@ from diffc.ir import lint
 from diffc.ir.fxutil import attr_value
 from diffc.ir.partition import build_plan
 from diffc.passes import PassContext, PassManager
-from diffc.passes.moe import convert, find_ffns, split_experts
+from diffc.passes.moe import ConvertedFFN, _global_selection, convert, find_ffns, split_experts
 from diffc.passes.prune import CalibrationBatch, _eliminate_dead_code, _plan_error
 from tiny_families import first_tensor
 
@@ -90,7 +90,8 @@ def test_timestep_routing_structure_and_numerics(captured):
 def test_routed_variant_equals_graph_without_its_experts(captured):
     """Bypassing an expert region gives exactly what removing that expert from the chain gives."""
     dg = captured("dit")
-    out = _run([{"pass": "moe", "active": 0.5, "experts": 8, "step_groups": 2}], dg, _calibration("dit"))
+    out = _run([{"pass": "moe", "active": 0.5, "experts": 8, "step_groups": 2, "allocation": "per_ffn"}], dg,
+               _calibration("dit"))
     assert out.step_plan, "the two step ranges of the tiny DiT route different experts"
     plan = build_plan(out)
     variant = "steps_2_4"
@@ -109,6 +110,16 @@ def test_routed_variant_equals_graph_without_its_experts(captured):
     got, _ = plan.run(variant, inputs, {})
     with torch.no_grad():
         assert torch.equal(got[0], reference.module(*inputs.values())[0])
+
+
+def test_global_allocation_drops_least_score_per_neuron_first():
+    ffns = [ConvertedFFN("a", 8, ["a0", "a1", "a2", "a3"], [2, 2, 2, 2], 1),
+            ConvertedFFN("b", 8, ["b0", "b1", "b2"], [4, 2, 2], 1)]
+    scores = [{(0, 0): 0.1, (0, 1): 0.5, (0, 2): 0.2, (1, 0): 0.05, (1, 1): 0.9},
+              {(0, 0): 0.9, (0, 1): 0.8, (0, 2): 0.7, (1, 0): 0.01, (1, 1): 0.02}]
+    chosen = _global_selection(ffns, scores, 0.5)  # 16 neurons, heads 6: drop 8 of the 10 routed neurons
+    assert chosen == [[[], [0]], [[1], []]]
+    assert _global_selection(ffns, scores, 1.0) == [[[0, 1, 2]] * 2, [[0, 1]] * 2]
 
 
 @pytest.mark.parametrize("options, message", [
