@@ -129,3 +129,16 @@ def test_cuda_layers_match_the_simulation(layer, name):
                          {node.name: {"precision": spec.to_json()}})(x)[0]
     out = module(x.cuda().to(torch.bfloat16)).float().cpu()
     assert (out - reference).abs().max() <= 2e-2 * reference.abs().max()
+
+
+def test_quantized_artifact_round_trips(annotated, tmp_path):
+    from diffc.api import compile_graph
+
+    dg, flat = annotated
+    fast = compile_graph(dg, "torch", "int8")
+    fast.save(tmp_path / "int8")
+    loaded = diffc.load(tmp_path / "int8")
+    assert loaded.target == "torch-int8"
+    call = {"sample": flat[0], "timestep": flat[1], "encoder_hidden_states": flat[2], "return_dict": False}
+    with torch.no_grad():
+        assert torch.equal(loaded(**call)[0], fast(**call)[0])
