@@ -188,3 +188,14 @@ def test_step_and_trajectory_sensitivities_rank_formats_alike(tiny):
         placed = [e for e in report["layers"] if e["format"]]
         assert all(min(e["sensitivity"].values()) >= 0 for e in placed)
         assert sum(e["sensitivity"]["int4"] > e["sensitivity"]["int8"] for e in placed) > 0.8 * len(placed)
+
+
+def test_latency_budget_is_met(tiny):
+    dg, calibration = tiny
+    from diffc.passes.quant.formats import RELATIVE_COST
+
+    quantized = _quantize(dg, calibration, "torch-mixed", latency_ratio=0.7)
+    flops = {layer.node: layer.flops for layer in quantizable_layers(quantized, PROTECTIONS) if not layer.protected}
+    chosen = {e["node"]: e["format"] for e in quantized.applied[-1]["report"]["layers"] if e["format"]}
+    assert sum(flops[n] * RELATIVE_COST[f] for n, f in chosen.items()) <= 0.7 * sum(flops.values()) + 1
+    assert len(set(chosen.values())) > 1

@@ -106,7 +106,7 @@ class QuantPass(Pass):
             choice = place(objective, times, ratio * float(sum(layer.flops for layer in placeable)))
             rule = f"minimum predicted error within latency_ratio={ratio} of bf16 matmul time"
         else:
-            reference = next((f for f in (INT8, "fp8") if f in formats), None)
+            reference = next((f for f in ("int8", "fp8") if f in formats), None)
             if reference is None:
                 raise PassError(f"formats {list(formats)} hold neither int8 nor fp8, so there is no W8A8 size to "
                                 "budget by default; give a budget: size_ratio=... or latency_ratio=...")
