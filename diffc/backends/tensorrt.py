@@ -14,8 +14,6 @@ available) on machines without TensorRT."""
 from __future__ import annotations
 
 import ast
-import importlib
-import importlib.util
 import json
 import operator
 import os
@@ -32,6 +30,7 @@ from .._progress import progress
 from ..errors import ArtifactError, DiffcError, InputError, TargetError
 from ..ir import CompiledPlan, Plan
 from ..ir.onnx_export import EXTERNAL_DATA_THRESHOLD as EXTERNAL_DATA_BYTES
+from ..ir.onnx_export import SEGMENT_METADATA, export_plan
 from .base import LOW_BIT, PRECISIONS, Backend
 from .onnx_contract import check_tensorrt_contract, onnx_io
 
@@ -67,9 +66,6 @@ class TensorRTBackend(Backend):
         if not torch.cuda.is_available():
             return ("TensorRT runs on NVIDIA GPUs and torch sees no CUDA device; install a CUDA build of torch "
                     "on a machine with an NVIDIA GPU")
-        if precision in LOW_BIT and not qdq_lowering_available():
-            return (f"trt-{precision} lowers the precision annotations written by the quantization pass to Q/DQ "
-                    "ONNX, which this version of diffc does not provide yet; use trt-fp16")
         return None
 
     def compile(self, plan: Plan, precision: str, device: Any = None, compile: bool = False,
@@ -123,11 +119,6 @@ class TensorRTBackend(Backend):
                           **{key: entry[key] for key in ("inputs", "outputs", "entries")}}
                    for name, entry in segments.items()}
         return {"engines": engines, "built_for": info.get("built_for", {}), **info.get("settings", {})}
-
-
-def qdq_lowering_available() -> bool:
-    """Whether this diffc has the lowering of precision annotations to Q/DQ ONNX (diffc.backends.onnx_qdq)."""
-    return importlib.util.find_spec("diffc.backends.onnx_qdq") is not None
 
 
 def tensorrt_version() -> str | None:
@@ -227,22 +218,13 @@ def _check_capability(precision: str, device: torch.device) -> None:
                           f"{torch.cuda.get_device_name(device)} has {have[0]}.{have[1]}. Use trt-fp16 or trt-int8")
 
 
-def _exporter() -> Any:
-    # looked up when a build starts, so that importing this module needs only the IR's whole-graph export
-    return importlib.import_module("diffc.ir.onnx_export")
-
-
-def _export_segments(plan: Plan, directory: Path, opset: int) -> dict[str, Path]:
-    paths: dict[str, Path] = _exporter().export_plan(plan, directory, opset=opset)
-    return paths
-
-
 def _lower_precision(model: Any, plan: Plan, segment: str, precision: str) -> Any:
     """The segment's ONNX model with Q/DQ nodes for the quantization pass's precision annotations."""
     if precision not in LOW_BIT:
         return model
-    quantize = importlib.import_module("diffc.backends.onnx_qdq").quantize_segment_onnx
-    return quantize(model, plan.segments[segment].module, plan.graph.annotations, precision)
+    from .onnx_qdq import quantize_segment_onnx
+
+    return quantize_segment_onnx(model, plan.segments[segment].module, plan.graph.annotations, precision)
 
 
 def _build_all(plan: Plan, precision: str, settings: BuildSettings,
@@ -254,7 +236,7 @@ def _build_all(plan: Plan, precision: str, settings: BuildSettings,
     lowered: dict[str, Path] = {}
     example_sizes = _example_sizes(plan)
     with tempfile.TemporaryDirectory(prefix="diffc-trt-") as tmp:
-        paths = _export_segments(plan, Path(tmp) / "onnx", settings.opset)
+        paths = export_plan(plan, Path(tmp) / "onnx", opset=settings.opset)
         for name in plan.segments:
             model = _lower_precision(onnx.load(str(paths[name])), plan, name, precision)
             check_tensorrt_contract(model, precision, segment=name)
@@ -287,11 +269,10 @@ def segment_io(model: Any, plan: Plan, name: str) -> dict[str, Any]:
     metadata: how the segment's values map onto ONNX values (a tensor, a list of tensors, a size)."""
     io = onnx_io(model)
     metadata = {p.key: p.value for p in model.metadata_props}
-    key = _exporter().SEGMENT_METADATA
-    if key not in metadata:
-        raise TargetError(f"the ONNX model of segment {name!r} has no {key!r} metadata; export it with "
-                          "diffc.ir.onnx_export.export_plan")
-    entries = json.loads(metadata[key])
+    if SEGMENT_METADATA not in metadata:
+        raise TargetError(f"the ONNX model of segment {name!r} has no {SEGMENT_METADATA!r} metadata; export it "
+                          "with diffc.ir.onnx_export.export_plan")
+    entries = json.loads(metadata[SEGMENT_METADATA])
     segment = plan.segments[name]
     flat = (sum(_width(e) for e in entries["inputs"]), sum(_width(e) for e in entries["outputs"]))
     if ([e["name"] for e in entries["inputs"]] != list(segment.inputs)

@@ -56,12 +56,13 @@ def test_cli_optimize_with_trt_stops_before_loading_the_model(monkeypatch, capsy
     assert "pip install tensorrt" in capsys.readouterr().err
 
 
-def test_low_bit_trt_targets_need_the_q_dq_lowering(monkeypatch):
+def test_trt_targets_need_tensorrt_and_a_cuda_gpu(monkeypatch):
     monkeypatch.setattr(tensorrt, "tensorrt_version", lambda: "10.13.0.35")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "torch sees no CUDA device" in TensorRTBackend.unavailable_reason("fp16")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(tensorrt, "qdq_lowering_available", lambda: False)
-    assert TensorRTBackend.unavailable_reason("fp16") is None
-    assert "quantization pass" in TensorRTBackend.unavailable_reason("int8")
+    assert all(TensorRTBackend.unavailable_reason(p) is None for p in ("fp32", "fp16", "bf16", "fp8", "int8", "int4",
+                                                                     "mixed"))
 
 
 def test_build_options_are_validated():
