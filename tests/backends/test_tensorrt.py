@@ -194,24 +194,23 @@ def test_cached_plan_profiles_and_cuda_graphs(family, tmp_path):
 
 @pytest.mark.tensorrt
 @pytest.mark.gpu
-def test_saved_engines_load_back_and_refuse_another_machine(family, tmp_path, monkeypatch):
-    from diffc.api import _compile_plan
-    from diffc.runtime import load_plan, read_manifest
-
+def test_saved_engines_load_back_and_refuse_another_machine(family, tmp_path):
+    """diffc.load runs the saved engines (no rebuild: same outputs bit for bit) and refuses them when the
+    manifest says they were built for another TensorRT version."""
     model, inputs = family("dit")
     model = copy.deepcopy(model).to("cuda")
     fast = diffc.optimize(model, target="trt-fp16", passes=[])
     fast.save(tmp_path / "a")
-    manifest = read_manifest(tmp_path / "a")
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert manifest["target"]["info"]["built_for"] == tensorrt.machine_description(torch.device("cuda"))
-    options = TensorRTBackend.artifact_options(tmp_path / "a", manifest)
-    loaded = _compile_plan(load_plan(tmp_path / "a", manifest), "trt", "fp16", "cuda", **options)
+    loaded = diffc.load(tmp_path / "a")
     cuda_inputs = {k: v.to("cuda") for k, v in inputs.items()}
     with torch.no_grad():
         assert torch.equal(loaded(**cuda_inputs, return_dict=False)[0], fast(**cuda_inputs, return_dict=False)[0])
-    options["built_for"] = {**options["built_for"], "tensorrt": "9.0.0"}
+    manifest["target"]["info"]["built_for"]["tensorrt"] = "9.0.0"
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="with TensorRT 9.0.0, but this machine has"):
-        _compile_plan(load_plan(tmp_path / "a", manifest), "trt", "fp16", "cuda", **options)
+        diffc.load(tmp_path / "a")
 
 
 def test_build_pipeline_up_to_the_engine_builder(family, monkeypatch, tmp_path):
