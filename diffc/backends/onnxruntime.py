@@ -13,7 +13,8 @@ import importlib.util
 import json
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +87,9 @@ class OnnxRuntimeBackend(Backend):
                     path.with_name(path.name + ".data").write_bytes(data)
                     files[rel + ".data"] = data
                 files[rel] = models[name]
-                runners[name] = SegmentSession(name, str(path), device, providers)
-                segments[name] = {"file": rel, **runners[name].io}
+                primary = SegmentSession(name, str(path), device, providers)
+                runners[name] = SegmentRunner(primary, _specializer(plan, name, precision, opset, device, providers))
+                segments[name] = {"file": rel, **primary.io}
         info = {"opset": opset, "providers": providers, "segments": segments}
         return CompiledPlan(plan=plan, runners=runners, backend=self.name, precision=precision, device=device,
                             input_dtype=torch.float16 if precision == "fp16" else torch.float32, files=files,
@@ -134,23 +136,58 @@ def _export_models(plan: Plan, precision: str, opset: int, progress_bar: bool) -
     with tempfile.TemporaryDirectory(prefix="diffc-onnx-") as directory:
         paths = export_plan(plan, directory, opset=opset, show_progress=progress_bar)
         for name in progress(list(paths), progress_bar, f"ort-{precision}", "segment"):
-            model = onnx.load(str(paths[name]))
-            if precision == "fp16":
-                model = _to_float16(model, plan)
-            elif precision in LOW_BIT:
-                from .onnx_qdq import quantize_segment_onnx
-
-                model = quantize_segment_onnx(model, plan.segments[name].module, plan.graph.annotations, precision)
-            if model.ByteSize() < onnx_export.EXTERNAL_DATA_THRESHOLD:
-                models[name] = model.SerializeToString()
-                continue
-            path = Path(directory) / "large" / f"{name}.onnx"
-            path.parent.mkdir(exist_ok=True)
-            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=path.name + ".data")
+            path = Path(directory) / "lowered" / f"{name}.onnx"
+            _save(_lower(onnx.load(str(paths[name])), plan, name, precision), path)
             models[name] = path.read_bytes()
-            models[name + ".data"] = path.with_name(path.name + ".data").read_bytes()
+            if path.with_name(path.name + ".data").exists():
+                models[name + ".data"] = path.with_name(path.name + ".data").read_bytes()
     return models
+
+
+def _lower(model: Any, plan: Plan, name: str, precision: str) -> Any:
+    """The exported fp32 model of segment `name` in `precision`."""
+    if precision == "fp16":
+        return _to_float16(model, plan)
+    if precision in LOW_BIT:
+        from .onnx_qdq import quantize_segment_onnx
+
+        return quantize_segment_onnx(model, plan.segments[name].module, plan.graph.annotations, precision)
+    return model
+
+
+def _save(model: Any, path: Path) -> None:
+    """Writes `model`, its weights next to it as `<name>.onnx.data` when a protobuf cannot hold them."""
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    large = model.ByteSize() >= onnx_export.EXTERNAL_DATA_THRESHOLD
+    onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
+                    location=path.name + ".data")
+
+
+def _specializer(plan: Plan, name: str, precision: str, opset: int, device: torch.device,
+                 providers: Sequence[str]) -> Callable[[Sequence[Any]], SegmentSession]:
+    """Builds a session of segment `name` for the shapes of given inputs: for calls outside the
+    shapes the export had to pin."""
+    def specialize(args: Sequence[Any]) -> SegmentSession:
+        import onnx
+
+        with tempfile.TemporaryDirectory(prefix="diffc-onnx-") as directory:
+            exported = onnx_export.export_segment(plan, name, Path(directory) / "exported.onnx", opset,
+                                                  inputs=[_to_cpu(a) for a in args])
+            path = Path(directory) / f"{name}.onnx"
+            _save(_lower(onnx.load(str(exported)), plan, name, precision), path)
+            return SegmentSession(name, str(path), device, providers)
+
+    return specialize
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().float() if value.is_floating_point() else value.detach().cpu()
+    if isinstance(value, (list, tuple)):
+        return [_to_cpu(v) for v in value]
+    return value
 
 
 def _to_float16(model: Any, plan: Plan) -> Any:
@@ -162,6 +199,29 @@ def _to_float16(model: Any, plan: Plan) -> Any:
     entries = json.loads({p.key: p.value for p in model.metadata_props}[SEGMENT_METADATA])
     keep = segment_values([e for e in entries["inputs"] if e["name"] in timesteps])
     return convert_float_to_float16(model, keep_io_types=keep)
+
+
+class SegmentRunner:
+    """A segment's session, plus sessions specialized to other input shapes where the exported
+    model pinned a dim the call differs in (built on first use, with a warning, since an export
+    takes a while)."""
+
+    def __init__(self, primary: "SegmentSession", specialize: Callable[[Sequence[Any]], "SegmentSession"]) -> None:
+        self.primary = primary
+        self._specialize = specialize
+        self._specialized: dict[tuple[Any, ...], SegmentSession] = {}
+
+    def __call__(self, *args: Any) -> tuple[Any, ...]:
+        flat = self.primary.flatten(args)
+        if self.primary.accepts(flat):
+            return self.primary.run(flat)
+        key = tuple(tuple(t.shape) for t in flat)
+        if key not in self._specialized:
+            warnings.warn(f"segment {self.primary.name} was exported with pinned shapes {self.primary.input_shapes} "
+                          f"(the exporter could not keep those dims dynamic); exporting it again for {list(key)}",
+                          stacklevel=2)
+            self._specialized[key] = self._specialize(args)
+        return self._specialized[key](*args)
 
 
 class SegmentSession:
@@ -201,7 +261,25 @@ class SegmentSession:
         self._output_shapes: dict[tuple[tuple[int, ...], ...], list[tuple[int, ...]]] = {}
 
     def __call__(self, *args: Any) -> tuple[Any, ...]:
-        flat = self._flat_inputs(args)
+        flat = self.flatten(args)
+        if not self.accepts(flat):
+            shapes = [tuple(t.shape) for t in flat]
+            raise InputError(f"segment {self.name} of this ort model takes inputs {self.input_names} with shapes "
+                             f"{self.input_shapes}, got {shapes}; the ONNX export kept only the named dims dynamic. "
+                             "Optimize again with example_inputs of the size you run.")
+        return self.run(flat)
+
+    def accepts(self, flat: Sequence[torch.Tensor]) -> bool:
+        """Whether the flat inputs fit the model's declared shapes (ranks and pinned sizes)."""
+        for value, shape in zip(flat, self.input_shapes):
+            if value.dim() != len(shape) or any(isinstance(want, int) and value.shape[d] != want
+                                                for d, want in enumerate(shape)):
+                return False
+        return True
+
+    def run(self, flat: Sequence[torch.Tensor]) -> tuple[Any, ...]:
+        flat = [value.detach().to(device=self.device, dtype=dtype).contiguous()
+                for value, dtype in zip(flat, self.input_types)]
         results = self._run_cuda(flat) if self.device.type == "cuda" else self._run_cpu(flat)
         outputs: list[Any] = []
         position = 0
@@ -217,7 +295,8 @@ class SegmentSession:
                 position += 1
         return tuple(outputs)
 
-    def _flat_inputs(self, args: Sequence[Any]) -> list[torch.Tensor]:
+    def flatten(self, args: Sequence[Any]) -> list[torch.Tensor]:
+        """The segment's inputs as the model's flat inputs (see diffc.ir.onnx_export)."""
         if len(args) != len(self.inputs):
             raise InputError(f"segment {self.name} takes {len(self.inputs)} inputs "
                              f"({', '.join(e['name'] for e in self.inputs)}), got {len(args)}")
@@ -226,19 +305,11 @@ class SegmentSession:
             if entry["kind"] == TENSORS:
                 flat += list(value)
             elif entry["kind"] == SIZE:
-                # a size crosses as a vector whose length is the size (see diffc.ir.onnx_export)
+                # a size crosses as a vector whose length is the size
                 flat.append(torch.empty(int(value), device=self.device))
             else:
                 flat.append(value)
-        converted = []
-        for name, value, dtype, shape in zip(self.input_names, flat, self.input_types, self.input_shapes):
-            pinned = [(d, want) for d, want in enumerate(shape) if isinstance(want, int)]
-            if value.dim() != len(shape) or any(value.shape[d] != want for d, want in pinned):
-                raise InputError(f"segment {self.name} of this ort model takes {name} with shape {shape}, got "
-                                 f"{tuple(value.shape)}; ONNX export kept only the named dims dynamic. Optimize "
-                                 "again with example_inputs of the size you run.")
-            converted.append(value.detach().to(device=self.device, dtype=dtype).contiguous())
-        return converted
+        return flat
 
     def _run_cpu(self, flat: list[torch.Tensor]) -> list[torch.Tensor]:
         results = self.session.run(self.output_names, {n: t.numpy() for n, t in zip(self.input_names, flat)})
@@ -260,6 +331,7 @@ class SegmentSession:
             for name in self.output_names:
                 binding.bind_output(name, "cuda", index)
             self.session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
             self._output_shapes[key] = [tuple(v.shape()) for v in binding.get_outputs()]
             binding.clear_binding_outputs()
         outputs = [torch.empty(shape, dtype=dtype, device=self.device)
@@ -268,6 +340,7 @@ class SegmentSession:
             binding.bind_output(name, "cuda", index, _numpy_dtype(tensor.dtype), tuple(tensor.shape),
                                 tensor.data_ptr())
         self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
         return outputs
 
 

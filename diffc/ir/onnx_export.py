@@ -202,19 +202,28 @@ def export_plan(plan: Plan, directory: str | pathlib.Path, opset: int = 21,
     return paths
 
 
-def export_segment(plan: Plan, name: str, path: str | pathlib.Path, opset: int = 21) -> pathlib.Path:
-    """Writes segment `name` of `plan` to `path` as export_plan does; returns the path."""
+def export_segment(plan: Plan, name: str, path: str | pathlib.Path, opset: int = 21,
+                   inputs: Sequence[Any] | None = None) -> pathlib.Path:
+    """Writes segment `name` of `plan` to `path` as export_plan does; returns the path. Given
+    `inputs` (the segment's input values), the model is exported for exactly their shapes (no
+    dynamic dims): what a backend uses where the exporter could not keep a dim dynamic and a call
+    comes at another size."""
     if name not in plan.segments:
         raise CaptureError(f"the plan has no segment {name!r}; its segments are {sorted(plan.segments)}")
-    return _export_segment(plan, name, pathlib.Path(path), opset, _example_environment(plan))
+    if inputs is None:
+        return _export_segment(plan, name, pathlib.Path(path), opset, _example_environment(plan))
+    segment = plan.segments[name]
+    with torch.no_grad():
+        outputs = tuple(segment.module(*inputs))
+    environment = {**dict(zip(segment.inputs, inputs)), **dict(zip(segment.outputs, outputs))}
+    return _export_segment(plan, name, pathlib.Path(path), opset, environment, dynamic=False)
 
 
 def _export_segment(plan: Plan, name: str, path: pathlib.Path, opset: int,
-                    environment: Mapping[str, Any]) -> pathlib.Path:
+                    environment: Mapping[str, Any], dynamic: bool = True) -> pathlib.Path:
     segment = plan.segments[name]
-    outputs = _run_segment(segment.module, [environment[i] for i in segment.inputs])
     inputs = [_value_entry(name, i, environment[i]) for i in segment.inputs]
-    output_entries = [_value_entry(name, o, v) for o, v in zip(segment.outputs, outputs)]
+    output_entries = [_value_entry(name, o, environment[o]) for o in segment.outputs]
     module = _flat_segment_module(segment.module, inputs, output_entries)
     example: list[torch.Tensor] = []
     for entry in inputs:
@@ -225,7 +234,7 @@ def _export_segment(plan: Plan, name: str, path: pathlib.Path, opset: int,
             example += list(value)
         else:
             example.append(torch.empty(int(value)))
-    dims = _segment_dynamic_dims(plan, inputs)
+    dims = _segment_dynamic_dims(plan, inputs) if dynamic else [{} for _ in example]
     metadata = {SEGMENT_METADATA: json.dumps({"segment": name, "inputs": inputs, "outputs": output_entries})}
     return _export_pinning_on_failure(module, example, path, segment_values(inputs), segment_values(output_entries),
                                       dims, opset, metadata)
@@ -245,14 +254,9 @@ def _example_environment(plan: Plan) -> dict[str, Any]:
                 missing = {s.name: [i for i in s.inputs if i not in environment] for s in pending}
                 raise CaptureError(f"cannot export the plan: no segment produces the inputs {missing}; "
                                    "the plan is inconsistent (check it with plan.check())")
-            environment.update(zip(ready.outputs, _run_segment(ready.module, [environment[i] for i in ready.inputs])))
+            environment.update(zip(ready.outputs, tuple(ready.module(*[environment[i] for i in ready.inputs]))))
             pending.remove(ready)
     return environment
-
-
-def _run_segment(module: torch.fx.GraphModule, args: Sequence[Any]) -> tuple[Any, ...]:
-    with torch.no_grad():
-        return tuple(module(*args))
 
 
 def _value_entry(segment: str, name: str, value: Any) -> dict[str, Any]:

@@ -116,7 +116,7 @@ def test_fp16_is_close_and_keeps_the_timestep_in_fp32(family):
     model, inputs = family("dit")
     fast = diffc.optimize(model, target="ort-fp16", passes=[])
     assert fast.dtype == torch.float16
-    session = fast._compiled.runners["main"].session
+    session = fast._compiled.runners["main"].primary.session
     types = {v.name: v.type for v in session.get_inputs()}
     assert types == {"hidden_states": "tensor(float16)", "timestep": "tensor(float)", "class_labels": "tensor(int64)"}
     ours, theirs = _call(fast, model, inputs)
@@ -166,8 +166,21 @@ def test_low_bit_needs_the_qdq_lowering_and_onnxruntime(monkeypatch):
 
 
 def test_inputs_outside_the_pinned_shapes_are_refused(dit_ort):
-    """Where the export pinned a dim, a call at another size names the segment, the input and the fix."""
+    """A session whose export pinned a dim names the segment, the inputs and the fix on a call of
+    another size (the runner exports such segments again for the new shapes instead)."""
     _, inputs, fast = dit_ort
-    runner = fast._compiled.runners["main"]
-    with pytest.raises(InputError, match="segment main of this ort model takes hidden_states with shape"):
-        runner(torch.randn(2, 4, 6, 8), inputs["timestep"].float(), inputs["class_labels"])
+    session = fast._compiled.runners["main"].primary
+    with pytest.raises(InputError, match="segment main of this ort model takes inputs"):
+        session(torch.randn(2, 4, 6, 8), inputs["timestep"].float(), inputs["class_labels"])
+
+
+@pytest.mark.slow
+def test_pinned_segments_are_exported_again_for_other_shapes(family):
+    """PixArt's mask shapes cannot stay symbolic in the exporter: a call at another text length
+    (and batch) gets a session specialized to its shapes, with a warning, and the model's outputs."""
+    model, inputs = family("pixart")
+    fast = diffc.optimize(model, target="ort", passes=[])
+    call = {**inputs, "encoder_attention_mask": torch.ones(2, inputs["encoder_hidden_states"].shape[1])}
+    with pytest.warns(UserWarning, match="exporting it again"):
+        ours, theirs = _call(fast, model, call)
+    assert (ours - theirs).abs().max() <= TOL
