@@ -9,8 +9,10 @@ Each FFN becomes a chain acc_e = acc_{e-1} + expert_e(x), the shared expert (or,
 most important expert) at its head carrying the output bias.
 
 Routing per timestep group: for each range of steps, a static subset of experts is kept active,
-chosen on the calibration calls of that range by the error of leaving the others out (greedy on
-the exact energy of the dropped experts' summed output). Every routed expert is a bypass region
+chosen on the calibration calls of that range: with `allocation="global"`, the experts of least
+score per neuron over all FFNs are switched off (score: the denoiser output error with that one
+expert off, taken as additive); with "per_ffn", each FFN keeps the same share, dropping the
+experts whose summed output has least energy. Every routed expert is a bypass region
 of the step plan; each range is a Plan variant whose skipped experts pass the chain on unchanged,
 so every backend runs plain smaller FFNs with static shapes. Without an `active` share, the
 smallest share on a grid that keeps the re-sampled calibration images above `min_psnr` (or,
