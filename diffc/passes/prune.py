@@ -390,12 +390,12 @@ class PrunePass(Pass):
                 skip = rewired[skip]
             if unit.out not in alive or skip not in alive:
                 raise PassError(f"unit {unit.name} lost its nodes to another removal; use step_groups=1")
-            regions.append({"name": unit.name, "cuts": [unit.out], "bases": {unit.out: skip}, "mode": BYPASS})
+            regions.append({"name": _region(unit), "cuts": [unit.out], "bases": {unit.out: skip}, "mode": BYPASS})
         variants = {FULL: []}
         steps: list[str] = []
         for (start, end), units in zip(ranges, chosen):
             name = f"steps_{start}_{end}"
-            variants[name] = sorted(u.name for u in units if u.name in partial)
+            variants[name] = sorted(_region(u) for u in units if u.name in partial)
             steps += [name] * (end - start)
         pruned.step_plan = {"regions": regions, "variants": variants,
                             "schedule": {"default": FULL, "steps": steps, "repeat": False},
@@ -453,6 +453,11 @@ class PrunePass(Pass):
         summary["relative_error"] = round(_plan_error(pruned, batch), 6)
         summary["relative_error_per_range"] = [round(_plan_error(pruned, batch, g), 6) for g in groups]
         return summary
+
+
+def _region(unit: Unit) -> str:
+    """Segment names (cache_<region>) become module attribute names in backends: no dots."""
+    return unit.name.replace(".", "_")
 
 
 def _plan_error(dg: DiffusionGraph, batch: CalibrationBatch, steps: set[int] | None = None) -> float:

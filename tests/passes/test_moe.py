@@ -162,3 +162,22 @@ def test_half_the_ffn_active_on_default_models(model_name):
         setattr(pipe, attribute, original)
     psnr = 10 * np.log10(1 / float(np.mean((images - reference) ** 2)))
     assert psnr >= 25
+
+
+@pytest.mark.xfail(reason="the ONNX export of a routed graph's first segment names an internal value like one of "
+                          "the segment's outputs (add_11), which onnx.checker rejects as non-SSA", strict=False)
+def test_routed_graph_lowers_through_ort(captured, family):
+    pytest.importorskip("onnxruntime")
+    from diffc.api import compile_graph
+
+    _, inputs = family("dit")
+    out = _run([{"pass": "moe", "active": 0.5, "experts": 8, "step_groups": 2, "allocation": "per_ffn"}],
+               captured("dit"), _calibration("dit"))
+    results = []
+    for backend in ("torch", "ort"):
+        model = compile_graph(out, backend, "fp32")
+        with torch.no_grad():
+            results.append([first_tensor(model(**{**inputs, "timestep": inputs["timestep"] * 0 + t}))
+                            for t in (900, 100)])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)

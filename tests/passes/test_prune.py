@@ -132,8 +132,8 @@ def test_step_dependent_pruning_builds_bypass_variants(captured):
     planned = PrunePass(amount=0.1)._pruned(dg, [[units[n] for n in v] for v in per_range.values()],
                                             [(0, 2), (2, 4)], 4)
     lint(planned)
-    assert sorted(r["name"] for r in planned.step_plan["regions"]) == ["transformer_blocks.0.ff",
-                                                                       "transformer_blocks.1.ff"]
+    assert sorted(r["name"] for r in planned.step_plan["regions"]) == ["transformer_blocks_0_ff",
+                                                                       "transformer_blocks_1_ff"]
     assert all(r["mode"] == "bypass" for r in planned.step_plan["regions"])
     assert "transformer_blocks.0.attn1" not in {b.name for b in planned.blocks}
     plan = build_plan(planned)
@@ -195,3 +195,39 @@ def test_additive_selection_beats_random_on_default_models(model_name):
         pruned = remove_units(dg.clone(), picked)
         random_errors.append(trajectory_error(cal, compile_graph(pruned, "torch", "fp32"))["mse"])
     assert chosen < np.median(random_errors)
+
+
+def _lowered_outputs(graph, inputs):
+    from diffc.api import compile_graph
+
+    outputs = []
+    for backend in ("torch", "ort"):
+        model = compile_graph(graph, backend, "fp32")
+        with torch.no_grad():
+            outputs.append([first_tensor(model(**{**inputs, "timestep": inputs["timestep"] * 0 + t}))
+                            for t in (900, 100)])
+    return outputs
+
+
+def test_pruned_graph_lowers_through_ort(captured, family):
+    pytest.importorskip("onnxruntime")
+    _, inputs = family("dit")
+    pruned = _run([{"pass": "prune", "amount": 0.2, "additivity_sets": 0}], captured("dit"), _calibration("dit"))
+    torch_out, ort_out = _lowered_outputs(pruned, inputs)
+    for a, b in zip(torch_out, ort_out):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.xfail(reason="the ONNX export of plan segments fails when a segment hands a later one the tuple of a "
+                          "chunk (the DiT's adaLN modulation) and a size: 'int' object has no attribute 'name'",
+                   strict=False)
+def test_step_dependent_pruned_graph_lowers_through_ort(captured, family):
+    pytest.importorskip("onnxruntime")
+    dg = captured("dit")
+    _, inputs = family("dit")
+    units = {u.name: u for u in residual_units(dg)}
+    planned = PrunePass(amount=0.1)._pruned(dg, [[units["transformer_blocks.1.ff"]], [units["transformer_blocks.0.ff"]]],
+                                            [(0, 2), (2, 4)], 4)
+    torch_out, ort_out = _lowered_outputs(planned, inputs)
+    for a, b in zip(torch_out, ort_out):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
