@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import onnx
 import pytest
 import torch
 
@@ -184,3 +185,36 @@ def test_pinned_segments_are_exported_again_for_other_shapes(family):
     with pytest.warns(UserWarning, match="exporting it again"):
         ours, theirs = _call(fast, model, call)
     assert (ours - theirs).abs().max() <= TOL
+
+
+@pytest.mark.slow
+def test_int8_annotations_lower_to_qdq_and_match_the_torch_simulation():
+    """ort-int8 runs the quantization pass's annotations as Q/DQ nodes (diffc.backends.onnx_qdq):
+    its outputs agree with the torch backend's exact simulation of the same annotations."""
+    from diffc.ir import capture
+    from diffc.ir.precision import spec_for
+    from diffc.passes.quant.layers import PROTECTIONS, quantizable_layers
+    from digits_tiny import tiny_digits_pipeline
+
+    dg = capture(tiny_digits_pipeline().unet)
+    for layer in quantizable_layers(dg, PROTECTIONS):
+        if layer.protected is None:
+            dg.annotations[layer.node] = {"precision": spec_for("int8", 0.02).to_json()}
+    plain = dg.clone()
+    plain.annotations.clear()
+    reference = compile_graph(plain, "torch", "fp32")
+    simulated = compile_graph(dg, "torch", "int8")
+    lowered = compile_graph(dg, "ort", "int8")
+    ops = {n.op_type for n in onnx.load_from_string(lowered._compiled.files["onnx/main.onnx"]).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    generator = torch.Generator().manual_seed(0)
+    call = {"sample": torch.randn(2, 1, 8, 8, generator=generator), "timestep": torch.tensor([500.0, 500.0]),
+            "encoder_hidden_states": torch.randn(2, 1, 16, generator=generator), "return_dict": False}
+    with torch.no_grad():
+        exact, expected, got = reference(**call)[0], simulated(**call)[0], lowered(**call)[0]
+    # ORT fuses Q/DQ pairs into integer kernels that requantize between layers, so it is not the
+    # simulation bit for bit; its error against fp32 stays of the simulation's size
+    simulation_error = (expected - exact).norm() / exact.norm()
+    ort_error = (got - exact).norm() / exact.norm()
+    print(f"relative error vs fp32: simulation {simulation_error:.4f}, ort-int8 {ort_error:.4f}")
+    assert 0 < ort_error <= 1.5 * simulation_error
