@@ -288,7 +288,7 @@ def additivity(dg: DiffusionGraph, units: Sequence[Unit], scores: Sequence[float
     (LAPTOP-Diff's additivity): Pearson correlation and the mean measured / predicted ratio."""
     rng = random.Random(seed)
     predicted, measured = [], []
-    flat = [i for i, u in enumerate(units)]
+    flat = list(range(len(units)))
     for _ in range(count):
         size = rng.randint(2, max(2, min(len(flat), 6)))
         chosen: list[int] = []
@@ -353,11 +353,14 @@ class PrunePass(Pass):
 
         amount = cfg.amount
         if amount is None:
-            amount, searched = self._default_amount(build, batch, ctx, groups)
+            amount, searched = self._default_amount(build, batch, ctx)
             report["amount_search"] = searched
         pruned, chosen = build(amount)
-        plan = build_plan(pruned)
-        report.update(self._summary(dg, pruned, plan, chosen, ranges, amount, batch, groups))
+        report.update(self._summary(dg, pruned, chosen, ranges, amount, batch, groups))
+        index = {u.name: i for i, u in enumerate(units)}
+        # the sum of single scores the selection minimised, beside the measured relative_error
+        report["predicted_error"] = round(float(np.mean([sum(score[index[u.name]] for u in units_g)
+                                                          for score, units_g in zip(scores, chosen)])), 6)
         return PassResult(pruned, modified=any(chosen), report=report)
 
     def _scores(self, dg: DiffusionGraph, units: list[Unit], batch: CalibrationBatch,
@@ -403,7 +406,7 @@ class PrunePass(Pass):
         return pruned
 
     def _default_amount(self, build: Callable[[float], tuple[DiffusionGraph, Any]], batch: CalibrationBatch,
-                        ctx: PassContext, groups: list[set[int]]) -> tuple[float, list[dict[str, Any]]]:
+                        ctx: PassContext) -> tuple[float, list[dict[str, Any]]]:
         """The largest share on the grid whose pruned model passes the quality bar, by bisection
         (quality falls as the share grows)."""
         cfg = self.config
@@ -431,7 +434,7 @@ class PrunePass(Pass):
             low, high = (middle, high) if passes(AMOUNT_GRID[middle]) else (low, middle)
         return (AMOUNT_GRID[low] if low >= 0 else 0.0), searched
 
-    def _summary(self, dg: DiffusionGraph, pruned: DiffusionGraph, plan: Any, chosen: list[list[Unit]],
+    def _summary(self, dg: DiffusionGraph, pruned: DiffusionGraph, chosen: list[list[Unit]],
                  ranges: list[tuple[int, int]], amount: float, batch: CalibrationBatch,
                  groups: list[set[int]]) -> dict[str, Any]:
         params, flops = dg.num_parameters(), graph_flops(dg)
