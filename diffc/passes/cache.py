@@ -15,6 +15,7 @@ TeaCache / first-block cache; the threshold is calibrated so that about `full_fr
 calibration steps recompute)."""
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -155,7 +156,8 @@ class CachePass(Pass):
         layers = _transformer_layers(dg)
         cut = cfg.cut
         if cut == "auto":
-            cut = "deep" if stages else "first_block" if layers else ""
+            # a one-level UNet has no branch below its outermost blocks to cache: cache its encoder
+            cut = ("deep" if len(stages["up"]) > 1 else "encoder") if stages else "first_block" if layers else ""
             if not cut:
                 raise PassError(f"{dg.signature.model_class}: found neither UNet stages nor transformer blocks to "
                                 "cache; this model has no block structure diffc can cut")
@@ -179,7 +181,9 @@ class CachePass(Pass):
             front = _range_region(dg, layers, 0, middle, "front", mode)
             rear = _range_region(dg, layers, middle, n, "rear", mode)
             return [front, rear], {FULL: [], "cached_rear": ["rear"], "cached_front": ["front"]}
-        start, end = (1, n) if cut == "first_block" else (cfg.blocks or (1, n))
+        # a single block has nothing after it: cache the block itself
+        after_first = (1, n) if n > 1 else (0, n)
+        start, end = after_first if cut == "first_block" else (cfg.blocks or after_first)
         if not 0 <= start < end <= n:
             raise PassError(f"blocks must be a range within 0..{n} with start < end, got {(start, end)}")
         return [_range_region(dg, layers, start, end, "blocks", mode)], {FULL: [], CACHED: ["blocks"]}
@@ -408,7 +412,8 @@ def adaptive_schedule(plan: Any, calibration: Any, full_fraction: float, max_gap
     recompute. The probe is the largest tensor the shared first segment hands on, the latest
     computed among equals (the first blocks' output)."""
     full, cached = plan.variants[FULL].segments, plan.variants[CACHED].segments
-    shared = [a for a, b in zip(full, cached) if a == b]
+    # only the common prefix runs before the decision; a later common segment needs the region
+    shared = [a for a, _ in itertools.takewhile(lambda pair: pair[0] == pair[1], zip(full, cached))]
     handed = {i for name in full if name not in shared for i in plan.segments[name].inputs}
     candidates = [o for name in shared for o in plan.segments[name].outputs if o in handed]
     if not candidates:

@@ -1,0 +1,274 @@
+"""Property tests: random small UNet and DiT architectures pushed through capture, every registered
+pass (an identity config and a random valid one) and every CPU backend.
+
+Checked for each generated model: the captured graph lints and reproduces the model; each pass's
+identity config reproduces the outputs exactly; a random config leaves a linted graph whose
+compiled model, driven through the calibration trajectories by the runtime, has the error the
+pass reported; every CPU backend matches the torch backend; save/load reproduces the outputs.
+
+The default run tries a few derandomized examples per architecture kind; `pytest -m slow` tries
+many random ones. A failure prints the config that broke: add it as an `@example` below so it
+stays a regression case."""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Callable
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from diffc.api import compile_graph
+from diffc.backends import BACKENDS
+from diffc.calibration import collect
+from diffc.ir import capture, lint
+from diffc.passes import PASSES, PassContext, PassManager
+from diffc.runtime.model import OptimizedModel
+
+FAST = settings(max_examples=1, deadline=None, derandomize=True, print_blob=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+THOROUGH = settings(max_examples=25, deadline=None, print_blob=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+CALIBRATION_STEPS = 6
+
+
+# --- random architectures -------------------------------------------------------------------------
+@st.composite
+def unet_configs(draw: st.DrawFn) -> dict[str, Any]:
+    """UNet2DConditionModel / UNet2DModel: levels, channels, attention placement, conditioning."""
+    levels = draw(st.integers(1, 3))
+    base = draw(st.sampled_from([8, 16]))
+    widths = tuple(base * draw(st.sampled_from([1, 2])) ** min(i, 1) for i in range(levels))
+    attention = [draw(st.booleans()) for _ in range(levels)]
+    conditioning = draw(st.sampled_from(["text", "text+class", "none", "class"]))
+    config: dict[str, Any] = {
+        "kind": "unet2dcond" if conditioning.startswith("text") else "unet2d",
+        "block_out_channels": widths, "layers_per_block": draw(st.integers(1, 2)),
+        "sample_size": draw(st.sampled_from([8, 16])), "in_channels": draw(st.integers(1, 4)),
+        "norm_num_groups": 4, "attention": attention, "conditioning": conditioning,
+        "head_dim": draw(st.sampled_from([4, 8])),
+    }
+    if config["kind"] == "unet2dcond":
+        config["cross_attention_dim"] = draw(st.sampled_from([8, 12]))
+        config["mid_block"] = draw(st.booleans())
+    return config
+
+
+@st.composite
+def dit_configs(draw: st.DrawFn) -> dict[str, Any]:
+    """DiT (class labels, adaLN) or PixArt (text cross-attention, adaLN-single)."""
+    kind = draw(st.sampled_from(["dit", "pixart"]))
+    heads, head_dim = draw(st.integers(1, 2)), draw(st.sampled_from([4, 8]))
+    in_channels = draw(st.integers(1, 4))
+    return {"kind": kind, "num_layers": draw(st.integers(1, 3)), "heads": heads, "head_dim": head_dim,
+            "in_channels": in_channels, "learned_sigma": draw(st.booleans()),
+            "sample_size": draw(st.sampled_from([4, 8])), "caption_channels": draw(st.sampled_from([6, 10]))}
+
+
+def build(config: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel, UNet2DModel
+
+    torch.manual_seed(0)
+    kind, batch = config["kind"], 2
+    if kind.startswith("unet"):
+        size, channels = config["sample_size"], config["in_channels"]
+        down = [("CrossAttnDownBlock2D" if kind == "unet2dcond" else "AttnDownBlock2D") if a else "DownBlock2D"
+                for a in config["attention"]]
+        up = [d.replace("Down", "Up") for d in reversed(down)]
+        common = dict(block_out_channels=config["block_out_channels"], layers_per_block=config["layers_per_block"],
+                      sample_size=size, in_channels=channels, out_channels=channels, down_block_types=tuple(down),
+                      up_block_types=tuple(up), norm_num_groups=config["norm_num_groups"])
+        inputs: dict[str, torch.Tensor] = {"sample": torch.randn(batch, channels, size, size),
+                                           "timestep": torch.tensor([10, 10])}
+        if "class" in config["conditioning"]:
+            common["num_class_embeds"] = 5
+            inputs["class_labels"] = torch.tensor([1, 3])
+        if kind == "unet2d":
+            model: torch.nn.Module = UNet2DModel(attention_head_dim=config["head_dim"], **common)
+        else:
+            model = UNet2DConditionModel(cross_attention_dim=config["cross_attention_dim"],
+                                         attention_head_dim=config["head_dim"],
+                                         mid_block_type="UNetMidBlock2DCrossAttn" if config["mid_block"] else None,
+                                         **common)
+            inputs["encoder_hidden_states"] = torch.randn(batch, 5, config["cross_attention_dim"])
+        return model.eval(), inputs
+    channels, size = config["in_channels"], config["sample_size"]
+    out_channels = channels * 2 if config["learned_sigma"] else channels
+    inner = config["heads"] * config["head_dim"]
+    latent = torch.randn(batch, channels, size, size)
+    if kind == "dit":
+        model = DiTTransformer2DModel(num_attention_heads=config["heads"], attention_head_dim=config["head_dim"],
+                                      in_channels=channels, out_channels=out_channels, num_layers=config["num_layers"],
+                                      sample_size=size, patch_size=2, num_embeds_ada_norm=1000)
+        return model.eval(), {"hidden_states": latent, "timestep": torch.tensor([3, 3]),
+                              "class_labels": torch.tensor([1, 2])}
+    model = PixArtTransformer2DModel(num_attention_heads=config["heads"], attention_head_dim=config["head_dim"],
+                                     in_channels=channels, out_channels=out_channels, num_layers=config["num_layers"],
+                                     cross_attention_dim=inner, sample_size=size, patch_size=2,
+                                     caption_channels=config["caption_channels"], norm_type="ada_norm_single",
+                                     use_additional_conditions=False)
+    return model.eval(), {"hidden_states": latent, "timestep": torch.tensor([3, 3]),
+                          "encoder_hidden_states": torch.randn(batch, 4, config["caption_channels"]),
+                          "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+
+
+# --- what each registered pass is tried with ------------------------------------------------------
+# name -> (identity options: the pass must then reproduce the outputs exactly,
+#          strategy of random valid options for an architecture config).
+PassCases = tuple[dict[str, Any], Callable[[dict[str, Any]], st.SearchStrategy[dict[str, Any]]]]
+
+
+def _cache_options(config: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
+    if config["kind"].startswith("unet"):
+        cuts = ["auto", "encoder"] + (["deep"] if len(config["block_out_channels"]) > 1 else [])
+    else:
+        cuts = ["auto", "blocks", "first_block"] + (["delta_dit"] if config["num_layers"] > 1 else [])
+    return st.fixed_dictionaries({
+        "cut": st.sampled_from(cuts),
+        "schedule": st.sampled_from(["uniform", "nonuniform", "dp", "adaptive"]),
+        "interval": st.integers(2, 4),
+        "full_fraction": st.sampled_from([0.34, 0.5]),
+    })
+
+
+PASS_CASES: dict[str, PassCases] = {
+    "cache": ({"schedule": "uniform", "interval": 1}, _cache_options),
+}
+
+
+# --- the property ---------------------------------------------------------------------------------
+def _loop_outputs(fast: Any, inputs: dict[str, Any], timesteps: list[float]) -> list[torch.Tensor]:
+    """Runs a short denoising loop (same latent, falling timesteps) and returns every output."""
+    outputs = []
+    time_name = "timestep"
+    with torch.no_grad():
+        for t in timesteps:
+            call = {**inputs, time_name: torch.full_like(inputs[time_name], t, dtype=torch.float32)}
+            result = fast(**call, return_dict=False)
+            outputs.append(result[0] if isinstance(result, (tuple, list)) else result)
+    return outputs
+
+
+def _runtime_error_per_step(fast: OptimizedModel, calibration: Any) -> list[float]:
+    """Relative output error per step of `fast` called like a denoiser along each calibration
+    trajectory (recorded inputs; the model follows the loop and keeps its cross-step state)."""
+    signature = fast.plan.graph.signature
+    per_step: dict[int, list[float]] = {}
+    last_item = None
+    for record in calibration.records():
+        if record.item != last_item:
+            fast.begin_loop(record.num_steps)
+            last_item = record.item
+        kwargs: dict[str, Any] = {}
+        for spec in signature.inputs:
+            if len(spec.path) == 1:
+                kwargs[spec.path[0]] = record.inputs[spec.name]
+            else:
+                kwargs.setdefault(spec.path[0], {})[spec.path[1]] = record.inputs[spec.name]
+        with torch.no_grad():
+            out = fast(**kwargs, return_dict=False)[0].double()
+        reference = record.output.double()
+        error = float((out - reference).pow(2).mean() / reference.pow(2).mean().clamp_min(1e-20))
+        per_step.setdefault(record.step, []).append(error)
+    return [sum(v) / len(v) for _, v in sorted(per_step.items())]
+
+
+@functools.lru_cache(maxsize=4)
+def _prepared(config_key: str) -> tuple[torch.nn.Module, dict[str, Any], Any, Any]:
+    config = eval(config_key)  # noqa: S307  the key is repr() of a dict of literals made below
+    model, inputs = build(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = capture(model)
+        calibration = collect(model, num_steps=CALIBRATION_STEPS, progress=False)
+    return model, inputs, graph, calibration
+
+
+@st.composite
+def cases(draw: st.DrawFn, architectures: st.SearchStrategy[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An architecture and, for every registered pass, random valid options for it."""
+    config = draw(architectures)
+    return config, {name: draw(PASS_CASES[name][1](config)) for name in sorted(PASSES) if name in PASS_CASES}
+
+
+def check_architecture(case: tuple[dict[str, Any], dict[str, Any]], tmp_path_factory: Any) -> None:
+    config, pass_options = case
+    model, inputs, graph, calibration = _prepared(repr(config))
+    lint(graph)
+    timesteps = [900.0, 600.0, 300.0, 100.0] if config["kind"].startswith("unet") else [900.0, 500.0, 100.0]
+    flat_inputs = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    with torch.no_grad():
+        reference = [model(**{**inputs, "timestep": torch.full_like(inputs["timestep"], t, dtype=torch.float32)},
+                           return_dict=False)[0] for t in timesteps]
+
+    plain = compile_graph(graph, "torch", "fp32")
+    captured_outputs = _loop_outputs(plain, flat_inputs, timesteps)
+    for ref, out in zip(reference, captured_outputs):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+    for backend, cls in BACKENDS.items():
+        if backend == "torch" or cls.unavailable_reason("fp32") is not None:
+            continue
+        lowered = _loop_outputs(compile_graph(graph, backend, "fp32"), flat_inputs, timesteps)
+        for ref, out in zip(captured_outputs, lowered):
+            torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-4, msg=f"backend {backend} differs")
+
+    ctx = PassContext(calibration=calibration)
+    for name in sorted(set(PASSES) & set(PASS_CASES)):
+        identity = PASS_CASES[name][0]
+        exact = PassManager([{"pass": name, **identity}]).run(graph, ctx)
+        for ref, out in zip(captured_outputs, _loop_outputs(compile_graph(exact, "torch", "fp32"), flat_inputs,
+                                                            timesteps)):
+            assert torch.equal(out, ref), f"{name} with {identity} is not exact"
+
+        options = pass_options[name]
+        rewritten = PassManager([{"pass": name, **options}]).run(graph, ctx)
+        lint(rewritten)
+        fast = compile_graph(rewritten, "torch", "fp32")
+        report = rewritten.applied[-1]["report"]
+        outputs = _loop_outputs(fast, flat_inputs, timesteps)
+        assert all(torch.isfinite(o).all() for o in outputs), f"{name} {options}: non-finite output"
+        if "relative_error" in report:
+            measured = _runtime_error_per_step(fast, calibration)
+            claimed = report["relative_error_per_step"] if "relative_error_per_step" in report else None
+            mean_measured = sum(measured) / len(measured)
+            assert abs(mean_measured - report["relative_error"]) <= 1e-4 + 0.02 * report["relative_error"], (
+                f"{name} {options}: reported relative error {report['relative_error']}, runtime gives {mean_measured}")
+            if claimed is not None:
+                assert len(claimed) == len(measured)
+
+        folder = tmp_path_factory.mktemp("artifact")
+        fast.reset()
+        fast.save(folder / "a")
+        from diffc import load
+
+        reloaded = load(folder / "a")
+        fast.reset()
+        again = _loop_outputs(fast, flat_inputs, timesteps)
+        for out, back in zip(again, _loop_outputs(reloaded, flat_inputs, timesteps)):
+            assert torch.equal(out, back), f"{name} {options}: save/load changed the outputs"
+
+
+@example(case=({"kind": "unet2dcond", "block_out_channels": (8, 16), "layers_per_block": 1, "sample_size": 8,
+                "in_channels": 2, "norm_num_groups": 4, "attention": [True, False], "conditioning": "text+class",
+                "head_dim": 4, "cross_attention_dim": 8, "mid_block": False},
+               {"cache": {"cut": "deep", "schedule": "dp", "interval": 2, "full_fraction": 0.5}}))
+@given(case=cases(unet_configs()))
+@FAST
+def test_random_unets(case: tuple[dict[str, Any], dict[str, Any]], tmp_path_factory: Any) -> None:
+    check_architecture(case, tmp_path_factory)
+
+
+@given(case=cases(dit_configs()))
+@FAST
+def test_random_transformers(case: tuple[dict[str, Any], dict[str, Any]], tmp_path_factory: Any) -> None:
+    check_architecture(case, tmp_path_factory)
+
+
+@pytest.mark.slow
+@given(case=cases(st.one_of(unet_configs(), dit_configs())))
+@THOROUGH
+def test_many_random_architectures(case: tuple[dict[str, Any], dict[str, Any]], tmp_path_factory: Any) -> None:
+    check_architecture(case, tmp_path_factory)
