@@ -1,4 +1,4 @@
-"""Command line: diffc optimize | inspect | export."""
+"""Command line: diffc optimize | inspect | export | bench."""
 from __future__ import annotations
 
 import argparse
@@ -48,9 +48,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     exp.add_argument("--device", default=None)
     exp.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
+    bench = commands.add_parser("bench", help="compare pass pipelines and peers on speed, size and fidelity")
+    bench.add_argument("model", help="an embedded model name or a diffusers pipeline folder")
+    bench.add_argument("--pipelines", default="baseline,cache,quant,prune,moe,cache+quant,all,peers",
+                       help="comma-separated: baseline, diffc passes joined by '+' (cache, quant[:int4], prune, moe, "
+                            "all), peer names (fbc, taylorseer, magcache, fastercache, pab, seacache, deepcache, "
+                            "torchao-int8, torchao-int8-compile) or 'peers' for all of them")
+    bench.add_argument("--steps", type=int, default=20)
+    bench.add_argument("--seeds", default="0,1", help="comma-separated seeds; every seed generates all --labels")
+    bench.add_argument("--labels", default="0,1,2,3,4,5,6,7,8,9", help="class labels to generate")
+    bench.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--out", required=True, help="results folder; rows already in it (same settings) are kept")
+
     args = parser.parse_args(argv)
     try:
-        return {"optimize": _optimize, "inspect": _inspect, "export": _export}[args.command](args)
+        return {"optimize": _optimize, "inspect": _inspect, "export": _export, "bench": _bench}[args.command](args)
     except DiffcError as exc:
         print(f"diffc: error: {exc}", file=sys.stderr)
         return 2
@@ -129,6 +142,24 @@ def _optimize(args: argparse.Namespace) -> int:
         fast.save(out / "model", overwrite=args.overwrite)
         side_by_side(result.images[0], result.images[1], str(out / "side_by_side.png"))
         print(f"wrote {out / 'model'} and {out / 'side_by_side.png'} (top: original, bottom: optimized)")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from . import models
+    from .bench import BenchSettings, run_bench, split_pipelines
+
+    pipelines = split_pipelines(args.pipelines)
+    pipe, attribute = _load_pipeline(args.model)
+    settings = BenchSettings(steps=args.steps, seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()),
+                             labels=tuple(int(x) for x in args.labels.split(",") if x.strip()),
+                             repeats=args.repeats, device=args.device)
+    scorer = models.load_scorer() if args.model in models.available() else None
+    results = run_bench(pipe.to(args.device), attribute, Path(args.model).name, pipelines, Path(args.out), settings,
+                        scorer)
+    failed = [r["pipeline"] for r in results["rows"].values() if r["status"] != "ok"]
+    print(f"wrote {Path(args.out) / Path(args.model).name}.{{md,json,png}}"
+          + (f"; did not run: {', '.join(failed)} (reasons in the table)" if failed else ""))
     return 0
 
 
