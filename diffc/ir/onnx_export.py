@@ -93,6 +93,7 @@ def export_onnx(module: torch.fx.GraphModule, example_inputs: Sequence[torch.Ten
     if program is None:  # pragma: no cover - only when the legacy exporter is selected
         raise CaptureError(f"could not export to ONNX {path}: torch.onnx.export returned no program.")
     model = program.model
+    _rename_internal_clashes(model)
     _rename_dims(model, dynamic_dims)
     model.metadata_props.update(metadata or {})
 
@@ -274,7 +275,7 @@ def _flat_segment_module(module: torch.fx.GraphModule, inputs: Sequence[Mapping[
                          outputs: Sequence[Mapping[str, Any]]) -> torch.fx.GraphModule:
     """A copy of the segment graph with flat tensor inputs and outputs: a list input becomes one
     placeholder per item, a size input a placeholder whose length is the size; a list output
-    becomes its items."""
+    becomes its items, a size output an int64 scalar."""
     graph = copy_graph(module.graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     for node, entry in zip(placeholders, inputs):
@@ -302,6 +303,10 @@ def _flat_segment_module(module: torch.fx.GraphModule, inputs: Sequence[Mapping[
         for value, entry in zip(output.args[0], outputs):
             if entry["kind"] == TENSORS:
                 flat += [graph.call_function(operator.getitem, (value, i)) for i in range(entry["count"])]
+            elif entry["kind"] == SIZE:
+                # a size the exporter specialized to a constant would leave a bare int as a graph output
+                flat.append(graph.call_function(torch.ops.aten.scalar_tensor.default, (value,),
+                                                {"dtype": torch.int64}))
             else:
                 flat.append(value)
     output.args = (tuple(flat),)
@@ -434,6 +439,26 @@ def _rename_dims(model: Any, dynamic_dims: Sequence[Mapping[int, str]]) -> None:
             continue
         value.shape = ir.Shape([ir.SymbolicDim(rename(d.value)) if isinstance(d, ir.SymbolicDim) and d.value
                                 else d for d in shape])
+
+
+def _rename_internal_clashes(model: Any) -> None:
+    """Renames the internal values that carry the name of a graph input or output. The exporter
+    names values after the re-traced module's nodes and the graph's outputs after `output_names`,
+    so a segment output named after a node of the captured graph ("add_11") can meet an internal
+    value of that name, which onnx.checker rejects as not SSA."""
+    boundary = {v.name: v for v in [*model.graph.inputs, *model.graph.outputs]}
+    taken = set(boundary)
+    for node in model.graph.all_nodes():
+        taken.update(v.name for v in node.outputs if v.name)
+    taken.update(model.graph.initializers)
+    for node in model.graph.all_nodes():
+        for value in node.outputs:
+            if value.name in boundary and boundary[value.name] is not value:
+                index = 1
+                while f"{value.name}__{index}" in taken:
+                    index += 1
+                value.name = f"{value.name}__{index}"
+                taken.add(value.name)
 
 
 def _initializer_bytes(model: Any) -> int:

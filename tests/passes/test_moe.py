@@ -169,8 +169,6 @@ def test_half_the_ffn_active_on_default_models(model_name):
     assert psnr >= 25
 
 
-@pytest.mark.xfail(reason="the ONNX export of a routed graph's first segment names an internal value like one of "
-                          "the segment's outputs (add_11), which onnx.checker rejects as non-SSA", strict=False)
 def test_routed_graph_lowers_through_ort(captured, family):
     pytest.importorskip("onnxruntime")
     from diffc.api import compile_graph

@@ -218,9 +218,6 @@ def test_pruned_graph_lowers_through_ort(captured, family):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.xfail(reason="the ONNX export of plan segments fails when a segment hands a later one the tuple of a "
-                          "chunk (the DiT's adaLN modulation) and a size: 'int' object has no attribute 'name'",
-                   strict=False)
 def test_step_dependent_pruned_graph_lowers_through_ort(captured, family):
     pytest.importorskip("onnxruntime")
     dg = captured("dit")
