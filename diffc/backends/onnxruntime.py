@@ -52,10 +52,16 @@ class OnnxRuntimeBackend(Backend):
 
     def compile(self, plan: Plan, precision: str, device: Any = None, compile: bool = False,
                 models: Mapping[str, bytes] | None = None, opset: int = 21, progress_bar: bool = False,
-                **options: Any) -> CompiledPlan:
+                fuse_qdq: bool = True, **options: Any) -> CompiledPlan:
         """Exports every segment to ONNX, converts it to `precision` and opens one session per
         segment; given `models` ({segment: ONNX bytes} from a saved artifact, see
-        artifact_options), opens those instead of exporting again."""
+        artifact_options), opens those instead of exporting again.
+
+        fuse_qdq=False keeps ONNX Runtime from fusing Q/DQ pairs into integer kernels (session
+        option ``session.disable_quant_qdq``): every layer then dequantizes and computes in float,
+        which is the torch backend's simulation of the annotations up to float rounding; the
+        integer kernels are faster but requantize (and on CPUs without VNNI saturate) in ways the
+        simulation does not model."""
         reason = self.unavailable_reason(precision)
         if reason:
             raise TargetError(reason)
@@ -63,7 +69,8 @@ class OnnxRuntimeBackend(Backend):
             raise TargetError("compile=True asks for torch.compile, which does not apply to ONNX Runtime sessions; "
                               "drop it for ort targets")
         if options:
-            raise TargetError(f"the ort backend has no option {', '.join(sorted(options))}; it takes `opset`")
+            raise TargetError(f"the ort backend has no option {', '.join(sorted(options))}; it takes `opset` "
+                              "and `fuse_qdq`")
         device = torch.device(device or "cpu")
         providers = _providers(device)
         if models is None:
@@ -87,10 +94,11 @@ class OnnxRuntimeBackend(Backend):
                     path.with_name(path.name + ".data").write_bytes(data)
                     files[rel + ".data"] = data
                 files[rel] = models[name]
-                primary = SegmentSession(name, str(path), device, providers)
-                runners[name] = SegmentRunner(primary, _specializer(plan, name, precision, opset, device, providers))
+                primary = SegmentSession(name, str(path), device, providers, fuse_qdq)
+                runners[name] = SegmentRunner(primary, _specializer(plan, name, precision, opset, device, providers,
+                                                                    fuse_qdq))
                 segments[name] = {"file": rel, **primary.io}
-        info = {"opset": opset, "providers": providers, "segments": segments}
+        info = {"opset": opset, "providers": providers, "fuse_qdq": fuse_qdq, "segments": segments}
         return CompiledPlan(plan=plan, runners=runners, backend=self.name, precision=precision, device=device,
                             input_dtype=torch.float16 if precision == "fp16" else torch.float32, files=files,
                             info=info)
@@ -110,7 +118,7 @@ class OnnxRuntimeBackend(Backend):
             models[name] = (Path(root) / entry["file"]).read_bytes()
             if entry["file"] + ".data" in manifest["files"]:
                 models[name + ".data"] = (Path(root) / (entry["file"] + ".data")).read_bytes()
-        return {"models": models, "opset": info.get("opset", 21)}
+        return {"models": models, "opset": info.get("opset", 21), "fuse_qdq": info.get("fuse_qdq", True)}
 
 
 def _providers(device: torch.device) -> list[str]:
@@ -166,7 +174,7 @@ def _save(model: Any, path: Path) -> None:
 
 
 def _specializer(plan: Plan, name: str, precision: str, opset: int, device: torch.device,
-                 providers: Sequence[str]) -> Callable[[Sequence[Any]], SegmentSession]:
+                 providers: Sequence[str], fuse_qdq: bool) -> Callable[[Sequence[Any]], SegmentSession]:
     """Builds a session of segment `name` for the shapes of given inputs: for calls outside the
     shapes the export had to pin."""
     def specialize(args: Sequence[Any]) -> SegmentSession:
@@ -177,7 +185,7 @@ def _specializer(plan: Plan, name: str, precision: str, opset: int, device: torc
                                                   inputs=[_to_cpu(a) for a in args])
             path = Path(directory) / f"{name}.onnx"
             _save(_lower(onnx.load(str(exported)), plan, name, precision), path)
-            return SegmentSession(name, str(path), device, providers)
+            return SegmentSession(name, str(path), device, providers, fuse_qdq)
 
     return specialize
 
@@ -228,7 +236,8 @@ class SegmentSession:
     """One segment as an InferenceSession: called with the segment's inputs (tensors, lists of
     tensors, sizes) as torch tensors, returns its outputs the same way."""
 
-    def __init__(self, name: str, path: str, device: torch.device, providers: Sequence[str]) -> None:
+    def __init__(self, name: str, path: str, device: torch.device, providers: Sequence[str],
+                 fuse_qdq: bool = True) -> None:
         import onnx
         import onnxruntime
 
@@ -237,6 +246,8 @@ class SegmentSession:
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        if not fuse_qdq:
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
         provider_options: list[dict[str, Any]] = [{}] * len(providers)
         if device.type == "cuda":
             provider_options = [{"device_id": device.index or 0}, {}]

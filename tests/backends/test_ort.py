@@ -218,3 +218,94 @@ def test_int8_annotations_lower_to_qdq_and_match_the_torch_simulation():
     ort_error = (got - exact).norm() / exact.norm()
     print(f"relative error vs fp32: simulation {simulation_error:.4f}, ort-int8 {ort_error:.4f}")
     assert 0 < ort_error <= 1.5 * simulation_error
+
+
+def _loop_outputs(graph, backends, timesteps=(900.0, 700.0, 500.0, 300.0), precision="fp32", models=None):
+    """{backend: [output of each step]} of `graph` compiled for each backend (or of `models`,
+    {backend: compiled model}) over one denoising loop of the tiny DiT, so that every variant of a
+    step-planned graph's schedule runs."""
+    generator = torch.Generator().manual_seed(0)
+    latent = torch.randn(2, 4, 8, 8, generator=generator)
+    labels = torch.tensor([1, 2])
+    outputs = {}
+    for backend in backends:
+        model = (models or {}).get(backend) or compile_graph(graph, backend, precision)
+        model.begin_loop(len(timesteps))
+        with torch.no_grad():
+            outputs[backend] = [model(hidden_states=latent, timestep=torch.tensor([t, t]), class_labels=labels,
+                                      return_dict=False)[0] for t in timesteps]
+    return outputs
+
+
+def _dit_units(captured):
+    from diffc.passes.prune import residual_units
+
+    dg = captured("dit")
+    return dg, {u.name: u for u in residual_units(dg)}
+
+
+@pytest.mark.slow
+def test_pruned_plan_matches_the_torch_backend(captured):
+    """A graph with a unit removed (rewired residual, dead code gone) is one plan segment."""
+    from diffc.passes.prune import remove_units
+
+    dg, units = _dit_units(captured)
+    pruned = remove_units(dg.clone(), [units["transformer_blocks.1.ff"]])
+    assert pruned.num_parameters() < dg.num_parameters()
+    outputs = _loop_outputs(pruned, ("torch", "ort"), timesteps=(900.0, 100.0))
+    for expected, got in zip(outputs["torch"], outputs["ort"]):
+        assert (got - expected).abs().max() <= TOL
+
+
+@pytest.mark.slow
+def test_step_dependent_pruned_plan_matches_the_torch_backend_over_a_loop(captured):
+    """Different units removed in different step ranges: bypass segments hand the residual input on
+    in place of the skipped unit, and the chunked adaLN modulation and a size cross segments."""
+    from diffc.passes.prune import PrunePass
+
+    dg, units = _dit_units(captured)
+    planned = PrunePass(amount=0.1)._pruned(dg, [[units["transformer_blocks.1.ff"]],
+                                                 [units["transformer_blocks.0.ff"]]], [(0, 2), (2, 4)], 4)
+    assert planned.step_plan["schedule"]["steps"] == ["steps_0_2"] * 2 + ["steps_2_4"] * 2
+    outputs = _loop_outputs(planned, ("torch", "ort"))
+    for step, (expected, got) in enumerate(zip(outputs["torch"], outputs["ort"])):
+        assert (got - expected).abs().max() <= TOL, f"step {step}"
+
+
+@pytest.mark.slow
+def test_timestep_routed_moe_plan_matches_the_torch_backend_over_a_loop(family, captured):
+    """A static expert subset per step range: each range's variant skips the experts it leaves off."""
+    from diffc.calibration import collect
+
+    model, _ = family("dit")
+    calibration = collect(model, num_steps=4, progress=False)
+    routed = PassManager([{"pass": "moe", "active": 0.5, "experts": 8, "step_groups": 2, "allocation": "per_ffn"}]
+                         ).run(captured("dit"), PassContext(calibration=calibration))
+    assert len(set(routed.step_plan["schedule"]["steps"])) == 2
+    outputs = _loop_outputs(routed, ("torch", "ort"))
+    for step, (expected, got) in enumerate(zip(outputs["torch"], outputs["ort"])):
+        assert (got - expected).abs().max() <= TOL, f"step {step}"
+
+
+def test_cached_plan_with_int8_annotations_matches_the_torch_simulation(captured):
+    """ort-int8 lowers the annotations of every segment of a cached plan to Q/DQ. With Q/DQ fusion
+    off every layer dequantizes and computes in float, as the torch backend's simulation does: the
+    two agree to float rounding at every step of a loop."""
+    from diffc.ir.precision import spec_for
+    from diffc.passes.quant.layers import PROTECTIONS, quantizable_layers
+
+    cached = PassManager([{"pass": "cache", "schedule": "uniform", "interval": 2}]).run(captured("dit"), PassContext())
+    for layer in quantizable_layers(cached, PROTECTIONS):
+        if layer.protected is None:
+            cached.annotations[layer.node] = {"precision": spec_for("int8", 0.02).to_json()}
+    plain = cached.clone()
+    plain.annotations.clear()
+    exact = _loop_outputs(plain, ("torch",))["torch"]
+    lowered = compile_graph(cached, "ort", "int8", fuse_qdq=False)
+    quantized = [name for name, data in lowered._compiled.files.items() if name.endswith(".onnx")
+                 and "QuantizeLinear" in {n.op_type for n in onnx.load_from_string(data).graph.node}]
+    assert len(quantized) >= 2  # the cached region and the segments around it
+    outputs = _loop_outputs(cached, ("torch", "ort"), precision="int8", models={"ort": lowered})
+    for step, (reference, expected, got) in enumerate(zip(exact, outputs["torch"], outputs["ort"])):
+        assert (expected - reference).abs().max() > 10 * TOL  # the annotations do quantize
+        assert (got - expected).abs().max() <= TOL, f"step {step}"
