@@ -268,3 +268,24 @@ def test_export_plan_writes_one_model_per_segment_with_the_segment_values(tmp_pa
             else:
                 assert np.abs(ours - value.numpy()).max() <= TOL, (name, entry["name"])
             env[entry["name"]] = value
+
+
+def test_an_output_named_like_an_internal_value_keeps_the_model_ssa(tmp_path):
+    """Segment outputs carry captured node names ("add_1"); the exporter names the re-traced module's
+    values the same way, so an internal value of that name is renamed rather than duplicated."""
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    add = graph.call_function(torch.ops.aten.add.Tensor, (x, 1.0))
+    mul = graph.call_function(torch.ops.aten.mul.Tensor, (add, 2.0))
+    graph.output((mul, graph.call_function(torch.ops.aten.sub.Tensor, (mul, add))))
+    module = torch.fx.GraphModule({}, graph)
+    example = torch.randn(2, 3)
+    # the exporter names the value of aten.add "add"; here the product is to be called that
+    path = export_onnx(module, [example], tmp_path / "m.onnx", ["x"], ["add", "difference"], [{0: "batch"}])
+    proto = onnx.load(str(path))
+    produced = [o for node in proto.graph.node for o in node.output]
+    assert len(produced) == len(set(produced)) and [o.name for o in proto.graph.output] == ["add", "difference"]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    product, difference = session.run(None, {"x": example.numpy()})
+    np.testing.assert_allclose(product, ((example + 1) * 2).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(difference, ((example + 1) * 2 - (example + 1)).numpy(), rtol=1e-6)
