@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import platform
 import statistics
@@ -30,6 +31,8 @@ from ._progress import progress
 from .errors import DiffcError
 from .evaluate import DenoiserTimer, weight_bytes
 from .metrics import psnr, ssim
+
+log = logging.getLogger(__name__)
 
 DIFFC_PASSES = ("cache", "quant", "prune", "moe")
 # "all" runs every pass; quantization last, because it needs a full-precision graph to annotate
@@ -443,7 +446,11 @@ def write_outputs(results: dict[str, Any], out: Path) -> None:
     stem = results["meta"]["model"]
     write_results(out / f"{stem}.json", results)
     (out / f"{stem}.md").write_text(markdown_table(results))
-    pareto_plot(results, out / f"{stem}.png")
+    try:
+        pareto_plot(results, out / f"{stem}.png")
+    except ModuleNotFoundError as missing:
+        # The table and JSON are the results; the plot is a view of them and needs the `bench` extra.
+        log.warning("no Pareto plot written (%s); install it with: pip install 'diffc[bench]'", missing)
 
 
 def run_bench(pipe: Any, attribute: str, model_name: str, pipelines: list[str], out: Path, settings: BenchSettings,
