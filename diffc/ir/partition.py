@@ -161,6 +161,9 @@ class _SegmentExtractor:
     def __init__(self, dg: DiffusionGraph, env_name: dict[torch.fx.Node, str]) -> None:
         self.module = dg.module
         self.env_name = env_name
+        # annotations name the graph's nodes, and backends apply them to the segment node of that
+        # name: a segment input standing for a value computed elsewhere must not take its name
+        self.taken = {n.name for n in dg.graph.nodes}
         output = next(n for n in dg.graph.nodes if n.op == "output")
         self.model_outputs: dict[torch.fx.Node, list[str]] = {}
         for arg, spec in zip(output.args[0], dg.signature.outputs):
@@ -182,7 +185,7 @@ class _SegmentExtractor:
                 if arg.op == "get_attr":
                     mapping[arg] = graph.get_attr(arg.target)
                 else:
-                    mapping[arg] = graph.placeholder(_safe(self.env_name[arg]))
+                    mapping[arg] = graph.placeholder(self._input_name(arg))
                     inputs.append(self.env_name[arg])
             mapping[node] = graph.node_copy(node, lambda a: mapping[a])
         outputs: list[torch.fx.Node] = []
@@ -201,6 +204,15 @@ class _SegmentExtractor:
         graph.lint()
         root = {n.target: attr_value(self.module, n.target) for n in graph.nodes if n.op == "get_attr"}
         segments[name] = Segment(name, torch.fx.GraphModule(root, graph), tuple(inputs), tuple(names))
+
+    def _input_name(self, node: torch.fx.Node) -> str:
+        base = _safe(self.env_name[node])
+        if node.op == "placeholder":
+            return base
+        name, index = f"{base}_input", 1
+        while name in self.taken:
+            name, index = f"{base}_input{index}", index + 1
+        return name
 
 
 def _apply_segment(deltas: dict[torch.fx.Node, torch.fx.Node], env_name: dict[torch.fx.Node, str],
