@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -69,15 +68,15 @@ def _write_contents(root: Path, plan: Plan, target: dict[str, Any], files: dict[
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
     dg = plan.graph
+    # No clocks in an artifact: the same model, seeds and config must give the same bytes.
     return {
         "format": FORMAT,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": {"diffc": diffc_version(), "torch": torch.__version__},
         "target": target,
         "signature": dg.signature.to_json(),
         "config": dg.config,
         "blocks": [b.to_json() for b in dg.blocks],
-        "applied": dg.applied,
+        "applied": [{key: value for key, value in entry.items() if key != "seconds"} for entry in dg.applied],
         "annotations": dg.annotations,
         "step_plan": dg.step_plan,
         "source_graph": {"segment": source} if source else {"graph": "graphs/source.json"},
@@ -139,6 +138,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{root} has format {manifest.get('format')!r}; this diffc "
                             f"({diffc_version()}) reads {FORMAT!r}. Re-create the artifact with this version.")
+    _check_versions(root, manifest.get("versions", {}))
     for rel, digest in manifest["files"].items():
         file = root / rel
         if not file.is_file():
@@ -147,6 +147,22 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
             raise ArtifactError(f"artifact file {rel} does not match its SHA-256 in the manifest: it was modified "
                                 "or corrupted. Re-create the artifact; diffc does not load tampered files.")
     return manifest
+
+
+def _release(version: str) -> str:
+    """major.minor: releases that share it keep the operator schemas a saved graph refers to."""
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def _check_versions(root: Path, saved: dict[str, str]) -> None:
+    here = {"diffc": diffc_version(), "torch": torch.__version__}
+    for package, version in here.items():
+        if package in saved and _release(saved[package]) != _release(version):
+            raise ArtifactError(
+                f"{root} was saved with {package} {saved[package]}, but this environment has {package} {version}; "
+                f"graphs saved by one {package} release are not guaranteed to mean the same in another. Re-create the "
+                f"artifact with diffc.optimize(...).save(...) here, or load it where {package}=={saved[package]} "
+                "is installed.")
 
 
 def load_plan(path: str | os.PathLike[str], manifest: dict[str, Any]) -> Plan:

@@ -128,6 +128,11 @@ class OptimizedModel(torch.nn.Module):
             t_value = float(flat[sig.inputs.index(timestep)].reshape(-1)[0])
         if self.steps.observe(t_value):
             self._states.clear()
+        if self.steps.num_steps is not None and self.steps.step >= self.steps.num_steps:
+            raise InputError(
+                f"this call is step {self.steps.step + 1} of a loop announced with begin_loop({self.steps.num_steps}); "
+                "the step schedule would be applied to the wrong steps. Announce the real length with "
+                "begin_loop(num_steps) (or begin_loop() when it is not known) before the loop starts.")
         variant = self.plan.schedule.variant_for(self.steps.step, self.steps.num_steps)
         inputs = {spec.name: value for spec, value in zip(sig.inputs, flat)}
         results, self._states[self._context] = self.plan.run(variant, inputs, self._states.get(self._context, {}),

@@ -60,6 +60,19 @@ def test_step_tracking_in_a_loop(family):
         assert fast.steps.step == 0
 
 
+def test_loop_longer_than_announced_is_refused(family):
+    model, inputs = family("dit")
+    fast = diffc.optimize(model, passes=[])
+    fast.begin_loop(2)
+    with torch.no_grad():
+        for t in (900, 600):
+            fast(**{**inputs, "timestep": torch.tensor([t, t])})
+        with pytest.raises(InputError, match=r"step 3 of a loop announced with begin_loop\(2\).*begin_loop\(num_steps\)"):
+            fast(**{**inputs, "timestep": torch.tensor([300, 300])})
+        fast(**{**inputs, "timestep": torch.tensor([900, 900])})  # a new loop, not announced, runs
+        assert fast.steps.step == 0 and fast.steps.num_steps is None
+
+
 def test_half_precision_targets_run_close(family):
     model, inputs = family("dit")
     ref = _reference(model, inputs)
@@ -83,6 +96,23 @@ def test_tampered_artifact_is_refused(family, tmp_path):
         diffc.load(tmp_path / "a")
     (tmp_path / "a" / "graphs" / "main.json").unlink()
     with pytest.raises(ArtifactError, match="missing"):
+        diffc.load(tmp_path / "a")
+
+
+def test_artifact_from_another_release_is_refused(family, tmp_path, monkeypatch):
+    import diffc.runtime.artifact as artifact
+
+    model, _ = family("dit")
+    diffc.optimize(model, passes=[]).save(tmp_path / "a")
+    major, minor = torch.__version__.split(".")[:2]
+    monkeypatch.setattr(torch, "__version__", f"{major}.{minor}.99")  # another patch release reads it
+    diffc.load(tmp_path / "a")
+    monkeypatch.setattr(torch, "__version__", "9.1.0")
+    with pytest.raises(ArtifactError, match=r"saved with torch .*has torch 9\.1\.0.*Re-create the artifact"):
+        diffc.load(tmp_path / "a")
+    monkeypatch.undo()
+    monkeypatch.setattr(artifact, "diffc_version", lambda: "7.0.0")
+    with pytest.raises(ArtifactError, match=r"this environment has diffc 7\.0\.0"):
         diffc.load(tmp_path / "a")
 
 
