@@ -32,13 +32,13 @@ import torch
 import torch.fx
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from ..calibration import trajectory_error
 from ..calibration.statistics import _Observer
 from ..errors import PassError
 from ..ir import DiffusionGraph
 from ..ir.blocks import FFN
 from ..ir.fxutil import attr_value
 from ..ir.partition import BYPASS
+from ._search import search_grid
 from .base import Pass, PassConfig, PassContext, PassResult, register_pass
 from .prune import CalibrationBatch, _eliminate_dead_code, _plan_error, step_ranges
 
@@ -341,7 +341,10 @@ class MoePass(Pass):
                                   "expert_sizes": {c.block: c.sizes for c in converted},
                                   "step_ranges": ranges, "routing": "per step range (static)"}
         if active is None:
-            active, report["active_search"] = self._default_active(plan_for, batch, ctx)
+            active, report["active_search"] = search_grid(
+                ACTIVE_GRID, lambda share: plan_for(share)[0], ctx, knob="active",
+                offline_error=lambda routed: _plan_error(routed, batch), min_psnr=cfg.min_psnr,
+                max_relative_error=cfg.max_relative_error, quality_rises=True, fallback=1.0)
         routed, chosen = plan_for(active)
         report.update(self._summary(dg, routed, converted, chosen, ranges, active, batch))
         return PassResult(routed, modified=True, report=report)
@@ -415,32 +418,6 @@ class MoePass(Pass):
                                 "schedule": {"default": FULL, "steps": steps, "repeat": False},
                                 "summary": {"pass": "moe", "step_ranges": ranges}}
         return routed
-
-    def _default_active(self, plan_for: Any, batch: CalibrationBatch,
-                        ctx: PassContext) -> tuple[float, list[dict[str, Any]]]:
-        """The smallest active share on the grid whose routed model passes the quality bar, by
-        bisection (quality rises with the share); 1.0 (dense) when none does."""
-        cfg = self.config
-        live = ctx.calibration.pipeline is not None and ctx.denoiser_for is not None
-        searched: list[dict[str, Any]] = []
-
-        def passes(active: float) -> bool:
-            routed, _ = plan_for(active)
-            entry: dict[str, Any] = {"active": active}
-            if live:
-                entry["psnr"] = round(trajectory_error(ctx.calibration, ctx.denoiser_for(routed))["psnr"], 3)
-                ok = entry["psnr"] >= cfg.min_psnr
-            else:
-                entry["relative_error"] = round(_plan_error(routed, batch), 6)
-                ok = entry["relative_error"] <= cfg.max_relative_error
-            searched.append({**entry, "passes": ok})
-            return ok
-
-        low, high = -1, len(ACTIVE_GRID)
-        while high - low > 1:
-            middle = (low + high) // 2
-            low, high = (low, middle) if passes(ACTIVE_GRID[middle]) else (middle, high)
-        return (ACTIVE_GRID[high] if high < len(ACTIVE_GRID) else 1.0), searched
 
     def _summary(self, dense: DiffusionGraph, routed: DiffusionGraph, converted: list[ConvertedFFN],
                  chosen: list[list[list[int]]], ranges: list[tuple[int, int]], active: float,

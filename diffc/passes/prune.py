@@ -28,11 +28,11 @@ import torch
 import torch.fx
 
 from .._progress import progress
-from ..calibration import trajectory_error
 from ..errors import PassError
 from ..ir import DiffusionGraph
 from ..ir.blocks import ATTENTION, FFN, RESNET, STAGE, TRANSFORMER_BLOCK, discover_blocks, node_flops
 from ..ir.partition import BYPASS, build_plan
+from ._search import search_grid
 from .base import Pass, PassConfig, PassContext, PassResult, register_pass
 
 TARGETS = ("params", "flops")
@@ -353,8 +353,10 @@ class PrunePass(Pass):
 
         amount = cfg.amount
         if amount is None:
-            amount, searched = self._default_amount(build, batch, ctx)
-            report["amount_search"] = searched
+            amount, report["amount_search"] = search_grid(
+                AMOUNT_GRID, lambda share: build(share)[0], ctx, knob="amount",
+                offline_error=lambda pruned: _plan_error(pruned, batch), min_psnr=cfg.min_psnr,
+                max_relative_error=cfg.max_relative_error, quality_rises=False, fallback=0.0, infeasible=(PassError,))
         pruned, chosen = build(amount)
         report.update(self._summary(dg, pruned, chosen, ranges, amount, batch, groups))
         index = {u.name: i for i, u in enumerate(units)}
@@ -404,35 +406,6 @@ class PrunePass(Pass):
                             "schedule": {"default": FULL, "steps": steps, "repeat": False},
                             "summary": {"pass": "prune", "step_ranges": ranges}}
         return pruned
-
-    def _default_amount(self, build: Callable[[float], tuple[DiffusionGraph, Any]], batch: CalibrationBatch,
-                        ctx: PassContext) -> tuple[float, list[dict[str, Any]]]:
-        """The largest share on the grid whose pruned model passes the quality bar, by bisection
-        (quality falls as the share grows)."""
-        cfg = self.config
-        live = ctx.calibration.pipeline is not None and ctx.denoiser_for is not None
-        searched: list[dict[str, Any]] = []
-
-        def passes(amount: float) -> bool:
-            try:
-                pruned, _ = build(amount)
-            except PassError:
-                return False
-            entry: dict[str, Any] = {"amount": amount}
-            if live:
-                entry["psnr"] = round(trajectory_error(ctx.calibration, ctx.denoiser_for(pruned))["psnr"], 3)
-                ok = entry["psnr"] >= cfg.min_psnr
-            else:
-                entry["relative_error"] = round(_plan_error(pruned, batch), 6)
-                ok = entry["relative_error"] <= cfg.max_relative_error
-            searched.append({**entry, "passes": ok})
-            return ok
-
-        low, high = -1, len(AMOUNT_GRID)
-        while high - low > 1:
-            middle = (low + high) // 2
-            low, high = (middle, high) if passes(AMOUNT_GRID[middle]) else (low, middle)
-        return (AMOUNT_GRID[low] if low >= 0 else 0.0), searched
 
     def _summary(self, dg: DiffusionGraph, pruned: DiffusionGraph, chosen: list[list[Unit]],
                  ranges: list[tuple[int, int]], amount: float, batch: CalibrationBatch,
