@@ -73,7 +73,7 @@ class CachePass(Pass):
     def run(self, dg: DiffusionGraph, ctx: PassContext) -> PassResult:
         cfg = self.config
         if dg.step_plan:
-            raise PassError("the graph already has a step plan (caching ran before); run cache once")
+            raise PassError(_step_plan_conflict(dg.step_plan))
         regions, variants = self._regions(dg)
         cached_variant = _cached_variant_for(variants)
         staged = len(variants) > 2
@@ -229,7 +229,20 @@ def _cached_variant_for(variants: dict[str, list[str]]) -> Any:
 
 
 def _step_plan(regions: list[dict[str, Any]], variants: dict[str, list[str]], schedule: dict[str, Any]) -> dict[str, Any]:
-    return {"regions": regions, "variants": variants, "schedule": schedule}
+    return {"regions": regions, "variants": variants, "schedule": schedule, "summary": {"pass": "cache"}}
+
+
+def _step_plan_conflict(step_plan: dict[str, Any]) -> str:
+    """Why the cache pass cannot run on a graph that already has a step plan, and the fix. A
+    step-dependent prune or moe plan skips units inside the region caching would skip as a whole,
+    and a Plan's regions do not nest, so the cache schedule cannot be laid over those variants."""
+    source = step_plan.get("summary", {}).get("pass", "an earlier pass")
+    if source == "cache":
+        return "the graph already has a step plan from an earlier cache pass; run cache once"
+    return (f"the graph already has a step plan from {source}: with step_groups > 1 it gives each range of "
+            f"denoising steps its own variant, and cached regions cannot be nested around those variants. Fix: give "
+            f"{source} step_groups=1 (one selection for every step, e.g. {{'pass': '{source}', 'step_groups': 1}}), "
+            f"or leave cache out of this pipeline")
 
 
 def _unet_stages(dg: DiffusionGraph) -> dict[str, list[str]]:

@@ -289,8 +289,11 @@ class MoePass(Pass):
     def run(self, dg: DiffusionGraph, ctx: PassContext) -> PassResult:
         cfg = self.config
         if dg.step_plan:
-            raise PassError("the graph already has a step plan (cache ran before, or prune with step_groups); "
-                            "run moe before them, e.g. ['moe', 'cache'] needs cache to run alone: use one of them")
+            source = dg.step_plan.get("summary", {}).get("pass", "an earlier pass")
+            raise PassError(f"the graph already has a step plan from {source}, and step plans do not nest. Fix: run "
+                            "moe before cache, and give prune step_groups=1 when it runs before moe; with cache "
+                            "after moe, give moe step_groups=1 (e.g. ['prune', {'pass': 'moe', 'step_groups': 1}, "
+                            "'cache'])")
         ctx.calibration.check_compatible(dg)
         ffns, skipped = find_ffns(dg)
         if not ffns:

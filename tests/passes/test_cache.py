@@ -1,8 +1,12 @@
+import functools
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
 import diffc
+from diffc.api import compile_graph
 from diffc.calibration import collect
 from diffc.errors import PassError
 from diffc.ir import lint
@@ -163,3 +167,60 @@ def test_adaptive_schedule_decides_between_segment_calls(digits_calibration):
     assert all(b - a <= rule["max_skip"] + 1 for a, b in zip(full_steps, full_steps[1:]))
     report = fast.report[-1]["report"]
     assert report["predicted_speedup"] > 1 and report["relative_error"] > 0
+
+
+@functools.lru_cache(maxsize=None)
+def _family_calibration(family_name):
+    from conftest import _family
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return collect(_family(family_name)[0], num_steps=4, progress=False)
+
+
+def test_cache_after_a_step_dependent_plan_names_the_pass_and_the_fix(captured):
+    """Timestep-routed experts (moe with step_groups > 1) skip units inside the region caching
+    skips as a whole; regions do not nest, so the cache pass refuses and says what to change."""
+    dg, cal = captured("dit"), _family_calibration("dit")
+    moe = {"pass": "moe", "active": 0.5, "experts": 8, "allocation": "per_ffn"}
+    cache = {"pass": "cache", "schedule": "uniform", "interval": 2}
+    with pytest.raises(PassError, match=r"pass cache \(after moe\) failed: .*step plan from moe.*"
+                                        r"give moe step_groups=1"):
+        _run([{**moe, "step_groups": 2}, cache], dg, cal)
+    with pytest.raises(PassError, match="earlier cache pass; run cache once"):
+        _run([cache, cache], dg)
+
+
+def test_static_moe_then_cache_compose(captured):
+    """With step_groups=1 the experts are chosen once for every step: no step plan, and the cache
+    schedule is laid over the routed FFNs."""
+    dg, cal = captured("dit"), _family_calibration("dit")
+    routed = _run([{"pass": "moe", "active": 0.5, "experts": 8, "allocation": "per_ffn", "step_groups": 1}], dg, cal)
+    assert routed.step_plan is None and routed.num_parameters() < dg.num_parameters()
+    both = _run([{"pass": "cache", "schedule": "uniform", "interval": 2}], routed, cal)
+    lint(both)
+    plan = build_plan(both)
+    assert set(plan.variants) == {"full", "cached"} and plan.state
+    inputs = _inputs(both)
+    routed_out = routed.module(*inputs.values())[0]
+    full, state = plan.run("full", inputs, {})
+    cached, _ = plan.run("cached", inputs, state)
+    assert torch.equal(full[0], routed_out)  # a full step is the routed model itself
+    assert (cached[0] - full[0]).abs().max() < 1e-5  # reusing its own step's cache
+    report = both.applied[-1]["report"]
+    assert 0 < report["relative_error"] < 1 and report["predicted_speedup"] > 1
+
+
+def test_bench_all_pipeline_runs(captured):
+    """The bench's "all" pipeline is a combination whose passes compose."""
+    from diffc.bench import ALL_PASSES
+
+    dg, cal = captured("dit"), _family_calibration("dit")
+    out = PassManager(list(ALL_PASSES)).run(dg, PassContext(calibration=cal, target="torch-int8"))
+    lint(out)
+    assert [entry["pass"] for entry in out.applied] == list(ALL_PASSES)
+    assert out.step_plan and any("precision" in a for a in out.annotations.values())
+    fast = compile_graph(out, "torch", "int8")
+    inputs = _inputs(out)
+    with torch.no_grad():
+        assert torch.isfinite(first_tensor(fast(**inputs, return_dict=False))).all()
