@@ -1,8 +1,11 @@
 """diffc.optimize and diffc.load: the public entry points."""
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import os
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -15,14 +18,19 @@ from .ir.partition import build_plan
 from .passes import PassContext, PassManager
 from .passes.base import PipelineSpec
 from .runtime import OptimizedModel, load_plan, read_manifest
+from .runtime.checkpoints import PassCheckpointFolder, graph_fingerprint
 
 def optimize(model_or_pipeline: Any, target: str = "torch", passes: PipelineSpec | None = "default",
              calibration: Any = None, example_inputs: Mapping[str, Any] | None = None, device: Any = None,
-             compile: bool = False, progress: bool = False, **budget: Any) -> OptimizedModel:
+             compile: bool = False, progress: bool = False, work_dir: str | os.PathLike[str] | None = None,
+             **budget: Any) -> OptimizedModel:
     """Captures the denoiser, runs the pass pipeline and compiles the result for `target`.
 
     Returns an OptimizedModel with the denoiser's forward signature: assign it back
-    (`pipe.unet = fast`) to use it in the pipeline. The input model is not modified."""
+    (`pipe.unet = fast`) to use it in the pipeline. The input model is not modified.
+
+    With `work_dir`, the default calibration set and the graph after each pass are kept there:
+    calling again with the same arguments after an interruption resumes where it stopped."""
     parsed = parse_target(target)  # fail before any work on a bad target
     manager = PassManager(passes, progress=progress)
     manager.validate()
@@ -30,13 +38,19 @@ def optimize(model_or_pipeline: Any, target: str = "torch", passes: PipelineSpec
     device = device if device is not None else _module_device(denoiser)
     calibration_set = as_calibration_set(calibration)
     if calibration_set is None and any("calibrated" in p.requirements() for p in manager.passes):
-        calibration_set = _default_calibration(model_or_pipeline, progress)
+        out = Path(work_dir) / "calibration" if work_dir is not None else None
+        calibration_set = _default_calibration(model_or_pipeline, progress, out)
     graph = capture(denoiser, example_inputs=example_inputs)
     if calibration_set is not None:
         calibration_set.check_compatible(graph)
     ctx = PassContext(calibration=calibration_set, budget=dict(budget), target=str(parsed),
                       denoiser_for=lambda candidate: compile_graph(candidate, "torch", "fp32", device))
-    optimized = manager.run(graph, ctx)
+    checkpoints = None
+    if work_dir is not None:
+        identity = {"model": graph_fingerprint(graph), "calibration": _calibration_fingerprint(calibration_set)}
+        checkpoints = PassCheckpointFolder(work_dir, identity)
+    optimized = manager.run(graph, ctx, checkpoints)
+    _anchor_schedule_to_timesteps(optimized, calibration_set)
     unused = sorted(set(budget) - ctx.used_budget)
     if unused:
         raise TargetError(f"budget {', '.join(unused)} was given but no pass in the pipeline "
@@ -49,17 +63,35 @@ def compile_graph(dg: DiffusionGraph, backend: str, precision: str, device: Any 
     return _compile_plan(build_plan(dg), backend, precision, device, **options)
 
 
-def _default_calibration(model_or_pipeline: Any, progress: bool) -> Any:
+def _anchor_schedule_to_timesteps(dg: DiffusionGraph, calibration_set: Any) -> None:
+    """A step plan is indexed by the calibrated loop's steps; their timesteps let a loop of another
+    length or spacing (the user's num_inference_steps) find the matching part of the schedule."""
+    schedule = dg.step_plan.get("schedule") if dg.step_plan else None
+    if not schedule or schedule.get("repeat") or calibration_set is None:
+        return
+    timesteps = calibration_set.step_timesteps
+    if timesteps is not None and len(timesteps) == len(schedule.get("steps", ())):
+        schedule["timesteps"] = timesteps
+
+
+def _calibration_fingerprint(calibration_set: Any) -> str | None:
+    if calibration_set is None:
+        return None
+    recorded = {key: calibration_set.manifest[key] for key in ("settings", "meta", "items")}
+    return hashlib.sha256(json.dumps(recorded, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _default_calibration(model_or_pipeline: Any, progress: bool, out: Path | None) -> Any:
     """Calibration for passes that need it when the user gave none: the pipeline's own sampler
     at its default step count, or synthetic trajectories for a bare denoiser."""
     if isinstance(model_or_pipeline, torch.nn.Module):
-        return collect(model_or_pipeline, progress=progress)
+        return collect(model_or_pipeline, progress=progress, out=out)
     parameters = inspect.signature(model_or_pipeline.__call__).parameters
     steps = parameters["num_inference_steps"].default if "num_inference_steps" in parameters else None
     if not isinstance(steps, int):
         raise DiffcError(f"{type(model_or_pipeline).__name__} has no default num_inference_steps to calibrate at; "
                          "pass calibration=diffc.calibration.collect(pipe, num_steps=..., conditions=...)")
-    return collect(model_or_pipeline, num_steps=steps, progress=progress)
+    return collect(model_or_pipeline, num_steps=steps, progress=progress, out=out)
 
 
 def _compile_plan(plan: Plan, backend: str, precision: str, device: Any, **options: Any) -> OptimizedModel:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     opt.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up round")
     opt.add_argument("--device", default=None)
     opt.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    opt.add_argument("--work-dir", default=None,
+                     help="where calibration and the graph after each pass are kept, so an interrupted run resumes "
+                          "when started again (default with --out: <out>.work, removed once the artifact is written)")
     opt.add_argument("--list", action="store_true", help="list the embedded models and exit")
 
     ins = commands.add_parser("inspect", help="print the block table of a model: params and FLOPs per block")
@@ -126,8 +130,10 @@ def _optimize(args: argparse.Namespace) -> int:
         generator = torch.Generator().manual_seed(args.seed)
         return p(class_labels=labels, num_inference_steps=args.steps, generator=generator, output_type="np").images
 
+    work_dir = Path(args.work_dir) if args.work_dir else Path(f"{out}.work") if out is not None else None
     started = time.perf_counter()
-    fast = optimize(pipe, target=args.target, passes=_parse_passes(args.passes), device=args.device, progress=True)
+    fast = optimize(pipe, target=args.target, passes=_parse_passes(args.passes), device=args.device, progress=True,
+                    work_dir=work_dir)
     optimize_seconds = time.perf_counter() - started
     scorer = models.load_scorer() if args.model is None or args.model in models.available() else None
     result = compare(pipe, attribute, fast, generate, rounds=args.rounds,
@@ -142,6 +148,8 @@ def _optimize(args: argparse.Namespace) -> int:
         fast.save(out / "model", overwrite=args.overwrite)
         side_by_side(result.images[0], result.images[1], str(out / "side_by_side.png"))
         print(f"wrote {out / 'model'} and {out / 'side_by_side.png'} (top: original, bottom: optimized)")
+        if not args.work_dir and work_dir is not None:
+            shutil.rmtree(work_dir, ignore_errors=True)
     return 0
 
 

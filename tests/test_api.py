@@ -54,3 +54,23 @@ def test_original_model_is_untouched(family):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     diffc.optimize(model, target="torch-bf16", passes=[])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.filterwarnings("ignore:calibrating a bare denoiser")
+def test_step_schedule_is_anchored_to_the_calibrated_timesteps(family):
+    from diffc.calibration import collect
+
+    model, inputs = family("dit")
+    calibration = collect(model, num_steps=4, progress=False)
+    fast = diffc.optimize(model, passes=[{"pass": "cache", "schedule": "dp"}], calibration=calibration)
+    schedule = fast.plan.schedule
+    assert len(schedule.steps) == 4 and list(schedule.timesteps) == calibration.step_timesteps
+    ran = []
+    run_variant = fast.plan.run
+    fast.plan.run = lambda variant, *args: ran.append(variant) or run_variant(variant, *args)
+    longer = [float(t) for t in torch.linspace(calibration.step_timesteps[0], calibration.step_timesteps[-1], 8)]
+    with torch.no_grad():  # an unannounced loop twice as long runs each step's nearest calibrated variant
+        for t in longer:
+            fast(**{**inputs, "timestep": torch.full_like(inputs["timestep"], t, dtype=torch.float32)})
+    nearest = [0] + [min(range(4), key=lambda i: abs(calibration.step_timesteps[i] - t)) for t in longer[1:]]
+    assert ran == [schedule.steps[i] for i in nearest] and nearest[-1] == 3

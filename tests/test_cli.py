@@ -18,6 +18,7 @@ def test_optimize_prints_a_before_after_table_and_writes_outputs(capsys, tmp_pat
         assert row in out
     assert "inf" in out  # no passes: the images are identical
     assert (out_dir / "side_by_side.png").is_file() and (out_dir / "model" / "manifest.json").is_file()
+    assert not (tmp_path / "out.work").exists()  # the resume folder goes once the artifact is written
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -80,10 +80,13 @@ class _TrajectoryWriter:
         self.writer, self.item, self.selected = writer, item, selected
         self.tracker = StepTracker()
         self.calls_in_step: dict[int, int] = {}
+        self.timesteps: list[float | None] = []
 
     def __call__(self, inputs: dict[str, torch.Tensor], output: torch.Tensor, timestep: float | None) -> None:
         self.tracker.observe(timestep)
         step = self.tracker.step
+        if step == len(self.timesteps):
+            self.timesteps.append(timestep)
         _check_finite(inputs, output, self.item, step)
         if not self.writer.manifest["meta"].get("inputs"):
             self.writer.manifest["meta"]["inputs"] = {k: list(v.shape) for k, v in inputs.items()}
@@ -135,7 +138,7 @@ def collect(pipeline_or_model: Any, conditions: Sequence[Any] | None = None, num
                     result = _call_pipeline(pipe, condition, num_steps, seed, call_kwargs)
             finally:
                 recorder.close()
-            writer.end(item, trajectory.num_steps, final=_final_tensor(result))
+            writer.end(item, trajectory.num_steps, final=_final_tensor(result), timesteps=trajectory.timesteps)
     finally:
         pipe.scheduler = original_scheduler
     return CalibrationSet(root, pipeline=pipe, replay={"conditions": conditions, "call_kwargs": call_kwargs,
@@ -220,7 +223,7 @@ def _collect_synthetic(model: torch.nn.Module, num_steps: int, timesteps: str, s
                     latents = scheduler.step(output, t, latents).prev_sample
         finally:
             recorder.close()
-        writer.end(item, trajectory.num_steps, final=latents)
+        writer.end(item, trajectory.num_steps, final=latents, timesteps=trajectory.timesteps)
     return CalibrationSet(root)
 
 
@@ -246,7 +249,7 @@ def record(model: torch.nn.Module, out: str | Path | None = None, timesteps: str
     def finish(trajectory: _TrajectoryWriter) -> None:
         keep = set(select_steps(trajectory.num_steps, timesteps))
         writer.drop_calls(trajectory.item, keep)
-        writer.end(trajectory.item, trajectory.num_steps)
+        writer.end(trajectory.item, trajectory.num_steps, timesteps=trajectory.timesteps)
 
     def on_call(inputs: dict[str, torch.Tensor], output: torch.Tensor, timestep: float | None) -> None:
         current = loops[-1] if loops else None

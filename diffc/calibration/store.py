@@ -79,6 +79,15 @@ class CalibrationSet:
     def num_steps(self) -> int:
         return max((item["num_steps"] for item in self.items), default=0)
 
+    @property
+    def step_timesteps(self) -> list[float] | None:
+        """The timestep of each step of the calibrated loop (the longest one), when every step had one."""
+        longest = [item for item in self.items if item["num_steps"] == self.num_steps]
+        timesteps = longest[0].get("timesteps") if longest else None
+        if not timesteps or len(timesteps) != self.num_steps or any(t is None for t in timesteps):
+            return None
+        return [float(t) for t in timesteps]
+
     def __len__(self) -> int:
         return sum(len(item["calls"]) for item in self.items)
 
@@ -168,9 +177,12 @@ class SetWriter:
                 (self.root / call["file"]).unlink(missing_ok=True)
         item["calls"] = [c for c in item["calls"] if c["step"] in keep_steps]
 
-    def end(self, item_id: str, num_steps: int, final: torch.Tensor | None = None) -> None:
+    def end(self, item_id: str, num_steps: int, final: torch.Tensor | None = None,
+            timesteps: list[float | None] | None = None) -> None:
         item = self.manifest["items"][item_id]
         item["num_steps"] = num_steps
+        if timesteps is not None:
+            item["timesteps"] = timesteps
         if final is not None:
             rel = f"shards/{item_id}-final.safetensors"
             save_file({"final": final.detach().cpu().contiguous()}, str(self.root / rel))

@@ -40,32 +40,40 @@ class Schedule:
     """Which variant runs at each step of a denoising loop.
 
     With `repeat`, `steps` is a pattern repeated over the loop (a uniform interval does not depend
-    on the step count). Otherwise `steps[i]` is the variant of step i of a loop of len(steps)
-    steps; a loop of another length is mapped onto it by position in the trajectory. With no
-    `steps`, every step runs `default`. A step scheduled as "adaptive" decides at run time (see
+    on the step count). Otherwise `steps[i]` is the variant of step i of the calibrated loop, whose
+    timestep was `timesteps[i]` (when known): a call runs the variant of the calibrated step nearest
+    its timestep (the first call of a loop runs the first step), so a loop of another length or
+    spacing still gets each part of the trajectory's schedule. Without timesteps, a loop of another
+    announced length is mapped by position. With no `steps`, every step runs `default`. A step scheduled as "adaptive" decides at run time (see
     Plan.run): `adaptive` holds the probe tensor, the threshold and the two variants."""
 
     default: str
     steps: tuple[str, ...] = ()
     repeat: bool = False
     adaptive: dict[str, Any] | None = None
+    timesteps: tuple[float, ...] = ()
 
-    def variant_for(self, step: int, num_steps: int | None = None) -> str:
+    def variant_for(self, step: int, num_steps: int | None = None, timestep: float | None = None) -> str:
         if not self.steps or step < 0:
             return self.default
         if self.repeat:
             return self.steps[step % len(self.steps)]
+        # step 0 fills whatever later steps reuse, so it runs the calibrated first step whatever its timestep
+        if step > 0 and timestep is not None and len(self.timesteps) == len(self.steps):
+            nearest = min(range(len(self.timesteps)), key=lambda i: abs(self.timesteps[i] - timestep))
+            return self.steps[nearest]
         if num_steps and num_steps != len(self.steps):
             step = round(step * (len(self.steps) - 1) / max(num_steps - 1, 1))
         return self.steps[step] if step < len(self.steps) else self.default
 
     def to_json(self) -> dict[str, Any]:
-        return {"default": self.default, "steps": list(self.steps), "repeat": self.repeat, "adaptive": self.adaptive}
+        return {"default": self.default, "steps": list(self.steps), "repeat": self.repeat, "adaptive": self.adaptive,
+                "timesteps": list(self.timesteps)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Schedule":
         return cls(default=data["default"], steps=tuple(data["steps"]), repeat=data.get("repeat", False),
-                   adaptive=data.get("adaptive"))
+                   adaptive=data.get("adaptive"), timesteps=tuple(data.get("timesteps", ())))
 
 
 @dataclass

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from ..errors import ArtifactError
 
@@ -25,6 +26,9 @@ def graph_to_json(graph: torch.fx.Graph) -> dict[str, Any]:
                                      for path, cls in stack.values()]
         if "diffc" in node.meta:
             entry["diffc"] = node.meta["diffc"]
+        shapes = _encode_tensor_meta(node.meta.get("tensor_meta"))
+        if shapes is not None:
+            entry["tensor_meta"] = shapes
         nodes.append(entry)
     return {"format": "diffc-fx-1", "nodes": nodes}
 
@@ -46,9 +50,29 @@ def graph_from_json(data: dict[str, Any]) -> torch.fx.Graph:
             node.meta["nn_module_stack"] = {f"m{i}": (p, c) for i, (p, c) in enumerate(entry["module_stack"])}
         if "diffc" in entry:
             node.meta["diffc"] = entry["diffc"]
+        if "tensor_meta" in entry:
+            node.meta["tensor_meta"] = _decode_tensor_meta(entry["tensor_meta"])
         env[node.name] = node
     graph.lint()
     return graph
+
+
+def _encode_tensor_meta(meta: Any) -> Any:
+    """Shapes and dtypes, which passes read after a reload (e.g. to match a block's input to its output)."""
+    if isinstance(meta, TensorMetadata):
+        return {"shape": list(meta.shape), "dtype": str(meta.dtype).replace("torch.", "")}
+    if isinstance(meta, (tuple, list)):
+        encoded = [_encode_tensor_meta(m) for m in meta]
+        return {"tuple": encoded} if any(e is not None for e in encoded) else None
+    return None
+
+
+def _decode_tensor_meta(data: Any) -> Any:
+    if data is None:
+        return None
+    if "tuple" in data:
+        return tuple(_decode_tensor_meta(m) for m in data["tuple"])
+    return _extract_tensor_metadata(torch.empty(data["shape"], dtype=getattr(torch, data["dtype"]), device="meta"))
 
 
 def _target_name(node: torch.fx.Node) -> str:

@@ -6,7 +6,7 @@ import dataclasses
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
 
 from .._json import jsonable
 from .._progress import progress
@@ -172,6 +172,15 @@ def build_pipeline(spec: PipelineSpec | None) -> list[Pass]:
     return passes
 
 
+class PassCheckpoints(Protocol):
+    """Where a pipeline keeps the graph after each pass, so an interrupted run resumes after the
+    last finished pass. `key` says what produced the graph; a checkpoint with another key is stale."""
+
+    def load(self, index: int, key: dict[str, Any]) -> tuple[DiffusionGraph, list[str]] | None: ...
+
+    def save(self, index: int, key: dict[str, Any], graph: DiffusionGraph, used_budget: list[str]) -> None: ...
+
+
 class PassManager:
     def __init__(self, passes: PipelineSpec | None = None, progress: bool = False) -> None:
         self.passes = build_pipeline(passes)
@@ -188,14 +197,28 @@ class PassManager:
                     raise PassError(f"pipeline {names}: {current.name} must run after {earlier}; "
                                     f"reorder it, e.g. {fixed}")
 
-    def run(self, dg: DiffusionGraph, ctx: PassContext | None = None) -> DiffusionGraph:
-        """Runs every pass on a copy of `dg` (which is left untouched) and returns the result."""
+    def run(self, dg: DiffusionGraph, ctx: PassContext | None = None,
+            checkpoints: PassCheckpoints | None = None) -> DiffusionGraph:
+        """Runs every pass on a copy of `dg` (which is left untouched) and returns the result.
+        With `checkpoints`, the graph after each pass is kept there and a rerun starts after the
+        last pass whose checkpoint matches."""
         ctx = ctx or PassContext()
         self.validate()
         lint(dg)
         current = dg.clone()
         done: list[str] = []
-        for p in progress(self.passes, self.progress, "passes", "pass"):
+        start = 0
+        if checkpoints is not None:
+            for index in reversed(range(len(self.passes))):
+                restored = checkpoints.load(index, self._checkpoint_key(index, ctx))
+                if restored is not None:
+                    current, used_budget = restored
+                    lint(current)
+                    ctx.used_budget.update(used_budget)
+                    done = [p.name for p in self.passes[:index + 1]]
+                    start = index + 1
+                    break
+        for index, p in enumerate(progress(self.passes[start:], self.progress, "passes", "pass"), start):
             where = f"pass {p.name}" + (f" (after {', '.join(done)})" if done else " (first in the pipeline)")
             for name in p.requirements():
                 problem = CONDITIONS[name].check(current, ctx)
@@ -221,5 +244,11 @@ class PassManager:
                                     "seconds": round(time.perf_counter() - started, 3),
                                     "report": jsonable(result.report)})
             done.append(p.name)
+            if checkpoints is not None:
+                checkpoints.save(index, self._checkpoint_key(index, ctx), current, sorted(ctx.used_budget))
         return current
+
+    def _checkpoint_key(self, index: int, ctx: PassContext) -> dict[str, Any]:
+        return {"passes": [p.describe() for p in self.passes[:index + 1]], "target": ctx.target,
+                "budget": jsonable(ctx.budget)}
 

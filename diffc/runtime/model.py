@@ -133,7 +133,7 @@ class OptimizedModel(torch.nn.Module):
                 f"this call is step {self.steps.step + 1} of a loop announced with begin_loop({self.steps.num_steps}); "
                 "the step schedule would be applied to the wrong steps. Announce the real length with "
                 "begin_loop(num_steps) (or begin_loop() when it is not known) before the loop starts.")
-        variant = self.plan.schedule.variant_for(self.steps.step, self.steps.num_steps)
+        variant = self.plan.schedule.variant_for(self.steps.step, self.steps.num_steps, t_value)
         inputs = {spec.name: value for spec, value in zip(sig.inputs, flat)}
         results, self._states[self._context] = self.plan.run(variant, inputs, self._states.get(self._context, {}),
                                                              self._compiled.runners)

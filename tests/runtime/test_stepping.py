@@ -25,3 +25,18 @@ def test_begin_loop_and_reset():
 def test_without_timestep_every_call_is_step_zero():
     tracker = StepTracker()
     assert tracker.observe(None) and tracker.observe(None) and tracker.step == 0
+
+
+def test_a_loop_of_another_length_follows_the_calibrated_timesteps():
+    from diffc.ir import Schedule
+
+    calibrated = Schedule(default="full", steps=("full", "cached", "full", "cached", "full"),
+                          timesteps=(999.0, 799.0, 599.0, 399.0, 199.0))
+    same_loop = [calibrated.variant_for(i, None, t) for i, t in enumerate(calibrated.timesteps)]
+    assert same_loop == list(calibrated.steps)
+    # ten unannounced steps over the same range: each gets the variant of the nearest calibrated step,
+    # where position alone would run the first five entries and then the default
+    longer = [calibrated.variant_for(i, None, 999.0 - 100.0 * i) for i in range(10)]
+    assert longer == ["full", "full", "cached", "cached", "full", "full", "cached", "cached", "full", "full"]
+    assert calibrated.variant_for(3, None, None) == "cached"  # no timestep: by position
+    assert Schedule.from_json(calibrated.to_json()) == calibrated
