@@ -9,7 +9,8 @@ diffc's quantized targets (torch-fp8, torch-int8, torch-int4) on the SD1.5 UNet 
 over a 50-step DDIM loop on the SD1.5 UNet, the torchao int8 + torch.compile peer; then the
 embedded digit models (speed and fidelity, through `diffc.bench`). Every case is guarded: a
 failure is recorded with its reason and the run goes on; a global time budget stops starting new
-cases so the results are always written. `--smoke` runs the same code on CPU with tiny configs.
+cases so the results are always written. `--smoke` runs every case through the same code on CPU at
+tiny sizes (see SMOKE) in about a minute.
 """
 from __future__ import annotations
 
@@ -29,8 +30,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a repo copy without installing diffc
 
-QUANT_TARGETS = ("fp8", "int8", "int4")
-CACHE_STEPS = 50
+
+@dataclass(frozen=True)
+class Scale:
+    """How much the run measures. The smoke scale keeps every case and code path (guards and budget
+    included) but shrinks what makes them slow on a CPU."""
+
+    smoke: bool
+    quant_targets: tuple[str, ...]
+    quant_pass: str | dict[str, Any]
+    repeats: int
+    cache_steps: int
+    compile_backend: str  # torch.compile backend of the torchao peer
+    case_cap_s: float
+    budget_s: float
+
+
+FULL = Scale(smoke=False, quant_targets=("fp8", "int8", "int4"), quant_pass="quant", repeats=10, cache_steps=50,
+             compile_backend="inductor", case_cap_s=240, budget_s=560)
+# inductor compiles for minutes on a CPU: the smoke run traces with dynamo but runs the graph eagerly;
+# the quant pass's sensitivity (backward passes per calibration call and probe) is cut to two calls, one probe
+SMOKE = Scale(smoke=True, quant_targets=("int8",), quant_pass={"pass": "quant", "samples": 2, "probes": 1},
+              repeats=1, cache_steps=4, compile_backend="eager", case_cap_s=60, budget_s=150)
 
 
 class CaseTimeout(Exception):
@@ -51,15 +72,16 @@ def architectures(smoke: bool) -> list[Architecture]:
 
     def unet() -> torch.nn.Module:
         if smoke:
-            return UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=16,
-                                        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+            # one cross-attention stage: capturing the UNet dominates the smoke run's time
+            return UNet2DConditionModel(block_out_channels=(32,), layers_per_block=1, sample_size=8,
+                                        down_block_types=("CrossAttnDownBlock2D",),
+                                        up_block_types=("CrossAttnUpBlock2D",), cross_attention_dim=32,
                                         attention_head_dim=8, norm_num_groups=16)
         # diffusers' defaults are the SD1.x UNet; SD1.5's text encoder width is 768
         return UNet2DConditionModel(cross_attention_dim=768)
 
     def unet_inputs(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-        side, width, tokens = (16, 32, 7) if smoke else (64, 768, 77)
+        side, width, tokens = (8, 32, 7) if smoke else (64, 768, 77)
         return {"sample": torch.randn(2, 4, side, side, device=device, dtype=dtype),
                 "timestep": torch.tensor([500, 500], device=device),
                 "encoder_hidden_states": torch.randn(2, tokens, width, device=device, dtype=dtype)}
@@ -137,12 +159,13 @@ def median_ms(call: Callable[[], Any], device: torch.device, repeats: int) -> fl
 
 
 class Runner:
-    """Runs cases under a global deadline; each case gets at most the time left (less a reserve for
-    writing results) and is interrupted by an alarm past it."""
+    """Runs cases under a global deadline; each case gets at most `case_cap_s` and the time left
+    (less a reserve for writing results), and is interrupted by an alarm past it."""
 
-    def __init__(self, budget_s: float, reserve_s: float) -> None:
+    def __init__(self, budget_s: float, reserve_s: float, case_cap_s: float) -> None:
         self.deadline = time.monotonic() + budget_s
         self.reserve_s = reserve_s
+        self.case_cap_s = case_cap_s
         self.rows: list[dict[str, Any]] = []
 
     def left(self) -> float:
@@ -161,14 +184,15 @@ class Runner:
             signal.alarm(0)
             signal.signal(signal.SIGALRM, previous)
 
-    def case(self, name: str, measure: Callable[[], dict[str, Any]], cap_s: float = 240) -> dict[str, Any]:
+    def case(self, name: str, measure: Callable[[], dict[str, Any]], cap_s: float | None = None) -> dict[str, Any]:
+        """Runs `measure` into a row of results; `cap_s` can only tighten the run's case cap."""
         row: dict[str, Any] = {"case": name, "status": "ok", "reason": ""}
         if self.left() < 5:
             row.update(status="failed", reason="not started: the run's time budget is spent")
         else:
             started = time.monotonic()
             try:
-                with self._alarm(min(cap_s, self.left())):
+                with self._alarm(min(cap_s or self.case_cap_s, self.case_cap_s, self.left())):
                     row.update(measure())
             except Exception as exc:  # every failure is a result with its reason; the run goes on
                 row.update(status="failed", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
@@ -183,12 +207,13 @@ def peak_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
 
 
-def run_architectures(runner: Runner, smoke: bool, device: torch.device, dtype: torch.dtype, precision: str,
-                      repeats: int) -> None:
+def run_architectures(runner: Runner, scale: Scale, device: torch.device, dtype: torch.dtype,
+                      precision: str) -> None:
     from diffc import optimize
     from diffc.calibration import collect
 
-    for arch in architectures(smoke):
+    repeats = scale.repeats
+    for arch in architectures(scale.smoke):
         state: dict[str, Any] = {}
 
         def build() -> dict[str, Any]:
@@ -208,7 +233,7 @@ def run_architectures(runner: Runner, smoke: bool, device: torch.device, dtype: 
         if runner.case(f"{arch.name}/{precision}", build)["status"] != "ok":
             continue
 
-        def diffc_target(target: str, passes: list[str]) -> Callable[[], dict[str, Any]]:
+        def diffc_target(target: str, passes: list[str | dict[str, Any]]) -> Callable[[], dict[str, Any]]:
             def measure() -> dict[str, Any]:
                 started = time.perf_counter()
                 fast = optimize(state["model"], target=target, passes=passes, example_inputs=state["inputs"],
@@ -222,20 +247,24 @@ def run_architectures(runner: Runner, smoke: bool, device: torch.device, dtype: 
                         "optimize_seconds": seconds, "relative_error": float(error.norm() / reference.norm())}
             return measure
 
-        if not smoke:  # the smoke run keeps one optimize() per architecture to stay within ~2-4 CPU minutes
+        # every optimize() captures the model, the slow part on a CPU; a quantized target runs the same
+        # code, so the smoke run times the unquantized one only where there is no quantized one
+        if not (scale.smoke and arch.quantize):
             runner.case(f"{arch.name}/diffc-{precision}", diffc_target(f"torch-{precision}", []))
         if arch.quantize:
-            for low_bit in (QUANT_TARGETS[1:2] if smoke else QUANT_TARGETS):
-                runner.case(f"{arch.name}/torch-{low_bit}", diffc_target(f"torch-{low_bit}", ["quant"]))
-            runner.case(f"{arch.name}/torchao-int8-compile", torchao_case(state, device, repeats))
+            for low_bit in scale.quant_targets:
+                runner.case(f"{arch.name}/torch-{low_bit}", diffc_target(f"torch-{low_bit}", [scale.quant_pass]))
+            runner.case(f"{arch.name}/torchao-int8-compile", torchao_case(state, device, repeats, scale.compile_backend))
         if arch.name == "sd15-unet":
-            runner.case(f"{arch.name}/cache-{CACHE_STEPS}", cache_loop_case(state, device, collect, optimize, precision))
+            runner.case(f"{arch.name}/cache-{scale.cache_steps}",
+                        cache_loop_case(state, device, collect, optimize, precision, scale.cache_steps))
         state.clear()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
 
-def torchao_case(state: dict[str, Any], device: torch.device, repeats: int) -> Callable[[], dict[str, Any]]:
+def torchao_case(state: dict[str, Any], device: torch.device, repeats: int,
+                 compile_backend: str) -> Callable[[], dict[str, Any]]:
     def measure() -> dict[str, Any]:
         import copy
 
@@ -243,23 +272,23 @@ def torchao_case(state: dict[str, Any], device: torch.device, repeats: int) -> C
 
         model = copy.deepcopy(state["model"])
         quantize_(model, Int8WeightOnlyConfig())
-        compiled = torch.compile(model)
+        compiled = torch.compile(model, backend=compile_backend)
         with torch.no_grad():
             ms = median_ms(lambda: compiled(**state["inputs"]), device, repeats)
         return {"ms_per_step": ms, "baseline_ms_per_step": state["eager_ms"], "speedup": state["eager_ms"] / ms,
-                "peer": "torchao Int8WeightOnly + torch.compile"}
+                "peer": f"torchao Int8WeightOnly + torch.compile ({compile_backend})"}
     return measure
 
 
 def cache_loop_case(state: dict[str, Any], device: torch.device, collect: Callable, optimize: Callable,
-                    precision: str) -> Callable[[], dict[str, Any]]:
-    """A 50-step DDIM loop with the eager UNet and with diffc's cache pass (calibrated on the same
-    number of steps); full-loop time and the final latents' PSNR against the eager loop."""
+                    precision: str, steps: int) -> Callable[[], dict[str, Any]]:
+    """A DDIM loop of `steps` steps with the eager UNet and with diffc's cache pass (calibrated on the
+    same number of steps); full-loop time and the final latents' PSNR against the eager loop."""
     def loop(denoiser: Callable) -> tuple[torch.Tensor, float]:
         from diffusers import DDIMScheduler
 
         scheduler = DDIMScheduler()
-        scheduler.set_timesteps(CACHE_STEPS)
+        scheduler.set_timesteps(steps)
         inputs = state["inputs"]
         latents = torch.randn(inputs["sample"].shape, generator=torch.Generator().manual_seed(0)).to(inputs["sample"])
         sync(device)
@@ -278,7 +307,7 @@ def cache_loop_case(state: dict[str, Any], device: torch.device, collect: Callab
         loop(model)  # warm-up
         reference, eager_s = loop(model)
         started = time.perf_counter()
-        calibration = collect(model, num_steps=CACHE_STEPS, progress=False)
+        calibration = collect(model, num_steps=steps, progress=False)
         fast = optimize(model, target=f"torch-{precision}", passes=["cache"], calibration=calibration,
                         example_inputs=state["inputs"], device=device)
         optimize_s = time.perf_counter() - started
@@ -286,17 +315,18 @@ def cache_loop_case(state: dict[str, Any], device: torch.device, collect: Callab
         latents, cached_s = loop(fast)
         span = float(reference.max() - reference.min())
         mse = float(((latents - reference) ** 2).mean())
-        return {"ms_per_step": cached_s * 1000 / CACHE_STEPS, "baseline_ms_per_step": eager_s * 1000 / CACHE_STEPS,
+        return {"ms_per_step": cached_s * 1000 / steps, "baseline_ms_per_step": eager_s * 1000 / steps,
                 "speedup": eager_s / cached_s, "optimize_seconds": optimize_s,
                 "psnr_latents": float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(span ** 2 / mse)).item()}
     return measure
 
 
-def run_default_models(runner: Runner, smoke: bool, device: torch.device, out: Path, date: str) -> None:
+def run_default_models(runner: Runner, scale: Scale, device: torch.device, out: Path, date: str) -> None:
     from diffc import models
     from diffc.bench import BenchSettings, run_bench
     from diffc.ir import find_denoiser
 
+    smoke = scale.smoke
     settings = BenchSettings(steps=2 if smoke else 20, seeds=(0,) if smoke else (0, 1),
                              labels=(0, 1) if smoke else tuple(range(10)), repeats=1 if smoke else 3,
                              device=str(device), progress=False)
@@ -310,7 +340,7 @@ def run_default_models(runner: Runner, smoke: bool, device: torch.device, out: P
             best = max((r for r in results["rows"].values() if r["status"] == "ok"), key=lambda r: r["speedup"])
             return {"ms_per_step": None, "speedup": best["speedup"], "psnr": best["psnr"],
                     "note": f"best of {len(results['rows'])} rows: {best['pipeline']}; full table in {name}.md"}
-        runner.case(f"{name}/diffc-bench", measure, cap_s=120 if smoke else 200)
+        runner.case(f"{name}/diffc-bench", measure, cap_s=200)
 
 
 def write(runner: Runner, out: Path, meta: dict[str, Any]) -> None:
@@ -318,7 +348,7 @@ def write(runner: Runner, out: Path, meta: dict[str, Any]) -> None:
     (out / "gpu_bench.json").write_text(json.dumps({"meta": meta, "rows": runner.rows}, indent=1, default=str))
     lines = [f"# diffc GPU benchmark on {meta['device']} ({meta['date']})", "",
              "Random-weight architectures: speed only (per denoiser step, median after warm-up, vs eager "
-             f"{meta['precision']} in the same run); the cache case times a whole {CACHE_STEPS}-step DDIM loop. "
+             f"{meta['precision']} in the same run); the cache case times a whole {meta['cache_steps']}-step DDIM loop. "
              f"{'SMOKE RUN: tiny configs on CPU, the figures say nothing about GPU speed. ' if meta['smoke'] else ''}", "",
              "| case | status | speed-up | ms/step | baseline ms/step | optimize s | note |", "|---|---|---|---|---|---|---|"]
 
@@ -356,10 +386,13 @@ def write(runner: Runner, out: Path, meta: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny configs on CPU, same code path, int8 the only quantized target (2-4 minutes)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="every case on CPU at tiny sizes through the same code (about a minute)")
     parser.add_argument("--out", default="benchmarks/results", help="parent folder; a <date>-<device> folder is made in it")
-    parser.add_argument("--budget-s", type=float, default=None, help="whole-run budget (default 560 s, smoke 240 s)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help=f"whole-run budget (default {FULL.budget_s:.0f} s, smoke {SMOKE.budget_s:.0f} s)")
     args = parser.parse_args(argv)
+    scale = SMOKE if args.smoke else FULL
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     precision, dtype = ("bf16", torch.bfloat16) if device.type == "cuda" else ("fp32", torch.float32)
     if device.type == "cpu":
@@ -367,12 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name(device).replace(" ", "-") if device.type == "cuda" else "cpu"
     date = time.strftime("%Y-%m-%d")
     out = Path(args.out) / f"{date}-{device_name}{'-smoke' if args.smoke else ''}"
-    runner = Runner(args.budget_s or (240 if args.smoke else 560), reserve_s=10)
+    runner = Runner(args.budget_s or scale.budget_s, reserve_s=10, case_cap_s=scale.case_cap_s)
     meta = {"device": device_name, "date": date, "smoke": args.smoke, "precision": precision,
-            "torch": torch.__version__, "cuda": torch.version.cuda}
+            "cache_steps": scale.cache_steps, "torch": torch.__version__, "cuda": torch.version.cuda}
     try:
-        run_architectures(runner, args.smoke, device, dtype, precision, repeats=3 if args.smoke else 10)
-        run_default_models(runner, args.smoke, device, out, date)
+        run_architectures(runner, scale, device, dtype, precision)
+        run_default_models(runner, scale, device, out, date)
     finally:
         write(runner, out, meta)
     print(f"wrote {out}")

@@ -1,6 +1,8 @@
+import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,15 +84,52 @@ def test_pipeline_specs_map_to_passes_and_targets():
     assert set(bench.PEERS) <= set(bench.split_pipelines("peers"))
 
 
+GPU_SCRIPT = Path(__file__).parents[1] / "benchmarks" / "gpu_bench.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_bench():
+    spec = importlib.util.spec_from_file_location("gpu_bench", GPU_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_bench"] = module  # dataclasses look their module up while the script is executed
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules["gpu_bench"]
+
+
+def test_gpu_script_guards_each_case_and_keeps_the_budget(gpu_bench):
+    runner = gpu_bench.Runner(budget_s=60, reserve_s=0, case_cap_s=1)
+    assert runner.case("fine", lambda: {"speedup": 2.0})["status"] == "ok"
+
+    def broken():
+        raise ValueError("no kernel for this shape")
+
+    assert runner.case("broken", broken)["reason"] == "ValueError: no kernel for this shape"
+    hung = runner.case("hung", lambda: time.sleep(10))
+    assert hung["status"] == "failed" and hung["reason"].startswith("CaseTimeout") and hung["case_seconds"] < 5
+    spent = gpu_bench.Runner(budget_s=14, reserve_s=10, case_cap_s=60)
+    assert spent.case("late", lambda: {"speedup": 2.0})["reason"] == "not started: the run's time budget is spent"
+    assert [row["case"] for row in runner.rows] == ["fine", "broken", "hung"]
+
+
 @pytest.mark.slow
-def test_gpu_script_smoke_runs_on_cpu(tmp_path):
-    script = Path(__file__).parents[1] / "benchmarks" / "gpu_bench.py"
-    done = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True,
+def test_gpu_script_smoke_runs_every_case_on_cpu(tmp_path, gpu_bench):
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(GPU_SCRIPT), "--smoke", "--out", str(tmp_path)], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert time.monotonic() - started < gpu_bench.SMOKE.budget_s + 60
     results = json.loads(next(tmp_path.rglob("gpu_bench.json")).read_text())
     cases = {row["case"]: row for row in results["rows"]}
-    assert {"sd15-unet/bf16", "sd15-unet/cache-50", "flux/torch-int8", "pixart/bf16"} <= set(cases)
-    assert all(row["status"] in ("ok", "failed") for row in cases.values())
-    assert any(row["status"] == "ok" and row["speedup"] > 0 for row in cases.values())
+    unet = ["sd15-unet/fp32", "sd15-unet/torch-int8", "sd15-unet/torchao-int8-compile",
+            f"sd15-unet/cache-{gpu_bench.SMOKE.cache_steps}"]
+    assert {*unet, "pixart/fp32", "pixart/diffc-fp32", "flux/fp32", "flux/torch-int8", "flux/torchao-int8-compile",
+            "digits-unet/diffc-bench", "digits-dit/diffc-bench"} == set(cases)
+    assert all(row["status"] in ("ok", "failed") and "not started" not in row["reason"] for row in cases.values())
+    # the UNet's cases go through every code path of the real run: eager, diffc, the torchao peer, the cache loop
+    assert all(cases[name]["status"] == "ok" and cases[name]["speedup"] > 0 for name in unet), \
+        [cases[name]["reason"] for name in unet]
+    assert cases[unet[-1]]["psnr_latents"] > 0
     assert next(tmp_path.rglob("gpu_bench.md")).is_file() and next(tmp_path.rglob("gpu_bench.png")).is_file()
