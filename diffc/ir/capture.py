@@ -40,6 +40,8 @@ def capture(model: torch.nn.Module, example_inputs: Mapping[str, Any] | None = N
     model = model.eval()
     inputs = dict(example_inputs) if example_inputs is not None else derive_example_inputs(model)
     inputs.pop("return_dict", None)
+    if dynamic:
+        inputs = _batch_of_two_if_one(inputs)
     forward_params = tuple(inspect.signature(model.forward).parameters)
     unknown = [k for k in inputs if k not in forward_params]
     if unknown:
@@ -103,6 +105,22 @@ def _flat_tensor_inputs(kwargs: Mapping[str, Any]) -> list[tuple[tuple[str, ...]
                 if isinstance(leaf, torch.Tensor):
                     out.append(((key, sub), leaf))
     return out
+
+
+def _batch_of_two_if_one(inputs: dict[str, Any]) -> dict[str, Any]:
+    """torch.export fixes every size-1 dimension, so a batch-1 example would give a graph that only
+    takes batch 1 (and refuses calibration or CFG batches); the batch is repeated to 2 instead."""
+    batched = [(path, t) for path, t in _flat_tensor_inputs(inputs) if path[-1] not in UNBATCHED_NAMES and t.dim() >= 1]
+    if not batched or any(t.shape[0] != 1 for _, t in batched):
+        return inputs
+    widened: dict[str, Any] = dict(inputs)
+    for path, tensor in batched:
+        doubled = tensor.repeat(2, *([1] * (tensor.dim() - 1)))
+        if len(path) == 1:
+            widened[path[0]] = doubled
+        else:
+            widened[path[0]] = {**widened[path[0]], path[1]: doubled}
+    return widened
 
 
 def _dynamic_dims(path: tuple[str, ...], tensor: torch.Tensor, resolution: bool, text: bool) -> dict[int, Any] | None:

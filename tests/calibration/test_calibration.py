@@ -134,6 +134,18 @@ def test_mismatched_calibration_set_is_refused(collected):
         diffc.optimize(families()["dit"][0], passes=[], calibration=cal)
 
 
+@pytest.mark.filterwarnings("ignore:calibrating a bare denoiser")
+def test_calibration_set_of_another_configuration_is_refused(tmp_path):
+    from diffusers import DiTTransformer2DModel
+    from tiny_families import families
+
+    cal = collect(families()["dit"][0], num_steps=2, out=tmp_path / "set", progress=False)
+    wider = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=6,
+                                  num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=1000).eval()
+    with pytest.raises(CalibrationError, match=r"hidden_states has shape \(2, 4, 8, 8\) but the model takes \(.batch., 3, 8, 8\)"):
+        diffc.optimize(wider, passes=["cache"], calibration=cal)
+
+
 def test_non_finite_inputs_are_named(tmp_path):
     pipe = tiny_digits_pipeline()
     pipe.unet.register_forward_pre_hook(

@@ -1,9 +1,11 @@
 import pytest
 import torch
 
+import diffc
 from diffc.errors import CaptureError, LintError
 from diffc.ir import LATENT, TIMESTEP, capture, lint
 from diffc.ir.blocks import ATTENTION, FFN, RESNET, STAGE, TRANSFORMER_BLOCK
+from tiny_families import first_tensor
 
 
 def test_roles_and_dynamic_dims(family_name, captured):
@@ -108,3 +110,18 @@ def test_lint_reports_inconsistencies(captured):
     dg.annotations["no_such_node"] = {"precision": "int8"}
     with pytest.raises(LintError, match="no_such_node"):
         lint(dg)
+
+
+@pytest.mark.parametrize("name", ["dit", "flux"])
+def test_batch_one_example_still_gives_a_dynamic_batch(name, family):
+    model, inputs = family(name)
+    single = {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() >= 1 and k not in ("img_ids", "txt_ids") else v
+              for k, v in inputs.items()}
+    dg = capture(model, example_inputs=single)
+    batch_dims = [spec.shape[0] for spec in dg.signature.inputs if spec.name not in ("img_ids", "txt_ids")
+                  and len(spec.shape) >= 1]
+    assert batch_dims and all(dim == "batch" for dim in batch_dims), dg.signature.inputs
+    fast = diffc.optimize(model, passes=[], example_inputs=single)
+    with torch.no_grad():
+        for call in (single, inputs):
+            assert torch.allclose(first_tensor(fast(**call)), first_tensor(model(**call)), atol=1e-5)

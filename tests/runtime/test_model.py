@@ -116,6 +116,23 @@ def test_artifact_from_another_release_is_refused(family, tmp_path, monkeypatch)
         diffc.load(tmp_path / "a")
 
 
+def test_loading_never_unpickles(family, tmp_path, monkeypatch):
+    import pickle
+
+    model, inputs = family("dit")
+    fast = diffc.optimize(model, passes=[])
+    fast.save(tmp_path / "a")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an artifact load unpickled something")
+
+    for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
+        monkeypatch.setattr(module, name, refuse)
+    reloaded = diffc.load(tmp_path / "a")
+    with torch.no_grad():
+        assert torch.equal(first_tensor(reloaded(**inputs)), first_tensor(fast(**inputs)))
+
+
 def test_save_is_atomic_and_never_clobbers(family, tmp_path, monkeypatch):
     model, _ = family("dit")
     fast = diffc.optimize(model, passes=[])
