@@ -19,7 +19,7 @@ import itertools
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -48,6 +48,8 @@ class CacheConfig(PassConfig):
     full_steps: int | None = None
     full_fraction: float = 0.4
     max_gap: int = 4
+    # trajectory re-runs spent moving single full steps of the best DP schedule (0: none)
+    refine: int = 12
 
     def __post_init__(self) -> None:
         if self.cut not in CUTS:
@@ -56,8 +58,8 @@ class CacheConfig(PassConfig):
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.mode not in ("auto", "raw", "delta"):
             raise ValueError(f"mode must be auto, raw or delta, got {self.mode!r}")
-        if self.interval < 1 or self.max_gap < 1 or self.depth < 0:
-            raise ValueError("interval, max_gap must be >= 1 and depth >= 0")
+        if self.interval < 1 or self.max_gap < 1 or self.depth < 0 or self.refine < 0:
+            raise ValueError("interval, max_gap must be >= 1 and depth, refine >= 0")
         if not 0 < self.full_fraction <= 1:
             raise ValueError(f"full_fraction must be in (0, 1], got {self.full_fraction}")
 
@@ -121,8 +123,9 @@ class CachePass(Pass):
                      cached_variant: Any) -> tuple[set[int], list[dict[str, Any]]]:
         """Full steps by dynamic programming on the per-step reuse errors. Each error is weighted
         by how strongly an output error at its step propagates to the final output, and the DP is
-        solved for each gap limit up to max_gap; with the live pipeline, the candidate whose
-        re-sampled calibration trajectories end closest to the recorded ones wins."""
+        solved for each gap limit up to max_gap; with the live pipeline, the candidate (evenly
+        spaced full steps among them) whose re-sampled calibration trajectories end closest to the
+        recorded ones wins, and is refined by moving single full steps while that lowers the error."""
         cfg = self.config
         errors = reuse_errors(build_plan(dg), ctx.calibration, cfg.max_gap, cached_variant)
         weights = propagation_weights(ctx.calibration)
@@ -139,15 +142,24 @@ class CachePass(Pass):
                     candidates.append(full)
         if not candidates:
             return dp_full_steps(errors, num_steps, budget, cfg.max_gap), []  # raises with the reason
-        if len(candidates) == 1 or ctx.calibration.pipeline is None or ctx.denoiser_for is None:
+        if ctx.calibration.pipeline is None or ctx.denoiser_for is None:
             return candidates[0], []
-        scored = []
-        for full in candidates:
+        even = {round(i * num_steps / budget) for i in range(budget)}
+        if even not in candidates and _within_gap(even, num_steps, cfg.max_gap):
+            candidates.append(even)
+
+        def final_error(full: set[int]) -> float:
             steps = [FULL if s in full else cached_variant(s, num_steps) for s in range(num_steps)]
             dg.step_plan = _step_plan(regions, variants, {"default": FULL, "steps": steps, "repeat": False})
-            error = trajectory_error(ctx.calibration, ctx.denoiser_for(dg))["mse"]
-            scored.append((error, sorted(full)))
-        return set(min(scored)[1]), [{"full_steps": f, "final_mse": round(e, 8)} for e, f in scored]
+            return trajectory_error(ctx.calibration, ctx.denoiser_for(dg))["mse"]
+
+        scored = [(final_error(full), sorted(full)) for full in candidates]
+        best_error, best = min(scored)
+        report = [{"full_steps": f, "final_mse": round(e, 8)} for e, f in scored]
+        refined = _refine_full_steps(set(best), best_error, final_error, num_steps, cfg.max_gap, cfg.refine)
+        if refined[0] != set(best):
+            report.append({"full_steps": sorted(refined[0]), "final_mse": round(refined[1], 8), "refined": True})
+        return refined[0], report
 
     # --- cut discovery ------------------------------------------------------------------------
     def _regions(self, dg: DiffusionGraph) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
@@ -368,6 +380,35 @@ def reuse_errors(plan: Any, calibration: Any, max_gap: int, cached_variant: Any)
                 error = float((out[0].double() - reference).pow(2).mean())
                 sums.setdefault((i, record.step), []).append(error)
     return {k: float(np.mean(v)) for k, v in sums.items()}
+
+
+def _within_gap(full: set[int], num_steps: int, max_gap: int) -> bool:
+    marks = sorted(full) + [num_steps]
+    return 0 in full and all(b - a <= max_gap for a, b in zip(marks, marks[1:]))
+
+
+def _refine_full_steps(full: set[int], error: float, final_error: Callable[[set[int]], float], num_steps: int,
+                       max_gap: int, evaluations: int) -> tuple[set[int], float]:
+    """First-improvement local search: move one full step (never step 0) to a neighbouring cached
+    step while the final error falls, within `evaluations` re-runs of the trajectories."""
+    improved = True
+    while improved and evaluations > 0:
+        improved = False
+        for step in sorted(full - {0}):
+            for moved in (step - 1, step + 1):
+                candidate = (full - {step}) | {moved}
+                if not 0 < moved < num_steps or moved in full or not _within_gap(candidate, num_steps, max_gap):
+                    continue
+                if evaluations == 0:
+                    return full, error
+                evaluations -= 1
+                candidate_error = final_error(candidate)
+                if candidate_error < error:
+                    full, error, improved = candidate, candidate_error, True
+                    break
+            if improved:
+                break
+    return full, error
 
 
 def dp_full_steps(errors: dict[tuple[int, int], float], num_steps: int, budget: int, max_gap: int) -> set[int]:

@@ -12,7 +12,7 @@ from diffc.errors import PassError
 from diffc.ir import lint
 from diffc.ir.partition import build_plan
 from diffc.passes import PassContext, PassManager
-from diffc.passes.cache import dp_full_steps
+from diffc.passes.cache import _refine_full_steps, dp_full_steps
 from digits_tiny import tiny_digits_pipeline
 from tiny_families import first_tensor
 
@@ -224,3 +224,21 @@ def test_bench_all_pipeline_runs(captured):
     inputs = _inputs(out)
     with torch.no_grad():
         assert torch.isfinite(first_tensor(fast(**inputs, return_dict=False))).all()
+
+
+def test_refinement_moves_full_steps_downhill_within_its_budget_and_gaps():
+    target = {0, 4, 8}
+    calls = []
+
+    def final_error(full):
+        calls.append(sorted(full))
+        return float(sum(min(abs(s - t) for t in target) for s in full))
+
+    start = {0, 3, 7}
+    full, error = _refine_full_steps(start, final_error(start), final_error, num_steps=12, max_gap=5, evaluations=50)
+    assert full == target and error == 0.0 and len(full) == 3
+    assert all(0 in c and max(b - a for a, b in zip(c, c[1:] + [12])) <= 5 for c in calls)
+    calls.clear()
+    limited, _ = _refine_full_steps(start, final_error(start), final_error, num_steps=12, max_gap=5, evaluations=2)
+    assert len(calls) == 1 + 2 and limited != target  # stops after its re-runs
+    assert _refine_full_steps(start, 5.0, final_error, num_steps=12, max_gap=5, evaluations=0) == (start, 5.0)

@@ -169,6 +169,7 @@ def test_half_the_ffn_active_on_default_models(model_name):
     assert psnr >= 25
 
 
+@pytest.mark.slow  # about 25 s: an ONNX export per segment
 def test_routed_graph_lowers_through_ort(captured, family):
     pytest.importorskip("onnxruntime")
     from diffc.api import compile_graph

@@ -218,6 +218,7 @@ def test_pruned_graph_lowers_through_ort(captured, family):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # about 25 s: an ONNX export per segment
 def test_step_dependent_pruned_graph_lowers_through_ort(captured, family):
     pytest.importorskip("onnxruntime")
     dg = captured("dit")

@@ -181,7 +181,8 @@ PASS_CASES: dict[str, PassCase] = {
 
 
 def test_every_registered_pass_is_covered() -> None:
-    assert sorted(PASSES) == sorted(PASS_CASES), "add a PassCase for every registered pass"
+    shipped = sorted(name for name, cls in PASSES.items() if cls.__module__.startswith("diffc."))
+    assert shipped == sorted(PASS_CASES), "add a PassCase for every registered pass"
 
 
 # --- the property ---------------------------------------------------------------------------------
