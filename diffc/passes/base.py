@@ -105,6 +105,14 @@ class Pass(ABC):
         """The conditions this pass needs with its config (by default, the class's `requires`)."""
         return self.requires
 
+    def writes_step_plan(self) -> bool:
+        """Whether this pass, as configured, gives the graph step-dependent variants."""
+        return False
+
+    def step_plan_conflict(self, writer: str) -> str | None:
+        """Why this pass cannot follow `writer`, a pass that writes a step plan (None: it can)."""
+        return None
+
     @abstractmethod
     def run(self, dg: DiffusionGraph, ctx: PassContext) -> PassResult:
         """Rewrites `dg` (a private copy: it may be changed in place) and reports what changed."""
@@ -196,6 +204,10 @@ class PassManager:
                     fixed.insert(fixed.index(current.name), earlier)
                     raise PassError(f"pipeline {names}: {current.name} must run after {earlier}; "
                                     f"reorder it, e.g. {fixed}")
+            for writer in self.passes[:index]:
+                problem = current.step_plan_conflict(writer.name) if writer.writes_step_plan() else None
+                if problem:
+                    raise PassError(f"pipeline {names}: {current.name} cannot run after {writer.name}: {problem}")
 
     def run(self, dg: DiffusionGraph, ctx: PassContext | None = None,
             checkpoints: PassCheckpoints | None = None) -> DiffusionGraph:

@@ -72,6 +72,12 @@ class CachePass(Pass):
     def requirements(self) -> tuple[str, ...]:
         return ("calibrated",) if self.config.schedule in ("dp", "adaptive") else ()
 
+    def writes_step_plan(self) -> bool:
+        return True
+
+    def step_plan_conflict(self, writer: str) -> str | None:
+        return "run cache once" if writer == "cache" else _nesting_conflict(writer)
+
     def run(self, dg: DiffusionGraph, ctx: PassContext) -> PassResult:
         cfg = self.config
         if dg.step_plan:
@@ -251,10 +257,13 @@ def _step_plan_conflict(step_plan: dict[str, Any]) -> str:
     source = step_plan.get("summary", {}).get("pass", "an earlier pass")
     if source == "cache":
         return "the graph already has a step plan from an earlier cache pass; run cache once"
-    return (f"the graph already has a step plan from {source}: with step_groups > 1 it gives each range of "
-            f"denoising steps its own variant, and cached regions cannot be nested around those variants. Fix: give "
-            f"{source} step_groups=1 (one selection for every step, e.g. {{'pass': '{source}', 'step_groups': 1}}), "
-            f"or leave cache out of this pipeline")
+    return f"the graph already has a step plan from {source}: {_nesting_conflict(source)}"
+
+
+def _nesting_conflict(source: str) -> str:
+    return (f"with step_groups > 1 {source} gives each range of denoising steps its own variant, and cached "
+            f"regions cannot be nested around those variants. Fix: give {source} step_groups=1 (one selection for "
+            f"every step, e.g. {{'pass': '{source}', 'step_groups': 1}}), or leave cache out of this pipeline")
 
 
 def _unet_stages(dg: DiffusionGraph) -> dict[str, list[str]]:

@@ -322,6 +322,9 @@ class PrunePass(Pass):
     Config = PruneConfig
     requires = ("calibrated", "full_precision")
 
+    def writes_step_plan(self) -> bool:
+        return self.config.step_groups > 1
+
     def run(self, dg: DiffusionGraph, ctx: PassContext) -> PassResult:
         cfg = self.config
         if dg.step_plan:

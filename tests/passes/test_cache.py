@@ -178,16 +178,25 @@ def _family_calibration(family_name):
         return collect(_family(family_name)[0], num_steps=4, progress=False)
 
 
-def test_cache_after_a_step_dependent_plan_names_the_pass_and_the_fix(captured):
+def test_cache_after_a_step_dependent_plan_names_the_pass_and_the_fix(captured, monkeypatch):
     """Timestep-routed experts (moe with step_groups > 1) skip units inside the region caching
-    skips as a whole; regions do not nest, so the cache pass refuses and says what to change."""
+    skips as a whole; regions do not nest, so the pipeline is refused before anything runs, and a
+    graph that already carries such a plan is refused by the cache pass; both say what to change."""
+    from diffc.passes import PASSES
+
     dg, cal = captured("dit"), _family_calibration("dit")
     moe = {"pass": "moe", "active": 0.5, "experts": 8, "allocation": "per_ffn"}
     cache = {"pass": "cache", "schedule": "uniform", "interval": 2}
-    with pytest.raises(PassError, match=r"pass cache \(after moe\) failed: .*step plan from moe.*"
+    routed = _run([{**moe, "step_groups": 2}], dg, cal)
+    with monkeypatch.context() as patched:
+        patched.setattr(PASSES["moe"], "run", lambda *args: pytest.fail("moe ran before the pipeline was checked"))
+        with pytest.raises(PassError, match=r"pipeline \['moe', 'cache'\]: cache cannot run after moe: .*"
+                                            r"give moe step_groups=1"):
+            _run([{**moe, "step_groups": 2}, cache], dg, cal)
+    with pytest.raises(PassError, match=r"pass cache \(first in the pipeline\) failed: .*step plan from moe.*"
                                         r"give moe step_groups=1"):
-        _run([{**moe, "step_groups": 2}, cache], dg, cal)
-    with pytest.raises(PassError, match="earlier cache pass; run cache once"):
+        _run([cache], routed, cal)
+    with pytest.raises(PassError, match="cache cannot run after cache: run cache once"):
         _run([cache, cache], dg)
 
 
