@@ -9,21 +9,20 @@ from diffc.calibration import collect
 from diffc.metrics import psnr
 
 STEPS, LABELS = 20, [0, 3, 5, 7]
+# Final-image error varies several-fold between seeds (one of these seeds alone can rank two schedules
+# either way), so schedules are compared on the mean over eight held-out seeds.
+SEEDS = (1234, 7, 11, 23, 42, 99, 5, 3)
 
 
 def _images(pipe):
     with torch.no_grad():
-        return np.asarray(pipe(class_labels=LABELS, num_inference_steps=STEPS,
-                               generator=torch.Generator().manual_seed(1234), output_type="np").images, np.float64)
+        return np.stack([np.asarray(pipe(class_labels=LABELS, num_inference_steps=STEPS,
+                                         generator=torch.Generator().manual_seed(seed), output_type="np").images,
+                                    np.float64) for seed in SEEDS])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [
-    "digits-unet",
-    # On digits-dit the DP pick (best on the calibration trajectories) ends within a few percent of
-    # uniform interval 3 on these held-out seeds, sometimes above it: a known shortfall of issue 7.
-    pytest.param("digits-dit", marks=pytest.mark.xfail(strict=False, reason="DP ~ uniform on digits-dit")),
-])
+@pytest.mark.parametrize("name", ["digits-unet", "digits-dit"])
 def test_dp_beats_uniform_and_interval_three_keeps_fidelity(name, tmp_path):
     pipe = dm.load(name)
     pipe.set_progress_bar_config(disable=True)
