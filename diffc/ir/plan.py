@@ -19,6 +19,8 @@ from .graph import DiffusionGraph
 OUTPUT_PREFIX = "output."
 ADAPTIVE = "adaptive"
 PROBE_STATE, SKIPPED_STATE = "adaptive.probe", "adaptive.skipped"
+PREVIOUS_SUFFIX = ".previous"
+FORECAST_TIME, FORECAST_PREVIOUS_TIME = "forecast.time", "forecast.previous_time"
 
 
 @dataclass
@@ -45,13 +47,16 @@ class Schedule:
     its timestep (the first call of a loop runs the first step), so a loop of another length or
     spacing still gets each part of the trajectory's schedule. Without timesteps, a loop of another
     announced length is mapped by position. With no `steps`, every step runs `default`. A step scheduled as "adaptive" decides at run time (see
-    Plan.run): `adaptive` holds the probe tensor, the threshold and the two variants."""
+    Plan.run): `adaptive` holds the probe tensor, the threshold and the two variants. With
+    `forecast`, a step that reuses cached tensors uses their first-order Taylor extrapolation in
+    the timestep from the last two steps that computed them (TaylorSeer / CG-Taylor) instead."""
 
     default: str
     steps: tuple[str, ...] = ()
     repeat: bool = False
     adaptive: dict[str, Any] | None = None
     timesteps: tuple[float, ...] = ()
+    forecast: bool = False
 
     def variant_for(self, step: int, num_steps: int | None = None, timestep: float | None = None) -> str:
         if not self.steps or step < 0:
@@ -68,12 +73,13 @@ class Schedule:
 
     def to_json(self) -> dict[str, Any]:
         return {"default": self.default, "steps": list(self.steps), "repeat": self.repeat, "adaptive": self.adaptive,
-                "timesteps": list(self.timesteps)}
+                "timesteps": list(self.timesteps), "forecast": self.forecast}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Schedule":
         return cls(default=data["default"], steps=tuple(data["steps"]), repeat=data.get("repeat", False),
-                   adaptive=data.get("adaptive"), timesteps=tuple(data.get("timesteps", ())))
+                   adaptive=data.get("adaptive"), timesteps=tuple(data.get("timesteps", ())),
+                   forecast=data.get("forecast", False))
 
 
 @dataclass
@@ -101,13 +107,58 @@ class Plan:
         (default: the segments' own graphs)."""
         env = dict(state)
         env.update(inputs)
+        timestep = self._timestep(inputs) if self.schedule.forecast else None
+        forecasts = self._forecast(state, timestep) if timestep is not None else {}
+        env.update(forecasts)
         done: tuple[str, ...] = ()
         if variant == ADAPTIVE:
             variant, done = self._adapt(env, runners)
         for name in self.variants[variant].segments:
             if name not in done:
                 self._run_segment(name, env, runners)
-        return tuple(env[name] for name in self.outputs), {name: env[name] for name in self.state if name in env}
+        kept = {name: env[name] for name in self.state if name in env}
+        if timestep is not None:
+            kept = self._history(kept, env, state, forecasts, timestep)
+        return tuple(env[name] for name in self.outputs), kept
+
+    # --- Taylor forecasting of cached tensors -----------------------------------------------------
+    def _cached_names(self) -> list[str]:
+        return [name for name in self.state if name not in (PROBE_STATE, SKIPPED_STATE)]
+
+    def _timestep(self, inputs: dict[str, Any]) -> float | None:
+        spec = self.graph.signature.timestep
+        value = inputs.get(spec.name) if spec is not None else None
+        return float(value.reshape(-1)[0]) if isinstance(value, torch.Tensor) else None
+
+    def _forecast(self, state: dict[str, Any], timestep: float) -> dict[str, Any]:
+        """Each cached tensor extrapolated to `timestep`, where two computed values are known (a
+        segment that recomputes the tensor overwrites its forecast as usual)."""
+        last, before = state.get(FORECAST_TIME), state.get(FORECAST_PREVIOUS_TIME)
+        if last is None or before is None or last == before:
+            return {}
+        forecasts = {}
+        for name in self._cached_names():
+            current, previous = state.get(name), state.get(name + PREVIOUS_SUFFIX)
+            if isinstance(current, torch.Tensor) and isinstance(previous, torch.Tensor):
+                forecasts[name] = current + (current - previous) * ((timestep - last) / (last - before))
+        return forecasts
+
+    def _history(self, kept: dict[str, Any], env: dict[str, Any], state: dict[str, Any],
+                 forecasts: dict[str, Any], timestep: float) -> dict[str, Any]:
+        """The state for the next step: computed tensors with their previous values and timesteps;
+        where this step only used a forecast, the computed values stay as they were."""
+        names = self._cached_names()
+        recomputed = any(name in env and env[name] is not forecasts.get(name, state.get(name)) for name in names)
+        history = {key: state[key] for key in state
+                   if key.endswith(PREVIOUS_SUFFIX) or key in (FORECAST_TIME, FORECAST_PREVIOUS_TIME)}
+        if not recomputed:
+            kept.update({name: state[name] for name in names if name in state})
+            return {**kept, **history}
+        history = {name + PREVIOUS_SUFFIX: state[name] for name in names if name in state}
+        history[FORECAST_TIME] = timestep
+        if FORECAST_TIME in state:
+            history[FORECAST_PREVIOUS_TIME] = state[FORECAST_TIME]
+        return {**kept, **history}
 
     def _run_segment(self, name: str, env: dict[str, Any], runners: dict[str, Any] | None) -> None:
         segment = self.segments[name]

@@ -50,6 +50,10 @@ class CacheConfig(PassConfig):
     max_gap: int = 4
     # trajectory re-runs spent moving single full steps of the best DP schedule (0: none)
     refine: int = 12
+    # reused steps extrapolate the cached tensors from the last two computed ones (TaylorSeer; with
+    # schedule="adaptive", CG-Taylor's confidence gate on the first blocks decides when to recompute).
+    # None: the dp schedule scores its candidates both ways on the live pipeline and keeps the better
+    forecast: bool | None = None
 
     def __post_init__(self) -> None:
         if self.cut not in CUTS:
@@ -85,7 +89,11 @@ class CachePass(Pass):
         regions, variants = self._regions(dg)
         cached_variant = _cached_variant_for(variants)
         staged = len(variants) > 2
+        if cfg.forecast and staged:
+            raise PassError(f"forecast extrapolates one cached region; cut {cfg.cut!r} caches several "
+                            "(use cut='first_block', 'blocks', 'deep' or 'encoder')")
         candidates: list[dict[str, Any]] = []
+        forecast = bool(cfg.forecast)
         num_steps = ctx.calibration.num_steps if ctx.calibration is not None else None
         if cfg.schedule == "adaptive":
             if staged:
@@ -111,28 +119,34 @@ class CachePass(Pass):
                     full = _nonuniform_full_steps(num_steps, budget)
                 else:
                     dg.step_plan = _step_plan(regions, variants, {"default": FULL, "steps": [], "repeat": False})
-                    full, candidates = self._dp_schedule(dg, regions, variants, ctx, num_steps, budget,
-                                                         cached_variant)
+                    full, candidates, forecast = self._dp_schedule(dg, regions, variants, ctx, num_steps,
+                                                                   budget, cached_variant, staged)
             steps = [FULL if s in full else cached_variant(s, num_steps) for s in range(num_steps)]
             schedule = {"default": FULL, "steps": steps, "repeat": False}
+        if forecast:
+            schedule = {**schedule, "forecast": True}
         dg.step_plan = _step_plan(regions, variants, schedule)
         plan = build_plan(dg)
         if num_steps is not None:
             steps = [plan.schedule.variant_for(s, num_steps) for s in range(num_steps)]
         report = self._report(dg, plan, steps, ctx)
+        report["forecast"] = forecast
         if candidates:
             report["dp_candidates"] = candidates
         return PassResult(dg, modified=True, report=report)
 
     def _dp_schedule(self, dg: DiffusionGraph, regions: list[dict[str, Any]], variants: dict[str, list[str]],
-                     ctx: PassContext, num_steps: int, budget: int,
-                     cached_variant: Any) -> tuple[set[int], list[dict[str, Any]]]:
+                     ctx: PassContext, num_steps: int, budget: int, cached_variant: Any,
+                     staged: bool) -> tuple[set[int], list[dict[str, Any]], bool]:
         """Full steps by dynamic programming on the per-step reuse errors. Each error is weighted
         by how strongly an output error at its step propagates to the final output, and the DP is
         solved for each gap limit up to max_gap; with the live pipeline, the candidate (evenly
         spaced full steps among them) whose re-sampled calibration trajectories end closest to the
-        recorded ones wins, and is refined by moving single full steps while that lowers the error."""
+        recorded ones wins (with and without forecasting, unless the config fixes it), and is refined
+        by moving single full steps while that lowers the error. Returns the full steps, the scored
+        candidates and whether to forecast."""
         cfg = self.config
+        fixed = bool(cfg.forecast) if cfg.forecast is not None or staged else None
         errors = reuse_errors(build_plan(dg), ctx.calibration, cfg.max_gap, cached_variant)
         weights = propagation_weights(ctx.calibration)
         weightings = [errors] if weights is None else \
@@ -147,25 +161,29 @@ class CachePass(Pass):
                 if full not in candidates:
                     candidates.append(full)
         if not candidates:
-            return dp_full_steps(errors, num_steps, budget, cfg.max_gap), []  # raises with the reason
+            return dp_full_steps(errors, num_steps, budget, cfg.max_gap), [], False  # raises with the reason
         if ctx.calibration.pipeline is None or ctx.denoiser_for is None:
-            return candidates[0], []
+            return candidates[0], [], bool(fixed)
         even = {round(i * num_steps / budget) for i in range(budget)}
         if even not in candidates and _within_gap(even, num_steps, cfg.max_gap):
             candidates.append(even)
 
-        def final_error(full: set[int]) -> float:
+        def final_error(full: set[int], forecast: bool) -> float:
             steps = [FULL if s in full else cached_variant(s, num_steps) for s in range(num_steps)]
-            dg.step_plan = _step_plan(regions, variants, {"default": FULL, "steps": steps, "repeat": False})
+            schedule = {"default": FULL, "steps": steps, "repeat": False, "forecast": forecast}
+            dg.step_plan = _step_plan(regions, variants, schedule)
             return trajectory_error(ctx.calibration, ctx.denoiser_for(dg))["mse"]
 
-        scored = [(final_error(full), sorted(full)) for full in candidates]
-        best_error, best = min(scored)
-        report = [{"full_steps": f, "final_mse": round(e, 8)} for e, f in scored]
-        refined = _refine_full_steps(set(best), best_error, final_error, num_steps, cfg.max_gap, cfg.refine)
-        if refined[0] != set(best):
-            report.append({"full_steps": sorted(refined[0]), "final_mse": round(refined[1], 8), "refined": True})
-        return refined[0], report
+        modes = (False, True) if fixed is None else (fixed,)
+        scored = [(final_error(full, mode), sorted(full), mode) for full in candidates for mode in modes]
+        best_error, best, forecast = min(scored)
+        report = [{"full_steps": f, "forecast": m, "final_mse": round(e, 8)} for e, f, m in scored]
+        refined, refined_error = _refine_full_steps(set(best), best_error, lambda full: final_error(full, forecast),
+                                                    num_steps, cfg.max_gap, cfg.refine)
+        if refined != set(best):
+            report.append({"full_steps": sorted(refined), "forecast": forecast, "final_mse": round(refined_error, 8),
+                           "refined": True})
+        return refined, report, forecast
 
     # --- cut discovery ------------------------------------------------------------------------
     def _regions(self, dg: DiffusionGraph) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:

@@ -251,3 +251,43 @@ def test_refinement_moves_full_steps_downhill_within_its_budget_and_gaps():
     limited, _ = _refine_full_steps(start, final_error(start), final_error, num_steps=12, max_gap=5, evaluations=2)
     assert len(calls) == 1 + 2 and limited != target  # stops after its re-runs
     assert _refine_full_steps(start, 5.0, final_error, num_steps=12, max_gap=5, evaluations=0) == (start, 5.0)
+
+
+def test_forecast_extrapolates_the_cached_tensors_from_the_last_two_full_steps(captured):
+    from diffc.ir.plan import FORECAST_PREVIOUS_TIME, FORECAST_TIME, PREVIOUS_SUFFIX
+
+    dg = captured("dit")
+    uniform = {"pass": "cache", "schedule": "uniform", "interval": 3}
+    plain = build_plan(_run([uniform], dg))
+    forecasting = build_plan(_run([{**uniform, "forecast": True}], dg))
+    assert forecasting.schedule.forecast and not plain.schedule.forecast
+    cached = [name for name in forecasting.state]
+    inputs = _inputs(dg)
+    timestep = dg.signature.timestep.name
+    states: dict = {}
+    plain_state: dict = {}
+    computed = {}
+    with torch.no_grad():
+        for step, t in enumerate((900.0, 800.0, 700.0, 600.0, 500.0)):
+            call = {**inputs, timestep: torch.full_like(inputs[timestep], t, dtype=torch.float32)}
+            variant = forecasting.schedule.variant_for(step)
+            if step == 4:  # cached, after the full steps at 900 and 600: the forecast is a line through them
+                expected = {n: computed[600.0][n] + (computed[600.0][n] - computed[900.0][n]) * ((500 - 600) / (600 - 900))
+                            for n in cached}
+                reference, _ = plain.run(variant, call, expected)
+            out, states = forecasting.run(variant, call, states)
+            base, plain_state = plain.run(variant, call, plain_state)
+            if variant == "full":
+                computed[t] = {n: states[n] for n in cached}
+                assert torch.equal(out[0], base[0])  # a full step is the model itself
+            elif step < 3:  # one computed value: nothing to extrapolate from, plain reuse
+                assert torch.equal(out[0], base[0])
+    assert states[FORECAST_TIME] == 600.0 and states[FORECAST_PREVIOUS_TIME] == 900.0
+    assert all(torch.equal(states[n + PREVIOUS_SUFFIX], computed[900.0][n]) for n in cached)
+    torch.testing.assert_close(out[0], reference[0], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(out[0], base[0])
+
+
+def test_forecast_needs_a_single_cached_region(captured):
+    with pytest.raises(PassError, match="forecast extrapolates one cached region; cut 'delta_dit' caches several"):
+        _run([{"pass": "cache", "cut": "delta_dit", "schedule": "uniform", "forecast": True}], captured("dit"))
