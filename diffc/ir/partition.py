@@ -12,7 +12,7 @@ outside the regions form the main segments, ordered by how many regions' cuts th
 A variant skips some regions; every segment is compiled once and shared by all variants."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx
@@ -96,12 +96,14 @@ def build_plan(dg: DiffusionGraph) -> Plan:
             if region.get("mode", "raw") == "delta":
                 extra = {by_name[c]: by_name[region["bases"][c]] for c in region["cuts"]}
                 extract(segments, name, members, deltas=extra)
-                segments[f"apply_{region['name']}"] = _apply_segment(extra, env_name, f"apply_{region['name']}")
+                segments[f"apply_{region['name']}"] = _apply_segment(extra, env_name, f"apply_{region['name']}",
+                                                                     extract.input_name)
                 state += [env_name[c] + DELTA_SUFFIX for c in extra]
             elif region.get("mode") == BYPASS:
                 skips = {by_name[c]: by_name[region["bases"][c]] for c in region["cuts"]}
                 extract(segments, name, members)
-                segments[f"apply_{region['name']}"] = _bypass_segment(skips, env_name, f"apply_{region['name']}")
+                segments[f"apply_{region['name']}"] = _bypass_segment(skips, env_name, f"apply_{region['name']}",
+                                                                      extract.input_name)
             else:
                 extract(segments, name, members)
                 state += [env_name[by_name[c]] for c in region["cuts"]]
@@ -185,7 +187,7 @@ class _SegmentExtractor:
                 if arg.op == "get_attr":
                     mapping[arg] = graph.get_attr(arg.target)
                 else:
-                    mapping[arg] = graph.placeholder(self._input_name(arg))
+                    mapping[arg] = graph.placeholder(self.input_name(arg))
                     inputs.append(self.env_name[arg])
             mapping[node] = graph.node_copy(node, lambda a: mapping[a])
         outputs: list[torch.fx.Node] = []
@@ -205,7 +207,7 @@ class _SegmentExtractor:
         root = {n.target: attr_value(self.module, n.target) for n in graph.nodes if n.op == "get_attr"}
         segments[name] = Segment(name, torch.fx.GraphModule(root, graph), tuple(inputs), tuple(names))
 
-    def _input_name(self, node: torch.fx.Node) -> str:
+    def input_name(self, node: torch.fx.Node) -> str:
         base = _safe(self.env_name[node])
         if node.op == "placeholder":
             return base
@@ -216,11 +218,11 @@ class _SegmentExtractor:
 
 
 def _apply_segment(deltas: dict[torch.fx.Node, torch.fx.Node], env_name: dict[torch.fx.Node, str],
-                   name: str) -> Segment:
+                   name: str, input_name: Callable[[torch.fx.Node], str]) -> Segment:
     graph = torch.fx.Graph()
     outputs, inputs, names = [], [], []
     for cut, base in deltas.items():
-        base_in = graph.placeholder(_safe(env_name[base]))
+        base_in = graph.placeholder(input_name(base))
         delta_in = graph.placeholder(_safe(env_name[cut] + DELTA_SUFFIX))
         inputs += [env_name[base], env_name[cut] + DELTA_SUFFIX]
         outputs.append(graph.call_function(torch.ops.aten.add.Tensor, (base_in, delta_in)))
@@ -230,12 +232,12 @@ def _apply_segment(deltas: dict[torch.fx.Node, torch.fx.Node], env_name: dict[to
 
 
 def _bypass_segment(skips: dict[torch.fx.Node, torch.fx.Node], env_name: dict[torch.fx.Node, str],
-                    name: str) -> Segment:
+                    name: str, input_name: Callable[[torch.fx.Node], str]) -> Segment:
     """A skipped bypass region hands on its residual inputs in place of its outputs."""
     graph = torch.fx.Graph()
     outputs, inputs, names = [], [], []
     for cut, skip in skips.items():
-        outputs.append(graph.placeholder(_safe(env_name[skip])))
+        outputs.append(graph.placeholder(input_name(skip)))
         inputs.append(env_name[skip])
         names.append(env_name[cut])
     graph.output(tuple(outputs))

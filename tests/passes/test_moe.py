@@ -185,3 +185,21 @@ def test_routed_graph_lowers_through_ort(captured, family):
                             for t in (900, 100)])
     for a, b in zip(*results):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:calibrating a bare denoiser")
+def test_timestep_routed_experts_then_quant_lower_every_annotation_where_it_is_computed(family):
+    """A skipped expert's bypass segment hands on values computed elsewhere: its inputs must not take
+    the names of annotated nodes, or the backend would quantize a placeholder."""
+    model, inputs = family("dit")
+    calibration = collect(model, num_steps=3, progress=False)
+    quant = {"pass": "quant", "samples": 3, "probes": 1, "trajectories": 1}
+    fast = diffc.optimize(model, target="torch-mixed", passes=["moe", quant], calibration=calibration)
+    annotated = set(fast.plan.graph.annotations)
+    assert annotated and len(fast.plan.variants) > 1
+    for segment in fast.plan.segments.values():
+        placeholders = {n.name for n in segment.module.graph.nodes if n.op == "placeholder"}
+        assert not placeholders & annotated, segment.name
+    with torch.no_grad():
+        for t in (900, 500, 100):
+            assert torch.isfinite(first_tensor(fast(**{**inputs, "timestep": torch.tensor([t, t])}))).all()
