@@ -5,6 +5,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ..errors import TargetError
 from ..ir import CompiledPlan, Plan
 
 BACKEND_NAMES = ("torch", "ort", "trt")
@@ -30,6 +31,16 @@ class Backend(ABC):
     def unavailable_reason(cls, precision: str) -> str | None:
         """None when this backend can compile plans at `precision` on this machine, else why not
         and how to fix it."""
+
+    def check_request(self, precision: str, compile: bool = False, engine: str | None = None) -> None:
+        """Refuses a precision this machine cannot run, and torch.compile for a backend whose
+        segments are `engine` (ONNX Runtime sessions, TensorRT engines), not torch modules."""
+        reason = self.unavailable_reason(precision)
+        if reason:
+            raise TargetError(reason)
+        if compile and engine is not None:
+            raise TargetError(f"compile=True asks for torch.compile, which does not apply to {engine}; drop it for "
+                              f"{self.name} targets")
 
     @abstractmethod
     def compile(self, plan: Plan, precision: str, device: Any = None, **options: Any) -> CompiledPlan:

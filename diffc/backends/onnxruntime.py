@@ -62,12 +62,7 @@ class OnnxRuntimeBackend(Backend):
         which is the torch backend's simulation of the annotations up to float rounding; the
         integer kernels are faster but requantize (and on CPUs without VNNI saturate) in ways the
         simulation does not model."""
-        reason = self.unavailable_reason(precision)
-        if reason:
-            raise TargetError(reason)
-        if compile:
-            raise TargetError("compile=True asks for torch.compile, which does not apply to ONNX Runtime sessions; "
-                              "drop it for ort targets")
+        self.check_request(precision, compile, "ONNX Runtime sessions")
         if options:
             raise TargetError(f"the ort backend has no option {', '.join(sorted(options))}; it takes `opset` "
                               "and `fuse_qdq`")

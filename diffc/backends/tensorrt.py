@@ -79,12 +79,7 @@ class TensorRTBackend(Backend):
         width, tokens, text_len; unnamed dims default to the captured example size), `optimization_level`
         (0-5), `workspace_bytes` (memory pool limit), `timing_cache` (a file, or None for none),
         `cuda_graph` (replay each segment through a captured CUDA graph), `opset`."""
-        reason = self.unavailable_reason(precision)
-        if reason:
-            raise TargetError(reason)
-        if compile:
-            raise TargetError("compile=True asks for torch.compile, which does not apply to TensorRT engines; "
-                              "drop it for trt targets")
+        self.check_request(precision, compile, "TensorRT engines")
         settings = BuildSettings.from_options(options)
         device = _cuda_device(device)
         here = machine_description(device)

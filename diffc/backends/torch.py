@@ -34,9 +34,7 @@ class TorchBackend(Backend):
 
     def compile(self, plan: Plan, precision: str, device: Any = None, compile: bool = False,
                 **options: Any) -> CompiledPlan:
-        reason = self.unavailable_reason(precision)
-        if reason:
-            raise TargetError(reason)
+        self.check_request(precision)
         if options:
             raise TargetError(f"the torch backend has no option {', '.join(sorted(options))}; it takes `compile`")
         device = torch.device(device or "cpu")
