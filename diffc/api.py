@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import torch
 
 from .backends import get_backend, parse_target
+from .backends.base import LOW_BIT
 from .calibration import as_calibration_set, collect
 from .errors import DiffcError, TargetError
 from .ir import DiffusionGraph, Plan, capture, find_denoiser
@@ -29,11 +30,21 @@ def optimize(model_or_pipeline: Any, target: str = "torch", passes: PipelineSpec
     Returns an OptimizedModel with the denoiser's forward signature: assign it back
     (`pipe.unet = fast`) to use it in the pipeline. The input model is not modified.
 
+    `passes="default"` is block caching, and caching then quantization for a low-bit target
+    (int8, fp8, int4, mixed): the quant pass writes what those targets lower.
+
     With `work_dir`, the default calibration set and the graph after each pass are kept there:
     calling again with the same arguments after an interruption resumes where it stopped."""
     parsed = parse_target(target)  # fail before any work on a bad target
+    low_bit = parsed.precision in LOW_BIT
+    if low_bit and passes in (None, "default"):
+        passes = "default-low-bit"
     manager = PassManager(passes, progress=progress)
     manager.validate()
+    if low_bit and not any(p.writes_precision for p in manager.passes):
+        raise TargetError(f"target {parsed} lowers the quantization annotations of the quant pass, and the pipeline "
+                          f"{[p.name for p in manager.passes]} has no pass that writes them; add it "
+                          f"(passes=[..., 'quant']) or choose a float target such as {parsed.backend}-fp16")
     denoiser, _ = find_denoiser(model_or_pipeline)
     device = device if device is not None else _module_device(denoiser)
     calibration_set = as_calibration_set(calibration)
@@ -65,12 +76,13 @@ def compile_graph(dg: DiffusionGraph, backend: str, precision: str, device: Any 
 
 def _anchor_schedule_to_timesteps(dg: DiffusionGraph, calibration_set: Any) -> None:
     """A step plan is indexed by the calibrated loop's steps; their timesteps let a loop of another
-    length or spacing (the user's num_inference_steps) find the matching part of the schedule."""
+    length or spacing (the user's num_inference_steps) find the matching part of the schedule, and
+    let the runtime free the cache after the last of them. A repeated pattern keeps them for that."""
     schedule = dg.step_plan.get("schedule") if dg.step_plan else None
-    if not schedule or schedule.get("repeat") or calibration_set is None:
+    if not schedule or calibration_set is None:
         return
     timesteps = calibration_set.step_timesteps
-    if timesteps is not None and len(timesteps) == len(schedule.get("steps", ())):
+    if timesteps is not None and (schedule.get("repeat") or len(timesteps) == len(schedule.get("steps", ()))):
         schedule["timesteps"] = timesteps
 
 

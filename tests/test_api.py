@@ -31,6 +31,34 @@ def test_bad_target_fails_before_any_work(family, monkeypatch):
         diffc.optimize(family("dit")[0], target="nonsense-int3")
 
 
+def test_low_bit_target_defaults_to_caching_then_quantization(family, monkeypatch):
+    import diffc.api
+
+    class Stop(Exception):
+        pass
+
+    pipelines = []
+
+    def record(manager):
+        pipelines.append([p.name for p in manager.passes])
+        raise Stop
+
+    monkeypatch.setattr(diffc.api.PassManager, "validate", record)
+    for target in ("torch-int8", "torch-mixed", "torch", "torch-bf16"):
+        with pytest.raises(Stop):
+            diffc.optimize(family("dit")[0], target=target)
+    assert pipelines == [["cache", "quant"], ["cache", "quant"], ["cache"], ["cache"]]
+
+
+@pytest.mark.parametrize("passes", [[], ["cache"]])
+def test_low_bit_target_without_quant_fails_before_any_work(family, monkeypatch, passes):
+    import diffc.api
+
+    monkeypatch.setattr(diffc.api, "capture", lambda *a, **k: pytest.fail("captured before the pipeline was checked"))
+    with pytest.raises(TargetError, match=r"no pass that writes them; add it \(passes=\[..., 'quant'\]\)"):
+        diffc.optimize(family("dit")[0], target="torch-int8", passes=passes)
+
+
 def test_unused_budget_is_refused(family):
     with pytest.raises(TargetError, match="budget size was given but no pass"):
         diffc.optimize(family("dit")[0], passes=[], size=0.5)

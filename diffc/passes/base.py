@@ -83,6 +83,8 @@ class Pass(ABC):
     requires: ClassVar[tuple[str, ...]] = ()
     ensures: ClassVar[tuple[str, ...]] = ()
     runs_after: ClassVar[tuple[str, ...]] = ()
+    # whether the pass writes the precision annotations that low-bit targets lower
+    writes_precision: ClassVar[bool] = False
 
     def __init__(self, config: PassConfig | None = None, **options: Any) -> None:
         if config is not None and options:
@@ -142,8 +144,11 @@ def available_passes() -> list[str]:
 
 
 # Named pipelines. A preset lists only registered passes; "default" is what diffc.optimize runs
-# when the user names no passes (extended as passes land).
-PRESETS: dict[str, list[str]] = {"none": [], "default": ["cache"], "cache": ["cache"]}
+# when the user names no passes, "default-low-bit" what it runs for a low-bit target (int8, fp8,
+# int4, mixed), which needs the quant pass's annotations: caching first, so quantization is
+# calibrated on the graph that runs.
+PRESETS: dict[str, list[str]] = {"none": [], "default": ["cache"], "default-low-bit": ["cache", "quant"],
+                                 "cache": ["cache"]}
 
 PipelineSpec = str | Sequence[str | Mapping[str, Any] | Pass]
 

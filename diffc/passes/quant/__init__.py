@@ -4,7 +4,11 @@ For each linear / 2-d convolution with a constant weight, the pass writes a froz
 spec (diffc.ir.precision) into `dg.annotations[node]["precision"]`: the format (bf16, fp8 W8A8,
 int8 W8A8, int4 weight-only in blocks of 128, W4A8), the weight scheme and a static activation
 scale calibrated on the whole denoising trajectory (Q-Diffusion, PTQ4DM: ranges shift with the
-timestep, so statistics cover every timestep group). The target's precision says which formats
+timestep, so statistics cover every timestep group). With `split_shortcut` (default) a layer
+that reads a channel concatenation directly, the conv_shortcut of a UNet decoder resnet reading
+cat([upsampled, skip]), quantizes each concatenated piece with its own scale (Q-Diffusion: the two
+halves have very different ranges); the resnet's first conv reads the concatenation through a
+group norm, which brings the pieces to a common range, so it keeps one scale. The target's precision says which formats
 are allowed: int8 / fp8 / int4 quantize every unprotected layer to that format; mixed chooses a
 format per layer minimizing the total HAWQ-v2 sensitivity (Hessian trace x perturbation) under
 a size or estimated-latency budget (by default the size of uniform W8A8), solved exactly as an
@@ -22,9 +26,9 @@ import numpy as np
 from ...calibration import compute_statistics, output_error
 from ...errors import PassError
 from ...ir import DiffusionGraph
-from ...ir.precision import FORMATS, INT8, FP8, simulate, weight_bytes
+from ...ir.precision import FORMATS, INT8, FP8, ActivationQuant, simulate, weight_bytes
 from ..base import Pass, PassConfig, PassContext, PassResult, register_pass
-from .annotate import RANGE_METHODS, activation_scale, annotate
+from .annotate import RANGE_METHODS, annotate, layer_activation
 from .formats import RELATIVE_COST, formats_for
 from .layers import PROTECTIONS, Layer, quantizable_layers
 from .placement import pareto_front, place
@@ -49,6 +53,7 @@ class QuantConfig(PassConfig):
     protect: tuple[str, ...] = PROTECTIONS
     pareto_points: int = 10
     seed: int = 0
+    split_shortcut: bool = True
 
     def __post_init__(self) -> None:
         if self.formats is not None:
@@ -78,6 +83,7 @@ class QuantPass(Pass):
     name = "quant"
     Config = QuantConfig
     requires = ("calibrated", "full_precision")
+    writes_precision = True
 
     def run(self, dg: DiffusionGraph, ctx: PassContext) -> PassResult:
         cfg = self.config
@@ -88,8 +94,8 @@ class QuantPass(Pass):
         if not placeable:
             raise PassError(f"{dg.signature.model_class} has no linear or convolution layer left to quantize "
                             f"({len(layers)} found, all protected); protect fewer layer groups (protect=...)")
-        scales = self._activation_scales(dg, ctx, placeable, formats)
-        sensitivity = measure(dg, placeable, formats, scales, ctx.calibration, cfg.samples, cfg.probes, cfg.accumulate,
+        activations = self._activations(dg, ctx, placeable, formats)
+        sensitivity = measure(dg, placeable, formats, activations, ctx.calibration, cfg.samples, cfg.probes, cfg.accumulate,
                               cfg.trajectories, cfg.seed)
         objective = np.array([[(sensitivity.hessian if cfg.sensitivity == "hessian" else sensitivity.mse)[layer.node][f]
                                for f in formats] for layer in placeable])
@@ -113,7 +119,7 @@ class QuantPass(Pass):
             choice = place(objective, sizes, float(sizes[:, formats.index(reference)].sum()))
             rule = f"minimum predicted error at the size of uniform {reference}"
         chosen = {layer.node: formats[i] for layer, i in zip(placeable, choice)}
-        annotate(dg, chosen, scales, cfg.activation_range, {layer.node: rule for layer in placeable})
+        annotate(dg, chosen, activations, {layer.node: rule for layer in placeable})
         report = self._report(dg, ctx, layers, placeable, formats, chosen, sensitivity, sizes, objective, rule)
         return PassResult(dg, modified=True, report=report)
 
@@ -132,22 +138,26 @@ class QuantPass(Pass):
         return ("size", float(size)) if size is not None else ("latency", float(latency)) if latency is not None \
             else (None, None)
 
-    def _activation_scales(self, dg: DiffusionGraph, ctx: PassContext, layers: list[Layer],
-                           formats: tuple[str, ...]) -> dict[str, dict[str, float]]:
-        """Per layer and format, the static scale of the layer's input from statistics over every
-        recorded step (all timestep groups merged)."""
+    def _activations(self, dg: DiffusionGraph, ctx: PassContext, layers: list[Layer],
+                     formats: tuple[str, ...]) -> dict[str, dict[str, ActivationQuant]]:
+        """Per layer and format, the static quantization of the layer's input from statistics over
+        every recorded step (all timestep groups merged); with split_shortcut, a concatenated input
+        gets a scale per piece from the piece's own statistics (Q-Diffusion)."""
         quantized = [f for f in formats if FORMATS[f].activation in (INT8, FP8)]
         if not quantized:
             return {}
         cfg = self.config
-        stats = compute_statistics(ctx.calibration, dg, groups=cfg.groups,
-                                   nodes=sorted({layer.input for layer in layers}), progress=False)
-        missing = [layer.input for layer in layers if layer.input not in stats.stats]
+        watched = {layer.input for layer in layers}
+        if cfg.split_shortcut:
+            watched |= {piece for layer in layers for piece, _ in layer.pieces}
+        stats = compute_statistics(ctx.calibration, dg, groups=cfg.groups, nodes=sorted(watched), progress=False)
+        missing = sorted(watched - set(stats.stats))
         if missing:
             raise PassError(f"the calibration statistics have no values for {missing[:5]}; the calibration set does "
                             "not run these nodes. Collect it again with this model")
-        return {layer.node: {f: activation_scale(stats.node(layer.input), FORMATS[f].activation, cfg.activation_range,
-                                                 cfg.percentile) for f in quantized} for layer in layers}
+        return {layer.node: {f: layer_activation(layer, stats.node, FORMATS[f].activation, cfg.activation_range,
+                                                 cfg.percentile, cfg.split_shortcut) for f in quantized}
+                for layer in layers}
 
     def _report(self, dg: DiffusionGraph, ctx: PassContext, layers: list[Layer], placeable: list[Layer],
                 formats: tuple[str, ...], chosen: dict[str, str], sensitivity: Sensitivity, sizes: np.ndarray,
@@ -173,6 +183,9 @@ class QuantPass(Pass):
                 spec = dg.annotations[layer.node]["precision"]
                 if spec.get("activation") and spec["activation"].get("scale"):
                     entry["activation_scale"] = float(f"{spec['activation']['scale']:.6g}")
+                if spec.get("activation") and spec["activation"].get("group_scales"):
+                    entry["activation_group_scales"] = [float(f"{v:.6g}") for v in spec["activation"]["group_scales"]]
+                    entry["activation_group_sizes"] = list(spec["activation"]["group_sizes"])
             per_layer.append(entry)
         front = pareto_front(objective, sizes, cfg.pareto_points) if len(formats) > 1 else []
         original = float(sum(weight_bytes(layer.shape, None) for layer in placeable))
@@ -192,6 +205,8 @@ class QuantPass(Pass):
             "relative_error_per_step": {int(s): float(f"{e:.6g}") for s, e in errors.relative.items()},
             "relative_error": float(f"{errors.mean_relative:.6g}"),
             "norms": "normalization layers are not quantized: they run at the backend's precision",
+            "split_shortcut": [layer.node for layer in placeable if layer.pieces and cfg.split_shortcut
+                               and FORMATS[chosen[layer.node]].activation in (INT8, FP8)],
             "layers": per_layer,
         }
 
