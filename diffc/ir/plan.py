@@ -46,7 +46,8 @@ class Schedule:
     timestep was `timesteps[i]` (when known): a call runs the variant of the calibrated step nearest
     its timestep (the first call of a loop runs the first step), so a loop of another length or
     spacing still gets each part of the trajectory's schedule. Without timesteps, a loop of another
-    announced length is mapped by position. With no `steps`, every step runs `default`. A step scheduled as "adaptive" decides at run time (see
+    announced length is mapped by position. A repeated pattern may keep the calibrated loop's
+    timesteps too: they tell the runtime when a loop that follows them ends. With no `steps`, every step runs `default`. A step scheduled as "adaptive" decides at run time (see
     Plan.run): `adaptive` holds the probe tensor, the threshold and the two variants. With
     `forecast`, a step that reuses cached tensors uses their first-order Taylor extrapolation in
     the timestep from the last two steps that computed them (TaylorSeer / CG-Taylor) instead."""
@@ -120,6 +121,19 @@ class Plan:
         if timestep is not None:
             kept = self._history(kept, env, state, forecasts, timestep)
         return tuple(env[name] for name in self.outputs), kept
+
+    def lacks_state(self, variant: str, state: dict[str, Any]) -> bool:
+        """Whether `variant` reads cross-step tensors that `state` does not hold (e.g. freed when
+        its loop ended). An adaptive step checks its cache itself."""
+        if variant == ADAPTIVE or variant not in self.variants:
+            return False
+        available = {i.name for i in self.graph.signature.inputs} | set(state)
+        for name in self.variants[variant].segments:
+            segment = self.segments[name]
+            if any(i not in available for i in segment.inputs):
+                return True
+            available |= set(segment.outputs)
+        return False
 
     # --- Taylor forecasting of cached tensors -----------------------------------------------------
     def _cached_names(self) -> list[str]:

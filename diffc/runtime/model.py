@@ -27,7 +27,11 @@ class OptimizedModel(torch.nn.Module):
     or `pipe.transformer = fast` works in unchanged diffusers pipelines.
 
     It follows the denoising loop from the timesteps it is called with (see StepTracker), picks
-    the plan's variant for each step and keeps the plan's cross-step state between calls."""
+    the plan's variant for each step and keeps the plan's cross-step state between calls. Each
+    cache_context branch's state is freed right after its call at the loop's last step, when that
+    step is known: announced by begin_loop(n), or the last calibrated timestep of a loop that has
+    followed the calibrated timesteps; a later call that would read the freed state runs the
+    plan's full variant instead."""
 
     def __init__(self, compiled: CompiledPlan, recompile: Callable[[Plan, Any], CompiledPlan] | None = None) -> None:
         super().__init__()
@@ -134,9 +138,17 @@ class OptimizedModel(torch.nn.Module):
                 "the step schedule would be applied to the wrong steps. Announce the real length with "
                 "begin_loop(num_steps) (or begin_loop() when it is not known) before the loop starts.")
         variant = self.plan.schedule.variant_for(self.steps.step, self.steps.num_steps, t_value)
+        state = self._states.get(self._context, {})
+        if self.plan.lacks_state(variant, state):
+            # this branch's cache was freed after the loop's last step (e.g. by the first of two unnamed
+            # calls of that step): computing everything gives the exact result without it
+            variant = self.plan.schedule.default
         inputs = {spec.name: value for spec, value in zip(sig.inputs, flat)}
-        results, self._states[self._context] = self.plan.run(variant, inputs, self._states.get(self._context, {}),
-                                                             self._compiled.runners)
+        results, kept = self.plan.run(variant, inputs, state, self._compiled.runners)
+        if self.steps.at_last_step(self.plan.schedule.timesteps):
+            self._states.pop(self._context, None)  # nothing later in this loop reads it
+        else:
+            self._states[self._context] = kept
         if return_dict and sig.output_class:
             cls = _output_class(sig.output_class)
             return cls(**{f.name: r for f, r in zip(dataclasses.fields(cls), results)})

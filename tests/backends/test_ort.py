@@ -89,7 +89,9 @@ def test_cached_plan_matches_the_torch_backend_over_a_loop(captured):
             expected, got = torch_model(**call)[0], ort_model(**call)[0]
             assert (got - expected).abs().max() <= TOL, f"step {step}"
             assert ort_model.steps.step == step
-    assert set(ort_model._states[""]) == set(ort_model.plan.state)
+            if step < 3:
+                assert set(ort_model._states[""]) == set(ort_model.plan.state)
+    assert not ort_model._states  # freed after the announced last step
 
 
 @pytest.mark.slow

@@ -124,13 +124,19 @@ def test_dp_schedule_beats_uniform_at_equal_full_steps(digits_calibration):
     assert len(dp["relative_error_per_step"]) == 10
 
 
-def test_cached_model_in_the_pipeline_loop(digits_calibration, tmp_path):
+@pytest.fixture(scope="module")
+def digits_cached(digits_calibration):
     pipe, cal = digits_calibration
-    fast = diffc.optimize(pipe, passes=[{"pass": "cache", "schedule": "nonuniform", "full_steps": 5}], calibration=cal)
+    return diffc.optimize(pipe, passes=[{"pass": "cache", "schedule": "nonuniform", "full_steps": 5}], calibration=cal)
+
+
+def test_cached_model_in_the_pipeline_loop(digits_calibration, digits_cached, tmp_path):
+    pipe, cal = digits_calibration
+    fast = digits_cached
     report = fast.report[-1]["report"]
     assert report["steps"][0] == "full" and report["steps"][-1] == "full" and report["full_steps"] == 5
     seen = []
-    fast.segments["cache_deep"].register_forward_hook(lambda *a: seen.append(fast.steps.step))
+    hook = fast.segments["cache_deep"].register_forward_hook(lambda *a: seen.append(fast.steps.step))
     original = pipe.unet
     try:
         pipe.unet = fast
@@ -145,6 +151,7 @@ def test_cached_model_in_the_pipeline_loop(digits_calibration, tmp_path):
         again = pipe(class_labels=[1, 4], num_inference_steps=10, generator=torch.Generator().manual_seed(0)).images
     finally:
         pipe.unet = original
+        hook.remove()
     assert np.array_equal(images, again)
     assert back.plan.schedule == fast.plan.schedule
 
@@ -291,3 +298,59 @@ def test_forecast_extrapolates_the_cached_tensors_from_the_last_two_full_steps(c
 def test_forecast_needs_a_single_cached_region(captured):
     with pytest.raises(PassError, match="forecast extrapolates one cached region; cut 'delta_dit' caches several"):
         _run([{"pass": "cache", "cut": "delta_dit", "schedule": "uniform", "forecast": True}], captured("dit"))
+
+
+# --- cache memory freed when a loop ends ---------------------------------------------------------
+def test_cache_is_freed_after_the_last_step_without_changing_results(digits_calibration, digits_cached, monkeypatch):
+    """A loop that follows the calibrated timesteps, or one announced by begin_loop(n), has a known
+    last step: the cached tensors go with it. The images are bit-identical to keeping the cache
+    until the next loop (the old behaviour). An unannounced loop of another length keeps its cache
+    until the next loop starts, with the same images as before."""
+    from diffc.ir import StepTracker
+
+    pipe, _ = digits_calibration
+    fast = digits_cached
+    assert len(fast.plan.schedule.timesteps) == 10
+    original = pipe.unet
+
+    def loops():
+        images, held = [], []
+        for steps, announce in ((10, False), (6, True), (6, False)):
+            if announce:
+                fast.begin_loop(steps)
+            images.append(pipe(class_labels=[1, 4], num_inference_steps=steps,
+                               generator=torch.Generator().manual_seed(0)).images)
+            held.append(sum(isinstance(v, torch.Tensor) for state in fast._states.values() for v in state.values()))
+        return images, held
+
+    try:
+        pipe.unet = fast
+        freed, held = loops()
+        with monkeypatch.context() as patched:
+            patched.setattr(StepTracker, "at_last_step", lambda self, timesteps=(): False)
+            kept, held_before = loops()
+    finally:
+        pipe.unet = original
+    assert held[:2] == [0, 0] and held[2] > 0
+    assert all(count > 0 for count in held_before)
+    assert all(np.array_equal(a, b) for a, b in zip(freed, kept))
+
+
+def test_a_call_that_needs_freed_cache_runs_the_full_variant(captured):
+    """Two unnamed calls per step (conditional, unconditional): the first call of the last step
+    frees the cache, so the second computes everything, which is exact."""
+    dg = _run([{"pass": "cache", "schedule": "uniform", "interval": 2}], captured("dit"))
+    fast = compile_graph(dg, "torch", "fp32")
+    reference = compile_graph(_run([], captured("dit")), "torch", "fp32")
+    inputs = {name: value for name, value in _inputs(dg).items()}
+    fast.begin_loop(4)
+    ran = []
+    fast.segments["cache_blocks"].register_forward_hook(lambda *a: ran.append(fast.steps.step))
+    with torch.no_grad():
+        for step, t in enumerate((900.0, 700.0, 500.0, 300.0)):
+            call = {**inputs, "timestep": torch.full((2,), t)}
+            first, second = first_tensor(fast(**call)), first_tensor(fast(**call))
+    assert ran == [0, 0, 2, 2, 3]  # steps 1 and 3 reuse; the second call of step 3 finds no cache
+    assert not torch.equal(first, second)
+    assert torch.equal(second, first_tensor(reference(**call)))
+    assert not fast._states

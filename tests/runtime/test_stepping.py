@@ -40,3 +40,28 @@ def test_a_loop_of_another_length_follows_the_calibrated_timesteps():
     assert longer == ["full", "full", "cached", "cached", "full", "full", "cached", "cached", "full", "full"]
     assert calibrated.variant_for(3, None, None) == "cached"  # no timestep: by position
     assert Schedule.from_json(calibrated.to_json()) == calibrated
+
+
+def test_the_last_step_is_known_from_the_announced_length_or_the_calibrated_timesteps():
+    tracker = StepTracker()
+    tracker.begin_loop(num_steps=2)
+    tracker.observe(10.0)
+    assert not tracker.at_last_step()
+    tracker.observe(5.0)
+    assert tracker.at_last_step() and tracker.at_last_step((99.0,))  # the announced length decides
+    calibrated = (999.0, 499.0, 1.0)
+    tracker.reset()
+    for t in calibrated:
+        assert not tracker.at_last_step(calibrated)
+        tracker.observe(t)
+    assert tracker.at_last_step(calibrated)
+    tracker.observe(1.0)  # another call of the same step
+    assert tracker.at_last_step(calibrated)
+    for loop in ((999.0, 500.0, 1.0), (999.0, 499.0, 1.0, 0.5)):  # another spacing, or a longer loop
+        tracker.reset()
+        for t in loop:
+            tracker.observe(t)
+        assert not tracker.at_last_step(calibrated)
+    tracker.reset()
+    tracker.observe(None)
+    assert not tracker.at_last_step(calibrated) and not tracker.at_last_step()
