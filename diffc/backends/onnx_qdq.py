@@ -2,7 +2,8 @@
 DequantizeLinear pairs (opset >= 21), the form ONNX Runtime and TensorRT consume:
 
 - a quantized activation: QuantizeLinear -> DequantizeLinear in front of the layer, with the
-  spec's per-tensor scale (int8, or float8e4m3fn);
+  spec's per-tensor scale (int8, or float8e4m3fn), or per-axis scales (each channel group's
+  scale repeated over its channels) for a split concatenation;
 - a quantized weight: its initializer replaced by the quantized values and a DequantizeLinear
   with per-channel scales (int8, float8e4m3fn) or, for int4, blocked scales (`block_size`);
 - bf16 / fp16 layers: the weight and activation rounded through a Cast pair.
@@ -126,12 +127,20 @@ class _GraphEditor:
                                       name=f"{name}_input_uncast")]
         else:
             zero_type = TensorProto.INT8 if activation.dtype == INT8 else TensorProto.FLOAT8E4M3FN
-            self._add(helper.make_tensor(f"{name}_input_scale", TensorProto.FLOAT, [], [activation.scale]))
-            self._add(helper.make_tensor(f"{name}_input_zero", zero_type, [], [0]))
+            if activation.group_sizes:  # one scale per channel along the axis: per-axis Q/DQ
+                scales = activation.scale_vector()
+                self._add(_raw_tensor(f"{name}_input_scale", scales, TensorProto.FLOAT))
+                self._add(_raw_tensor(f"{name}_input_zero", torch.zeros(scales.shape), zero_type))
+                per_axis = {"axis": activation.axis}
+            else:
+                self._add(helper.make_tensor(f"{name}_input_scale", TensorProto.FLOAT, [], [activation.scale]))
+                self._add(helper.make_tensor(f"{name}_input_zero", zero_type, [], [0]))
+                per_axis = {}
             inputs = [f"{name}_input_scale", f"{name}_input_zero"]
-            nodes = [helper.make_node("QuantizeLinear", [source, *inputs], [f"{name}_input_q"], name=f"{name}_input_q"),
+            nodes = [helper.make_node("QuantizeLinear", [source, *inputs], [f"{name}_input_q"], name=f"{name}_input_q",
+                                      **per_axis),
                      helper.make_node("DequantizeLinear", [f"{name}_input_q", *inputs], [f"{name}_input_dq"],
-                                      name=f"{name}_input_dq")]
+                                      name=f"{name}_input_dq", **per_axis)]
         self._insert_before(layer, nodes)
         layer.input[0] = f"{name}_input_dq"
 

@@ -6,7 +6,8 @@
 - int4 weight-only linear: weights stored packed two per byte with fp16 block scales, unpacked
   to the compute dtype in the layer (memory traffic of int4, matmul in bf16).
 
-Every other annotated node (convolutions, W4A8, shapes a kernel cannot take) runs the exact
+Every other annotated node (convolutions, W4A8, inputs with per-channel-group scales, shapes a
+kernel cannot take) runs the exact
 fake-quantization of diffc.ir.precision; `lower` reports which kernel each node got."""
 from __future__ import annotations
 
@@ -108,9 +109,10 @@ class Int4WeightOnlyLinear(torch.nn.Module):
 
 def kernel_for(node: torch.fx.Node, spec: PrecisionSpec, weight: torch.Tensor) -> str:
     """The kernel a CUDA lowering gives an annotated node: the low-bit layers take linears with
-    a constant (or no) bias."""
+    a constant (or no) bias and one activation scale."""
     bias = node.args[2] if len(node.args) > 2 else None
-    if node.target != aten.linear.default or weight.dim() != 2 or \
+    grouped = spec.activation is not None and bool(spec.activation.group_sizes)
+    if node.target != aten.linear.default or weight.dim() != 2 or grouped or \
             (isinstance(bias, torch.fx.Node) and bias.op != "get_attr"):
         return SIMULATED
     n, k = weight.shape

@@ -5,7 +5,9 @@ fake-quantization simulation of an annotated graph.
 
 Weights are quantized symmetrically: int8 and fp8 (e4m3fn) with one scale per output channel,
 int4 in blocks of `block_size` input channels with one scale per block. Activations take one
-static scale per tensor, calibrated by the pass. A spec holds the scheme and the activation
+static scale per tensor, calibrated by the pass, or one per group of channels along `axis` where
+the input is a concatenation of differently ranged tensors (`group_sizes`, `group_scales`: the
+split shortcuts of Q-Diffusion). A spec holds the scheme and the activation
 scale; weight scales follow from the weights, so every backend derives the same ones."""
 from __future__ import annotations
 
@@ -65,9 +67,40 @@ class WeightQuant:
 
 @dataclass(frozen=True)
 class ActivationQuant:
+    """`scale` for the whole tensor, or with `group_sizes`, consecutive groups of that many
+    channels along `axis`, each quantized with its own scale from `group_scales`."""
+
     dtype: str
     scale: float | None = None
     range_method: str | None = None
+    group_sizes: tuple[int, ...] = ()
+    group_scales: tuple[float, ...] = ()
+    axis: int = 1
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "ActivationQuant":
+        data = dict(data)
+        for key in ("group_sizes", "group_scales"):
+            data[key] = tuple(data.get(key, ()))
+        return cls(**data)
+
+    def scale_vector(self) -> torch.Tensor:
+        """The per-channel scales along `axis` (fp32) of a grouped activation."""
+        return torch.repeat_interleave(torch.tensor(self.group_scales, dtype=torch.float32),
+                                       torch.tensor(self.group_sizes))
+
+    def problems(self) -> list[str]:
+        if self.dtype not in (INT8, FP8):
+            return []
+        if self.group_sizes:
+            if len(self.group_sizes) != len(self.group_scales) or min(self.group_sizes) < 1:
+                return [f"grouped activations need one positive size per group scale, got sizes {self.group_sizes} "
+                        f"and scales {self.group_scales}"]
+            bad = [s for s in self.group_scales if not math.isfinite(s) or s <= 0]
+            return [f"{self.dtype} activation group scales must be finite and positive, got {bad}"] if bad else []
+        if self.scale is None or not math.isfinite(self.scale) or self.scale <= 0:
+            return [f"{self.dtype} activations need a finite positive scale, got {self.scale}"]
+        return []
 
 
 @dataclass(frozen=True)
@@ -89,7 +122,7 @@ class PrecisionSpec:
                             "PrecisionSpec(...).to_json() (diffc.ir.precision)")
         try:
             weight = WeightQuant(**data["weight"]) if data.get("weight") else None
-            activation = ActivationQuant(**data["activation"]) if data.get("activation") else None
+            activation = ActivationQuant.from_json(data["activation"]) if data.get("activation") else None
             spec = cls(format=data["format"], weight=weight, activation=activation, reason=data.get("reason", ""))
         except (KeyError, TypeError) as exc:
             raise LintError(f"malformed precision annotation {dict(data)}: {exc}. Write it with "
@@ -106,10 +139,8 @@ class PrecisionSpec:
                 problems.append(f"unknown number type {part.dtype!r} (types: {', '.join(NUMBER_TYPES)})")
         if self.weight is not None and self.weight.dtype == INT4 and not (self.weight.block_size or 0) > 0:
             problems.append("int4 weights need a positive block_size")
-        if self.activation is not None and self.activation.dtype in (INT8, FP8):
-            scale = self.activation.scale
-            if scale is None or not math.isfinite(scale) or scale <= 0:
-                problems.append(f"{self.activation.dtype} activations need a finite positive scale, got {scale}")
+        if self.activation is not None:
+            problems += self.activation.problems()
         if problems:
             raise LintError("invalid precision spec: " + "; ".join(problems))
 
@@ -117,6 +148,18 @@ class PrecisionSpec:
 def spec_for(format_name: str, activation_scale: float | None = None, range_method: str | None = None,
              reason: str = "") -> PrecisionSpec:
     """The spec of a format with diffc's weight schemes and the given activation scale."""
+    if format_name not in FORMATS:
+        raise LintError(f"unknown format {format_name!r}; formats: {', '.join(FORMATS)}")
+    activation = FORMATS[format_name].activation
+    quantized = None
+    if activation in (INT8, FP8):
+        quantized = ActivationQuant(activation, float(activation_scale) if activation_scale else None, range_method)
+    return spec_with(format_name, quantized, reason)
+
+
+def spec_with(format_name: str, activation: ActivationQuant | None, reason: str = "") -> PrecisionSpec:
+    """The spec of a format with diffc's weight schemes and the given quantization of the input
+    activation (required when the format quantizes activations to int8 / fp8)."""
     if format_name not in FORMATS:
         raise LintError(f"unknown format {format_name!r}; formats: {', '.join(FORMATS)}")
     fmt = FORMATS[format_name]
@@ -127,12 +170,12 @@ def spec_for(format_name: str, activation_scale: float | None = None, range_meth
         weight = WeightQuant(INT4, BLOCKED, axis=1, block_size=INT4_BLOCK)
     elif fmt.weight is not None:
         weight = WeightQuant(fmt.weight)
-    activation = None
     if fmt.activation in (INT8, FP8):
-        activation = ActivationQuant(fmt.activation, float(activation_scale) if activation_scale else None,
-                                     range_method)
-    elif fmt.activation is not None:
-        activation = ActivationQuant(fmt.activation)
+        if activation is None or activation.dtype != fmt.activation:
+            raise LintError(f"format {format_name} quantizes activations to {fmt.activation}; give an "
+                            f"ActivationQuant of that type, got {activation}")
+    else:
+        activation = ActivationQuant(fmt.activation) if fmt.activation is not None else None
     spec = PrecisionSpec(format_name, weight, activation, reason)
     spec.validate()
     return spec
@@ -234,14 +277,26 @@ def _round_to(x: torch.Tensor, dtype: str) -> torch.Tensor:
     return torch.round(x).clamp(low, high)
 
 
-def fake_quantize_activation(x: torch.Tensor, dtype: str, scale: float | None) -> torch.Tensor:
-    """x rounded onto the activation grid and mapped back, in x's dtype."""
+def fake_quantize_activation(x: torch.Tensor, dtype: str, scale: float | torch.Tensor | None,
+                             axis: int | None = None) -> torch.Tensor:
+    """x rounded onto the activation grid and mapped back, in x's dtype. A tensor `scale` holds
+    one scale per channel along `axis`."""
     if dtype in (BF16, FP16):
         return x.to(_torch_dtype(dtype)).to(x.dtype)
+    if isinstance(scale, torch.Tensor):
+        trailing = x.dim() - 1 - axis % x.dim()
+        scale = scale.to(x.device).reshape([-1] + [1] * trailing)
     if dtype == FP8:
-        return ((x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype)) * scale
+        return ((x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype) * scale).to(x.dtype)
     low, high = INT_LIMITS[dtype]
-    return torch.round(x / scale).clamp(low, high) * scale
+    return (torch.round(x / scale).clamp(low, high) * scale).to(x.dtype)
+
+
+def fake_quantize_input(x: torch.Tensor, activation: ActivationQuant) -> torch.Tensor:
+    """x quantized as `activation` says (per tensor, or per channel group)."""
+    if activation.group_sizes:
+        return fake_quantize_activation(x, activation.dtype, activation.scale_vector(), activation.axis)
+    return fake_quantize_activation(x, activation.dtype, activation.scale)
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -280,14 +335,35 @@ def simulate(module: torch.fx.GraphModule, annotations: Mapping[str, Mapping[str
                 root[name] = fake_quantize_weight(original, spec.weight).to(device=like.device, dtype=like.dtype)
                 args[1] = graph.get_attr(name)
             if spec.activation is not None:
-                args[0] = graph.call_function(fake_quantize_activation,
-                                              (args[0], spec.activation.dtype, spec.activation.scale))
+                _check_groups(node, spec.activation)
+                args[0] = _quantized_input(graph, root, args[0], spec.activation, f"diffc_{node.name}_input_scale")
             node.args = tuple(args)
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
     used = {n.target for n in graph.nodes if n.op == "get_attr"}
     return torch.fx.GraphModule({k: v for k, v in root.items() if k in used}, graph)
+
+
+def _check_groups(node: torch.fx.Node, activation: ActivationQuant) -> None:
+    source = node.args[0]
+    value = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
+    if not activation.group_sizes or not isinstance(value, torch.Tensor):
+        return
+    channels = value.shape[activation.axis]
+    if isinstance(channels, int) and sum(activation.group_sizes) != channels:
+        raise LintError(f"node {node.name}: its activation groups {activation.group_sizes} cover "
+                        f"{sum(activation.group_sizes)} channels along axis {activation.axis}, the input has {channels}; "
+                        "give group sizes that sum to the input's channels (the concatenated pieces)")
+
+
+def _quantized_input(graph: torch.fx.Graph, root: dict[str, Any], value: Any, activation: ActivationQuant,
+                     scale_name: str) -> torch.fx.Node:
+    if not activation.group_sizes:
+        return graph.call_function(fake_quantize_activation, (value, activation.dtype, activation.scale))
+    root[scale_name] = activation.scale_vector()
+    return graph.call_function(fake_quantize_activation,
+                               (value, activation.dtype, graph.get_attr(scale_name), activation.axis))
 
 
 def weight_bytes(shape: tuple[int, ...], format_name: str | None) -> int:

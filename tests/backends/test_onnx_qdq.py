@@ -146,3 +146,57 @@ def test_low_opset_and_foreign_models_are_refused(small):
                    if n.op == "call_function"}
     with pytest.raises(TargetError, match="holds the weight of node"):
         quantize_segment_onnx(model, other, annotations, "int8")
+
+
+def _concatenating_graph():
+    """A conv and a linear that each read a channel concatenation of two differently ranged inputs."""
+    torch.manual_seed(0)
+    aten = torch.ops.aten
+    weights = {"conv.weight": torch.randn(6, 8, 3, 3) * 0.2, "conv.bias": torch.randn(6),
+               "lin.weight": torch.randn(12, 8) * 0.2, "lin.bias": torch.randn(12)}
+    graph = torch.fx.Graph()
+    a, b, c, d = (graph.placeholder(n) for n in "abcd")
+    get = {name: graph.get_attr(name) for name in weights}
+    image = graph.call_function(aten.cat.default, ([a, b], 1))
+    conv = graph.call_function(aten.conv2d.default, (image, get["conv.weight"], get["conv.bias"], [1, 1], [1, 1]))
+    tokens = graph.call_function(aten.cat.default, ([c, d], -1))
+    lin = graph.call_function(aten.linear.default, (tokens, get["lin.weight"], get["lin.bias"]))
+    graph.output((conv, lin))
+    flat = [torch.randn(2, 3, 8, 8) * 20, torch.randn(2, 5, 8, 8) * 0.05, torch.randn(2, 9, 3) * 20,
+            torch.randn(2, 9, 5) * 0.05]
+    return torch.fx.GraphModule(weights, graph), flat, {"conv": conv.name, "lin": lin.name}
+
+
+@pytest.fixture(scope="module")
+def concatenating(tmp_path_factory):
+    module, flat, names = _concatenating_graph()
+    path = export_onnx(module, flat, tmp_path_factory.mktemp("onnx") / "cat.onnx", list("abcd"), ["conv", "lin"],
+                       [{}] * 4)
+    return module, flat, names, onnx.load(str(path))
+
+
+@pytest.mark.parametrize("dtype, scales", [("int8", (0.5, 0.002)), ("fp8_e4m3", (0.2, 0.0005))])
+def test_grouped_activation_scales_lower_to_per_axis_qdq(concatenating, dtype, scales):
+    from diffc.ir.precision import ActivationQuant, spec_with
+
+    module, flat, names, model = concatenating
+    name = "int8" if dtype == "int8" else "fp8"
+    annotations = {names["conv"]: {"precision": spec_with(name, ActivationQuant(dtype, None, "mse", (3, 5), scales,
+                                                                                1)).to_json()},
+                   names["lin"]: {"precision": spec_with(name, ActivationQuant(dtype, None, "mse", (3, 5), scales,
+                                                                               -1)).to_json()}}
+    qdq = quantize_segment_onnx(model, module, annotations, name)
+    onnx.checker.check_model(qdq)
+    per_axis = [n for n in qdq.graph.node if n.op_type == "QuantizeLinear" and any(a.name == "axis" for a in n.attribute)]
+    assert len(per_axis) == 2
+    with torch.no_grad():
+        references = simulate(module, annotations)(*flat)
+        per_tensor = {n: {"precision": spec_for(name, scales[0]).to_json()} for n in names.values()}
+        coarse = simulate(module, per_tensor)(*flat)
+    for fused in (False, True):
+        for out, reference in zip(_run_onnx(qdq, flat, fused=fused), references):
+            assert _relative(out, reference) <= (EXACT if not fused else FUSED_INT8)
+    originals = module(*flat)
+    for reference, rough, original in zip(references, coarse, originals):
+        # one scale for both pieces wipes out the small one; per-piece scales keep it
+        assert _relative(reference, original) < _relative(rough, original)

@@ -142,3 +142,17 @@ def test_quantized_artifact_round_trips(annotated, tmp_path):
     call = {"sample": flat[0], "timestep": flat[1], "encoder_hidden_states": flat[2], "return_dict": False}
     with torch.no_grad():
         assert torch.equal(loaded(**call)[0], fast(**call)[0])
+
+
+def test_grouped_activation_scales_stay_simulated():
+    """The int8 / fp8 kernels take one activation scale, so a split concatenation is simulated."""
+    from diffc.backends.quantized import kernel_for
+    from diffc.ir.precision import ActivationQuant, spec_with
+
+    graph = torch.fx.Graph()
+    node = graph.call_function(torch.ops.aten.linear.default, (graph.placeholder("x"), graph.get_attr("weight")))
+    weight = torch.randn(48, 64)
+    assert kernel_for(node, spec_for("int8", 0.05), weight) == INT_MM
+    for dtype, name in (("int8", "int8"), ("fp8_e4m3", "fp8")):
+        grouped = spec_with(name, ActivationQuant(dtype, None, "mse", (32, 32), (0.05, 0.01), -1))
+        assert kernel_for(node, grouped, weight) == SIMULATED

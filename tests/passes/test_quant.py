@@ -51,7 +51,7 @@ def test_int8_annotations_structure_and_lint(tiny, int8_graph):
             continue
         spec = PrecisionSpec.from_json(annotation["precision"])
         assert spec.format == "int8" and spec.weight.granularity == "per_channel"
-        assert spec.activation.dtype == "int8" and spec.activation.scale > 0
+        assert spec.activation.dtype == "int8" and (spec.activation.scale or min(spec.activation.group_scales)) > 0
     weights = {layer.node: layer.weight for layer in layers}
     assert {weights[n] for n in protected} >= {"conv_in.weight", "conv_out.weight", "time_embedding.linear_1.weight"}
     report = quantized.applied[-1]["report"]
@@ -245,3 +245,91 @@ def test_cache_then_quant_lowers_annotations_in_every_segment(tiny):
     cached_error = _loop_relative_error(cached_fp32, calibration)
     # W8A8 alone costs < 0.02 relative error on this model (test_int8_annotations_structure_and_lint)
     assert quantized_error != cached_error and quantized_error < cached_error + 0.02
+
+
+def test_split_shortcut_gives_each_concatenated_piece_its_scale(tiny, int8_graph):
+    """The decoder's conv_shortcut layers read cat([upsampled, skip]) directly: their input gets one
+    scale per piece, each the scale that piece alone calibrates to; the first convs read the
+    concatenation through a group norm and keep one scale."""
+    from diffc.calibration import compute_statistics
+    from diffc.passes.quant.annotate import activation_scale, layer_activation
+
+    dg, calibration = tiny
+    layers = {layer.node: layer for layer in quantizable_layers(int8_graph, PROTECTIONS)}
+    split = [layer for layer in layers.values() if layer.pieces and not layer.protected]
+    nodes = {n.name: n for n in dg.graph.nodes}
+    assert split and all(nodes[layer.input].target == torch.ops.aten.cat.default for layer in split)
+    assert sorted(int8_graph.applied[-1]["report"]["split_shortcut"]) == sorted(layer.node for layer in split)
+    cats = {layer.input for layer in split}
+    readers_through_norm = [n for n in dg.graph.nodes if n.target == torch.ops.aten.group_norm.default
+                            and n.args[0].name in cats]
+    assert readers_through_norm  # the resnets' norm1 reads the same concatenations
+    stats = compute_statistics(calibration, dg, groups=4, nodes=sorted({p for layer in split for p, _ in layer.pieces}
+                                                                       | cats), progress=False)
+    for layer in split:
+        spec = PrecisionSpec.from_json(int8_graph.annotations[layer.node]["precision"])
+        assert spec.activation.group_sizes == tuple(size for _, size in layer.pieces)
+        assert spec.activation.scale is None and spec.activation.axis == 1
+        assert spec.activation.group_scales == tuple(activation_scale(stats.node(p), "int8", "mse", 99.99)
+                                                     for p, _ in layer.pieces)
+        unsplit = layer_activation(layer, stats.node, "int8", "mse", 99.99, split=False)
+        assert not unsplit.group_sizes and unsplit.scale == activation_scale(stats.node(layer.input), "int8", "mse",
+                                                                               99.99)
+    other = [n for n, layer in layers.items() if not layer.pieces and not layer.protected]
+    assert all(not PrecisionSpec.from_json(int8_graph.annotations[n]["precision"]).activation.group_sizes
+               for n in other)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "fp8_e4m3"])
+def test_grouped_activation_quantizes_each_piece_alone(dtype):
+    """Exact: a grouped input is the concatenation of its pieces each quantized with its scale,
+    in the simulation of a conv (channel axis 1) and of a linear (last axis)."""
+    from diffc.ir.precision import ActivationQuant, fake_quantize_input, spec_with
+
+    torch.manual_seed(0)
+    big, small = torch.randn(2, 3, 4, 4) * 20, torch.randn(2, 5, 4, 4) * 0.05
+    scales = (0.2, 0.0005) if dtype == "int8" else (0.05, 0.0002)
+    activation = ActivationQuant(dtype, None, "mse", (3, 5), scales, 1)
+    pieces = [fake_quantize_activation(big, dtype, scales[0]), fake_quantize_activation(small, dtype, scales[1])]
+    assert torch.equal(fake_quantize_input(torch.cat([big, small], 1), activation), torch.cat(pieces, 1))
+    name = "int8" if dtype == "int8" else "fp8"
+    aten = torch.ops.aten
+    for target, shape, axis, dim in ((aten.conv2d.default, (6, 8, 3, 3), 1, 1), (aten.linear.default, (6, 8), -1, -1)):
+        weight = torch.randn(shape) * 0.1
+        a, b = (big, small) if axis == 1 else (big.movedim(1, -1), small.movedim(1, -1))
+        graph = torch.fx.Graph()
+        cat = graph.call_function(aten.cat.default, ([graph.placeholder("a"), graph.placeholder("b")], dim))
+        layer = graph.call_function(target, (cat, graph.get_attr("weight")))
+        graph.output((layer,))
+        module = torch.fx.GraphModule({"weight": weight}, graph)
+        spec = spec_with(name, ActivationQuant(dtype, None, "mse", (3, 5), scales, axis))
+        simulated = simulate(module, {layer.name: {"precision": spec.to_json()}})(a, b)[0]
+        quantized_input = torch.cat([fake_quantize_activation(a, dtype, scales[0]),
+                                     fake_quantize_activation(b, dtype, scales[1])], dim)
+        expected = target(quantized_input, fake_quantize_weight(weight, spec.weight))
+        assert torch.equal(simulated, expected)
+
+
+def test_grouped_specs_round_trip_and_bad_groups_are_refused():
+    import json
+
+    from diffc.ir.precision import ActivationQuant, spec_with
+
+    spec = spec_with("int8", ActivationQuant("int8", None, "mse", (3, 5), (0.2, 0.01), 1))
+    assert PrecisionSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+    with pytest.raises(LintError, match="one positive size per group scale"):
+        spec_with("int8", ActivationQuant("int8", None, "mse", (3, 5), (0.2,), 1))
+    with pytest.raises(LintError, match="finite and positive"):
+        spec_with("int8", ActivationQuant("int8", None, "mse", (3, 5), (0.2, 0.0), 1))
+    with pytest.raises(LintError, match="give an ActivationQuant"):
+        spec_with("int8", None)
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["val"] = torch.zeros(1, 7, 4, 4)
+    conv = graph.call_function(torch.ops.aten.conv2d.default, (x, graph.get_attr("weight")))
+    graph.output((conv,))
+    module = torch.fx.GraphModule({"weight": torch.randn(2, 7, 1, 1)}, graph)
+    annotations = {conv.name: {"precision": spec.to_json()}}
+    with pytest.raises(LintError, match="sum to the input's channels"):
+        simulate(module, annotations)
+    assert annotations[conv.name]["precision"] == spec.to_json()  # the caller's annotations are untouched

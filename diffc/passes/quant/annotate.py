@@ -2,10 +2,13 @@
 annotations."""
 from __future__ import annotations
 
+from typing import Callable
+
 from ...calibration import NodeStats
 from ...errors import PassError
 from ...ir import DiffusionGraph
-from ...ir.precision import FORMATS, FP8, FP8_MAX, INT8, PrecisionSpec, spec_for
+from ...ir.precision import FORMATS, FP8, FP8_MAX, INT8, ActivationQuant, PrecisionSpec, spec_with
+from .layers import Layer
 
 RANGE_METHODS = ("mse", "percentile", "max")
 
@@ -33,17 +36,27 @@ def activation_scale(stats: NodeStats, dtype: str, method: str, percentile: floa
     return max(top, 1e-12) / 127.0
 
 
+def layer_activation(layer: Layer, stats: Callable[[str], NodeStats], dtype: str, method: str, percentile: float,
+                     split: bool) -> ActivationQuant:
+    """The static quantization of a layer's input: one scale for the tensor, or with `split` and a
+    concatenated input, one scale per concatenated piece from that piece's own statistics."""
+    if split and layer.pieces:
+        return ActivationQuant(dtype, None, method, tuple(size for _, size in layer.pieces),
+                               tuple(activation_scale(stats(piece), dtype, method, percentile)
+                                     for piece, _ in layer.pieces), layer.axis)
+    return ActivationQuant(dtype, activation_scale(stats(layer.input), dtype, method, percentile), method)
+
+
 def activation_types(formats: tuple[str, ...]) -> set[str]:
     return {FORMATS[f].activation for f in formats if FORMATS[f].activation in (INT8, FP8)}
 
 
-def annotate(dg: DiffusionGraph, choice: dict[str, str], scales: dict[str, dict[str, float]], method: str,
+def annotate(dg: DiffusionGraph, choice: dict[str, str], activations: dict[str, dict[str, ActivationQuant]],
              reasons: dict[str, str]) -> dict[str, PrecisionSpec]:
     """Writes each layer's spec into dg.annotations[node]["precision"]; returns the specs."""
     specs = {}
     for node, name in choice.items():
-        spec = spec_for(name, scales.get(node, {}).get(name), method if FORMATS[name].activation in (INT8, FP8)
-                        else None, reasons.get(node, ""))
+        spec = spec_with(name, activations.get(node, {}).get(name), reasons.get(node, ""))
         dg.annotations.setdefault(node, {})["precision"] = spec.to_json()
         specs[node] = spec
     return specs

@@ -10,6 +10,8 @@ from ...ir.blocks import node_flops
 from ...ir.fxutil import attr_value
 from ...ir.precision import quantizable_weight
 
+aten = torch.ops.aten
+
 TIMESTEP_PATH, FIRST, LAST = "timestep_path", "first", "last"
 PROTECTIONS = (TIMESTEP_PATH, FIRST, LAST)
 REASONS = {
@@ -22,12 +24,42 @@ REASONS = {
 
 @dataclass(frozen=True)
 class Layer:
+    """`pieces`: when the layer reads a concatenation along its channel axis (`axis`), the
+    concatenated nodes and their channel counts, in order."""
+
     node: str
     weight: str
     shape: tuple[int, ...]
     input: str
     flops: int
     protected: str | None
+    pieces: tuple[tuple[str, int], ...] = ()
+    axis: int = 1
+
+
+def concatenated_input(node: torch.fx.Node) -> tuple[int, tuple[tuple[str, int], ...]] | None:
+    """(channel axis, (piece, channels) ...) when a linear / convolution reads an aten.cat along
+    its input-channel axis directly (a UNet decoder's skip concatenation read by conv_shortcut);
+    None otherwise. Through a normalization the pieces are rescaled together, so only direct
+    readers qualify."""
+    source = node.args[0]
+    if not isinstance(source, torch.fx.Node) or source.op != "call_function" or source.target != aten.cat.default:
+        return None
+    pieces = source.args[0]
+    dim = source.args[1] if len(source.args) > 1 else source.kwargs.get("dim", 0)
+    shape = _shape(source)
+    if shape is None or len(pieces) < 2:
+        return None
+    axis = 1 if node.target != aten.linear.default else -1
+    if dim % len(shape) != axis % len(shape):
+        return None
+    sizes = []
+    for piece in pieces:
+        piece_shape = _shape(piece) if isinstance(piece, torch.fx.Node) else None
+        if piece_shape is None or not isinstance(piece_shape[axis], int):
+            return None
+        sizes.append((piece.name, int(piece_shape[axis])))
+    return axis, tuple(sizes)
 
 
 def quantizable_layers(dg: DiffusionGraph, protect: tuple[str, ...]) -> list[Layer]:
@@ -66,9 +98,17 @@ def quantizable_layers(dg: DiffusionGraph, protect: tuple[str, ...]) -> list[Lay
         elif LAST in protect and reaches_output[node]:
             reason = REASONS[LAST]
         shape = tuple(attr_value(dg.module, weight.target).shape)
-        layers.append(Layer(node.name, weight.target, shape, source.name, node_flops(node), reason))
+        axis, pieces = concatenated_input(node) or (1, ())
+        layers.append(Layer(node.name, weight.target, shape, source.name, node_flops(node), reason, pieces, axis))
     return layers
 
+
+def _shape(node: torch.fx.Node) -> tuple | None:
+    value = node.meta.get("val")
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
 def _is_tensor(node: torch.fx.Node) -> bool:

@@ -32,7 +32,7 @@ from ..._progress import progress as progress_bar
 from ...calibration import CalibrationSet
 from ...ir import DiffusionGraph
 from ...ir.fxutil import attr_value
-from ...ir.precision import fake_quantize_activation, fake_quantize_weight, spec_for
+from ...ir.precision import ActivationQuant, fake_quantize_input, fake_quantize_weight, spec_for
 from .layers import Layer
 
 TRAJECTORY, STEP = "trajectory", "step"
@@ -70,10 +70,10 @@ class _Instrumented(torch.fx.Interpreter):
     to its input (its gradient is the gradient wrt the activation); computes the proxy MSEs."""
 
     def __init__(self, module: torch.fx.GraphModule, layers: dict[str, Layer], weights: dict[str, torch.Tensor],
-                 formats: tuple[str, ...], scales: dict[str, dict[str, float]],
+                 formats: tuple[str, ...], activations: dict[str, dict[str, ActivationQuant]],
                  quantized_weights: dict[str, dict[str, torch.Tensor]]) -> None:
         super().__init__(module)
-        self.layers, self.weights, self.formats, self.scales = layers, weights, formats, scales
+        self.layers, self.weights, self.formats, self.activations = layers, weights, formats, activations
         self.quantized_weights = quantized_weights
         self.deltas: dict[str, torch.Tensor] = {}
         self.activation_error: dict[str, dict[str, float]] = {}
@@ -92,9 +92,8 @@ class _Instrumented(torch.fx.Interpreter):
         errors, mses = {}, {}
         with torch.no_grad():
             for name in self.formats:
-                spec = spec_for(name, self.scales.get(n.name, {}).get(name), None)
-                xq = x if spec.activation is None else fake_quantize_activation(x, spec.activation.dtype,
-                                                                                spec.activation.scale)
+                activation = self.activations.get(n.name, {}).get(name) or spec_for(name).activation
+                xq = x if activation is None else fake_quantize_input(x, activation)
                 errors[name] = float((xq - x).double().pow(2).sum())
                 quantized = n.target(xq, self.quantized_weights[n.name][name], *rest, **kwargs)
                 mses[name] = float((quantized - reference).double().pow(2).mean())
@@ -102,7 +101,8 @@ class _Instrumented(torch.fx.Interpreter):
         return out
 
 
-def measure(dg: DiffusionGraph, layers: list[Layer], formats: tuple[str, ...], scales: dict[str, dict[str, float]],
+def measure(dg: DiffusionGraph, layers: list[Layer], formats: tuple[str, ...],
+            activations: dict[str, dict[str, ActivationQuant]],
             calibration: CalibrationSet, samples: int, probes: int, accumulate: str = TRAJECTORY,
             trajectories: int = 2, seed: int = 0, progress: bool = False) -> Sensitivity:
     """Sensitivities from calibration calls: with `accumulate="step"`, `samples` calls spread over
@@ -140,7 +140,7 @@ def measure(dg: DiffusionGraph, layers: list[Layer], formats: tuple[str, ...], s
             next(ticks, None)
             record = next(calibration.records(steps={step}, items={item}))
             flat = [record.inputs[spec.name] for spec in dg.signature.inputs]
-            runner = _Instrumented(dg.module, by_node, weights, formats, scales, quantized)
+            runner = _Instrumented(dg.module, by_node, weights, formats, activations, quantized)
             with torch.enable_grad():
                 output = runner.run(*flat)[0]
                 if not probes_u:
