@@ -4,7 +4,9 @@ A cached *region* is given by its cut nodes: the tensors a later step may reuse.
 nodes are those that die when the cut nodes are replaced by cached values. With `mode: "delta"`,
 what is cached is the residual `cut - base` (Delta-DiT, first-block caching): a skipping step
 recomputes `base` and adds the cached residual. With `mode: "bypass"` nothing is cached: a
-skipping step passes `base` on as the cut (a residual unit removed at some steps). Nodes
+skipping step passes `base` on as the cut (a residual unit removed at some steps). A region's
+`keep` names nodes that stay computed although only the region uses them (a block's inputs, when
+each block is its own region: skipping one block must not skip the blocks before it). Nodes
 outside the regions form the main segments, ordered by how many regions' cuts they depend on:
 
     main0 -> region0 (or apply0) -> main1 -> region1 (or apply1) -> ... -> mainN
@@ -62,7 +64,7 @@ def build_plan(dg: DiffusionGraph) -> Plan:
     regions = sorted(spec["regions"], key=lambda r: min(order[by_name[c]] for c in r["cuts"]))
     region_of: dict[torch.fx.Node, int] = {}
     for index, region in enumerate(regions):
-        for node in region_nodes(graph, region["cuts"], list(region.get("bases", {}).values())):
+        for node in region_nodes(graph, region["cuts"], [*region.get("bases", {}).values(), *region.get("keep", ())]):
             if node in region_of:
                 raise PassError(f"cached regions {regions[region_of[node]]['name']} and {region['name']} overlap at "
                                 f"node {node.name}; choose disjoint block ranges")

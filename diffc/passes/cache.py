@@ -12,7 +12,22 @@ the error that reaches the final output for a budget of full steps: each step's 
 weighted by how strongly an output error at that step propagates through the sampler), `adaptive` (decided at run time: recompute when the
 tensor entering the cached region moved more than a threshold since the last full step, as in
 TeaCache / first-block cache; the threshold is calibrated so that about `full_fraction` of the
-calibration steps recompute)."""
+calibration steps recompute), `bac` (Block-wise Adaptive Caching, "Cache Me if You Can": every
+candidate block of the cut is its own cached region with its own recompute steps, see below).
+
+`bac`: the cut chooses the candidate blocks (`auto` / `deep`: the UNet stages below skip depth d,
+`encoder`: the encoder stages; `auto` / `blocks`: every DiT block, or the given range,
+`first_block`: the blocks after the first). On calibration data each block's change profile is
+measured: the relative L1 change of its cached tensors (raw output, or residual in delta mode)
+between neighbouring steps. A block recomputes at a step when its change accumulated since it was
+last computed reaches one threshold shared by all blocks (so a block that changes more recomputes
+more often), or when it would otherwise go `max_gap` steps without; a block whose outputs only
+feed blocks that are reused at that step is not recomputed (its work would be discarded). The
+threshold is set by bisection so that the blocks' compute over the loop does not exceed what
+`full_steps` (or `full_fraction` of the steps) fully computed steps would spend on them. A step's
+variant is the set of blocks it recomputes; at most `max_variants` distinct sets are kept (each
+is compiled once, over shared segments), a rarer set being replaced by the cheapest kept set that
+contains it. Forecasting extrapolates one region, so `bac` refuses `forecast=True`."""
 from __future__ import annotations
 
 import itertools
@@ -33,7 +48,7 @@ from ..ir.plan import ADAPTIVE
 from .base import Pass, PassConfig, PassContext, PassResult, register_pass
 
 CUTS = ("auto", "deep", "encoder", "blocks", "first_block", "delta_dit")
-SCHEDULES = ("dp", "uniform", "nonuniform", "adaptive")
+SCHEDULES = ("dp", "uniform", "nonuniform", "adaptive", "bac")
 FULL, CACHED = "full", "cached"
 
 
@@ -54,6 +69,8 @@ class CacheConfig(PassConfig):
     # schedule="adaptive", CG-Taylor's confidence gate on the first blocks decides when to recompute).
     # None: the dp schedule scores its candidates both ways on the live pipeline and keeps the better
     forecast: bool | None = None
+    # schedule="bac": distinct sets of recomputed blocks (variants) kept, the full one included
+    max_variants: int = 4
 
     def __post_init__(self) -> None:
         if self.cut not in CUTS:
@@ -64,6 +81,8 @@ class CacheConfig(PassConfig):
             raise ValueError(f"mode must be auto, raw or delta, got {self.mode!r}")
         if self.interval < 1 or self.max_gap < 1 or self.depth < 0 or self.refine < 0:
             raise ValueError("interval, max_gap must be >= 1 and depth, refine >= 0")
+        if self.max_variants < 2:
+            raise ValueError(f"max_variants must be >= 2 (the full variant and one more), got {self.max_variants}")
         if not 0 < self.full_fraction <= 1:
             raise ValueError(f"full_fraction must be in (0, 1], got {self.full_fraction}")
 
@@ -74,7 +93,7 @@ class CachePass(Pass):
     Config = CacheConfig
 
     def requirements(self) -> tuple[str, ...]:
-        return ("calibrated",) if self.config.schedule in ("dp", "adaptive") else ()
+        return ("calibrated",) if self.config.schedule in ("dp", "adaptive", "bac") else ()
 
     def writes_step_plan(self) -> bool:
         return True
@@ -86,6 +105,8 @@ class CachePass(Pass):
         cfg = self.config
         if dg.step_plan:
             raise PassError(_step_plan_conflict(dg.step_plan))
+        if cfg.schedule == "bac":
+            return self._block_schedule(dg, ctx)
         regions, variants = self._regions(dg)
         cached_variant = _cached_variant_for(variants)
         staged = len(variants) > 2
@@ -184,6 +205,76 @@ class CachePass(Pass):
             report.append({"full_steps": sorted(refined), "forecast": forecast, "final_mse": round(refined_error, 8),
                            "refined": True})
         return refined, report, forecast
+
+    # --- per-block schedules (BAC) ------------------------------------------------------------
+    def _block_schedule(self, dg: DiffusionGraph, ctx: PassContext) -> PassResult:
+        cfg = self.config
+        if cfg.forecast:
+            raise PassError("forecast extrapolates one cached region; schedule='bac' caches every block separately. "
+                            "Fix: forecast=False (or leave it unset), or schedule='dp' with one cut to forecast")
+        regions = self._block_regions(dg)
+        calibration = ctx.calibration
+        num_steps = calibration.num_steps
+        budget = cfg.full_steps or max(1, math.ceil(cfg.full_fraction * num_steps))
+        if budget > num_steps:
+            raise PassError(f"full_steps={budget} exceeds the calibration's {num_steps} steps")
+        dg.step_plan = _step_plan(regions, {FULL: []}, {"default": FULL, "steps": [], "repeat": False})
+        plan = build_plan(dg)
+        names = [seg[len("cache_"):] for seg in plan.variants[FULL].segments if seg.startswith("cache_")]
+        costs = {name: _segment_flops(dg, plan.segments[f"cache_{name}"]) for name in names}
+        changes = change_profiles(plan, calibration, names)
+        chosen, threshold = bac_schedule(changes, costs, block_consumers(plan, names), budget, num_steps,
+                                         cfg.max_gap, cfg.max_variants)
+        variant_of = {combo: _variant_name(combo, names) for combo in dict.fromkeys(chosen)}
+        variants = {variant: [n for n in names if n not in combo] for combo, variant in variant_of.items()}
+        steps = [variant_of[combo] for combo in chosen]
+        dg.step_plan = _step_plan(regions, variants, {"default": FULL, "steps": steps, "repeat": False})
+        report = self._report(dg, build_plan(dg), steps, ctx)
+        report.update({
+            "forecast": False, "threshold": round(threshold, 6), "variants": len(variants),
+            "block_schedule": {n: [s for s, combo in enumerate(chosen) if n in combo] for n in names},
+            "block_change_per_step": {n: [round(c, 6) for c in changes[n]] for n in names},
+            "block_flops_share": {n: round(costs[n] / max(sum(node_flops(x) for x in dg.graph.nodes), 1), 4)
+                                  for n in names},
+        })
+        return PassResult(dg, modified=True, report=report)
+
+    def _block_regions(self, dg: DiffusionGraph) -> list[dict[str, Any]]:
+        """One cached region per candidate block of the cut (see the module docstring)."""
+        cfg = self.config
+        stages = _unet_stages(dg)
+        layers = _transformer_layers(dg)
+        if stages and cfg.cut in ("auto", "deep", "encoder"):
+            if cfg.mode == "delta":
+                raise PassError("schedule='bac' caches UNet stages' outputs themselves; use mode='raw'")
+            downs, ups = sorted(stages["down"], key=_index), sorted(stages["up"], key=_index)
+            if cfg.cut == "encoder":
+                chosen = downs + stages["mid"]
+            else:
+                if not 1 <= cfg.depth <= len(ups) - 1:
+                    raise PassError(f"schedule='bac' with cut {cfg.cut!r} takes the stages below skip depth d, which "
+                                    f"needs 1 <= depth <= {len(ups) - 1} for a UNet with {len(ups)} up blocks, got "
+                                    f"depth={cfg.depth}. Fix: cut='encoder', or schedule='dp' for a one-level UNet")
+                chosen = downs[cfg.depth:] + stages["mid"] + ups[:len(ups) - cfg.depth]
+            regions = [_block_region(dg, [dg.block(name)], _short_name(name), "raw") for name in chosen]
+        elif layers and cfg.cut in ("auto", "blocks", "first_block"):
+            n = len(layers)
+            start, end = (1, n) if cfg.cut == "first_block" else (cfg.blocks or (0, n))
+            if not 0 <= start < end <= n:
+                raise PassError(f"blocks must be a range within 0..{n} with start < end, got {(start, end)}")
+            mode = "delta" if cfg.mode == "auto" else cfg.mode
+            regions = [_range_region(dg, layers, i, i + 1, f"block{i}", mode) if mode == "delta"
+                       else _block_region(dg, [layers[i]], f"block{i}", mode) for i in range(start, end)]
+        else:
+            structure = "UNet stages" if stages else "transformer blocks" if layers else "no UNet stages or transformer blocks"
+            raise PassError(f"schedule='bac' cannot take its candidate blocks from cut {cfg.cut!r} on "
+                            f"{dg.signature.model_class} ({structure}). Fix: cut='auto', 'deep' or 'encoder' on a UNet, "
+                            "'auto', 'blocks' or 'first_block' on a transformer")
+        if len(regions) < 2:
+            raise PassError(f"schedule='bac' gives each block its own steps, but cut {cfg.cut!r} leaves one candidate "
+                            f"block ({regions[0]['name']}) in {dg.signature.model_class}. Fix: widen the candidates "
+                            "(cut='blocks' with blocks=(0, n), or a smaller depth), or use schedule='dp' for one region")
+        return regions
 
     # --- cut discovery ------------------------------------------------------------------------
     def _regions(self, dg: DiffusionGraph) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
@@ -537,3 +628,158 @@ def adaptive_schedule(plan: Any, calibration: Any, full_fraction: float, max_gap
                          "max_skip": max_gap - 1, "calibrated_full_share": round(full_share(high), 4)}}
 
 
+
+
+# --- per-block schedules (BAC) ----------------------------------------------------------------
+def _short_name(stage: str) -> str:
+    """down_blocks.1 -> down1, mid_block -> mid, up_blocks.0 -> up0."""
+    return "mid" if stage == "mid_block" else stage.replace("_blocks.", "")
+
+
+def _block_region(dg: DiffusionGraph, blocks: list[Any], name: str, mode: str) -> dict[str, Any]:
+    """The blocks' outputs cached raw. Their inputs stay computed (`keep`): skipping this block must
+    not skip whatever computes its inputs, which other blocks' schedules decide."""
+    members = {n for b in blocks for n in b.nodes}
+    outputs = [o for b in blocks for o in b.outputs]
+    cuts = [o for o in dict.fromkeys(outputs) if any(u.name not in members for u in _node(dg, o).users)]
+    keep = [i for i in dict.fromkeys(i for b in blocks for i in b.inputs) if i not in members]
+    if not cuts:
+        raise PassError(f"block {blocks[0].name} has no output used after it")
+    dead = region_nodes(dg.graph, cuts, keep)
+    if not any(n.name in members for n in dead):
+        raise PassError(f"caching block {blocks[0].name} would skip nothing: its outputs are needed elsewhere")
+    return {"name": name, "cuts": cuts, "mode": mode, "keep": keep}
+
+
+def _variant_name(combo: frozenset[str], order: list[str]) -> str:
+    if len(combo) == len(order):
+        return FULL
+    if not combo:
+        return CACHED
+    return "recompute_" + "_".join(n for n in order if n in combo)
+
+
+def _region_state(plan: Any, name: str) -> list[str]:
+    return [o for o in plan.segments[f"cache_{name}"].outputs if o in plan.state]
+
+
+def _tensors(state: dict[str, Any], names: list[str]) -> list[torch.Tensor]:
+    """The cached tensors among `names` (a cut may also be a size, which does not change)."""
+    return [state[n].double() for n in names if isinstance(state[n], torch.Tensor)]
+
+
+def change_profiles(plan: Any, calibration: Any, names: list[str]) -> dict[str, list[float]]:
+    """Per block, the relative L1 change of its cached tensors from the previous step to each step,
+    averaged over the calibration trajectories (entry 0, which has no previous step, is 0). A step
+    whose previous one was not recorded gets the block's mean change."""
+    tensors = {name: _region_state(plan, name) for name in names}
+    sums: dict[str, dict[int, list[float]]] = {name: {} for name in names}
+    previous: dict[tuple[str, int], tuple[int, dict[str, Any]]] = {}
+    calls: dict[tuple[str, int], int] = {}
+    for record in calibration.records():
+        call = calls.get((record.item, record.step), 0)
+        calls[(record.item, record.step)] = call + 1
+        with torch.no_grad():
+            _, state = plan.run(FULL, record.inputs, {})
+        last = previous.get((record.item, call))
+        if last is not None and last[0] == record.step - 1:
+            for name in names:
+                now, before = _tensors(state, tensors[name]), _tensors(last[1], tensors[name])
+                change = sum(float((a - b).abs().sum()) for a, b in zip(now, before))
+                size = sum(float(b.abs().sum()) for b in before)
+                sums[name].setdefault(record.step, []).append(change / max(size, 1e-12))
+        previous[(record.item, call)] = (record.step, state)
+    if not any(sums[name] for name in names):
+        raise PassError("schedule='bac' measures each block's change between neighbouring steps, but the calibration "
+                        "set records no two neighbouring steps; collect it with timesteps='all'")
+    profiles = {}
+    for name in names:
+        means = {step: float(np.mean(values)) for step, values in sums[name].items()}
+        fallback = float(np.mean(list(means.values())))
+        profiles[name] = [0.0] + [means.get(step, fallback) for step in range(1, calibration.num_steps)]
+    return profiles
+
+
+def block_consumers(plan: Any, names: list[str]) -> dict[str, set[str] | None]:
+    """For each cached block, the blocks whose recomputation reads its outputs, or None when its
+    outputs are read whatever the others do (by a segment that always runs, or as the base a
+    reused residual is added to)."""
+    consumers: dict[str, set[str] | None] = {}
+    for name in names:
+        outputs = set(plan.segments[f"cache_{name}"].outputs)
+        readers: set[str] | None = set()
+        for segment in plan.segments.values():
+            if segment.name == f"cache_{name}" or not outputs & set(segment.inputs):
+                continue
+            if segment.name.startswith("cache_") and segment.name[len("cache_"):] in names:
+                readers.add(segment.name[len("cache_"):])
+            else:
+                readers = None
+                break
+        consumers[name] = readers
+    return consumers
+
+
+def bac_steps(changes: dict[str, list[float]], consumers: dict[str, set[str] | None], threshold: float,
+              num_steps: int, max_gap: int, allowed: list[frozenset[str]] | None = None,
+              costs: dict[str, float] | None = None) -> list[frozenset[str]]:
+    """The blocks recomputed at each step: step 0 computes all; later, a block whose change
+    accumulated since it was last computed reaches `threshold` (or that has gone max_gap steps
+    without) recomputes, unless only reused blocks read it. With `allowed`, each step's set is
+    replaced by the cheapest allowed set containing it."""
+    order = list(changes)
+    accumulated = {name: 0.0 for name in order}
+    since = {name: 0 for name in order}
+    schedule: list[frozenset[str]] = []
+    for step in range(num_steps):
+        chosen: set[str] = set(order)
+        if step > 0:
+            for name in order:
+                accumulated[name] += changes[name][step]
+                since[name] += 1
+            due = {name for name in order if accumulated[name] >= threshold or since[name] >= max_gap}
+            chosen = set()
+            for name in reversed(order):
+                readers = consumers.get(name)
+                if name in due and (readers is None or readers & chosen):
+                    chosen.add(name)
+            if allowed is not None:
+                chosen = set(min((combo for combo in allowed if chosen <= combo),
+                                 key=lambda combo: (sum((costs or {}).get(n, 1) for n in combo), len(combo))))
+        for name in chosen:
+            accumulated[name], since[name] = 0.0, 0
+        schedule.append(frozenset(chosen))
+    return schedule
+
+
+def bac_schedule(changes: dict[str, list[float]], costs: dict[str, float], consumers: dict[str, set[str] | None],
+                 budget: int, num_steps: int, max_gap: int, max_variants: int) -> tuple[list[frozenset[str]], float]:
+    """The per-step block sets for the smallest threshold whose blocks' compute over the loop stays
+    within `budget` fully computed steps, with at most `max_variants` distinct sets (the full set
+    always among them: the most frequent ones are kept)."""
+    everything = frozenset(changes)
+    target = budget * sum(costs.values())
+
+    def schedule_for(threshold: float) -> list[frozenset[str]]:
+        free = bac_steps(changes, consumers, threshold, num_steps, max_gap)
+        counts: dict[frozenset[str], int] = {}
+        for combo in free:
+            counts[combo] = counts.get(combo, 0) + 1
+        kept = [everything] + sorted((c for c in counts if c != everything), key=lambda c: -counts[c])[:max_variants - 1]
+        if len(counts) <= len(kept):
+            return free
+        return bac_steps(changes, consumers, threshold, num_steps, max_gap, kept, costs)
+
+    def cost(schedule: list[frozenset[str]]) -> float:
+        return sum(costs[name] for combo in schedule for name in combo)
+
+    if cost(schedule_for(0.0)) <= target:
+        return schedule_for(0.0), 0.0
+    low, high = 0.0, max(sum(values) for values in changes.values()) + 1.0
+    if cost(schedule_for(high)) > target:
+        raise PassError(f"recomputing every block at least every max_gap={max_gap} steps costs more than the budget of "
+                        f"{budget} full steps over {num_steps}; raise full_steps (or full_fraction) or max_gap")
+    for _ in range(50):
+        middle = (low + high) / 2
+        low, high = (low, middle) if cost(schedule_for(middle)) <= target else (middle, high)
+    return schedule_for(high), high

@@ -354,3 +354,105 @@ def test_a_call_that_needs_freed_cache_runs_the_full_variant(captured):
     assert not torch.equal(first, second)
     assert torch.equal(second, first_tensor(reference(**call)))
     assert not fast._states
+
+
+# --- per-block schedules (BAC) -------------------------------------------------------------------
+def test_bac_caches_each_block_with_its_own_steps(captured):
+    dg, cal = captured("dit"), _family_calibration("dit")
+    out = _run([{"pass": "cache", "schedule": "bac", "full_fraction": 0.5}], dg, cal)
+    lint(out)
+    report = out.applied[-1]["report"]
+    plan = build_plan(out)
+    assert set(report["block_schedule"]) == {"block0", "block1"} == {r["name"] for r in out.step_plan["regions"]}
+    assert set(plan.variants) == set(report["steps"]) and len(plan.variants) <= 4
+    for step, variant in enumerate(report["steps"]):
+        recomputed = {b for b, steps in report["block_schedule"].items() if step in steps}
+        assert {s[len("cache_"):] for s in plan.variants[variant].segments if s.startswith("cache_")} == recomputed
+    assert all(steps[0] == 0 for steps in report["block_schedule"].values())
+    # the blocks' compute stays within half the steps' worth
+    shares = report["block_flops_share"]
+    spent = sum(shares[b] * len(steps) for b, steps in report["block_schedule"].items())
+    assert spent <= 0.5 * report["num_steps"] * sum(shares.values()) + 1e-9
+    assert report["predicted_speedup"] > 1 and len(report["relative_error_per_step"]) == report["num_steps"]
+    assert len(report["block_change_per_step"]["block0"]) == report["num_steps"]
+
+
+def test_bac_on_unet_stages_keeps_each_stage_inputs(captured):
+    dg, cal = captured("unet2dcond"), _family_calibration("unet2dcond")
+    out = _run([{"pass": "cache", "schedule": "bac", "full_fraction": 0.5}], dg, cal)
+    lint(out)
+    plan = build_plan(out)
+    assert [s for s in plan.variants["full"].segments if s.startswith("cache_")] == \
+        ["cache_down1", "cache_mid", "cache_up0"]
+    inputs = _inputs(out)
+    full, state = plan.run("full", inputs, {})
+    for variant in plan.variants:
+        again, _ = plan.run(variant, inputs, state)
+        assert torch.equal(again[0], full[0])  # the same step reusing its own blocks' outputs is exact
+
+
+def test_bac_recomputes_a_block_that_changes_more_at_least_as_often():
+    from diffc.passes.cache import bac_schedule, bac_steps
+
+    rng = np.random.default_rng(0)
+    slow = list(np.r_[0.0, rng.uniform(0.0, 0.3, 19)])
+    fast_changing = [c * 1.5 + 0.05 for c in slow]
+    changes = {"a": slow, "b": fast_changing, "c": slow}
+    independent = {"a": None, "b": None, "c": None}
+    for threshold in (0.2, 0.5, 1.0):
+        steps = bac_steps(changes, independent, threshold, 20, max_gap=6)
+        count = {name: sum(name in combo for combo in steps) for name in changes}
+        assert count["b"] >= count["a"] == count["c"]
+    assert all(combo == {"a", "b", "c"} for combo in bac_steps(changes, independent, 0.0, 20, 6))
+    # a block read only by another block is not recomputed while that block is reused
+    chained = bac_steps({"a": fast_changing, "b": slow}, {"a": {"b"}, "b": None}, 0.3, 20, 6)
+    assert all("b" in combo for combo in chained if "a" in combo)
+    costs = {"a": 1.0, "b": 2.0, "c": 4.0}
+    schedule, threshold = bac_schedule(changes, costs, independent, budget=8, num_steps=20, max_gap=6, max_variants=3)
+    assert len(set(schedule)) <= 3 and threshold > 0
+    assert sum(costs[n] for combo in schedule for n in combo) <= 8 * sum(costs.values())
+
+
+def test_bac_with_every_step_recomputed_is_exact(captured, family):
+    model, inputs = family("dit")
+    out = _run([{"pass": "cache", "schedule": "bac", "full_fraction": 1.0}], captured("dit"), _family_calibration("dit"))
+    assert set(out.applied[-1]["report"]["steps"]) == {"full"} and out.applied[-1]["report"]["threshold"] == 0
+    fast = compile_graph(out, "torch", "fp32")
+    with torch.no_grad():
+        for t in (900, 600, 300, 100):
+            call = {**inputs, "timestep": torch.tensor([t, t])}
+            assert torch.equal(first_tensor(fast(**call)), first_tensor(model(**call)))
+
+
+def test_bac_lowers_to_ort_like_torch_and_survives_save_load(captured, tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = _run([{"pass": "cache", "schedule": "bac", "full_fraction": 0.5}], captured("dit"), _family_calibration("dit"))
+    torch_model, ort_model = compile_graph(out, "torch", "fp32"), compile_graph(out, "ort", "fp32")
+    torch_model.save(tmp_path / "bac")
+    loaded = diffc.load(tmp_path / "bac")
+    assert loaded.plan.schedule == torch_model.plan.schedule
+    inputs = _inputs(out)
+    steps = out.applied[-1]["report"]["steps"]
+    assert len(set(steps)) > 1
+    for fast in (torch_model, ort_model, loaded):
+        fast.begin_loop(len(steps))
+    with torch.no_grad():
+        for t in np.linspace(900, 100, len(steps)):
+            call = {**inputs, "timestep": torch.full((2,), float(t)), "return_dict": False}
+            expected = torch_model(**call)[0]
+            assert (ort_model(**call)[0] - expected).abs().max() <= 1e-4
+            assert torch.equal(loaded(**call)[0], expected)
+
+
+@pytest.mark.parametrize("config, family_name, message", [
+    ({"cut": "first_block"}, "flux", r"leaves one candidate block .*Fix: widen the candidates"),
+    ({"cut": "delta_dit"}, "dit", r"cannot take its candidate blocks from cut 'delta_dit'.*Fix: cut="),
+    ({"forecast": True}, "dit", r"forecast extrapolates one cached region.*Fix: forecast=False"),
+    ({"mode": "delta"}, "unet2dcond", r"caches UNet stages' outputs themselves; use mode='raw'"),
+])
+def test_bac_bad_input_names_the_fix(captured, config, family_name, message):
+    dg = captured(family_name)
+    before = dg.graph.python_code("self").src
+    with pytest.raises(PassError, match=message):
+        _run([{"pass": "cache", "schedule": "bac", **config}], dg, _family_calibration(family_name))
+    assert dg.step_plan is None and dg.graph.python_code("self").src == before
