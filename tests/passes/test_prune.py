@@ -12,7 +12,8 @@ from diffc.errors import PassError
 from diffc.ir import lint
 from diffc.ir.partition import build_plan
 from diffc.passes import PassContext, PassManager
-from diffc.passes.prune import CalibrationBatch, PrunePass, Unit, knapsack, remove_units, residual_units
+from diffc.passes.prune import (CalibrationBatch, PrunePass, Unit, knapsack, mean_residuals, remove_units,
+                                residual_units)
 from tiny_families import first_tensor
 
 
@@ -74,6 +75,60 @@ def test_prune_structure_numerics_and_report(captured):
     batch = CalibrationBatch(cal, dg, 64)
     assert report["relative_error"] == pytest.approx(batch.error(out.module), rel=1e-4, abs=1e-6)
     assert 0 < report["relative_error"] < 10
+
+
+def test_mean_residual_compensation(captured):
+    """A removed unit is replaced by its calibration-mean residual: exactly skip + mean per channel,
+    and closer to the unpruned outputs than plain removal."""
+    dg = captured("dit")
+    batch = CalibrationBatch(_calibration("dit"), dg, 64)
+    units = {u.name: u for u in residual_units(dg)}
+    unit = units["transformer_blocks.1.ff"]
+    offsets = mean_residuals(dg, [unit], batch)
+    assert offsets[unit.name].shape == (1, _channels(dg, unit.out))  # broadcasts over batch and tokens
+    compensated = remove_units(dg.clone(), [unit], offsets)
+    lint(compensated)
+    # the stored constant is the mean of output - skip over the calibration rows and tokens
+    seen = {}
+    from diffc.calibration.statistics import _Observer
+    with torch.no_grad():
+        _Observer(dg.module, {unit.out, unit.skip}, seen.__setitem__).run(*batch.batches[0])
+    expected = (seen[unit.out] - seen[unit.skip]).double().mean(dim=(0, 1))
+    assert torch.allclose(offsets[unit.name].reshape(-1).double(), expected, atol=1e-6)
+    assert compensated.num_parameters() == dg.num_parameters() - unit.params + expected.numel()
+    worse = [units["transformer_blocks.0.ff"], units["transformer_blocks.1.attn1"]]
+    plain = [batch.error(remove_units(dg.clone(), [u]).module) for u in worse]
+    with_mean = [batch.error(remove_units(dg.clone(), [u], mean_residuals(dg, [u], batch)).module) for u in worse]
+    assert np.mean(with_mean) < np.mean(plain)
+
+
+def _channels(dg, node_name):
+    node = next(n for n in dg.graph.nodes if n.name == node_name)
+    return node.meta["tensor_meta"].shape[-1]
+
+
+@pytest.mark.slow  # about 40 s: scores and re-samples every candidate of a tiny UNet pipeline
+def test_rerank_keeps_the_set_with_least_trajectory_error(tmp_path):
+    """With the live pipeline, the knapsack's optimum and runners-up are re-sampled and the set
+    of least trajectory error is kept; the report lists every candidate measured."""
+    from digits_tiny import tiny_digits_pipeline
+    from diffc.api import compile_graph
+    from diffc.calibration import trajectory_error
+    from diffc.ir import capture
+
+    pipe = tiny_digits_pipeline()
+    cal = collect(pipe, conditions=[1, 2], num_steps=4, out=tmp_path / "c", progress=False)
+    dg = capture(pipe.unet)
+    ctx = PassContext(calibration=cal, denoiser_for=lambda c: compile_graph(c, "torch", "fp32"))
+    out = PassManager([{"pass": "prune", "amount": 0.2, "additivity_sets": 0, "rerank": 3}]).run(dg, ctx)
+    report = out.applied[-1]["report"]
+    candidates = report["reranked"]
+    assert 2 <= len(candidates) <= 3
+    assert len({tuple(c["removed"]) for c in candidates}) == len(candidates)
+    best = min(candidates, key=lambda c: c["trajectory_mse"])
+    assert report["removed"] == best["removed"] and report["params_removed_share"] >= 0.2
+    assert trajectory_error(cal, compile_graph(out, "torch", "fp32"))["mse"] == pytest.approx(best["trajectory_mse"],
+                                                                                               rel=1e-4, abs=1e-9)
 
 
 def test_flops_target(captured):
