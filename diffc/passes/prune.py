@@ -6,8 +6,9 @@ latent space, measured on calibration calls (relative MSE against the unpruned g
 observes that this output loss is close to additive over sets of removed units; the pass measures
 how well single scores add up on random sets (their correlation with the measured set errors is
 in the report) and then picks the set by an exact tree knapsack on the additive scores: the least
-summed score that removes at least the asked share of parameters or FLOPs, a unit and the units
-nested in it never both chosen.
+summed score that removes at least the asked share of parameters, FLOPs or estimated latency (a
+roofline model whose throughputs are measured on the machine the pass runs on, see `Roofline`),
+a unit and the units nested in it never both chosen.
 
 A removed unit is replaced by its mean residual (`compensate`): the per-channel mean of what it
 adds to the residual stream on the calibration calls becomes a constant added in its place, the
@@ -30,8 +31,10 @@ from the graph, the others become bypass regions of a step plan, one Plan varian
 (a bypass passes its residual on unchanged: compensation and re-ranking need step_groups=1)."""
 from __future__ import annotations
 
+import functools
 import math
 import random
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -50,7 +53,7 @@ from ..ir.partition import BYPASS, build_plan
 from ._search import search_grid
 from .base import Pass, PassConfig, PassContext, PassResult, register_pass
 
-TARGETS = ("params", "flops")
+TARGETS = ("params", "flops", "latency")
 UNIT_KINDS = (RESNET, ATTENTION, TRANSFORMER_BLOCK, FFN, STAGE)
 FULL = "full"
 aten = torch.ops.aten
@@ -95,11 +98,13 @@ class Unit:
     parent: str | None
     params: int = 0
     flops: int = 0
+    latency: float = 0.0
 
 
 # --- units and their removal --------------------------------------------------------------------
 
-def residual_units(dg: DiffusionGraph, kinds: Sequence[str] = UNIT_KINDS) -> list[Unit]:
+def residual_units(dg: DiffusionGraph, kinds: Sequence[str] = UNIT_KINDS,
+                   roofline: "Roofline | None" = None) -> list[Unit]:
     """The blocks that can be removed by rewiring a residual: attention/FFN branches added to the
     stream by their parent (output add -> its other operand), transformer blocks, resnets and
     stages whose output has the shape of an input (output -> that input), and resnets with a
@@ -126,10 +131,13 @@ def residual_units(dg: DiffusionGraph, kinds: Sequence[str] = UNIT_KINDS) -> lis
     for unit in units:
         unit.parent = max((p for p in names if unit.name.startswith(p + ".")), key=len, default=None)
     total_params, total_flops = dg.num_parameters(), graph_flops(dg)
+    total_latency = roofline.graph_seconds(dg) if roofline is not None else 0.0
     for unit in units:
         pruned = remove_units(dg.clone(), [unit])
         unit.params = total_params - pruned.num_parameters()
         unit.flops = total_flops - graph_flops(pruned)
+        if roofline is not None:
+            unit.latency = total_latency - roofline.graph_seconds(pruned)
     return units
 
 
@@ -219,6 +227,62 @@ def _eliminate_dead_code(dg: DiffusionGraph) -> None:
 
 def graph_flops(dg: DiffusionGraph) -> int:
     return sum(node_flops(n) for n in dg.graph.nodes)
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """An estimated-latency model: each op costs the larger of its compute time (FLOPs at the
+    machine's matmul throughput) and its memory time (bytes of its tensor inputs and output at the
+    machine's copy bandwidth), plus a fixed cost per op (dispatch or kernel launch). The three
+    figures are measured on the device the graph's weights live on, so the estimate follows the
+    machine the pass runs on, at the calibration shapes recorded in the graph."""
+
+    flops_per_s: float
+    bytes_per_s: float
+    op_seconds: float
+
+    @classmethod
+    def measure(cls, device: torch.device | str = "cpu", repeats: int = 5) -> "Roofline":
+        size, elements = 512, 1 << 22
+
+        def best(fn: Callable[[], Any]) -> float:
+            fn()
+            times = []
+            for _ in range(repeats):
+                if torch.device(device).type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                fn()
+                if torch.device(device).type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            return max(min(times), 1e-9)
+
+        a = torch.randn(size, size, device=device)
+        source, target = torch.randn(elements, device=device), torch.empty(elements, device=device)
+        tiny = torch.zeros(1, device=device)
+        with torch.no_grad():
+            flops = 2 * size ** 3 / best(lambda: a @ a)
+            bandwidth = 2 * 4 * elements / best(lambda: target.copy_(source))
+            op = best(lambda: [tiny.add(1) for _ in range(100)]) / 100
+        return cls(flops, bandwidth, op)
+
+    def node_seconds(self, node: torch.fx.Node) -> float:
+        if node.op != "call_function":
+            return 0.0
+        tensors = [a for a in node.all_input_nodes if _nbytes(a)] + [node]
+        memory = sum(_nbytes(t) for t in tensors) / self.bytes_per_s
+        return max(node_flops(node) / self.flops_per_s, memory) + self.op_seconds
+
+    def graph_seconds(self, dg: DiffusionGraph) -> float:
+        return sum(self.node_seconds(n) for n in dg.graph.nodes)
+
+
+def _nbytes(node: torch.fx.Node) -> int:
+    meta = node.meta.get("tensor_meta")
+    if meta is None or not hasattr(meta, "shape"):
+        return 0
+    return math.prod(meta.shape) * torch.empty((), dtype=meta.dtype).element_size()
 
 
 def _shape(node: torch.fx.Node | None) -> tuple[int, ...] | None:
@@ -400,7 +464,10 @@ class PrunePass(Pass):
             raise PassError("the graph already has a step plan (cache or moe ran before); run prune first in "
                             "the pipeline, e.g. ['prune', 'cache']")
         ctx.calibration.check_compatible(dg)
-        units = residual_units(dg, cfg.kinds)
+        roofline = None
+        if cfg.target == "latency":
+            roofline = Roofline.measure(next(iter(dg.weights().values())).device)
+        units = residual_units(dg, cfg.kinds, roofline)
         if cfg.step_groups > 1:
             # bypass regions must be disjoint: per step range, only innermost units are candidates
             units = [u for u in units if not any(v.parent == u.name for v in units)]
@@ -408,16 +475,19 @@ class PrunePass(Pass):
             raise PassError(f"{dg.signature.model_class}: no block of kinds {cfg.kinds} has a residual that can be "
                             "rewired; this model has nothing layer pruning can remove")
         batch = CalibrationBatch(ctx.calibration, dg, cfg.max_records)
-        total = dg.num_parameters() if cfg.target == "params" else graph_flops(dg)
+        total = {"params": dg.num_parameters, "flops": lambda: graph_flops(dg),
+                 "latency": lambda: roofline.graph_seconds(dg)}[cfg.target]()
         ranges = step_ranges(batch.num_steps, cfg.step_groups) if cfg.step_groups > 1 else [(0, batch.num_steps)]
         groups = [set(range(a, b)) for a, b in ranges]
         # a bypass region of a step plan passes its residual on unchanged: compensation needs step_groups=1
         offsets = mean_residuals(dg, units, batch) if cfg.compensate and len(groups) == 1 else {}
         # a unit's mean residual stays in the graph as a constant: it does not count as removed
-        weights = [float(u.params - (offsets[u.name].numel() if u.name in offsets else 0) if cfg.target == "params"
-                         else u.flops) for u in units]
+        weights = [self._weight(u, offsets.get(u.name), roofline, dg) for u in units]
         scores = self._scores(dg, units, batch, groups, offsets)
         report: dict[str, Any] = {"target": cfg.target, "candidates": len(units),
+                                  **({"roofline": {"flops_per_s": f"{roofline.flops_per_s:.3g}",
+                                                   "bytes_per_s": f"{roofline.bytes_per_s:.3g}",
+                                                   "op_seconds": f"{roofline.op_seconds:.3g}"}} if roofline else {}),
                                   "scores": {u.name: [round(s[i], 6) for s in scores] for i, u in enumerate(units)}}
         report["additivity"] = additivity(dg, units, scores[0] if len(groups) == 1 else
                                           [float(np.mean([s[i] for s in scores])) for i in range(len(units))],
@@ -426,6 +496,7 @@ class PrunePass(Pass):
         live = ctx.calibration.pipeline is not None and ctx.denoiser_for is not None
         reranked: dict[float, list[dict[str, Any]]] = {}
 
+        @functools.lru_cache(maxsize=None)
         def build(amount: float) -> tuple[DiffusionGraph, list[list[Unit]]]:
             chosen = [knapsack(units, score, weights, amount * total) for score in scores]
             if live and cfg.rerank > 1 and len(groups) == 1 and chosen[0]:
@@ -443,11 +514,28 @@ class PrunePass(Pass):
         if amount in reranked:
             report["reranked"] = reranked[amount]
         report.update(self._summary(dg, pruned, chosen, ranges, amount, batch, groups))
+        if roofline is not None and len(chosen) == 1:
+            report["latency_removed_share"] = round(1 - roofline.graph_seconds(pruned) / max(total, 1e-12), 4)
         index = {u.name: i for i, u in enumerate(units)}
         # the sum of single scores the selection minimised, beside the measured relative_error
         report["predicted_error"] = round(float(np.mean([sum(score[index[u.name]] for u in units_g)
                                                           for score, units_g in zip(scores, chosen)])), 6)
         return PassResult(pruned, modified=any(chosen), report=report)
+
+    def _weight(self, unit: Unit, offset: torch.Tensor | None, roofline: Roofline | None,
+                dg: DiffusionGraph) -> float:
+        """What removing the unit saves of the target, less what its mean residual (an add of a
+        constant) costs."""
+        if self.config.target == "params":
+            return float(unit.params - (offset.numel() if offset is not None else 0))
+        if self.config.target == "flops":
+            return float(unit.flops)
+        assert roofline is not None
+        if offset is None:
+            return unit.latency
+        out = next(n for n in dg.graph.nodes if n.name == unit.out)
+        added = 2 * _nbytes(out) + offset.numel() * offset.element_size()
+        return unit.latency - roofline.op_seconds - added / roofline.bytes_per_s
 
     def _rerank(self, dg: DiffusionGraph, units: list[Unit], scores: list[float], weights: list[float],
                 need: float, best: list[Unit], offsets: Mapping[str, torch.Tensor],

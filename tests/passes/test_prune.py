@@ -12,7 +12,7 @@ from diffc.errors import PassError
 from diffc.ir import lint
 from diffc.ir.partition import build_plan
 from diffc.passes import PassContext, PassManager
-from diffc.passes.prune import (CalibrationBatch, PrunePass, Unit, knapsack, mean_residuals, remove_units,
+from diffc.passes.prune import (CalibrationBatch, PrunePass, Roofline, Unit, knapsack, mean_residuals, remove_units,
                                 residual_units)
 from tiny_families import first_tensor
 
@@ -81,7 +81,7 @@ def test_mean_residual_compensation(captured):
     """A removed unit is replaced by its calibration-mean residual: exactly skip + mean per channel,
     and closer to the unpruned outputs than plain removal."""
     dg = captured("dit")
-    batch = CalibrationBatch(_calibration("dit"), dg, 64)
+    batch = CalibrationBatch(_calibration("dit"), dg, 8)
     units = {u.name: u for u in residual_units(dg)}
     unit = units["transformer_blocks.1.ff"]
     offsets = mean_residuals(dg, [unit], batch)
@@ -135,6 +135,30 @@ def test_flops_target(captured):
     out = _run([{"pass": "prune", "target": "flops", "amount": 0.25, "additivity_sets": 0}], captured("dit"),
                _calibration("dit"))
     assert out.applied[-1]["report"]["flops_removed_share"] >= 0.25
+
+
+def test_latency_target_removes_the_estimated_share(captured):
+    dg = captured("dit")
+    out = _run([{"pass": "prune", "target": "latency", "amount": 0.25, "additivity_sets": 0,
+                                "max_records": 4}], dg, _calibration("dit"))
+    lint(out)
+    report = out.applied[-1]["report"]
+    assert report["latency_removed_share"] >= 0.25 and report["removed"]
+    assert set(report["roofline"]) == {"flops_per_s", "bytes_per_s", "op_seconds"}
+
+
+def test_roofline_costs_an_op_by_its_slower_side(captured):
+    dg = captured("dit")
+    linear = next(n for n in dg.graph.nodes if n.target == torch.ops.aten.linear.default)
+    x, weight = linear.args[0], linear.args[1]
+    tensors = [x, weight, *linear.args[2:3], linear]
+    nbytes = sum(int(np.prod(t.meta["tensor_meta"].shape)) * 4 for t in tensors)
+    flops = 2 * int(np.prod(linear.meta["tensor_meta"].shape)) * x.meta["tensor_meta"].shape[-1]
+    compute_bound, memory_bound = Roofline(1e6, 1e12, 1e-6), Roofline(1e12, 1e6, 1e-6)
+    assert compute_bound.node_seconds(linear) == pytest.approx(flops / 1e6 + 1e-6)
+    assert memory_bound.node_seconds(linear) == pytest.approx(nbytes / 1e6 + 1e-6)
+    measured = Roofline.measure(repeats=2)
+    assert measured.flops_per_s > 0 and measured.bytes_per_s > 0 and measured.op_seconds > 0
 
 
 def _brute_force(units, scores, weights, need):
@@ -203,7 +227,7 @@ def test_step_dependent_pruning_builds_bypass_variants(captured):
 
 @pytest.mark.parametrize("options, message", [
     ({"amount": 1.5}, "share of params to remove"),
-    ({"target": "latency"}, "target must be one of"),
+    ({"target": "energy"}, "target must be one of"),
     ({"kinds": ("conv",)}, "subset of"),
     ({"amount": 0.99, "additivity_sets": 0}, "lower amount"),
 ])
