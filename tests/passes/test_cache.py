@@ -407,6 +407,9 @@ def test_bac_recomputes_a_block_that_changes_more_at_least_as_often():
     # a block read only by another block is not recomputed while that block is reused
     chained = bac_steps({"a": fast_changing, "b": slow}, {"a": {"b"}, "b": None}, 0.3, 20, 6)
     assert all("b" in combo for combo in chained if "a" in combo)
+    # bubbling union: a block recomputes with the blocks it reads
+    bubbled = bac_steps({"a": slow, "b": fast_changing}, independent, 0.3, 20, 6, feeders={"a": set(), "b": {"a"}})
+    assert any(combo == {"a", "b"} for combo in bubbled) and all("a" in combo for combo in bubbled if "b" in combo)
     costs = {"a": 1.0, "b": 2.0, "c": 4.0}
     schedule, threshold = bac_schedule(changes, costs, independent, budget=8, num_steps=20, max_gap=6, max_variants=3)
     assert len(set(schedule)) <= 3 and threshold > 0

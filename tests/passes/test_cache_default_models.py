@@ -23,24 +23,33 @@ def _images(pipe):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["digits-unet", "digits-dit"])
-def test_dp_beats_uniform_and_interval_three_keeps_fidelity(name, tmp_path):
+def test_dp_beats_uniform_and_interval_three_and_bac_keep_fidelity(name, tmp_path):
+    """Per-block schedules (BAC) over the blocks the uniform schedule caches, at no more compute
+    than interval 3, keep 25 dB as well; whether they beat uniform is not asserted (on digits-dit they
+    do not: 27.9 dB against 29.1 dB when measured, see the cache pass's report)."""
     pipe = dm.load(name)
     pipe.set_progress_bar_config(disable=True)
     attribute = "unet" if name == "digits-unet" else "transformer"
     original = getattr(pipe, attribute)
     reference = _images(pipe)
     cal = collect(pipe, num_steps=STEPS, out=tmp_path / "cal", progress=False)
-    errors = {}
+    errors, skipped = {}, {}
+    same_blocks = "deep" if attribute == "unet" else "first_block"  # what cut="auto" caches with a uniform schedule
     for label, config in (("uniform", {"schedule": "uniform", "interval": 3}),
-                          ("dp", {"schedule": "dp", "full_steps": 7, "forecast": False})):
+                          ("dp", {"schedule": "dp", "full_steps": 7, "forecast": False}),
+                          ("bac", {"schedule": "bac", "full_steps": 7, "cut": same_blocks})):
         fast = diffc.optimize(pipe, passes=[{"pass": "cache", **config}], calibration=cal)
-        assert fast.report[-1]["report"]["full_steps"] == 7  # interval 3 over 20 steps: 0, 3, ..., 18
+        report = fast.report[-1]["report"]
+        skipped[label] = report["flops_skipped"]
+        if label != "bac":
+            assert report["full_steps"] == 7  # interval 3 over 20 steps: 0, 3, ..., 18
         setattr(pipe, attribute, fast)
         try:
             images = _images(pipe)
         finally:
             setattr(pipe, attribute, original)
         errors[label] = float(np.mean((images - reference) ** 2))
-        if label == "uniform":
+        if label in ("uniform", "bac"):
             assert psnr(images, reference) >= 25.0
     assert errors["dp"] < errors["uniform"]
+    assert skipped["bac"] >= skipped["uniform"] - 0.01  # BAC's blocks cost no more than 7 full steps of them
