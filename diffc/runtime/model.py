@@ -12,6 +12,7 @@ import torch
 
 from ..errors import InputError
 from ..ir import CompiledPlan, Plan, TensorInput
+from .adapters import Adapters, lora_deltas, read_adapter
 from .artifact import save_artifact
 from ..ir.stepping import StepTracker
 
@@ -42,6 +43,7 @@ class OptimizedModel(torch.nn.Module):
         self.steps = StepTracker()
         self._states: dict[str, dict[str, Any]] = {}
         self._context = ""
+        self._adapters = Adapters()
         from diffusers.configuration_utils import FrozenDict
 
         self._config = FrozenDict(compiled.plan.graph.config)
@@ -80,7 +82,9 @@ class OptimizedModel(torch.nn.Module):
         if device is not None and torch.device(device) != self.device:
             if self._recompile is None:
                 raise InputError(f"this {self.target} model cannot move to {device}; optimize it for that device")
+            adapters = self._adapters
             self.__init__(self._recompile(self.plan, device), self._recompile)  # type: ignore[misc]
+            self._adapters = adapters
         return self
 
     def save(self, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
@@ -88,6 +92,57 @@ class OptimizedModel(torch.nn.Module):
         target = {"backend": self._compiled.backend, "precision": self._compiled.precision,
                   "device": str(self._compiled.device), "info": self._compiled.info}
         return save_artifact(path, self.plan, target, self._compiled.files, overwrite=overwrite)
+
+    # --- LoRA adapters ----------------------------------------------------------------------
+    @property
+    def lora_adapters(self) -> dict[str, float]:
+        """The loaded adapters and their strengths."""
+        return dict(self._adapters.scales)
+
+    def load_lora(self, adapter: Mapping[str, torch.Tensor] | str | os.PathLike[str], scale: float = 1.0,
+                  name: str = "default", strict: bool = True) -> list[str]:
+        """Adds a LoRA adapter (a peft / diffusers state dict, or a .safetensors file of one) at
+        `scale`, without optimizing again: the weights it touches become W0 + scale * B @ A and the
+        backend lowers the plan anew (quantized layers requantize their new weights; activation
+        scales stay those calibrated on the base weights). Returns the adapter modules skipped as
+        absent from the graph (strict=False only). `save` writes the merged weights."""
+        if name in self._adapters.deltas:
+            raise InputError(f"an adapter named {name!r} is loaded; unload_lora({name!r}) first or pick another name")
+        deltas, skipped = lora_deltas(read_adapter(adapter), self.plan.graph.weights(), strict)
+        self._check_relowerable()
+        self._adapters.deltas[name], self._adapters.scales[name] = deltas, float(scale)
+        self._refit()
+        return skipped
+
+    def set_lora_scale(self, scale: float, name: str = "default") -> None:
+        """Changes a loaded adapter's strength (0 turns it off)."""
+        if name not in self._adapters.deltas:
+            raise InputError(f"no adapter named {name!r} is loaded (loaded: {sorted(self._adapters.deltas)})")
+        self._adapters.scales[name] = float(scale)
+        self._refit()
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Removes one adapter (every adapter when `name` is None), restoring the base weights."""
+        if name is not None and name not in self._adapters.deltas:
+            raise InputError(f"no adapter named {name!r} is loaded (loaded: {sorted(self._adapters.deltas)})")
+        for adapter in [name] if name is not None else list(self._adapters.deltas):
+            del self._adapters.deltas[adapter], self._adapters.scales[adapter]
+        self._refit()
+
+    def _check_relowerable(self) -> None:
+        if self._compiled.backend != "torch" or self._recompile is None:
+            raise InputError(f"LoRA adapters are swapped on torch targets; this model is {self.target}, whose "
+                             "compiled files hold the weights. Fuse the adapter into the denoiser before "
+                             "diffc.optimize (e.g. pipe.load_lora_weights(...); pipe.fuse_lora()), or optimize for "
+                             "a torch target")
+
+    def _refit(self) -> None:
+        self._adapters.apply([self.plan.graph.module, *(s.module for s in self.plan.segments.values())])
+        assert self._recompile is not None
+        compiled = self._recompile(self.plan, self.device)
+        self._compiled = compiled
+        self.segments = torch.nn.ModuleDict(
+            {k: v for k, v in compiled.runners.items() if isinstance(v, torch.nn.Module)})
 
     # --- the denoising loop -----------------------------------------------------------------
     def reset(self) -> None:
