@@ -6,6 +6,7 @@ only through its forward call, `.config`, `.dtype` and `.device`, so a user may 
 `pipe.unet` / `pipe.transformer` by any nn.Module offering the same.
 """
 
+import inspect
 from typing import Sequence
 
 import numpy as np
@@ -92,6 +93,10 @@ class ClassConditionalPipeline(DiffusionPipeline):
             label_tensor = torch.cat([torch.full_like(label_tensor, self.null_label), label_tensor])
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        # stochastic samplers (DDPM, Euler ancestral) draw their noise from the generator too, so a
+        # seed fixes the whole trajectory
+        step_options = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters \
+            else {}
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = torch.cat([latents, latents]) if use_guidance else latents
             timesteps = t.expand(model_input.shape[0])
@@ -99,7 +104,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
             if use_guidance:
                 unconditional, conditional = prediction.chunk(2)
                 prediction = unconditional + guidance_scale * (conditional - unconditional)
-            latents = self.scheduler.step(prediction, t, latents, return_dict=False)[0]
+            latents = self.scheduler.step(prediction, t, latents, **step_options, return_dict=False)[0]
 
         images = (latents / 2.0 + 0.5).clamp(0.0, 1.0).float()
         if output_type == "pt":
