@@ -6,7 +6,10 @@ DequantizeLinear pairs (opset >= 21), the form ONNX Runtime and TensorRT consume
   scale repeated over its channels) for a split concatenation;
 - a quantized weight: its initializer replaced by the quantized values and a DequantizeLinear
   with per-channel scales (int8, float8e4m3fn) or, for int4, blocked scales (`block_size`);
-- bf16 / fp16 layers: the weight and activation rounded through a Cast pair.
+- bf16 / fp16 layers: the weight and activation rounded through a Cast pair;
+- an attention node: Q/DQ on its query, key and value where they enter the exported attention
+  (see `_GraphEditor.attention_patterns`), matched to the graph module's attention nodes in
+  order; the softmax probabilities stay in float.
 
 Values and scales come from diffc.ir.precision, so the model computes what the torch
 backend's CPU simulation computes. The exporter re-traces a module and names its nodes afresh,
@@ -24,8 +27,8 @@ import torch.fx
 
 from ..errors import TargetError
 from ..ir.fxutil import attr_value
-from ..ir.precision import (BF16, BLOCKED, FP8, FP16, INT4, INT8, PrecisionSpec, QuantizedWeight, blocked_scales,
-                            precision_specs, quantizable_weight, quantize_weight)
+from ..ir.precision import (BF16, BLOCKED, FP8, FP16, INT4, INT8, ActivationQuant, PrecisionSpec, QuantizedWeight,
+                            blocked_scales, is_attention, precision_specs, quantizable_weight, quantize_weight)
 
 MIN_OPSET = 21
 _LAYER_OPS = ("Conv", "Gemm", "MatMul")
@@ -46,9 +49,24 @@ def quantize_segment_onnx(model: Any, module: torch.fx.GraphModule, annotations:
     lowered = onnx.ModelProto()
     lowered.CopyFrom(model)
     editor = _GraphEditor(lowered.graph)
+    attentions = [n.name for n in module.graph.nodes if is_attention(n)]
+    annotated_attention = [n for n in attentions if n in specs and specs[n].operands]
+    if annotated_attention:
+        patterns = editor.attention_patterns()
+        if len(patterns) != len(attentions):
+            raise TargetError(f"the ONNX model holds {len(patterns)} attention patterns (MatMul -> Softmax -> MatMul) "
+                              f"and the graph module {len(attentions)} attention nodes, so the annotated ones "
+                              f"({annotated_attention[:3]}) cannot be matched; export the model with opset 21 from "
+                              "this graph module, or leave attention unquantized (quant attention=False)")
+        for name, edges in zip(attentions, patterns):
+            if name in annotated_attention:
+                spec = specs[name]
+                for (consumer, index), activation, role in zip(edges, (spec.activation, *spec.operands),
+                                                               ("query", "key", "value")):
+                    editor.quantize_input(consumer, activation, f"{name}_{role}", index)
     for node in module.graph.nodes:
         spec = specs.get(node.name)
-        if spec is None:
+        if spec is None or spec.operands:
             continue
         weight_node = quantizable_weight(node)
         if weight_node is None:
@@ -56,7 +74,7 @@ def quantize_segment_onnx(model: Any, module: torch.fx.GraphModule, annotations:
         weight = attr_value(module, weight_node.target).detach().float()
         layer, flip = editor.claim_layer(node.name, weight)
         if spec.activation is not None:
-            editor.quantize_input(layer, spec, node.name)
+            editor.quantize_input(layer, spec.activation, node.name)
         if spec.weight is not None:
             editor.quantize_weight(layer, weight, flip, spec, node.name)
     editor.drop_unused_initializers()
@@ -115,11 +133,42 @@ class _GraphEditor:
         for offset, node in enumerate(nodes):
             self.graph.node.insert(index + offset, node)
 
-    def quantize_input(self, layer: Any, spec: PrecisionSpec, name: str) -> None:
+    def attention_patterns(self) -> list[list[tuple[Any, int]]]:
+        """Per exported attention (graph order): where its query, key and value enter it, as
+        (consumer node, input index). The exporter writes aten SDPA as
+        MatMul(Mul(q, c), Mul(k^T, c)) [-> Add(mask)] -> Softmax -> MatMul(., v); the query and key
+        are quantized in front of the constant scaling Muls, which commutes exactly with the
+        transposes and reshapes in between (per-tensor quantization is elementwise)."""
+        patterns = []
+        for softmax in self.graph.node:
+            if softmax.op_type != "Softmax":
+                continue
+            scores = self._producer(softmax.input[0])
+            if scores is not None and scores.op_type == "Add":
+                scores = next((p for p in map(self._producer, scores.input) if p is not None and p.op_type == "MatMul"),
+                              None)
+            weighted = next((n for n in self.graph.node if n.op_type == "MatMul" and n.input[0] == softmax.output[0]),
+                            None)
+            if scores is None or scores.op_type != "MatMul" or weighted is None:
+                continue
+            edges = []
+            for index in (0, 1):
+                scaling = self._producer(scores.input[index])
+                constant = [i for i, v in enumerate(scaling.input) if self._is_constant(v)] \
+                    if scaling is not None and scaling.op_type == "Mul" else []
+                edges.append((scaling, 1 - constant[0]) if len(constant) == 1 else (scores, index))
+            patterns.append(edges + [(weighted, 1)])
+        return patterns
+
+    def _is_constant(self, value: str) -> bool:
+        producer = self._producer(value)
+        return value in self.initializers or (producer is not None and producer.op_type == "Constant")
+
+    def quantize_input(self, layer: Any, activation: ActivationQuant, name: str, index: int = 0) -> None:
+        """Q/DQ (or a rounding Cast pair) on input `index` of node `layer`."""
         from onnx import TensorProto, helper
 
-        source = layer.input[0]
-        activation = spec.activation
+        source = layer.input[index]
         if activation.dtype in (BF16, FP16):
             target = TensorProto.BFLOAT16 if activation.dtype == BF16 else TensorProto.FLOAT16
             nodes = [helper.make_node("Cast", [source], [f"{name}_input_rounded"], to=target, name=f"{name}_input_cast"),
@@ -142,7 +191,7 @@ class _GraphEditor:
                      helper.make_node("DequantizeLinear", [f"{name}_input_q", *inputs], [f"{name}_input_dq"],
                                       name=f"{name}_input_dq", **per_axis)]
         self._insert_before(layer, nodes)
-        layer.input[0] = f"{name}_input_dq"
+        layer.input[index] = f"{name}_input_dq"
 
     def quantize_weight(self, layer: Any, weight: torch.Tensor, flip: bool, spec: PrecisionSpec, name: str) -> None:
         from onnx import TensorProto, helper

@@ -6,8 +6,8 @@
 - int4 weight-only linear: weights stored packed two per byte with fp16 block scales, unpacked
   to the compute dtype in the layer (memory traffic of int4, matmul in bf16).
 
-Every other annotated node (convolutions, W4A8, inputs with per-channel-group scales, shapes a
-kernel cannot take) runs the exact
+Every other annotated node (convolutions, W4A8, inputs with per-channel-group scales, attention,
+shapes a kernel cannot take) runs the exact
 fake-quantization of diffc.ir.precision; `lower` reports which kernel each node got."""
 from __future__ import annotations
 
@@ -136,6 +136,9 @@ def lower(module: torch.fx.GraphModule, annotations: Mapping[str, Mapping[str, A
     layers: dict[str, torch.nn.Module] = {}
     for node in module.graph.nodes:
         spec = specs.get(node.name)
+        if spec is not None and spec.operands:  # attention: fake-quantized q/k/v into the fused SDPA kernel
+            kernels[node.name] = SIMULATED
+            continue
         weight_node = quantizable_weight(node) if spec is not None else None
         if spec is None or weight_node is None:
             continue

@@ -7,7 +7,8 @@ Weights are quantized symmetrically: int8 and fp8 (e4m3fn) with one scale per ou
 int4 in blocks of `block_size` input channels with one scale per block. Activations take one
 static scale per tensor, calibrated by the pass, or one per group of channels along `axis` where
 the input is a concatenation of differently ranged tensors (`group_sizes`, `group_scales`: the
-split shortcuts of Q-Diffusion). A spec holds the scheme and the activation
+split shortcuts of Q-Diffusion). Attention nodes (aten.scaled_dot_product_attention) may have
+their query, key and value quantized, each with its static per-tensor scale (`attention_spec`). A spec holds the scheme and the activation
 scale; weight scales follow from the weights, so every backend derives the same ones."""
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ FP8_MAX = 448.0
 INT4_BLOCK = 128
 PER_CHANNEL, BLOCKED = "per_channel", "blocked"
 QUANTIZABLE_OPS = (aten.linear.default, aten.conv2d.default, aten.convolution.default)
+ATTENTION_OP = aten.scaled_dot_product_attention.default
 
 
 @dataclass(frozen=True)
@@ -105,12 +107,15 @@ class ActivationQuant:
 
 @dataclass(frozen=True)
 class PrecisionSpec:
-    """What a backend must do with one matmul/conv node. `reason` says why the pass chose it."""
+    """What a backend must do with one matmul/conv node, or an attention node: then `weight` is
+    None, `activation` quantizes the query and `operands` the key and the value. `reason` says
+    why the pass chose it."""
 
     format: str
     weight: WeightQuant | None
     activation: ActivationQuant | None
     reason: str = ""
+    operands: tuple[ActivationQuant, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -123,7 +128,9 @@ class PrecisionSpec:
         try:
             weight = WeightQuant(**data["weight"]) if data.get("weight") else None
             activation = ActivationQuant.from_json(data["activation"]) if data.get("activation") else None
-            spec = cls(format=data["format"], weight=weight, activation=activation, reason=data.get("reason", ""))
+            operands = tuple(ActivationQuant.from_json(o) for o in data.get("operands", ()))
+            spec = cls(format=data["format"], weight=weight, activation=activation, reason=data.get("reason", ""),
+                       operands=operands)
         except (KeyError, TypeError) as exc:
             raise LintError(f"malformed precision annotation {dict(data)}: {exc}. Write it with "
                             "PrecisionSpec(...).to_json() (diffc.ir.precision)") from exc
@@ -139,8 +146,12 @@ class PrecisionSpec:
                 problems.append(f"unknown number type {part.dtype!r} (types: {', '.join(NUMBER_TYPES)})")
         if self.weight is not None and self.weight.dtype == INT4 and not (self.weight.block_size or 0) > 0:
             problems.append("int4 weights need a positive block_size")
-        if self.activation is not None:
-            problems += self.activation.problems()
+        for part in (self.activation, *self.operands):
+            if part is not None:
+                problems += part.problems()
+        if self.operands and (self.weight is not None or len(self.operands) != 2 or self.activation is None):
+            problems.append("an attention spec has no weight, quantizes the query as `activation` and the key and "
+                            f"value as two `operands`, got weight {self.weight} and {len(self.operands)} operands")
         if problems:
             raise LintError("invalid precision spec: " + "; ".join(problems))
 
@@ -181,12 +192,30 @@ def spec_with(format_name: str, activation: ActivationQuant | None, reason: str 
     return spec
 
 
+def attention_spec(query: ActivationQuant, key: ActivationQuant, value: ActivationQuant,
+                   reason: str = "") -> PrecisionSpec:
+    """The spec of an attention node whose query, key and value are quantized to 8 bits (int8 or
+    fp8, one static scale per tensor each); the softmax probabilities stay at the backend's
+    precision inside the fused attention."""
+    types = {query.dtype, key.dtype, value.dtype}
+    if len(types) != 1 or not types <= {INT8, FP8}:
+        raise LintError(f"attention quantizes query, key and value to one 8-bit type (int8 or fp8), got {types}")
+    spec = PrecisionSpec("int8" if query.dtype == INT8 else "fp8", None, query, reason, (key, value))
+    spec.validate()
+    return spec
+
+
 def precision_specs(annotations: Mapping[str, Mapping[str, Any]]) -> dict[str, PrecisionSpec]:
     """The precision specs among a graph's annotations, by node name."""
     return {name: PrecisionSpec.from_json(a["precision"]) for name, a in annotations.items() if "precision" in a}
 
 
 # --- layers -------------------------------------------------------------------------------------
+def is_attention(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target == ATTENTION_OP \
+        and len(node.args) >= 3
+
+
 def quantizable_weight(node: torch.fx.Node) -> torch.fx.Node | None:
     """The weight (a get_attr node) of a linear or 2-d convolution node, None for other nodes."""
     if node.op != "call_function" or node.target not in QUANTIZABLE_OPS or len(node.args) < 2:
@@ -322,10 +351,19 @@ def simulate(module: torch.fx.GraphModule, annotations: Mapping[str, Mapping[str
         spec = specs.get(node.name)
         if spec is None or (skip is not None and skip(node, spec)):
             continue
+        if spec.operands:
+            if not is_attention(node):
+                raise LintError(f"node {node.name} ({node.target}) carries an attention precision annotation but is "
+                                "not aten.scaled_dot_product_attention; annotate attention nodes only with it")
+            with graph.inserting_before(node):
+                node.args = tuple(_quantized_input(graph, root, node.args[i], a, f"diffc_{node.name}_operand{i}_scale")
+                                  for i, a in enumerate((spec.activation, *spec.operands))) + tuple(node.args[3:])
+            continue
         weight = quantizable_weight(node)
         if weight is None:
             raise LintError(f"node {node.name} ({node.target}) carries a precision annotation but is not a linear or "
-                            "2-d convolution with a constant weight; only those can be quantized")
+                            "2-d convolution with a constant weight (nor an attention with an attention spec); only "
+                            "those can be quantized")
         original = attr_value(source, weight.target)
         with graph.inserting_before(node):
             args = list(node.args)

@@ -156,3 +156,23 @@ def test_grouped_activation_scales_stay_simulated():
     for dtype, name in (("int8", "int8"), ("fp8_e4m3", "fp8")):
         grouped = spec_with(name, ActivationQuant(dtype, None, "mse", (32, 32), (0.05, 0.01), -1))
         assert kernel_for(node, grouped, weight) == SIMULATED
+
+
+def test_attention_annotations_are_simulated_by_the_cuda_lowering():
+    """No low-bit attention kernel: `lower` leaves q/k/v fake-quantized in front of the fused
+    attention and says so."""
+    from diffc.ir.precision import ActivationQuant, attention_spec
+
+    graph = torch.fx.Graph()
+    q, k, v = (graph.placeholder(n) for n in "qkv")
+    sdpa = graph.call_function(torch.ops.aten.scaled_dot_product_attention.default, (q, k, v))
+    graph.output((sdpa,))
+    module = torch.fx.GraphModule({}, graph)
+    spec = attention_spec(*(ActivationQuant("int8", s, "mse") for s in (0.02, 0.03, 0.01)))
+    annotations = {sdpa.name: {"precision": spec.to_json()}}
+    lowered, kernels = lower(module, annotations, module, torch.float32)
+    assert kernels == {sdpa.name: SIMULATED}
+    torch.manual_seed(0)
+    flat = [torch.randn(2, 2, 5, 8) for _ in range(3)]
+    assert torch.equal(lowered(*flat)[0], simulate(module, annotations)(*flat)[0])
+    assert not torch.equal(lowered(*flat)[0], module(*flat)[0])

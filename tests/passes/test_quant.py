@@ -333,3 +333,82 @@ def test_grouped_specs_round_trip_and_bad_groups_are_refused():
     with pytest.raises(LintError, match="sum to the input's channels"):
         simulate(module, annotations)
     assert annotations[conv.name]["precision"] == spec.to_json()  # the caller's annotations are untouched
+
+
+def test_attention_quantization_under_a_latency_budget(tiny):
+    """attention=True: attention nodes get a sensitivity (activation term only: no weight) and a
+    place in the latency knapsack; those quantized carry query/key/value scales, and the
+    simulation quantizes exactly those three inputs."""
+    from diffc.ir.precision import fake_quantize_input
+
+    dg, calibration = tiny
+    quantized = _quantize(dg, calibration, "torch-mixed", formats=("bf16", "int8"), latency_ratio=0.6, attention=True)
+    lint(quantized)
+    report = quantized.applied[-1]["report"]
+    attention = {e["node"]: e for e in report["attention"]}
+    sdpa = [n for n in dg.graph.nodes if n.target == torch.ops.aten.scaled_dot_product_attention.default]
+    assert sorted(attention) == sorted(n.name for n in sdpa)
+    for entry in attention.values():
+        assert entry["sensitivity"]["bf16"] == 0 == entry["mse_proxy"]["bf16"]
+        assert entry["sensitivity"]["int8"] > 0 and entry["mse_proxy"]["int8"] > 0 and entry["flops"] > 0
+    chosen = [n for n, e in attention.items() if e["format"] == "int8"]
+    assert chosen, "the latency budget should buy some attention time at 8 bits"
+    node = next(n for n in sdpa if n.name == chosen[0])
+    spec = PrecisionSpec.from_json(quantized.annotations[node.name]["precision"])
+    assert spec.weight is None and len(spec.operands) == 2
+    assert [s.scale for s in (spec.activation, *spec.operands)] == \
+        [pytest.approx(attention[node.name]["scales"][r], rel=1e-5) for r in ("query", "key", "value")]
+    record = next(calibration.records())
+    flat = [record.inputs[s.name] for s in dg.signature.inputs]
+    with torch.no_grad():
+        original = _values(dg.module, flat, [a.name for a in node.args[:3]])
+        only = simulate(dg.module, {node.name: quantized.annotations[node.name]})
+        simulated = _values(only, flat, [node.name])[0]
+    q, k, v = (fake_quantize_input(x, a) for x, a in zip(original, (spec.activation, *spec.operands)))
+    assert torch.equal(simulated, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    assert not torch.equal(simulated, _values(dg.module, flat, [node.name])[0])
+
+
+def _values(module, flat, names):
+    """The values of the named nodes when `module` runs on `flat`."""
+    seen = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if n.name in names:
+                seen[n.name] = value
+            return value
+
+    Recorder(module).run(*flat)
+    return [seen[n] for n in names]
+
+
+def test_attention_under_a_size_budget_stays_high_precision():
+    """No bytes to save: the size knapsack runs over the layers, attention rows take their least
+    sensitive format (the one that leaves them alone)."""
+    from diffc.passes.quant import QuantPass
+
+    objective = np.array([[0.0, 1.0, 5.0], [0.0, 2.0, 9.0], [0.0, 1e-9, 1e-9]])
+    sizes = np.array([[4.0, 2.0, 1.0], [4.0, 2.0, 1.0], [0.0, 0.0, 0.0]])
+    assert QuantPass._by_size(objective, sizes, 4.0, layers=2) == [1, 1, 0]
+
+
+def test_bad_attention_specs_are_refused():
+    from diffc.ir.precision import ActivationQuant, attention_spec
+
+    q = ActivationQuant("int8", 0.1, "mse")
+    with pytest.raises(LintError, match="one 8-bit type"):
+        attention_spec(q, q, ActivationQuant("fp8_e4m3", 0.1, "mse"))
+    with pytest.raises(LintError, match="finite positive scale"):
+        attention_spec(q, q, ActivationQuant("int8", 0.0, "mse"))
+    spec = attention_spec(q, q, q)
+    with pytest.raises(LintError, match="two `operands`"):
+        PrecisionSpec.from_json({**spec.to_json(), "operands": [spec.to_json()["operands"][0]]})
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    relu = graph.call_function(torch.ops.aten.relu.default, (x,))
+    graph.output((relu,))
+    module = torch.fx.GraphModule({}, graph)
+    with pytest.raises(LintError, match="not aten.scaled_dot_product_attention"):
+        simulate(module, {relu.name: {"precision": spec.to_json()}})

@@ -8,7 +8,13 @@ timestep, so statistics cover every timestep group). With `split_shortcut` (defa
 that reads a channel concatenation directly, the conv_shortcut of a UNet decoder resnet reading
 cat([upsampled, skip]), quantizes each concatenated piece with its own scale (Q-Diffusion: the two
 halves have very different ranges); the resnet's first conv reads the concatenation through a
-group norm, which brings the pieces to a common range, so it keeps one scale. The target's precision says which formats
+group norm, which brings the pieces to a common range, so it keeps one scale. With `attention`
+(off by default: see README), the query, key and value of every attention node
+(aten.scaled_dot_product_attention) are quantized to the format's 8-bit activation type with
+static per-tensor scales; the softmax probabilities stay at the backend's precision inside the
+fused kernel. Attention nodes take part in sensitivity (activation term only) and placement: they
+have no weight bytes, so a size budget leaves them at high precision (nothing to save), a latency
+budget weighs their matmul time like a layer's, a single-format target quantizes them. The target's precision says which formats
 are allowed: int8 / fp8 / int4 quantize every unprotected layer to that format; mixed chooses a
 format per layer minimizing the total HAWQ-v2 sensitivity (Hessian trace x perturbation) under
 a size or estimated-latency budget (by default the size of uniform W8A8), solved exactly as an
@@ -26,11 +32,11 @@ import numpy as np
 from ...calibration import compute_statistics, output_error
 from ...errors import PassError
 from ...ir import DiffusionGraph
-from ...ir.precision import FORMATS, INT8, FP8, ActivationQuant, simulate, weight_bytes
+from ...ir.precision import FORMATS, INT8, FP8, ActivationQuant, attention_spec, simulate, weight_bytes
 from ..base import Pass, PassConfig, PassContext, PassResult, register_pass
-from .annotate import RANGE_METHODS, annotate, layer_activation
+from .annotate import RANGE_METHODS, activation_scale, activation_types, annotate, layer_activation
 from .formats import RELATIVE_COST, formats_for
-from .layers import PROTECTIONS, Layer, quantizable_layers
+from .layers import PROTECTIONS, Attention, Layer, attention_nodes, quantizable_layers
 from .placement import pareto_front, place
 from .sensitivity import ACCUMULATIONS, Sensitivity, measure, sample_calls
 
@@ -54,6 +60,7 @@ class QuantConfig(PassConfig):
     pareto_points: int = 10
     seed: int = 0
     split_shortcut: bool = True
+    attention: bool = False
 
     def __post_init__(self) -> None:
         if self.formats is not None:
@@ -95,33 +102,92 @@ class QuantPass(Pass):
             raise PassError(f"{dg.signature.model_class} has no linear or convolution layer left to quantize "
                             f"({len(layers)} found, all protected); protect fewer layer groups (protect=...)")
         activations = self._activations(dg, ctx, placeable, formats)
+        attentions = attention_nodes(dg) if cfg.attention and activation_types(formats) else []
+        attention_quant = self._attention_activations(dg, ctx, attentions, formats)
         sensitivity = measure(dg, placeable, formats, activations, ctx.calibration, cfg.samples, cfg.probes, cfg.accumulate,
-                              cfg.trajectories, cfg.seed)
-        objective = np.array([[(sensitivity.hessian if cfg.sensitivity == "hessian" else sensitivity.mse)[layer.node][f]
-                               for f in formats] for layer in placeable])
-        sizes = np.array([[weight_bytes(layer.shape, f) for f in formats] for layer in placeable], float)
-        times = np.array([[layer.flops * RELATIVE_COST[f] for f in formats] for layer in placeable], float)
+                              cfg.trajectories, cfg.seed, attentions=attention_quant)
+        # attention rows follow the layers: no weight bytes in any format, matmul time at 8 bits
+        # where the format quantizes activations, at bf16 where it leaves attention alone
+        rows = [layer.node for layer in placeable] + [a.node for a in attentions]
+        objective = np.array([[(sensitivity.hessian if cfg.sensitivity == "hessian" else sensitivity.mse)[node][f]
+                               for f in formats] for node in rows])
+        sizes = np.array([[weight_bytes(layer.shape, f) for f in formats] for layer in placeable]
+                         + [[0.0] * len(formats) for _ in attentions], float).reshape(len(rows), len(formats))
+        times = np.array([[layer.flops * RELATIVE_COST[f] for f in formats] for layer in placeable]
+                         + [[a.flops * (RELATIVE_COST[f] if f in attention_quant[a.node] else 1.0) for f in formats]
+                            for a in attentions], float).reshape(len(rows), len(formats))
         original_bytes = float(sum(weight_bytes(layer.shape, None) for layer in placeable))
         if len(formats) == 1:
-            choice = [0] * len(placeable)
+            choice = [0] * len(rows)
             rule = f"every unprotected layer in {formats[0]} (target {ctx.target})"
         elif budget_kind == "size":
-            choice = place(objective, sizes, ratio * original_bytes)
+            choice = self._by_size(objective, sizes, ratio * original_bytes, len(placeable))
             rule = f"minimum predicted error within size_ratio={ratio} of the fp32 weights"
         elif budget_kind == "latency":
-            choice = place(objective, times, ratio * float(sum(layer.flops for layer in placeable)))
+            choice = place(objective, times, ratio * float(sum(layer.flops for layer in placeable)
+                                                           + sum(a.flops for a in attentions)))
             rule = f"minimum predicted error within latency_ratio={ratio} of bf16 matmul time"
         else:
             reference = next((f for f in ("int8", "fp8") if f in formats), None)
             if reference is None:
                 raise PassError(f"formats {list(formats)} hold neither int8 nor fp8, so there is no W8A8 size to "
                                 "budget by default; give a budget: size_ratio=... or latency_ratio=...")
-            choice = place(objective, sizes, float(sizes[:, formats.index(reference)].sum()))
+            choice = self._by_size(objective, sizes, float(sizes[:, formats.index(reference)].sum()), len(placeable))
             rule = f"minimum predicted error at the size of uniform {reference}"
         chosen = {layer.node: formats[i] for layer, i in zip(placeable, choice)}
         annotate(dg, chosen, activations, {layer.node: rule for layer in placeable})
-        report = self._report(dg, ctx, layers, placeable, formats, chosen, sensitivity, sizes, objective, rule)
+        attention_chosen = {a.node: formats[i] for a, i in zip(attentions, choice[len(placeable):])}
+        for node, name in attention_chosen.items():
+            if name in attention_quant[node]:
+                dg.annotations.setdefault(node, {})["precision"] = attention_spec(*attention_quant[node][name],
+                                                                                  reason=rule).to_json()
+        report = self._report(dg, ctx, layers, placeable, formats, chosen, sensitivity, sizes[:len(placeable)],
+                              objective[:len(placeable)], rule)
+        report["attention"] = self._attention_report(attentions, attention_chosen, attention_quant, sensitivity)
+        placed = {**chosen, **attention_chosen}
+        report["predicted_error"] = float(f"{sum(sensitivity.hessian[n][f] for n, f in placed.items()):.6g}")
         return PassResult(dg, modified=True, report=report)
+
+    @staticmethod
+    def _by_size(objective: np.ndarray, sizes: np.ndarray, budget: float, layers: int) -> list[int]:
+        """The knapsack over the layers; attention rows (no bytes in any format) take their least
+        sensitive format directly, which leaves them unquantized (sensitivity 0), so the solver's
+        tolerance cannot trade a tiny predicted error for nothing."""
+        return place(objective[:layers], sizes[:layers], budget) + [int(np.argmin(row)) for row in objective[layers:]]
+
+    def _attention_activations(self, dg: DiffusionGraph, ctx: PassContext, attentions: list[Attention],
+                               formats: tuple[str, ...]) -> dict[str, dict[str, tuple[ActivationQuant, ...]]]:
+        """Per attention node and format with 8-bit activations, the static per-tensor
+        quantization of its query, key and value from statistics over every recorded step."""
+        if not attentions:
+            return {}
+        cfg = self.config
+        stats = compute_statistics(ctx.calibration, dg, groups=cfg.groups,
+                                   nodes=sorted({i for a in attentions for i in a.inputs}), progress=False)
+        quantized = [f for f in formats if FORMATS[f].activation in (INT8, FP8)]
+        return {a.node: {f: tuple(ActivationQuant(FORMATS[f].activation,
+                                                  activation_scale(stats.node(i), FORMATS[f].activation,
+                                                                   cfg.activation_range, cfg.percentile),
+                                                  cfg.activation_range) for i in a.inputs)
+                         for f in quantized} for a in attentions}
+
+    @staticmethod
+    def _attention_report(attentions: list[Attention], chosen: dict[str, str],
+                          quantization: dict[str, dict[str, tuple[ActivationQuant, ...]]],
+                          sensitivity: Sensitivity) -> list[dict[str, Any]]:
+        entries = []
+        for a in attentions:
+            name = chosen[a.node]
+            quantized = name in quantization[a.node]
+            entry: dict[str, Any] = {"node": a.node, "format": ("int8" if FORMATS[name].activation == INT8 else "fp8")
+                                     if quantized else None,
+                                     "flops": a.flops, "sensitivity": _rounded(sensitivity.hessian[a.node]),
+                                     "mse_proxy": _rounded(sensitivity.mse[a.node])}
+            if quantized:
+                entry["scales"] = {role: float(f"{q.scale:.6g}")
+                                   for role, q in zip(("query", "key", "value"), quantization[a.node][name])}
+            entries.append(entry)
+        return entries
 
     def _budget(self, ctx: PassContext, formats: tuple[str, ...]) -> tuple[str | None, float | None]:
         cfg = self.config
@@ -200,7 +266,7 @@ class QuantPass(Pass):
             "size_ratio": round(after / max(before, 1), 4),
             "predicted_error": float(f"{sum(sensitivity.hessian[n][f] for n, f in chosen.items()):.6g}"),
             "pareto_front": [{"size_ratio": round(size / original, 4), "predicted_error": float(f"{cost:.6g}"),
-                              "formats": {f: sum(formats[i] == f for i in c) for f in formats}}
+                              "formats": {f: sum(formats[i] == f for i in c[:len(placeable)]) for f in formats}}
                              for size, cost, c in front],
             "relative_error_per_step": {int(s): float(f"{e:.6g}") for s, e in errors.relative.items()},
             "relative_error": float(f"{errors.mean_relative:.6g}"),

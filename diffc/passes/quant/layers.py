@@ -8,7 +8,7 @@ import torch
 from ...ir import LATENT, TIMESTEP, DiffusionGraph
 from ...ir.blocks import node_flops
 from ...ir.fxutil import attr_value
-from ...ir.precision import quantizable_weight
+from ...ir.precision import is_attention, quantizable_weight
 
 aten = torch.ops.aten
 
@@ -35,6 +35,25 @@ class Layer:
     protected: str | None
     pieces: tuple[tuple[str, int], ...] = ()
     axis: int = 1
+
+
+@dataclass(frozen=True)
+class Attention:
+    """An attention node (aten.scaled_dot_product_attention) and its query, key and value nodes."""
+
+    node: str
+    inputs: tuple[str, str, str]
+    flops: int
+
+
+def attention_nodes(dg: DiffusionGraph) -> list[Attention]:
+    """Every attention node whose query, key and value are computed tensors, in graph order."""
+    found = []
+    for node in dg.graph.nodes:
+        operands = node.args[:3] if is_attention(node) else ()
+        if operands and all(isinstance(a, torch.fx.Node) and _shape(a) is not None for a in operands):
+            found.append(Attention(node.name, tuple(a.name for a in operands), node_flops(node)))
+    return found
 
 
 def concatenated_input(node: torch.fx.Node) -> tuple[int, tuple[tuple[str, int], ...]] | None:

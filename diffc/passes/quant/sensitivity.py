@@ -67,25 +67,29 @@ def sample_calls(calibration: CalibrationSet, samples: int) -> list[tuple[str, i
 
 class _Instrumented(torch.fx.Interpreter):
     """Runs the graph with each layer's weight as a leaf that needs grad and a zero tensor added
-    to its input (its gradient is the gradient wrt the activation); computes the proxy MSEs."""
+    to each quantized input (its gradient is the gradient wrt the activation: the layer's input,
+    an attention's query, key and value); computes the proxy MSEs."""
 
     def __init__(self, module: torch.fx.GraphModule, layers: dict[str, Layer], weights: dict[str, torch.Tensor],
                  formats: tuple[str, ...], activations: dict[str, dict[str, ActivationQuant]],
-                 quantized_weights: dict[str, dict[str, torch.Tensor]]) -> None:
+                 quantized_weights: dict[str, dict[str, torch.Tensor]],
+                 attentions: dict[str, dict[str, tuple[ActivationQuant, ...]]]) -> None:
         super().__init__(module)
         self.layers, self.weights, self.formats, self.activations = layers, weights, formats, activations
-        self.quantized_weights = quantized_weights
-        self.deltas: dict[str, torch.Tensor] = {}
-        self.activation_error: dict[str, dict[str, float]] = {}
+        self.quantized_weights, self.attentions = quantized_weights, attentions
+        self.deltas: dict[str, list[torch.Tensor]] = {}
+        self.activation_error: dict[str, dict[str, list[float]]] = {}
         self.output_mse: dict[str, dict[str, float]] = {}
 
     def run_node(self, n: torch.fx.Node) -> Any:
+        if n.name in self.attentions:
+            return self._attention(n)
         if n.name not in self.layers:
             return super().run_node(n)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         x = args[0].detach()
         delta = torch.zeros_like(x, requires_grad=True)
-        self.deltas[n.name] = delta
+        self.deltas[n.name] = [delta]
         rest = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[2:])
         out = n.target(args[0] + delta, self.weights[n.name], *rest, **kwargs)
         reference = out.detach()
@@ -94,9 +98,30 @@ class _Instrumented(torch.fx.Interpreter):
             for name in self.formats:
                 activation = self.activations.get(n.name, {}).get(name) or spec_for(name).activation
                 xq = x if activation is None else fake_quantize_input(x, activation)
-                errors[name] = float((xq - x).double().pow(2).sum())
+                errors[name] = [float((xq - x).double().pow(2).sum())]
                 quantized = n.target(xq, self.quantized_weights[n.name][name], *rest, **kwargs)
                 mses[name] = float((quantized - reference).double().pow(2).mean())
+        self.activation_error[n.name], self.output_mse[n.name] = errors, mses
+        return out
+
+    def _attention(self, n: torch.fx.Node) -> Any:
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        operands = [a.detach() for a in args[:3]]
+        deltas = [torch.zeros_like(x, requires_grad=True) for x in operands]
+        self.deltas[n.name] = deltas
+        rest = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[3:])
+        out = n.target(*(a + d for a, d in zip(args[:3], deltas)), *rest, **kwargs)
+        reference = out.detach()
+        errors, mses = {}, {}
+        with torch.no_grad():
+            for name in self.formats:
+                quantization = self.attentions[n.name].get(name)
+                if quantization is None:  # a format without 8-bit activations leaves attention alone
+                    errors[name], mses[name] = [0.0] * len(operands), 0.0
+                    continue
+                quantized = [fake_quantize_input(x, a) for x, a in zip(operands, quantization)]
+                errors[name] = [float((q - x).double().pow(2).sum()) for q, x in zip(quantized, operands)]
+                mses[name] = float((n.target(*quantized, *rest, **kwargs) - reference).double().pow(2).mean())
         self.activation_error[n.name], self.output_mse[n.name] = errors, mses
         return out
 
@@ -104,10 +129,14 @@ class _Instrumented(torch.fx.Interpreter):
 def measure(dg: DiffusionGraph, layers: list[Layer], formats: tuple[str, ...],
             activations: dict[str, dict[str, ActivationQuant]],
             calibration: CalibrationSet, samples: int, probes: int, accumulate: str = TRAJECTORY,
-            trajectories: int = 2, seed: int = 0, progress: bool = False) -> Sensitivity:
+            trajectories: int = 2, seed: int = 0, progress: bool = False,
+            attentions: dict[str, dict[str, tuple[ActivationQuant, ...]]] | None = None) -> Sensitivity:
     """Sensitivities from calibration calls: with `accumulate="step"`, `samples` calls spread over
     the trajectory, each its own loss; with "trajectory", every recorded step of `trajectories`
-    trajectories, the loss being the error of their mean output (see the module docstring)."""
+    trajectories, the loss being the error of their mean output (see the module docstring).
+    `attentions`: per attention node and format, the quantization of its query, key and value
+    (absent for formats that leave attention alone); they have no weight term."""
+    attentions = attentions or {}
     by_node = {layer.node: layer for layer in layers}
     originals = {layer.node: attr_value(dg.module, layer.weight).detach().float() for layer in layers}
     weights = {node: w.clone().requires_grad_(True) for node, w in originals.items()}
@@ -122,10 +151,11 @@ def measure(dg: DiffusionGraph, layers: list[Layer], formats: tuple[str, ...],
             perturbation[node][name] = float((wq - w).double().pow(2).sum())
     generator = torch.Generator().manual_seed(seed)
     nodes = list(by_node)
-    weight_trace = dict.fromkeys(nodes, 0.0)
-    activation_trace = dict.fromkeys(nodes, 0.0)
-    activation_term = {n: dict.fromkeys(formats, 0.0) for n in nodes}
-    mse = {n: dict.fromkeys(formats, 0.0) for n in nodes}
+    everything = nodes + list(attentions)
+    weight_trace = dict.fromkeys(everything, 0.0)
+    activation_trace = dict.fromkeys(everything, 0.0)
+    activation_term = {n: dict.fromkeys(formats, 0.0) for n in everything}
+    mse = {n: dict.fromkeys(formats, 0.0) for n in everything}
     groups = _call_groups(calibration, samples, accumulate, trajectories)
     total_calls = sum(len(g) for g in groups)
     bar = progress_bar(range(total_calls), progress, "quant sensitivity", "call")
@@ -140,14 +170,15 @@ def measure(dg: DiffusionGraph, layers: list[Layer], formats: tuple[str, ...],
             next(ticks, None)
             record = next(calibration.records(steps={step}, items={item}))
             flat = [record.inputs[spec.name] for spec in dg.signature.inputs]
-            runner = _Instrumented(dg.module, by_node, weights, formats, activations, quantized)
+            runner = _Instrumented(dg.module, by_node, weights, formats, activations, quantized, attentions)
             with torch.enable_grad():
                 output = runner.run(*flat)[0]
                 if not probes_u:
                     probes_u = [(torch.randint(0, 2, output.shape, generator=generator) * 2 - 1).to(output.dtype)
                                 for _ in range(probes)]
-                leaves = [weights[n] for n in nodes] + [runner.deltas[n] for n in nodes]
-                activation_squared = dict.fromkeys(nodes, 0.0)
+                inputs = [(node, i, d) for node in everything for i, d in enumerate(runner.deltas[node])]
+                leaves = [weights[n] for n in nodes] + [d for _, _, d in inputs]
+                activation_squared = {(node, i): 0.0 for node, i, _ in inputs}
                 for probe, u in enumerate(probes_u):
                     grads = torch.autograd.grad(output, leaves, grad_outputs=u, retain_graph=probe < probes - 1,
                                                 allow_unused=True)
@@ -155,22 +186,25 @@ def measure(dg: DiffusionGraph, layers: list[Layer], formats: tuple[str, ...],
                         g = grads[index]
                         if g is not None:
                             summed[probe][node] = summed[probe].get(node, 0) + g.detach() / steps_in_group
-                        g = grads[len(nodes) + index]
+                    for (node, i, _), g in zip(inputs, grads[len(nodes):]):
                         if g is not None:
-                            activation_squared[node] += float(g.double().pow(2).sum()) / probes
+                            activation_squared[node, i] += float(g.double().pow(2).sum()) / probes
             # Tr(H) = (2/N) E_u ||J^T u||^2 for the mean squared output error over N elements;
             # the error of a mean of S calls with independent rounding is 1/S^2 of their sum
             scale = 2.0 / output.numel() / steps_in_group ** 2 / len(groups)
-            for node in nodes:
-                x_trace = scale * activation_squared[node] / runner.deltas[node].numel()
+            for node, i, delta in inputs:
+                x_trace = scale * activation_squared[node, i] / delta.numel()
                 activation_trace[node] += x_trace
                 for name in formats:
-                    activation_term[node][name] += x_trace * runner.activation_error[node][name]
+                    activation_term[node][name] += x_trace * runner.activation_error[node][name][i]
+            for node in everything:
+                for name in formats:
                     mse[node][name] += runner.output_mse[node][name] / total_calls
         for node in nodes:
             squared = sum(float(summed[p][node].double().pow(2).sum()) for p in range(probes) if node in summed[p])
             weight_trace[node] += 2.0 / output.numel() * squared / probes / originals[node].numel() / len(groups)
-    hessian = {n: {f: weight_trace[n] * perturbation[n][f] + activation_term[n][f] for f in formats} for n in nodes}
+    hessian = {n: {f: weight_trace[n] * perturbation.get(n, {}).get(f, 0.0) + activation_term[n][f] for f in formats}
+               for n in everything}
     return Sensitivity(hessian, mse, weight_trace, activation_trace, perturbation, total_calls, probes)
 
 
