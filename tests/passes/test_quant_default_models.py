@@ -95,3 +95,16 @@ def test_cache_then_quant_keeps_25db(model):
     images, reference, report = _final(model, "torch-int8", ["cache", "quant"])
     assert report["size_ratio"] < 0.7
     assert psnr(images, reference) >= 25.0
+
+
+@pytest.mark.slow
+def test_split_shortcut_and_attention_options_keep_30db(model):
+    """W8A8 without split shortcuts, and with attention quantized, both keep the W8A8 bar; split
+    shortcuts apply to the UNet's decoder concatenations only (the DiT has none)."""
+    for options in ({"split_shortcut": False}, {"attention": True}):
+        images, reference, report = _final(model, "torch-int8", [{"pass": "quant", **options}])
+        assert psnr(images, reference) >= 30.0
+        if options.get("attention"):
+            assert report["attention"] and all(e["format"] == "int8" for e in report["attention"])
+    is_unet = model[1] == "unet"
+    assert bool(report["split_shortcut"]) == is_unet
