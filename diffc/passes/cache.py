@@ -17,7 +17,9 @@ candidate block of the cut is its own cached region with its own recompute steps
 
 `bac`: the cut chooses the candidate blocks (`auto` / `deep`: the UNet stages below skip depth d,
 `encoder`: the encoder stages; `auto` / `blocks`: every DiT block, or the given range,
-`first_block`: the blocks after the first). On calibration data each block's change profile is
+`first_block`: the blocks after the first). UNet stages cache their outputs; a transformer block
+caches its residual (mode `auto` or `delta`) where an input has its output's shape, else its
+output (mode `auto` or `raw`). On calibration data each block's change profile is
 measured: the relative L1 change of its cached tensors (raw output, or residual in delta mode)
 between neighbouring steps. A block recomputes at a step when its change accumulated since it was
 last computed reaches one threshold shared by all blocks (so a block that changes more recomputes
@@ -235,11 +237,27 @@ class CachePass(Pass):
         report.update({
             "forecast": False, "threshold": round(threshold, 6), "variants": len(variants),
             "block_schedule": {n: [s for s, combo in enumerate(chosen) if n in combo] for n in names},
+            "block_mode": {r["name"]: r["mode"] for r in regions},
             "block_change_per_step": {n: [round(c, 6) for c in changes[n]] for n in names},
             "block_flops_share": {n: round(costs[n] / max(sum(node_flops(x) for x in dg.graph.nodes), 1), 4)
                                   for n in names},
         })
         return PassResult(dg, modified=True, report=report)
+
+    def _transformer_block_region(self, dg: DiffusionGraph, layers: list[Any], index: int) -> dict[str, Any]:
+        """A transformer block caches its residual where one of its inputs has its output's shape
+        (with mode='auto'; otherwise its output itself). Its inputs stay computed either way."""
+        block, name = layers[index], f"block{index}"
+        if self.config.mode == "raw":
+            return _block_region(dg, [block], name, "raw")
+        try:
+            region = _range_region(dg, layers, index, index + 1, name, "delta")
+        except PassError:
+            if self.config.mode == "delta":
+                raise
+            return _block_region(dg, [block], name, "raw")
+        region["keep"] = [i for i in block.inputs if i not in set(block.nodes)]
+        return region
 
     def _block_regions(self, dg: DiffusionGraph) -> list[dict[str, Any]]:
         """One cached region per candidate block of the cut (see the module docstring)."""
@@ -264,9 +282,7 @@ class CachePass(Pass):
             start, end = (1, n) if cfg.cut == "first_block" else (cfg.blocks or (0, n))
             if not 0 <= start < end <= n:
                 raise PassError(f"blocks must be a range within 0..{n} with start < end, got {(start, end)}")
-            mode = "delta" if cfg.mode == "auto" else cfg.mode
-            regions = [_range_region(dg, layers, i, i + 1, f"block{i}", mode) if mode == "delta"
-                       else _block_region(dg, [layers[i]], f"block{i}", mode) for i in range(start, end)]
+            regions = [self._transformer_block_region(dg, layers, i) for i in range(start, end)]
         else:
             structure = "UNet stages" if stages else "transformer blocks" if layers else "no UNet stages or transformer blocks"
             raise PassError(f"schedule='bac' cannot take its candidate blocks from cut {cfg.cut!r} on "
