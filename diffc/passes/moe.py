@@ -19,11 +19,24 @@ smallest share on a grid that keeps the re-sampled calibration images above `min
 without the live pipeline, the teacher-forced error below `max_relative_error`) is used.
 With every expert active nothing is routed and the pass leaves the FFNs dense (exact).
 
-Per-token top-k routers (Dense2MoE's routing (a)) are not implemented: the routing is static per
-step range."""
+With `compensate`, a switched-off expert is replaced by its mean output (per channel, over the
+calibration tokens of the step ranges that switch it off), folded into the chain as a constant:
+the closed-form bias compensation of dropped neurons.
+
+Per-token routing (`routing="token"`, Dense2MoE's routing (a)) is expert-choice with a static
+capacity: a linear router per FFN, fitted on calibration tokens by least squares to predict the
+norm of each routed expert's output contribution; each routed expert processes the C tokens of
+each sample it scores highest (topk, gather) and scatter-adds its outputs back, the shared expert
+every token; C is the share of tokens that leaves `active` of the hidden neurons on per token on
+average. Expert choice rather than token-choice top-k: every shape depends on C only, never on
+the data (no per-expert token counts, no dropped-token fallback), so ORT and TensorRT run it as
+plain topk / gather / scatter-add ops, and it keeps every expert's load balanced by
+construction. It needs a static token count (a graph captured at a fixed resolution), and it
+builds one graph, no step plan."""
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +59,7 @@ aten = torch.ops.aten
 FULL = "full"
 ACTIVE_GRID = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 ALLOCATIONS = ("global", "per_ffn")
+ROUTINGS = ("timestep", "token")
 _PASS_THROUGH = {aten.dropout.default, aten.clone.default, aten.alias.default}
 
 
@@ -61,6 +75,8 @@ class MoeConfig(PassConfig):
     max_records: int = 32
     max_tokens: int = 4096
     seed: int = 0
+    compensate: bool = True
+    routing: str = "timestep"
 
     def __post_init__(self) -> None:
         if self.experts < 2:
@@ -68,6 +84,8 @@ class MoeConfig(PassConfig):
         if self.active is not None and not 0 < self.active <= 1:
             raise ValueError(f"active is the share of each FFN's hidden neurons active per step, in (0, 1]; "
                              f"got {self.active}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.step_groups < 1 or self.max_records < 1 or self.max_tokens < 1:
@@ -212,6 +230,7 @@ class ConvertedFFN:
     chain: list[str]            # acc node of each expert, head first
     sizes: list[int]
     routed_from: int            # chain[routed_from:] are routable (bypass regions)
+    tokens: int = 0             # tokens per sample at the FFN input, where static
 
 
 def convert(dg: DiffusionGraph, ffn: DenseFFN, shared_neurons: list[int] | None,
@@ -275,7 +294,9 @@ def convert(dg: DiffusionGraph, ffn: DenseFFN, shared_neurons: list[int] | None,
     weights = {n.target: attr_value(dg.module, n.target) for n in graph.nodes
                if n.op == "get_attr" and n.target not in new_weights}
     dg.module = torch.fx.GraphModule({**weights, **new_weights}, graph)
-    return ConvertedFFN(ffn.block, width, chain, [len(p) for p in parts], 1)
+    tokens = x.meta["val"].shape[1] if "val" in x.meta else _shape(x)[1]
+    return ConvertedFFN(ffn.block, width, chain, [len(p) for p in parts], 1,
+                        tokens if isinstance(tokens, int) and len(_shape(x)) == 3 else 0)
 
 
 # --- the pass -----------------------------------------------------------------------------------
@@ -303,6 +324,12 @@ class MoePass(Pass):
             reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "the block table lists no FFN"
             raise PassError(f"{dg.signature.model_class}: no FFN of the form Linear -> GELU/GEGLU -> Linear to "
                             f"convert ({reasons})")
+        if cfg.routing == "token":
+            static = [f.block for f in ffns if not _static_tokens(f.up.args[0])]
+            if static:
+                raise PassError(f"routing='token' needs a static token count, and the FFN inputs of {static} have "
+                                "a symbolic one (the graph was captured with dynamic resolution). Fix: capture with "
+                                "diffc.ir.capture(model, dynamic=False), or use routing='timestep'")
         if cfg.active == 1:
             return PassResult(dg, modified=False, report={
                 "ffns": [f.block for f in ffns], "active": 1.0,
@@ -310,6 +337,7 @@ class MoePass(Pass):
         batch = CalibrationBatch(ctx.calibration, dg, cfg.max_records)
         ranges = step_ranges(batch.num_steps, cfg.step_groups)
         hidden = self._hidden(dg, ffns, batch)
+        inputs = {f.block: hidden[f.up.args[0].name][0] for f in ffns}
         converted, contributions = [], []
         for ffn in ffns:
             activations, steps = hidden[ffn.hidden.name]
@@ -328,18 +356,20 @@ class MoePass(Pass):
             converted.append(item)
             contributions.append(([outputs[k] for k in order], steps))
         _eliminate_dead_code(dg)
+        if cfg.routing == "token":
+            return self._token_routed(dg, converted, contributions, inputs, batch, ctx, skipped)
         if cfg.allocation == "global":
-            scores = self._expert_scores(dg, converted, batch, ranges)
+            scores = self._expert_scores(dg, converted, contributions, batch, ranges)
 
             def select(active: float) -> list[list[list[int]]]:
                 return _global_selection(converted, scores, active)
         else:
             def select(active: float) -> list[list[list[int]]]:
-                return _per_ffn_selection(converted, contributions, ranges, active)
+                return _per_ffn_selection(converted, contributions, ranges, active, cfg.compensate)
 
         def plan_for(active: float) -> tuple[DiffusionGraph, list[list[list[int]]]]:
             chosen = select(active)
-            return self._routed(dg, converted, chosen, ranges), chosen
+            return self._routed(dg, converted, chosen, ranges, contributions), chosen
 
         active = cfg.active
         report: dict[str, Any] = {"ffns": [c.block for c in converted], "skipped_ffns": skipped,
@@ -355,10 +385,56 @@ class MoePass(Pass):
         report.update(self._summary(dg, routed, converted, chosen, ranges, active, batch))
         return PassResult(routed, modified=True, report=report)
 
+    def _token_routed(self, dg: DiffusionGraph, converted: list[ConvertedFFN],
+                      contributions: list[tuple[list[torch.Tensor], torch.Tensor]], inputs: dict[str, torch.Tensor],
+                      batch: CalibrationBatch, ctx: PassContext, skipped: dict[str, str]) -> PassResult:
+        cfg = self.config
+        generator = torch.Generator().manual_seed(cfg.seed)
+        routers = []
+        for item, (outputs, _) in zip(converted, contributions):
+            x = inputs[item.block]
+            rows = torch.randperm(x.shape[0], generator=generator)[:cfg.max_tokens]
+            routers.append(fit_router(x[rows], [o[rows] for o in outputs]))
+
+        def build(active: float) -> DiffusionGraph:
+            routed = dg.clone()
+            for item, (weight, bias) in zip(converted, routers):
+                route_tokens(routed, item, weight, bias, _capacity(item, active))
+            _eliminate_dead_code(routed)
+            _refresh_shapes(routed)
+            return routed
+
+        report: dict[str, Any] = {"ffns": [c.block for c in converted], "skipped_ffns": skipped,
+                                  "experts": cfg.experts, "shared": cfg.shared,
+                                  "expert_sizes": {c.block: c.sizes for c in converted},
+                                  "routing": "per token (expert choice, static capacity)"}
+        active = cfg.active
+        if active is None:
+            active, report["active_search"] = search_grid(
+                ACTIVE_GRID, build, ctx, knob="active", offline_error=lambda routed: batch.error(routed.module),
+                min_psnr=cfg.min_psnr, max_relative_error=cfg.max_relative_error, quality_rises=True, fallback=1.0)
+        routed = build(active)
+        total_params = dg.num_parameters()
+        inactive = sum((1 - _capacity(item, active) / item.tokens) * sum(item.sizes[1:]) * _per_neuron(dg, item)
+                       for item in converted)
+        all_neurons = sum(item.width for item in converted)
+        on = sum(item.sizes[0] + _capacity(item, active) / item.tokens * sum(item.sizes[1:])
+                 for item in converted)
+        report.update({
+            "active": active,
+            "capacity_tokens": {item.block: _capacity(item, active) for item in converted},
+            "ffn_active_share": round(on / max(all_neurons, 1), 4),
+            "activated_params_reduction": round(inactive / max(total_params, 1), 4),
+            "router_params": sum(w.numel() + b.numel() for w, b in routers),
+            "params": routed.num_parameters(),
+            "relative_error": round(batch.error(routed.module), 6),
+        })
+        return PassResult(routed, modified=True, report=report)
+
     def _hidden(self, dg: DiffusionGraph, ffns: list[DenseFFN],
                 batch: CalibrationBatch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per FFN: hidden activations on the calibration rows as (tokens, neurons), and each token's step."""
-        watch = {f.hidden.name for f in ffns}
+        watch = {f.hidden.name for f in ffns} | {f.up.args[0].name for f in ffns}
         seen: dict[str, list[torch.Tensor]] = {n: [] for n in watch}
         for flat in batch.batches:
             with torch.no_grad():
@@ -370,17 +446,24 @@ class MoePass(Pass):
             result[name] = (tensor.reshape(-1, tensor.shape[-1]), batch.row_steps.repeat_interleave(per_row))
         return result
 
-    def _expert_scores(self, dg: DiffusionGraph, converted: list[ConvertedFFN], batch: CalibrationBatch,
+    def _expert_scores(self, dg: DiffusionGraph, converted: list[ConvertedFFN],
+                       contributions: list[tuple[list[torch.Tensor], torch.Tensor]], batch: CalibrationBatch,
                        ranges: list[tuple[int, int]]) -> list[dict[tuple[int, int], float]]:
         """scores[g][(ffn, expert)]: relative denoiser output error on the calibration calls of step
-        range g with that one routed expert switched off."""
+        range g with that one routed expert switched off (replaced by its mean output over all
+        calibration tokens with `compensate`)."""
         masks = [batch.step_mask(set(range(a, b))) for a, b in ranges]
         scores: list[dict[tuple[int, int], float]] = [{} for _ in ranges]
         for index, item in enumerate(converted):
             for expert in range(len(item.chain) - 1):
                 trial = dg.clone()
                 nodes = {n.name: n for n in trial.graph.nodes}
-                nodes[item.chain[expert + 1]].replace_all_uses_with(nodes[item.chain[expert]])
+                cut = nodes[item.chain[expert + 1]]
+                if self.config.compensate:
+                    mean = contributions[index][0][expert].mean(0)
+                    cut.replace_all_uses_with(_compensate(trial, cut, _region(item, expert), mean))
+                else:
+                    cut.replace_all_uses_with(nodes[item.chain[expert]])
                 _eliminate_dead_code(trial)
                 errors = batch.row_errors(batch.outputs(trial.module))
                 for g, mask in enumerate(masks):
@@ -388,26 +471,37 @@ class MoePass(Pass):
         return scores
 
     def _routed(self, dg: DiffusionGraph, converted: list[ConvertedFFN], chosen: list[list[list[int]]],
-                ranges: list[tuple[int, int]]) -> DiffusionGraph:
+                ranges: list[tuple[int, int]],
+                contributions: list[tuple[list[torch.Tensor], torch.Tensor]]) -> DiffusionGraph:
         """A copy of the converted graph with a step plan: per step range, per FFN, the routed
-        experts left on (`chosen`). Experts off at every step are removed from the graph."""
+        experts left on (`chosen`). Experts off at every step are removed from the graph. With
+        `compensate`, a switched-off expert is replaced by its mean output over the calibration
+        tokens of the step ranges that switch it off (see `_compensate`)."""
         routed = dg.clone()
         nodes = {n.name: n for n in routed.graph.nodes}
         regions, off_everywhere = [], []
         variants: dict[str, list[str]] = {FULL: []}
-        for item, per_range in zip(converted, chosen):
+        for item, per_range, (outputs, steps) in zip(converted, chosen, contributions):
             base = item.chain[0]
             for expert in range(len(item.chain) - 1):
                 on = [expert in active_set for active_set in per_range]
                 cut = item.chain[expert + 1]
+                if all(on):
+                    base = cut
+                    continue
+                if self.config.compensate:
+                    off = torch.zeros_like(steps, dtype=torch.bool)
+                    for (start, end), active in zip(ranges, on):
+                        off |= ~torch.tensor(active) & (steps >= start) & (steps < end)
+                    mean = outputs[expert][off].mean(0) if bool(off.any()) else outputs[expert].mean(0)
+                    base = _compensate(routed, nodes[cut], _region(item, expert), mean).name
                 if not any(on):
                     off_everywhere.append((cut, base))
                     continue
-                if not all(on):
-                    regions.append({"name": _region(item, expert), "cuts": [cut], "bases": {cut: base},
-                                    "mode": BYPASS})
+                regions.append({"name": _region(item, expert), "cuts": [cut], "bases": {cut: base}, "mode": BYPASS})
                 base = cut
         removed = set()
+        nodes = {n.name: n for n in routed.graph.nodes}
         for cut, base in off_everywhere:
             nodes[cut].replace_all_uses_with(nodes[base])
             removed.add(cut)
@@ -471,19 +565,148 @@ def _global_selection(converted: list[ConvertedFFN], scores: list[dict[tuple[int
 
 
 def _per_ffn_selection(converted: list[ConvertedFFN], contributions: list[tuple[list[torch.Tensor], torch.Tensor]],
-                       ranges: list[tuple[int, int]], active: float) -> list[list[list[int]]]:
+                       ranges: list[tuple[int, int]], active: float, centered: bool) -> list[list[list[int]]]:
     """Per FFN and step range, `active` of the FFN's neurons left on: the experts whose dropped
-    outputs add least energy on that range's calibration tokens."""
+    outputs add least energy on that range's calibration tokens (about their mean when `centered`:
+    a compensated expert leaves only its variation out)."""
     chosen = []
     for item, (outputs, steps) in zip(converted, contributions):
         keep = max(0, min(len(outputs), int(math.floor((active * item.width - item.sizes[0]) / item.sizes[1] + 1e-9))))
         per_range = []
         for start, end in ranges:
             mask = (steps >= start) & (steps < end)
-            per_range.append(sorted(choose_active([o[mask] for o in outputs], keep)) if bool(mask.any())
+            kept = [o[mask] - o[mask].mean(0) if centered else o[mask] for o in outputs]
+            per_range.append(sorted(choose_active(kept, keep)) if bool(mask.any())
                              else list(range(len(outputs))))
         chosen.append(per_range)
     return chosen
+
+
+def _compensate(dg: DiffusionGraph, cut: torch.fx.Node, name: str, mean: torch.Tensor) -> torch.fx.Node:
+    """Rewrites the chain link cut = acc + expert(x) into cut = (acc + mean) + (expert(x) - mean),
+    the mean folded into the expert's down-projection bias, and returns the node acc + mean: what
+    the chain carries on with when the expert is switched off (the closed-form bias compensation
+    of dropped neurons); with the expert on, the link computes what it did, up to rounding."""
+    acc, out = cut.args
+    dtype = cut.meta["tensor_meta"].dtype
+    for suffix, value in (("mean_output", mean), ("mean_output_negated", -mean)):
+        dg.module.register_buffer(f"{name}_{suffix}", value.detach().to(dtype).contiguous())
+    with dg.graph.inserting_before(cut):
+        constant = dg.graph.get_attr(f"{name}_mean_output")
+        constant.meta["tensor_meta"] = _extract_tensor_metadata(getattr(dg.module, f"{name}_mean_output"))
+        shifted = dg.graph.create_node("call_function", aten.add.Tensor, (acc, constant), name=f"{name}_compensated")
+        shifted.meta.update({k: v for k, v in cut.meta.items() if k in ("tensor_meta", "nn_module_stack")})
+    with dg.graph.inserting_before(out):
+        negated = dg.graph.get_attr(f"{name}_mean_output_negated")
+        negated.meta["tensor_meta"] = _extract_tensor_metadata(getattr(dg.module, f"{name}_mean_output_negated"))
+    out.args = (*out.args[:2], negated)
+    cut.args = (shifted, out)
+    return shifted
+
+
+# --- per-token routing ---------------------------------------------------------------------------
+
+def fit_router(x: torch.Tensor, outputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of a linear router whose score for each routed expert predicts the norm of
+    that expert's output contribution on a token: least squares on calibration tokens."""
+    design = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.double)], dim=1)
+    target = torch.stack([o.double().norm(dim=1) for o in outputs], dim=1)
+    solution = torch.linalg.lstsq(design, target).solution
+    return solution[:-1].T.float().contiguous(), solution[-1].float().contiguous()
+
+
+def _static_tokens(x: torch.fx.Node) -> bool:
+    shape = x.meta["val"].shape if "val" in x.meta else _shape(x)
+    return len(shape) == 3 and isinstance(shape[1], int)
+
+
+def _capacity(item: ConvertedFFN, active: float) -> int:
+    """Tokens each routed expert processes per sample: the routed share that leaves `active` of
+    the FFN's hidden neurons on per token on average, the shared (head) expert always on."""
+    routed = sum(item.sizes[1:])
+    share = min(1.0, max(0.0, (active * item.width - item.sizes[0]) / max(routed, 1)))
+    return max(1, math.ceil(share * item.tokens))
+
+
+def route_tokens(dg: DiffusionGraph, item: ConvertedFFN, weight: torch.Tensor, bias: torch.Tensor,
+                 capacity: int) -> None:
+    """Rewrites each routed expert of a converted FFN (in place) to process only the `capacity`
+    tokens of each sample its router scores highest: scores = x W^T + b, idx = topk(score_e),
+    the expert runs on gather(x, idx) and its outputs are scatter-added into the chain at idx.
+    Shapes depend on the capacity only, never on the data, so every backend runs it."""
+    graph = dg.graph
+    nodes = {n.name: n for n in graph.nodes}
+    prefix = item.block.replace(".", "_") + "_router"
+    for suffix, value in (("weight", weight), ("bias", bias)):
+        dg.module.register_buffer(f"{prefix}_{suffix}", value.detach().clone())
+    first = nodes[item.chain[0]]
+    x = _expert_input(first)
+    channels = _shape(x)[-1]
+    with graph.inserting_after(x):
+        w = graph.get_attr(f"{prefix}_weight")
+    with graph.inserting_after(w):
+        b = graph.get_attr(f"{prefix}_bias")
+    with graph.inserting_after(b):
+        scores = graph.call_function(aten.linear.default, (x, w, b))
+    for expert in range(len(item.chain) - 1):
+        cut = nodes[item.chain[expert + 1]]
+        acc, out = cut.args
+        ups = _expert_inputs_of(out, x)
+        with graph.inserting_before(min(ups, key=_position(graph))):
+            score = graph.call_function(aten.select.int, (scores, -1, expert))
+            top = graph.call_function(aten.topk.default, (score, capacity, 1))
+            index = graph.call_function(operator.getitem, (top, 1))
+            column = graph.call_function(aten.unsqueeze.default, (index, -1))
+            gathered = graph.call_function(aten.gather.default,
+                                           (x, 1, graph.call_function(aten.expand.default, (column, [-1, capacity,
+                                                                                                       channels]))))
+        for up in ups:
+            up.args = (gathered, *up.args[1:])
+        with graph.inserting_before(cut):
+            spread = graph.call_function(aten.expand.default, (column, [-1, capacity, _shape(cut)[-1]]))
+            added = graph.call_function(aten.scatter_add.default, (acc, 1, spread, out))
+        cut.replace_all_uses_with(added)
+
+
+def _expert_input(head_out: torch.fx.Node) -> torch.fx.Node:
+    """The FFN input x: the input of the head expert's first linear."""
+    node = head_out
+    while True:
+        node = node.args[0]
+        if node.target == aten.linear.default:
+            return node.args[0]
+
+
+def _expert_inputs_of(out: torch.fx.Node, x: torch.fx.Node) -> list[torch.fx.Node]:
+    """The linears of one expert that read the FFN input x (up, or GEGLU's value and gate)."""
+    found, stack, seen = [], [out], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for parent in node.all_input_nodes:
+            if parent is x:
+                found.append(node)
+            elif parent.op == "call_function":
+                stack.append(parent)
+    return found
+
+
+def _position(graph: torch.fx.Graph) -> Any:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return lambda node: order[node]
+
+
+def _refresh_shapes(dg: DiffusionGraph) -> None:
+    """Shape propagation at the signature's example shapes, for the nodes routing created."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    generator = torch.Generator().manual_seed(0)
+    flat = [torch.randn(s.example_shape, generator=generator) if s.dtype.startswith("float")
+            else torch.zeros(s.example_shape, dtype=getattr(torch, s.dtype)) for s in dg.signature.inputs]
+    with torch.no_grad():
+        ShapeProp(dg.module).propagate(*flat)
 
 
 def _region(item: ConvertedFFN, expert: int) -> str:

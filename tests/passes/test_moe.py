@@ -1,4 +1,5 @@
 import functools
+import math
 import warnings
 
 import numpy as np
@@ -203,3 +204,63 @@ def test_timestep_routed_experts_then_quant_lower_every_annotation_where_it_is_c
     with torch.no_grad():
         for t in (900, 500, 100):
             assert torch.isfinite(first_tensor(fast(**{**inputs, "timestep": torch.tensor([t, t])}))).all()
+
+
+def _token_routed(active, family_name="dit"):
+    from conftest import _captured
+
+    return _run([{"pass": "moe", "active": active, "routing": "token", "experts": 4}], _captured(family_name).clone(),
+                _calibration(family_name))
+
+
+def test_token_routing_structure_and_numerics(captured):
+    dg = captured("dit")
+    out = _token_routed(0.5)
+    lint(out)
+    report = out.applied[-1]["report"]
+    assert out.step_plan is None and report["routing"].startswith("per token")
+    targets = [n.target for n in out.graph.nodes]
+    assert targets.count(torch.ops.aten.topk.default) == targets.count(torch.ops.aten.scatter_add.default) == 2 * 3
+    tokens = 16  # the tiny DiT's patches
+    for block, sizes in report["expert_sizes"].items():  # half the neurons: the shared one and a share of routed
+        routed_share = (0.5 * sum(sizes) - sizes[0]) / sum(sizes[1:])
+        assert report["capacity_tokens"][block] == math.ceil(routed_share * tokens)
+    assert 0.5 <= report["ffn_active_share"] < 0.6 and report["activated_params_reduction"] > 0
+    batch = CalibrationBatch(_calibration("dit"), dg, 32)
+    assert report["relative_error"] == pytest.approx(batch.error(out.module), rel=1e-4, abs=1e-7)
+    assert 0 < report["relative_error"] < 0.1
+
+
+def test_token_routing_with_every_token_computes_the_dense_model(captured):
+    dg = captured("dit")
+    out = _token_routed(0.99)
+    assert set(out.applied[-1]["report"]["capacity_tokens"].values()) == {16}
+    generator = torch.Generator().manual_seed(3)
+    flat = [torch.randn(s.example_shape, generator=generator) if s.dtype.startswith("float")
+            else torch.ones(s.example_shape, dtype=torch.int64) for s in dg.signature.inputs]
+    with torch.no_grad():
+        expected, got = dg.module(*flat)[0], out.module(*flat)[0]
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
+@pytest.mark.slow  # about 40 s: ONNX export and save/load
+def test_token_routed_model_lowers_through_ort_and_round_trips(family, tmp_path):
+    pytest.importorskip("onnxruntime")
+    model, inputs = family("dit")
+    fast = diffc.optimize(model, target="ort", passes=[{"pass": "moe", "active": 0.5, "routing": "token",
+                                                        "experts": 4}], calibration=_calibration("dit"))
+    reference = diffc.optimize(model, passes=[{"pass": "moe", "active": 0.5, "routing": "token", "experts": 4}],
+                               calibration=_calibration("dit"))
+    fast.save(tmp_path / "a")
+    loaded = diffc.load(tmp_path / "a")
+    with torch.no_grad():
+        expected = first_tensor(reference(**inputs))
+        assert torch.allclose(first_tensor(fast(**inputs)), expected, atol=1e-4, rtol=1e-4)
+        assert torch.equal(first_tensor(loaded(**inputs)), first_tensor(fast(**inputs)))
+
+
+def test_token_routing_needs_a_static_token_count(captured):
+    with pytest.raises(PassError, match="static token count.*dynamic=False"):
+        _run([{"pass": "moe", "active": 0.5, "routing": "token"}], captured("unet2dcond"), _calibration("unet2dcond"))
+    with pytest.raises(PassError, match="routing must be one of"):
+        _run([{"pass": "moe", "routing": "tokens"}], captured("dit"), _calibration("dit"))
