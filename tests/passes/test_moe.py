@@ -264,3 +264,37 @@ def test_token_routing_needs_a_static_token_count(captured):
         _run([{"pass": "moe", "active": 0.5, "routing": "token"}], captured("unet2dcond"), _calibration("unet2dcond"))
     with pytest.raises(PassError, match="routing must be one of"):
         _run([{"pass": "moe", "routing": "tokens"}], captured("dit"), _calibration("dit"))
+
+
+def test_switched_off_experts_are_replaced_by_their_mean_output(captured):
+    """With compensation, a bypassed expert hands on acc + its mean output over the calibration
+    tokens of the ranges that switch it off; with it on, the chain computes what it did."""
+    from diffc.calibration.statistics import _Observer
+
+    dg, cal = captured("dit"), _calibration("dit")
+    options = {"pass": "moe", "active": 0.5, "experts": 8, "step_groups": 2, "allocation": "per_ffn"}
+    out = _run([options], dg, cal)
+    region = out.step_plan["regions"][0]
+    off_ranges = [name for name, skipped in out.step_plan["variants"].items() if region["name"] in skipped]
+    nodes = {n.name: n for n in out.graph.nodes}
+    cut = nodes[region["cuts"][0]]
+    assert region["bases"][cut.name] == cut.args[0].name == f"{region['name']}_compensated"
+    expert_out = cut.args[1]  # the expert's down projection, its bias the negated mean
+    batch = CalibrationBatch(cal, dg, 32)
+    off = torch.zeros(len(batch.row_steps), dtype=torch.bool)
+    for name in off_ranges:
+        start, end = (int(v) for v in name.split("_")[1:])
+        off |= (batch.row_steps >= start) & (batch.row_steps < end)
+    seen = []
+    with torch.no_grad():
+        for flat in batch.calls(off):
+            _Observer(out.module, {expert_out.name}, lambda _, v: seen.append(v)).run(*flat)
+    centred = torch.cat(seen).reshape(-1, expert_out.meta["tensor_meta"].shape[-1]).double().mean(0)
+    mean = attr_value(out.module, f"{region['name']}_mean_output").double()
+    assert centred.abs().max() < 1e-4 * max(float(mean.abs().max()), 1e-3)
+    acc = cut.args[0].args[0]
+    values = {}
+    with torch.no_grad():
+        _Observer(out.module, {acc.name, expert_out.name, cut.name}, values.__setitem__).run(*batch.batches[0])
+    # expert on: (acc + mean) + (expert - mean) is the uncompensated link acc + expert, up to rounding
+    assert torch.allclose(values[cut.name], values[acc.name] + (values[expert_out.name] + mean.float()), atol=1e-5)
