@@ -25,6 +25,10 @@ Without an `amount`, the share is derived from calibration data: the largest one
 model keeps the re-sampled calibration images above `min_psnr` (with the live pipeline), or the
 teacher-forced output error below `max_relative_error` (without one).
 
+With `recover_steps`, the pruned graph's remaining weights are then distilled for that many
+steps against the unpruned graph on the calibration calls (LAPTOP-Diff's normalized feature
+distillation, see `recover`); off by default: pruning stays training-free unless asked.
+
 With `step_groups > 1`, each range of denoising steps gets its own set (different units matter
 at high and low noise, as in Delta-DiT's stage split): units removed at every step are removed
 from the graph, the others become bypass regions of a step plan, one Plan variant per range
@@ -74,6 +78,8 @@ class PruneConfig(PassConfig):
     progress: bool = False
     compensate: bool = True
     rerank: int = 8
+    recover_steps: int = 0
+    recover_lr: float = 1e-4
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -83,8 +89,12 @@ class PruneConfig(PassConfig):
         unknown = sorted(set(self.kinds) - set(UNIT_KINDS))
         if unknown or not self.kinds:
             raise ValueError(f"kinds must be a non-empty subset of {UNIT_KINDS}, got {self.kinds}")
-        if self.step_groups < 1 or self.max_records < 1 or self.additivity_sets < 0 or self.rerank < 0:
-            raise ValueError("step_groups and max_records must be >= 1, additivity_sets and rerank >= 0")
+        if self.step_groups < 1 or self.max_records < 1 or self.additivity_sets < 0 or self.rerank < 0 or \
+                self.recover_steps < 0 or self.recover_lr <= 0:
+            raise ValueError("step_groups and max_records must be >= 1, additivity_sets, rerank and recover_steps "
+                             ">= 0, recover_lr > 0")
+        if self.recover_steps and self.step_groups > 1:
+            raise ValueError("recovery distils one pruned graph: give recover_steps with step_groups=1")
 
 
 @dataclass
@@ -511,6 +521,10 @@ class PrunePass(Pass):
                 offline_error=lambda pruned: _plan_error(pruned, batch), min_psnr=cfg.min_psnr,
                 max_relative_error=cfg.max_relative_error, quality_rises=False, fallback=0.0, infeasible=(PassError,))
         pruned, chosen = build(amount)
+        if cfg.recover_steps and any(chosen):
+            report["relative_error_before_recovery"] = round(batch.error(pruned.module), 6)
+            pruned, report["recovery_loss"] = recover(pruned, dg, batch, cfg.recover_steps, cfg.recover_lr,
+                                                      cfg.seed, cfg.progress)
         if amount in reranked:
             report["reranked"] = reranked[amount]
         report.update(self._summary(dg, pruned, chosen, ranges, amount, batch, groups))
@@ -627,6 +641,73 @@ class PrunePass(Pass):
         summary["relative_error"] = round(_plan_error(pruned, batch), 6)
         summary["relative_error_per_range"] = [round(_plan_error(pruned, batch, g), 6) for g in groups]
         return summary
+
+
+# --- recovery -----------------------------------------------------------------------------------
+
+def recover(pruned: DiffusionGraph, teacher: DiffusionGraph, batch: CalibrationBatch, steps: int, lr: float,
+            seed: int, show_progress: bool = False) -> tuple[DiffusionGraph, dict[str, float]]:
+    """LAPTOP-Diff's recovery: a short normalized feature distillation of the pruned graph's
+    remaining weights against the unpruned graph on the calibration calls. Loss: the output's
+    squared error relative to the teacher output's energy, plus the same normalized error at every
+    kept block boundary (block outputs present in both graphs), averaged. Adam, one calibration
+    call (or a random half of the stacked rows) per step. Returns a copy with its own weights
+    (the teacher's stay untouched) and the first and last losses."""
+    student = pruned.clone()
+    weights = {name: tensor.detach().clone().requires_grad_(tensor.is_floating_point())
+               for name, tensor in student.weights().items()}
+    for name, tensor in weights.items():
+        _set_attr(student.module, name, tensor)
+    trainable = [t for t in weights.values() if t.requires_grad]
+    alive = {n.name for n in student.graph.nodes}
+    boundaries = sorted({b.outputs[0] for b in teacher.blocks if len(b.outputs) == 1 and b.outputs[0] in alive})
+    optimizer = torch.optim.Adam(trainable, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in progress(range(steps), show_progress, "prune: recovery", "step"):
+        flat = _recovery_call(batch, generator)
+        with torch.no_grad():
+            target_features: dict[str, torch.Tensor] = {}
+            target = _Observer(teacher.module, set(boundaries), target_features.__setitem__).run(*flat)
+        features: dict[str, torch.Tensor] = {}
+        output = _Observer(student.module, set(boundaries), features.__setitem__).run(*flat)
+        terms = [_normalized_error(_first(output), _first(target))]
+        terms += [_normalized_error(features[n], target_features[n]) for n in boundaries if n in features]
+        loss = torch.stack(terms).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    for name, tensor in weights.items():
+        _set_attr(student.module, name, tensor.detach())
+    return student, {"first": round(losses[0], 6), "last": round(losses[-1], 6), "steps": steps}
+
+
+def _recovery_call(batch: CalibrationBatch, generator: torch.Generator) -> list[torch.Tensor]:
+    if len(batch.batches) > 1:
+        return batch.batches[int(torch.randint(len(batch.batches), (1,), generator=generator))]
+    rows = batch.batches[0][0].shape[0]
+    pick = torch.randperm(rows, generator=generator)[:max(1, rows // 2)]
+    return [t[pick] for t in batch.batches[0]]
+
+
+def _normalized_error(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (value - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _set_attr(module: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    *path, name = target.split(".")
+    owner = module
+    for part in path:
+        owner = getattr(owner, part)
+    if name in owner._parameters:
+        del owner._parameters[name]
+    owner._buffers.pop(name, None)
+    owner.register_buffer(name, value)
 
 
 def _region(unit: Unit) -> str:

@@ -131,6 +131,21 @@ def test_rerank_keeps_the_set_with_least_trajectory_error(tmp_path):
                                                                                                rel=1e-4, abs=1e-9)
 
 
+def test_recovery_distillation_lowers_the_calibration_error(captured):
+    dg = captured("dit")
+    before = {k: v.clone() for k, v in dg.weights().items()}
+    options = {"pass": "prune", "amount": 0.3, "additivity_sets": 0, "max_records": 8}
+    out = _run([{**options, "recover_steps": 20, "recover_lr": 1e-3}], dg, _calibration("dit"))
+    lint(out)
+    report = out.applied[-1]["report"]
+    assert report["relative_error"] < report["relative_error_before_recovery"]
+    assert report["recovery_loss"]["last"] < report["recovery_loss"]["first"] and report["recovery_loss"]["steps"] == 20
+    assert all(torch.equal(v, before[k]) for k, v in dg.weights().items())  # the unpruned graph keeps its weights
+    assert not any(t.requires_grad for t in out.weights().values())
+    with pytest.raises(PassError, match="recover_steps with step_groups=1"):
+        _run([{**options, "recover_steps": 5, "step_groups": 2}], dg, _calibration("dit"))
+
+
 def test_flops_target(captured):
     out = _run([{"pass": "prune", "target": "flops", "amount": 0.25, "additivity_sets": 0}], captured("dit"),
                _calibration("dit"))
