@@ -267,3 +267,30 @@ def test_attention_annotations_on_a_model_without_attention_are_refused(small):
     with pytest.raises(TargetError, match="attention patterns"):
         quantize_segment_onnx(model, torch.fx.GraphModule({}, graph), {sdpa.name: {"precision": spec.to_json()}},
                               "int8")
+
+
+@pytest.mark.slow
+def test_smoothquant_graph_qdq_matches_the_torch_simulation(exported, tmp_path):
+    """The SmoothQuant rewrite (a constant Mul in front of each linear, new weights) exports and
+    lowers like any graph: ORT on its Q/DQ model equals the simulation."""
+    from diffc.calibration import NodeStats
+    from diffc.passes.quant.smooth import smooth
+
+    dg, _ = exported
+    smoothed = dg.clone()
+    linears = [layer for layer in quantizable_layers(smoothed, PROTECTIONS)
+               if not layer.protected and len(layer.shape) == 2]
+    generator = torch.Generator().manual_seed(0)
+
+    def stats(name):
+        channels = next(layer.shape[1] for layer in linears if layer.input == name)
+        return NodeStats(channel_absmax=(torch.rand(channels, generator=generator) * 10).numpy())
+
+    assert smooth(smoothed, linears, stats, 0.5) == [layer.node for layer in linears]
+    annotated = _annotate(smoothed, ("int8",))
+    path = export_graph(annotated, tmp_path / "smoothed.onnx")
+    qdq = quantize_segment_onnx(onnx.load(str(path)), annotated.module, annotated.annotations, "int8")
+    flat = _inputs()
+    with torch.no_grad():
+        reference = simulate(annotated.module, annotated.annotations)(*flat)[0]
+    assert _relative(_run_onnx(qdq, flat)[0], reference) <= EXACT

@@ -412,3 +412,55 @@ def test_bad_attention_specs_are_refused():
     module = torch.fx.GraphModule({}, graph)
     with pytest.raises(LintError, match="not aten.scaled_dot_product_attention"):
         simulate(module, {relu.name: {"precision": spec.to_json()}})
+
+
+def _planted_outliers(pipe):
+    """The same function with input channel 0 of every attention projection 30x larger: the
+    LayerNorm affine in front scaled up on that channel, the readers' weight column down."""
+    with torch.no_grad():
+        for block in pipe.unet.modules():
+            if type(block).__name__ == "BasicTransformerBlock":
+                for norm, readers in ((block.norm1, (block.attn1.to_q, block.attn1.to_k, block.attn1.to_v)),
+                                      (block.norm2, (block.attn2.to_q,))):
+                    norm.weight[0] *= 30
+                    norm.bias[0] *= 30
+                    for reader in readers:
+                        reader.weight[:, 0] /= 30
+    return pipe
+
+
+def test_smoothquant_is_exact_in_fp32_and_lowers_w8a8_error_on_planted_outliers(tiny):
+    _, calibration = tiny  # the planted model computes the same function, so the same calibration
+    dg = capture(_planted_outliers(tiny_digits_pipeline()).unet)
+    plain = _quantize(dg, calibration, "torch-int8")
+    smoothed = _quantize(dg, calibration, "torch-int8", smoothquant=0.5)
+    lint(smoothed)
+    report = smoothed.applied[-1]["report"]
+    linears = [layer for layer in quantizable_layers(dg, PROTECTIONS)
+               if not layer.protected and len(layer.shape) == 2]
+    assert report["smoothquant"] == {"alpha": 0.5, "layers": [layer.node for layer in linears]}
+    assert plain.applied[-1]["report"]["smoothquant"] is None
+    nodes = {n.name: n for n in smoothed.graph.nodes}
+    for layer in linears:
+        node = nodes[layer.node]
+        assert node.args[0].target == torch.ops.aten.mul.Tensor and node.args[1].target.startswith("diffc_smoothquant_")
+    assert all(not n.target.startswith("diffc_smoothquant_") for n in dg.graph.nodes if n.op == "get_attr")
+    record = next(calibration.records())
+    flat = [record.inputs[s.name] for s in dg.signature.inputs]
+    with torch.no_grad():
+        reference, migrated = dg.module(*flat)[0], smoothed.module(*flat)[0]
+    assert ((migrated - reference).abs().max() / reference.abs().max()) < 1e-5  # exact up to float rounding
+    assert report["relative_error"] < 0.9 * plain.applied[-1]["report"]["relative_error"]
+
+
+def test_smoothing_factors_balance_the_maxima():
+    from diffc.passes.quant.smooth import smoothing_factors
+
+    activations = torch.tensor([100.0, 1.0, 0.0, 4.0])
+    weight = torch.tensor([[0.5, 2.0, 1.0, 0.0], [-1.0, 0.5, 1.0, 0.0]])
+    factors = smoothing_factors(activations, weight, alpha=0.5)
+    assert factors[2] == factors[3] == 1.0  # a dead channel or column keeps its scale
+    balanced = activations[:2] / factors[:2]
+    assert torch.allclose(balanced, weight.abs().amax(0)[:2] * factors[:2])  # alpha 0.5: equal maxima
+    with pytest.raises(PassError, match=r"alpha in \[0, 1\]"):
+        PassManager([{"pass": "quant", "smoothquant": 1.5}])

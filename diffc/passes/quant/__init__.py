@@ -14,7 +14,9 @@ group norm, which brings the pieces to a common range, so it keeps one scale. Wi
 static per-tensor scales; the softmax probabilities stay at the backend's precision inside the
 fused kernel. Attention nodes take part in sensitivity (activation term only) and placement: they
 have no weight bytes, so a size budget leaves them at high precision (nothing to save), a latency
-budget weighs their matmul time like a layer's, a single-format target quantizes them. The target's precision says which formats
+budget weighs their matmul time like a layer's, a single-format target quantizes them. With
+`smoothquant=alpha`, every placeable linear first gets SmoothQuant migration (diffc/passes/quant/
+smooth.py: x / s into W * s, exact in full precision). The target's precision says which formats
 are allowed: int8 / fp8 / int4 quantize every unprotected layer to that format; mixed chooses a
 format per layer minimizing the total HAWQ-v2 sensitivity (Hessian trace x perturbation) under
 a size or estimated-latency budget (by default the size of uniform W8A8), solved exactly as an
@@ -39,6 +41,7 @@ from .formats import RELATIVE_COST, formats_for
 from .layers import PROTECTIONS, Attention, Layer, attention_nodes, quantizable_layers
 from .placement import pareto_front, place
 from .sensitivity import ACCUMULATIONS, Sensitivity, measure, sample_calls
+from .smooth import smooth
 
 SENSITIVITIES = ("hessian", "mse")
 
@@ -61,6 +64,7 @@ class QuantConfig(PassConfig):
     seed: int = 0
     split_shortcut: bool = True
     attention: bool = False
+    smoothquant: float | None = None
 
     def __post_init__(self) -> None:
         if self.formats is not None:
@@ -81,6 +85,9 @@ class QuantConfig(PassConfig):
                 raise ValueError(f"{name} must be positive, got {value}")
         if min(self.samples, self.probes, self.groups, self.trajectories) < 1 or self.pareto_points < 2:
             raise ValueError("samples, probes, groups and trajectories must be >= 1 and pareto_points >= 2")
+        if self.smoothquant is not None and not 0 <= self.smoothquant <= 1:
+            raise ValueError(f"smoothquant is the migration strength alpha in [0, 1] (0.5 in SmoothQuant), or None "
+                             f"to leave activations alone; got {self.smoothquant}")
         if not 0 < self.percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
 
@@ -101,6 +108,10 @@ class QuantPass(Pass):
         if not placeable:
             raise PassError(f"{dg.signature.model_class} has no linear or convolution layer left to quantize "
                             f"({len(layers)} found, all protected); protect fewer layer groups (protect=...)")
+        smoothed = self._smooth(dg, ctx, placeable, formats)
+        if smoothed:
+            layers = quantizable_layers(dg, cfg.protect)
+            placeable = [layer for layer in layers if layer.protected is None]
         activations = self._activations(dg, ctx, placeable, formats)
         attentions = attention_nodes(dg) if cfg.attention and activation_types(formats) else []
         attention_quant = self._attention_activations(dg, ctx, attentions, formats)
@@ -144,9 +155,21 @@ class QuantPass(Pass):
         report = self._report(dg, ctx, layers, placeable, formats, chosen, sensitivity, sizes[:len(placeable)],
                               objective[:len(placeable)], rule)
         report["attention"] = self._attention_report(attentions, attention_chosen, attention_quant, sensitivity)
+        report["smoothquant"] = {"alpha": cfg.smoothquant, "layers": smoothed} if cfg.smoothquant is not None else None
         placed = {**chosen, **attention_chosen}
         report["predicted_error"] = float(f"{sum(sensitivity.hessian[n][f] for n, f in placed.items()):.6g}")
         return PassResult(dg, modified=True, report=report)
+
+    def _smooth(self, dg: DiffusionGraph, ctx: PassContext, placeable: list[Layer], formats: tuple[str, ...]) -> list[str]:
+        """With smoothquant=alpha and a format that quantizes activations, SmoothQuant migration
+        on every placeable linear (from its input's per-channel maxima over the trajectory)."""
+        cfg = self.config
+        linears = [layer for layer in placeable if not layer.pieces and len(layer.shape) == 2]
+        if cfg.smoothquant is None or not activation_types(formats) or not linears:
+            return []
+        stats = compute_statistics(ctx.calibration, dg, groups=cfg.groups, nodes=sorted({layer.input for layer in linears}),
+                                   progress=False)
+        return smooth(dg, linears, stats.node, cfg.smoothquant)
 
     @staticmethod
     def _by_size(objective: np.ndarray, sizes: np.ndarray, budget: float, layers: int) -> list[int]:
