@@ -77,7 +77,7 @@ class PruneConfig(PassConfig):
     seed: int = 0
     progress: bool = False
     compensate: bool = True
-    rerank: int = 8
+    rerank: int = 4
     recover_steps: int = 0
     recover_lr: float = 1e-4
 
