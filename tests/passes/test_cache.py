@@ -416,9 +416,11 @@ def test_bac_recomputes_a_block_that_changes_more_at_least_as_often():
     assert sum(costs[n] for combo in schedule for n in combo) <= 8 * sum(costs.values())
 
 
+@pytest.mark.parametrize("family_name", ["dit", "unet2dcond", *(pytest.param(name, marks=pytest.mark.slow)
+                                                           for name in ("unet2d", "pixart", "sd3", "flux"))])
 def test_bac_with_every_step_recomputed_is_exact_on_every_family(captured, family_name, family):
     """Full budget: threshold 0, every block recomputes at every step (residual or raw blocks,
-    whichever each family's blocks allow)."""
+    whichever each family's blocks allow; the four other families run under -m slow)."""
     model, inputs = family(family_name)
     out = _run([{"pass": "cache", "schedule": "bac", "full_fraction": 1.0}], captured(family_name),
                _family_calibration(family_name))
