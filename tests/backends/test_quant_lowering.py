@@ -87,7 +87,7 @@ def test_kernel_lowering_matches_the_simulation_on_cpu(annotated):
 
 def test_low_bit_target_without_annotations_fails_clearly(family):
     assert str(parse_target("torch-int8")) == "torch-int8"
-    with pytest.raises(TargetError, match="add the pass"):
+    with pytest.raises(TargetError, match="has no pass that writes them; add it"):
         diffc.optimize(family("dit")[0], target="torch-int8", passes=[])
 
 
