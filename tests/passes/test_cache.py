@@ -232,7 +232,10 @@ def test_bench_all_pipeline_runs(captured):
     from diffc.bench import ALL_PASSES
 
     dg, cal = captured("dit"), _family_calibration("dit")
-    out = PassManager(list(ALL_PASSES)).run(dg, PassContext(calibration=cal, target="torch-int8"))
+    # on this random tiny DiT the default prune search may remove every block (each adds little), which
+    # leaves quant nothing to quantize: a fixed share keeps layers for it
+    pipeline = [{"pass": "prune", "amount": 0.25} if name == "prune" else name for name in ALL_PASSES]
+    out = PassManager(pipeline).run(dg, PassContext(calibration=cal, target="torch-int8"))
     lint(out)
     assert [entry["pass"] for entry in out.applied] == list(ALL_PASSES)
     assert out.step_plan and any("precision" in a for a in out.annotations.values())
