@@ -169,6 +169,7 @@ def _quant_options(config: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
         "formats": st.sampled_from([("int8",), ("bf16", "int8"), ("int8", "int4", "w4a8"), ("fp8", "int8", "int4")]),
         "sensitivity": st.sampled_from(["hessian", "mse"]),
         "samples": st.just(3), "probes": st.just(1), "trajectories": st.just(1),
+        "split_shortcut": st.booleans(), "attention": st.booleans(), "smoothquant": st.sampled_from([None, 0.5]),
     })
 
 
