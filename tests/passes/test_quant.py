@@ -248,13 +248,17 @@ def test_cache_then_quant_lowers_annotations_in_every_segment(tiny):
 
 
 def test_split_shortcut_gives_each_concatenated_piece_its_scale(tiny, int8_graph):
-    """The decoder's conv_shortcut layers read cat([upsampled, skip]) directly: their input gets one
-    scale per piece, each the scale that piece alone calibrates to; the first convs read the
-    concatenation through a group norm and keep one scale."""
+    """With split_shortcut, the decoder's conv_shortcut layers read cat([upsampled, skip]) directly:
+    their input gets one scale per piece, each the scale that piece alone calibrates to; the first
+    convs read the concatenation through a group norm and keep one scale. By default no layer splits."""
     from diffc.calibration import compute_statistics
     from diffc.passes.quant.annotate import activation_scale, layer_activation
 
     dg, calibration = tiny
+    assert not int8_graph.applied[-1]["report"]["split_shortcut"]
+    assert not any(PrecisionSpec.from_json(a["precision"]).activation.group_sizes
+                   for a in int8_graph.annotations.values() if "precision" in a and a["precision"].get("activation"))
+    int8_graph = _quantize(dg, calibration, "torch-int8", split_shortcut=True)
     layers = {layer.node: layer for layer in quantizable_layers(int8_graph, PROTECTIONS)}
     split = [layer for layer in layers.values() if layer.pieces and not layer.protected]
     nodes = {n.name: n for n in dg.graph.nodes}

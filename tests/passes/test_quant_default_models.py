@@ -99,12 +99,12 @@ def test_cache_then_quant_keeps_25db(model):
 
 @pytest.mark.slow
 def test_split_shortcut_and_attention_options_keep_30db(model):
-    """W8A8 without split shortcuts, and with attention quantized, both keep the W8A8 bar; split
+    """W8A8 with split shortcuts, and with attention quantized, both keep the W8A8 bar; split
     shortcuts apply to the UNet's decoder concatenations only (the DiT has none)."""
-    for options in ({"split_shortcut": False}, {"attention": True}):
+    for options in ({"split_shortcut": True}, {"attention": True}):
         images, reference, report = _final(model, "torch-int8", [{"pass": "quant", **options}])
         assert psnr(images, reference) >= 30.0
         if options.get("attention"):
             assert report["attention"] and all(e["format"] == "int8" for e in report["attention"])
-    is_unet = model[1] == "unet"
-    assert bool(report["split_shortcut"]) == is_unet
+        else:
+            assert bool(report["split_shortcut"]) == (model[1] == "unet")

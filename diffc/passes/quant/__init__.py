@@ -4,7 +4,8 @@ For each linear / 2-d convolution with a constant weight, the pass writes a froz
 spec (diffc.ir.precision) into `dg.annotations[node]["precision"]`: the format (bf16, fp8 W8A8,
 int8 W8A8, int4 weight-only in blocks of 128, W4A8), the weight scheme and a static activation
 scale calibrated on the whole denoising trajectory (Q-Diffusion, PTQ4DM: ranges shift with the
-timestep, so statistics cover every timestep group). With `split_shortcut` (default) a layer
+timestep, so statistics cover every timestep group). With `split_shortcut` (off by default: see
+README) a layer
 that reads a channel concatenation directly, the conv_shortcut of a UNet decoder resnet reading
 cat([upsampled, skip]), quantizes each concatenated piece with its own scale (Q-Diffusion: the two
 halves have very different ranges); the resnet's first conv reads the concatenation through a
@@ -62,7 +63,7 @@ class QuantConfig(PassConfig):
     protect: tuple[str, ...] = PROTECTIONS
     pareto_points: int = 10
     seed: int = 0
-    split_shortcut: bool = True
+    split_shortcut: bool = False
     attention: bool = False
     smoothquant: float | None = None
 
