@@ -308,7 +308,7 @@ class MoePass(Pass):
     requires = ("calibrated", "full_precision")
 
     def writes_step_plan(self) -> bool:
-        return self.config.step_groups > 1
+        return self.config.routing == "timestep" and self.config.step_groups > 1
 
     def run(self, dg: DiffusionGraph, ctx: PassContext) -> PassResult:
         cfg = self.config

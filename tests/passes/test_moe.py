@@ -232,6 +232,13 @@ def test_token_routing_structure_and_numerics(captured):
     assert 0 < report["relative_error"] < 0.1
 
 
+def test_token_routing_writes_no_step_plan_so_cache_may_follow():
+    assert not PassManager([{"pass": "moe", "routing": "token"}]).passes[0].writes_step_plan()
+    PassManager([{"pass": "moe", "routing": "token"}, "cache"]).validate()
+    with pytest.raises(PassError, match="cache cannot run after moe"):
+        PassManager(["moe", "cache"]).validate()
+
+
 def test_token_routing_with_every_token_computes_the_dense_model(captured):
     dg = captured("dit")
     out = _token_routed(0.99)
