@@ -227,6 +227,13 @@ def test_static_moe_then_cache_compose(captured):
     assert 0 < report["relative_error"] < 1 and report["predicted_speedup"] > 1
 
 
+def test_quant_after_a_prune_that_removed_every_layer_names_both_fixes(captured):
+    dg, cal = captured("dit"), _family_calibration("dit")
+    with pytest.raises(PassError, match=r"protect fewer layer groups .*let prune \(run before\) remove fewer"):
+        PassManager([{"pass": "prune", "amount": 0.55}, "quant"]).run(
+            dg, PassContext(calibration=cal, target="torch-int8"))
+
+
 def test_bench_all_pipeline_runs(captured):
     """The bench's "all" pipeline is a combination whose passes compose."""
     from diffc.bench import ALL_PASSES

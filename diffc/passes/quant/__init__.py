@@ -107,8 +107,11 @@ class QuantPass(Pass):
         layers = quantizable_layers(dg, cfg.protect)
         placeable = [layer for layer in layers if layer.protected is None]
         if not placeable:
+            removers = [entry["pass"] for entry in dg.applied if entry["pass"] in ("prune", "moe")]
+            earlier = f", or let {' and '.join(removers)} (run before) remove fewer layers" if removers else ""
             raise PassError(f"{dg.signature.model_class} has no linear or convolution layer left to quantize "
-                            f"({len(layers)} found, all protected); protect fewer layer groups (protect=...)")
+                            f"({len(layers)} found, all protected); protect fewer layer groups (protect=...)"
+                            f"{earlier}")
         smoothed = self._smooth(dg, ctx, placeable, formats)
         if smoothed:
             layers = quantizable_layers(dg, cfg.protect)
