@@ -36,10 +36,8 @@ class OptimizedModel(torch.nn.Module):
 
     def __init__(self, compiled: CompiledPlan, recompile: Callable[[Plan, Any], CompiledPlan] | None = None) -> None:
         super().__init__()
-        self._compiled = compiled
         self._recompile = recompile
-        self.segments = torch.nn.ModuleDict(
-            {k: v for k, v in compiled.runners.items() if isinstance(v, torch.nn.Module)})
+        self._use(compiled)
         self.steps = StepTracker()
         self._states: dict[str, dict[str, Any]] = {}
         self._context = ""
@@ -82,9 +80,8 @@ class OptimizedModel(torch.nn.Module):
         if device is not None and torch.device(device) != self.device:
             if self._recompile is None:
                 raise InputError(f"this {self.target} model cannot move to {device}; optimize it for that device")
-            adapters = self._adapters
-            self.__init__(self._recompile(self.plan, device), self._recompile)  # type: ignore[misc]
-            self._adapters = adapters
+            self._use(self._recompile(self.plan, device))
+            self.reset()
         return self
 
     def save(self, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
@@ -139,7 +136,10 @@ class OptimizedModel(torch.nn.Module):
     def _refit(self) -> None:
         self._adapters.apply([self.plan.graph.module, *(s.module for s in self.plan.segments.values())])
         assert self._recompile is not None
-        compiled = self._recompile(self.plan, self.device)
+        self._use(self._recompile(self.plan, self.device))
+
+    def _use(self, compiled: CompiledPlan) -> None:
+        """Runs `compiled` from now on (its torch runners registered as submodules)."""
         self._compiled = compiled
         self.segments = torch.nn.ModuleDict(
             {k: v for k, v in compiled.runners.items() if isinstance(v, torch.nn.Module)})
