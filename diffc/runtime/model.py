@@ -105,8 +105,8 @@ class OptimizedModel(torch.nn.Module):
         absent from the graph (strict=False only). `save` writes the merged weights."""
         if name in self._adapters.deltas:
             raise InputError(f"an adapter named {name!r} is loaded; unload_lora({name!r}) first or pick another name")
-        deltas, skipped = lora_deltas(read_adapter(adapter), self.plan.graph.weights(), strict)
         self._check_relowerable()
+        deltas, skipped = lora_deltas(read_adapter(adapter), self.plan.graph.weights(), strict)
         self._adapters.deltas[name], self._adapters.scales[name] = deltas, float(scale)
         self._refit()
         return skipped
