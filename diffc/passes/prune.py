@@ -14,7 +14,14 @@ A removed unit is replaced by its mean residual (`compensate`): the per-channel 
 adds to the residual stream on the calibration calls becomes a constant added in its place, the
 closed-form bias compensation of pruning without training (it stays in the graph, so it does not
 count as removed; scores are measured with it). Per-channel, not per-position: a per-token mean
-of a fixed-resolution DiT fits the few calibration images and generalises worse.
+of a fixed-resolution DiT fits the few calibration images and generalises worse. What a unit adds
+drifts with the noise level, so the mean is taken per range of timesteps (`compensate_ranges`) and
+each sample's timestep picks its range's row at run time (a compare and a small matmul), which
+holds for any number of sampling steps.
+
+Removal also drops the output rows of a linear whose split pieces are no longer read: adaLN-Zero
+(DiT, PixArt, SD3, FLUX) computes one block's attention and FFN modulations with one linear, so
+removing the attention removes half of that linear, and it counts towards the share removed.
 
 With the live pipeline, the knapsack's optimum and its runners-up (the optimum with one of its
 units excluded), up to `rerank` sets, are re-sampled through the real sampling loop and the set
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import random
 import time
 from dataclasses import dataclass
@@ -52,7 +60,9 @@ from ..calibration import trajectory_error
 from ..calibration.statistics import _Observer
 from ..errors import PassError
 from ..ir import DiffusionGraph
+from ..ir.graph import TIMESTEP
 from ..ir.blocks import ATTENTION, FFN, RESNET, STAGE, TRANSFORMER_BLOCK, discover_blocks, node_flops
+from ..ir.fxutil import attr_value
 from ..ir.partition import BYPASS, build_plan
 from ._search import search_grid
 from .base import Pass, PassConfig, PassContext, PassResult, register_pass
@@ -77,6 +87,7 @@ class PruneConfig(PassConfig):
     seed: int = 0
     progress: bool = False
     compensate: bool = True
+    compensate_ranges: int = 4
     rerank: int = 4
     recover_steps: int = 0
     recover_lr: float = 1e-4
@@ -89,9 +100,9 @@ class PruneConfig(PassConfig):
         unknown = sorted(set(self.kinds) - set(UNIT_KINDS))
         if unknown or not self.kinds:
             raise ValueError(f"kinds must be a non-empty subset of {UNIT_KINDS}, got {self.kinds}")
-        if self.step_groups < 1 or self.max_records < 1 or self.additivity_sets < 0 or self.rerank < 0 or \
+        if self.step_groups < 1 or self.max_records < 1 or self.compensate_ranges < 1 or self.additivity_sets < 0 or self.rerank < 0 or \
                 self.recover_steps < 0 or self.recover_lr <= 0:
-            raise ValueError("step_groups and max_records must be >= 1, additivity_sets, rerank and recover_steps "
+            raise ValueError("step_groups, max_records and compensate_ranges must be >= 1, additivity_sets, rerank and recover_steps "
                              ">= 0, recover_lr > 0")
         if self.recover_steps and self.step_groups > 1:
             raise ValueError("recovery distils one pruned graph: give recover_steps with step_groups=1")
@@ -152,7 +163,7 @@ def residual_units(dg: DiffusionGraph, kinds: Sequence[str] = UNIT_KINDS,
 
 
 def remove_units(dg: DiffusionGraph, units: Sequence[Unit],
-                 offsets: Mapping[str, torch.Tensor] | None = None) -> DiffusionGraph:
+                 offsets: Mapping[str, MeanResidual] | None = None) -> DiffusionGraph:
     """Rewires each unit's output to its residual input, plus the unit's entry in `offsets` (its
     mean residual, see `mean_residuals`) where it has one; removes what became dead and rebuilds
     the block table; `dg` is changed in place and returned."""
@@ -178,31 +189,89 @@ def remove_units(dg: DiffusionGraph, units: Sequence[Unit],
 
 
 def _add_offset(dg: DiffusionGraph, out: torch.fx.Node, skip: torch.fx.Node, name: str,
-                offset: torch.Tensor) -> torch.fx.Node:
-    """A new node skip + offset (a constant broadcast against `out`), placed before `out`."""
-    dg.module.register_buffer(name, offset.detach().to(out.meta["tensor_meta"].dtype).contiguous())
+                offset: "MeanResidual") -> torch.fx.Node:
+    """A new node skip + offset, placed before `out`: the offset a constant broadcast against `out`,
+    or with timestep ranges, the row of the range each sample's timestep falls in."""
+    dtype = out.meta["tensor_meta"].dtype
     with dg.graph.inserting_before(out):
-        constant = dg.graph.get_attr(name)
-        constant.meta["tensor_meta"] = _extract_tensor_metadata(getattr(dg.module, name))
+        constant = _constant(dg, name, offset.table[0].to(dtype))
+        timestep = _timestep_node(dg) if len(offset.table) > 1 else None
+        if timestep is not None:
+            constant = _per_timestep_offset(dg, name, offset, timestep, constant, dtype)
         shifted = dg.graph.create_node("call_function", aten.add.Tensor, (skip, constant), name=f"{name}_added")
     shifted.meta.update({k: v for k, v in out.meta.items() if k in ("tensor_meta", "val", "nn_module_stack")})
     return shifted
 
 
+def _per_timestep_offset(dg: DiffusionGraph, name: str, offset: "MeanResidual", timestep: torch.fx.Node,
+                         first: torch.fx.Node, dtype: torch.dtype) -> torch.fx.Node:
+    """first + sum_k [t > boundary_k] * (table[k+1] - table[k]): the table row of each sample's
+    timestep range, in ops every backend lowers (compare, cast, matmul, reshape), shaped
+    [batch, *offset] so it broadcasts against the unit's output."""
+    shape = list(offset.table.shape[1:])
+    steps = (offset.table[1:] - offset.table[:-1]).reshape(len(offset.table) - 1, -1)
+    graph = dg.graph
+
+    def call(target: Any, *args: Any, **kwargs: Any) -> torch.fx.Node:
+        return graph.call_function(target, args, kwargs)
+
+    boundaries = _constant(dg, f"{name}_timestep_boundaries", torch.tensor(offset.boundaries, dtype=torch.float32))
+    times = call(aten.reshape.default, call(aten._to_copy.default, timestep, dtype=torch.float32), [-1, 1])
+    above = call(aten._to_copy.default, call(aten.gt.Tensor, times, boundaries), dtype=dtype)
+    shift = call(aten.mm.default, above, _constant(dg, f"{name}_steps", steps.to(dtype)))
+    return call(aten.add.Tensor, first, call(aten.reshape.default, shift, [-1, *shape]))
+
+
+def _timestep_node(dg: DiffusionGraph) -> torch.fx.Node | None:
+    placeholders = [n for n in dg.graph.nodes if n.op == "placeholder"]
+    return next((node for spec, node in zip(dg.signature.inputs, placeholders) if spec.role == TIMESTEP), None)
+
+
+@dataclass(frozen=True)
+class MeanResidual:
+    """What replaces a removed unit: `table[k]` is its mean residual over the calibration calls whose
+    timestep lies in range k (ascending timesteps; ranges split at `boundaries`), one row when the
+    mean is not split by timestep."""
+
+    table: torch.Tensor
+    boundaries: tuple[float, ...] = ()
+
+    def numel(self) -> int:
+        return self.table.numel() + len(self.boundaries)
+
+
 def mean_residuals(dg: DiffusionGraph, units: Sequence[Unit], batch: "CalibrationBatch",
-                   mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   ranges: int = 1) -> dict[str, MeanResidual]:
     """Per unit: the mean of what it adds to its residual input (output - skip) on the calibration
-    rows in `mask` (all by default): the constant that best replaces the removed unit in the mean
-    squared sense, the closed-form bias compensation of pruning without training. The mean runs
-    over the batch and every dimension the graph keeps symbolic (resolution, sequence length), so
-    the constant broadcasts at every shape the graph accepts."""
+    calls, the constant that best replaces the removed unit in the mean squared sense (the
+    closed-form bias compensation of pruning without training), taken separately over `ranges`
+    ranges of steps, whose timesteps then pick it at run time: what a unit adds drifts with the
+    noise level. The mean runs over the batch and every dimension the graph keeps symbolic
+    (resolution, sequence length), so it broadcasts at every shape the graph accepts. One range
+    when the graph has no timestep input or the calibrated ranges' timesteps overlap."""
+    spans = step_ranges(batch.num_steps, ranges)
+    masks = [batch.step_mask(set(range(a, b))) for a, b in spans]
+    masks = [m for m in masks if bool(m.any())]
+    times = batch.row_timesteps
+    if len(masks) > 1 and times is not None:
+        bounds = sorted((float(times[m].min()), float(times[m].max()), m) for m in masks)
+        if all(low_next > high for (_, high, _), (low_next, _, _) in zip(bounds, bounds[1:])):
+            tables = [_masked_mean_residuals(dg, units, batch, m) for _, _, m in bounds]
+            boundaries = tuple((high + low_next) / 2 for (_, high, _), (low_next, _, _) in zip(bounds, bounds[1:]))
+            return {u.name: MeanResidual(torch.stack([t[u.name] for t in tables]), boundaries) for u in units}
+    everything = torch.ones(len(batch.row_steps), dtype=torch.bool)
+    return {name: MeanResidual(mean[None]) for name, mean in _masked_mean_residuals(dg, units, batch, everything).items()}
+
+
+def _masked_mean_residuals(dg: DiffusionGraph, units: Sequence[Unit], batch: "CalibrationBatch",
+                           mask: torch.Tensor) -> dict[str, torch.Tensor]:
     watch = {u.out for u in units} | {u.skip for u in units}
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     seen: dict[str, torch.Tensor] = {}
     nodes = {n.name: n for n in dg.graph.nodes}
     dims = {u.name: _reduced_dims(nodes[u.out]) for u in units}
-    for flat in batch.calls(mask if mask is not None else torch.ones(len(batch.row_steps), dtype=torch.bool)):
+    for flat in batch.calls(mask):
         seen.clear()
         with torch.no_grad():
             _Observer(dg.module, watch, lambda n, v: seen.__setitem__(n, v.detach())).run(*flat)
@@ -224,15 +293,85 @@ def _reduced_dims(node: torch.fx.Node) -> tuple[int, ...]:
 
 def _eliminate_dead_code(dg: DiffusionGraph) -> None:
     """Erases unused nodes, dropout included (fx keeps it as a random op, but the captured graph
-    runs in eval mode, where it is the identity); runtime assertions stay."""
-    for node in reversed(list(dg.graph.nodes)):
-        if node.op in ("call_function", "get_attr") and not node.users and \
-                not str(getattr(node.target, "__name__", node.target)).startswith("_assert"):
-            dg.graph.erase_node(node)
+    runs in eval mode, where it is the identity), and the output rows of a linear whose chunks are
+    no longer read (see `_narrow_dead_chunks`); runtime assertions stay."""
+    _erase_unused(dg.graph)
+    if _narrow_dead_chunks(dg):
+        _erase_unused(dg.graph)
     dg.module = torch.fx.GraphModule(dg.weights(), dg.graph)
     dg.blocks = discover_blocks(dg.module)
     alive = {n.name for n in dg.graph.nodes}
     dg.annotations = {k: v for k, v in dg.annotations.items() if k in alive}
+
+
+def _erase_unused(graph: torch.fx.Graph) -> None:
+    for node in reversed(list(graph.nodes)):
+        if node.op in ("call_function", "get_attr") and not node.users and \
+                not str(getattr(node.target, "__name__", node.target)).startswith("_assert"):
+            graph.erase_node(node)
+
+
+_CHUNKS = (aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default)
+
+
+def _narrow_dead_chunks(dg: DiffusionGraph) -> bool:
+    """A linear whose output is only split along its features, with some pieces no longer read,
+    computes just the rows of the pieces still read: adaLN-Zero's modulation linear (DiT, PixArt,
+    SD3, FLUX) emits shift, scale and gate for both the attention and the FFN of its block, so
+    removing one of them leaves half of that linear's rows dead. Returns whether any changed."""
+    changed = False
+    for split in [n for n in dg.graph.nodes if n.op == "call_function" and n.target in _CHUNKS]:
+        linear = split.args[0]
+        pieces = _piece_sizes(split)
+        if not (isinstance(linear, torch.fx.Node) and linear.target == aten.linear.default and len(linear.users) == 1
+                and pieces is not None and all(u.target is operator.getitem for u in split.users)):
+            continue
+        read = sorted({int(u.args[1]) for u in split.users})
+        weight_node, bias_node = linear.args[1], linear.args[2] if len(linear.args) > 2 else None
+        if len(read) == len(pieces) or not all(isinstance(a, torch.fx.Node) and a.op == "get_attr"
+                                               for a in (weight_node, bias_node) if a is not None):
+            continue
+        starts = np.cumsum([0, *pieces]).tolist()
+        rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in read])
+        region = linear.name
+        with dg.graph.inserting_before(linear):
+            narrowed = [_constant(dg, f"{region}_live_{kind}", attr_value(dg.module, node.target)[rows])
+                        if node is not None else None for kind, node in (("weight", weight_node), ("bias", bias_node))]
+        linear.args = (linear.args[0], *[n for n in narrowed if n is not None])
+        meta = linear.meta["tensor_meta"]
+        linear.meta["tensor_meta"] = meta._replace(shape=torch.Size([*meta.shape[:-1], len(rows)]))
+        linear.meta.pop("val", None)
+        with dg.graph.inserting_after(split):
+            live = dg.graph.call_function(aten.split_with_sizes.default, (linear, [pieces[i] for i in read], -1))
+        live.meta.update({k: v for k, v in split.meta.items() if k != "val"})
+        for user in list(split.users):
+            user.args = (live, read.index(int(user.args[1])))
+        changed = True
+    return changed
+
+
+def _piece_sizes(split: torch.fx.Node) -> list[int] | None:
+    """The sizes of the pieces a chunk/split node cuts its input's last dimension into, or None when
+    it cuts another dimension or the size is not static."""
+    shape = _shape(split.args[0]) if isinstance(split.args[0], torch.fx.Node) else None
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    if not shape or dim not in (-1, len(shape) - 1) or not isinstance(shape[-1], int):
+        return None
+    length, how = shape[-1], split.args[1]
+    if split.target == aten.split_with_sizes.default:
+        return [int(s) for s in how]
+    size = math.ceil(length / how) if split.target == aten.chunk.default else int(how)
+    return [min(size, length - start) for start in range(0, length, size)]
+
+
+def _constant(dg: DiffusionGraph, name: str, tensor: torch.Tensor) -> torch.fx.Node:
+    taken, base, index = set(dict(dg.module.named_buffers())) | set(dict(dg.module.named_parameters())), name, 1
+    while name in taken:
+        name, index = f"{base}_{index}", index + 1
+    dg.module.register_buffer(name, tensor.detach().clone().contiguous())
+    node = dg.graph.get_attr(name)
+    node.meta["tensor_meta"] = _extract_tensor_metadata(getattr(dg.module, name))
+    return node
 
 
 def graph_flops(dg: DiffusionGraph) -> int:
@@ -318,6 +457,10 @@ class CalibrationBatch:
         flat = [[r.inputs[n] for n in names] for r in records]
         rows = [r.inputs[names[0]].shape[0] for r in records]
         self.row_steps = torch.tensor([r.step for r, n in zip(records, rows) for _ in range(n)])
+        timestep = reference.signature.timestep
+        per_row = [r.inputs[timestep.name].double().reshape(-1) for r in records] if timestep is not None else []
+        self.row_timesteps = torch.cat([t.expand(n) if t.numel() == 1 else t for t, n in zip(per_row, rows)]) \
+            if per_row and all(t.numel() in (1, n) for t, n in zip(per_row, rows)) else None
         stacked = [torch.cat(parts) for parts in zip(*flat)]
         try:
             with torch.no_grad():
@@ -426,7 +569,7 @@ def knapsack(units: Sequence[Unit], scores: Sequence[float], weights: Sequence[f
 
 def additivity(dg: DiffusionGraph, units: Sequence[Unit], scores: Sequence[float], batch: CalibrationBatch,
                count: int, seed: int, steps: set[int] | None = None,
-               offsets: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+               offsets: Mapping[str, MeanResidual] | None = None) -> dict[str, Any]:
     """Measured error of random sets of non-nested units against the sum of their single scores
     (LAPTOP-Diff's additivity): Pearson correlation and the mean measured / predicted ratio."""
     rng = random.Random(seed)
@@ -490,7 +633,8 @@ class PrunePass(Pass):
         ranges = step_ranges(batch.num_steps, cfg.step_groups) if cfg.step_groups > 1 else [(0, batch.num_steps)]
         groups = [set(range(a, b)) for a, b in ranges]
         # a bypass region of a step plan passes its residual on unchanged: compensation needs step_groups=1
-        offsets = mean_residuals(dg, units, batch) if cfg.compensate and len(groups) == 1 else {}
+        offsets = mean_residuals(dg, units, batch, cfg.compensate_ranges) if cfg.compensate and len(groups) == 1 \
+            else {}
         # a unit's mean residual stays in the graph as a constant: it does not count as removed
         weights = [self._weight(u, offsets.get(u.name), roofline, dg) for u in units]
         scores = self._scores(dg, units, batch, groups, offsets)
@@ -536,7 +680,7 @@ class PrunePass(Pass):
                                                           for score, units_g in zip(scores, chosen)])), 6)
         return PassResult(pruned, modified=any(chosen), report=report)
 
-    def _weight(self, unit: Unit, offset: torch.Tensor | None, roofline: Roofline | None,
+    def _weight(self, unit: Unit, offset: MeanResidual | None, roofline: Roofline | None,
                 dg: DiffusionGraph) -> float:
         """What removing the unit saves of the target, less what its mean residual (an add of a
         constant) costs."""
@@ -548,11 +692,11 @@ class PrunePass(Pass):
         if offset is None:
             return unit.latency
         out = next(n for n in dg.graph.nodes if n.name == unit.out)
-        added = 2 * _nbytes(out) + offset.numel() * offset.element_size()
+        added = 2 * _nbytes(out) + offset.numel() * offset.table.element_size()
         return unit.latency - roofline.op_seconds - added / roofline.bytes_per_s
 
     def _rerank(self, dg: DiffusionGraph, units: list[Unit], scores: list[float], weights: list[float],
-                need: float, best: list[Unit], offsets: Mapping[str, torch.Tensor],
+                need: float, best: list[Unit], offsets: Mapping[str, MeanResidual],
                 ctx: PassContext) -> tuple[list[Unit], list[dict[str, Any]]]:
         """Among the knapsack's optimum and its runners-up (the optimum with one of its units
         excluded), up to `rerank` sets, the one whose pruned model re-samples the calibration
@@ -577,7 +721,7 @@ class PrunePass(Pass):
         return candidates[int(np.argmin(measured))], record
 
     def _scores(self, dg: DiffusionGraph, units: list[Unit], batch: CalibrationBatch,
-                groups: list[set[int]], offsets: Mapping[str, torch.Tensor]) -> list[list[float]]:
+                groups: list[set[int]], offsets: Mapping[str, MeanResidual]) -> list[list[float]]:
         """scores[g][i]: mean relative output error over the calls in step range g with unit i removed."""
         masks = [batch.step_mask(g) for g in groups]
         scores: list[list[float]] = [[] for _ in groups]
@@ -588,7 +732,7 @@ class PrunePass(Pass):
         return scores
 
     def _pruned(self, dg: DiffusionGraph, chosen: list[list[Unit]], ranges: list[tuple[int, int]],
-                num_steps: int, offsets: Mapping[str, torch.Tensor] | None = None) -> DiffusionGraph:
+                num_steps: int, offsets: Mapping[str, MeanResidual] | None = None) -> DiffusionGraph:
         """Units chosen for every step range are removed from the graph; the others become bypass
         regions skipped by the variants of the ranges that chose them."""
         everywhere = [u for u in chosen[0] if all(any(v.name == u.name for v in c) for c in chosen)]

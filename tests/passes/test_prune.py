@@ -84,8 +84,8 @@ def test_mean_residual_compensation(captured):
     batch = CalibrationBatch(_calibration("dit"), dg, 8)
     units = {u.name: u for u in residual_units(dg)}
     unit = units["transformer_blocks.1.ff"]
-    offsets = mean_residuals(dg, [unit], batch)
-    assert offsets[unit.name].shape == (1, _channels(dg, unit.out))  # broadcasts over batch and tokens
+    offsets = mean_residuals(dg, [unit], batch, ranges=1)
+    assert offsets[unit.name].table.shape == (1, 1, _channels(dg, unit.out))  # broadcasts over batch and tokens
     compensated = remove_units(dg.clone(), [unit], offsets)
     lint(compensated)
     # the stored constant is the mean of output - skip over the calibration rows and tokens
@@ -94,12 +94,37 @@ def test_mean_residual_compensation(captured):
     with torch.no_grad():
         _Observer(dg.module, {unit.out, unit.skip}, seen.__setitem__).run(*batch.batches[0])
     expected = (seen[unit.out] - seen[unit.skip]).double().mean(dim=(0, 1))
-    assert torch.allclose(offsets[unit.name].reshape(-1).double(), expected, atol=1e-6)
+    assert torch.allclose(offsets[unit.name].table.reshape(-1).double(), expected, atol=1e-6)
     assert compensated.num_parameters() == dg.num_parameters() - unit.params + expected.numel()
     worse = [units["transformer_blocks.0.ff"], units["transformer_blocks.1.attn1"]]
     plain = [batch.error(remove_units(dg.clone(), [u]).module) for u in worse]
-    with_mean = [batch.error(remove_units(dg.clone(), [u], mean_residuals(dg, [u], batch)).module) for u in worse]
+    with_mean = [batch.error(remove_units(dg.clone(), [u], mean_residuals(dg, [u], batch, ranges=1)).module)
+                 for u in worse]
     assert np.mean(with_mean) < np.mean(plain)
+
+
+def test_mean_residual_per_timestep_range(captured):
+    """With timestep ranges, each sample's timestep picks the mean residual of its range: in a batch
+    mixing timesteps, the compensated unit adds exactly its range's row."""
+    dg = captured("dit")
+    batch = CalibrationBatch(_calibration("dit"), dg, 8)
+    unit = next(u for u in residual_units(dg) if u.name == "transformer_blocks.1.ff")
+    offset = mean_residuals(dg, [unit], batch, ranges=2)[unit.name]
+    assert offset.table.shape[0] == 2 and len(offset.boundaries) == 1
+    assert not torch.allclose(offset.table[0], offset.table[1])
+    compensated = remove_units(dg.clone(), [unit], {unit.name: offset})
+    lint(compensated)
+    flat = batch.batches[0]
+    timestep = [s.role for s in dg.signature.inputs].index("timestep")
+    seen = {}
+    from diffc.calibration.statistics import _Observer
+    added = f"{unit.name.replace('.', '_')}_mean_residual_added"
+    with torch.no_grad():
+        _Observer(compensated.module, {added, unit.skip}, seen.__setitem__).run(*flat)
+    rows = (flat[timestep].double().reshape(-1) > offset.boundaries[0]).long()
+    expected = offset.table[rows]
+    assert torch.allclose(seen[added] - seen[unit.skip], expected.expand_as(seen[added]), atol=1e-5)
+    assert compensated.num_parameters() == dg.num_parameters() - unit.params + offset.numel()
 
 
 def _channels(dg, node_name):
@@ -355,3 +380,30 @@ def test_pruning_a_fifth_of_the_parameters_on_default_models(model_name):
     finally:
         setattr(pipe, attribute, original)
     assert 10 * np.log10(1 / float(np.mean((images - reference) ** 2))) >= 22
+
+
+def test_removing_an_attention_drops_its_rows_of_the_adaln_modulation(captured, family):
+    """adaLN-Zero emits shift, scale and gate for the attention and the FFN from one linear: once the
+    attention is gone its three chunks are dead, and the linear computes only the FFN's."""
+    dg = captured("dit")
+    model, inputs = family("dit")
+    units = {u.name: u for u in residual_units(dg)}
+    pruned = remove_units(dg.clone(), [units["transformer_blocks.1.attn1"]])
+    lint(pruned)
+    modulation = model.transformer_blocks[1].norm1.linear
+    attention = sum(p.numel() for p in model.transformer_blocks[1].attn1.parameters())
+    assert units["transformer_blocks.1.attn1"].params == attention + modulation.weight.numel() // 2 + \
+        modulation.bias.numel() // 2
+    assert pruned.num_parameters() == dg.num_parameters() - units["transformer_blocks.1.attn1"].params
+    splits = [n for n in pruned.graph.nodes if n.target == torch.ops.aten.split_with_sizes.default]
+    assert len(splits) == 1 and len(splits[0].users) == 3
+    # the same model with that attention's output zeroed: its gated residual adds nothing
+    handle = model.transformer_blocks[1].attn1.register_forward_hook(lambda module, args, out: torch.zeros_like(out))
+    try:
+        with torch.no_grad():
+            expected = first_tensor(model(**inputs))
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        assert torch.allclose(first_tensor(pruned.module(*[inputs[s.path[0]] for s in dg.signature.inputs])), expected,
+                              atol=1e-5, rtol=1e-5)
