@@ -21,7 +21,11 @@ With every expert active nothing is routed and the pass leaves the FFNs dense (e
 
 With `compensate`, a switched-off expert is replaced by its mean output (per channel, over the
 calibration tokens of the step ranges that switch it off), folded into the chain as a constant:
-the closed-form bias compensation of dropped neurons.
+the closed-form bias compensation of dropped neurons. With `refit` (the default), each step
+range's experts of an FFN become one smaller FFN whose down-projection is refit by ridge least
+squares to the whole FFN's output on that range's calibration tokens (the kept neurons take over
+what the dropped ones correlate with, the bias their mean); each range's FFN is then the bypass
+region on in its own range only, at the price of storing the kept neurons once per range.
 
 Per-token routing (`routing="token"`, Dense2MoE's routing (a)) is expert-choice with a static
 capacity: a linear router per FFN, fitted on calibration tokens by least squares to predict the
@@ -35,10 +39,11 @@ construction. It needs a static token count (a graph captured at a fixed resolut
 builds one graph, no step plan."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -76,6 +81,8 @@ class MoeConfig(PassConfig):
     max_tokens: int = 4096
     seed: int = 0
     compensate: bool = True
+    refit: bool = True
+    ridge: float = 1e-3
     routing: str = "timestep"
 
     def __post_init__(self) -> None:
@@ -90,6 +97,8 @@ class MoeConfig(PassConfig):
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.step_groups < 1 or self.max_records < 1 or self.max_tokens < 1:
             raise ValueError("step_groups, max_records and max_tokens must be >= 1")
+        if self.ridge < 0:
+            raise ValueError(f"ridge is the relative L2 penalty of the refit least squares, >= 0; got {self.ridge}")
 
 
 @dataclass
@@ -231,72 +240,101 @@ class ConvertedFFN:
     sizes: list[int]
     routed_from: int            # chain[routed_from:] are routable (bypass regions)
     tokens: int = 0             # tokens per sample at the FFN input, where static
+    builder: ExpertBuilder | None = None     # the dense FFN's weights, to build refit experts from
+    neurons: list[list[int]] | None = None   # hidden neurons of each chain link, head first
+
+
+@dataclass
+class ExpertBuilder:
+    """Builds the nodes of an FFN restricted to some hidden neurons, from the dense FFN's weights:
+    x -> up rows (GEGLU: value and gate rows) -> GELU -> down columns (given, so that a refit
+    down-projection can replace the dense one's) -> out."""
+
+    block: str
+    x: torch.fx.Node
+    up_weight: torch.Tensor
+    up_bias: torch.Tensor | None
+    down_weight: torch.Tensor
+    down_bias: torch.Tensor | None
+    geglu: bool
+    gelu_args: tuple[Any, ...]
+    gelu_kwargs: dict[str, Any]
+    out_shape: tuple[int, ...]
+    dtype: torch.dtype
+    meta: dict[str, Any]
+
+    @classmethod
+    def of(cls, dg: DiffusionGraph, ffn: DenseFFN) -> "ExpertBuilder":
+        meta = {k: v for k, v in ffn.down.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
+        return cls(ffn.block, ffn.up.args[0], _weight(dg, ffn.up), _bias(dg, ffn.up), _weight(dg, ffn.down),
+                   _bias(dg, ffn.down), ffn.geglu, tuple(ffn.gelu.args[1:]), dict(ffn.gelu.kwargs), _shape(ffn.down),
+                   ffn.down.meta["tensor_meta"].dtype, meta)
+
+    @property
+    def width(self) -> int:
+        return self.down_weight.shape[1]
+
+    def node(self, dg: DiffusionGraph, target: Any, args: tuple[Any, ...], shape: tuple[int, ...] | None,
+             kwargs: Any = None) -> torch.fx.Node:
+        created = dg.graph.call_function(target, args, kwargs or {})
+        created.meta.update(self.meta)
+        if shape is not None:
+            created.meta["tensor_meta"] = _extract_tensor_metadata(torch.empty(shape, dtype=self.dtype, device="meta"))
+        return created
+
+    def attr(self, dg: DiffusionGraph, name: str, tensor: torch.Tensor) -> torch.fx.Node:
+        target = f"{self.block.replace('.', '_')}_moe_{name}"
+        dg.module.register_buffer(target, tensor.detach().to(self.dtype).clone().contiguous())
+        created = dg.graph.get_attr(target)
+        created.meta["tensor_meta"] = _extract_tensor_metadata(getattr(dg.module, target))
+        return created
+
+    def expert(self, dg: DiffusionGraph, name: str, neurons: Sequence[int], down_weight: torch.Tensor,
+               down_bias: torch.Tensor | None) -> torch.fx.Node:
+        """The output node of the FFN on `neurons`, at the graph's insertion point."""
+        rows = torch.tensor(list(neurons))
+        hidden_shape = (*self.out_shape[:-1], len(rows))
+
+        def linear(part: str, weight: torch.Tensor, bias: torch.Tensor | None, shape: tuple[int, ...],
+                   source: torch.fx.Node) -> torch.fx.Node:
+            args = (source, self.attr(dg, f"{name}_{part}_weight", weight),
+                    *([self.attr(dg, f"{name}_{part}_bias", bias)] if bias is not None else []))
+            return self.node(dg, aten.linear.default, args, shape)
+
+        def up_rows(offset: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return self.up_weight[rows + offset], self.up_bias[rows + offset] if self.up_bias is not None else None
+
+        if self.geglu:
+            value = linear("value", *up_rows(0), hidden_shape, self.x)
+            gate = linear("gate", *up_rows(self.width), hidden_shape, self.x)
+            activated = self.node(dg, aten.mul.Tensor, (value, self.node(
+                dg, aten.gelu.default, (gate, *self.gelu_args), hidden_shape, self.gelu_kwargs)), hidden_shape)
+        else:
+            activated = self.node(dg, aten.gelu.default, (linear("up", *up_rows(0), hidden_shape, self.x),
+                                                          *self.gelu_args), hidden_shape, self.gelu_kwargs)
+        return linear("down", down_weight, down_bias, self.out_shape, activated)
 
 
 def convert(dg: DiffusionGraph, ffn: DenseFFN, shared_neurons: list[int] | None,
             experts: list[list[int]], order: list[int]) -> ConvertedFFN:
     """Rewrites one FFN into a chain of experts (in place): head = the shared expert, or the
     first expert of `order`; the rest follow in `order`."""
-    up_w, up_b = _weight(dg, ffn.up), _bias(dg, ffn.up)
-    down_w, down_b = _weight(dg, ffn.down), _bias(dg, ffn.down)
-    width = down_w.shape[1]
+    builder = ExpertBuilder.of(dg, ffn)
     parts = ([shared_neurons] if shared_neurons is not None else []) + [experts[i] for i in order]
-    x = ffn.up.args[0]
-    graph = dg.graph
-    prefix = ffn.block.replace(".", "_") + "_moe"
-    new_weights: dict[str, torch.Tensor] = {}
-    meta = {k: v for k, v in ffn.down.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
-    out_shape = _shape(ffn.down)
-    dtype = ffn.down.meta["tensor_meta"].dtype
-
-    def node(target: Any, args: tuple[Any, ...], shape: tuple[int, ...] | None, kwargs: Any = None) -> torch.fx.Node:
-        created = graph.call_function(target, args, kwargs or {})
-        created.meta.update(meta)
-        if shape is not None:
-            created.meta["tensor_meta"] = _extract_tensor_metadata(torch.empty(shape, dtype=dtype, device="meta"))
-        return created
-
-    def attr(name: str, tensor: torch.Tensor) -> torch.fx.Node:
-        target = f"{prefix}_{name}"
-        new_weights[target] = tensor.detach().clone().contiguous()
-        dg.module.register_buffer(target, new_weights[target])
-        created = graph.get_attr(target)
-        created.meta["tensor_meta"] = _extract_tensor_metadata(new_weights[target])
-        return created
-
     chain: list[str] = []
     acc = None
-    lead = _shape(ffn.down)[:-1]
-    with graph.inserting_before(ffn.down):
+    with dg.graph.inserting_before(ffn.down):
         for index, neurons in enumerate(parts):
-            rows = torch.tensor(neurons)
-            hidden_shape = (*lead, len(neurons))
-            if ffn.geglu:
-                value = node(aten.linear.default, (x, attr(f"e{index}_value_weight", up_w[rows]),
-                                                   *([attr(f"e{index}_value_bias", up_b[rows])] if up_b is not None
-                                                     else [])), hidden_shape)
-                gate = node(aten.linear.default, (x, attr(f"e{index}_gate_weight", up_w[rows + width]),
-                                                  *([attr(f"e{index}_gate_bias", up_b[rows + width])]
-                                                    if up_b is not None else [])), hidden_shape)
-                activated = node(aten.mul.Tensor, (value, node(aten.gelu.default, (gate, *ffn.gelu.args[1:]),
-                                                                 hidden_shape, ffn.gelu.kwargs)), hidden_shape)
-            else:
-                pre = node(aten.linear.default, (x, attr(f"e{index}_up_weight", up_w[rows]),
-                                                 *([attr(f"e{index}_up_bias", up_b[rows])] if up_b is not None
-                                                   else [])), hidden_shape)
-                activated = node(aten.gelu.default, (pre, *ffn.gelu.args[1:]), hidden_shape, ffn.gelu.kwargs)
-            bias = [attr("down_bias", down_b)] if index == 0 and down_b is not None else []
-            out = node(aten.linear.default, (activated, attr(f"e{index}_down_weight", down_w[:, rows]), *bias),
-                       out_shape)
-            acc = out if acc is None else node(aten.add.Tensor, (acc, out), out_shape)
+            bias = builder.down_bias if index == 0 else None
+            out = builder.expert(dg, f"e{index}", neurons, builder.down_weight[:, torch.tensor(neurons)], bias)
+            acc = out if acc is None else builder.node(dg, aten.add.Tensor, (acc, out), builder.out_shape)
             chain.append(acc.name)
     ffn.down.replace_all_uses_with(acc)
-    weights = {n.target: attr_value(dg.module, n.target) for n in graph.nodes
-               if n.op == "get_attr" and n.target not in new_weights}
-    dg.module = torch.fx.GraphModule({**weights, **new_weights}, graph)
+    dg.module = torch.fx.GraphModule(dg.weights(), dg.graph)
+    x = builder.x
     tokens = x.meta["val"].shape[1] if "val" in x.meta else _shape(x)[1]
-    return ConvertedFFN(ffn.block, width, chain, [len(p) for p in parts], 1,
-                        tokens if isinstance(tokens, int) and len(_shape(x)) == 3 else 0)
+    return ConvertedFFN(ffn.block, builder.width, chain, [len(p) for p in parts], 1,
+                        tokens if isinstance(tokens, int) and len(_shape(x)) == 3 else 0, builder, parts)
 
 
 # --- the pass -----------------------------------------------------------------------------------
@@ -367,8 +405,12 @@ class MoePass(Pass):
             def select(active: float) -> list[list[list[int]]]:
                 return _per_ffn_selection(converted, contributions, ranges, active, cfg.compensate)
 
+        activations = [hidden[ffn.hidden.name][0] for ffn in ffns]
+
         def plan_for(active: float) -> tuple[DiffusionGraph, list[list[list[int]]]]:
             chosen = select(active)
+            if cfg.refit:
+                return self._refit(dg, converted, chosen, ranges, contributions, activations), chosen
             return self._routed(dg, converted, chosen, ranges, contributions), chosen
 
         active = cfg.active
@@ -519,6 +561,63 @@ class MoePass(Pass):
                                 "summary": {"pass": "moe", "step_ranges": ranges}}
         return routed
 
+    def _refit(self, dg: DiffusionGraph, converted: list[ConvertedFFN], chosen: list[list[list[int]]],
+               ranges: list[tuple[int, int]], contributions: list[tuple[list[torch.Tensor], torch.Tensor]],
+               activations: list[torch.Tensor]) -> DiffusionGraph:
+        """A copy of the converted graph in which each step range's routed experts of each FFN (per
+        `chosen`) form one smaller FFN whose down-projection and bias are refit by ridge least
+        squares to the output of all routed experts on that range's calibration tokens: the kept
+        neurons take over what the dropped ones correlate with, and the bias their mean (which
+        subsumes `compensate`). The head expert stays as it is. Each range's FFN is a bypass
+        region on in that range's Plan variant only."""
+        cfg = self.config
+        routed = dg.clone()
+        nodes = {n.name: n for n in routed.graph.nodes}
+        regions, owners = [], []
+        generator = torch.Generator().manual_seed(cfg.seed)
+        for item, per_range, (outputs, steps), hidden in zip(converted, chosen, contributions, activations):
+            assert item.builder is not None and item.neurons is not None
+            builder = dataclasses.replace(item.builder, x=nodes[item.builder.x.name])
+            target = torch.stack(outputs).sum(0)
+            acc, last = nodes[item.chain[0]], nodes[item.chain[-1]]
+            with routed.graph.inserting_before(last):
+                for index, ((start, end), experts) in enumerate(zip(ranges, per_range)):
+                    rows = torch.nonzero((steps >= start) & (steps < end)).reshape(-1)
+                    if len(rows) > 4 * cfg.max_tokens:
+                        rows = rows[torch.randperm(len(rows), generator=generator)[:4 * cfg.max_tokens]]
+                    if not len(rows):
+                        rows = torch.arange(len(steps))
+                    neurons = sorted(n for e in experts for n in item.neurons[item.routed_from + e])
+                    weight, bias = ridge_fit(hidden[rows][:, neurons], target[rows], cfg.ridge)
+                    name = f"r{index}"
+                    out = builder.expert(routed, name, neurons, weight, bias) if neurons else \
+                        builder.attr(routed, f"{name}_mean_output", bias)
+                    link = builder.node(routed, aten.add.Tensor, (acc, out), builder.out_shape)
+                    if len(ranges) > 1:
+                        regions.append({"name": f"{item.block.replace('.', '_')}_steps{index}", "cuts": [link.name],
+                                        "bases": {link.name: acc.name}, "mode": BYPASS})
+                        owners.append(index)
+                    acc = link
+            last.replace_all_uses_with(acc)
+        _eliminate_dead_code(routed)
+        if regions:
+            steps_plan: list[str] = []
+            variants: dict[str, list[str]] = {}
+            for index, (start, end) in enumerate(ranges):
+                name = f"steps_{start}_{end}"
+                variants[name] = [r["name"] for r, owner in zip(regions, owners) if owner != index]
+                steps_plan += [name] * (end - start)
+            # running every range's FFN would add them up: a call at an unknown step runs the range
+            # with the most neurons on
+            widest = max(range(len(ranges)), key=lambda i: sum(item.sizes[item.routed_from + e]
+                                                               for item, per_range in zip(converted, chosen)
+                                                               for e in per_range[i]))
+            routed.step_plan = {"regions": regions, "variants": variants,
+                                "schedule": {"default": f"steps_{ranges[widest][0]}_{ranges[widest][1]}",
+                                             "steps": steps_plan, "repeat": False},
+                                "summary": {"pass": "moe", "step_ranges": ranges, "refit": True}}
+        return routed
+
     def _summary(self, dense: DiffusionGraph, routed: DiffusionGraph, converted: list[ConvertedFFN],
                  chosen: list[list[list[int]]], ranges: list[tuple[int, int]], active: float,
                  batch: CalibrationBatch) -> dict[str, Any]:
@@ -580,6 +679,18 @@ def _per_ffn_selection(converted: list[ConvertedFFN], contributions: list[tuple[
                              else list(range(len(outputs))))
         chosen.append(per_range)
     return chosen
+
+
+def ridge_fit(features: torch.Tensor, target: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight [out, in], bias [out]) minimising ||features W^T + b - target||^2 plus `ridge` times
+    the features' mean energy times ||W||^2 (scale-free), by the normal equations in float64."""
+    design = torch.cat([features.double(), torch.ones(features.shape[0], 1, dtype=torch.double)], dim=1)
+    gram = design.T @ design / design.shape[0]
+    penalty = torch.eye(gram.shape[0], dtype=torch.double) * ridge * float(gram.diagonal()[:-1].mean()
+                                                                           if gram.shape[0] > 1 else 0.0)
+    penalty[-1, -1] = 0.0
+    solution = torch.linalg.solve(gram + penalty, design.T @ target.double() / design.shape[0])
+    return solution[:-1].T.float().contiguous(), solution[-1].float().contiguous()
 
 
 def _compensate(dg: DiffusionGraph, cut: torch.fx.Node, name: str, mean: torch.Tensor) -> torch.fx.Node:
