@@ -58,7 +58,7 @@ from ..ir.fxutil import attr_value
 from ..ir.partition import BYPASS
 from ._search import search_grid
 from .base import Pass, PassConfig, PassContext, PassResult, register_pass
-from .prune import CalibrationBatch, _eliminate_dead_code, _plan_error, step_ranges
+from .prune import CalibrationBatch, _constant, _eliminate_dead_code, _plan_error, step_ranges
 
 aten = torch.ops.aten
 FULL = "full"
@@ -283,11 +283,7 @@ class ExpertBuilder:
         return created
 
     def attr(self, dg: DiffusionGraph, name: str, tensor: torch.Tensor) -> torch.fx.Node:
-        target = f"{self.block.replace('.', '_')}_moe_{name}"
-        dg.module.register_buffer(target, tensor.detach().to(self.dtype).clone().contiguous())
-        created = dg.graph.get_attr(target)
-        created.meta["tensor_meta"] = _extract_tensor_metadata(getattr(dg.module, target))
-        return created
+        return _constant(dg, f"{self.block.replace('.', '_')}_moe_{name}", tensor.to(self.dtype))
 
     def expert(self, dg: DiffusionGraph, name: str, neurons: Sequence[int], down_weight: torch.Tensor,
                down_bias: torch.Tensor | None) -> torch.fx.Node:
@@ -344,6 +340,7 @@ class MoePass(Pass):
     name = "moe"
     Config = MoeConfig
     requires = ("calibrated", "full_precision")
+    removes_layers = True
 
     def writes_step_plan(self) -> bool:
         return self.config.routing == "timestep" and self.config.step_groups > 1
@@ -700,16 +697,12 @@ def _compensate(dg: DiffusionGraph, cut: torch.fx.Node, name: str, mean: torch.T
     of dropped neurons); with the expert on, the link computes what it did, up to rounding."""
     acc, out = cut.args
     dtype = cut.meta["tensor_meta"].dtype
-    for suffix, value in (("mean_output", mean), ("mean_output_negated", -mean)):
-        dg.module.register_buffer(f"{name}_{suffix}", value.detach().to(dtype).contiguous())
     with dg.graph.inserting_before(cut):
-        constant = dg.graph.get_attr(f"{name}_mean_output")
-        constant.meta["tensor_meta"] = _extract_tensor_metadata(getattr(dg.module, f"{name}_mean_output"))
+        constant = _constant(dg, f"{name}_mean_output", mean.to(dtype))
         shifted = dg.graph.create_node("call_function", aten.add.Tensor, (acc, constant), name=f"{name}_compensated")
         shifted.meta.update({k: v for k, v in cut.meta.items() if k in ("tensor_meta", "nn_module_stack")})
     with dg.graph.inserting_before(out):
-        negated = dg.graph.get_attr(f"{name}_mean_output_negated")
-        negated.meta["tensor_meta"] = _extract_tensor_metadata(getattr(dg.module, f"{name}_mean_output_negated"))
+        negated = _constant(dg, f"{name}_mean_output_negated", -mean.to(dtype))
     out.args = (*out.args[:2], negated)
     cut.args = (shifted, out)
     return shifted

@@ -100,10 +100,10 @@ class PruneConfig(PassConfig):
         unknown = sorted(set(self.kinds) - set(UNIT_KINDS))
         if unknown or not self.kinds:
             raise ValueError(f"kinds must be a non-empty subset of {UNIT_KINDS}, got {self.kinds}")
-        if self.step_groups < 1 or self.max_records < 1 or self.compensate_ranges < 1 or self.additivity_sets < 0 or self.rerank < 0 or \
-                self.recover_steps < 0 or self.recover_lr <= 0:
-            raise ValueError("step_groups, max_records and compensate_ranges must be >= 1, additivity_sets, rerank and recover_steps "
-                             ">= 0, recover_lr > 0")
+        if self.step_groups < 1 or self.max_records < 1 or self.compensate_ranges < 1 or self.additivity_sets < 0 or \
+                self.rerank < 0 or self.recover_steps < 0 or self.recover_lr <= 0:
+            raise ValueError("step_groups, max_records and compensate_ranges must be >= 1, additivity_sets, rerank and "
+                             "recover_steps >= 0, recover_lr > 0")
         if self.recover_steps and self.step_groups > 1:
             raise ValueError("recovery distils one pruned graph: give recover_steps with step_groups=1")
 
@@ -254,7 +254,7 @@ def mean_residuals(dg: DiffusionGraph, units: Sequence[Unit], batch: "Calibratio
     masks = [m for m in masks if bool(m.any())]
     times = batch.row_timesteps
     if len(masks) > 1 and times is not None:
-        bounds = sorted((float(times[m].min()), float(times[m].max()), m) for m in masks)
+        bounds = sorted(((float(times[m].min()), float(times[m].max()), m) for m in masks), key=lambda b: b[:2])
         if all(low_next > high for (_, high, _), (low_next, _, _) in zip(bounds, bounds[1:])):
             tables = [_masked_mean_residuals(dg, units, batch, m) for _, _, m in bounds]
             boundaries = tuple((high + low_next) / 2 for (_, high, _), (low_next, _, _) in zip(bounds, bounds[1:]))
@@ -333,9 +333,8 @@ def _narrow_dead_chunks(dg: DiffusionGraph) -> bool:
             continue
         starts = np.cumsum([0, *pieces]).tolist()
         rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in read])
-        region = linear.name
         with dg.graph.inserting_before(linear):
-            narrowed = [_constant(dg, f"{region}_live_{kind}", attr_value(dg.module, node.target)[rows])
+            narrowed = [_constant(dg, f"{linear.name}_live_{kind}", attr_value(dg.module, node.target)[rows])
                         if node is not None else None for kind, node in (("weight", weight_node), ("bias", bias_node))]
         linear.args = (linear.args[0], *[n for n in narrowed if n is not None])
         meta = linear.meta["tensor_meta"]
@@ -365,6 +364,8 @@ def _piece_sizes(split: torch.fx.Node) -> list[int] | None:
 
 
 def _constant(dg: DiffusionGraph, name: str, tensor: torch.Tensor) -> torch.fx.Node:
+    """A get_attr node (at the graph's insertion point) reading a copy of `tensor`, registered as a
+    buffer under `name`, or `name_1`, `name_2`... when that is taken."""
     taken, base, index = set(dict(dg.module.named_buffers())) | set(dict(dg.module.named_parameters())), name, 1
     while name in taken:
         name, index = f"{base}_{index}", index + 1
@@ -607,6 +608,7 @@ class PrunePass(Pass):
     name = "prune"
     Config = PruneConfig
     requires = ("calibrated", "full_precision")
+    removes_layers = True
 
     def writes_step_plan(self) -> bool:
         return self.config.step_groups > 1
