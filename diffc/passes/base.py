@@ -85,6 +85,8 @@ class Pass(ABC):
     runs_after: ClassVar[tuple[str, ...]] = ()
     # whether the pass writes the precision annotations that low-bit targets lower
     writes_precision: ClassVar[bool] = False
+    # whether the pass may take layers out of the graph (a later pass finding none left names it)
+    removes_layers: ClassVar[bool] = False
 
     def __init__(self, config: PassConfig | None = None, **options: Any) -> None:
         if config is not None and options:

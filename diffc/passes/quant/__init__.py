@@ -36,7 +36,7 @@ from ...calibration import compute_statistics, output_error
 from ...errors import PassError
 from ...ir import DiffusionGraph
 from ...ir.precision import FORMATS, INT8, FP8, ActivationQuant, attention_spec, simulate, weight_bytes
-from ..base import Pass, PassConfig, PassContext, PassResult, register_pass
+from ..base import PASSES, Pass, PassConfig, PassContext, PassResult, register_pass
 from .annotate import RANGE_METHODS, activation_scale, activation_types, annotate, layer_activation
 from .formats import RELATIVE_COST, formats_for
 from .layers import PROTECTIONS, Attention, Layer, attention_nodes, quantizable_layers
@@ -107,7 +107,8 @@ class QuantPass(Pass):
         layers = quantizable_layers(dg, cfg.protect)
         placeable = [layer for layer in layers if layer.protected is None]
         if not placeable:
-            removers = [entry["pass"] for entry in dg.applied if entry["pass"] in ("prune", "moe")]
+            removers = [entry["pass"] for entry in dg.applied
+                        if getattr(PASSES.get(entry["pass"]), "removes_layers", False)]
             earlier = f", or let {' and '.join(removers)} (run before) remove fewer layers" if removers else ""
             raise PassError(f"{dg.signature.model_class} has no linear or convolution layer left to quantize "
                             f"({len(layers)} found, all protected); protect fewer layer groups (protect=...)"
