@@ -26,6 +26,8 @@ range's experts of an FFN become one smaller FFN whose down-projection is refit 
 squares to the whole FFN's output on that range's calibration tokens (the kept neurons take over
 what the dropped ones correlate with, the bias their mean); each range's FFN is then the bypass
 region on in its own range only, at the price of storing the kept neurons once per range.
+With `recover_steps`, the routed graph is then distilled against the dense one through each
+range's variant (prune's `recover`; Dense2MoE trains its experts), off by default.
 
 Per-token routing (`routing="token"`, Dense2MoE's routing (a)) is expert-choice with a static
 capacity: a linear router per FFN, fitted on calibration tokens by least squares to predict the
@@ -58,7 +60,7 @@ from ..ir.fxutil import attr_value
 from ..ir.partition import BYPASS
 from ._search import search_grid
 from .base import Pass, PassConfig, PassContext, PassResult, register_pass
-from .prune import CalibrationBatch, _constant, _eliminate_dead_code, _plan_error, step_ranges
+from .prune import CalibrationBatch, _constant, _eliminate_dead_code, _plan_error, recover, step_ranges
 
 aten = torch.ops.aten
 FULL = "full"
@@ -83,6 +85,8 @@ class MoeConfig(PassConfig):
     compensate: bool = True
     refit: bool = True
     ridge: float = 1e-3
+    recover_steps: int = 0
+    recover_lr: float = 1e-4
     routing: str = "timestep"
 
     def __post_init__(self) -> None:
@@ -97,6 +101,9 @@ class MoeConfig(PassConfig):
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.step_groups < 1 or self.max_records < 1 or self.max_tokens < 1:
             raise ValueError("step_groups, max_records and max_tokens must be >= 1")
+        if self.recover_steps < 0 or self.recover_lr <= 0:
+            raise ValueError(f"recover_steps must be >= 0 and recover_lr > 0, got {self.recover_steps} and "
+                             f"{self.recover_lr}")
         if self.ridge < 0:
             raise ValueError(f"ridge is the relative L2 penalty of the refit least squares, >= 0; got {self.ridge}")
 
@@ -421,6 +428,10 @@ class MoePass(Pass):
                 offline_error=lambda routed: _plan_error(routed, batch), min_psnr=cfg.min_psnr,
                 max_relative_error=cfg.max_relative_error, quality_rises=True, fallback=1.0)
         routed, chosen = plan_for(active)
+        if cfg.recover_steps:
+            report["relative_error_before_recovery"] = round(_plan_error(routed, batch), 6)
+            routed, report["recovery_loss"] = recover(routed, dg, batch, cfg.recover_steps, cfg.recover_lr, cfg.seed,
+                                                      label="moe")
         report.update(self._summary(dg, routed, converted, chosen, ranges, active, batch))
         return PassResult(routed, modified=True, report=report)
 

@@ -34,7 +34,8 @@ teacher-forced output error below `max_relative_error` (without one).
 
 With `recover_steps`, the pruned graph's remaining weights are then distilled for that many
 steps against the unpruned graph on the calibration calls (LAPTOP-Diff's normalized feature
-distillation, see `recover`); off by default: pruning stays training-free unless asked.
+distillation, see `recover`; a step plan is trained through each of its variants); off by
+default: pruning stays training-free unless asked.
 
 With `step_groups > 1`, each range of denoising steps gets its own set (different units matter
 at high and low noise, as in Delta-DiT's stage split): units removed at every step are removed
@@ -104,8 +105,6 @@ class PruneConfig(PassConfig):
                 self.rerank < 0 or self.recover_steps < 0 or self.recover_lr <= 0:
             raise ValueError("step_groups, max_records and compensate_ranges must be >= 1, additivity_sets, rerank and "
                              "recover_steps >= 0, recover_lr > 0")
-        if self.recover_steps and self.step_groups > 1:
-            raise ValueError("recovery distils one pruned graph: give recover_steps with step_groups=1")
 
 
 @dataclass
@@ -668,7 +667,7 @@ class PrunePass(Pass):
                 max_relative_error=cfg.max_relative_error, quality_rises=False, fallback=0.0, infeasible=(PassError,))
         pruned, chosen = build(amount)
         if cfg.recover_steps and any(chosen):
-            report["relative_error_before_recovery"] = round(batch.error(pruned.module), 6)
+            report["relative_error_before_recovery"] = round(_plan_error(pruned, batch), 6)
             pruned, report["recovery_loss"] = recover(pruned, dg, batch, cfg.recover_steps, cfg.recover_lr,
                                                       cfg.seed, cfg.progress)
         if amount in reranked:
@@ -792,31 +791,35 @@ class PrunePass(Pass):
 # --- recovery -----------------------------------------------------------------------------------
 
 def recover(pruned: DiffusionGraph, teacher: DiffusionGraph, batch: CalibrationBatch, steps: int, lr: float,
-            seed: int, show_progress: bool = False) -> tuple[DiffusionGraph, dict[str, float]]:
+            seed: int, show_progress: bool = False, label: str = "prune") -> tuple[DiffusionGraph, dict[str, float]]:
     """LAPTOP-Diff's recovery: a short normalized feature distillation of the pruned graph's
     remaining weights against the unpruned graph on the calibration calls. Loss: the output's
     squared error relative to the teacher output's energy, plus the same normalized error at every
     kept block boundary (block outputs present in both graphs), averaged. Adam, one calibration
-    call (or a random half of the stacked rows) per step. Returns a copy with its own weights
-    (the teacher's stay untouched) and the first and last losses."""
+    call (or a random half of the stacked rows) per step. A graph with a step plan is trained
+    through each of its variants in turn, on the calls of the steps that variant runs (see
+    `variant_views`), so weights shared by variants learn from all of their steps. Returns a copy
+    with its own weights (the teacher's stay untouched) and the first and last losses."""
     student = pruned.clone()
     weights = {name: tensor.detach().clone().requires_grad_(tensor.is_floating_point())
                for name, tensor in student.weights().items()}
     for name, tensor in weights.items():
         _set_attr(student.module, name, tensor)
     trainable = [t for t in weights.values() if t.requires_grad]
-    alive = {n.name for n in student.graph.nodes}
-    boundaries = sorted({b.outputs[0] for b in teacher.blocks if len(b.outputs) == 1 and b.outputs[0] in alive})
+    views = [(view, rows, sorted({b.outputs[0] for b in teacher.blocks if len(b.outputs) == 1} &
+                                 {n.name for n in view.graph.nodes}))
+             for view, rows in variant_views(student, batch)]
     optimizer = torch.optim.Adam(trainable, lr=lr)
     generator = torch.Generator().manual_seed(seed)
     losses = []
-    for _ in progress(range(steps), show_progress, "prune: recovery", "step"):
-        flat = _recovery_call(batch, generator)
+    for step in progress(range(steps), show_progress, f"{label}: recovery", "step"):
+        view, rows, boundaries = views[step % len(views)]
+        flat = _recovery_call(batch, rows, generator)
         with torch.no_grad():
             target_features: dict[str, torch.Tensor] = {}
             target = _Observer(teacher.module, set(boundaries), target_features.__setitem__).run(*flat)
         features: dict[str, torch.Tensor] = {}
-        output = _Observer(student.module, set(boundaries), features.__setitem__).run(*flat)
+        output = _Observer(view.module, set(boundaries), features.__setitem__).run(*flat)
         terms = [_normalized_error(_first(output), _first(target))]
         terms += [_normalized_error(features[n], target_features[n]) for n in boundaries if n in features]
         loss = torch.stack(terms).mean()
@@ -829,12 +832,47 @@ def recover(pruned: DiffusionGraph, teacher: DiffusionGraph, batch: CalibrationB
     return student, {"first": round(losses[0], 6), "last": round(losses[-1], 6), "steps": steps}
 
 
-def _recovery_call(batch: CalibrationBatch, generator: torch.Generator) -> list[torch.Tensor]:
-    if len(batch.batches) > 1:
-        return batch.batches[int(torch.randint(len(batch.batches), (1,), generator=generator))]
-    rows = batch.batches[0][0].shape[0]
-    pick = torch.randperm(rows, generator=generator)[:max(1, rows // 2)]
-    return [t[pick] for t in batch.batches[0]]
+def variant_views(dg: DiffusionGraph, batch: CalibrationBatch) -> list[tuple[DiffusionGraph, torch.Tensor]]:
+    """(graph, calibration rows) per variant of a step plan of bypass regions that the calibrated
+    steps run: a copy of the graph (reading the same weight tensors) with that variant's skipped
+    regions bypassed, and the rows of the steps scheduled to it. Without a step plan, the graph
+    itself on every row."""
+    if not dg.step_plan:
+        return [(dg, torch.ones(len(batch.row_steps), dtype=torch.bool))]
+    schedule = build_plan(dg).schedule
+    rows_of: dict[str, torch.Tensor] = {}
+    for step in sorted(set(batch.row_steps.tolist())):
+        variant = schedule.variant_for(step, batch.num_steps)
+        mask = batch.row_steps == step
+        rows_of[variant] = rows_of[variant] | mask if variant in rows_of else mask
+    regions = {r["name"]: r for r in dg.step_plan["regions"]}
+    views = []
+    for variant, rows in rows_of.items():
+        view = dg.clone()
+        view.step_plan = None
+        nodes = {n.name: n for n in view.graph.nodes}
+        order = {n: i for i, n in enumerate(view.graph.nodes)}
+        bypassed: dict[torch.fx.Node, torch.fx.Node] = {}
+        cuts = sorted(((cut, region["bases"][cut]) for name in dg.step_plan["variants"][variant]
+                       for region in [regions[name]] for cut in region["cuts"]), key=lambda c: order[nodes[c[0]]])
+        for cut, base in cuts:
+            source = nodes[base]
+            while source in bypassed:
+                source = bypassed[source]
+            nodes[cut].replace_all_uses_with(source)
+            bypassed[nodes[cut]] = source
+        view.module.recompile()
+        views.append((view, rows))
+    return views
+
+
+def _recovery_call(batch: CalibrationBatch, rows: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+    calls = batch.calls(rows)
+    if len(calls) > 1:
+        return calls[int(torch.randint(len(calls), (1,), generator=generator))]
+    count = calls[0][0].shape[0]
+    pick = torch.randperm(count, generator=generator)[:max(1, count // 2)]
+    return [t[pick] for t in calls[0]]
 
 
 def _normalized_error(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

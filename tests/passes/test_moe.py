@@ -134,6 +134,7 @@ def test_global_allocation_drops_least_score_per_neuron_first():
 @pytest.mark.parametrize("options, message", [
     ({"experts": 1}, "experts must be >= 2"),
     ({"ridge": -1.0}, "ridge is the relative L2 penalty"),
+    ({"recover_steps": -1}, "recover_steps must be >= 0"),
     ({"active": 0.0}, "active is the share"),
     ({"experts": 1000}, "cannot be split into 1000 experts"),
 ])
@@ -335,3 +336,17 @@ def test_ridge_fit_recovers_a_linear_map_and_refit_lowers_the_error(captured):
     errors = {refit: _run([{"pass": "moe", "active": 0.5, "step_groups": 2, "refit": refit}], dg, cal)
               .applied[-1]["report"]["relative_error"] for refit in (True, False)}
     assert errors[True] < errors[False]
+
+
+def test_recovery_distils_the_routed_experts(captured):
+    """recover_steps distils the routed graph through each step range's variant: the calibration
+    error falls, the plan and the dense graph's weights are kept."""
+    dg, cal = captured("dit"), _calibration("dit")
+    before = {k: v.clone() for k, v in dg.weights().items()}
+    out = _run([{"pass": "moe", "active": 0.5, "step_groups": 2, "max_records": 8, "recover_steps": 20,
+                 "recover_lr": 1e-3}], dg, cal)
+    lint(out)
+    report = out.applied[-1]["report"]
+    assert out.step_plan and report["relative_error"] < report["relative_error_before_recovery"]
+    assert report["recovery_loss"]["steps"] == 20
+    assert all(torch.equal(v, before[k]) for k, v in dg.weights().items())

@@ -167,8 +167,44 @@ def test_recovery_distillation_lowers_the_calibration_error(captured):
     assert report["recovery_loss"]["last"] < report["recovery_loss"]["first"] and report["recovery_loss"]["steps"] == 20
     assert all(torch.equal(v, before[k]) for k, v in dg.weights().items())  # the unpruned graph keeps its weights
     assert not any(t.requires_grad for t in out.weights().values())
-    with pytest.raises(PassError, match="recover_steps with step_groups=1"):
-        _run([{**options, "recover_steps": 5, "step_groups": 2}], dg, _calibration("dit"))
+
+
+def test_recovery_trains_a_step_plan_through_its_variants(captured):
+    """A graph with a step plan is distilled through each variant on its own steps' calls: the
+    planned error falls and the plan keeps its variants."""
+    from diffc.passes.prune import _plan_error, recover
+
+    dg = captured("dit")
+    units = {u.name: u for u in residual_units(dg)}
+    planned = PrunePass(amount=0.1)._pruned(dg, [[units["transformer_blocks.1.ff"]], [units["transformer_blocks.0.ff"]]],
+                                            [(0, 2), (2, 4)], 4)
+    batch = CalibrationBatch(_calibration("dit"), dg, 8)
+    recovered, loss = recover(planned, dg, batch, 20, 1e-3, seed=0)
+    lint(recovered)
+    assert recovered.step_plan == planned.step_plan and loss["steps"] == 20
+    assert _plan_error(recovered, batch) < _plan_error(planned, batch)
+
+
+def test_variant_views_run_what_the_plan_runs(captured):
+    """A variant view (the graph with that variant's regions bypassed) computes exactly what the
+    Plan computes for that variant, on the rows of the steps scheduled to it."""
+    from diffc.passes.prune import variant_views
+
+    dg = captured("dit")
+    units = {u.name: u for u in residual_units(dg)}
+    planned = PrunePass(amount=0.1)._pruned(dg, [[units["transformer_blocks.1.ff"]], [units["transformer_blocks.0.ff"]]],
+                                            [(0, 2), (2, 4)], 4)
+    batch = CalibrationBatch(_calibration("dit"), dg, 8)
+    views = variant_views(planned, batch)
+    assert len(views) == 2 and bool(sum(rows.long() for _, rows in views).eq(1).all())
+    plan = build_plan(planned)
+    names = [s.name for s in dg.signature.inputs]
+    for view, rows in views:
+        variant = plan.schedule.variant_for(int(batch.row_steps[rows][0]), batch.num_steps)
+        flat = batch.calls(rows)[0]
+        with torch.no_grad():
+            expected, _ = plan.run(variant, dict(zip(names, flat)), {})
+            assert torch.allclose(view.module(*flat)[0], expected[0], atol=1e-6)
 
 
 def test_flops_target(captured):
