@@ -839,15 +839,9 @@ def variant_views(dg: DiffusionGraph, batch: CalibrationBatch) -> list[tuple[Dif
     itself on every row."""
     if not dg.step_plan:
         return [(dg, torch.ones(len(batch.row_steps), dtype=torch.bool))]
-    schedule = build_plan(dg).schedule
-    rows_of: dict[str, torch.Tensor] = {}
-    for step in sorted(set(batch.row_steps.tolist())):
-        variant = schedule.variant_for(step, batch.num_steps)
-        mask = batch.row_steps == step
-        rows_of[variant] = rows_of[variant] | mask if variant in rows_of else mask
     regions = {r["name"]: r for r in dg.step_plan["regions"]}
     views = []
-    for variant, rows in rows_of.items():
+    for variant, rows in _rows_by_variant(build_plan(dg).schedule, batch).items():
         view = dg.clone()
         view.step_plan = None
         nodes = {n.name: n for n in view.graph.nodes}
@@ -907,11 +901,7 @@ def _plan_error(dg: DiffusionGraph, batch: CalibrationBatch, steps: set[int] | N
     plan = build_plan(dg)
     names = [spec.name for spec in dg.signature.inputs]
     errors = []
-    for step in sorted(set(batch.row_steps.tolist())):
-        if steps is not None and step not in steps:
-            continue
-        variant = plan.schedule.variant_for(step, batch.num_steps)
-        mask = batch.row_steps == step
+    for variant, mask in _rows_by_variant(plan.schedule, batch, steps).items():
         outputs = []
         for flat in batch.calls(mask):
             with torch.no_grad():
@@ -920,3 +910,15 @@ def _plan_error(dg: DiffusionGraph, batch: CalibrationBatch, steps: set[int] | N
         diff = (torch.cat(outputs).double() - batch.reference[mask].double()).pow(2)
         errors.append(diff.reshape(diff.shape[0], -1).mean(dim=1) / batch.energy)
     return float(torch.cat(errors).mean()) if errors else 0.0
+
+
+def _rows_by_variant(schedule: Any, batch: CalibrationBatch, steps: set[int] | None = None) -> dict[str, torch.Tensor]:
+    """The calibration rows each variant of `schedule` runs (of the steps in `steps`, all by default)."""
+    rows: dict[str, torch.Tensor] = {}
+    for step in sorted(set(batch.row_steps.tolist())):
+        if steps is not None and step not in steps:
+            continue
+        variant = schedule.variant_for(step, batch.num_steps)
+        mask = batch.row_steps == step
+        rows[variant] = rows[variant] | mask if variant in rows else mask
+    return rows
