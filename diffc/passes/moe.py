@@ -365,7 +365,8 @@ class MoePass(Pass):
         if not ffns:
             reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "the block table lists no FFN"
             raise PassError(f"{dg.signature.model_class}: no FFN of the form Linear -> GELU/GEGLU -> Linear to "
-                            f"convert ({reasons})")
+                            f"convert ({reasons}). Fix: leave moe out of this model's pipeline (it has no "
+                            "transformer FFN to split; prune, cache and quant still apply)")
         if cfg.routing == "token":
             static = [f.block for f in ffns if not _static_tokens(f.up.args[0])]
             if static:
