@@ -1,13 +1,14 @@
 """Timestep-aware calibration: record what the denoiser sees along real sampling trajectories,
 compute per-node statistics per timestep group, and evaluate candidate graphs on the data."""
 from .collect import Recording, as_calibration_set, collect, record
-from .evaluate import StepErrors, node_error, output_error, propagation_weights, trajectory_error
+from .evaluate import (StepErrors, node_error, output_error, propagation_weights, relative_error,
+                       trajectory_error)
 from .statistics import NodeStats, Statistics, compute_statistics, nodes_of_interest
 from .store import CalibrationError, CalibrationSet, Record
 from .timesteps import STRATEGIES, select_steps, step_group
 
 __all__ = [
     "collect", "record", "Recording", "as_calibration_set", "CalibrationSet", "CalibrationError", "Record",
-    "compute_statistics", "Statistics", "NodeStats", "nodes_of_interest", "output_error", "node_error",
-    "trajectory_error", "propagation_weights", "StepErrors", "select_steps", "step_group", "STRATEGIES",
+    "compute_statistics", "Statistics", "NodeStats", "nodes_of_interest", "output_error", "relative_error",
+    "node_error", "trajectory_error", "propagation_weights", "StepErrors", "select_steps", "step_group", "STRATEGIES",
 ]

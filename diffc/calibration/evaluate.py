@@ -16,9 +16,17 @@ from .statistics import _Observer
 from .store import CalibrationError, CalibrationSet
 
 
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """One call's relative error: its MSE against the reference over the reference's mean square.
+    Every pass reports the mean over steps of this error averaged over each step's calls, so one
+    report's number can be compared with another's and with what the compiled model does."""
+    reference = reference.double()
+    return float((output.double() - reference).pow(2).mean() / reference.pow(2).mean().clamp_min(1e-20))
+
+
 @dataclass
 class StepErrors:
-    """Mean squared error and relative error (MSE / mean square of the reference) per step."""
+    """Mean squared error and relative error (`relative_error`, averaged over the step's calls) per step."""
 
     mse: dict[int, float]
     relative: dict[int, float]
@@ -33,7 +41,7 @@ def output_error(calibration: CalibrationSet, candidate: Callable[..., Any], dg:
     """Feeds each recorded call's inputs (flat, in `dg.signature` order) to `candidate` and compares
     its first output with the recorded reference output."""
     sums: dict[int, list[float]] = {}
-    refs: dict[int, list[float]] = {}
+    relative: dict[int, list[float]] = {}
     for record in calibration.records(steps=steps):
         flat = [record.inputs[spec.name] for spec in dg.signature.inputs]
         with torch.no_grad():
@@ -41,9 +49,9 @@ def output_error(calibration: CalibrationSet, candidate: Callable[..., Any], dg:
         out = out[0] if isinstance(out, (tuple, list)) else out
         diff = (out.double() - record.output.double()).pow(2).mean().item()
         sums.setdefault(record.step, []).append(diff)
-        refs.setdefault(record.step, []).append(record.output.double().pow(2).mean().item())
-    mse = {s: float(np.mean(v)) for s, v in sorted(sums.items())}
-    return StepErrors(mse=mse, relative={s: mse[s] / max(float(np.mean(refs[s])), 1e-20) for s in mse})
+        relative.setdefault(record.step, []).append(relative_error(out, record.output))
+    return StepErrors(mse={s: float(np.mean(v)) for s, v in sorted(sums.items())},
+                      relative={s: float(np.mean(v)) for s, v in sorted(relative.items())})
 
 
 def node_error(calibration: CalibrationSet, reference: DiffusionGraph, candidate: DiffusionGraph,

@@ -47,7 +47,7 @@ from ..errors import PassError
 from ..ir import DiffusionGraph
 from ..ir.blocks import STAGE, TRANSFORMER_BLOCK, node_flops
 from ..ir.partition import build_plan, region_nodes
-from ..calibration import propagation_weights, trajectory_error
+from ..calibration import propagation_weights, relative_error, trajectory_error
 from ..ir.plan import ADAPTIVE
 from .base import Pass, PassConfig, PassContext, PassResult, register_pass
 
@@ -591,9 +591,7 @@ def measured_error(plan: Any, calibration: Any) -> list[float]:
         variant = plan.schedule.variant_for(record.step, record.num_steps)
         with torch.no_grad():
             out, state = plan.run(variant, record.inputs, state)
-        reference = record.output.double()
-        error = float((out[0].double() - reference).pow(2).mean() / reference.pow(2).mean().clamp_min(1e-20))
-        per_step.setdefault(record.step, []).append(error)
+        per_step.setdefault(record.step, []).append(relative_error(out[0], record.output))
     return [float(np.mean(per_step[s])) for s in sorted(per_step)]
 
 

@@ -518,7 +518,7 @@ class MoePass(Pass):
                 _eliminate_dead_code(trial)
                 errors = batch.row_errors(batch.outputs(trial.module))
                 for g, mask in enumerate(masks):
-                    scores[g][(index, expert)] = float(errors[mask].mean()) if bool(mask.any()) else 0.0
+                    scores[g][(index, expert)] = batch.mean_error(errors, mask)
         return scores
 
     def _routed(self, dg: DiffusionGraph, converted: list[ConvertedFFN], chosen: list[list[list[int]]],

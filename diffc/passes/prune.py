@@ -469,7 +469,9 @@ class CalibrationBatch:
         except Exception:  # noqa: BLE001 - a graph captured with a pinned batch takes one call at a time
             self.batches = flat
         self.reference = self.outputs(reference.module)
-        self.energy = float(self.reference.double().pow(2).mean().clamp_min(1e-20))
+        # each row is measured against its own call's mean square (calibration.relative_error)
+        self.energy = torch.cat([part.double().pow(2).mean().clamp_min(1e-20).expand(part.shape[0])
+                                 for part in self.reference.split(rows)])
 
     def outputs(self, run: Callable[..., Any]) -> torch.Tensor:
         results = []
@@ -479,16 +481,23 @@ class CalibrationBatch:
                 results.append(out[0] if isinstance(out, (tuple, list)) else out)
         return torch.cat(results)
 
-    def row_errors(self, output: torch.Tensor) -> torch.Tensor:
-        """Per calibration row: MSE against the reference, relative to the reference's mean square."""
-        diff = (output.double() - self.reference.double()).pow(2)
-        return diff.reshape(diff.shape[0], -1).mean(dim=1) / self.energy
+    def row_errors(self, output: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per calibration row (of `mask`, all by default): MSE against the reference, relative to
+        the mean square of the reference call the row belongs to."""
+        reference, energy = (self.reference, self.energy) if mask is None else (self.reference[mask], self.energy[mask])
+        diff = (output.double() - reference.double()).pow(2)
+        return diff.reshape(diff.shape[0], -1).mean(dim=1) / energy
+
+    def mean_error(self, row_errors: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+        """The relative error every pass reports (calibration.relative_error): per step the mean over
+        its rows (of `mask`), then the mean over steps."""
+        steps = self.row_steps if mask is None else self.row_steps[mask]
+        errors = row_errors if mask is None else row_errors[mask]
+        per_step = [errors[steps == step].mean() for step in steps.unique()]
+        return float(torch.stack(per_step).mean()) if per_step else 0.0
 
     def error(self, run: Callable[..., Any], steps: set[int] | None = None) -> float:
-        errors = self.row_errors(self.outputs(run))
-        if steps is not None:
-            errors = errors[torch.tensor([int(s) in steps for s in self.row_steps])]
-        return float(errors.mean()) if errors.numel() else 0.0
+        return self.mean_error(self.row_errors(self.outputs(run)), None if steps is None else self.step_mask(steps))
 
     def step_mask(self, steps: set[int]) -> torch.Tensor:
         return torch.tensor([int(s) in steps for s in self.row_steps])
@@ -729,7 +738,7 @@ class PrunePass(Pass):
         for unit in progress(units, self.config.progress, "prune: scoring units", "unit"):
             errors = batch.row_errors(batch.outputs(remove_units(dg.clone(), [unit], offsets).module))
             for g, mask in enumerate(masks):
-                scores[g].append(float(errors[mask].mean()) if bool(mask.any()) else 0.0)
+                scores[g].append(batch.mean_error(errors, mask))
         return scores
 
     def _pruned(self, dg: DiffusionGraph, chosen: list[list[Unit]], ranges: list[tuple[int, int]],
@@ -900,16 +909,17 @@ def _plan_error(dg: DiffusionGraph, batch: CalibrationBatch, steps: set[int] | N
         return batch.error(dg.module, steps)
     plan = build_plan(dg)
     names = [spec.name for spec in dg.signature.inputs]
-    errors = []
+    errors = torch.zeros(len(batch.row_steps), dtype=torch.float64)
+    measured = torch.zeros(len(batch.row_steps), dtype=torch.bool)
     for variant, mask in _rows_by_variant(plan.schedule, batch, steps).items():
         outputs = []
         for flat in batch.calls(mask):
             with torch.no_grad():
                 out, _ = plan.run(variant, dict(zip(names, flat)), {})
             outputs.append(out[0])
-        diff = (torch.cat(outputs).double() - batch.reference[mask].double()).pow(2)
-        errors.append(diff.reshape(diff.shape[0], -1).mean(dim=1) / batch.energy)
-    return float(torch.cat(errors).mean()) if errors else 0.0
+        errors[mask] = batch.row_errors(torch.cat(outputs), mask)
+        measured |= mask
+    return batch.mean_error(errors, measured)
 
 
 def _rows_by_variant(schedule: Any, batch: CalibrationBatch, steps: set[int] | None = None) -> dict[str, torch.Tensor]:

@@ -239,7 +239,7 @@ def test_token_routing_structure_and_numerics(captured):
         assert report["capacity_tokens"][block] == math.ceil(routed_share * tokens)
     assert 0.5 <= report["ffn_active_share"] < 0.6 and report["activated_params_reduction"] > 0
     batch = CalibrationBatch(_calibration("dit"), dg, 32)
-    assert report["relative_error"] == pytest.approx(batch.error(out.module), rel=1e-4, abs=1e-7)
+    assert report["relative_error"] == pytest.approx(batch.error(out.module), rel=1e-4, abs=1e-6)  # reported to 6 decimals
     assert 0 < report["relative_error"] < 0.1
 
 

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from diffc import load
 from diffc.api import compile_graph
 from diffc.backends import BACKENDS
-from diffc.calibration import collect
+from diffc.calibration import collect, relative_error
 from diffc.errors import PassError
 from diffc.ir import capture, lint
 from diffc.passes import PASSES, PassContext, PassManager
@@ -217,9 +217,7 @@ def _runtime_error_per_step(fast: OptimizedModel, calibration: Any) -> dict[int,
                 kwargs.setdefault(spec.path[0], {})[spec.path[1]] = record.inputs[spec.name]
         with torch.no_grad():
             out = fast(**kwargs, return_dict=False)[0].double()
-        reference = record.output.double()
-        error = float((out - reference).pow(2).mean() / reference.pow(2).mean().clamp_min(1e-20))
-        per_step.setdefault(record.step, []).append(error)
+        per_step.setdefault(record.step, []).append(relative_error(out, record.output))
     return {step: sum(v) / len(v) for step, v in sorted(per_step.items())}
 
 
@@ -352,6 +350,13 @@ def test_random_transformers(case: tuple[dict[str, Any], dict[str, Any]], tmp_pa
                 "prune": {"amount": 0.05, "target": "params", "step_groups": 1, "additivity_sets": 0},
                 "quant": {"formats": ("int8",), "sensitivity": "hessian", "samples": 3, "probes": 1,
                           "trajectories": 1, "split_shortcut": False, "attention": False, "smoothquant": None}}))
+@example(case=({"kind": "dit", "num_layers": 3, "heads": 2, "head_dim": 4, "in_channels": 1, "learned_sigma": True,
+                "sample_size": 4, "caption_channels": 6},
+               {"cache": {"cut": "delta_dit", "schedule": "dp", "interval": 2, "full_fraction": 0.5},
+                "moe": {"active": 0.75, "experts": 4, "step_groups": 2, "shared": True, "allocation": "global"},
+                "prune": {"amount": 0.15, "target": "params", "step_groups": 1, "additivity_sets": 3},
+                "quant": {"formats": ("int8", "int4", "w4a8"), "sensitivity": "mse", "samples": 3, "probes": 1,
+                          "trajectories": 1, "split_shortcut": False, "attention": True, "smoothquant": 0.5}}))
 @given(case=cases(st.one_of(unet_configs(), dit_configs())))
 @THOROUGH
 def test_many_random_architectures(case: tuple[dict[str, Any], dict[str, Any]], tmp_path_factory: Any) -> None:
