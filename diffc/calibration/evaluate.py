@@ -69,8 +69,7 @@ def node_error(calibration: CalibrationSet, reference: DiffusionGraph, candidate
             with torch.no_grad():
                 _Observer(graph.module, set(nodes), lambda n, v, sink=sink: sink.__setitem__(n, v)).run(*flat)
         for n in nodes:
-            ref = values["ref"][n].double()
-            errors[n].append(((values["cand"][n].double() - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(1e-20)).item())
+            errors[n].append(relative_error(values["cand"][n], values["ref"][n]))
     return {n: float(np.mean(v)) for n, v in errors.items()}
 
 
