@@ -54,7 +54,7 @@ def optimize(model_or_pipeline: Any, target: str = "torch", passes: PipelineSpec
     graph = capture(denoiser, example_inputs=example_inputs)
     if calibration_set is not None:
         calibration_set.check_compatible(graph)
-    ctx = PassContext(calibration=calibration_set, budget=dict(budget), target=str(parsed),
+    ctx = PassContext(calibration=calibration_set, budget=dict(budget), target=str(parsed), progress=progress,
                       denoiser_for=lambda candidate: compile_graph(candidate, "torch", "fp32", device))
     checkpoints = None
     if work_dir is not None:

@@ -37,6 +37,8 @@ class PassContext:
     # Builds a runnable denoiser (same forward as the original) from a candidate graph, so passes
     # can re-run the real sampler with it; given by the API layer, which knows the backends.
     denoiser_for: Callable[[DiffusionGraph], Any] | None = None
+    # the user asked for progress bars (optimize(progress=True)): passes show their long loops
+    progress: bool = False
 
     def take_budget(self, key: str, default: Any = None) -> Any:
         """Reads a budget entry and marks it used, so unused entries can be reported."""

@@ -27,7 +27,8 @@ squares to the whole FFN's output on that range's calibration tokens (the kept n
 what the dropped ones correlate with, the bias their mean); each range's FFN is then the bypass
 region on in its own range only, at the price of storing the kept neurons once per range.
 With `recover_steps`, the routed graph is then distilled against the dense one through each
-range's variant (prune's `recover`; Dense2MoE trains its experts), off by default.
+range's variant (prune's `recover`, on every recorded call or `recover_records` of them;
+Dense2MoE trains its experts), off by default.
 
 Per-token routing (`routing="token"`, Dense2MoE's routing (a)) is expert-choice with a static
 capacity: a linear router per FFN, fitted on calibration tokens by least squares to predict the
@@ -52,6 +53,7 @@ import torch
 import torch.fx
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
+from .._progress import progress
 from ..calibration.statistics import _Observer
 from ..errors import PassError
 from ..ir import DiffusionGraph
@@ -60,10 +62,10 @@ from ..ir.fxutil import attr_value
 from ..ir.partition import BYPASS
 from ._search import search_grid
 from .base import Pass, PassConfig, PassContext, PassResult, register_pass
-from .prune import CalibrationBatch, _constant, _eliminate_dead_code, _plan_error, recover, step_ranges
+from .prune import (RECOVER_ROWS, CalibrationBatch, _constant, _eliminate_dead_code, _plan_error, range_step_plan,
+                    recover, step_ranges)
 
 aten = torch.ops.aten
-FULL = "full"
 ACTIVE_GRID = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 ALLOCATIONS = ("global", "per_ffn")
 ROUTINGS = ("timestep", "token")
@@ -87,6 +89,8 @@ class MoeConfig(PassConfig):
     ridge: float = 1e-3
     recover_steps: int = 0
     recover_lr: float = 1e-4
+    recover_rows: int = RECOVER_ROWS
+    recover_records: int | None = None
     routing: str = "timestep"
 
     def __post_init__(self) -> None:
@@ -99,8 +103,9 @@ class MoeConfig(PassConfig):
             raise ValueError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
-        if self.step_groups < 1 or self.max_records < 1 or self.max_tokens < 1:
-            raise ValueError("step_groups, max_records and max_tokens must be >= 1")
+        if self.step_groups < 1 or self.max_records < 1 or self.max_tokens < 1 or self.recover_rows < 1 or \
+                (self.recover_records is not None and self.recover_records < 1):
+            raise ValueError("step_groups, max_records, max_tokens, recover_rows and recover_records must be >= 1")
         if self.recover_steps < 0 or self.recover_lr <= 0:
             raise ValueError(f"recover_steps must be >= 0 and recover_lr > 0, got {self.recover_steps} and "
                              f"{self.recover_lr}")
@@ -402,7 +407,7 @@ class MoePass(Pass):
         if cfg.routing == "token":
             return self._token_routed(dg, converted, contributions, inputs, batch, ctx, skipped)
         if cfg.allocation == "global":
-            scores = self._expert_scores(dg, converted, contributions, batch, ranges)
+            scores = self._expert_scores(dg, converted, contributions, batch, ranges, ctx.progress)
 
             def select(active: float) -> list[list[list[int]]]:
                 return _global_selection(converted, scores, active)
@@ -431,8 +436,10 @@ class MoePass(Pass):
         routed, chosen = plan_for(active)
         if cfg.recover_steps:
             report["relative_error_before_recovery"] = round(_plan_error(routed, batch), 6)
-            routed, report["recovery_loss"] = recover(routed, dg, batch, cfg.recover_steps, cfg.recover_lr, cfg.seed,
-                                                      label="moe")
+            distillation_calls = CalibrationBatch(ctx.calibration, dg, cfg.recover_records)
+            routed, report["recovery_loss"] = recover(routed, dg, distillation_calls, cfg.recover_steps, cfg.recover_lr,
+                                                      cfg.seed, ctx.progress, "moe", rows_per_step=cfg.recover_rows,
+                                                      validation=batch)
         report.update(self._summary(dg, routed, converted, chosen, ranges, active, batch))
         return PassResult(routed, modified=True, report=report)
 
@@ -499,13 +506,13 @@ class MoePass(Pass):
 
     def _expert_scores(self, dg: DiffusionGraph, converted: list[ConvertedFFN],
                        contributions: list[tuple[list[torch.Tensor], torch.Tensor]], batch: CalibrationBatch,
-                       ranges: list[tuple[int, int]]) -> list[dict[tuple[int, int], float]]:
+                       ranges: list[tuple[int, int]], show_progress: bool) -> list[dict[tuple[int, int], float]]:
         """scores[g][(ffn, expert)]: relative denoiser output error on the calibration calls of step
         range g with that one routed expert switched off (replaced by its mean output over all
         calibration tokens with `compensate`)."""
         masks = [batch.step_mask(set(range(a, b))) for a, b in ranges]
         scores: list[dict[tuple[int, int], float]] = [{} for _ in ranges]
-        for index, item in enumerate(converted):
+        for index, item in progress(list(enumerate(converted)), show_progress, "moe: scoring experts", "FFN"):
             for expert in range(len(item.chain) - 1):
                 trial = dg.clone()
                 nodes = {n.name: n for n in trial.graph.nodes}
@@ -531,7 +538,6 @@ class MoePass(Pass):
         routed = dg.clone()
         nodes = {n.name: n for n in routed.graph.nodes}
         regions, off_everywhere = [], []
-        variants: dict[str, list[str]] = {FULL: []}
         for item, per_range, (outputs, steps) in zip(converted, chosen, contributions):
             base = item.chain[0]
             for expert in range(len(item.chain) - 1):
@@ -557,17 +563,12 @@ class MoePass(Pass):
             nodes[cut].replace_all_uses_with(nodes[base])
             removed.add(cut)
         _eliminate_dead_code(routed)
-        steps: list[str] = []
-        for index, (start, end) in enumerate(ranges):
-            name = f"steps_{start}_{end}"
-            variants[name] = [_region(item, e) for item, per_range in zip(converted, chosen)
-                              for e in range(len(item.chain) - 1)
-                              if e not in per_range[index] and item.chain[e + 1] not in removed]
-            steps += [name] * (end - start)
         if regions:
-            routed.step_plan = {"regions": regions, "variants": variants,
-                                "schedule": {"default": FULL, "steps": steps, "repeat": False},
-                                "summary": {"pass": "moe", "step_ranges": ranges}}
+            skipped = [[_region(item, e) for item, per_range in zip(converted, chosen)
+                        for e in range(len(item.chain) - 1)
+                        if e not in per_range[index] and item.chain[e + 1] not in removed]
+                       for index in range(len(ranges))]
+            routed.step_plan = range_step_plan(regions, ranges, skipped, {"pass": "moe", "step_ranges": ranges})
         return routed
 
     def _refit(self, dg: DiffusionGraph, converted: list[ConvertedFFN], chosen: list[list[list[int]]],
@@ -610,21 +611,15 @@ class MoePass(Pass):
             last.replace_all_uses_with(acc)
         _eliminate_dead_code(routed)
         if regions:
-            steps_plan: list[str] = []
-            variants: dict[str, list[str]] = {}
-            for index, (start, end) in enumerate(ranges):
-                name = f"steps_{start}_{end}"
-                variants[name] = [r["name"] for r, owner in zip(regions, owners) if owner != index]
-                steps_plan += [name] * (end - start)
+            skipped = [[r["name"] for r, owner in zip(regions, owners) if owner != index]
+                       for index in range(len(ranges))]
             # running every range's FFN would add them up: a call at an unknown step runs the range
             # with the most neurons on
             widest = max(range(len(ranges)), key=lambda i: sum(item.sizes[item.routed_from + e]
                                                                for item, per_range in zip(converted, chosen)
                                                                for e in per_range[i]))
-            routed.step_plan = {"regions": regions, "variants": variants,
-                                "schedule": {"default": f"steps_{ranges[widest][0]}_{ranges[widest][1]}",
-                                             "steps": steps_plan, "repeat": False},
-                                "summary": {"pass": "moe", "step_ranges": ranges, "refit": True}}
+            routed.step_plan = range_step_plan(regions, ranges, skipped,
+                                               {"pass": "moe", "step_ranges": ranges, "refit": True}, default=widest)
         return routed
 
     def _summary(self, dense: DiffusionGraph, routed: DiffusionGraph, converted: list[ConvertedFFN],

@@ -35,7 +35,9 @@ teacher-forced output error below `max_relative_error` (without one).
 With `recover_steps`, the pruned graph's remaining weights are then distilled for that many
 steps against the unpruned graph on the calibration calls (LAPTOP-Diff's normalized feature
 distillation, see `recover`; a step plan is trained through each of its variants); off by
-default: pruning stays training-free unless asked.
+default: pruning stays training-free unless asked. Scoring reads `max_records` calls, the
+distillation all recorded ones (or `recover_records`), `recover_rows` rows per step: a
+calibration set collected on more seeds gives it more data at the same cost per step.
 
 With `step_groups > 1`, each range of denoising steps gets its own set (different units matter
 at high and low noise, as in Delta-DiT's stage split): units removed at every step are removed
@@ -71,6 +73,8 @@ from .base import Pass, PassConfig, PassContext, PassResult, register_pass
 TARGETS = ("params", "flops", "latency")
 UNIT_KINDS = (RESNET, ATTENTION, TRANSFORMER_BLOCK, FFN, STAGE)
 FULL = "full"
+RECOVER_ROWS = 32
+RECOVERY_CHECKS = 8
 aten = torch.ops.aten
 AMOUNT_GRID = tuple(round(0.05 * k, 2) for k in range(1, 13))
 
@@ -92,6 +96,8 @@ class PruneConfig(PassConfig):
     rerank: int = 4
     recover_steps: int = 0
     recover_lr: float = 1e-4
+    recover_rows: int = RECOVER_ROWS
+    recover_records: int | None = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -102,9 +108,10 @@ class PruneConfig(PassConfig):
         if unknown or not self.kinds:
             raise ValueError(f"kinds must be a non-empty subset of {UNIT_KINDS}, got {self.kinds}")
         if self.step_groups < 1 or self.max_records < 1 or self.compensate_ranges < 1 or self.additivity_sets < 0 or \
-                self.rerank < 0 or self.recover_steps < 0 or self.recover_lr <= 0:
-            raise ValueError("step_groups, max_records and compensate_ranges must be >= 1, additivity_sets, rerank and "
-                             "recover_steps >= 0, recover_lr > 0")
+                self.rerank < 0 or self.recover_steps < 0 or self.recover_lr <= 0 or self.recover_rows < 1 or \
+                (self.recover_records is not None and self.recover_records < 1):
+            raise ValueError("step_groups, max_records, compensate_ranges, recover_rows and recover_records must be "
+                             ">= 1, additivity_sets, rerank and recover_steps >= 0, recover_lr > 0")
 
 
 @dataclass
@@ -442,14 +449,15 @@ def _shape(node: torch.fx.Node | None) -> tuple[int, ...] | None:
 # --- calibration batches ------------------------------------------------------------------------
 
 class CalibrationBatch:
-    """Up to `max_records` recorded calls spread evenly over the steps, stacked into batches, with
-    the outputs of a reference graph on them: errors of candidates are relative MSE against it."""
+    """Up to `max_records` recorded calls (all of them with None) spread evenly over the steps,
+    stacked into batches, with the outputs of a reference graph on them: errors of candidates are
+    relative MSE against it."""
 
-    def __init__(self, calibration: Any, reference: DiffusionGraph, max_records: int) -> None:
+    def __init__(self, calibration: Any, reference: DiffusionGraph, max_records: int | None) -> None:
         records = list(calibration.records())
         if not records:
             raise PassError("the calibration set holds no recorded calls; collect it again")
-        if len(records) > max_records:
+        if max_records is not None and len(records) > max_records:
             keep = np.linspace(0, len(records) - 1, max_records).round().astype(int)
             records = [records[i] for i in sorted(set(keep.tolist()))]
         self.num_steps = max(r.num_steps for r in records)
@@ -520,6 +528,21 @@ def step_ranges(num_steps: int, groups: int) -> list[tuple[int, int]]:
     groups = min(groups, num_steps)
     bounds = np.linspace(0, num_steps, groups + 1).round().astype(int)
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def range_step_plan(regions: list[dict[str, Any]], ranges: Sequence[tuple[int, int]], skipped: Sequence[list[str]],
+                    summary: dict[str, Any], default: int | None = None) -> dict[str, Any]:
+    """A step plan with one variant per range of steps, named by its range, skipping that range's
+    regions. A call at a step outside the schedule runs the `default` range's variant, or, without
+    one, a variant that skips nothing."""
+    names = [f"steps_{start}_{end}" for start, end in ranges]
+    variants = {FULL: []} if default is None else {}
+    variants.update(zip(names, skipped))
+    return {"regions": regions, "variants": variants,
+            "schedule": {"default": FULL if default is None else names[default],
+                         "steps": [name for name, (start, end) in zip(names, ranges) for _ in range(start, end)],
+                         "repeat": False},
+            "summary": summary}
 
 
 # --- selection ----------------------------------------------------------------------------------
@@ -647,7 +670,7 @@ class PrunePass(Pass):
             else {}
         # a unit's mean residual stays in the graph as a constant: it does not count as removed
         weights = [self._weight(u, offsets.get(u.name), roofline, dg) for u in units]
-        scores = self._scores(dg, units, batch, groups, offsets)
+        scores = self._scores(dg, units, batch, groups, offsets, cfg.progress or ctx.progress)
         report: dict[str, Any] = {"target": cfg.target, "candidates": len(units),
                                   **({"roofline": {"flops_per_s": f"{roofline.flops_per_s:.3g}",
                                                    "bytes_per_s": f"{roofline.bytes_per_s:.3g}",
@@ -677,8 +700,10 @@ class PrunePass(Pass):
         pruned, chosen = build(amount)
         if cfg.recover_steps and any(chosen):
             report["relative_error_before_recovery"] = round(_plan_error(pruned, batch), 6)
-            pruned, report["recovery_loss"] = recover(pruned, dg, batch, cfg.recover_steps, cfg.recover_lr,
-                                                      cfg.seed, cfg.progress)
+            distillation_calls = CalibrationBatch(ctx.calibration, dg, cfg.recover_records)
+            pruned, report["recovery_loss"] = recover(pruned, dg, distillation_calls, cfg.recover_steps, cfg.recover_lr,
+                                                      cfg.seed, cfg.progress or ctx.progress,
+                                                      rows_per_step=cfg.recover_rows, validation=batch)
         if amount in reranked:
             report["reranked"] = reranked[amount]
         report.update(self._summary(dg, pruned, chosen, ranges, amount, batch, groups))
@@ -731,11 +756,11 @@ class PrunePass(Pass):
         return candidates[int(np.argmin(measured))], record
 
     def _scores(self, dg: DiffusionGraph, units: list[Unit], batch: CalibrationBatch,
-                groups: list[set[int]], offsets: Mapping[str, MeanResidual]) -> list[list[float]]:
+                groups: list[set[int]], offsets: Mapping[str, MeanResidual], show_progress: bool) -> list[list[float]]:
         """scores[g][i]: mean relative output error over the calls in step range g with unit i removed."""
         masks = [batch.step_mask(g) for g in groups]
         scores: list[list[float]] = [[] for _ in groups]
-        for unit in progress(units, self.config.progress, "prune: scoring units", "unit"):
+        for unit in progress(units, show_progress, "prune: scoring units", "unit"):
             errors = batch.row_errors(batch.outputs(remove_units(dg.clone(), [unit], offsets).module))
             for g, mask in enumerate(masks):
                 scores[g].append(batch.mean_error(errors, mask))
@@ -762,15 +787,9 @@ class PrunePass(Pass):
             if unit.out not in alive or skip not in alive:
                 raise PassError(f"unit {unit.name} lost its nodes to another removal; use step_groups=1")
             regions.append({"name": _region(unit), "cuts": [unit.out], "bases": {unit.out: skip}, "mode": BYPASS})
-        variants = {FULL: []}
-        steps: list[str] = []
-        for (start, end), units in zip(ranges, chosen):
-            name = f"steps_{start}_{end}"
-            variants[name] = sorted(_region(u) for u in units if u.name in partial)
-            steps += [name] * (end - start)
-        pruned.step_plan = {"regions": regions, "variants": variants,
-                            "schedule": {"default": FULL, "steps": steps, "repeat": False},
-                            "summary": {"pass": "prune", "step_ranges": ranges}}
+        pruned.step_plan = range_step_plan(regions, ranges,
+                                           [sorted(_region(u) for u in units if u.name in partial) for units in chosen],
+                                           {"pass": "prune", "step_ranges": ranges})
         return pruned
 
     def _summary(self, dg: DiffusionGraph, pruned: DiffusionGraph, chosen: list[list[Unit]],
@@ -800,15 +819,21 @@ class PrunePass(Pass):
 # --- recovery -----------------------------------------------------------------------------------
 
 def recover(pruned: DiffusionGraph, teacher: DiffusionGraph, batch: CalibrationBatch, steps: int, lr: float,
-            seed: int, show_progress: bool = False, label: str = "prune") -> tuple[DiffusionGraph, dict[str, float]]:
+            seed: int, show_progress: bool = False, label: str = "prune", rows_per_step: int = RECOVER_ROWS,
+            validation: CalibrationBatch | None = None) -> tuple[DiffusionGraph, dict[str, Any]]:
     """LAPTOP-Diff's recovery: a short normalized feature distillation of the pruned graph's
     remaining weights against the unpruned graph on the calibration calls. Loss: the output's
     squared error relative to the teacher output's energy, plus the same normalized error at every
     kept block boundary (block outputs present in both graphs), averaged. Adam, one calibration
-    call (or a random half of the stacked rows) per step. A graph with a step plan is trained
-    through each of its variants in turn, on the calls of the steps that variant runs (see
-    `variant_views`), so weights shared by variants learn from all of their steps. Returns a copy
-    with its own weights (the teacher's stay untouched) and the first and last losses."""
+    call (or `rows_per_step` random rows of the stacked calls) per step: a step costs the same
+    however many calls were recorded, more of them (more seeds) only add data. A graph with a
+    step plan is trained through each of its variants in turn, on the calls of the steps that
+    variant runs (see `variant_views`), so weights shared by variants learn from all of their
+    steps. With `validation`, the relative output error on those calls is checked at the start
+    and `RECOVERY_CHECKS` times along the way, and the weights of least error are kept: a
+    learning rate too high for a model that starts close to its teacher cannot leave it worse.
+    Returns a copy with its own weights (the teacher's stay untouched) and the first and last
+    losses, the steps, the calibration rows drawn from and the validation errors."""
     student = pruned.clone()
     weights = {name: tensor.detach().clone().requires_grad_(tensor.is_floating_point())
                for name, tensor in student.weights().items()}
@@ -821,9 +846,14 @@ def recover(pruned: DiffusionGraph, teacher: DiffusionGraph, batch: CalibrationB
     optimizer = torch.optim.Adam(trainable, lr=lr)
     generator = torch.Generator().manual_seed(seed)
     losses = []
+    checks = set(np.linspace(0, steps, RECOVERY_CHECKS + 1).round().astype(int)[1:].tolist())
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    if validation is not None:
+        best = (_plan_error(student, validation), 0, {name: t.detach().clone() for name, t in weights.items()})
+    start_error = None if best is None else best[0]
     for step in progress(range(steps), show_progress, f"{label}: recovery", "step"):
         view, rows, boundaries = views[step % len(views)]
-        flat = _recovery_call(batch, rows, generator)
+        flat = _recovery_call(batch, rows, rows_per_step, generator)
         with torch.no_grad():
             target_features: dict[str, torch.Tensor] = {}
             target = _Observer(teacher.module, set(boundaries), target_features.__setitem__).run(*flat)
@@ -836,9 +866,19 @@ def recover(pruned: DiffusionGraph, teacher: DiffusionGraph, batch: CalibrationB
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
-    for name, tensor in weights.items():
-        _set_attr(student.module, name, tensor.detach())
-    return student, {"first": round(losses[0], 6), "last": round(losses[-1], 6), "steps": steps}
+        if best is not None and step + 1 in checks:
+            error = _plan_error(student, validation)
+            if error < best[0]:
+                best = (error, step + 1, {name: t.detach().clone() for name, t in weights.items()})
+    kept = {name: t.detach() for name, t in weights.items()} if best is None else best[2]
+    for name, tensor in kept.items():
+        _set_attr(student.module, name, tensor)
+    summary: dict[str, Any] = {"first": round(losses[0], 6), "last": round(losses[-1], 6), "steps": steps,
+                               "rows": len(batch.row_steps)}
+    if best is not None:
+        summary["validation_error"] = {"start": round(start_error, 6), "kept": round(best[0], 6),
+                                       "kept_after_step": best[1]}
+    return student, summary
 
 
 def variant_views(dg: DiffusionGraph, batch: CalibrationBatch) -> list[tuple[DiffusionGraph, torch.Tensor]]:
@@ -869,12 +909,13 @@ def variant_views(dg: DiffusionGraph, batch: CalibrationBatch) -> list[tuple[Dif
     return views
 
 
-def _recovery_call(batch: CalibrationBatch, rows: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+def _recovery_call(batch: CalibrationBatch, rows: torch.Tensor, rows_per_step: int,
+                   generator: torch.Generator) -> list[torch.Tensor]:
     calls = batch.calls(rows)
     if len(calls) > 1:
         return calls[int(torch.randint(len(calls), (1,), generator=generator))]
     count = calls[0][0].shape[0]
-    pick = torch.randperm(count, generator=generator)[:max(1, count // 2)]
+    pick = torch.randperm(count, generator=generator)[:rows_per_step]
     return [t[pick] for t in calls[0]]
 
 

@@ -2,7 +2,6 @@ import functools
 import math
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,6 +14,7 @@ from diffc.ir.partition import build_plan
 from diffc.passes import PassContext, PassManager
 from diffc.passes.moe import ConvertedFFN, _global_selection, convert, find_ffns, split_experts
 from diffc.passes.prune import CalibrationBatch, _eliminate_dead_code, _plan_error
+from default_models import optimized_psnr
 from tiny_families import first_tensor
 
 
@@ -44,6 +44,14 @@ def test_all_experts_active_reproduces_the_model_exactly(family, captured):
     fast = diffc.optimize(model, passes=[{"pass": "moe", "active": 1.0}], calibration=_calibration("dit"))
     with torch.no_grad():
         assert torch.equal(first_tensor(fast(**inputs)), first_tensor(model(**inputs)))
+
+
+def test_optimize_with_progress_shows_the_pass_bars(family, capsys):
+    model, _ = family("dit")
+    diffc.optimize(model, passes=[{"pass": "moe", "active": 0.5, "recover_steps": 2}], calibration=_calibration("dit"),
+                   progress=True)
+    shown = capsys.readouterr().err
+    assert "moe: scoring experts" in shown and "moe: recovery" in shown
 
 
 @pytest.mark.parametrize("family_name", ["dit", "unet2dcond"])
@@ -135,6 +143,7 @@ def test_global_allocation_drops_least_score_per_neuron_first():
     ({"experts": 1}, "experts must be >= 2"),
     ({"ridge": -1.0}, "ridge is the relative L2 penalty"),
     ({"recover_steps": -1}, "recover_steps must be >= 0"),
+    ({"recover_rows": 0}, "recover_rows and recover_records must be >= 1"),
     ({"active": 0.0}, "active is the share"),
     ({"experts": 1000}, "cannot be split into 1000 experts"),
 ])
@@ -152,34 +161,31 @@ def test_model_without_ffns_fails_clearly(captured):
 @pytest.mark.parametrize("model_name", [
     "digits-unet",
     pytest.param("digits-dit", marks=pytest.mark.xfail(
-        reason="measured 19.8 dB on 2026-11-28, 18.9 dB on 2026-11-30 with mean-output compensation, 23.1 dB on "
-               "2026-12-01 with the per-range least-squares refit, 22.9 dB once errors were measured per call (digits-unet: 33.8 dB without refit, 32.5 with; "
-               "per-token routing at the same share: 20.2 dB), and with recovery distillation (recover_steps=400, "
-               "recover_lr=1e-4) 24.1 dB, 24.4 dB with max_records=160 (800 steps: 24.4): the small DiT loses too "
-               "much with half of its FFNs off", strict=False)),
+        reason="without training: 19.8 dB on 2026-11-28, 18.9 dB on 2026-11-30 with mean-output compensation, "
+               "23.1 dB on 2026-12-01 with the per-range least-squares refit, 22.9 dB once errors were measured per "
+               "call (per-token routing at the same share: 20.2 dB); the small DiT's half-size FFNs cannot serve all "
+               "calibration classes without training (the refit on the four test labels alone gives 29.8 dB). With "
+               "Dense2MoE's training it passes: see the next test", strict=False)),
 ])
 def test_half_the_ffn_active_on_default_models(model_name):
-    """Issue 4: timestep-routed MoE with half the FFN parameters active keeps PSNR >= 25 dB."""
-    import diffc.models as dm
+    """Issue 4: timestep-routed MoE with half the FFN parameters active keeps PSNR >= 25 dB, here
+    training-free (the pass's defaults)."""
+    psnr, report = optimized_psnr(model_name, [{"pass": "moe", "active": 0.5}])
+    assert 0.5 <= report["ffn_active_share"] < 0.55
+    assert psnr >= 25
 
-    pipe = dm.load(model_name)
-    attribute = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
-    original = getattr(pipe, attribute)
 
-    def sample():
-        with torch.no_grad():
-            return np.asarray(pipe(class_labels=[0, 3, 5, 7], num_inference_steps=20,
-                                   generator=torch.Generator().manual_seed(1234), output_type="np").images)
-
-    reference = sample()
-    fast = diffc.optimize(pipe, passes=[{"pass": "moe", "active": 0.5}])
-    assert 0.5 <= fast.report[-1]["report"]["ffn_active_share"] < 0.55
-    setattr(pipe, attribute, fast)
-    try:
-        images = sample()
-    finally:
-        setattr(pipe, attribute, original)
-    psnr = 10 * np.log10(1 / float(np.mean((images - reference) ** 2)))
+@pytest.mark.slow  # about 5 min for digits-dit and 8 for digits-unet: 800 distillation steps
+@pytest.mark.parametrize("model_name", ["digits-unet", "digits-dit"])
+def test_half_the_ffn_active_with_recovery_on_default_models(model_name):
+    """Issue 4's MoE threshold with Dense2MoE's training: recovery distillation on the calibration
+    calls of 8 seeds (more data, not more steps, is what lifts the final images). On digits-unet,
+    which starts close to its teacher, the distillation does not help and the start weights are
+    kept (measured 2026-12-01: digits-dit 22.9 -> 26.7 dB, digits-unet 33.3 dB)."""
+    options = {"pass": "moe", "active": 0.5, "recover_steps": 800, "recover_lr": 1e-3}
+    psnr, report = optimized_psnr(model_name, [options], calibration_seeds=list(range(8)))
+    assert 0.5 <= report["ffn_active_share"] < 0.55
+    assert report["relative_error"] <= report["relative_error_before_recovery"]
     assert psnr >= 25
 
 
