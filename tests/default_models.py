@@ -9,14 +9,14 @@ import torch
 
 import diffc
 import diffc.models as dm
+from diffc.calibration import collect
+from diffc.metrics import psnr
 
 
 def optimized_psnr(model_name: str, passes: list[dict[str, Any]], calibration_seeds: list[int] | None = None
                    ) -> tuple[float, dict[str, Any]]:
     """(PSNR of the optimized model's images, the last pass's report); with `calibration_seeds`,
     the calibration set is collected on those seeds instead of the default one."""
-    from diffc.calibration import collect
-
     pipe = dm.load(model_name)
     attribute = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
     original = getattr(pipe, attribute)
@@ -35,4 +35,4 @@ def optimized_psnr(model_name: str, passes: list[dict[str, Any]], calibration_se
         images = sample()
     finally:
         setattr(pipe, attribute, original)
-    return 10 * float(np.log10(1 / float(np.mean((images - reference) ** 2)))), fast.report[-1]["report"]
+    return psnr(images, reference), fast.report[-1]["report"]

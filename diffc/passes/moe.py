@@ -435,11 +435,11 @@ class MoePass(Pass):
                 max_relative_error=cfg.max_relative_error, quality_rises=True, fallback=1.0)
         routed, chosen = plan_for(active)
         if cfg.recover_steps:
-            report["relative_error_before_recovery"] = round(_plan_error(routed, batch), 6)
             distillation_calls = CalibrationBatch(ctx.calibration, dg, cfg.recover_records)
             routed, report["recovery_loss"] = recover(routed, dg, distillation_calls, cfg.recover_steps, cfg.recover_lr,
                                                       cfg.seed, ctx.progress, "moe", rows_per_step=cfg.recover_rows,
                                                       validation=batch)
+            report["relative_error_before_recovery"] = report["recovery_loss"]["validation_error"]["start"]
         report.update(self._summary(dg, routed, converted, chosen, ranges, active, batch))
         return PassResult(routed, modified=True, report=report)
 

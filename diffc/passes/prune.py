@@ -472,11 +472,11 @@ class CalibrationBatch:
         stacked = [torch.cat(parts) for parts in zip(*flat)]
         try:
             with torch.no_grad():
-                reference.module(*stacked)
+                self.reference = _first(reference.module(*stacked))
             self.batches = [stacked]
         except Exception:  # noqa: BLE001 - a graph captured with a pinned batch takes one call at a time
             self.batches = flat
-        self.reference = self.outputs(reference.module)
+            self.reference = self.outputs(reference.module)
         # each row is measured against its own call's mean square (calibration.relative_error)
         self.energy = torch.cat([part.double().pow(2).mean().clamp_min(1e-20).expand(part.shape[0])
                                  for part in self.reference.split(rows)])
@@ -699,11 +699,11 @@ class PrunePass(Pass):
                 max_relative_error=cfg.max_relative_error, quality_rises=False, fallback=0.0, infeasible=(PassError,))
         pruned, chosen = build(amount)
         if cfg.recover_steps and any(chosen):
-            report["relative_error_before_recovery"] = round(_plan_error(pruned, batch), 6)
             distillation_calls = CalibrationBatch(ctx.calibration, dg, cfg.recover_records)
             pruned, report["recovery_loss"] = recover(pruned, dg, distillation_calls, cfg.recover_steps, cfg.recover_lr,
                                                       cfg.seed, cfg.progress or ctx.progress,
                                                       rows_per_step=cfg.recover_rows, validation=batch)
+            report["relative_error_before_recovery"] = report["recovery_loss"]["validation_error"]["start"]
         if amount in reranked:
             report["reranked"] = reranked[amount]
         report.update(self._summary(dg, pruned, chosen, ranges, amount, batch, groups))
@@ -849,8 +849,8 @@ def recover(pruned: DiffusionGraph, teacher: DiffusionGraph, batch: CalibrationB
     checks = set(np.linspace(0, steps, RECOVERY_CHECKS + 1).round().astype(int)[1:].tolist())
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     if validation is not None:
-        best = (_plan_error(student, validation), 0, {name: t.detach().clone() for name, t in weights.items()})
-    start_error = None if best is None else best[0]
+        start_error = _plan_error(student, validation)
+        best = (start_error, 0, {name: t.detach().clone() for name, t in weights.items()})
     for step in progress(range(steps), show_progress, f"{label}: recovery", "step"):
         view, rows, boundaries = views[step % len(views)]
         flat = _recovery_call(batch, rows, rows_per_step, generator)
