@@ -1,4 +1,4 @@
-"""diffc.optimize and diffc.load: the public entry points."""
+"""diffc.optimize, diffc.replay and diffc.load: the public entry points."""
 from __future__ import annotations
 
 import hashlib
@@ -17,9 +17,10 @@ from .errors import DiffcError, TargetError
 from .ir import DiffusionGraph, Plan, capture, find_denoiser
 from .ir.partition import build_plan
 from .passes import PassContext, PassManager
-from .passes.base import PipelineSpec
+from .passes.base import NOT_CONFIG, PipelineSpec
 from .runtime import OptimizedModel, load_plan, read_manifest
 from .runtime.checkpoints import PassCheckpointFolder, graph_fingerprint
+
 
 def optimize(model_or_pipeline: Any, target: str = "torch", passes: PipelineSpec | None = "default",
              calibration: Any = None, example_inputs: Mapping[str, Any] | None = None, device: Any = None,
@@ -45,45 +46,79 @@ def optimize(model_or_pipeline: Any, target: str = "torch", passes: PipelineSpec
         raise TargetError(f"target {parsed} lowers the quantization annotations of the quant pass, and the pipeline "
                           f"{[p.name for p in manager.passes]} has no pass that writes them; add it "
                           f"(passes=[..., 'quant']) or choose a float target such as {parsed.backend}-fp16")
-    denoiser, _ = find_denoiser(model_or_pipeline)
-    device = device if device is not None else _module_device(denoiser)
-    calibration_set = as_calibration_set(calibration)
-    if calibration_set is None and any("calibrated" in p.requirements() for p in manager.passes):
-        out = Path(work_dir) / "calibration" if work_dir is not None else None
-        calibration_set = _default_calibration(model_or_pipeline, progress, out)
-    graph = capture(denoiser, example_inputs=example_inputs)
-    if calibration_set is not None:
-        calibration_set.check_compatible(graph)
-    ctx = PassContext(calibration=calibration_set, budget=dict(budget), target=str(parsed), progress=progress,
-                      denoiser_for=lambda candidate: compile_graph(candidate, "torch", "fp32", device))
-    checkpoints = None
-    if work_dir is not None:
-        identity = {"model": graph_fingerprint(graph), "calibration": _calibration_fingerprint(calibration_set)}
-        checkpoints = PassCheckpointFolder(work_dir, identity)
-    optimized = manager.run(graph, ctx, checkpoints)
-    _anchor_schedule_to_timesteps(optimized, calibration_set)
+    ctx = PassContext(budget=dict(budget), target=str(parsed), progress=progress)
+    optimized = _run_pipeline(manager, model_or_pipeline, ctx, calibration, example_inputs, device, work_dir)
     unused = sorted(set(budget) - ctx.used_budget)
     if unused:
         raise TargetError(f"budget {', '.join(unused)} was given but no pass in the pipeline "
                           f"{[p.name for p in manager.passes]} uses it; remove it or add the pass that does")
-    return compile_graph(optimized, parsed.backend, parsed.precision, device, compile=compile)
+    return compile_graph(optimized, parsed.backend, parsed.precision, _device_of(model_or_pipeline, device),
+                         compile=compile)
+
+
+def replay(graph_or_artifact: Any, model_or_pipeline: Any, calibration: Any = None,
+           example_inputs: Mapping[str, Any] | None = None, device: Any = None, progress: bool = False) -> Any:
+    """Re-runs the passes recorded in an optimized result on a model: the same passes, in the same
+    order, with the same configs and the budget entries they read.
+
+    `graph_or_artifact` is an OptimizedModel, the folder of a saved artifact or a DiffusionGraph.
+    For the first two, returns an OptimizedModel compiled for the same target (given the same
+    model and calibration, it saves to the same bytes); for a graph, the replayed graph. Without
+    `calibration`, passes that need it calibrate as `optimize` does."""
+    if isinstance(graph_or_artifact, DiffusionGraph):
+        recorded, target, options = graph_or_artifact.applied, None, {}
+    elif isinstance(graph_or_artifact, OptimizedModel):
+        recorded, target = graph_or_artifact.plan.graph.applied, graph_or_artifact.target
+        options = graph_or_artifact.compile_options
+    elif isinstance(graph_or_artifact, (str, os.PathLike)):
+        manifest = read_manifest(graph_or_artifact)
+        recorded = manifest["applied"]
+        target = f"{manifest['target']['backend']}-{manifest['target']['precision']}"
+        options = {k: v for k, v in manifest["target"].get("info", {}).items() if k == "compile"}
+    else:
+        raise DiffcError(f"replay takes an OptimizedModel, an artifact folder or a DiffusionGraph, not "
+                         f"{type(graph_or_artifact).__name__}")
+    pipeline = [{key: value for key, value in entry.items() if key not in NOT_CONFIG} for entry in recorded]
+    budget = {key: value for entry in recorded for key, value in entry.get("budget", {}).items()}
+    parsed = parse_target(target or "torch")
+    ctx = PassContext(budget=budget, target=str(parsed), progress=progress)
+    replayed = _run_pipeline(PassManager(pipeline, progress=progress), model_or_pipeline, ctx, calibration,
+                             example_inputs, device, None)
+    if target is None:
+        return replayed
+    return compile_graph(replayed, parsed.backend, parsed.precision, _device_of(model_or_pipeline, device), **options)
+
+
+def _run_pipeline(manager: PassManager, model_or_pipeline: Any, ctx: PassContext, calibration: Any,
+                  example_inputs: Mapping[str, Any] | None, device: Any,
+                  work_dir: str | os.PathLike[str] | None) -> DiffusionGraph:
+    """Captures the denoiser, calibrates it if a pass needs that and no calibration was given, and
+    runs the manager's passes (resuming from `work_dir`'s checkpoints when given)."""
+    denoiser, _ = find_denoiser(model_or_pipeline)
+    device = _device_of(model_or_pipeline, device)
+    calibration_set = as_calibration_set(calibration)
+    if calibration_set is None and any("calibrated" in p.requirements() for p in manager.passes):
+        out = Path(work_dir) / "calibration" if work_dir is not None else None
+        calibration_set = _default_calibration(model_or_pipeline, ctx.progress, out)
+    graph = capture(denoiser, example_inputs=example_inputs)
+    if calibration_set is not None:
+        calibration_set.check_compatible(graph)
+    ctx.calibration = calibration_set
+    ctx.denoiser_for = lambda candidate: compile_graph(candidate, "torch", "fp32", device)
+    checkpoints = None
+    if work_dir is not None:
+        identity = {"model": graph_fingerprint(graph), "calibration": _calibration_fingerprint(calibration_set)}
+        checkpoints = PassCheckpointFolder(work_dir, identity)
+    return manager.run(graph, ctx, checkpoints)
+
+
+def _device_of(model_or_pipeline: Any, device: Any) -> Any:
+    return device if device is not None else _module_device(find_denoiser(model_or_pipeline)[0])
 
 
 def compile_graph(dg: DiffusionGraph, backend: str, precision: str, device: Any = None,
                   **options: Any) -> OptimizedModel:
     return _compile_plan(build_plan(dg), backend, precision, device, **options)
-
-
-def _anchor_schedule_to_timesteps(dg: DiffusionGraph, calibration_set: Any) -> None:
-    """A step plan is indexed by the calibrated loop's steps; their timesteps let a loop of another
-    length or spacing (the user's num_inference_steps) find the matching part of the schedule, and
-    let the runtime free the cache after the last of them. A repeated pattern keeps them for that."""
-    schedule = dg.step_plan.get("schedule") if dg.step_plan else None
-    if not schedule or calibration_set is None:
-        return
-    timesteps = calibration_set.step_timesteps
-    if timesteps is not None and (schedule.get("repeat") or len(timesteps) == len(schedule.get("steps", ()))):
-        schedule["timesteps"] = timesteps
 
 
 def _calibration_fingerprint(calibration_set: Any) -> str | None:

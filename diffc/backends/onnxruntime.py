@@ -10,7 +10,6 @@ and return torch tensors, so Plan.run drives the step schedule across segments u
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import tempfile
 import warnings
@@ -23,7 +22,9 @@ import torch
 from .._progress import progress
 from ..errors import ArtifactError, InputError, TargetError
 from ..ir import CompiledPlan, Plan, onnx_export
-from ..ir.onnx_export import SEGMENT_METADATA, SIZE, TENSORS, export_plan, segment_values
+from ..ir.onnx_export import export_plan
+from ..ir.onnx_segments import (SEGMENT_METADATA, flatten_values, onnx_io, read_segment_metadata, regroup_values,
+                                  segment_values)
 from .base import LOW_BIT, Backend
 
 ONNX_DIR = "onnx"
@@ -199,7 +200,7 @@ def _to_float16(model: Any, plan: Plan) -> Any:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     timesteps = {spec.name for spec in plan.graph.signature.inputs if spec.role == "timestep"}
-    entries = json.loads({p.key: p.value for p in model.metadata_props}[SEGMENT_METADATA])
+    entries = read_segment_metadata(model)
     keep = segment_values([e for e in entries["inputs"] if e["name"] in timesteps])
     return convert_float_to_float16(model, keep_io_types=keep)
 
@@ -236,8 +237,6 @@ class SegmentSession:
         import onnx
         import onnxruntime
 
-        from .onnx_contract import onnx_io
-
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
@@ -250,11 +249,10 @@ class SegmentSession:
         self.session = onnxruntime.InferenceSession(path, sess_options=options, providers=list(providers),
                                                     provider_options=provider_options)
         proto = onnx.load(path, load_external_data=False)
-        metadata = {p.key: p.value for p in proto.metadata_props}
-        if SEGMENT_METADATA not in metadata:
+        entries = read_segment_metadata(proto)
+        if entries is None:
             raise ArtifactError(f"the ONNX model of segment {name!r} has no {SEGMENT_METADATA!r} metadata; it was not "
                                 "written by diffc.ir.onnx_export.export_plan. Re-create the artifact.")
-        entries = json.loads(metadata[SEGMENT_METADATA])
         self.inputs, self.outputs = entries["inputs"], entries["outputs"]
         self.io = {**onnx_io(proto), "entries": {"inputs": self.inputs, "outputs": self.outputs}}
         declared = {v.name: v for v in self.session.get_inputs()}
@@ -287,35 +285,14 @@ class SegmentSession:
         flat = [value.detach().to(device=self.device, dtype=dtype).contiguous()
                 for value, dtype in zip(flat, self.input_types)]
         results = self._run_cuda(flat) if self.device.type == "cuda" else self._run_cpu(flat)
-        outputs: list[Any] = []
-        position = 0
-        for entry in self.outputs:
-            if entry["kind"] == TENSORS:
-                outputs.append(list(results[position:position + entry["count"]]))
-                position += entry["count"]
-            elif entry["kind"] == SIZE:
-                outputs.append(int(results[position]))
-                position += 1
-            else:
-                outputs.append(results[position])
-                position += 1
-        return tuple(outputs)
+        return regroup_values(self.outputs, results)
 
     def flatten(self, args: Sequence[Any]) -> list[torch.Tensor]:
-        """The segment's inputs as the model's flat inputs (see diffc.ir.onnx_export)."""
+        """The segment's inputs as the model's flat inputs (see diffc.ir.onnx_segments)."""
         if len(args) != len(self.inputs):
             raise InputError(f"segment {self.name} takes {len(self.inputs)} inputs "
                              f"({', '.join(e['name'] for e in self.inputs)}), got {len(args)}")
-        flat: list[torch.Tensor] = []
-        for entry, value in zip(self.inputs, args):
-            if entry["kind"] == TENSORS:
-                flat += list(value)
-            elif entry["kind"] == SIZE:
-                # a size crosses as a vector whose length is the size
-                flat.append(torch.empty(int(value), device=self.device))
-            else:
-                flat.append(value)
-        return flat
+        return flatten_values(self.inputs, args, self.device)
 
     def _run_cpu(self, flat: list[torch.Tensor]) -> list[torch.Tensor]:
         results = self.session.run(self.output_names, {n: t.numpy() for n, t in zip(self.input_names, flat)})

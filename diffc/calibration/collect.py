@@ -135,7 +135,7 @@ def collect(pipeline_or_model: Any, conditions: Sequence[Any] | None = None, num
             recorder = DenoiserRecorder(denoiser, trajectory)
             try:
                 with torch.no_grad():
-                    result = _call_pipeline(pipe, condition, num_steps, seed, call_kwargs)
+                    result = call_pipeline(pipe, condition, num_steps, seed, call_kwargs)
             finally:
                 recorder.close()
             writer.end(item, trajectory.num_steps, final=_final_tensor(result), timesteps=trajectory.timesteps)
@@ -156,7 +156,9 @@ def _default_conditions(pipe: Any) -> list[Any]:
     return sorted({int(i * count / DEFAULT_CLASS_CONDITIONS) for i in range(min(count, DEFAULT_CLASS_CONDITIONS))})
 
 
-def _call_pipeline(pipe: Any, condition: Any, num_steps: int, seed: int, call_kwargs: dict[str, Any]) -> Any:
+def call_pipeline(pipe: Any, condition: Any, num_steps: int, seed: int, call_kwargs: dict[str, Any]) -> Any:
+    """Runs the pipeline on one condition (a class label, a prompt, or a dict of call arguments)
+    with its generator seeded by `seed`, as `collect` does for each trajectory."""
     generator = torch.Generator().manual_seed(seed)
     kwargs = dict(call_kwargs)
     if isinstance(condition, Mapping):

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from ..ir import DiffusionGraph, StepTracker, find_denoiser
-from .collect import _call_pipeline
-from .statistics import _Observer
+from .collect import call_pipeline
+from .statistics import Observer
 from .store import CalibrationError, CalibrationSet
 
 
@@ -67,7 +67,7 @@ def node_error(calibration: CalibrationSet, reference: DiffusionGraph, candidate
         for label, graph in (("ref", reference), ("cand", candidate)):
             sink = values[label]
             with torch.no_grad():
-                _Observer(graph.module, set(nodes), lambda n, v, sink=sink: sink.__setitem__(n, v)).run(*flat)
+                Observer(graph.module, set(nodes), lambda n, v, sink=sink: sink.__setitem__(n, v)).run(*flat)
         for n in nodes:
             errors[n].append(relative_error(values["cand"][n], values["ref"][n]))
     return {n: float(np.mean(v)) for n, v in errors.items()}
@@ -104,7 +104,7 @@ def trajectory_error(calibration: CalibrationSet, candidate: torch.nn.Module) ->
                 item = items[item_id]
                 condition = replay["conditions"][item["condition_index"]]
                 with torch.no_grad():
-                    result = _call_pipeline(pipe, condition, calibration.settings["num_steps"], item["seed"],
+                    result = call_pipeline(pipe, condition, calibration.settings["num_steps"], item["seed"],
                                             replay["call_kwargs"])
                 out = _as_tensor(result)
                 mses.append(float((out.double() - reference.double()).pow(2).mean()))
@@ -154,7 +154,7 @@ def propagation_weights(calibration: CalibrationSet, relative_size: float = 0.01
         handle = denoiser.register_forward_hook(perturb, with_kwargs=True)
         try:
             with torch.no_grad():
-                result = _call_pipeline(pipe, condition, num_steps, item["seed"], replay["call_kwargs"])
+                result = call_pipeline(pipe, condition, num_steps, item["seed"], replay["call_kwargs"])
         finally:
             handle.remove()
         return _as_tensor(result).double(), (injected[0] if injected else 0.0)

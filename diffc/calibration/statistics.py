@@ -171,7 +171,9 @@ class Statistics:
         return cls(scalars["groups"], scalars["num_steps"], stats, scalars["traces"])
 
 
-class _Observer(torch.fx.Interpreter):
+class Observer(torch.fx.Interpreter):
+    """Runs a graph module and hands each watched node's tensor value to `on_value(name, value)`."""
+
     def __init__(self, module: torch.fx.GraphModule, watch: set[str], on_value: Any) -> None:
         super().__init__(module)
         self.watch, self.on_value = watch, on_value
@@ -225,7 +227,7 @@ def compute_statistics(calibration: CalibrationSet, dg: DiffusionGraph, groups: 
 
         flat = [_input(record, spec.name) for spec in dg.signature.inputs]
         with torch.no_grad():
-            _Observer(dg.module, observed, on_value).run(*flat)
+            Observer(dg.module, observed, on_value).run(*flat)
         previous = current
         last = (record.item, record.step)
     traces = {block: [float(np.mean(per_step[s])) if s in per_step else float("nan") for s in range(num_steps)]

@@ -11,7 +11,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx
 
-from .fxutil import attr_value
+from .fxutil import attr_value, node_shape
 
 aten = torch.ops.aten
 
@@ -105,23 +105,23 @@ def node_flops(node: torch.fx.Node) -> int:
     """Multiply-add FLOPs (2 per MAC) of matmul-like ops at the shapes recorded by shape propagation."""
     if node.op != "call_function":
         return 0
-    out = _shape(node)
+    out = node_shape(node)
     if out is None:
         return 0
     target = node.target
     if target in (aten.conv2d.default, aten.convolution.default, aten.conv1d.default):
-        weight = _shape(node.args[1])
+        weight = node_shape(node.args[1])
         if weight is None:
             return 0
         return 2 * math.prod(out) * math.prod(weight[1:])
     if target in (aten.linear.default, aten.addmm.default, aten.mm.default, aten.bmm.default,
                   aten.matmul.default, aten.baddbmm.default):
-        a = _shape(node.args[1] if target in (aten.addmm.default, aten.baddbmm.default) else node.args[0])
+        a = node_shape(node.args[1] if target in (aten.addmm.default, aten.baddbmm.default) else node.args[0])
         if a is None:
             return 0
         return 2 * math.prod(out) * a[-1]
     if target == aten.scaled_dot_product_attention.default:
-        q, k = _shape(node.args[0]), _shape(node.args[1])
+        q, k = node_shape(node.args[0]), node_shape(node.args[1])
         if q is None or k is None:
             return 0
         return 4 * math.prod(q[:-1]) * k[-2] * q[-1]
@@ -129,14 +129,6 @@ def node_flops(node: torch.fx.Node) -> int:
         return 0
     return 0
 
-
-def _shape(value: Any) -> tuple[int, ...] | None:
-    if not isinstance(value, torch.fx.Node):
-        return None
-    meta = value.meta.get("tensor_meta")
-    if meta is None or not hasattr(meta, "shape"):
-        return None
-    return tuple(int(d) for d in meta.shape)
 
 
 def discover_blocks(gm: torch.fx.GraphModule) -> list[Block]:
@@ -181,8 +173,8 @@ def _make_block(gm: torch.fx.GraphModule, path: str, kind: str, cls: str, nodes:
     parent = max((p for p in all_paths if p != path and path.startswith(p + ".")), key=len, default=None)
     residual = find_residual(compute, inside, outputs)
     identity_input = None
-    if len(outputs) == 1 and _shape(outputs[0]) is not None:
-        same = [i for i in inputs if _shape(i) == _shape(outputs[0])]
+    if len(outputs) == 1 and node_shape(outputs[0]) is not None:
+        same = [i for i in inputs if node_shape(i) == node_shape(outputs[0])]
         identity_input = same[0].name if len(same) == 1 else None
     return Block(
         name=path, kind=kind, module_class=cls, parent=parent,

@@ -14,6 +14,18 @@ def attr_value(module: torch.nn.Module, target: str) -> Any:
     return value
 
 
+def node_shape(value: Any) -> tuple[int, ...] | None:
+    """The concrete shape a node was traced at (its tensor_meta, else its fake value); None for a
+    non-node or a value that is not a tensor."""
+    if not isinstance(value, torch.fx.Node):
+        return None
+    meta = value.meta.get("tensor_meta")
+    if meta is not None and hasattr(meta, "shape"):
+        return tuple(int(d) for d in meta.shape)
+    fake = value.meta.get("val")
+    return tuple(fake.shape) if isinstance(fake, torch.Tensor) else None
+
+
 def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
     """A deep copy of an FX graph. Node metadata holds torch pytree specs whose copying warns
     about a deprecated LeafSpec check inside torch; that warning says nothing to diffc's users."""

@@ -11,6 +11,7 @@ import torch.fx
 
 from .blocks import Block
 from .fxutil import attr_value, copy_graph
+from .step_plan import StepPlan
 
 LATENT, TIMESTEP, CONDITIONING = "latent", "timestep", "conditioning"
 ROLES = (LATENT, TIMESTEP, CONDITIONING)
@@ -91,10 +92,10 @@ class DiffusionGraph:
     `module` under the original model's state-dict names.
 
     `config` is the model's diffusers config (so pipelines can read `unet.config`), `applied`
-    records each pass run on it (name, config, report) so a result can be replayed, and
+    records each pass run on it (name, config, budget it read, report): `diffc.replay` re-runs it, and
     `annotations` holds per-node precision specs written by passes and read by backends;
-    `step_plan` describes step-dependent work (cached regions, variants, schedule) that
-    `diffc.ir.partition.build_plan` turns into a Plan."""
+    `step_plan` (an immutable StepPlan, written by passes) describes step-dependent work (cached
+    regions, variants, schedule) that `diffc.ir.partition.build_plan` turns into a Plan."""
 
     module: torch.fx.GraphModule
     signature: Signature
@@ -102,7 +103,7 @@ class DiffusionGraph:
     config: dict[str, Any] = field(default_factory=dict)
     applied: list[dict[str, Any]] = field(default_factory=list)
     annotations: dict[str, dict[str, Any]] = field(default_factory=dict)
-    step_plan: dict[str, Any] | None = None
+    step_plan: StepPlan | None = None
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -138,8 +139,7 @@ class DiffusionGraph:
         graph = copy_graph(self.graph)
         module = torch.fx.GraphModule(self.weights(), graph)
         return DiffusionGraph(module, self.signature, copy.deepcopy(self.blocks), copy.deepcopy(self.config),
-                              copy.deepcopy(self.applied), copy.deepcopy(self.annotations),
-                              copy.deepcopy(self.step_plan))
+                              copy.deepcopy(self.applied), copy.deepcopy(self.annotations), self.step_plan)
 
     def __call__(self, *flat_inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self.module(*flat_inputs))

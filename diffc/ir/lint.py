@@ -1,4 +1,4 @@
-"""Checks that a DiffusionGraph is well formed: graph, signature, roles and block table agree."""
+"""Checks that a DiffusionGraph is well formed: graph, signature, roles, block table and step plan agree."""
 from __future__ import annotations
 
 import torch
@@ -6,6 +6,7 @@ import torch
 from ..errors import LintError
 from .fxutil import attr_value
 from .graph import LATENT, ROLES, TIMESTEP, DiffusionGraph
+from .step_plan import StepPlan
 
 
 def lint(dg: DiffusionGraph) -> None:
@@ -67,6 +68,15 @@ def lint(dg: DiffusionGraph) -> None:
     for node_name in dg.annotations:
         if node_name not in names:
             problems.append(f"annotation on {node_name}, which is not in the graph")
+    if dg.step_plan is not None:
+        if not isinstance(dg.step_plan, StepPlan):
+            problems.append(f"step_plan is a {type(dg.step_plan).__name__}, not a StepPlan (passes build one with "
+                            "StepPlan.build)")
+        else:
+            try:
+                dg.step_plan.check(names)
+            except LintError as exc:
+                problems.append(str(exc))
     if problems:
         raise LintError("lint found {} problem(s):\n  - {}".format(len(problems), "\n  - ".join(problems)))
 

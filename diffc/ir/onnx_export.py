@@ -6,29 +6,14 @@ names the signature uses (batch, height, width, tokens, text_len) so that users 
 optimization profiles see them. Weights are embedded in the file when they fit in a protobuf
 (under 2 GB), otherwise written next to it as ``<name>.onnx.data``.
 
-A Plan exports as one model per segment (`export_plan`). Its ONNX inputs and outputs are the
-segment's `inputs` and `outputs` (model inputs, values passed between segments, cached state)
-under `onnx_safe_name`, which escapes every character that is not a letter, a digit or an
-underscore as ``_xHH_`` (its code point in hex: "output.sample" -> "output_x2E_sample"), and an
-underscore followed by "x" as ``_x5F_``, so `original_name` recovers the name exactly. Three
-kinds of value cross segments (the model's ``diffc.segment`` metadata lists them per segment):
-
-- a tensor: one ONNX value;
-- a list of tensors (the pieces of a chunk or split used in a later segment): one ONNX value
-  per item, named after ``name[i]``;
-- a size (an int one segment computes from a shape and a later one uses): an int64 scalar as
-  an output; as an input, a float32 vector of that length whose shape carries it, so the size
-  stays symbolic in the consumer's graph (an ONNX graph cannot turn a value into a shape)."""
+A Plan exports as one model per segment (`export_plan`), its inputs and outputs laid out and
+recorded in the model's metadata as diffc.ir.onnx_segments describes; the fix-ups around the
+exporter are in diffc.ir.onnx_fixups."""
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
 import operator
 import pathlib
-import re
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -38,19 +23,15 @@ from .._progress import progress
 from ..errors import CaptureError
 from .fxutil import copy_graph
 from .graph import DiffusionGraph
+from .onnx_fixups import describe_failure, quiet_exporter, rename_dims, rename_internal_clashes, without_noop_squeezes
+from .onnx_segments import (DIM_SYMBOL, SIZE, TENSOR, TENSORS, flatten_values, segment_metadata, segment_values,
+                            value_entry)
 from .partition import DELTA_SUFFIX
 from .plan import Plan
 
 MIN_OPSET = 21
 # Protobuf cannot serialize a message of 2 GiB or more; leave room for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 64 * 2**20
-
-_NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes",
-                  "torch._dynamo", "onnxscript", "onnx_ir", "torchvision")
-_SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_ESCAPED = re.compile(r"_x([0-9A-F]+)_")
-SEGMENT_METADATA = "diffc.segment"
-TENSOR, TENSORS, SIZE = "tensor", "tensors", "size"
 
 
 def export_onnx(module: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor], path: str | pathlib.Path,
@@ -80,21 +61,21 @@ def export_onnx(module: torch.fx.GraphModule, example_inputs: Sequence[torch.Ten
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dynamic_shapes = tuple({int(d): torch.export.Dim.AUTO for d in dims} or None for dims in dynamic_dims)
-    module = _without_noop_squeezes(module)
+    module = without_noop_squeezes(module)
 
-    with _quiet():
+    with quiet_exporter():
         try:
             program = torch.onnx.export(module, example_inputs, dynamo=True, opset_version=opset,
                                         input_names=list(input_names), output_names=list(output_names),
                                         dynamic_shapes=dynamic_shapes, external_data=False, optimize=True,
                                         verify=False, report=False, verbose=False)
         except Exception as exc:  # noqa: BLE001 - re-raised with the failing op named
-            raise CaptureError(_describe_failure(module, path, exc)) from exc
+            raise CaptureError(describe_failure(module, path, exc)) from exc
     if program is None:  # pragma: no cover - only when the legacy exporter is selected
         raise CaptureError(f"could not export to ONNX {path}: torch.onnx.export returned no program.")
     model = program.model
-    _rename_internal_clashes(model)
-    _rename_dims(model, dynamic_dims)
+    rename_internal_clashes(model)
+    rename_dims(model, dynamic_dims)
     model.metadata_props.update(metadata or {})
 
     external = _initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD
@@ -133,7 +114,7 @@ def _export_pinning_on_failure(module: torch.fx.GraphModule, inputs: Sequence[An
     """export_onnx, retried with the dims that involve text_len, then all but the batch, then all
     pinned to their example sizes where the exporter cannot keep them symbolic."""
     def keep(allowed: Callable[[str], bool]) -> list[dict[int, str]]:
-        return [{d: n for d, n in x.items() if all(allowed(s) for s in _SYMBOL.findall(n))} for x in dims]
+        return [{d: n for d, n in x.items() if all(allowed(s) for s in DIM_SYMBOL.findall(n))} for x in dims]
 
     attempts: list[list[dict[int, str]]] = []
     for attempt in (dims, keep(lambda s: s != "text_len"), keep(lambda s: s == "batch"), [{} for _ in dims]):
@@ -158,41 +139,12 @@ def onnx_names(dg: DiffusionGraph) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
-def onnx_safe_name(name: str) -> str:
-    """`name` as an ONNX (C identifier) name, reversibly: see the module docstring."""
-    out = []
-    for index, char in enumerate(name):
-        plain = char.isascii() and (char.isalpha() or (char.isdigit() and index > 0))
-        if plain or (char == "_" and name[index + 1:index + 2] != "x"):
-            out.append(char)
-        else:
-            out.append(f"_x{ord(char):02X}_")
-    return "".join(out)
-
-
-def original_name(onnx_name: str) -> str:
-    """The name `onnx_safe_name` was given: original_name(onnx_safe_name(n)) == n."""
-    return _ESCAPED.sub(lambda m: chr(int(m.group(1), 16)), onnx_name)
-
-
-def segment_values(entries: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The ONNX value names of a segment's inputs or outputs, in order, from the entries of its
-    ``diffc.segment`` metadata ({"name", "kind", "count"})."""
-    names: list[str] = []
-    for entry in entries:
-        if entry["kind"] == TENSORS:
-            names += [onnx_safe_name(f"{entry['name']}[{i}]") for i in range(entry["count"])]
-        else:
-            names.append(onnx_safe_name(entry["name"]))
-    return names
-
-
 def export_plan(plan: Plan, directory: str | pathlib.Path, opset: int = 21,
                 show_progress: bool = False) -> dict[str, pathlib.Path]:
     """Writes one ONNX model per segment of `plan` to `directory` as ``<segment>.onnx`` and
     returns {segment: path}.
 
-    Each model takes and returns the segment's `inputs` and `outputs` (see the module docstring
+    Each model takes and returns the segment's `inputs` and `outputs` (see diffc.ir.onnx_segments
     for names and kinds) with the dims that are dynamic in the captured graph kept dynamic and
     named after the signature (batch, height, "((height//2))*((width//2))", ...)."""
     directory = pathlib.Path(directory)
@@ -223,20 +175,12 @@ def export_segment(plan: Plan, name: str, path: str | pathlib.Path, opset: int =
 def _export_segment(plan: Plan, name: str, path: pathlib.Path, opset: int,
                     environment: Mapping[str, Any], dynamic: bool = True) -> pathlib.Path:
     segment = plan.segments[name]
-    inputs = [_value_entry(name, i, environment[i]) for i in segment.inputs]
-    output_entries = [_value_entry(name, o, environment[o]) for o in segment.outputs]
+    inputs = [value_entry(name, i, environment[i]) for i in segment.inputs]
+    output_entries = [value_entry(name, o, environment[o]) for o in segment.outputs]
     module = _flat_segment_module(segment.module, inputs, output_entries)
-    example: list[torch.Tensor] = []
-    for entry in inputs:
-        value = environment[entry["name"]]
-        if entry["kind"] == TENSOR:
-            example.append(value)
-        elif entry["kind"] == TENSORS:
-            example += list(value)
-        else:
-            example.append(torch.empty(int(value)))
+    example = flatten_values(inputs, [environment[entry["name"]] for entry in inputs])
     dims = _segment_dynamic_dims(plan, inputs) if dynamic else [{} for _ in example]
-    metadata = {SEGMENT_METADATA: json.dumps({"segment": name, "inputs": inputs, "outputs": output_entries})}
+    metadata = segment_metadata(name, inputs, output_entries)
     return _export_pinning_on_failure(module, example, path, segment_values(inputs), segment_values(output_entries),
                                       dims, opset, metadata)
 
@@ -258,17 +202,6 @@ def _example_environment(plan: Plan) -> dict[str, Any]:
             environment.update(zip(ready.outputs, tuple(ready.module(*[environment[i] for i in ready.inputs]))))
             pending.remove(ready)
     return environment
-
-
-def _value_entry(segment: str, name: str, value: Any) -> dict[str, Any]:
-    if isinstance(value, torch.Tensor):
-        return {"name": name, "kind": TENSOR, "count": 1}
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
-        return {"name": name, "kind": TENSORS, "count": len(value)}
-    if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
-        return {"name": name, "kind": SIZE, "count": 1}
-    raise CaptureError(f"segment {segment} passes {name} of type {type(value).__name__} to another segment; "
-                       "ONNX export carries tensors, lists of tensors and sizes only. Cut the plan elsewhere.")
 
 
 def _flat_segment_module(module: torch.fx.GraphModule, inputs: Sequence[Mapping[str, Any]],
@@ -337,7 +270,7 @@ def _segment_dynamic_dims(plan: Plan, inputs: Sequence[Mapping[str, Any]]) -> li
             return None
         if expr.is_Symbol:
             return symbols[str(expr)]
-        return "(" + _SYMBOL.sub(lambda m: symbols.get(m.group(0), m.group(0)), str(expr)) + ")"
+        return "(" + DIM_SYMBOL.sub(lambda m: symbols.get(m.group(0), m.group(0)), str(expr)) + ")"
 
     def named(shape: Sequence[Any]) -> dict[int, str]:
         return {d: n for d, n in ((d, readable(s)) for d, s in enumerate(shape)) if n is not None}
@@ -369,98 +302,6 @@ def _example_input(spec: Any, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(shape, generator=generator).to(dtype)
 
 
-def _without_noop_squeezes(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A copy of `module` (weights shared) without squeezes of dims that are not 1, which torch treats
-    as no-ops but the exporter lowers to an ONNX Squeeze that fails (PixArt's `squeeze(1)` of
-    [batch, tokens, channels]). Returns `module` itself when it has none."""
-    def noop_dims(node: torch.fx.Node) -> tuple[list[int], int] | None:
-        if node.op != "call_function" or node.target not in (torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims):
-            return None
-        source = node.args[0]
-        value = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
-        if not isinstance(value, torch.Tensor) or len(node.args) < 2:
-            return None
-        dims = [node.args[1]] if isinstance(node.args[1], int) else list(node.args[1])
-        rank = value.dim()
-        keep = [d for d in dims if not (isinstance(value.shape[d % rank], int) and value.shape[d % rank] != 1)]
-        return (keep, len(dims)) if len(keep) < len(dims) else None
-
-    if not any(noop_dims(n) for n in module.graph.nodes):
-        return module
-    graph = copy_graph(module.graph)
-    for node in list(graph.nodes):
-        found = noop_dims(node)
-        if found is None:
-            continue
-        keep, _ = found
-        if not keep:
-            node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
-        else:
-            node.target = torch.ops.aten.squeeze.dims
-            node.args = (node.args[0], keep)
-    graph.lint()
-    return torch.fx.GraphModule(module, graph)
-
-
-def _rename_dims(model: Any, dynamic_dims: Sequence[Mapping[int, str]]) -> None:
-    """Renames the exporter's dim symbols to readable names on every value of the main graph.
-    Where the exporter unified two named dims into one symbol, the first name wins; symbols inside
-    shape expressions ("2*((s0 - 1)//2) + 2") are renamed too."""
-    import onnx_ir as ir
-
-    names: dict[str, str] = {}
-    for value, dims in zip(model.graph.inputs, dynamic_dims):
-        if value.shape is None:
-            continue
-        for index, name in sorted(dims.items()):
-            if index >= len(value.shape):
-                continue
-            dim = value.shape[index]
-            # Two symbols may get one name (the exporter left timestep's batch independent of the
-            # latent's); one symbol keeps its first name.
-            if isinstance(dim, ir.SymbolicDim) and dim.value and dim.value not in names:
-                names[dim.value] = name
-    if not names:
-        return
-
-    def rename(text: str) -> str:
-        return names.get(text) or _SYMBOL.sub(lambda m: names.get(m.group(0), m.group(0)), text)
-
-    def values() -> Iterator[Any]:
-        yield from model.graph.inputs
-        yield from model.graph.outputs
-        for node in model.graph.all_nodes():
-            yield from node.outputs
-
-    for value in values():
-        shape = value.shape
-        if shape is None or not any(isinstance(d, ir.SymbolicDim) and d.value for d in shape):
-            continue
-        value.shape = ir.Shape([ir.SymbolicDim(rename(d.value)) if isinstance(d, ir.SymbolicDim) and d.value
-                                else d for d in shape])
-
-
-def _rename_internal_clashes(model: Any) -> None:
-    """Renames the internal values that carry the name of a graph input or output. The exporter
-    names values after the re-traced module's nodes and the graph's outputs after `output_names`,
-    so a segment output named after a node of the captured graph ("add_11") can meet an internal
-    value of that name, which onnx.checker rejects as not SSA."""
-    boundary = {v.name: v for v in [*model.graph.inputs, *model.graph.outputs]}
-    taken = set(boundary)
-    for node in model.graph.all_nodes():
-        taken.update(v.name for v in node.outputs if v.name)
-    taken.update(model.graph.initializers)
-    for node in model.graph.all_nodes():
-        for value in node.outputs:
-            if value.name in boundary and boundary[value.name] is not value:
-                index = 1
-                while f"{value.name}__{index}" in taken:
-                    index += 1
-                value.name = f"{value.name}__{index}"
-                taken.add(value.name)
-
-
 def _initializer_bytes(model: Any) -> int:
     total = 0
     for value in model.graph.initializers.values():
@@ -468,43 +309,3 @@ def _initializer_bytes(model: Any) -> int:
         if tensor is not None:
             total += tensor.nbytes
     return total
-
-
-def _describe_failure(module: torch.fx.GraphModule, path: pathlib.Path, exc: BaseException) -> str:
-    """'could not export <path> to ONNX: op X in node Y: reason': the node the exporter's message
-    names ("node %add_3"), else the first node whose target it mentions ("aten.foo.default")."""
-    text = " ".join(str(exc).split())
-    cause = exc
-    while cause.__cause__ is not None and cause.__cause__ is not cause:
-        cause = cause.__cause__
-        text += " | " + " ".join(str(cause).split())
-    op, node_name = None, None
-    for node in module.graph.nodes:
-        if node.op != "call_function":
-            continue
-        if re.search(rf"node %?{re.escape(node.name)}\b", text):
-            op, node_name = str(node.target), node.name
-            break
-        if op is None and str(node.target) in text:
-            op, node_name = str(node.target), node.name
-    reason = text[:600] + (" ..." if len(text) > 600 else "")
-    where = f"op {op} in node {node_name}: " if op else ""
-    return (f"could not export {path.name} to ONNX: {where}{type(exc).__name__}: {reason}. Rewrite or decompose "
-            "that op before export, or report it as an unsupported op.")
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silences the exporter's logging and warnings for the duration of one export only."""
-    saved = []
-    for name in _NOISY_LOGGERS:
-        logger = logging.getLogger(name)
-        saved.append((logger, logger.level))
-        logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in saved:
-            logger.setLevel(level)

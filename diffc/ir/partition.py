@@ -1,6 +1,6 @@
 """Turning a graph's step plan into a Plan of shared segments.
 
-A cached *region* is given by its cut nodes: the tensors a later step may reuse. The region's
+A *region* (diffc.ir.step_plan.Region) is given by its cut nodes: the tensors a later step may reuse. The region's
 nodes are those that die when the cut nodes are replaced by cached values. With `mode: "delta"`,
 what is cached is the residual `cut - base` (Delta-DiT, first-block caching): a skipping step
 recomputes `base` and adds the cached residual. With `mode: "bypass"` nothing is cached: a
@@ -14,7 +14,7 @@ outside the regions form the main segments, ordered by how many regions' cuts th
 A variant skips some regions; every segment is compiled once and shared by all variants."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.fx
@@ -22,12 +22,10 @@ import torch.fx
 from ..errors import PassError
 from .fxutil import attr_value
 from .graph import DiffusionGraph
-from .plan import OUTPUT_PREFIX, PROBE_STATE, SKIPPED_STATE, Plan, Schedule, Segment, Variant
+from .plan import OUTPUT_PREFIX, PROBE_STATE, SKIPPED_STATE, Plan, Segment, Variant
+from .step_plan import BYPASS, DELTA, Region
 
 DELTA_SUFFIX = "__delta"
-# A region whose skip replaces each cut by its residual input ("bases"): step-dependent pruning
-# and timestep-routed experts skip work without any cross-step state.
-BYPASS = "bypass"
 
 
 def region_nodes(graph: torch.fx.Graph, cuts: list[str], keep: list[str] = ()) -> set[torch.fx.Node]:
@@ -61,12 +59,12 @@ def build_plan(dg: DiffusionGraph) -> Plan:
     nodes = list(graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     by_name = {n.name: n for n in nodes}
-    regions = sorted(spec["regions"], key=lambda r: min(order[by_name[c]] for c in r["cuts"]))
+    regions = sorted(spec.regions, key=lambda r: min(order[by_name[c]] for c in r.cuts))
     region_of: dict[torch.fx.Node, int] = {}
     for index, region in enumerate(regions):
-        for node in region_nodes(graph, region["cuts"], [*region.get("bases", {}).values(), *region.get("keep", ())]):
+        for node in region_nodes(graph, list(region.cuts), [*region.bases.values(), *region.keep]):
             if node in region_of:
-                raise PassError(f"cached regions {regions[region_of[node]]['name']} and {region['name']} overlap at "
+                raise PassError(f"cached regions {regions[region_of[node]].name} and {region.name} overlap at "
                                 f"node {node.name}; choose disjoint block ranges")
             region_of[node] = index
     stage = _stages(nodes, regions, by_name, region_of)
@@ -74,9 +72,9 @@ def build_plan(dg: DiffusionGraph) -> Plan:
     for node in nodes:
         if node.op in ("placeholder", "output"):
             continue
-        segment_of[node] = f"cache_{regions[region_of[node]]['name']}" if node in region_of else f"main{stage[node]}"
+        segment_of[node] = f"cache_{regions[region_of[node]].name}" if node in region_of else f"main{stage[node]}"
     position = {f"main{k}": 2 * k for k in range(len(regions) + 1)}
-    position.update({f"cache_{r['name']}": 2 * i + 1 for i, r in enumerate(regions)})
+    position.update({f"cache_{r.name}": 2 * i + 1 for i, r in enumerate(regions)})
     for node, segment in segment_of.items():
         if node.op == "get_attr":
             continue
@@ -94,47 +92,47 @@ def build_plan(dg: DiffusionGraph) -> Plan:
         if index < len(regions):
             region = regions[index]
             members = [n for n in nodes if region_of.get(n) == index]
-            name = f"cache_{region['name']}"
-            if region.get("mode", "raw") == "delta":
-                extra = {by_name[c]: by_name[region["bases"][c]] for c in region["cuts"]}
+            name = f"cache_{region.name}"
+            if region.mode == DELTA:
+                extra = {by_name[c]: by_name[region.bases[c]] for c in region.cuts}
                 extract(segments, name, members, deltas=extra)
-                segments[f"apply_{region['name']}"] = _apply_segment(extra, env_name, f"apply_{region['name']}",
-                                                                     extract.input_name)
+                segments[f"apply_{region.name}"] = _apply_segment(extra, env_name, f"apply_{region.name}",
+                                                                  extract.input_name)
                 state += [env_name[c] + DELTA_SUFFIX for c in extra]
-            elif region.get("mode") == BYPASS:
-                skips = {by_name[c]: by_name[region["bases"][c]] for c in region["cuts"]}
+            elif region.mode == BYPASS:
+                skips = {by_name[c]: by_name[region.bases[c]] for c in region.cuts}
                 extract(segments, name, members)
-                segments[f"apply_{region['name']}"] = _bypass_segment(skips, env_name, f"apply_{region['name']}",
-                                                                      extract.input_name)
+                segments[f"apply_{region.name}"] = _bypass_segment(skips, env_name, f"apply_{region.name}",
+                                                                   extract.input_name)
             else:
                 extract(segments, name, members)
-                state += [env_name[by_name[c]] for c in region["cuts"]]
+                state += [env_name[by_name[c]] for c in region.cuts]
     variants = {}
-    for variant_name, skipped in spec["variants"].items():
+    for variant_name, skipped in spec.variants.items():
         sequence = []
         for index in range(len(regions) + 1):
             sequence.append(f"main{index}")
             if index < len(regions):
                 region = regions[index]
-                if region["name"] not in skipped:
-                    sequence.append(f"cache_{region['name']}")
-                elif region.get("mode", "raw") in ("delta", BYPASS):
-                    sequence.append(f"apply_{region['name']}")
+                if region.name not in skipped:
+                    sequence.append(f"cache_{region.name}")
+                elif region.mode in (DELTA, BYPASS):
+                    sequence.append(f"apply_{region.name}")
         variants[variant_name] = Variant(variant_name, tuple(s for s in sequence if s in segments))
     outputs = tuple(OUTPUT_PREFIX + o.name for o in dg.signature.outputs)
-    if spec["schedule"].get("adaptive"):
+    if spec.schedule.adaptive:
         state += [PROBE_STATE, SKIPPED_STATE]
-    plan = Plan(graph=dg, segments=segments, variants=variants, schedule=Schedule.from_json(spec["schedule"]),
-                outputs=outputs, state=tuple(state), metadata={"step_plan": spec.get("summary", {})})
+    plan = Plan(graph=dg, segments=segments, variants=variants, schedule=spec.schedule,
+                outputs=outputs, state=tuple(state), metadata={"step_plan": spec.summary})
     plan.check()
     return plan
 
 
-def _stages(nodes: list[torch.fx.Node], regions: list[dict[str, Any]], by_name: dict[str, torch.fx.Node],
+def _stages(nodes: list[torch.fx.Node], regions: list[Region], by_name: dict[str, torch.fx.Node],
             region_of: dict[torch.fx.Node, int]) -> dict[torch.fx.Node, int]:
     """For main nodes: 1 + the index of the last region whose cut they depend on (0 for none)."""
     stage: dict[torch.fx.Node, int] = {}
-    cut_region = {by_name[c]: i for i, r in enumerate(regions) for c in r["cuts"]}
+    cut_region = {by_name[c]: i for i, r in enumerate(regions) for c in r.cuts}
     for node in nodes:
         value = 0
         for arg in node.all_input_nodes:

@@ -15,9 +15,9 @@ import torch.fx
 
 from ..errors import LintError
 from .graph import DiffusionGraph
+from .step_plan import ADAPTIVE, FULL, Schedule
 
 OUTPUT_PREFIX = "output."
-ADAPTIVE = "adaptive"
 PROBE_STATE, SKIPPED_STATE = "adaptive.probe", "adaptive.skipped"
 PREVIOUS_SUFFIX = ".previous"
 FORECAST_TIME, FORECAST_PREVIOUS_TIME = "forecast.time", "forecast.previous_time"
@@ -37,52 +37,6 @@ class Variant:
     segments: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """Which variant runs at each step of a denoising loop.
-
-    With `repeat`, `steps` is a pattern repeated over the loop (a uniform interval does not depend
-    on the step count). Otherwise `steps[i]` is the variant of step i of the calibrated loop, whose
-    timestep was `timesteps[i]` (when known): a call runs the variant of the calibrated step nearest
-    its timestep (the first call of a loop runs the first step), so a loop of another length or
-    spacing still gets each part of the trajectory's schedule. Without timesteps, a loop of another
-    announced length is mapped by position. A repeated pattern may keep the calibrated loop's
-    timesteps too: they tell the runtime when a loop that follows them ends. With no `steps`, every step runs `default`. A step scheduled as "adaptive" decides at run time (see
-    Plan.run): `adaptive` holds the probe tensor, the threshold and the two variants. With
-    `forecast`, a step that reuses cached tensors uses their first-order Taylor extrapolation in
-    the timestep from the last two steps that computed them (TaylorSeer / CG-Taylor) instead."""
-
-    default: str
-    steps: tuple[str, ...] = ()
-    repeat: bool = False
-    adaptive: dict[str, Any] | None = None
-    timesteps: tuple[float, ...] = ()
-    forecast: bool = False
-
-    def variant_for(self, step: int, num_steps: int | None = None, timestep: float | None = None) -> str:
-        if not self.steps or step < 0:
-            return self.default
-        if self.repeat:
-            return self.steps[step % len(self.steps)]
-        # step 0 fills whatever later steps reuse, so it runs the calibrated first step whatever its timestep
-        if step > 0 and timestep is not None and len(self.timesteps) == len(self.steps):
-            nearest = min(range(len(self.timesteps)), key=lambda i: abs(self.timesteps[i] - timestep))
-            return self.steps[nearest]
-        if num_steps and num_steps != len(self.steps):
-            step = round(step * (len(self.steps) - 1) / max(num_steps - 1, 1))
-        return self.steps[step] if step < len(self.steps) else self.default
-
-    def to_json(self) -> dict[str, Any]:
-        return {"default": self.default, "steps": list(self.steps), "repeat": self.repeat, "adaptive": self.adaptive,
-                "timesteps": list(self.timesteps), "forecast": self.forecast}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Schedule":
-        return cls(default=data["default"], steps=tuple(data["steps"]), repeat=data.get("repeat", False),
-                   adaptive=data.get("adaptive"), timesteps=tuple(data.get("timesteps", ())),
-                   forecast=data.get("forecast", False))
-
-
 @dataclass
 class Plan:
     graph: DiffusionGraph
@@ -98,8 +52,8 @@ class Plan:
         """The plan of a graph with no step-dependent work: one segment, one variant."""
         outputs = tuple(OUTPUT_PREFIX + o.name for o in dg.signature.outputs)
         segment = Segment("main", dg.module, tuple(i.name for i in dg.signature.inputs), outputs)
-        return cls(graph=dg, segments={"main": segment}, variants={"full": Variant("full", ("main",))},
-                   schedule=Schedule(default="full"), outputs=outputs)
+        return cls(graph=dg, segments={"main": segment}, variants={FULL: Variant(FULL, ("main",))},
+                   schedule=Schedule(default=FULL), outputs=outputs)
 
     def run(self, variant: str, inputs: dict[str, Any], state: dict[str, Any],
             runners: dict[str, Any] | None = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -116,7 +70,7 @@ class Plan:
             variant, done = self._adapt(env, runners)
         for name in self.variants[variant].segments:
             if name not in done:
-                self._run_segment(name, env, runners)
+                self.run_segment(name, env, runners)
         kept = {name: env[name] for name in self.state if name in env}
         if timestep is not None:
             kept = self._history(kept, env, state, forecasts, timestep)
@@ -174,7 +128,8 @@ class Plan:
             history[FORECAST_PREVIOUS_TIME] = state[FORECAST_TIME]
         return {**kept, **history}
 
-    def _run_segment(self, name: str, env: dict[str, Any], runners: dict[str, Any] | None) -> None:
+    def run_segment(self, name: str, env: dict[str, Any], runners: dict[str, Any] | None) -> None:
+        """Runs one segment on the named tensors of `env`, writing its outputs into it."""
         segment = self.segments[name]
         run = runners[name] if runners is not None else segment.module
         env.update(zip(segment.outputs, run(*[env[i] for i in segment.inputs])))
@@ -193,7 +148,7 @@ class Plan:
             if a != b:
                 break
             shared.append(a)
-            self._run_segment(a, env, runners)
+            self.run_segment(a, env, runners)
         probe = env[rule["probe"]]
         reference = env.get(PROBE_STATE)
         skipped = int(env.get(SKIPPED_STATE, 0))
@@ -223,12 +178,9 @@ class Plan:
             absent = [o for o in self.outputs if o not in available]
             if absent:
                 problems.append(f"variant {variant.name} never produces {absent}")
-        named = {self.schedule.default, *self.schedule.steps} - {ADAPTIVE}
-        if ADAPTIVE in self.schedule.steps:
-            rule = self.schedule.adaptive or {}
-            named |= {rule.get("full"), rule.get("cached")}
-            if not rule or rule.get("probe") is None:
-                problems.append("the schedule has adaptive steps but no adaptive rule (probe, threshold, variants)")
+        named = self.schedule.named_variants()
+        if ADAPTIVE in self.schedule.steps and not (self.schedule.adaptive or {}).get("probe"):
+            problems.append("the schedule has adaptive steps but no adaptive rule (probe, threshold, variants)")
         for step_variant in named:
             if step_variant not in self.variants:
                 problems.append(f"schedule names unknown variant {step_variant}")

@@ -46,6 +46,13 @@ class PassContext:
         return self.budget.get(key, default)
 
 
+def anchor_step_plan(dg: DiffusionGraph, ctx: PassContext) -> None:
+    """Anchors the step plan a pass wrote to the calibrated loop's timesteps (StepPlan.anchored).
+    A pass does it last, once every measurement of its own is made on the plan as selected."""
+    if dg.step_plan is not None and ctx.calibration is not None:
+        dg.step_plan = dg.step_plan.anchored(ctx.calibration.step_timesteps)
+
+
 @dataclass(frozen=True)
 class Condition:
     """A named property of a graph (and context) that passes require or ensure.
@@ -126,6 +133,9 @@ class Pass(ABC):
     def describe(self) -> dict[str, Any]:
         return {"pass": self.name, **jsonable(dataclasses.asdict(self.config))}
 
+
+# the keys of an applied-pass record besides the pass's name and config (what build_pipeline takes)
+NOT_CONFIG = ("modified", "seconds", "report", "budget")
 
 PASSES: dict[str, type[Pass]] = {}
 
@@ -246,6 +256,7 @@ class PassManager:
                 if problem:
                     raise PassError(f"{where} requires {name}: {problem}. Fix: {CONDITIONS[name].fix}.")
             started = time.perf_counter()
+            budget_before = set(ctx.used_budget)
             try:
                 result = p.run(current.clone(), ctx)
             except PassError as exc:
@@ -261,9 +272,12 @@ class PassManager:
                 if problem:
                     raise PassError(f"{where} should ensure {name} but {problem}")
             current = result.graph
-            current.applied.append({**p.describe(), "modified": result.modified,
-                                    "seconds": round(time.perf_counter() - started, 3),
-                                    "report": jsonable(result.report)})
+            entry = {**p.describe(), "modified": result.modified, "seconds": round(time.perf_counter() - started, 3),
+                     "report": jsonable(result.report)}
+            read = {key: ctx.budget[key] for key in sorted(ctx.used_budget - budget_before) if key in ctx.budget}
+            if read:
+                entry["budget"] = jsonable(read)
+            current.applied.append(entry)
             done.append(p.name)
             if checkpoints is not None:
                 checkpoints.save(index, self._checkpoint_key(index, ctx), current, sorted(ctx.used_budget))

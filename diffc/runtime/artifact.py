@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import ArtifactError
-from ..ir import Block, DiffusionGraph, Plan, Schedule, Segment, Signature, Variant
-from ..ir.fxutil import attr_value
+from ..ir import Block, DiffusionGraph, Plan, Schedule, Segment, Signature, StepPlan, Variant
+from ..ir.graph_file import unique_weights
 from ..ir.serialize import graph_from_json, graph_to_json
 
 FORMAT = "diffc-artifact-1"
@@ -53,7 +53,7 @@ def save_artifact(path: str | os.PathLike[str], plan: Plan, target: dict[str, An
 
 
 def _write_contents(root: Path, plan: Plan, target: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
-    weights, aliases = _unique_weights(plan)
+    weights, aliases = unique_weights(segment.module for segment in plan.segments.values())
     save_file(weights, str(root / WEIGHTS))
     segments = {}
     (root / "graphs").mkdir()
@@ -78,7 +78,7 @@ def _write_contents(root: Path, plan: Plan, target: dict[str, Any], files: dict[
         "blocks": [b.to_json() for b in dg.blocks],
         "applied": [{key: value for key, value in entry.items() if key != "seconds"} for entry in dg.applied],
         "annotations": dg.annotations,
-        "step_plan": dg.step_plan,
+        "step_plan": dg.step_plan.to_json() if dg.step_plan is not None else None,
         "source_graph": {"segment": source} if source else {"graph": "graphs/source.json"},
         "plan": {"segments": segments, "variants": {k: list(v.segments) for k, v in plan.variants.items()},
                  "schedule": plan.schedule.to_json(), "outputs": list(plan.outputs), "state": list(plan.state),
@@ -86,25 +86,6 @@ def _write_contents(root: Path, plan: Plan, target: dict[str, Any], files: dict[
         "weights": {"file": WEIGHTS, "aliases": aliases},
         "files": {str(p.relative_to(root)): _sha256(p) for p in sorted(root.rglob("*")) if p.is_file()},
     }
-
-
-def _unique_weights(plan: Plan) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tied weights are stored once; `aliases` maps each other name to the stored one."""
-    stored: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    by_identity: dict[tuple[int, int, tuple[int, ...]], str] = {}
-    for segment in plan.segments.values():
-        for node in segment.module.graph.nodes:
-            if node.op != "get_attr" or node.target in stored or node.target in aliases:
-                continue
-            tensor = attr_value(segment.module, node.target)
-            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-            if key in by_identity:
-                aliases[node.target] = by_identity[key]
-            else:
-                by_identity[key] = node.target
-                stored[node.target] = tensor.detach().cpu().contiguous()
-    return stored, aliases
 
 
 def _replace(staging: Path, final: Path) -> None:
@@ -188,7 +169,7 @@ def load_plan(path: str | os.PathLike[str], manifest: dict[str, Any]) -> Plan:
     dg = DiffusionGraph(module=main, signature=Signature.from_json(manifest["signature"]),
                         blocks=[Block.from_json(b) for b in manifest["blocks"]], config=manifest["config"],
                         applied=manifest["applied"], annotations=manifest["annotations"],
-                        step_plan=manifest["step_plan"])
+                        step_plan=StepPlan.from_json(manifest["step_plan"]) if manifest["step_plan"] else None)
     plan = Plan(graph=dg, segments=segments,
                 variants={k: Variant(k, tuple(v)) for k, v in plan_data["variants"].items()},
                 schedule=Schedule.from_json(plan_data["schedule"]), outputs=tuple(plan_data["outputs"]),

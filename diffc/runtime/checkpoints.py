@@ -1,6 +1,6 @@
 """The graph after each pass of an optimize run, kept in a work folder so an interrupted run
-resumes after its last finished pass. Each checkpoint is an artifact (atomic, hashed, no pickle)
-whose target records what produced it."""
+resumes after its last finished pass. Each checkpoint is a graph file with its hash
+(diffc.ir.graph_file), whose extra metadata records what produced it."""
 from __future__ import annotations
 
 import hashlib
@@ -15,11 +15,11 @@ import torch
 from ..errors import ArtifactError
 from ..ir import DiffusionGraph
 from ..ir.fxutil import attr_value
-from ..ir.partition import build_plan
+from ..ir.graph_file import load_graph, save_graph
 from ..ir.serialize import graph_to_json
-from .artifact import load_plan, read_manifest, save_artifact
 
 log = logging.getLogger(__name__)
+GRAPH_FILE = "graph.safetensors"
 
 
 def graph_fingerprint(dg: DiffusionGraph) -> str:
@@ -35,34 +35,32 @@ def graph_fingerprint(dg: DiffusionGraph) -> str:
 
 
 class PassCheckpointFolder:
-    """PassCheckpoints in `root/passes/<index>-<pass>/`. `identity` (the input model's and the
-    calibration set's fingerprints) is part of every key."""
+    """PassCheckpoints in `root/passes/<index>-<pass>/graph.safetensors`. `identity` (the input
+    model's and the calibration set's fingerprints) is part of every key."""
 
     def __init__(self, root: str | os.PathLike[str], identity: dict[str, Any]) -> None:
         self.root = Path(root) / "passes"
         self.identity = identity
 
-    def _folder(self, index: int, key: dict[str, Any]) -> Path:
-        return self.root / f"{index}-{key['passes'][-1]['pass']}"
+    def _file(self, index: int, key: dict[str, Any]) -> Path:
+        return self.root / f"{index}-{key['passes'][-1]['pass']}" / GRAPH_FILE
 
     def _full_key(self, key: dict[str, Any]) -> Any:
         return json.loads(json.dumps({**self.identity, **key}, sort_keys=True))
 
     def load(self, index: int, key: dict[str, Any]) -> tuple[DiffusionGraph, list[str]] | None:
-        folder = self._folder(index, key)
-        if not folder.is_dir():
+        file = self._file(index, key)
+        if not file.exists():
             return None
         try:
-            manifest = read_manifest(folder)
+            graph, saved = load_graph(file)
         except ArtifactError as exc:
-            log.warning("ignoring the checkpoint in %s (%s); the pass runs again", folder, exc)
+            log.warning("ignoring the checkpoint %s (%s); the pass runs again", file, exc)
             return None
-        saved = manifest["target"]
         if saved.get("key") != self._full_key(key):
             return None
-        log.warning("resuming after pass %d (%s) from %s", index + 1, key["passes"][-1]["pass"], folder)
-        return load_plan(folder, manifest).graph, list(saved["used_budget"])
+        log.warning("resuming after pass %d (%s) from %s", index + 1, key["passes"][-1]["pass"], file.parent)
+        return graph, list(saved["used_budget"])
 
     def save(self, index: int, key: dict[str, Any], graph: DiffusionGraph, used_budget: list[str]) -> None:
-        target = {"backend": "checkpoint", "key": self._full_key(key), "used_budget": used_budget}
-        save_artifact(self._folder(index, key), build_plan(graph), target, overwrite=True)
+        save_graph(graph, self._file(index, key), {"key": self._full_key(key), "used_budget": used_budget})

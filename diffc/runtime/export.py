@@ -22,6 +22,7 @@ from typing import Any
 
 from ..errors import ArtifactError
 from ..ir import Plan
+from ..ir.onnx_segments import onnx_io, read_segment_metadata
 from .artifact import MANIFEST, WEIGHTS, diffc_version, load_plan, read_manifest, save_artifact
 
 DEPLOYMENT_FORMAT = "diffc-deployment-1"
@@ -122,29 +123,12 @@ def _onnx_model(path: Path, extra: Sequence[Path]) -> dict[str, Any]:
     """A segment's ONNX model as the Triton repository serves it, with the exporter's value layout."""
     import onnx
 
-    from ..ir.onnx_export import SEGMENT_METADATA
-
     proto = onnx.load(str(path), load_external_data=False)
-    io = _onnx_io(proto)
-    metadata = {p.key: p.value for p in proto.metadata_props}
-    entries = json.loads(metadata[SEGMENT_METADATA]) if SEGMENT_METADATA in metadata else {}
+    io = onnx_io(proto)
+    entries = read_segment_metadata(proto) or {}
     return {"platform": "onnxruntime_onnx", "model": "model.onnx", "bytes": path.read_bytes(),
             "inputs": io["inputs"], "outputs": io["outputs"], "extra": {p.name: p.read_bytes() for p in extra},
             "entries": {k: entries[k] for k in ("inputs", "outputs") if k in entries} or None}
-
-
-def _onnx_io(model: Any) -> dict[str, list[dict[str, Any]]]:
-    """Graph inputs and outputs: name, element type (TensorProto name) and dims (int, or the dim's name)."""
-    import onnx
-
-    def describe(values: Iterable[Any]) -> list[dict[str, Any]]:
-        return [{"name": v.name, "dtype": onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type),
-                 "dims": [d.dim_value if d.HasField("dim_value") else d.dim_param or "?"
-                          for d in v.type.tensor_type.shape.dim]} for v in values]
-
-    constants = {t.name for t in model.graph.initializer}
-    return {"inputs": describe(v for v in model.graph.input if v.name not in constants),
-            "outputs": describe(model.graph.output)}
 
 
 def _triton_repository(plan: Plan, models: Mapping[str, Mapping[str, Any]]) -> dict[str, bytes]:

@@ -60,6 +60,11 @@ class OptimizedModel(torch.nn.Module):
         return f"{self._compiled.backend}-{self._compiled.precision}"
 
     @property
+    def compile_options(self) -> dict[str, Any]:
+        """The options it was compiled with that a recompile of the same plan needs (`compile`)."""
+        return {key: value for key, value in self._compiled.info.items() if key == "compile"}
+
+    @property
     def device(self) -> torch.device:
         return torch.device(self._compiled.device)
 

@@ -7,9 +7,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from diffc.backends.onnx_contract import check_tensorrt_contract, onnx_io, tensorrt_contract_violations
+from diffc.backends.tensorrt.contract import check_tensorrt_contract, tensorrt_contract_violations
 from diffc.errors import TargetError
 from diffc.ir.onnx_export import export_graph
+from diffc.ir.onnx_segments import onnx_io
 
 # exporting re-traces a family (~30-90 s each on a 2-core machine), so these run with -m slow; the default
 # run checks the DiT's per-segment export through the TensorRT build pipeline (tests/backends/test_tensorrt.py)

@@ -280,7 +280,7 @@ def test_step_dependent_pruned_plan_matches_the_torch_backend_over_a_loop(captur
     dg, units = _dit_units(captured)
     planned = PrunePass(amount=0.1)._pruned(dg, [[units["transformer_blocks.1.ff"]],
                                                  [units["transformer_blocks.0.ff"]]], [(0, 2), (2, 4)], 4)
-    assert planned.step_plan["schedule"]["steps"] == ["steps_0_2"] * 2 + ["steps_2_4"] * 2
+    assert planned.step_plan.schedule.steps == ("steps_0_2",) * 2 + ("steps_2_4",) * 2
     outputs = _loop_outputs(planned, ("torch", "ort"))
     for step, (expected, got) in enumerate(zip(outputs["torch"], outputs["ort"])):
         assert (got - expected).abs().max() <= TOL, f"step {step}"
@@ -295,7 +295,7 @@ def test_timestep_routed_moe_plan_matches_the_torch_backend_over_a_loop(family, 
     calibration = collect(model, num_steps=4, progress=False)
     routed = PassManager([{"pass": "moe", "active": 0.5, "experts": 8, "step_groups": 2, "allocation": "per_ffn"}]
                          ).run(captured("dit"), PassContext(calibration=calibration))
-    assert len(set(routed.step_plan["schedule"]["steps"])) == 2
+    assert len(set(routed.step_plan.schedule.steps)) == 2
     outputs = _loop_outputs(routed, ("torch", "ort"))
     for step, (expected, got) in enumerate(zip(outputs["torch"], outputs["ort"])):
         assert (got - expected).abs().max() <= TOL, f"step {step}"

@@ -16,6 +16,7 @@ from diffc.backends import parse_target, tensorrt, valid_targets
 from diffc.backends.tensorrt import (INSTALL_HINT, BuildSettings, TensorRTBackend, check_built_for, dim_value,
                                      tensorrt_version)
 from diffc.errors import ArtifactError, TargetError
+from diffc.ir import onnx_segments
 
 pytestmark_no_trt = pytest.mark.skipif(tensorrt_version() is not None, reason="TensorRT is installed here")
 
@@ -94,13 +95,13 @@ def test_profile_ranges_per_onnx_input():
     inputs = [{"name": "sample", "dims": ["batch", 4, "height", "width"]},
               {"name": "cached", "dims": ["batch", 64, "(height//2)", "(width//2)"]},
               {"name": "tokens", "dims": ["batch", "text_len", 32]}]
-    ranges = tensorrt._dim_ranges(inputs, {"batch": (1, 2, 4), "height": (16, 32, 64)},
-                                  {"batch": 2, "height": 16, "width": 16, "text_len": 7}, "main0")
+    ranges = tensorrt.dim_ranges(inputs, {"batch": (1, 2, 4), "height": (16, 32, 64)},
+                                 {"batch": 2, "height": 16, "width": 16, "text_len": 7}, "main0")
     assert ranges["sample"] == [(1, 2, 4), (4, 4, 4), (16, 32, 64), (16, 16, 16)]
     assert ranges["cached"] == [(1, 2, 4), (64, 64, 64), (8, 16, 32), (8, 8, 8)]
     assert ranges["tokens"] == [(1, 2, 4), (7, 7, 7), (32, 32, 32)]
     with pytest.raises(TargetError, match=r"segment 'main0': dim 1 of input 'x' is 's77'.*profiles=\{'s77'"):
-        tensorrt._dim_ranges([{"name": "x", "dims": ["batch", "s77"]}], {}, {"batch": 2}, "main0")
+        tensorrt.dim_ranges([{"name": "x", "dims": ["batch", "s77"]}], {}, {"batch": 2}, "main0")
 
 
 def test_engines_built_for_another_gpu_or_tensorrt_are_refused():
@@ -236,14 +237,14 @@ def test_build_pipeline_up_to_the_engine_builder(family, monkeypatch, tmp_path):
     for name, dims in built["main"].items():
         assert tuple(low for low, _, _ in dims) == tuple(high for _, _, high in dims) == example[name]
     with pytest.raises(TargetError, match=r"profiles were given for \['heigth'\], but no segment has a dynamic dim"):
-        tensorrt._check_profile_names({"heigth": (8, 16, 32)}, io)
+        tensorrt.check_profile_names({"heigth": (8, 16, 32)}, io)
 
 
 def test_segment_values_map_onto_engine_tensors_and_back():
     entries = [{"name": "h", "kind": "tensor", "count": 1}, {"name": "chunks", "kind": "tensors", "count": 2},
                {"name": "n", "kind": "size", "count": 1}]
     h, a, b = torch.randn(2, 3), torch.randn(1), torch.randn(4)
-    flat = tensorrt.flatten_values(entries, [h, [a, b], 5], torch.device("cpu"))
+    flat = onnx_segments.flatten_values(entries, [h, [a, b], 5], torch.device("cpu"))
     assert [t.shape for t in flat] == [(2, 3), (1,), (4,), (5,)] and flat[0] is h and flat[1] is a
-    values = tensorrt.regroup_values(entries, [h, a, b, torch.tensor(7)])
+    values = onnx_segments.regroup_values(entries, [h, a, b, torch.tensor(7)])
     assert values[0] is h and values[1] == [a, b] and values[2] == 7 and isinstance(values[2], int)

@@ -62,10 +62,10 @@ def test_statistics_match_brute_force(collected):
     values = {0: [], 1: []}
     for rec in cal.records():
         seen = {}
-        from diffc.calibration.statistics import _Observer
+        from diffc.calibration.statistics import Observer
 
         with torch.no_grad():
-            _Observer(dg.module, {linear.name}, seen.__setitem__).run(*[rec.inputs[s.name] for s in dg.signature.inputs])
+            Observer(dg.module, {linear.name}, seen.__setitem__).run(*[rec.inputs[s.name] for s in dg.signature.inputs])
         values[rec.step * 2 // STEPS].append(seen[linear.name].double().flatten())
     for group in (0, 1):
         brute = torch.cat(values[group])

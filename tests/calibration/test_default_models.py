@@ -5,7 +5,7 @@ import torch
 
 import diffc.models as dm
 from diffc.calibration import collect, compute_statistics
-from diffc.calibration.statistics import _Observer
+from diffc.calibration.statistics import Observer
 from diffc.ir import capture
 
 STEPS = 6
@@ -25,7 +25,7 @@ def test_statistics_match_brute_force_and_ranges_move_with_time(name, tmp_path):
     for record in cal.records():
         seen = {}
         with torch.no_grad():
-            _Observer(dg.module, set(watched), seen.__setitem__).run(*[record.inputs[s.name] for s in dg.signature.inputs])
+            Observer(dg.module, set(watched), seen.__setitem__).run(*[record.inputs[s.name] for s in dg.signature.inputs])
         for node in watched:
             values[(node, record.step * 2 // STEPS)].append(seen[node].double().flatten())
     for (node, group), chunks in values.items():

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from diffc.errors import CaptureError
 from diffc.ir import onnx_export
-from diffc.ir.onnx_export import (SEGMENT_METADATA, export_graph, export_onnx, export_plan, export_segment,
-                                  onnx_names, onnx_safe_name, original_name, segment_values)
+from diffc.ir.onnx_export import export_graph, export_onnx, export_plan, export_segment, onnx_names
+from diffc.ir.onnx_segments import SEGMENT_METADATA, onnx_safe_name, original_name, segment_values
 
 ort = pytest.importorskip("onnxruntime")
 

@@ -12,7 +12,7 @@ from diffc.errors import PassError
 from diffc.ir import lint
 from diffc.ir.partition import build_plan
 from diffc.passes import PassContext, PassManager
-from diffc.passes.cache import _refine_full_steps, dp_full_steps
+from diffc.passes.cache.schedules import dp_full_steps, refine_full_steps
 from digits_tiny import tiny_digits_pipeline
 from tiny_families import first_tensor
 
@@ -261,13 +261,13 @@ def test_refinement_moves_full_steps_downhill_within_its_budget_and_gaps():
         return float(sum(min(abs(s - t) for t in target) for s in full))
 
     start = {0, 3, 7}
-    full, error = _refine_full_steps(start, final_error(start), final_error, num_steps=12, max_gap=5, evaluations=50)
+    full, error = refine_full_steps(start, final_error(start), final_error, num_steps=12, max_gap=5, evaluations=50)
     assert full == target and error == 0.0 and len(full) == 3
     assert all(0 in c and max(b - a for a, b in zip(c, c[1:] + [12])) <= 5 for c in calls)
     calls.clear()
-    limited, _ = _refine_full_steps(start, final_error(start), final_error, num_steps=12, max_gap=5, evaluations=2)
+    limited, _ = refine_full_steps(start, final_error(start), final_error, num_steps=12, max_gap=5, evaluations=2)
     assert len(calls) == 1 + 2 and limited != target  # stops after its re-runs
-    assert _refine_full_steps(start, 5.0, final_error, num_steps=12, max_gap=5, evaluations=0) == (start, 5.0)
+    assert refine_full_steps(start, 5.0, final_error, num_steps=12, max_gap=5, evaluations=0) == (start, 5.0)
 
 
 def test_forecast_extrapolates_the_cached_tensors_from_the_last_two_full_steps(captured):
@@ -373,7 +373,7 @@ def test_bac_caches_each_block_with_its_own_steps(captured):
     lint(out)
     report = out.applied[-1]["report"]
     plan = build_plan(out)
-    assert set(report["block_schedule"]) == {"block0", "block1"} == {r["name"] for r in out.step_plan["regions"]}
+    assert set(report["block_schedule"]) == {"block0", "block1"} == {r.name for r in out.step_plan.regions}
     assert set(plan.variants) == set(report["steps"]) and len(plan.variants) <= 4
     for step, variant in enumerate(report["steps"]):
         recomputed = {b for b, steps in report["block_schedule"].items() if step in steps}
@@ -402,7 +402,7 @@ def test_bac_on_unet_stages_keeps_each_stage_inputs(captured):
 
 
 def test_bac_recomputes_a_block_that_changes_more_at_least_as_often():
-    from diffc.passes.cache import bac_schedule, bac_steps
+    from diffc.passes.cache.bac import bac_schedule, bac_steps
 
     rng = np.random.default_rng(0)
     slow = list(np.r_[0.0, rng.uniform(0.0, 0.3, 19)])

@@ -12,8 +12,10 @@ from diffc.ir import lint
 from diffc.ir.fxutil import attr_value
 from diffc.ir.partition import build_plan
 from diffc.passes import PassContext, PassManager
-from diffc.passes.moe import ConvertedFFN, _global_selection, convert, find_ffns, split_experts
-from diffc.passes.prune import CalibrationBatch, _eliminate_dead_code, _plan_error
+from diffc.calibration.batch import CalibrationBatch, plan_error
+from diffc.passes.moe.experts import ConvertedFFN, convert, find_ffns, split_experts
+from diffc.passes.moe.step_routing import global_selection
+from diffc.passes.rewrites import eliminate_dead_code
 from default_models import optimized_psnr
 from tiny_families import first_tensor
 
@@ -67,7 +69,7 @@ def test_expert_chain_computes_the_dense_ffn(family_name, captured):
         shared, experts = split_experts(activations, weight.detach(), 4, True, 64, 0)
         assert sorted(shared + sum(experts, [])) == list(range(width))
         convert(converted, ffn, shared, experts, list(range(len(experts))))
-    _eliminate_dead_code(converted)
+    eliminate_dead_code(converted)
     lint(converted)
     assert converted.num_parameters() == dg.num_parameters()
     flat = [torch.randn(s.example_shape, generator=generator) if s.dtype.startswith("float")
@@ -89,18 +91,18 @@ def test_timestep_routing_structure_and_numerics(captured, refit):
     plan = build_plan(out)
     if refit:
         # one refit FFN per FFN and step range, each on in its own range's variant only
-        regions = [r["name"] for r in out.step_plan["regions"]]
+        regions = [r.name for r in out.step_plan.regions]
         assert len(regions) == 2 * len(report["ffns"]) and all(r.endswith(("_steps0", "_steps1")) for r in regions)
-        assert out.step_plan["variants"] == {"steps_0_2": [r for r in regions if r.endswith("_steps1")],
-                                             "steps_2_4": [r for r in regions if r.endswith("_steps0")]}
-        assert out.step_plan["schedule"]["default"] in ("steps_0_2", "steps_2_4")
+        assert out.step_plan.variants == {"steps_0_2": tuple(r for r in regions if r.endswith("_steps1")),
+                                          "steps_2_4": tuple(r for r in regions if r.endswith("_steps0"))}
+        assert out.step_plan.schedule.default in ("steps_0_2", "steps_2_4")
     elif out.step_plan:
-        assert all(r["mode"] == "bypass" for r in out.step_plan["regions"])
+        assert all(r.mode == "bypass" for r in out.step_plan.regions)
         assert set(plan.variants) == {"full", "steps_0_2", "steps_2_4"} and not plan.state
         full_segments = len(plan.variants["full"].segments)
         assert all(len(v.segments) == full_segments for v in plan.variants.values())
     batch = CalibrationBatch(cal, dg, 64)
-    assert report["relative_error"] == pytest.approx(_plan_error(out, batch), abs=1e-6)
+    assert report["relative_error"] == pytest.approx(plan_error(out, batch), abs=1e-6)
     assert 0 < report["relative_error"] < 1
 
 
@@ -112,15 +114,15 @@ def test_routed_variant_equals_graph_without_its_experts(captured):
     assert out.step_plan, "the two step ranges of the tiny DiT route different experts"
     plan = build_plan(out)
     variant = "steps_2_4"
-    skipped = set(out.step_plan["variants"][variant])
+    skipped = set(out.step_plan.variants[variant])
     reference = out.clone()
     ref_nodes = {n.name: n for n in reference.graph.nodes}
-    for region in out.step_plan["regions"]:
-        if region["name"] in skipped:
-            cut = region["cuts"][0]
-            ref_nodes[cut].replace_all_uses_with(ref_nodes[region["bases"][cut]])
+    for region in out.step_plan.regions:
+        if region.name in skipped:
+            cut = region.cuts[0]
+            ref_nodes[cut].replace_all_uses_with(ref_nodes[region.bases[cut]])
     reference.step_plan = None
-    _eliminate_dead_code(reference)
+    eliminate_dead_code(reference)
     generator = torch.Generator().manual_seed(1)
     inputs = {s.name: (torch.randn(s.example_shape, generator=generator) if s.dtype.startswith("float")
                        else torch.ones(s.example_shape, dtype=torch.int64)) for s in dg.signature.inputs}
@@ -134,9 +136,9 @@ def test_global_allocation_drops_least_score_per_neuron_first():
             ConvertedFFN("b", 8, ["b0", "b1", "b2"], [4, 2, 2], 1)]
     scores = [{(0, 0): 0.1, (0, 1): 0.5, (0, 2): 0.2, (1, 0): 0.05, (1, 1): 0.9},
               {(0, 0): 0.9, (0, 1): 0.8, (0, 2): 0.7, (1, 0): 0.01, (1, 1): 0.02}]
-    chosen = _global_selection(ffns, scores, 0.5)  # 16 neurons, heads 6: drop 8 of the 10 routed neurons
+    chosen = global_selection(ffns, scores, 0.5)  # 16 neurons, heads 6: drop 8 of the 10 routed neurons
     assert chosen == [[[], [0]], [[1], []]]
-    assert _global_selection(ffns, scores, 1.0) == [[[0, 1, 2]] * 2, [[0, 1]] * 2]
+    assert global_selection(ffns, scores, 1.0) == [[[0, 1, 2]] * 2, [[0, 1]] * 2]
 
 
 @pytest.mark.parametrize("options, message", [
@@ -295,16 +297,16 @@ def test_token_routing_needs_a_static_token_count(captured):
 def test_switched_off_experts_are_replaced_by_their_mean_output(captured):
     """With compensation, a bypassed expert hands on acc + its mean output over the calibration
     tokens of the ranges that switch it off; with it on, the chain computes what it did."""
-    from diffc.calibration.statistics import _Observer
+    from diffc.calibration.statistics import Observer
 
     dg, cal = captured("dit"), _calibration("dit")
     options = {"pass": "moe", "active": 0.5, "experts": 8, "step_groups": 2, "allocation": "per_ffn", "refit": False}
     out = _run([options], dg, cal)
-    region = out.step_plan["regions"][0]
-    off_ranges = [name for name, skipped in out.step_plan["variants"].items() if region["name"] in skipped]
+    region = out.step_plan.regions[0]
+    off_ranges = [name for name, skipped in out.step_plan.variants.items() if region.name in skipped]
     nodes = {n.name: n for n in out.graph.nodes}
-    cut = nodes[region["cuts"][0]]
-    assert region["bases"][cut.name] == cut.args[0].name == f"{region['name']}_compensated"
+    cut = nodes[region.cuts[0]]
+    assert region.bases[cut.name] == cut.args[0].name == f"{region.name}_compensated"
     expert_out = cut.args[1]  # the expert's down projection, its bias the negated mean
     batch = CalibrationBatch(cal, dg, 32)
     off = torch.zeros(len(batch.row_steps), dtype=torch.bool)
@@ -314,14 +316,14 @@ def test_switched_off_experts_are_replaced_by_their_mean_output(captured):
     seen = []
     with torch.no_grad():
         for flat in batch.calls(off):
-            _Observer(out.module, {expert_out.name}, lambda _, v: seen.append(v)).run(*flat)
+            Observer(out.module, {expert_out.name}, lambda _, v: seen.append(v)).run(*flat)
     centred = torch.cat(seen).reshape(-1, expert_out.meta["tensor_meta"].shape[-1]).double().mean(0)
-    mean = attr_value(out.module, f"{region['name']}_mean_output").double()
+    mean = attr_value(out.module, f"{region.name}_mean_output").double()
     assert centred.abs().max() < 1e-4 * max(float(mean.abs().max()), 1e-3)
     acc = cut.args[0].args[0]
     values = {}
     with torch.no_grad():
-        _Observer(out.module, {acc.name, expert_out.name, cut.name}, values.__setitem__).run(*batch.batches[0])
+        Observer(out.module, {acc.name, expert_out.name, cut.name}, values.__setitem__).run(*batch.batches[0])
     # expert on: (acc + mean) + (expert - mean) is the uncompensated link acc + expert, up to rounding
     assert torch.allclose(values[cut.name], values[acc.name] + (values[expert_out.name] + mean.float()), atol=1e-5)
 
@@ -330,7 +332,7 @@ def test_ridge_fit_recovers_a_linear_map_and_refit_lowers_the_error(captured):
     """The refit solves least squares exactly (a planted linear map comes back without ridge), and
     refitting the kept neurons' down-projection per step range lowers the calibration error of
     the same expert choice."""
-    from diffc.passes.moe import ridge_fit
+    from diffc.passes.moe.step_routing import ridge_fit
 
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(500, 12, generator=generator)

@@ -12,8 +12,12 @@ from diffc.errors import PassError
 from diffc.ir import lint
 from diffc.ir.partition import build_plan
 from diffc.passes import PassContext, PassManager
-from diffc.passes.prune import (CalibrationBatch, PrunePass, Roofline, Unit, knapsack, mean_residuals, remove_units,
-                                residual_units)
+from diffc.calibration.batch import CalibrationBatch
+from diffc.passes.prune import PrunePass
+from diffc.passes.prune.compensation import mean_residuals
+from diffc.passes.prune.costs import Roofline
+from diffc.passes.prune.selection import knapsack
+from diffc.passes.prune.units import Unit, remove_units, residual_units
 from default_models import optimized_psnr
 from tiny_families import first_tensor
 
@@ -91,9 +95,9 @@ def test_mean_residual_compensation(captured):
     lint(compensated)
     # the stored constant is the mean of output - skip over the calibration rows and tokens
     seen = {}
-    from diffc.calibration.statistics import _Observer
+    from diffc.calibration.statistics import Observer
     with torch.no_grad():
-        _Observer(dg.module, {unit.out, unit.skip}, seen.__setitem__).run(*batch.batches[0])
+        Observer(dg.module, {unit.out, unit.skip}, seen.__setitem__).run(*batch.batches[0])
     expected = (seen[unit.out] - seen[unit.skip]).double().mean(dim=(0, 1))
     assert torch.allclose(offsets[unit.name].table.reshape(-1).double(), expected, atol=1e-6)
     assert compensated.num_parameters() == dg.num_parameters() - unit.params + expected.numel()
@@ -118,10 +122,10 @@ def test_mean_residual_per_timestep_range(captured):
     flat = batch.batches[0]
     timestep = [s.role for s in dg.signature.inputs].index("timestep")
     seen = {}
-    from diffc.calibration.statistics import _Observer
+    from diffc.calibration.statistics import Observer
     added = f"{unit.name.replace('.', '_')}_mean_residual_added"
     with torch.no_grad():
-        _Observer(compensated.module, {added, unit.skip}, seen.__setitem__).run(*flat)
+        Observer(compensated.module, {added, unit.skip}, seen.__setitem__).run(*flat)
     rows = (flat[timestep].double().reshape(-1) > offset.boundaries[0]).long()
     expected = offset.table[rows]
     assert torch.allclose(seen[added] - seen[unit.skip], expected.expand_as(seen[added]), atol=1e-5)
@@ -188,7 +192,8 @@ def test_recovery_that_diverges_keeps_the_weights_it_started_from(captured):
 def test_recovery_trains_a_step_plan_through_its_variants(captured):
     """A graph with a step plan is distilled through each variant on its own steps' calls: the
     planned error falls and the plan keeps its variants."""
-    from diffc.passes.prune import _plan_error, recover
+    from diffc.calibration.batch import plan_error
+    from diffc.passes.recovery import recover
 
     dg = captured("dit")
     units = {u.name: u for u in residual_units(dg)}
@@ -198,13 +203,13 @@ def test_recovery_trains_a_step_plan_through_its_variants(captured):
     recovered, loss = recover(planned, dg, batch, 20, 1e-3, seed=0)
     lint(recovered)
     assert recovered.step_plan == planned.step_plan and loss["steps"] == 20
-    assert _plan_error(recovered, batch) < _plan_error(planned, batch)
+    assert plan_error(recovered, batch) < plan_error(planned, batch)
 
 
 def test_variant_views_run_what_the_plan_runs(captured):
     """A variant view (the graph with that variant's regions bypassed) computes exactly what the
     Plan computes for that variant, on the rows of the steps scheduled to it."""
-    from diffc.passes.prune import variant_views
+    from diffc.passes.recovery import variant_views
 
     dg = captured("dit")
     units = {u.name: u for u in residual_units(dg)}
@@ -303,9 +308,9 @@ def test_step_dependent_pruning_builds_bypass_variants(captured):
     planned = PrunePass(amount=0.1)._pruned(dg, [[units[n] for n in v] for v in per_range.values()],
                                             [(0, 2), (2, 4)], 4)
     lint(planned)
-    assert sorted(r["name"] for r in planned.step_plan["regions"]) == ["transformer_blocks_0_ff",
+    assert sorted(r.name for r in planned.step_plan.regions) == ["transformer_blocks_0_ff",
                                                                        "transformer_blocks_1_ff"]
-    assert all(r["mode"] == "bypass" for r in planned.step_plan["regions"])
+    assert all(r.mode == "bypass" for r in planned.step_plan.regions)
     assert "transformer_blocks.0.attn1" not in {b.name for b in planned.blocks}
     plan = build_plan(planned)
     assert plan.schedule.steps == ("steps_0_2",) * 2 + ("steps_2_4",) * 2 and not plan.state

@@ -227,7 +227,7 @@ def test_cache_then_quant_lowers_annotations_in_every_segment(tiny):
     cached = PassManager([{"pass": "cache", "schedule": "uniform", "interval": 2}]).run(dg)
     both = _quantize(cached, calibration, "torch-int8")
     lint(both)
-    cuts = {c for region in both.step_plan["regions"] for c in region["cuts"]}
+    cuts = {c for region in both.step_plan.regions for c in region.cuts}
     annotated = {n for n, a in both.annotations.items() if "precision" in a}
     assert cuts & annotated, "the cut must be a quantized layer for this test to exercise the regression"
     plan = build_plan(both)

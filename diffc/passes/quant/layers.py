@@ -7,7 +7,7 @@ import torch
 
 from ...ir import LATENT, TIMESTEP, DiffusionGraph
 from ...ir.blocks import node_flops
-from ...ir.fxutil import attr_value
+from ...ir.fxutil import attr_value, node_shape
 from ...ir.precision import is_attention, quantizable_weight
 
 aten = torch.ops.aten
@@ -51,7 +51,7 @@ def attention_nodes(dg: DiffusionGraph) -> list[Attention]:
     found = []
     for node in dg.graph.nodes:
         operands = node.args[:3] if is_attention(node) else ()
-        if operands and all(isinstance(a, torch.fx.Node) and _shape(a) is not None for a in operands):
+        if operands and all(isinstance(a, torch.fx.Node) and node_shape(a) is not None for a in operands):
             found.append(Attention(node.name, tuple(a.name for a in operands), node_flops(node)))
     return found
 
@@ -66,7 +66,7 @@ def concatenated_input(node: torch.fx.Node) -> tuple[int, tuple[tuple[str, int],
         return None
     pieces = source.args[0]
     dim = source.args[1] if len(source.args) > 1 else source.kwargs.get("dim", 0)
-    shape = _shape(source)
+    shape = node_shape(source)
     if shape is None or len(pieces) < 2:
         return None
     axis = 1 if node.target != aten.linear.default else -1
@@ -74,7 +74,7 @@ def concatenated_input(node: torch.fx.Node) -> tuple[int, tuple[tuple[str, int],
         return None
     sizes = []
     for piece in pieces:
-        piece_shape = _shape(piece) if isinstance(piece, torch.fx.Node) else None
+        piece_shape = node_shape(piece) if isinstance(piece, torch.fx.Node) else None
         if piece_shape is None or not isinstance(piece_shape[axis], int):
             return None
         sizes.append((piece.name, int(piece_shape[axis])))
@@ -121,13 +121,6 @@ def quantizable_layers(dg: DiffusionGraph, protect: tuple[str, ...]) -> list[Lay
         layers.append(Layer(node.name, weight.target, shape, source.name, node_flops(node), reason, pieces, axis))
     return layers
 
-
-def _shape(node: torch.fx.Node) -> tuple | None:
-    value = node.meta.get("val")
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape)
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
 def _is_tensor(node: torch.fx.Node) -> bool:

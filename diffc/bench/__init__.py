@@ -11,28 +11,25 @@ run resumes where it stopped."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
-import logging
 import os
-import platform
 import statistics
 import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from ._progress import progress
-from .errors import DiffcError
-from .evaluate import DenoiserTimer, weight_bytes
-from .metrics import psnr, ssim
-
-log = logging.getLogger(__name__)
+from .._progress import progress
+from ..errors import DiffcError
+from ..evaluate import DenoiserTimer, weight_bytes
+from ..metrics import psnr, ssim
+from .peers import PEERS, Peer
+from .report import device_label, load_results, write_outputs, write_results
 
 DIFFC_PASSES = ("cache", "quant", "prune", "moe")
 # "all" runs every pass that composes; quantization last, because it needs a full-precision graph
@@ -40,13 +37,6 @@ DIFFC_PASSES = ("cache", "quant", "prune", "moe")
 # schedule cannot nest (bench it as moe or moe+quant)
 ALL_PASSES = ("prune", "cache", "quant")
 DEFAULT_QUANT_PRECISION = "int8"
-
-
-@dataclass(frozen=True)
-class Peer:
-    name: str
-    description: str
-    build: Callable[[Any, str, int], tuple[torch.nn.Module, Callable[[], Any]]]
 
 
 @dataclass
@@ -95,7 +85,7 @@ def parse_pipeline(spec: str) -> DiffcPipeline | Peer | None:
     if precision and "quant" not in parts:
         raise DiffcError(f"pipeline {spec!r} names a precision but no quant pass; write e.g. quant:{precision}")
     target = f"torch-{precision or DEFAULT_QUANT_PRECISION}" if "quant" in parts else "torch"
-    from .backends import parse_target
+    from ..backends import parse_target
 
     parse_target(target)
     return DiffcPipeline(parts, target)
@@ -112,102 +102,6 @@ def split_pipelines(text: str) -> list[str]:
             if spec not in specs:
                 specs.append(spec)
     return ["baseline", *[s for s in specs if s != "baseline"]]
-
-
-# ---------------------------------------------------------------------------------------------- peers
-
-def _timestep_tracker(module: torch.nn.Module) -> Callable[[], int]:
-    """A callback giving the timestep of the denoiser's current call (diffusers' timestep-range
-    caches ask the pipeline for it; our pipelines do not tell, so read it off the call)."""
-    seen: dict[str, Any] = {"t": 1000}
-
-    def record(_module: Any, args: tuple, kwargs: dict) -> None:
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        if t is not None:
-            seen["t"] = int(torch.as_tensor(t).flatten()[0].item())
-
-    module.register_forward_pre_hook(record, with_kwargs=True)
-    return lambda: seen["t"]
-
-
-def _diffusers_hook(config_name: str, apply_name: str, options: Callable[[int, Callable[[], int]], dict]) -> Callable:
-    def build(pipe: Any, attribute: str, steps: int) -> tuple[torch.nn.Module, Callable[[], Any]]:
-        import diffusers.hooks as hooks
-        from diffusers.hooks.hooks import CacheContext, HookRegistry, _set_cache_context
-
-        module = copy.deepcopy(getattr(pipe, attribute))
-        timestep = _timestep_tracker(module)
-        getattr(hooks, apply_name)(module, getattr(hooks, config_name)(**options(steps, timestep)))
-        registry = HookRegistry.check_if_exists_or_initialize(module)
-        registry.invalidate_child_registries_cache()
-
-        @contextlib.contextmanager
-        def per_image_set() -> Iterator[None]:
-            registry.reset_stateful_hooks()
-            _set_cache_context(module, CacheContext("cond", num_inference_steps=steps))
-            try:
-                yield
-            finally:
-                _set_cache_context(module, None)
-
-        return module, per_image_set
-
-    return build
-
-
-def _deepcache(pipe: Any, attribute: str, steps: int) -> tuple[torch.nn.Module, Callable[[], Any]]:
-    if attribute != "unet":
-        raise DiffcError(f"DeepCache caches UNet up/down blocks; this pipeline's denoiser is a {attribute}")
-    from DeepCache import DeepCacheSDHelper
-
-    original = pipe.unet
-    pipe.unet = copy.deepcopy(original)
-    helper = DeepCacheSDHelper(pipe=pipe)
-    helper.set_params(cache_interval=3, cache_branch_id=0)
-    helper.enable()
-    module, pipe.unet = pipe.unet, original
-
-    @contextlib.contextmanager
-    def per_image_set() -> Iterator[None]:
-        helper.reset_states()
-        yield
-
-    return module, per_image_set
-
-
-def _torchao(compile_model: bool) -> Callable:
-    def build(pipe: Any, attribute: str, steps: int) -> tuple[torch.nn.Module, Callable[[], Any]]:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-        module = copy.deepcopy(getattr(pipe, attribute))
-        quantize_(module, Int8WeightOnlyConfig())
-        if compile_model:
-            module.forward = torch.compile(module.forward)
-        return module, contextlib.nullcontext
-
-    return build
-
-
-PEERS: dict[str, Peer] = {p.name: p for p in [
-    Peer("fbc", "diffusers FirstBlockCache(threshold=0.05)",
-         _diffusers_hook("FirstBlockCacheConfig", "apply_first_block_cache", lambda s, t: {"threshold": 0.05})),
-    Peer("taylorseer", "diffusers TaylorSeerCache(cache_interval=3)",
-         _diffusers_hook("TaylorSeerCacheConfig", "apply_taylorseer_cache",
-                         lambda s, t: {"cache_interval": 3, "taylor_factors_dtype": torch.float32})),
-    Peer("magcache", "diffusers MagCache (default ratios)",
-         _diffusers_hook("MagCacheConfig", "apply_mag_cache", lambda s, t: {"num_inference_steps": s})),
-    Peer("fastercache", "diffusers FasterCache(spatial skip 2)",
-         _diffusers_hook("FasterCacheConfig", "apply_faster_cache",
-                         lambda s, t: {"current_timestep_callback": t, "is_guidance_distilled": True})),
-    Peer("pab", "diffusers PyramidAttentionBroadcast(spatial skip 2, timesteps 100-800)",
-         _diffusers_hook("PyramidAttentionBroadcastConfig", "apply_pyramid_attention_broadcast",
-                         lambda s, t: {"spatial_attention_block_skip_range": 2, "current_timestep_callback": t})),
-    Peer("seacache", "diffusers SeaCache(threshold=0.25)",
-         _diffusers_hook("SeaCacheConfig", "apply_sea_cache", lambda s, t: {})),
-    Peer("deepcache", "DeepCache (cache_interval=3, branch 0)", _deepcache),
-    Peer("torchao-int8", "torchao Int8WeightOnly", _torchao(compile_model=False)),
-    Peer("torchao-int8-compile", "torchao Int8WeightOnly + torch.compile", _torchao(compile_model=True)),
-]}
 
 
 # ---------------------------------------------------------------------------------------- measurement
@@ -333,7 +227,7 @@ class Bench:
                 row.details["peer"] = choice.description
                 module, per_image_set = choice.build(self.pipe, self.attribute, self.settings.steps)
             else:
-                from .api import optimize
+                from ..api import optimize
 
                 row.details.update(passes=list(choice.passes), target=choice.target)
                 module = optimize(self.pipe, target=choice.target, passes=list(choice.passes),
@@ -373,86 +267,6 @@ class Bench:
 def _summary(report: Any) -> str:
     text = json.dumps(report, default=str)
     return text if len(text) <= 400 else text[:400] + "..."
-
-
-# ------------------------------------------------------------------------------------------- outputs
-
-def device_label(device: str) -> str:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name(torch.device(device)).replace(" ", "-")
-    return f"cpu-{platform.machine()}"
-
-
-def load_results(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def write_results(path: Path, results: dict[str, Any]) -> None:
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(results, indent=1, default=float))
-    temporary.replace(path)  # a crash mid-write never leaves a half-written results file
-
-
-def _cell(value: Any, fmt: str) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float) and value == float("inf"):
-        return "inf"
-    return format(value, fmt)
-
-
-def markdown_table(results: dict[str, Any]) -> str:
-    meta = results["meta"]
-    lines = [f"# {meta['model']} on {meta['device']} ({meta['date']})", "",
-             f"{meta['steps']} steps, seeds {meta['seeds']}, {meta['images']} images per round, "
-             f"{meta['repeats']} timed rounds after a warm-up; speed-up = baseline / pipeline median denoiser "
-             "time per image, both timed in the same alternating rounds. Peak memory: "
-             f"{meta['memory_method']}. Fidelity: final images vs the unoptimized model, same seeds.", "",
-             "| pipeline | kind | status | speed-up | ms/image | optimize s | peak MB | artifact MB | PSNR dB | SSIM "
-             "| accuracy | FID | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for row in results["rows"].values():
-        note = row["reason"] or row["details"].get("peer", "")
-        lines.append("| " + " | ".join([
-            row["pipeline"], row["kind"], row["status"], _cell(row["speedup"], ".2f"), _cell(row["ms_per_image"], ".1f"),
-            _cell(row["optimize_seconds"], ".1f"), _cell(row["peak_memory_mb"], ".1f"),
-            _cell(row["artifact_mb"], ".2f"), _cell(row["psnr"], ".2f"), _cell(row["ssim"], ".4f"),
-            _cell(row["accuracy"], ".3f"), _cell(row["fid"], ".2f"), note.replace("|", "/")]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def pareto_plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in results["rows"].values() if r["status"] == "ok" and r["speedup"]]
-    cap = max([r["psnr"] for r in rows if r["psnr"] != float("inf")] + [40.0]) + 5
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for r in rows:
-        y = cap if r["psnr"] == float("inf") else r["psnr"]
-        ax.scatter(r["speedup"], y, marker="o" if r["kind"] != "peer" else "s",
-                   color="tab:blue" if r["kind"] == "diffc" else "tab:orange" if r["kind"] == "peer" else "black")
-        ax.annotate(r["pipeline"], (r["speedup"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("denoiser speed-up vs unoptimized (same run)")
-    ax.set_ylabel(f"PSNR vs unoptimized (dB; identical plotted at {cap:.0f})")
-    ax.set_title(f"{results['meta']['model']} on {results['meta']['device']}: diffc (blue) vs peers (orange)", fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_outputs(results: dict[str, Any], out: Path) -> None:
-    stem = results["meta"]["model"]
-    write_results(out / f"{stem}.json", results)
-    (out / f"{stem}.md").write_text(markdown_table(results))
-    try:
-        pareto_plot(results, out / f"{stem}.png")
-    except ModuleNotFoundError as missing:
-        # The table and JSON are the results; the plot is a view of them and needs the `bench` extra.
-        log.warning("no Pareto plot written (%s); install it with: pip install 'diffc[bench]'", missing)
 
 
 def run_bench(pipe: Any, attribute: str, model_name: str, pipelines: list[str], out: Path, settings: BenchSettings,

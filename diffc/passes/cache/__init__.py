@@ -1,0 +1,217 @@
+"""Block caching across timesteps: cut the graph at block boundaries into a cached region and the
+rest, build a "full" variant (computes and stores the region's outputs) and a "cached" variant
+(reuses them and skips the region), and a schedule saying which variant runs at each step.
+
+This module holds the pass's config and the pass, which writes the step plan; the cuts are in
+cuts.py, the schedules (uniform, nonuniform, dp, adaptive) in schedules.py, and Block-wise
+Adaptive Caching (schedule='bac': a schedule per block) in bac.py."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ...calibration import trajectory_error
+from ...errors import PassError
+from ...ir import DiffusionGraph
+from ...ir.blocks import node_flops
+from ...ir.partition import build_plan
+from ...ir.step_plan import ADAPTIVE, CACHED, FULL, Region, Schedule, StepPlan
+from ..base import Pass, PassConfig, PassContext, PassResult, anchor_step_plan, register_pass
+from .bac import block_variants
+from .cuts import CUTS, block_regions, cached_variant_for, cut_regions, segment_flops
+from .schedules import SCHEDULES, adaptive_schedule, dp_schedule, measured_error, nonuniform_full_steps
+
+
+@dataclass(frozen=True)
+class CacheConfig(PassConfig):
+    cut: str = "auto"
+    depth: int = 1
+    blocks: tuple[int, int] | None = None
+    mode: str = "auto"
+    schedule: str = "dp"
+    interval: int = 3
+    full_steps: int | None = None
+    full_fraction: float = 0.4
+    max_gap: int = 4
+    # trajectory re-runs spent moving single full steps of the best DP schedule (0: none)
+    refine: int = 12
+    # reused steps extrapolate the cached tensors from the last two computed ones (TaylorSeer; with
+    # schedule="adaptive", CG-Taylor's confidence gate on the first blocks decides when to recompute).
+    # None: the dp schedule scores its candidates both ways on the live pipeline and keeps the better
+    forecast: bool | None = None
+    # schedule="bac": distinct sets of recomputed blocks (variants) kept, the full one included
+    max_variants: int = 4
+
+    def __post_init__(self) -> None:
+        if self.cut not in CUTS:
+            raise ValueError(f"cut must be one of {CUTS}, got {self.cut!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.mode not in ("auto", "raw", "delta"):
+            raise ValueError(f"mode must be auto, raw or delta, got {self.mode!r}")
+        if self.interval < 1 or self.max_gap < 1 or self.depth < 0 or self.refine < 0:
+            raise ValueError("interval, max_gap must be >= 1 and depth, refine >= 0")
+        if self.max_variants < 2:
+            raise ValueError(f"max_variants must be >= 2 (the full variant and one more), got {self.max_variants}")
+        if not 0 < self.full_fraction <= 1:
+            raise ValueError(f"full_fraction must be in (0, 1], got {self.full_fraction}")
+
+
+@register_pass
+class CachePass(Pass):
+    name = "cache"
+    Config = CacheConfig
+
+    def requirements(self) -> tuple[str, ...]:
+        return ("calibrated",) if self.config.schedule in ("dp", "adaptive", "bac") else ()
+
+    def writes_step_plan(self) -> bool:
+        return True
+
+    def step_plan_conflict(self, writer: str) -> str | None:
+        return "run cache once" if writer == "cache" else _nesting_conflict(writer)
+
+    def run(self, dg: DiffusionGraph, ctx: PassContext) -> PassResult:
+        cfg = self.config
+        if dg.step_plan:
+            raise PassError(_step_plan_conflict(dg.step_plan))
+        if cfg.schedule == "bac":
+            return self._block_schedule(dg, ctx)
+        unscheduled = Schedule(FULL)
+        regions, variants = cut_regions(dg, cfg.cut, cfg.depth, cfg.blocks, cfg.mode)
+        cached_variant = cached_variant_for(variants)
+        staged = len(variants) > 2
+        if cfg.forecast and staged:
+            raise PassError(f"forecast extrapolates one cached region; cut {cfg.cut!r} caches several "
+                            "(use cut='first_block', 'blocks', 'deep' or 'encoder')")
+        candidates: list[dict[str, Any]] = []
+        forecast = bool(cfg.forecast)
+        num_steps = ctx.calibration.num_steps if ctx.calibration is not None else None
+        if cfg.schedule == "adaptive":
+            if staged:
+                raise PassError("the adaptive schedule gates one cached region; use cut='first_block', 'blocks' or 'deep'")
+            dg.step_plan = _step_plan(regions, variants, unscheduled)
+            schedule = adaptive_schedule(build_plan(dg), ctx.calibration, cfg.full_fraction, cfg.max_gap)
+            steps = [ADAPTIVE]
+        elif cfg.schedule == "uniform" and not staged:
+            steps = [FULL] + [CACHED] * (cfg.interval - 1)
+            schedule = Schedule(FULL, tuple(steps), repeat=True)
+        else:
+            if num_steps is None:
+                raise PassError(f"schedule {cfg.schedule!r}" + (" with a stage-dependent cut" if staged else "") +
+                                " is made for a number of steps, which comes from the calibration set; pass "
+                                "calibration=... (or use schedule='uniform' with a single cached region)")
+            if cfg.schedule == "uniform":
+                full = {s for s in range(num_steps) if s % cfg.interval == 0}
+            else:
+                budget = cfg.full_steps or max(1, math.ceil(cfg.full_fraction * num_steps))
+                if budget > num_steps:
+                    raise PassError(f"full_steps={budget} exceeds the calibration's {num_steps} steps")
+                if cfg.schedule == "nonuniform":
+                    full = nonuniform_full_steps(num_steps, budget)
+                else:
+                    dg.step_plan = _step_plan(regions, variants, unscheduled)
+                    full, candidates, forecast = self._dp_schedule(dg, regions, variants, ctx, num_steps,
+                                                                   budget, cached_variant, staged)
+            steps = [FULL if s in full else cached_variant(s, num_steps) for s in range(num_steps)]
+            schedule = Schedule(FULL, tuple(steps))
+        if forecast:
+            schedule = dataclasses.replace(schedule, forecast=True)
+        dg.step_plan = _step_plan(regions, variants, schedule)
+        plan = build_plan(dg)
+        if num_steps is not None:
+            steps = [plan.schedule.variant_for(s, num_steps) for s in range(num_steps)]
+        report = self._report(dg, plan, steps, ctx)
+        report["forecast"] = forecast
+        if candidates:
+            report["dp_candidates"] = candidates
+        anchor_step_plan(dg, ctx)
+        return PassResult(dg, modified=True, report=report)
+
+    def _dp_schedule(self, dg: DiffusionGraph, regions: list[Region], variants: dict[str, list[str]],
+                     ctx: PassContext, num_steps: int, budget: int, cached_variant: Any,
+                     staged: bool) -> tuple[set[int], list[dict[str, Any]], bool]:
+        """The dp schedule (schedules.dp_schedule), its candidates scored on the live pipeline,
+        when there is one, with the step plan each gives. Returns the full steps, the scored
+        candidates and whether to forecast."""
+        cfg = self.config
+        fixed = bool(cfg.forecast) if cfg.forecast is not None or staged else None
+
+        def final_error(full: set[int], forecast: bool) -> float:
+            steps = [FULL if s in full else cached_variant(s, num_steps) for s in range(num_steps)]
+            dg.step_plan = _step_plan(regions, variants, Schedule(FULL, tuple(steps), forecast=forecast))
+            return trajectory_error(ctx.calibration, ctx.denoiser_for(dg))["mse"]
+
+        live = ctx.calibration.pipeline is not None and ctx.denoiser_for is not None
+        return dp_schedule(build_plan(dg), ctx.calibration, num_steps, budget, cfg.max_gap, cfg.refine,
+                           cached_variant, fixed, final_error if live else None)
+
+    def _block_schedule(self, dg: DiffusionGraph, ctx: PassContext) -> PassResult:
+        """schedule='bac': one cached region per candidate block, each with its own steps (bac.py)."""
+        cfg = self.config
+        if cfg.forecast:
+            raise PassError("forecast extrapolates one cached region; schedule='bac' caches every block separately. "
+                            "Fix: forecast=False (or leave it unset), or schedule='dp' with one cut to forecast")
+        regions = block_regions(dg, cfg.cut, cfg.depth, cfg.blocks, cfg.mode)
+        calibration = ctx.calibration
+        num_steps = calibration.num_steps
+        budget = cfg.full_steps or max(1, math.ceil(cfg.full_fraction * num_steps))
+        if budget > num_steps:
+            raise PassError(f"full_steps={budget} exceeds the calibration's {num_steps} steps")
+        dg.step_plan = _step_plan(regions, {FULL: []}, Schedule(FULL))
+        variants, steps, blocks = block_variants(dg, regions, build_plan(dg), calibration, budget, cfg.max_gap,
+                                                 cfg.max_variants)
+        dg.step_plan = _step_plan(regions, variants, Schedule(FULL, tuple(steps)))
+        report = self._report(dg, build_plan(dg), steps, ctx)
+        report.update({"forecast": False, **blocks})
+        anchor_step_plan(dg, ctx)
+        return PassResult(dg, modified=True, report=report)
+
+    # --- report -------------------------------------------------------------------------------
+    def _report(self, dg: DiffusionGraph, plan: Any, steps: list[str], ctx: PassContext) -> dict[str, Any]:
+        total = sum(node_flops(n) for n in dg.graph.nodes)
+        variant_flops = {name: sum(segment_flops(dg, plan.segments[s]) for s in variant.segments)
+                         for name, variant in plan.variants.items()}
+        adaptive = plan.schedule.adaptive
+        if adaptive:
+            share = adaptive["calibrated_full_share"]
+            variant_flops[ADAPTIVE] = share * variant_flops[adaptive["full"]] + (1 - share) * variant_flops[adaptive["cached"]]
+        skipped = {name: 1 - f / max(total, 1) for name, f in variant_flops.items()}
+        per_step = [round(skipped[v], 4) for v in steps]
+        mean_cost = float(np.mean([variant_flops[v] for v in steps])) if steps else total
+        report: dict[str, Any] = {
+            "cut": self.config.cut, "regions": {r.name: len(r.cuts) for r in dg.step_plan.regions},
+            "schedule": self.config.schedule, "steps": steps,
+            "full_steps": sum(v == FULL for v in steps), "num_steps": len(steps),
+            "flops_skipped_per_step": per_step, "flops_skipped": round(1 - mean_cost / max(total, 1), 4),
+            "predicted_speedup": round(total / max(mean_cost, 1), 3),
+        }
+        if ctx.calibration is not None:
+            errors = measured_error(plan, ctx.calibration)
+            report["relative_error_per_step"] = [round(e, 6) for e in errors]
+            report["relative_error"] = round(float(np.mean(errors)), 6)
+        return report
+
+
+def _step_plan(regions: list[Region], variants: dict[str, list[str]], schedule: Schedule) -> StepPlan:
+    return StepPlan.build(regions, variants, schedule, {"pass": "cache"})
+
+
+def _step_plan_conflict(step_plan: StepPlan) -> str:
+    """Why the cache pass cannot run on a graph that already has a step plan, and the fix. A
+    step-dependent prune or moe plan skips units inside the region caching would skip as a whole,
+    and a Plan's regions do not nest, so the cache schedule cannot be laid over those variants."""
+    source = step_plan.source
+    if source == "cache":
+        return "the graph already has a step plan from an earlier cache pass; run cache once"
+    return f"the graph already has a step plan from {source}: {_nesting_conflict(source)}"
+
+
+def _nesting_conflict(source: str) -> str:
+    return (f"with step_groups > 1 {source} gives each range of denoising steps its own variant, and cached "
+            f"regions cannot be nested around those variants. Fix: give {source} step_groups=1 (one selection for "
+            f"every step, e.g. {{'pass': '{source}', 'step_groups': 1}}), or leave cache out of this pipeline")
