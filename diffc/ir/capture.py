@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import inspect
-import logging
 import traceback
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -13,19 +13,17 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
 from .._json import jsonable
-from ..errors import CaptureError
+from ..errors import CaptureError, DiffcError
 from .blocks import discover_blocks
 from .fxutil import copy_graph
-from .examples import LATENT_NAMES, TEXT_NAMES, TIMESTEP_NAMES, TOKEN_NAMES, UNBATCHED_NAMES
+from .examples import LATENT_NAMES, TIMESTEP_NAMES, UNBATCHED_NAMES, dim_kind
 from .examples import example_inputs as derive_example_inputs
 from .graph import CONDITIONING, LATENT, TIMESTEP, DiffusionGraph, Signature, TensorInput, TensorOutput
-
-log = logging.getLogger(__name__)
+from .probe import ShapeProber, describe, flat_tensor_inputs, marked_kind, mismatch, run_graph
 
 # Nodes torch.export inserts only to check its own assumptions; diffc validates inputs itself.
 _CHECK_OPS = {torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._assert_scalar.default,
               torch.ops.aten.sym_constrain_range_for_size.default}
-CAPTURE_TOLERANCE = 1e-4
 
 
 def capture(model: torch.nn.Module, example_inputs: Mapping[str, Any] | None = None,
@@ -34,10 +32,22 @@ def capture(model: torch.nn.Module, example_inputs: Mapping[str, Any] | None = N
 
     `example_inputs` are the keyword arguments of one forward call; by default they are derived
     from the model's config. With `dynamic`, batch, resolution and text length stay symbolic where
-    the captured graph is verified to reproduce the model at another shape."""
+    the captured graph is verified to reproduce the model with that dim alone at another size; the
+    others are pinned to the example's size, with a warning."""
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"capture needs a torch.nn.Module denoiser, got {type(model).__name__}.")
-    model = model.eval()
+    try:
+        return _capture(model.eval(), example_inputs, dynamic)
+    except DiffcError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - nothing from torch or diffusers reaches the caller unexplained
+        name = type(model).__name__
+        raise CaptureError(f"capturing {name} failed unexpectedly: {describe(exc)}. If {name} runs on the example "
+                           "inputs, report this with the traceback; capture(model, dynamic=False) skips the "
+                           "checks of other shapes.") from exc
+
+
+def _capture(model: torch.nn.Module, example_inputs: Mapping[str, Any] | None, dynamic: bool) -> DiffusionGraph:
     inputs = dict(example_inputs) if example_inputs is not None else derive_example_inputs(model)
     inputs.pop("return_dict", None)
     if dynamic:
@@ -50,33 +60,78 @@ def capture(model: torch.nn.Module, example_inputs: Mapping[str, Any] | None = N
     takes_return_dict = "return_dict" in forward_params
     call_kwargs = {**inputs, "return_dict": False} if takes_return_dict else inputs
 
-    with torch.no_grad():
-        reference = model(**inputs, return_dict=True) if takes_return_dict else model(**inputs)
+    try:
+        with torch.no_grad():
+            reference = model(**inputs, return_dict=True) if takes_return_dict else model(**inputs)
+    except Exception as exc:  # noqa: BLE001 - the model's own error, with the inputs that caused it
+        shapes = ", ".join(f"{'.'.join(path)}={tuple(t.shape)}" for path, t in flat_tensor_inputs(inputs))
+        raise CaptureError(f"{type(model).__name__} raises {describe(exc)} on the example inputs ({shapes}); pass "
+                           "example_inputs={...} that its forward accepts.") from exc
     output_class = type(reference) if hasattr(reference, "to_tuple") else None
     flat_reference, _ = pytree.tree_flatten(reference.to_tuple() if output_class else reference)
     if not flat_reference or not all(isinstance(t, torch.Tensor) for t in flat_reference):
         raise CaptureError(f"{type(model).__name__} returned {type(reference).__name__}; diffc needs tensor outputs.")
 
-    # (dynamic resolution, dynamic text length), most dynamic first; None exports fully static
-    attempts: list[tuple[bool, bool] | None] = [(True, True), (False, True), (False, False)] if dynamic else [None]
-    failure = ""
-    for dims in attempts:
-        module = _export(model, call_kwargs, dims)
-        mismatch = _verify(model, module, call_kwargs, flat_reference, vary=dims is not None)
-        if mismatch is None:
-            break
-        failure = mismatch
-        log.info("capture with dynamic (resolution, text) = %s does not reproduce the model (%s); "
-                 "trying fewer dynamic dims", dims, mismatch)
+    if dynamic:
+        module = _symbolic_module(model, call_kwargs, flat_reference)
     else:
-        raise CaptureError(f"the captured graph of {type(model).__name__} does not reproduce the model: {failure}")
-
-    flat_inputs = _flat_tensor_inputs(call_kwargs)
+        module = _static_module(model, call_kwargs, flat_reference)
+    flat_inputs = flat_tensor_inputs(call_kwargs)
     ShapeProp(module).propagate(*[t for _, t in flat_inputs])
     signature = _signature(model, module, flat_inputs, flat_reference, forward_params, output_class)
     config = dict(getattr(model, "config", {}) or {})
+    # diffusers lists the defaulted keys in set order, which changes from one process to the next
+    # (PYTHONHASHSEED): sorted, the same model gives the same artifact bytes in any process
+    if isinstance(config.get("_use_default_values"), list):
+        config["_use_default_values"] = sorted(config["_use_default_values"])
     return DiffusionGraph(module=module, signature=signature, blocks=discover_blocks(module),
                           config=jsonable(config))
+
+
+def _symbolic_module(model: torch.nn.Module, kwargs: dict[str, Any],
+                     flat_reference: list[torch.Tensor]) -> torch.fx.GraphModule:
+    """The graph with every dim that may change symbolic except those a probe failed for, which are
+    pinned (and the graph exported again) until every symbolic dim passes its probe."""
+    name = type(model).__name__
+    prober = ShapeProber(model, kwargs)
+    pinned: set[str] = set()
+    while True:
+        symbolic = ", ".join(_marked(kwargs, pinned))
+        try:
+            module = _export(model, kwargs, pinned)
+        except CaptureError as exc:
+            if not symbolic:
+                raise
+            static = _static_module(model, kwargs, flat_reference)  # its own error when static shapes fail too
+            warnings.warn(f"exporting {name} with {symbolic} symbolic failed ({exc}); captured it with static "
+                          "shapes instead: the optimized model runs only the example's batch and sizes.", stacklevel=4)
+            return static
+        outputs, raised = run_graph(module, kwargs)
+        differs = raised or mismatch(outputs, flat_reference)
+        if differs is not None:
+            static = _static_module(model, kwargs, flat_reference)
+            warnings.warn(f"the graph of {name} captured with {symbolic} symbolic does not reproduce the model at the "
+                          f"example shape ({differs}); captured it with static shapes instead: the optimized model "
+                          "runs only the example's batch and sizes.", stacklevel=4)
+            return static
+        failures = prober.failures(module)
+        if not failures:
+            return module
+        for failure in failures:
+            warnings.warn(failure.warning(name), stacklevel=4)
+        pinned |= {failure.kind for failure in failures}
+
+
+def _static_module(model: torch.nn.Module, kwargs: dict[str, Any],
+                   flat_reference: list[torch.Tensor]) -> torch.fx.GraphModule:
+    module = _export(model, kwargs, None)
+    outputs, raised = run_graph(module, kwargs)
+    differs = raised or mismatch(outputs, flat_reference)
+    if differs is not None:
+        raise CaptureError(f"the captured graph of {type(model).__name__} does not reproduce the model at the example "
+                           f"shape: {differs}. Check that its forward is deterministic (no dropout or random ops "
+                           "in eval mode) and keeps no state between calls.")
+    return module
 
 
 DENOISER_ATTRIBUTES = ("unet", "transformer")
@@ -94,23 +149,10 @@ def find_denoiser(model_or_pipeline: Any) -> tuple[torch.nn.Module, str | None]:
     return model_or_pipeline, None
 
 
-def _flat_tensor_inputs(kwargs: Mapping[str, Any]) -> list[tuple[tuple[str, ...], torch.Tensor]]:
-    """(path, tensor) for every tensor leaf, in the order torch.export makes placeholders."""
-    out = []
-    for key, value in kwargs.items():
-        if isinstance(value, torch.Tensor):
-            out.append(((key,), value))
-        elif isinstance(value, Mapping):
-            for sub, leaf in value.items():
-                if isinstance(leaf, torch.Tensor):
-                    out.append(((key, sub), leaf))
-    return out
-
-
 def _batch_of_two_if_one(inputs: dict[str, Any]) -> dict[str, Any]:
     """torch.export fixes every size-1 dimension, so a batch-1 example would give a graph that only
     takes batch 1 (and refuses calibration or CFG batches); the batch is repeated to 2 instead."""
-    batched = [(path, t) for path, t in _flat_tensor_inputs(inputs) if path[-1] not in UNBATCHED_NAMES and t.dim() >= 1]
+    batched = [(path, t) for path, t in flat_tensor_inputs(inputs) if path[-1] not in UNBATCHED_NAMES and t.dim() >= 1]
     if not batched or any(t.shape[0] != 1 for _, t in batched):
         return inputs
     widened: dict[str, Any] = dict(inputs)
@@ -123,35 +165,32 @@ def _batch_of_two_if_one(inputs: dict[str, Any]) -> dict[str, Any]:
     return widened
 
 
-def _dynamic_dims(path: tuple[str, ...], tensor: torch.Tensor, resolution: bool, text: bool) -> dict[int, Any] | None:
-    leaf = path[-1]
-    dims: dict[int, Any] = {}
-    if leaf in UNBATCHED_NAMES:
-        if (resolution and leaf in TOKEN_NAMES) or (text and leaf in TEXT_NAMES):
-            dims[0] = Dim.AUTO
-        return dims or None
-    if tensor.dim() >= 1:
-        dims[0] = Dim.AUTO
-    if resolution and leaf in LATENT_NAMES:
-        for d in (range(2, tensor.dim()) if tensor.dim() == 4 else range(1, tensor.dim() - 1)):
-            dims[d] = Dim.AUTO
-    if text and leaf in TEXT_NAMES and tensor.dim() >= 2:
-        dims[1] = Dim.AUTO
+def _dynamic_dims(path: tuple[str, ...], tensor: torch.Tensor, pinned: set[str] | None) -> dict[int, Any] | None:
+    if pinned is None:
+        return None
+    dims = {d: Dim.AUTO for d in range(tensor.dim()) if marked_kind(path, d, tensor.dim()) not in (None, *pinned)}
     return dims or None
 
 
-def _export(model: torch.nn.Module, kwargs: dict[str, Any], dims: tuple[bool, bool] | None) -> torch.fx.GraphModule:
-    dynamic_shapes: dict[str, Any] | None = None
-    if dims is not None:
-        dynamic_shapes = {}
-        for key, value in kwargs.items():
-            if isinstance(value, torch.Tensor):
-                dynamic_shapes[key] = _dynamic_dims((key,), value, *dims)
-            elif isinstance(value, Mapping):
-                dynamic_shapes[key] = {k: (_dynamic_dims((key, k), v, *dims) if isinstance(v, torch.Tensor)
-                                           else None) for k, v in value.items()}
-            else:
-                dynamic_shapes[key] = None
+def _marked(kwargs: dict[str, Any], pinned: set[str]) -> list[str]:
+    """The kinds of dim an export with `pinned` marks symbolic."""
+    kinds = {marked_kind(path, d, t.dim()) for path, t in flat_tensor_inputs(kwargs) for d in range(t.dim())}
+    return sorted(kind for kind in kinds if kind is not None and kind not in pinned)
+
+
+def _export(model: torch.nn.Module, kwargs: dict[str, Any], pinned: set[str] | None) -> torch.fx.GraphModule:
+    """torch.export of `model`; with `pinned` (kinds of dim kept static), the others are symbolic
+    (where the model lets them be), else every dim is static. Static dims are spelled out for every
+    input: with dynamic_shapes=None, an export after a symbolic one of the same tensors stays symbolic."""
+    dynamic_shapes: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            dynamic_shapes[key] = _dynamic_dims((key,), value, pinned)
+        elif isinstance(value, Mapping):
+            dynamic_shapes[key] = {k: (_dynamic_dims((key, k), v, pinned) if isinstance(v, torch.Tensor)
+                                       else None) for k, v in value.items()}
+        else:
+            dynamic_shapes[key] = None
     stack: list[str] = []
     handles = _track_module_stack(model, stack)
     try:
@@ -212,81 +251,6 @@ def _flatten(exported: torch.export.ExportedProgram) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(unlifted, graph)
 
 
-def _verify(model: torch.nn.Module, module: torch.fx.GraphModule, kwargs: dict[str, Any],
-            flat_reference: list[torch.Tensor], vary: bool) -> str | None:
-    """None when the graph reproduces the model at the example shape and, for its dynamic dims,
-    at another batch (and resolution); else what went wrong."""
-    checks = [("example shape", kwargs, flat_reference)]
-    if vary:
-        other = _other_shape(module, kwargs)
-        if other is not None:
-            with torch.no_grad():
-                other_ref, _ = pytree.tree_flatten(model(**other))
-            checks.append(("another batch/resolution", other, other_ref))
-    for label, call_kwargs, refs in checks:
-        flat = [t for _, t in _flat_tensor_inputs(call_kwargs)]
-        try:
-            with torch.no_grad():
-                outs = module(*flat)
-        except Exception as exc:  # noqa: BLE001 - any failure means this capture is not valid
-            return f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        for out, ref in zip(outs, refs):
-            if out.shape != ref.shape:
-                return f"{label}: output shape {tuple(out.shape)} != {tuple(ref.shape)}"
-            diff = (out.double() - ref.double()).abs().max().item() if out.numel() else 0.0
-            scale = max(ref.double().abs().max().item(), 1.0)
-            if not diff <= CAPTURE_TOLERANCE * scale:
-                return f"{label}: max abs difference {diff:.3g}"
-    return None
-
-
-def _other_shape(module: torch.fx.GraphModule, kwargs: dict[str, Any]) -> dict[str, Any] | None:
-    """The example inputs with each dynamic dim changed (batch +1, the others doubled);
-    None when nothing is dynamic."""
-    placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
-    changed = False
-    generator = torch.Generator().manual_seed(1)
-    flat = _flat_tensor_inputs(kwargs)
-    new_sizes: dict[str, int] = {}
-    for (path, tensor), node in zip(flat, placeholders):
-        val = node.meta.get("val")
-        for d, size in enumerate(val.shape):
-            if isinstance(size, torch.SymInt) and str(size) not in new_sizes:
-                base = tensor.shape[d]
-                is_batch = d == 0 and path[-1] not in UNBATCHED_NAMES
-                new_sizes[str(size)] = base + 1 if is_batch else base * 2
-                changed |= new_sizes[str(size)] != base
-    if not changed:
-        return None
-    rebuilt = dict(kwargs)
-    for (path, tensor), node in zip(flat, placeholders):
-        val = node.meta.get("val")
-        shape = [new_sizes.get(str(s), tensor.shape[d]) if isinstance(s, torch.SymInt) else tensor.shape[d]
-                 for d, s in enumerate(val.shape)]
-        new = _resized(path, tensor, shape, generator)
-        if len(path) == 1:
-            rebuilt[path[0]] = new
-        else:
-            rebuilt[path[0]] = {**rebuilt[path[0]], path[1]: new}
-    return rebuilt
-
-
-def _resized(path: tuple[str, ...], tensor: torch.Tensor, shape: list[int], generator: torch.Generator) -> torch.Tensor:
-    if list(tensor.shape) == shape:
-        return tensor
-    if path[-1] in TOKEN_NAMES:
-        side = int(round(shape[0] ** 0.5))
-        if side * side == shape[0]:
-            rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-            return torch.stack([torch.zeros(shape[0]), rows.flatten().float(), cols.flatten().float()], 1).to(tensor.dtype)
-    if tensor.is_floating_point():
-        return (torch.randn(*shape, generator=generator) * tensor.float().std().clamp_min(1e-3)
-                + tensor.float().mean()).to(tensor.dtype)
-    # integer inputs (labels, masks): tile the existing values along the resized dims
-    index = [torch.arange(n) % tensor.shape[d] for d, n in enumerate(shape)]
-    return tensor[torch.meshgrid(*index, indexing="ij")] if tensor.dim() else tensor
-
-
 def _signature(model: torch.nn.Module, module: torch.fx.GraphModule,
                flat_inputs: list[tuple[tuple[str, ...], torch.Tensor]], flat_reference: list[torch.Tensor],
                forward_params: tuple[str, ...], output_class: type | None) -> Signature:
@@ -320,21 +284,9 @@ def _dim_name(names: dict[str, str], symbol: str, path: tuple[str, ...], role: s
     """A readable name for a dynamic dimension. Dimensions with the same meaning get the same name
     even where torch.export gave them separate symbols (a mask's batch is the latent's batch), so
     the runtime checks that they agree."""
-    if symbol in names:
-        return names[symbol]
-    leaf = path[-1]
-    if leaf in TOKEN_NAMES or (role == LATENT and rank == 3 and dim == 1):
-        name = "tokens"
-    elif leaf in TEXT_NAMES and (dim == 1 or leaf in UNBATCHED_NAMES):
-        name = "text_len"
-    elif dim == 0:
-        name = "batch"
-    elif role == LATENT and rank == 4:
-        name = "height" if dim == 2 else "width"
-    else:
-        name = f"{leaf}_dim{dim}"
-    names[symbol] = name
-    return name
+    if symbol not in names:
+        names[symbol] = dim_kind(path[-1], dim, rank, role == LATENT) or f"{path[-1]}_dim{dim}"
+    return names[symbol]
 
 
 def _role(path: tuple[str, ...], index: int) -> str:

@@ -154,3 +154,23 @@ TIMESTEP_NAMES = ("timestep", "timesteps")
 UNBATCHED_NAMES = ("img_ids", "txt_ids")
 TEXT_NAMES = ("encoder_hidden_states", "encoder_attention_mask", "txt_ids")
 TOKEN_NAMES = ("img_ids",)
+# Where a latent of each rank has the dims that may change: (batch, tokens, channels),
+# (batch, channels, height, width), (batch, channels, frames, height, width). Channels are never
+# marked: torch.export can leave them symbolic (a conv's weight does not pin them) and no model runs
+# at other channel counts.
+LATENT_DIMS = {3: {1: "tokens"}, 4: {2: "height", 3: "width"}, 5: {2: "frames", 3: "height", 4: "width"}}
+
+
+def dim_kind(leaf: str, dim: int, rank: int, latent: bool) -> str | None:
+    """What dim `dim` of a `rank`-dim input named `leaf` (the latent when `latent`) is, among the
+    dims that may change at run time: batch, tokens, height, width, frames or text_len; None for the
+    others (channels, features), which the model's weights fix."""
+    if leaf in UNBATCHED_NAMES:
+        if dim == 0 and leaf in TOKEN_NAMES:
+            return "tokens"
+        return "text_len" if dim == 0 and leaf in TEXT_NAMES else None
+    if dim == 0:
+        return "batch"
+    if latent:
+        return LATENT_DIMS.get(rank, {}).get(dim)
+    return "text_len" if dim == 1 and leaf in TEXT_NAMES else None

@@ -11,7 +11,8 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from ..errors import InputError
-from ..ir import CompiledPlan, Plan, TensorInput
+from ..ir import LATENT, CompiledPlan, Plan, TensorInput
+from ..ir.examples import dim_kind
 from .adapters import Adapters, lora_deltas, read_adapter
 from .artifact import save_artifact
 from ..ir.stepping import StepTracker
@@ -295,13 +296,22 @@ def _check_shapes(specs: tuple[TensorInput, ...], values: list[torch.Tensor]) ->
         for dim, (want, got) in enumerate(zip(spec.shape, value.shape)):
             if isinstance(want, int):
                 if want != got:
-                    raise InputError(f"input {spec.name} has shape {tuple(value.shape)} but the model was compiled "
-                                     f"for {expected}: dim {dim} must be {want}")
+                    raise InputError(_static_mismatch(spec, tuple(value.shape), dim, expected))
             elif want in sizes and sizes[want][0] != got:
                 raise InputError(f"input {spec.name} has {want}={got} (dim {dim}) but {sizes[want][1]} has "
                                  f"{want}={sizes[want][0]}; they must agree")
             else:
                 sizes.setdefault(want, (got, spec.name))
+
+
+def _static_mismatch(spec: TensorInput, shape: tuple[int, ...], dim: int, expected: str) -> str:
+    kind = dim_kind(spec.path[-1], dim, len(spec.shape), spec.role == LATENT)
+    if kind is None:
+        return f"input {spec.name} has shape {shape} but the model was compiled for {expected}: dim {dim} must be " \
+               f"{spec.shape[dim]}"
+    return (f"input {spec.name} has {kind}={shape[dim]} (shape {shape}) but the model was captured with {kind} pinned "
+            f"to {spec.shape[dim]}: its graph takes no other {kind}. To run {kind}={shape[dim]}, optimize again with "
+            f"example inputs of that {kind} (diffc.optimize(..., example_inputs={{...}})).")
 
 
 def _output_class(path: str) -> type:

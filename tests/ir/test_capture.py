@@ -1,9 +1,14 @@
+import functools
+import warnings
+
 import pytest
 import torch
+from diffusers import SD3Transformer2DModel
 
 import diffc
-from diffc.errors import CaptureError, LintError
+from diffc.errors import CaptureError, InputError, LintError
 from diffc.ir import LATENT, TIMESTEP, capture, lint
+from diffc.ir.examples import example_inputs
 from diffc.ir.blocks import ATTENTION, FFN, RESNET, STAGE, TRANSFORMER_BLOCK
 from tiny_families import first_tensor
 
@@ -125,3 +130,110 @@ def test_batch_one_example_still_gives_a_dynamic_batch(name, family):
     with torch.no_grad():
         for call in (single, inputs):
             assert torch.allclose(first_tensor(fast(**call)), first_tensor(model(**call)), atol=1e-5)
+
+
+@functools.lru_cache(maxsize=None)
+def _sd3_at_its_max_size():
+    """A tiny SD3 whose positional embedding covers exactly its latent (sample 8 = 4 patches of 2):
+    the model itself refuses any larger latent, so the resolution probe cannot run it."""
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                  pooled_projection_dim=16, out_channels=4, pos_embed_max_size=4).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = diffc.optimize(model, passes=[])
+    return model, fast, [str(w.message) for w in caught if "diffc pins" in str(w.message)]
+
+
+def test_dim_the_model_refuses_at_the_probe_shape_is_pinned_with_a_warning():
+    model, fast, pins = _sd3_at_its_max_size()
+    assert len(pins) == 2, pins
+    assert "pins height of SD3Transformer2DModel to the example's height=8: at height=16" in pins[0]
+    assert "hidden_states=(2, 4, 16, 8)" in pins[0] and "Height (8) cannot be greater than" in pins[0]
+    assert "pins width" in pins[1] and "Width (8) cannot be greater than" in pins[1]
+    sig = fast.plan.graph.signature
+    assert sig.latent.shape == ("batch", 4, 8, 8)
+    assert sig.input("encoder_hidden_states").shape == ("batch", "text_len", 16)
+    inputs = example_inputs(model)
+    with torch.no_grad():
+        assert (first_tensor(fast(**inputs)) - first_tensor(model(**inputs))).abs().max().item() <= 1e-5
+
+
+def test_call_at_another_size_of_a_pinned_dim_names_it():
+    model, fast, _ = _sd3_at_its_max_size()
+    inputs = {**example_inputs(model), "hidden_states": torch.randn(2, 4, 16, 16)}
+    with pytest.raises(InputError, match=r"hidden_states has height=16 .*pinned to 8.*optimize again with example "
+                                         r"inputs of that height"):
+        fast(**inputs)
+
+
+class TooLong(Exception):
+    pass
+
+
+class TextLimit(torch.nn.Module):
+    """Holds at most 8 text tokens and says so in its own way."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        if encoder_hidden_states.shape[1] > 8:
+            raise TooLong("at most 8 text tokens")
+        return sample * timestep[:, None, None, None] + self.proj(encoder_hidden_states).mean(1)[:, :, None, None]
+
+
+def test_model_raising_at_the_probe_shape_does_not_leak_its_exception():
+    inputs = {"sample": torch.randn(2, 4, 8, 8), "timestep": torch.ones(2), "encoder_hidden_states": torch.randn(2, 8, 4)}
+    with pytest.warns(UserWarning, match=r"pins text_len of TextLimit to the example's text_len=8: at text_len=16 "
+                                         r"\(probe inputs encoder_hidden_states=\(2, 16, 4\)\) the model raises "
+                                         r"TooLong: at most 8 text tokens"):
+        dg = capture(TextLimit(), example_inputs=inputs)
+    assert dg.signature.input("encoder_hidden_states").shape == ("batch", 8, 4)
+    assert dg.signature.latent.shape[:3] == ("batch", 4, "height") and isinstance(dg.signature.latent.shape[3], str)
+
+
+class SquareOnly(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, sample, timestep):
+        if sample.shape[2] != sample.shape[3]:
+            raise ValueError("square latents only")
+        return self.conv(sample) * timestep[:, None, None, None]
+
+
+def test_dims_that_vary_only_together_stay_symbolic():
+    # like diffusers' DiT, which unpatchifies square latents only: probed together, height and width pass
+    inputs = {"sample": torch.randn(2, 4, 8, 8), "timestep": torch.ones(2)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dg = capture(SquareOnly(), example_inputs=inputs)
+    assert not [str(w.message) for w in caught if "diffc pins" in str(w.message)]
+    assert dg.signature.latent.shape[:3] == ("batch", 4, "height") and isinstance(dg.signature.latent.shape[3], str)
+
+
+def test_model_raising_at_the_example_inputs_is_named():
+    with pytest.raises(CaptureError, match=r"SquareOnly raises ValueError: square latents only on the example inputs "
+                                           r"\(sample=\(2, 4, 8, 6\), timestep=\(2,\)\); pass example_inputs"):
+        capture(SquareOnly(), example_inputs={"sample": torch.randn(2, 4, 8, 6), "timestep": torch.ones(2)})
+
+
+class StaticOnly(torch.nn.Module):
+    """Stands for a model with an op that takes no symbolic sizes."""
+
+    def forward(self, sample, timestep):
+        if isinstance(sample.shape[0], torch.SymInt):
+            raise NotImplementedError("no symbolic sizes here")
+        return sample * timestep[:, None]
+
+
+def test_model_that_exports_only_with_static_shapes_is_captured_static():
+    inputs = {"sample": torch.randn(2, 4), "timestep": torch.ones(2)}
+    with pytest.warns(UserWarning, match=r"exporting StaticOnly with batch symbolic failed .*no symbolic sizes here"
+                                         r".*captured it with static shapes"):
+        dg = capture(StaticOnly(), example_inputs=inputs)
+    assert dg.signature.latent.shape == (2, 4)

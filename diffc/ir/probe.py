@@ -1,0 +1,188 @@
+"""Verifies the dims capture keeps symbolic: the captured graph is run against the model with one
+symbolic dim changed at a time (batch +1, the others doubled).
+
+One dim at a time, because a probe that changes them all together passes a model that only works
+while two of them agree (square latents) and cannot say which dim broke; its cost is about that of
+one probe of every dim at once, whose sizes multiply. A probe that fails in any way (the model
+raising, the graph raising, different outputs) pins its dim instead of failing the capture."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.fx
+from torch.utils import _pytree as pytree
+
+from .examples import LATENT_NAMES, TOKEN_NAMES, dim_kind
+
+TOLERANCE = 1e-4
+
+FlatInputs = list[tuple[tuple[str, ...], torch.Tensor]]
+
+
+def flat_tensor_inputs(kwargs: Mapping[str, Any]) -> FlatInputs:
+    """(path, tensor) for every tensor leaf, in the order torch.export makes placeholders."""
+    out: FlatInputs = []
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            out.append(((key,), value))
+        elif isinstance(value, Mapping):
+            for sub, leaf in value.items():
+                if isinstance(leaf, torch.Tensor):
+                    out.append(((key, sub), leaf))
+    return out
+
+
+def marked_kind(path: tuple[str, ...], dim: int, rank: int) -> str | None:
+    """The kind of a dim capture marks symbolic (None for dims it keeps static)."""
+    return dim_kind(path[-1], dim, rank, path[-1] in LATENT_NAMES)
+
+
+def mismatch(outputs: Any, references: list[torch.Tensor]) -> str | None:
+    """How the graph's outputs differ from the model's; None when they agree."""
+    for out, ref in zip(outputs, references):
+        if out.shape != ref.shape:
+            return f"output shape is {tuple(out.shape)}, the model's {tuple(ref.shape)}"
+        diff = (out.double() - ref.double()).abs().max().item() if out.numel() else 0.0
+        scale = max(ref.double().abs().max().item(), 1.0)
+        if not diff <= TOLERANCE * scale:
+            return f"output differs from the model's by {diff:.3g} (max abs)"
+    return None
+
+
+def run_graph(module: torch.fx.GraphModule, kwargs: Mapping[str, Any]) -> tuple[Any, str | None]:
+    """The graph's outputs on `kwargs`, or what it raised."""
+    try:
+        with torch.no_grad():
+            return module(*[t for _, t in flat_tensor_inputs(kwargs)]), None
+    except Exception as exc:  # noqa: BLE001 - a graph that raises is reported, not propagated
+        return None, describe(exc)
+
+
+def describe(exc: BaseException) -> str:
+    """An exception's type and first line, to quote in diffc's own messages."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0].rstrip('.')}" if text else type(exc).__name__
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A symbolic dim the graph does not reproduce the model at."""
+
+    kind: str
+    example_size: int
+    probe_size: int
+    probe_shapes: str
+    reason: str
+
+    def warning(self, model_name: str) -> str:
+        return (f"diffc pins {self.kind} of {model_name} to the example's {self.kind}={self.example_size}: at "
+                f"{self.kind}={self.probe_size} (probe inputs {self.probe_shapes}) {self.reason}. The optimized model "
+                f"takes only {self.kind}={self.example_size}; to run another {self.kind}, optimize with example "
+                f"inputs of that {self.kind}.")
+
+
+class ShapeProber:
+    """Probes one model's captured graphs; the model's outputs at each probe shape are kept, since
+    a graph exported again after a pin is probed again at the same shapes."""
+
+    def __init__(self, model: torch.nn.Module, kwargs: dict[str, Any]) -> None:
+        self.model, self.kwargs = model, kwargs
+        self._references: dict[tuple[tuple[int, ...], ...], tuple[list[torch.Tensor] | None, str | None]] = {}
+
+    def failures(self, module: torch.fx.GraphModule) -> list[Failure]:
+        """A Failure for each symbolic dim of `module` to pin: none when every dim at its probe size at
+        once reproduces the model, else each dim that fails alone (all of them if none does)."""
+        flat = flat_tensor_inputs(self.kwargs)
+        placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+        positions: dict[str, list[tuple[int, int]]] = {}
+        for index, ((path, tensor), node) in enumerate(zip(flat, placeholders)):
+            for dim, size in enumerate(node.meta["val"].shape):
+                kind = marked_kind(path, dim, tensor.dim())
+                if kind is not None and isinstance(size, torch.SymInt):
+                    positions.setdefault(kind, []).append((index, dim))
+        if not positions:
+            return []
+        # every dim at once first: a model whose sizes vary only together (diffusers' DiT unpatchifies
+        # square latents only) keeps them symbolic, as before; the dims are told apart when that fails
+        together = self._probe_shapes(flat, positions)
+        if self._why_not(module, self._probe_inputs(flat, together)) is None:
+            return []
+        found = []
+        for kind, at in positions.items():
+            failure = self._probe(module, flat, kind, at)
+            if failure is not None:
+                found.append(failure)
+        if found:
+            return found
+        # no dim fails alone, only all together: pin them all, each with what the joint probe gave
+        return [f for kind, at in positions.items() if (f := self._probe(module, flat, kind, at, together))]
+
+    @staticmethod
+    def _probe_shapes(flat: FlatInputs, positions: Mapping[str, list[tuple[int, int]]]) -> list[list[int]]:
+        """The input shapes with every dim in `positions` at its probe size (batch + 1, others x 2)."""
+        shapes = [list(t.shape) for _, t in flat]
+        for kind, at in positions.items():
+            for index, dim in at:
+                shapes[index][dim] = shapes[index][dim] + 1 if kind == "batch" else shapes[index][dim] * 2
+        return shapes
+
+    def _probe(self, module: torch.fx.GraphModule, flat: FlatInputs, kind: str, at: list[tuple[int, int]],
+               shapes: list[list[int]] | None = None) -> Failure | None:
+        shapes = shapes or self._probe_shapes(flat, {kind: at})
+        probe = self._probe_inputs(flat, shapes)
+        changed = sorted({index for index, _ in at})
+        described = ", ".join(f"{'.'.join(flat[i][0])}={tuple(shapes[i])}" for i in changed)
+        reason = self._why_not(module, probe)
+        if reason is None:
+            return None
+        index, dim = at[0]
+        return Failure(kind, flat[index][1].shape[dim], shapes[index][dim], described, reason)
+
+    def _why_not(self, module: torch.fx.GraphModule, probe: dict[str, Any]) -> str | None:
+        references, raised = self._reference(probe)
+        if references is None:
+            return f"the model raises {raised}"
+        outputs, raised = run_graph(module, probe)
+        if raised is not None:
+            return f"the captured graph raises {raised} (it has the example's size built in)"
+        differs = mismatch(outputs, references)
+        return None if differs is None else f"the captured graph's {differs}"
+
+    def _reference(self, probe: dict[str, Any]) -> tuple[list[torch.Tensor] | None, str | None]:
+        key = tuple(tuple(t.shape) for _, t in flat_tensor_inputs(probe))
+        if key not in self._references:
+            try:
+                with torch.no_grad():
+                    self._references[key] = pytree.tree_flatten(self.model(**probe))[0], None
+            except Exception as exc:  # noqa: BLE001 - a model that cannot run the probe shape pins its dim
+                self._references[key] = None, describe(exc)
+        return self._references[key]
+
+    def _probe_inputs(self, flat: FlatInputs, shapes: list[list[int]]) -> dict[str, Any]:
+        generator = torch.Generator().manual_seed(1)
+        rebuilt = dict(self.kwargs)
+        for (path, tensor), shape in zip(flat, shapes):
+            new = _resized(path, tensor, shape, generator)
+            if len(path) == 1:
+                rebuilt[path[0]] = new
+            else:
+                rebuilt[path[0]] = {**rebuilt[path[0]], path[1]: new}
+        return rebuilt
+
+
+def _resized(path: tuple[str, ...], tensor: torch.Tensor, shape: list[int], generator: torch.Generator) -> torch.Tensor:
+    if list(tensor.shape) == shape:
+        return tensor
+    if path[-1] in TOKEN_NAMES:
+        side = int(round(shape[0] ** 0.5))
+        if side * side == shape[0]:
+            rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+            return torch.stack([torch.zeros(shape[0]), rows.flatten().float(), cols.flatten().float()], 1).to(tensor.dtype)
+    if tensor.is_floating_point():
+        return (torch.randn(*shape, generator=generator) * tensor.float().std().clamp_min(1e-3)
+                + tensor.float().mean()).to(tensor.dtype)
+    # integer inputs (labels, masks): tile the existing values along the resized dims
+    index = [torch.arange(n) % tensor.shape[d] for d, n in enumerate(shape)]
+    return tensor[torch.meshgrid(*index, indexing="ij")] if tensor.dim() else tensor
