@@ -6,7 +6,7 @@ import inspect
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -20,11 +20,14 @@ from .passes import PassContext, PassManager
 from .passes.base import NOT_CONFIG, PipelineSpec
 from .runtime import OptimizedModel, load_plan, read_manifest
 from .runtime.checkpoints import PassCheckpointFolder, graph_fingerprint
+from .runtime.diffusers_component import register_artifact_loader
+from .runtime.ranges import calibration_calls
 
 
 def optimize(model_or_pipeline: Any, target: str = "torch", passes: PipelineSpec | None = "default",
              calibration: Any = None, example_inputs: Mapping[str, Any] | None = None, device: Any = None,
              compile: bool = False, progress: bool = False, work_dir: str | os.PathLike[str] | None = None,
+             prompts: Sequence[str] | None = None, conditions: Sequence[Any] | None = None,
              **budget: Any) -> OptimizedModel:
     """Captures the denoiser, runs the pass pipeline and compiles the result for `target`.
 
@@ -34,9 +37,16 @@ def optimize(model_or_pipeline: Any, target: str = "torch", passes: PipelineSpec
     `passes="default"` is block caching, and caching then quantization for a low-bit target
     (int8, fp8, int4, mixed): the quant pass writes what those targets lower.
 
+    Passes that need calibration data get `calibration` (a CalibrationSet, a finished Recording
+    or its folder) or, without it, trajectories of the pipeline itself at its own default steps,
+    resolution and guidance: on `prompts` (or `conditions`: prompts, class labels or dicts of
+    pipeline arguments), by default 8 prompts of the built-in set for a text pipeline and 8
+    labels for a class-conditional one. A bare denoiser calibrates on synthetic trajectories.
+
     With `work_dir`, the default calibration set and the graph after each pass are kept there:
     calling again with the same arguments after an interruption resumes where it stopped."""
     parsed = parse_target(target)  # fail before any work on a bad target
+    conditions = _calibration_conditions(model_or_pipeline, calibration, prompts, conditions)
     low_bit = parsed.precision in LOW_BIT
     if low_bit and passes in (None, "default"):
         passes = "default-low-bit"
@@ -47,13 +57,17 @@ def optimize(model_or_pipeline: Any, target: str = "torch", passes: PipelineSpec
                           f"{[p.name for p in manager.passes]} has no pass that writes them; add it "
                           f"(passes=[..., 'quant']) or choose a float target such as {parsed.backend}-fp16")
     ctx = PassContext(budget=dict(budget), target=str(parsed), progress=progress)
-    optimized = _run_pipeline(manager, model_or_pipeline, ctx, calibration, example_inputs, device, work_dir)
+    optimized = _run_pipeline(manager, model_or_pipeline, ctx, calibration, example_inputs, device, work_dir,
+                              conditions)
     unused = sorted(set(budget) - ctx.used_budget)
     if unused:
         raise TargetError(f"budget {', '.join(unused)} was given but no pass in the pipeline "
                           f"{[p.name for p in manager.passes]} uses it; remove it or add the pass that does")
-    return compile_graph(optimized, parsed.backend, parsed.precision, _device_of(model_or_pipeline, device),
+    fast = compile_graph(optimized, parsed.backend, parsed.precision, _device_of(model_or_pipeline, device),
                          compile=compile)
+    # a LoRA loaded later checks the quantized activation ranges on these (see OptimizedModel.recalibrate)
+    fast.calibration_inputs = calibration_calls(ctx.calibration)
+    return fast
 
 
 def replay(graph_or_artifact: Any, model_or_pipeline: Any, calibration: Any = None,
@@ -91,15 +105,19 @@ def replay(graph_or_artifact: Any, model_or_pipeline: Any, calibration: Any = No
 
 def _run_pipeline(manager: PassManager, model_or_pipeline: Any, ctx: PassContext, calibration: Any,
                   example_inputs: Mapping[str, Any] | None, device: Any,
-                  work_dir: str | os.PathLike[str] | None) -> DiffusionGraph:
+                  work_dir: str | os.PathLike[str] | None, conditions: Sequence[Any] | None = None) -> DiffusionGraph:
     """Captures the denoiser, calibrates it if a pass needs that and no calibration was given, and
     runs the manager's passes (resuming from `work_dir`'s checkpoints when given)."""
     denoiser, _ = find_denoiser(model_or_pipeline)
     device = _device_of(model_or_pipeline, device)
     calibration_set = as_calibration_set(calibration)
-    if calibration_set is None and any("calibrated" in p.requirements() for p in manager.passes):
+    needs_calibration = any("calibrated" in p.requirements() for p in manager.passes)
+    if conditions is not None and not needs_calibration:
+        raise DiffcError(f"prompts or conditions were given, but no pass of {[p.name for p in manager.passes]} "
+                         "calibrates; leave them out")
+    if calibration_set is None and needs_calibration:
         out = Path(work_dir) / "calibration" if work_dir is not None else None
-        calibration_set = _default_calibration(model_or_pipeline, ctx.progress, out)
+        calibration_set = _default_calibration(model_or_pipeline, ctx.progress, out, conditions)
     graph = capture(denoiser, example_inputs=example_inputs)
     if calibration_set is not None:
         calibration_set.check_compatible(graph)
@@ -128,7 +146,32 @@ def _calibration_fingerprint(calibration_set: Any) -> str | None:
     return hashlib.sha256(json.dumps(recorded, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _default_calibration(model_or_pipeline: Any, progress: bool, out: Path | None) -> Any:
+def _calibration_conditions(model_or_pipeline: Any, calibration: Any, prompts: Sequence[str] | None,
+                            conditions: Sequence[Any] | None) -> list[Any] | None:
+    """The conditions the default calibration runs the pipeline on, after checking that the
+    arguments that choose them agree."""
+    given = [name for name, value in (("prompts", prompts), ("conditions", conditions), ("calibration", calibration))
+             if value is not None]
+    if len(given) > 1:
+        raise DiffcError(f"{' and '.join(given)} were given together; each chooses what calibration runs on: pass "
+                         "one")
+    if prompts is not None and (isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts)):
+        raise DiffcError("prompts must be a list of strings (e.g. prompts=['a red fox in snow', ...]); class labels "
+                         "and dicts of pipeline arguments go in conditions=")
+    chosen = prompts if prompts is not None else conditions
+    if chosen is None:
+        return None
+    if isinstance(model_or_pipeline, torch.nn.Module):
+        raise DiffcError(f"{'prompts' if prompts is not None else 'conditions'} need the pipeline that encodes them; "
+                         "pass the pipeline (diffc.optimize(pipe, ...)) rather than its denoiser, or "
+                         "calibration=diffc.calibration.record(...) from your own loop")
+    if not list(chosen):
+        raise DiffcError("no prompt or condition given: pass at least one, or leave it out for the built-in set")
+    return list(chosen)
+
+
+def _default_calibration(model_or_pipeline: Any, progress: bool, out: Path | None,
+                         conditions: Sequence[Any] | None = None) -> Any:
     """Calibration for passes that need it when the user gave none: the pipeline's own sampler
     at its default step count, or synthetic trajectories for a bare denoiser."""
     if isinstance(model_or_pipeline, torch.nn.Module):
@@ -138,7 +181,7 @@ def _default_calibration(model_or_pipeline: Any, progress: bool, out: Path | Non
     if not isinstance(steps, int):
         raise DiffcError(f"{type(model_or_pipeline).__name__} has no default num_inference_steps to calibrate at; "
                          "pass calibration=diffc.calibration.collect(pipe, num_steps=..., conditions=...)")
-    return collect(model_or_pipeline, num_steps=steps, progress=progress, out=out)
+    return collect(model_or_pipeline, conditions=conditions, num_steps=steps, progress=progress, out=out)
 
 
 def _compile_plan(plan: Plan, backend: str, precision: str, device: Any, **options: Any) -> OptimizedModel:
@@ -168,3 +211,6 @@ def _module_device(module: torch.nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
+
+
+register_artifact_loader(load)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,9 +29,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     opt.add_argument("--passes", default="default",
                      help="a preset name, comma-separated pass names, or a JSON list of {\"pass\": name, ...}")
     opt.add_argument("--out", default=None, help="folder for the artifact and the side-by-side PNG")
-    opt.add_argument("--steps", type=int, default=20, help="denoising steps per image")
-    opt.add_argument("--seed", type=int, default=0)
-    opt.add_argument("--labels", default="0,1,2,3,4,5,6,7,8,9", help="class labels to generate (class-conditional models)")
+    opt.add_argument("--steps", type=int, default=None, help="denoising steps per image (default: the pipeline's)")
+    opt.add_argument("--seed", type=int, default=1000,
+                     help="seed of the compared images (calibration runs seed 0: the images are judged on others)")
+    opt.add_argument("--labels", default=None,
+                     help="class labels to generate, comma-separated (class-conditional models; default 0-9)")
+    _add_prompt_arguments(opt)
     opt.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up round")
     opt.add_argument("--device", default=None)
     opt.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -51,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     exp.add_argument("--out", required=True, help="the deployment folder to write")
     exp.add_argument("--device", default=None)
     exp.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    _add_prompt_arguments(exp)
 
     bench = commands.add_parser("bench", help="compare pass pipelines and peers on speed, size and fidelity")
     bench.add_argument("model", help="an embedded model name or a diffusers pipeline folder")
@@ -75,12 +81,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the reader closed the pipe (`diffc inspect ... | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except (ValueError, TypeError, OSError) as exc:
+        # what a model, pipeline or file raises about the arguments it was given
+        if os.environ.get("DIFFC_TRACEBACK"):
+            raise
+        print(f"diffc: error: {type(exc).__name__}: {exc}\n(set DIFFC_TRACEBACK=1 to see where it was raised)",
+              file=sys.stderr)
+        return 2
+
+
+def _add_prompt_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--prompts", default=None,
+                         help="text pipelines: calibration prompts, a file (one per line) or comma-separated "
+                              "(default: 8 of the built-in set); the compared images use the first 4 (default: 4 "
+                              "built-in prompts calibration does not see)")
+    command.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's)")
+    command.add_argument("--width", type=int, default=None, help="image width (default: the pipeline's)")
 
 
 def _parse_passes(text: str) -> Any:
     text = text.strip()
     if text.startswith("["):
-        return json.loads(text)
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DiffcError(f"--passes {text!r} is not valid JSON ({exc}); write e.g. '[{{\"pass\": \"cache\"}}]' "
+                             "or comma-separated names") from None
     if "," in text or text in ("", "none"):
         return [p for p in text.split(",") if p and p != "none"]
     return text
@@ -110,6 +136,103 @@ def _load_pipeline(name: str | None) -> tuple[Any, str]:
     return pipe, attribute
 
 
+@dataclass
+class _ImageRequest:
+    """What the command line asks of a pipeline: the compared images (class labels, prompts or
+    unconditional samples, seed, steps, size) and what calibration runs on."""
+
+    pipe: Any
+    labels: list[int] | None
+    prompts: list[str] | None  # --prompts: calibration runs on them and the compared images use the first 4
+    shown_prompts: list[str] | None
+    steps: int | None
+    size: dict[str, int]
+    seed: int
+
+    @classmethod
+    def of(cls, pipe: Any, args: argparse.Namespace) -> "_ImageRequest":
+        from .calibration.prompts import held_out_prompts, parse_prompts
+
+        parameters = inspect.signature(pipe.__call__).parameters
+        name = type(pipe).__name__
+        size = {key: getattr(args, key) for key in ("height", "width") if getattr(args, key, None) is not None}
+        if any(key not in parameters for key in size):
+            raise DiffcError(f"{name} takes no height/width; drop --height/--width")
+        for key, value in [*size.items(), ("steps", getattr(args, "steps", None))]:
+            if value is not None and value < 1:
+                raise DiffcError(f"--{key} must be a positive integer, got {value}")
+        labels_text, prompts_text = getattr(args, "labels", None), args.prompts
+        common = dict(pipe=pipe, steps=getattr(args, "steps", None), size=size, seed=getattr(args, "seed", 0))
+        if "class_labels" in parameters:
+            if prompts_text is not None:
+                raise DiffcError(f"{name} is class-conditional: give class labels with --labels, not --prompts")
+            return cls(labels=_parse_labels(labels_text or "0,1,2,3,4,5,6,7,8,9", pipe), prompts=None,
+                       shown_prompts=None, **common)
+        if labels_text is not None:
+            raise DiffcError(f"{name} is not class-conditional: "
+                             + ("give prompts with --prompts" if "prompt" in parameters else "drop --labels"))
+        if "prompt" not in parameters:
+            if prompts_text is not None:
+                raise DiffcError(f"{name} takes no prompt; drop --prompts")
+            return cls(labels=None, prompts=None, shown_prompts=None, **common)
+        prompts = parse_prompts(prompts_text) if prompts_text is not None else None
+        return cls(labels=None, prompts=prompts, shown_prompts=(prompts or held_out_prompts())[:4], **common)
+
+    def calibration(self, passes: Any, work_dir: Path | None) -> dict[str, Any]:
+        """optimize's calibration arguments: its defaults unless prompts, steps or size were given."""
+        from .calibration import collect
+        from .passes import PassManager
+
+        if not any("calibrated" in p.requirements() for p in PassManager(passes).passes):
+            return {}
+        if self.prompts is None and self.steps is None and not self.size:
+            return {}
+        conditions = [{"prompt": prompt, **self.size} for prompt in self.prompts or []] or None
+        if conditions is None and self.size:
+            from .calibration.prompts import default_prompts
+
+            conditions = [{"prompt": prompt, **self.size} for prompt in default_prompts()] if self.shown_prompts \
+                else [dict(self.size)]
+        steps = self.steps or inspect.signature(self.pipe.__call__).parameters["num_inference_steps"].default
+        out = work_dir / "calibration" if work_dir is not None else None
+        return {"calibration": collect(self.pipe, conditions=conditions, num_steps=steps, out=out)}
+
+    def generate(self, pipe: Any) -> Any:
+        kwargs: dict[str, Any] = dict(self.size, generator=torch.Generator().manual_seed(self.seed), output_type="np")
+        if self.steps is not None:
+            kwargs["num_inference_steps"] = self.steps
+        if self.labels is not None:
+            kwargs["class_labels"] = self.labels
+        elif self.shown_prompts is not None:
+            kwargs["prompt"] = self.shown_prompts
+        else:
+            kwargs["batch_size"] = 4
+        return pipe(**kwargs).images
+
+    @property
+    def num_images(self) -> int:
+        return len(self.labels or self.shown_prompts or [None] * 4)
+
+    def describe(self) -> str:
+        steps = self.steps or inspect.signature(self.pipe.__call__).parameters["num_inference_steps"].default
+        what = f"labels {self.labels}" if self.labels is not None else \
+            f"prompts {self.shown_prompts}" if self.shown_prompts is not None else "unconditional"
+        return f"steps: {steps}   images: {self.num_images} ({what}, seed {self.seed})"
+
+
+def _parse_labels(text: str, pipe: Any) -> list[int]:
+    try:
+        labels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise DiffcError(f"--labels {text!r}: class labels are comma-separated integers, e.g. 0,3,7") from None
+    if not labels:
+        raise DiffcError("--labels holds no label; give comma-separated integers, e.g. 0,3,7")
+    count = getattr(pipe, "num_classes", None)
+    if count is not None and not all(0 <= label < count for label in labels):
+        raise DiffcError(f"--labels {text!r}: this model has classes 0 to {count - 1}")
+    return labels
+
+
 def _optimize(args: argparse.Namespace) -> int:
     from . import models
     from .api import optimize
@@ -124,22 +247,18 @@ def _optimize(args: argparse.Namespace) -> int:
     if out is not None and out.exists() and not args.overwrite:
         raise DiffcError(f"{out} already exists; choose another --out or pass --overwrite")
     pipe, attribute = _load_pipeline(args.model)
-    labels = [int(x) for x in args.labels.split(",") if x.strip()]
-
-    def generate(p: Any) -> Any:
-        generator = torch.Generator().manual_seed(args.seed)
-        return p(class_labels=labels, num_inference_steps=args.steps, generator=generator, output_type="np").images
-
+    request = _ImageRequest.of(pipe, args)
     work_dir = Path(args.work_dir) if args.work_dir else Path(f"{out}.work") if out is not None else None
     started = time.perf_counter()
     fast = optimize(pipe, target=args.target, passes=_parse_passes(args.passes), device=args.device, progress=True,
-                    work_dir=work_dir)
+                    work_dir=work_dir, **request.calibration(_parse_passes(args.passes), work_dir))
     optimize_seconds = time.perf_counter() - started
     scorer = models.load_scorer() if args.model is None or args.model in models.available() else None
-    result = compare(pipe, attribute, fast, generate, rounds=args.rounds,
-                     score=(lambda images: {"accuracy": scorer.accuracy(images, labels)}) if scorer else None)
+    labels = request.labels
+    score = (lambda images: {"accuracy": scorer.accuracy(images, labels)}) if scorer and labels else None
+    result = compare(pipe, attribute, fast, request.generate, rounds=args.rounds, score=score)
     print(f"model: {args.model or models.available()[0]}   target: {fast.target}   passes: "
-          f"{[a['pass'] for a in fast.report] or 'none'}   steps: {args.steps}   images: {len(labels)}")
+          f"{[a['pass'] for a in fast.report] or 'none'}   {request.describe()}")
     print(format_table(result))
     print(f"optimize() took {optimize_seconds:.1f} s")
     for entry in fast.report:
@@ -188,8 +307,9 @@ def _export(args: argparse.Namespace) -> int:
 
         parse_target(args.target or "torch")
         pipe, _ = _load_pipeline(args.model)
+        request = _ImageRequest.of(pipe, args)
         source = optimize(pipe, target=args.target or "torch", passes=_parse_passes(args.passes), device=args.device,
-                          progress=True)
+                          progress=True, **request.calibration(_parse_passes(args.passes), None))
     path = export_deployment(source, out, overwrite=args.overwrite, progress_bar=True)
     print(f"wrote {path}: serve {path / 'triton'} with Triton, or diffc.load('{path}'); see {path / 'README.md'}")
     return 0

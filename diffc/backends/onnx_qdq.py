@@ -29,6 +29,7 @@ from ..errors import TargetError
 from ..ir.fxutil import attr_value
 from ..ir.precision import (BF16, BLOCKED, FP8, FP16, INT4, INT8, ActivationQuant, PrecisionSpec, QuantizedWeight,
                             blocked_scales, is_attention, precision_specs, quantizable_weight, quantize_weight)
+from .onnx_weights import WeightSlot, read_weight_map, write_weight_map
 
 MIN_OPSET = 21
 _LAYER_OPS = ("Conv", "Gemm", "MatMul")
@@ -64,6 +65,7 @@ def quantize_segment_onnx(model: Any, module: torch.fx.GraphModule, annotations:
                 for (consumer, index), activation, role in zip(edges, (spec.activation, *spec.operands),
                                                                ("query", "key", "value")):
                     editor.quantize_input(consumer, activation, f"{name}_{role}", index)
+    quantized: dict[str, list[WeightSlot]] = {}
     for node in module.graph.nodes:
         spec = specs.get(node.name)
         if spec is None or spec.operands:
@@ -76,8 +78,10 @@ def quantize_segment_onnx(model: Any, module: torch.fx.GraphModule, annotations:
         if spec.activation is not None:
             editor.quantize_input(layer, spec.activation, node.name)
         if spec.weight is not None:
-            editor.quantize_weight(layer, weight, flip, spec, node.name)
+            slot = editor.quantize_weight(layer, weight, flip, spec, node.name)
+            quantized.setdefault(str(weight_node.target), []).append(slot)
     editor.drop_unused_initializers()
+    _update_weight_map(lowered, quantized)
     lowered.ir_version = max(lowered.ir_version, 10)  # int4 and blocked DequantizeLinear
     return lowered
 
@@ -193,31 +197,29 @@ class _GraphEditor:
         self._insert_before(layer, nodes)
         layer.input[index] = f"{name}_input_dq"
 
-    def quantize_weight(self, layer: Any, weight: torch.Tensor, flip: bool, spec: PrecisionSpec, name: str) -> None:
-        from onnx import TensorProto, helper
+    def quantize_weight(self, layer: Any, weight: torch.Tensor, flip: bool, spec: PrecisionSpec,
+                        name: str) -> WeightSlot:
+        """Replaces the layer's weight by its quantized form; returns the slot that now holds it."""
+        from onnx import helper
 
         _, transposed_by = self._constant_weight(layer)
-        scheme = spec.weight
-        q = quantize_weight(weight, scheme)
-        target = f"{name}_weight_dq"
-        if scheme.dtype in (BF16, FP16):
-            target = f"{name}_weight_rounded"  # a constant: rounded once, here
-            self._add(_raw_tensor(target, (q.values.t() if flip else q.values).float(), TensorProto.FLOAT))
-            nodes = []
-        else:
-            values, scale, attributes = _onnx_layout(q, flip)
-            kind = {INT8: TensorProto.INT8, FP8: TensorProto.FLOAT8E4M3FN, INT4: TensorProto.INT4}[scheme.dtype]
-            self._add(_raw_tensor(f"{name}_weight_q", values, kind))
-            self._add(_raw_tensor(f"{name}_weight_scale", scale, TensorProto.FLOAT))
-            self._add(_raw_tensor(f"{name}_weight_zero", torch.zeros(scale.shape), kind))
-            nodes = [helper.make_node("DequantizeLinear",
-                                      [f"{name}_weight_q", f"{name}_weight_scale", f"{name}_weight_zero"], [target],
-                                      name=f"{name}_weight_dq", **attributes)]
+        slot = _weight_slot(name, spec, flip)
+        for tensor in _weight_initializers(slot, weight, spec):
+            self._add(tensor)
+        target = slot.initializer
+        nodes = []
+        if slot.scale is not None:
+            target = f"{name}_weight_dq"
+            kind = self.initializers[slot.initializer].data_type
+            self._add(_raw_tensor(f"{name}_weight_zero", torch.zeros(tuple(self.initializers[slot.scale].dims)), kind))
+            nodes = [helper.make_node("DequantizeLinear", [slot.initializer, slot.scale, f"{name}_weight_zero"],
+                                      [target], name=f"{name}_weight_dq", **_dq_attributes(spec, flip))]
         self._insert_before(transposed_by or layer, nodes)
         if transposed_by is not None:
             transposed_by.input[0] = target
         else:
             layer.input[1] = target
+        return slot
 
     def _add(self, tensor: Any) -> None:
         self.graph.initializer.append(tensor)
@@ -228,6 +230,78 @@ class _GraphEditor:
         keep = [i for i in self.graph.initializer if i.name in used]
         del self.graph.initializer[:]
         self.graph.initializer.extend(keep)
+
+
+def _weight_slot(name: str, spec: PrecisionSpec, flip: bool) -> WeightSlot:
+    """The initializers that hold the weight of annotated layer `name`: `<name>_weight_q` and
+    `<name>_weight_scale`, or `<name>_weight_rounded` for a bf16 / fp16 rounding."""
+    if spec.weight is not None and spec.weight.dtype in (BF16, FP16):
+        return WeightSlot(f"{name}_weight_rounded", flip, name)
+    return WeightSlot(f"{name}_weight_q", flip, name, f"{name}_weight_scale")
+
+
+def _weight_initializers(slot: WeightSlot, weight: torch.Tensor, spec: PrecisionSpec) -> list[Any]:
+    from onnx import TensorProto
+
+    q = quantize_weight(weight, spec.weight)
+    if slot.scale is None:  # a constant: rounded once, here
+        return [_raw_tensor(slot.initializer, (q.values.t() if slot.transposed else q.values).float(),
+                            TensorProto.FLOAT)]
+    values, scale, _ = _onnx_layout(q, slot.transposed)
+    kind = {INT8: TensorProto.INT8, FP8: TensorProto.FLOAT8E4M3FN, INT4: TensorProto.INT4}[spec.weight.dtype]
+    return [_raw_tensor(slot.initializer, values, kind), _raw_tensor(slot.scale, scale, TensorProto.FLOAT)]
+
+
+def _dq_attributes(spec: PrecisionSpec, flip: bool) -> dict[str, int]:
+    if spec.weight.granularity == BLOCKED:
+        return {"axis": 1 - spec.weight.axis if flip else spec.weight.axis, "block_size": spec.weight.block_size}
+    return {"axis": 1 if flip else 0}
+
+
+def quantized_weight_tensors(slot: WeightSlot, weight: torch.Tensor,
+                             annotations: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The initializers of a quantized layer's weight slot recomputed for a new `weight`: its
+    quantized values and new per-channel (or blocked) scales, with the layer's weight scheme."""
+    specs = precision_specs({slot.node: annotations[slot.node]}) if slot.node in annotations else {}
+    spec = specs.get(slot.node or "")
+    if spec is None or spec.weight is None:
+        raise TargetError(f"the weight held by {slot.initializer!r} was quantized for node {slot.node!r}, which has no "
+                          "weight precision annotation any more; compile the plan again")
+    return {t.name: t for t in _weight_initializers(slot, weight.detach().float().cpu(), spec)}
+
+
+def activation_scale_tensors(annotations: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The Q/DQ scale initializers of the quantized activations of `annotations` ({node: {"precision":
+    spec}}) as quantize_segment_onnx names them; a model holds those of its own layers."""
+    from onnx import TensorProto, helper
+
+    tensors = {}
+    for node, spec in precision_specs(annotations).items():
+        roles = [(node, spec.activation)] if not spec.operands else \
+            [(f"{node}_{role}", a) for role, a in zip(("query", "key", "value"), (spec.activation, *spec.operands))]
+        for name, activation in roles:
+            if activation is None or activation.dtype not in (INT8, FP8):
+                continue
+            tensor = _raw_tensor(f"{name}_input_scale", activation.scale_vector(), TensorProto.FLOAT) \
+                if activation.group_sizes else helper.make_tensor(f"{name}_input_scale", TensorProto.FLOAT, [],
+                                                                  [activation.scale])
+            tensors[tensor.name] = tensor
+    return tensors
+
+
+def _update_weight_map(model: Any, quantized: Mapping[str, list[WeightSlot]]) -> None:
+    """The model's weight map after lowering: slots whose initializer was replaced are dropped, the
+    quantized slots added (a weight the export could not map stays unmapped)."""
+    recorded = read_weight_map(model)
+    if recorded is None:
+        return
+    mapping, unmapped = recorded
+    kept = {i.name for i in model.graph.initializer}
+    updated = {w: [s for s in slots if s.initializer in kept] for w, slots in mapping.items()}
+    for weight, slots in quantized.items():
+        if weight in updated:
+            updated[weight] += slots
+    write_weight_map(model, {w: slots for w, slots in updated.items() if slots}, unmapped)
 
 
 def _onnx_layout(q: QuantizedWeight, flip: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
@@ -264,4 +338,4 @@ def _raw_tensor(name: str, values: torch.Tensor, kind: int) -> Any:
     return helper.make_tensor(name, kind, dims, data, raw=True)
 
 
-__all__ = ["quantize_segment_onnx"]
+__all__ = ["activation_scale_tensors", "quantize_segment_onnx", "quantized_weight_tensors"]

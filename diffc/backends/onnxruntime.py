@@ -26,6 +26,7 @@ from ..ir.onnx_export import export_plan
 from ..ir.onnx_segments import (SEGMENT_METADATA, flatten_values, onnx_io, read_segment_metadata, regroup_values,
                                   segment_values)
 from .base import LOW_BIT, Backend
+from .onnx_weights import check_refittable, map_weights, read_weight_map, replace_initializers, weight_tensors
 
 ONNX_DIR = "onnx"
 INSTALL_HINT = ("onnxruntime is not installed; install it with `pip install onnxruntime` "
@@ -95,9 +96,11 @@ class OnnxRuntimeBackend(Backend):
                                                                     fuse_qdq))
                 segments[name] = {"file": rel, **primary.io}
         info = {"opset": opset, "providers": providers, "fuse_qdq": fuse_qdq, "segments": segments}
+        swap = InPlaceUpdate(plan, runners, files, lambda name, path: SegmentSession(name, path, device, providers,
+                                                                                    fuse_qdq), models)
         return CompiledPlan(plan=plan, runners=runners, backend=self.name, precision=precision, device=device,
                             input_dtype=torch.float16 if precision == "fp16" else torch.float32, files=files,
-                            info=info)
+                            info=info, refit=swap.refit, rescale=swap.rescale)
 
     @classmethod
     def artifact_options(cls, root: str | os.PathLike[str], manifest: Mapping[str, Any]) -> dict[str, Any]:
@@ -141,7 +144,9 @@ def _export_models(plan: Plan, precision: str, opset: int, progress_bar: bool) -
         paths = export_plan(plan, directory, opset=opset, show_progress=progress_bar)
         for name in progress(list(paths), progress_bar, f"ort-{precision}", "segment"):
             path = Path(directory) / "lowered" / f"{name}.onnx"
-            _save(_lower(onnx.load(str(paths[name])), plan, name, precision), path)
+            exported = onnx.load(str(paths[name]))
+            map_weights(exported, plan.segments[name].module)
+            _save(_lower(exported, plan, name, precision), path)
             models[name] = path.read_bytes()
             if path.with_name(path.name + ".data").exists():
                 models[name + ".data"] = path.with_name(path.name + ".data").read_bytes()
@@ -205,6 +210,56 @@ def _to_float16(model: Any, plan: Plan) -> Any:
     return convert_float_to_float16(model, keep_io_types=keep)
 
 
+class InPlaceUpdate:
+    """New weights (a LoRA swap) or activation scales (recalibrate) for a compiled plan, without an
+    export: the initializers that hold them are overwritten in each touched segment's ONNX model
+    (the artifact's file too) and only that segment's session is created again. The `models` the plan
+    was compiled from are updated as well, so compiling it again with the same options (fast.to(device)
+    on a loaded artifact) keeps the new values."""
+
+    def __init__(self, plan: Plan, runners: Mapping[str, "SegmentRunner"], files: dict[str, bytes],
+                 open_session: Callable[[str, str], "SegmentSession"], models: Mapping[str, bytes]) -> None:
+        self.plan, self.runners, self.files, self.open_session = plan, runners, files, open_session
+        self.models = models if isinstance(models, dict) else {}
+
+    def refit(self, weights: Mapping[str, torch.Tensor]) -> None:
+        updates = {}
+        for name, runner in self.runners.items():
+            used = {n.target for n in self.plan.segments[name].module.graph.nodes if n.op == "get_attr"}
+            touched = {w: v for w, v in weights.items() if w in used}
+            if touched:
+                session = runner.primary
+                check_refittable(name, touched, session.weight_map)
+                mapping = session.weight_map[0] if session.weight_map else {}
+                updates[name] = weight_tensors(mapping, touched, self.plan.graph.annotations, session.initializer_types)
+        for name, tensors in updates.items():  # every value computed (and checked) before any session changes
+            self._replace(name, tensors)
+
+    def rescale(self, specs: Mapping[str, Mapping[str, Any]]) -> None:
+        from .onnx_qdq import activation_scale_tensors
+
+        tensors = activation_scale_tensors({node: {"precision": spec} for node, spec in specs.items()})
+        for name, runner in self.runners.items():
+            held = {k: v for k, v in tensors.items() if k in runner.primary.initializer_types}
+            if held:
+                self._replace(name, held)
+
+    def _replace(self, name: str, tensors: Mapping[str, Any]) -> None:
+        import onnx
+
+        rel = f"{ONNX_DIR}/{name}.onnx"
+        model = onnx.load_from_string(self.files[rel])
+        data = replace_initializers(model, tensors, self.files.get(rel + ".data"))
+        self.files[rel] = self.models[name] = model.SerializeToString()
+        with tempfile.TemporaryDirectory(prefix="diffc-ort-") as scratch:
+            path = Path(scratch) / f"{name}.onnx"
+            path.write_bytes(self.files[rel])
+            if data is not None:
+                self.files[rel + ".data"] = self.models[name + ".data"] = data
+                path.with_name(path.name + ".data").write_bytes(data)
+            self.runners[name].use(self.open_session(name, str(path)))
+
+
 class SegmentRunner:
     """A segment's session, plus sessions specialized to other input shapes where the exported
     model pinned a dim the call differs in (built on first use, with a warning, since an export
@@ -214,6 +269,11 @@ class SegmentRunner:
         self.primary = primary
         self._specialize = specialize
         self._specialized: dict[tuple[Any, ...], SegmentSession] = {}
+
+    def use(self, primary: "SegmentSession") -> None:
+        """Runs `primary` from now on; sessions specialized to other shapes are exported again on use."""
+        self.primary = primary
+        self._specialized.clear()
 
     def __call__(self, *args: Any) -> tuple[Any, ...]:
         flat = self.primary.flatten(args)
@@ -254,6 +314,8 @@ class SegmentSession:
             raise ArtifactError(f"the ONNX model of segment {name!r} has no {SEGMENT_METADATA!r} metadata; it was not "
                                 "written by diffc.ir.onnx_export.export_plan. Re-create the artifact.")
         self.inputs, self.outputs = entries["inputs"], entries["outputs"]
+        self.weight_map = read_weight_map(proto)
+        self.initializer_types = {i.name: i.data_type for i in proto.graph.initializer}
         self.io = {**onnx_io(proto), "entries": {"inputs": self.inputs, "outputs": self.outputs}}
         declared = {v.name: v for v in self.session.get_inputs()}
         self.input_names = segment_values(self.inputs)

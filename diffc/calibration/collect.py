@@ -14,11 +14,14 @@ import torch
 from ..ir.examples import example_inputs
 from .._progress import progress as progress_bar
 from ..ir import StepTracker, find_denoiser
+from .prompts import default_prompts
 from .store import CalibrationError, CalibrationSet, SetWriter
 from .timesteps import select_steps
 
 DEFAULT_CLASS_CONDITIONS = 8
 TIMESTEP_NAMES = ("timestep", "timesteps")
+# call arguments of img2img, inpainting and ControlNet pipelines that have no sane default
+IMAGE_INPUTS = ("image", "control_image", "mask_image")
 
 
 class DenoiserRecorder:
@@ -101,19 +104,27 @@ class _TrajectoryWriter:
 
 
 def collect(pipeline_or_model: Any, conditions: Sequence[Any] | None = None, num_steps: int = 20,
-            scheduler: Any = None, timesteps: str = "all", seeds: Sequence[int] = (0,),
+            scheduler: Any = None, timesteps: str = "all", seeds: Sequence[int] | None = None,
             out: str | Path | None = None, progress: bool = True, **call_kwargs: Any) -> CalibrationSet:
     """Runs the real sampler (the pipeline's scheduler, guidance and conditioning) and records,
     at each selected step, the denoiser's inputs and output. Conditions are class labels or
-    prompts (or dicts of pipeline call arguments); by default 8 labels spread over the classes of a
-    class-conditional pipeline. Shards stream to `out` (a temporary folder by default); calling
+    prompts (or dicts of pipeline call arguments). By default: 8 labels spread over the classes of a
+    class-conditional pipeline, 8 prompts of the built-in set (`calibration.prompts`) for a text
+    one, seeds 0-7 for an unconditional one; other calls take the pipeline's own defaults
+    (resolution, guidance). Seeds default to (0,). Shards stream to `out` (a temporary folder by default); calling
     again with the same `out` and settings skips finished trajectories."""
     root = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="diffc-calibration-"))
     if isinstance(pipeline_or_model, torch.nn.Module):
-        return _collect_synthetic(pipeline_or_model, num_steps, timesteps, seeds, root, progress)
+        if conditions is not None:
+            raise CalibrationError("conditions (prompts, labels) need the pipeline that encodes them: pass the "
+                                   "pipeline to collect, not its denoiser")
+        return _collect_synthetic(pipeline_or_model, num_steps, timesteps, seeds or (0,), root, progress)
     pipe = pipeline_or_model
     denoiser, _ = find_denoiser(pipe)
     conditions = list(conditions) if conditions is not None else _default_conditions(pipe)
+    if not conditions:
+        raise CalibrationError("conditions is empty: give at least one prompt, label or dict of pipeline arguments")
+    seeds = tuple(seeds) if seeds is not None else _default_seeds(conditions)
     selected = set(select_steps(num_steps, timesteps))
     settings = {"pipeline": type(pipe).__name__, "num_steps": num_steps, "timesteps": timesteps,
                 "selected_steps": sorted(selected), "seeds": list(seeds), "conditions": [repr(c) for c in conditions],
@@ -146,14 +157,41 @@ def collect(pipeline_or_model: Any, conditions: Sequence[Any] | None = None, num
 
 
 def _default_conditions(pipe: Any) -> list[Any]:
+    """Class labels spread over the classes of a class-conditional pipeline, prompts of the
+    built-in set for a text-conditioned one (refused when it also needs an image), one empty
+    condition for an unconditional one."""
     parameters = inspect.signature(pipe.__call__).parameters
-    if "class_labels" not in parameters:
-        raise CalibrationError(f"{type(pipe).__name__} is not class-conditional: pass conditions=[prompts] "
-                               "(or dicts of pipeline arguments) to collect")
-    count = getattr(pipe, "num_classes", None)
-    if count is None:
-        count = getattr(find_denoiser(pipe)[0].config, "num_embeds_ada_norm", None) or DEFAULT_CLASS_CONDITIONS
-    return sorted({int(i * count / DEFAULT_CLASS_CONDITIONS) for i in range(min(count, DEFAULT_CLASS_CONDITIONS))})
+    if "class_labels" in parameters:
+        count = getattr(pipe, "num_classes", None)
+        if count is None:
+            count = getattr(find_denoiser(pipe)[0].config, "num_embeds_ada_norm", None) or DEFAULT_CLASS_CONDITIONS
+        return sorted({int(i * count / DEFAULT_CLASS_CONDITIONS) for i in range(min(count, DEFAULT_CLASS_CONDITIONS))})
+    images = image_inputs(pipe)
+    if images:
+        raise CalibrationError(
+            f"{type(pipe).__name__} needs {' and '.join(repr(n) for n in images)} for every image, and diffc has no "
+            f"sane default for {'it' if len(images) == 1 else 'them'}: pass conditions=[{{'prompt': ..., "
+            + ", ".join(f"{n!r}: ..." for n in images) + "}, ...] (a few representative ones) or calibration=")
+    if "prompt" in parameters:
+        return list(default_prompts())
+    return [{}]
+
+
+def image_inputs(pipe: Any) -> list[str]:
+    """The image inputs a pipeline call needs besides its prompt: img2img / inpainting / ControlNet
+    images, and an IP-Adapter image once an IP-Adapter is loaded."""
+    parameters = inspect.signature(pipe.__call__).parameters
+    needed = [name for name in IMAGE_INPUTS if name in parameters]
+    denoiser = find_denoiser(pipe)[0]
+    if "ip_adapter_image" in parameters and type(getattr(denoiser, "encoder_hid_proj", None)).__name__ \
+            == "MultiIPAdapterImageProjection":
+        needed.append("ip_adapter_image")
+    return needed
+
+
+def _default_seeds(conditions: Sequence[Any]) -> tuple[int, ...]:
+    """Unconditional pipelines vary only by seed: as many seeds as a conditional set has conditions."""
+    return tuple(range(DEFAULT_CLASS_CONDITIONS)) if list(conditions) == [{}] else (0,)
 
 
 def call_pipeline(pipe: Any, condition: Any, num_steps: int, seed: int, call_kwargs: dict[str, Any]) -> Any:

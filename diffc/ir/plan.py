@@ -8,9 +8,11 @@ and every name in `state` is kept for the next step. Segments are shared between
 backend compiles each once and no weights are duplicated."""
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx
 
 from ..errors import LintError
@@ -191,7 +193,15 @@ class Plan:
 @dataclass
 class CompiledPlan:
     """What a backend makes of a Plan: one callable per segment (flat tensors in, tuple out),
-    the device and dtype it runs in, and the files the backend wants saved with the artifact."""
+    the device and dtype it runs in, and the files the backend wants saved with the artifact.
+
+    A backend whose compiled segments can take new values in place sets `refit` and `rescale`
+    (None: the owner compiles the plan again instead). `refit(weights)` takes new values of some
+    graph weights, by their graph weight names (only the changed ones; the plan's own modules
+    already hold them); `rescale(specs)` takes new precision annotations (`{node: precision spec
+    JSON}`) whose activation scales changed and nothing else. Both update `files` too, so a saved
+    artifact holds the new values, and raise (TargetError) before changing anything when they
+    cannot take a value in place."""
 
     plan: Plan
     runners: dict[str, Any]
@@ -201,3 +211,5 @@ class CompiledPlan:
     input_dtype: Any
     files: dict[str, bytes] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    refit: Callable[[Mapping[str, torch.Tensor]], None] | None = None
+    rescale: Callable[[Mapping[str, Mapping[str, Any]]], None] | None = None

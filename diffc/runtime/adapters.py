@@ -4,13 +4,21 @@ The graph keeps the denoiser's own parameter names, so an adapter's low-rank pai
 (A: rank x in, B: out x rank; convolutions carry kernel dims on A) maps onto that module's weight:
 W = W0 + sum over adapters of scale * (B @ A). The base weights W0 of every touched layer are kept,
 so any adapter's strength can change at any time and the result never drifts from repeated
-in-place updates; a weight no adapter touches any more gets W0 back. The owner lowers the plan again afterwards (see OptimizedModel.load_lora)."""
+in-place updates; a weight no adapter touches any more gets W0 back. The owner hands the changed
+weights to its compiled plan afterwards (see OptimizedModel.load_lora).
+
+A LoRA file for a whole pipeline also holds other components' keys (diffusers' "text_encoder.",
+"text_encoder_2.", kohya's "lora_te_", "lora_te2_", "te_", ...): `denoiser_keys` keeps the denoiser's
+and skips those with one warning."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -23,6 +31,12 @@ _PAIR_KEY = re.compile(r"^(?P<module>.+?)\.(?:lora_(?P<peft>[AB])(?:\.[^.]+)?|lo
 _ALPHA_KEY = re.compile(r"^(?P<module>.+?)\.alpha$")
 # what pipelines and peft put in front of the denoiser's own module names
 _PREFIXES = ("unet.", "transformer.", "base_model.model.")
+# other pipeline components a LoRA file may carry keys for, and their prefixes (diffusers, kohya)
+COMPONENT_PREFIXES = {
+    "text_encoder_2": ("text_encoder_2.", "lora_te2_", "te2_"),
+    "text_encoder_3": ("text_encoder_3.", "lora_te3_", "te3_"),
+    "text_encoder": ("text_encoder.", "lora_te_", "lora_te1_", "te_", "te1_"),
+}
 
 
 def read_adapter(adapter: Mapping[str, torch.Tensor] | str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -38,6 +52,29 @@ def read_adapter(adapter: Mapping[str, torch.Tensor] | str | os.PathLike[str]) -
     from safetensors.torch import load_file
 
     return load_file(path)
+
+
+def denoiser_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keys of `state_dict` that are not another pipeline component's; those are skipped with one
+    warning (an error when nothing is left for the denoiser). Keys of no known component stay, so
+    lora_deltas still names what it cannot place."""
+    kept: dict[str, torch.Tensor] = {}
+    skipped: Counter[str] = Counter()
+    for key, value in state_dict.items():
+        component = next((c for c, prefixes in COMPONENT_PREFIXES.items() if key.startswith(prefixes)), None)
+        if component is None:
+            kept[key] = value
+        else:
+            skipped[component] += 1
+    if not skipped:
+        return kept
+    counts = ", ".join(f"{count} keys of {component}" for component, count in sorted(skipped.items()))
+    if not kept:
+        raise InputError(f"the adapter holds only other components' keys ({counts}) and none for the denoiser "
+                         "(prefixes unet., transformer.); load it with pipe.load_lora_weights(file)")
+    warnings.warn(f"the adapter also holds {counts}: diffc applies the denoiser's keys (unet., transformer.) and "
+                  "skipped those; pipe.load_lora_weights(file) puts them on the text encoder", stacklevel=3)
+    return kept
 
 
 def lora_deltas(state_dict: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor],
@@ -95,11 +132,15 @@ class Adapters:
     deltas: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     scales: dict[str, float] = field(default_factory=dict)
     base: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the touched weights as they were when the activation scales were last measured (recalibrate);
+    # a touched weight absent here had its base value then
+    calibrated: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def apply(self, modules: Sequence[torch.nn.Module]) -> None:
+    def apply(self, modules: Sequence[torch.nn.Module]) -> list[str]:
         """Writes W0 + sum of scale * delta into every touched weight of `modules` (the graph's
-        module and its segments' modules, which share weight tensors). A weight is first given its
-        own storage: captured weights share it with the user's model, which must not change."""
+        module and its segments' modules, which share weight tensors); returns the weights whose
+        value changed. A weight is first given its own storage: captured weights share it with the
+        user's model, which must not change."""
         touched = {name for deltas in self.deltas.values() for name in deltas}
         for name in sorted(touched - set(self.base)):
             self.base[name] = attr_value(modules[0], name).detach().clone()
@@ -107,6 +148,7 @@ class Adapters:
             for module in modules:
                 if _has_attr(module, name):
                     _set_attr(module, name, private)
+        changed = []
         with torch.no_grad():
             for name in sorted(self.base):
                 merged = self.base[name].float()
@@ -114,7 +156,38 @@ class Adapters:
                     if name in deltas:
                         merged = merged + self.scales[adapter] * deltas[name].to(merged.device)
                 weight = attr_value(modules[0], name)
-                weight.copy_(merged.to(weight.dtype))
+                value = merged.to(weight.dtype)
+                if not torch.equal(weight, value):
+                    weight.copy_(value)
+                    changed.append(name)
+        return changed
+
+    def fold(self, names: Sequence[str]) -> None:
+        """Makes adapters part of the base weights at their current strength and forgets them: the
+        weights keep their value, and unloading the others no longer removes these."""
+        with torch.no_grad():
+            for adapter in names:
+                for name, delta in self.deltas.pop(adapter).items():
+                    merged = self.base[name].float() + self.scales[adapter] * delta.to(self.base[name].device)
+                    self.base[name] = merged.to(self.base[name].dtype)
+                del self.scales[adapter]
+
+    @contextlib.contextmanager
+    def at_calibration(self, modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+        """Within it, the touched weights hold the values the activation scales were calibrated
+        for (base weights, or those of the last recalibrate); the merged ones afterwards."""
+        with torch.no_grad():
+            for name in self.base:
+                weight = attr_value(modules[0], name)
+                weight.copy_(self.calibrated.get(name, self.base[name]).to(weight.dtype))
+        try:
+            yield
+        finally:
+            self.apply(modules)
+
+    def mark_calibrated(self, modules: Sequence[torch.nn.Module]) -> None:
+        """Records the current touched weights as those the activation scales are calibrated for."""
+        self.calibrated = {name: attr_value(modules[0], name).detach().clone() for name in self.base}
 
 
 def _has_attr(module: torch.nn.Module, target: str) -> bool:

@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import importlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -13,9 +14,12 @@ import torch
 from ..errors import InputError
 from ..ir import LATENT, CompiledPlan, Plan, TensorInput
 from ..ir.examples import dim_kind
-from .adapters import Adapters, lora_deltas, read_adapter
+from .adapters import Adapters, denoiser_keys, lora_deltas, read_adapter
 from .artifact import save_artifact
+from .diffusers_component import ModelMixin, PipelineComponent
 from ..ir.stepping import StepTracker
+from .ranges import (calibration_calls, measure_change, moved, quantized_activations, range_warning, rescaled,
+                     unchecked_warning)
 
 # Inputs a caller may leave out although the graph was captured with them, and the value that
 # means "absent" for each (an all-ones attention mask masks nothing).
@@ -24,7 +28,11 @@ _NEUTRAL_FILLS: dict[str, Callable[[tuple[int, ...], torch.device], torch.Tensor
 }
 
 
-class OptimizedModel(torch.nn.Module):
+# diffusers finds how to load a component by looking its base classes up in the component's module
+__all__ = ["OptimizedModel", "ModelMixin"]
+
+
+class OptimizedModel(PipelineComponent):
     """Same forward signature and output type as the captured denoiser, so `pipe.unet = fast`
     or `pipe.transformer = fast` works in unchanged diffusers pipelines.
 
@@ -97,6 +105,11 @@ class OptimizedModel(torch.nn.Module):
         return save_artifact(path, self.plan, target, self._compiled.files, overwrite=overwrite)
 
     # --- LoRA adapters ----------------------------------------------------------------------
+    calibration_inputs: Any = None
+    """A few calibration calls, as {input name: tensor} dicts (or a diffc CalibrationSet): the inputs on
+    which a LoRA load checks the activation ranges of quantized layers and `recalibrate()` measures new
+    scales. diffc.optimize fills it with a sample of its calibration set; a loaded artifact has none."""
+
     @property
     def lora_adapters(self) -> dict[str, float]:
         """The loaded adapters and their strengths."""
@@ -105,16 +118,26 @@ class OptimizedModel(torch.nn.Module):
     def load_lora(self, adapter: Mapping[str, torch.Tensor] | str | os.PathLike[str], scale: float = 1.0,
                   name: str = "default", strict: bool = True) -> list[str]:
         """Adds a LoRA adapter (a peft / diffusers state dict, or a .safetensors file of one) at
-        `scale`, without optimizing again: the weights it touches become W0 + scale * B @ A and the
-        backend lowers the plan anew (quantized layers requantize their new weights; activation
-        scales stay those calibrated on the base weights). Returns the adapter modules skipped as
-        absent from the graph (strict=False only). `save` writes the merged weights."""
+        `scale`, without optimizing again: the weights it touches become W0 + scale * B @ A, which
+        the backend takes in place where it can (ONNX Runtime: the segments' initializers, TensorRT:
+        an engine refit; quantized layers requantize their new weights) and otherwise lowers the plan
+        again (torch). Activation scales stay those calibrated on the base weights: on a target that
+        quantizes activations, a warning names the layers whose input range the adapter moves beyond
+        ranges.RANGE_MARGIN times the calibrated one (see `recalibrate`). Keys of other pipeline
+        components (text encoders) are skipped with a warning. Returns the adapter modules skipped
+        as absent from the graph (strict=False only). `save` writes the merged weights."""
         if name in self._adapters.deltas:
             raise InputError(f"an adapter named {name!r} is loaded; unload_lora({name!r}) first or pick another name")
         self._check_relowerable()
-        deltas, skipped = lora_deltas(read_adapter(adapter), self.plan.graph.weights(), strict)
+        deltas, skipped = lora_deltas(denoiser_keys(read_adapter(adapter)), self.plan.graph.weights(), strict)
         self._adapters.deltas[name], self._adapters.scales[name] = deltas, float(scale)
-        self._refit()
+        try:
+            self._refit()
+        except Exception:
+            del self._adapters.deltas[name], self._adapters.scales[name]
+            self._adapters.apply(self._weight_modules())  # the compiled plan still holds the previous weights
+            raise
+        self._check_ranges()
         return skipped
 
     def set_lora_scale(self, scale: float, name: str = "default") -> None:
@@ -123,26 +146,93 @@ class OptimizedModel(torch.nn.Module):
             raise InputError(f"no adapter named {name!r} is loaded (loaded: {sorted(self._adapters.deltas)})")
         self._adapters.scales[name] = float(scale)
         self._refit()
+        self._check_ranges()
 
     def unload_lora(self, name: str | None = None) -> None:
-        """Removes one adapter (every adapter when `name` is None), restoring the base weights."""
+        """Removes one adapter (every adapter when `name` is None), restoring the base weights. An
+        adapter fused with fuse_lora() stays in the weights, as diffusers keeps a fused adapter
+        through unload_lora_weights()."""
         if name is not None and name not in self._adapters.deltas:
             raise InputError(f"no adapter named {name!r} is loaded (loaded: {sorted(self._adapters.deltas)})")
-        for adapter in [name] if name is not None else list(self._adapters.deltas):
-            del self._adapters.deltas[adapter], self._adapters.scales[adapter]
+        names = [name] if name is not None else list(self._adapters.deltas)
+        fused = [adapter for adapter in names if adapter in self.fused_adapters]
+        self._adapters.fold(fused)
+        self.forget_fused(fused)
+        for adapter in names:
+            if adapter not in fused:
+                del self._adapters.deltas[adapter], self._adapters.scales[adapter]
         self._refit()
 
+    def recalibrate(self, calibration: Any = None) -> dict[str, float]:
+        """Measures the activation ranges of every quantized layer anew with the current (merged)
+        weights on `calibration` ({input name: tensor} dicts or a CalibrationSet; default:
+        `calibration_inputs`) and scales each activation scale by its range's change, so a loaded
+        adapter's activations are no longer clipped; the backend takes the new scales in place (ONNX
+        Runtime: its Q/DQ scale initializers) or lowers the plan again (torch). Returns {layer: factor}
+        for the scales that changed."""
+        activations = quantized_activations(self.plan.graph.annotations)
+        if not activations:
+            raise InputError(f"this {self.target} model quantizes no activations; there are no scales to recalibrate")
+        calls = calibration_calls(calibration if calibration is not None else self.calibration_inputs)
+        if not calls:
+            raise InputError("recalibrate needs calibration inputs and this model keeps none: pass them, e.g. "
+                             "fast.recalibrate(diffc.calibration.collect(pipe, ...)) or a list of "
+                             "{input name: tensor} dicts of denoiser calls")
+        if self._compiled.rescale is None and (self._compiled.backend != "torch" or self._recompile is None):
+            raise InputError(f"this {self.target} model cannot take new activation scales in place; optimize again "
+                             "with the adapter fused into the denoiser")
+        modules = self._weight_modules()
+        change = measure_change(self.plan.graph, calls, activations, self._adapters.at_calibration(modules))
+        specs, factors = rescaled(self.plan.graph.annotations, activations, *change)
+        annotations = self.plan.graph.annotations
+        previous = {node: annotations[node]["precision"] for node in specs}
+        if self._compiled.rescale is not None:
+            self._compiled.rescale(specs)
+        for node, spec in specs.items():
+            annotations[node]["precision"] = spec
+        if self._compiled.rescale is None:
+            try:
+                self._use(self._recompile(self.plan, self.device))
+            except Exception:
+                for node, spec in previous.items():
+                    annotations[node]["precision"] = spec
+                raise
+        self._adapters.mark_calibrated(modules)
+        return factors
+
     def _check_relowerable(self) -> None:
-        if self._compiled.backend != "torch" or self._recompile is None:
-            raise InputError(f"LoRA adapters are swapped on torch targets; this model is {self.target}, whose "
-                             "compiled files hold the weights. Fuse the adapter into the denoiser before "
-                             "diffc.optimize (e.g. pipe.load_lora_weights(...); pipe.fuse_lora()), or optimize for "
-                             "a torch target")
+        if self._compiled.refit is None and (self._compiled.backend != "torch" or self._recompile is None):
+            raise InputError(f"this {self.target} model cannot take new weights in place (its compiled files hold "
+                             "them). Fuse the adapter into the denoiser before diffc.optimize (e.g. "
+                             "pipe.load_lora_weights(...); pipe.fuse_lora()), or optimize again with this diffc")
+
+    def _weight_modules(self) -> list[torch.nn.Module]:
+        return [self.plan.graph.module, *(s.module for s in self.plan.segments.values())]
 
     def _refit(self) -> None:
-        self._adapters.apply([self.plan.graph.module, *(s.module for s in self.plan.segments.values())])
+        changed = self._adapters.apply(self._weight_modules())
+        if not changed:
+            return
+        if self._compiled.refit is not None:
+            weights = self.plan.graph.weights()
+            self._compiled.refit({name: weights[name] for name in changed})
+            return
         assert self._recompile is not None
         self._use(self._recompile(self.plan, self.device))
+
+    def _check_ranges(self) -> None:
+        """Warns when the loaded adapters move a quantized activation beyond its calibrated range."""
+        activations = quantized_activations(self.plan.graph.annotations)
+        if not activations or not self._adapters.deltas:
+            return
+        calls = calibration_calls(self.calibration_inputs)
+        if not calls:
+            warnings.warn(unchecked_warning(self.target, len(activations)), stacklevel=3)
+            return
+        grown = moved(*measure_change(self.plan.graph, calls, activations,
+                                      self._adapters.at_calibration(self._weight_modules())))
+        if grown:
+            warnings.warn(range_warning(grown), stacklevel=3)
 
     def _use(self, compiled: CompiledPlan) -> None:
         """Runs `compiled` from now on (its torch runners registered as submodules)."""

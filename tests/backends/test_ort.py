@@ -141,18 +141,6 @@ def test_cuda_io_binding_matches_cpu(dit_ort):
     assert (first.cpu() - _call(fast, model.cpu(), inputs)[0]).abs().max() <= 1e-3
 
 
-def test_lora_adapters_are_refused_with_the_fix(dit_ort):
-    model, inputs, fast = dit_ort
-    weight = dict(model.named_parameters())["transformer_blocks.0.attn1.to_q.weight"]
-    adapter = {"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(1, weight.shape[1]),
-               "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.ones(weight.shape[0], 1)}
-    before = first_tensor(fast(**inputs))
-    with pytest.raises(InputError, match="swapped on torch targets.*fuse_lora"):
-        fast.load_lora(adapter)
-    assert fast.lora_adapters == {}
-    assert torch.equal(first_tensor(fast(**inputs)), before)
-
-
 def test_bad_targets_and_options_are_refused(dit_ort):
     with pytest.raises(TargetError, match="no precision 'bf16'"):
         parse_target("ort-bf16")

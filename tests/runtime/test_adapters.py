@@ -1,5 +1,6 @@
 """LoRA adapters loaded, re-weighted and removed on an optimized model without optimizing again."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -136,4 +137,64 @@ def test_bad_adapters_are_refused_with_the_fix(optimized):
     assert fast.load_lora(elsewhere, strict=False) == [TO_Q.replace("down_blocks.0", "down_blocks.7")]
     with pytest.raises(InputError, match="is loaded"):
         fast.load_lora(adapter)
+    fast.unload_lora()
+
+
+def test_other_components_keys_are_skipped_with_one_warning(optimized):
+    model, inputs, fast = optimized
+    adapter = _adapter(model)
+    whole = {**adapter,
+             "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 8),
+             "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(8, 2),
+             "text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": torch.zeros(2, 8),
+             "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8),
+             "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(1.0)}
+    with pytest.warns(UserWarning, match=r"4 keys of text_encoder, 1 keys of text_encoder_2.*"
+                                         r"pipe.load_lora_weights\(file\)") as caught:
+        fast.load_lora(whole, scale=0.8)
+    try:
+        assert len([w for w in caught if "text_encoder" in str(w.message)]) == 1
+        assert torch.allclose(_out(fast, inputs), _out(_merged(model, adapter, 0.8), inputs), atol=1e-5)
+    finally:
+        fast.unload_lora()
+    only_text = {k: v for k, v in whole.items() if not k.startswith("unet.")}
+    with pytest.raises(InputError, match="only other components' keys.*pipe.load_lora_weights"):
+        fast.load_lora(only_text)
+    with pytest.raises(InputError, match="not a LoRA weight"):
+        fast.load_lora({**adapter, "vae.decoder.conv_in.weight": torch.zeros(1)})  # no known component
+    assert fast.lora_adapters == {}
+
+
+def test_recalibrate_on_a_torch_int8_target_clears_the_range_warning(family, captured):
+    """torch targets lower new scales by compiling the plan again; the warning names the layer and how far."""
+    from diffc.api import compile_graph
+    from diffc.ir.precision import quantizable_weight, spec_for
+    from diffc.passes.quant.layers import PROTECTIONS, quantizable_layers
+    from diffc.runtime.ranges import RANGE_MARGIN, measure, quantized_activations
+
+    model, inputs = family("dit")
+    dg = captured("dit").clone()
+    layers = [layer for layer in quantizable_layers(dg, PROTECTIONS) if layer.protected is None]
+    for layer in layers:
+        dg.annotations[layer.node] = {"precision": spec_for("int8", 1.0, "max").to_json()}
+    peaks = measure(dg, [inputs], quantized_activations(dg.annotations))
+    for layer in layers:
+        dg.annotations[layer.node]["precision"] = spec_for("int8", float(peaks[(layer.node, 0)][0]) / 127).to_json()
+    fast = compile_graph(dg, "torch", "int8")
+    fast.calibration_inputs = inputs  # one call, as a dict
+    ff_in, ff_out = "transformer_blocks.1.ff.net.0.proj", "transformer_blocks.1.ff.net.2.weight"
+    weight = dict(model.named_parameters())[ff_in + ".weight"].detach()
+    grow = {f"transformer.{ff_in}.lora_A.weight": torch.eye(weight.shape[1]),
+            f"transformer.{ff_in}.lora_B.weight": weight}  # doubles the projection
+    node = next(n.name for n in dg.graph.nodes if getattr(quantizable_weight(n), "target", None) == ff_out)
+    with pytest.warns(UserWarning, match=rf"{node} \(1\.[5-9]\d*x\).*beyond|beyond {RANGE_MARGIN}x.*{node}"):
+        fast.load_lora(grow)
+    before = fast.plan.graph.annotations[node]["precision"]["activation"]["scale"]
+    factors = fast.recalibrate([inputs])
+    assert fast.plan.graph.annotations[node]["precision"]["activation"]["scale"] == pytest.approx(
+        before * factors[node])
+    fast.unload_lora()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast.load_lora(grow)
     fast.unload_lora()

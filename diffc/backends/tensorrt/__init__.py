@@ -29,8 +29,10 @@ from ...ir.onnx_export import EXTERNAL_DATA_THRESHOLD as EXTERNAL_DATA_BYTES
 from ...ir.onnx_export import export_plan
 from ...ir.onnx_segments import SEGMENT_METADATA, flat_count, onnx_io, read_segment_metadata
 from ..base import LOW_BIT, PRECISIONS, Backend
+from ..onnx_weights import map_weights
 from .build import BuildSettings, build_engine, check_profile_names, dim_ranges, dim_value
 from .contract import check_tensorrt_contract
+from .refit import EngineRefit, weight_record
 from .runner import EngineRunner
 
 INSTALL_HINT = ("TensorRT is not installed. On a machine with an NVIDIA GPU and CUDA, install NVIDIA's `tensorrt` "
@@ -40,6 +42,7 @@ INSTALL_HINT = ("TensorRT is not installed. On a machine with an NVIDIA GPU and 
 # build it: BF16 from Ampere, FP8 from Ada/Hopper.
 MIN_CAPABILITY = {"bf16": (8, 0), "fp8": (8, 9)}
 ENGINE_DIR = "engines"
+SEGMENT_KEYS = ("inputs", "outputs", "entries")
 
 __all__ = ["ENGINE_DIR", "INSTALL_HINT", "MIN_CAPABILITY", "BuildSettings", "EngineRunner", "TensorRTBackend",
            "build_engine", "check_built_for", "check_profile_names", "dim_ranges", "dim_value", "machine_description",
@@ -71,7 +74,8 @@ class TensorRTBackend(Backend):
         Options: `profiles` {dim name: (min, opt, max) or size} for the ONNX dynamic dims (batch, height,
         width, tokens, text_len; unnamed dims default to the captured example size), `optimization_level`
         (0-5), `workspace_bytes` (memory pool limit), `timing_cache` (a file, or None for none),
-        `cuda_graph` (replay each segment through a captured CUDA graph), `opset`."""
+        `cuda_graph` (replay each segment through a captured CUDA graph), `opset`, `refit` (default True:
+        engines built refittable, so a LoRA swap or recalibrate refits them in place instead of a rebuild)."""
         self.check_request(precision, compile, "TensorRT engines")
         settings = BuildSettings.from_options(options)
         device = _cuda_device(device)
@@ -80,7 +84,7 @@ class TensorRTBackend(Backend):
         io: dict[str, dict[str, Any]]
         if engines is not None:
             check_built_for(built_for or {}, here)
-            io = {name: {key: engines[name][key] for key in ("inputs", "outputs", "entries")}
+            io = {name: {key: engines[name][key] for key in (*SEGMENT_KEYS, "weights") if key in engines[name]}
                   for name in plan.segments}
             serialized = {name: bytes(engines[name]["engine"]) for name in plan.segments}
         else:
@@ -90,8 +94,11 @@ class TensorRTBackend(Backend):
         files = {f"{ENGINE_DIR}/{name}.plan": data for name, data in serialized.items()}
         info = {"built_for": here, "settings": settings.to_json(),
                 "segments": {name: {"file": f"{ENGINE_DIR}/{name}.plan", **io[name]} for name in plan.segments}}
+        swap = EngineRefit(plan, runners, files, {n: f"{ENGINE_DIR}/{n}.plan" for n in plan.segments}, io,
+                           engines) if settings.refit else None
         return CompiledPlan(plan=plan, runners=runners, backend=self.name, precision=precision, device=device,
-                            input_dtype=torch.float32, files=files, info=info)
+                            input_dtype=torch.float32, files=files, info=info,
+                            refit=swap.refit if swap else None, rescale=swap.rescale if swap else None)
 
     @classmethod
     def artifact_options(cls, root: str | os.PathLike[str], manifest: Mapping[str, Any]) -> dict[str, Any]:
@@ -104,7 +111,7 @@ class TensorRTBackend(Backend):
             raise ArtifactError(f"the artifact at {root} has no TensorRT engine for segments {missing}; re-create it "
                                 "with diffc.optimize(..., target='trt-...') and fast.save()")
         engines = {name: {"engine": (Path(root) / entry["file"]).read_bytes(),
-                          **{key: entry[key] for key in ("inputs", "outputs", "entries")}}
+                          **{key: entry[key] for key in (*SEGMENT_KEYS, "weights") if key in entry}}
                    for name, entry in segments.items()}
         return {"engines": engines, "built_for": info.get("built_for", {}), **info.get("settings", {})}
 
@@ -180,9 +187,11 @@ def _build_all(plan: Plan, precision: str, settings: BuildSettings,
     with tempfile.TemporaryDirectory(prefix="diffc-trt-") as tmp:
         paths = export_plan(plan, Path(tmp) / "onnx", opset=settings.opset)
         for name in plan.segments:
-            model = _lower_precision(onnx.load(str(paths[name])), plan, name, precision)
+            exported = onnx.load(str(paths[name]))
+            map_weights(exported, plan.segments[name].module)
+            model = _lower_precision(exported, plan, name, precision)
             check_tensorrt_contract(model, precision, segment=name)
-            io[name] = segment_io(model, plan, name)
+            io[name] = {**segment_io(model, plan, name), "weights": weight_record(model)}
             lowered[name] = Path(tmp) / "lowered" / f"{name}.onnx"
             lowered[name].parent.mkdir(parents=True, exist_ok=True)
             weights = sum(len(t.raw_data) for t in model.graph.initializer)

@@ -36,10 +36,11 @@ class BuildSettings:
     timing_cache: Path | None = DEFAULT_TIMING_CACHE
     cuda_graph: bool = False
     opset: int = 21
+    refit: bool = True
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "BuildSettings":
-        known = {"profiles", "optimization_level", "workspace_bytes", "timing_cache", "cuda_graph", "opset"}
+        known = {"profiles", "optimization_level", "workspace_bytes", "timing_cache", "cuda_graph", "opset", "refit"}
         unknown = sorted(set(options) - known)
         if unknown:
             raise TargetError(f"the TensorRT backend has no option {', '.join(unknown)}; it takes "
@@ -55,13 +56,13 @@ class BuildSettings:
         cache = options.get("timing_cache", DEFAULT_TIMING_CACHE)
         return cls(profiles=profiles, optimization_level=level, workspace_bytes=workspace,
                    timing_cache=None if cache is None else Path(cache), cuda_graph=bool(options.get("cuda_graph")),
-                   opset=int(options.get("opset", 21)))
+                   opset=int(options.get("opset", 21)), refit=bool(options.get("refit", True)))
 
     def to_json(self) -> dict[str, Any]:
         return {"profiles": {k: list(v) for k, v in self.profiles.items()},
                 "optimization_level": self.optimization_level, "workspace_bytes": self.workspace_bytes,
                 "timing_cache": None if self.timing_cache is None else str(self.timing_cache),
-                "cuda_graph": self.cuda_graph, "opset": self.opset}
+                "cuda_graph": self.cuda_graph, "opset": self.opset, "refit": self.refit}
 
 
 def _profile_range(name: str, value: Any) -> tuple[int, int, int]:
@@ -159,6 +160,10 @@ def build_engine(onnx_path: Path, precision: str, ranges: Mapping[str, Sequence[
             config.set_flag(trt.BuilderFlag.BF16)
         elif precision == "fp32":
             config.clear_flag(trt.BuilderFlag.TF32)
+    if settings.refit:
+        # weights (and Q/DQ scales) stay refittable by their ONNX initializer names: a LoRA swap refits
+        # the engine instead of building it again (diffc.backends.tensorrt.refit)
+        config.set_flag(trt.BuilderFlag.REFIT)
     config.builder_optimization_level = settings.optimization_level
     if settings.workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)

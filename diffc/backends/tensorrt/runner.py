@@ -55,6 +55,14 @@ class EngineRunner:
         self._graphs: dict[tuple[tuple[int, ...], ...],
                            tuple[torch.cuda.CUDAGraph, list[torch.Tensor], list[torch.Tensor]]] = {}
 
+    @property
+    def engine(self) -> "trt.ICudaEngine":
+        return self._engine
+
+    def refitted(self) -> None:
+        """After a refit of the engine: CUDA graphs captured before it are captured again on use."""
+        self._graphs.clear()
+
     def __call__(self, *values: Any) -> tuple[Any, ...]:
         if len(values) != len(self.entries["inputs"]):
             raise InputError(f"segment {self.segment!r} takes {len(self.entries['inputs'])} values, got {len(values)}")
