@@ -22,6 +22,7 @@ from .runtime import OptimizedModel, load_plan, read_manifest
 from .runtime.checkpoints import PassCheckpointFolder, graph_fingerprint
 from .runtime.diffusers_component import register_artifact_loader
 from .runtime.ranges import calibration_calls
+from .runtime.sampler_watch import SamplerWatch, step_settings
 
 
 def optimize(model_or_pipeline: Any, target: str = "torch", passes: PipelineSpec | None = "default",
@@ -67,7 +68,18 @@ def optimize(model_or_pipeline: Any, target: str = "torch", passes: PipelineSpec
                          compile=compile)
     # a LoRA loaded later checks the quantized activation ranges on these (see OptimizedModel.recalibrate)
     fast.calibration_inputs = calibration_calls(ctx.calibration)
+    fast.sampler_watch = _sampler_watch(ctx.calibration, fast.plan)
     return fast
+
+
+def _sampler_watch(calibration_set: Any, plan: Plan) -> SamplerWatch | None:
+    """Watches the pipeline calibration ran in, for step settings its schedule was not chosen under
+    (a plan without step-dependent work has no schedule to judge)."""
+    pipe = getattr(calibration_set, "pipeline", None)
+    if pipe is None or getattr(pipe, "scheduler", None) is None or not plan.schedule.steps:
+        return None
+    scheduler = (calibration_set.replay or {}).get("scheduler") or pipe.scheduler
+    return SamplerWatch(pipe, step_settings(scheduler))
 
 
 def replay(graph_or_artifact: Any, model_or_pipeline: Any, calibration: Any = None,

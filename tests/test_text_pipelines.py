@@ -4,12 +4,14 @@ from_pretrained of the pipeline holding the optimized denoiser, errors for what 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionImg2ImgPipeline
 
 import diffc
+import diffc.ir.onnx_export
 from diffc.calibration import CalibrationError, collect
 from diffc.calibration.prompts import builtin_prompts, default_prompts
 from diffc.metrics import psnr
@@ -218,13 +220,18 @@ def test_cli_bad_arguments_for_a_text_pipeline_end_in_a_message(argv, message, t
 UNIFORM_CACHE = [{"pass": "cache", "schedule": "uniform", "interval": 2}]
 
 
-def _cache_error_with_and_without_lora(name: str, target: str, lora_path) -> tuple[float, float, diffc.OptimizedModel]:
+def _cache_error_with_and_without_lora(name: str, target: str, lora_path,
+                                       monkeypatch) -> tuple[float, float, list[str]]:
     """PSNR of the optimized pipeline against the original on a held-out prompt, without LoRA and
-    with the same LoRA loaded into both through pipe.load_lora_weights."""
+    with the same LoRA loaded into both through pipe.load_lora_weights; and the ONNX exports made
+    after optimize returned."""
     pipe = text_pipelines.build(name)
     attribute = _attribute(pipe)
     original = getattr(pipe, attribute)
     fast = diffc.optimize(pipe, target=target, passes=UNIFORM_CACHE)
+    exports: list[str] = []
+    for owner, export in ((torch.onnx, "export"), (diffc.ir.onnx_export, "export_onnx")):
+        monkeypatch.setattr(owner, export, lambda *args, _name=export, **kwargs: exports.append(_name))
     text_pipelines.lora_file(pipe, lora_path)
     seed, prompt = HELD_OUT[0]
 
@@ -245,7 +252,7 @@ def _cache_error_with_and_without_lora(name: str, target: str, lora_path) -> tup
     pipe.load_lora_weights(lora_path, adapter_name="style")  # the text-encoder half goes to the text encoder again
     assert fast.lora_adapters == {"style": 1.0}
     with_lora = psnr(run(fast).numpy(), want.numpy())
-    return without, with_lora, fast
+    return without, with_lora, exports
 
 
 @pytest.mark.parametrize("name, target", [("flux", "torch"), pytest.param("sd", "torch", marks=slow),
@@ -253,8 +260,10 @@ def _cache_error_with_and_without_lora(name: str, target: str, lora_path) -> tup
                                           pytest.param("sd", "ort", marks=slow)])
 def test_load_lora_weights_on_the_optimized_pipeline_matches_the_original_with_it(name, target, tmp_path,
                                                                                    monkeypatch) -> None:
-    without, with_lora, fast = _cache_error_with_and_without_lora(name, target, tmp_path / "lora.safetensors")
+    without, with_lora, exports = _cache_error_with_and_without_lora(name, target, tmp_path / "lora.safetensors",
+                                                                     monkeypatch)
     assert with_lora >= without - 1.0, (without, with_lora)
+    assert exports == []  # the adapter went into the compiled model in place
 
 
 def test_diffusers_adapter_calls_on_the_optimized_denoiser(tmp_path) -> None:
@@ -301,3 +310,52 @@ def test_cli_export_of_a_saved_text_pipeline_writes_a_loadable_folder(tmp_path, 
     with pytest.raises(SystemExit) as exit_:  # argparse: export takes no --labels
         main(["export", folder, "--labels", "1", "--out", str(tmp_path / "never")])
     assert exit_.value.code == 2 and "unrecognized arguments: --labels" in capsys.readouterr().err
+
+
+@slow
+def test_int8_with_a_lora_keeps_35_db_or_warns(tmp_path) -> None:
+    pipe = text_pipelines.build("flux")
+    original = pipe.transformer
+    fast = diffc.optimize(pipe, target="torch-int8", passes=["quant"])
+    lora = text_pipelines.lora_file(pipe, tmp_path / "lora.safetensors", text_encoder=False)
+    seed, prompt = HELD_OUT[0]
+    pipe.load_lora_weights(lora)
+    want = text_pipelines.latents(pipe, prompt, seed)
+    pipe.unload_lora_weights()
+    pipe.transformer = fast
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe.load_lora_weights(lora)
+        got = text_pipelines.latents(pipe, prompt, seed)
+    finally:
+        pipe.transformer = original
+    warned = any("recalibrate" in str(w.message) for w in caught)
+    assert warned or psnr(got.numpy(), want.numpy()) >= 35.0
+
+
+# --- a scheduler that steps otherwise than calibration saw ------------------------------------------
+def test_a_step_setting_calibration_did_not_see_runs_the_loop_in_full_and_says_so() -> None:
+    from diffusers import DDIMScheduler
+
+    pipe = text_pipelines.build("sd")
+    calibration = collect(pipe, conditions=["a lighthouse"], num_steps=6, progress=False)
+    fast = diffc.optimize(pipe, calibration=calibration, passes=[{"pass": "cache", "refine": 0, "forecast": False,
+                                                                   "max_gap": 2}])
+    assert fast.sampler_watch is not None and "cache" in fast.report[0]["pass"]
+    seed, prompt = HELD_OUT[0]
+    calibrated = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(calibrated.config, clip_sample=True)
+    want = text_pipelines.latents(pipe, prompt, seed, steps=6)
+    original, pipe.unet = pipe.unet, fast
+    try:
+        with pytest.warns(UserWarning, match=r"clip_sample=True \(calibrated with False\).*runs every step in full"):
+            got = text_pipelines.latents(pipe, prompt, seed, steps=6)
+        assert torch.equal(got, want)
+        pipe.scheduler = calibrated  # back to what calibration saw: cached again, with nothing to say
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            cached = text_pipelines.latents(pipe, prompt, seed, steps=6)
+    finally:
+        pipe.unet = original
+    assert not torch.equal(cached, text_pipelines.latents(pipe, prompt, seed, steps=6))

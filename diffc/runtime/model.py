@@ -16,6 +16,7 @@ from ..ir import LATENT, CompiledPlan, Plan, TensorInput
 from ..ir.examples import dim_kind
 from .adapters import Adapters, denoiser_keys, lora_deltas, read_adapter
 from .artifact import save_artifact
+from .sampler_watch import SamplerWatch
 from .diffusers_component import ModelMixin, PipelineComponent
 from ..ir.stepping import StepTracker
 from .ranges import (calibration_calls, measure_change, moved, quantized_activations, range_warning, rescaled,
@@ -103,6 +104,10 @@ class OptimizedModel(PipelineComponent):
         target = {"backend": self._compiled.backend, "precision": self._compiled.precision,
                   "device": str(self._compiled.device), "info": self._compiled.info}
         return save_artifact(path, self.plan, target, self._compiled.files, overwrite=overwrite)
+
+    # the scheduler settings of the pipeline it was calibrated in, checked at each loop (diffc.optimize sets it)
+    sampler_watch: SamplerWatch | None = None
+    _judged_loop = True
 
     # --- LoRA adapters ----------------------------------------------------------------------
     calibration_inputs: Any = None
@@ -283,12 +288,15 @@ class OptimizedModel(PipelineComponent):
             t_value = float(flat[sig.inputs.index(timestep)].reshape(-1)[0])
         if self.steps.observe(t_value):
             self._states.clear()
+            self._judged_loop = self.sampler_watch is None or self.sampler_watch.judged()
         if self.steps.num_steps is not None and self.steps.step >= self.steps.num_steps:
             raise InputError(
                 f"this call is step {self.steps.step + 1} of a loop announced with begin_loop({self.steps.num_steps}); "
                 "the step schedule would be applied to the wrong steps. Announce the real length with "
                 "begin_loop(num_steps) (or begin_loop() when it is not known) before the loop starts.")
         variant = self.plan.schedule.variant_for(self.steps.step, self.steps.num_steps, t_value)
+        if not self._judged_loop:
+            variant = self.plan.schedule.default
         state = self._states.get(self._context, {})
         if self.plan.lacks_state(variant, state):
             # this branch's cache was freed after the loop's last step (e.g. by the first of two unnamed
