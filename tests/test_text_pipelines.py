@@ -263,10 +263,7 @@ def _cache_error_with_and_without_lora(name: str, target: str, lora_path,
 
 
 @pytest.mark.parametrize("name, target", [("flux", "torch"), pytest.param("sd", "torch", marks=slow),
-                                          pytest.param("flux", "ort", marks=[slow, pytest.mark.xfail(
-                                              strict=True, reason="the ORT segment specialized to FLUX's 512-token "
-                                              "text is dropped on a LoRA swap and exported again (SegmentRunner.use); "
-                                              "issue 21 stays open on it")]),
+                                          pytest.param("flux", "ort", marks=slow),
                                           pytest.param("sd", "ort", marks=slow)])
 def test_load_lora_weights_on_the_optimized_pipeline_matches_the_original_with_it(name, target, tmp_path,
                                                                                    monkeypatch) -> None:

@@ -185,8 +185,13 @@ def _specializer(plan: Plan, name: str, precision: str, opset: int, device: torc
             exported = onnx_export.export_segment(plan, name, Path(directory) / "exported.onnx", opset,
                                                   inputs=[_to_cpu(a) for a in args])
             path = Path(directory) / f"{name}.onnx"
-            _save(_lower(onnx.load(str(exported)), plan, name, precision), path)
-            return SegmentSession(name, str(path), device, providers, fuse_qdq)
+            model = onnx.load(str(exported))
+            map_weights(model, plan.segments[name].module)
+            _save(_lower(model, plan, name, precision), path)
+            session = SegmentSession(name, str(path), device, providers, fuse_qdq)
+            if not path.with_name(path.name + ".data").exists():
+                session.model_bytes = path.read_bytes()  # a LoRA swap rewrites it in place (InPlaceUpdate)
+            return session
 
     return specialize
 
@@ -231,9 +236,13 @@ class InPlaceUpdate:
                 session = runner.primary
                 check_refittable(name, touched, session.weight_map)
                 mapping = session.weight_map[0] if session.weight_map else {}
-                updates[name] = weight_tensors(mapping, touched, self.plan.graph.annotations, session.initializer_types)
-        for name, tensors in updates.items():  # every value computed (and checked) before any session changes
-            self._replace(name, tensors)
+                tensors = weight_tensors(mapping, touched, self.plan.graph.annotations, session.initializer_types)
+                specialized = {key: weight_tensors(s.weight_map[0], touched, self.plan.graph.annotations,
+                                                   s.initializer_types)
+                               for key, s in runner.specialized.items() if _refittable(s, touched)}
+                updates[name] = (tensors, specialized)
+        for name, (tensors, specialized) in updates.items():  # every value computed (and checked) first
+            self._replace(name, tensors, specialized)
 
     def rescale(self, specs: Mapping[str, Mapping[str, Any]]) -> None:
         from .onnx_qdq import activation_scale_tensors
@@ -242,10 +251,26 @@ class InPlaceUpdate:
         for name, runner in self.runners.items():
             held = {k: v for k, v in tensors.items() if k in runner.primary.initializer_types}
             if held:
-                self._replace(name, held)
+                specialized = {key: {k: v for k, v in tensors.items() if k in s.initializer_types}
+                               for key, s in runner.specialized.items() if s.model_bytes is not None}
+                self._replace(name, held, specialized)
 
-    def _replace(self, name: str, tensors: Mapping[str, Any]) -> None:
+    def _replace(self, name: str, tensors: Mapping[str, Any],
+                 specialized: Mapping[tuple[Any, ...], Mapping[str, Any]]) -> None:
+        """The segment's model and session with `tensors`, and those of its sessions specialized to
+        other shapes with theirs (a specialized session left out is exported again on its next use)."""
         import onnx
+
+        kept = {}
+        for key, special_tensors in specialized.items():
+            special = self.runners[name].specialized[key]
+            model = onnx.load_from_string(special.model_bytes)
+            replace_initializers(model, special_tensors)
+            with tempfile.TemporaryDirectory(prefix="diffc-ort-") as scratch:
+                path = Path(scratch) / f"{name}.onnx"
+                path.write_bytes(model.SerializeToString())
+                kept[key] = self.open_session(name, str(path))
+                kept[key].model_bytes = path.read_bytes()
 
         rel = f"{ONNX_DIR}/{name}.onnx"
         model = onnx.load_from_string(self.files[rel])
@@ -257,7 +282,15 @@ class InPlaceUpdate:
             if data is not None:
                 self.files[rel + ".data"] = self.models[name + ".data"] = data
                 path.with_name(path.name + ".data").write_bytes(data)
-            self.runners[name].use(self.open_session(name, str(path)))
+            self.runners[name].use(self.open_session(name, str(path)), kept)
+
+
+def _refittable(session: "SegmentSession", touched: Mapping[str, Any]) -> bool:
+    """Whether a specialized session can take `touched` in place (else it is exported again)."""
+    if session.model_bytes is None or session.weight_map is None:
+        return False
+    mapping, unmapped = session.weight_map
+    return all(name in mapping and name not in unmapped for name in touched)
 
 
 class SegmentRunner:
@@ -270,10 +303,16 @@ class SegmentRunner:
         self._specialize = specialize
         self._specialized: dict[tuple[Any, ...], SegmentSession] = {}
 
-    def use(self, primary: "SegmentSession") -> None:
-        """Runs `primary` from now on; sessions specialized to other shapes are exported again on use."""
+    @property
+    def specialized(self) -> dict[tuple[Any, ...], "SegmentSession"]:
+        return dict(self._specialized)
+
+    def use(self, primary: "SegmentSession",
+            specialized: Mapping[tuple[Any, ...], "SegmentSession"] | None = None) -> None:
+        """Runs `primary` from now on, and `specialized` for the shapes they were specialized to; a
+        session specialized to other shapes and not given is exported again on use."""
         self.primary = primary
-        self._specialized.clear()
+        self._specialized = dict(specialized or {})
 
     def __call__(self, *args: Any) -> tuple[Any, ...]:
         flat = self.primary.flatten(args)
@@ -306,6 +345,8 @@ class SegmentSession:
         if device.type == "cuda":
             provider_options = [{"device_id": device.index or 0}, {}]
         self.name, self.device = name, device
+        # the ONNX bytes of a session specialized to other shapes, which a LoRA swap rewrites (None: not kept)
+        self.model_bytes: bytes | None = None
         self.session = onnxruntime.InferenceSession(path, sess_options=options, providers=list(providers),
                                                     provider_options=provider_options)
         proto = onnx.load(path, load_external_data=False)
