@@ -14,9 +14,9 @@ import diffc
 from diffc.api import compile_graph
 from diffc.backends.onnxruntime import OnnxRuntimeBackend, _lower
 from diffc.errors import TargetError
-from diffc.ir.precision import quantizable_weight, spec_for
-from diffc.passes.quant.layers import PROTECTIONS, quantizable_layers
-from diffc.runtime.ranges import RANGE_MARGIN, measure, quantized_activations
+from diffc.ir.precision import quantizable_weight
+from diffc.runtime.ranges import RANGE_MARGIN
+from quantized_graphs import int8_graph
 from tiny_families import first_tensor
 
 pytest.importorskip("onnxruntime")
@@ -154,26 +154,12 @@ def test_a_model_without_a_weight_map_refuses_in_place_weights(dit_ort):
     assert torch.equal(_out(fast, inputs), before)  # the plan's weights are the base ones again
 
 
-def _int8_graph(captured, inputs):
-    """The tiny DiT with every unprotected layer at int8 W8A8, activation scales at each input's
-    maximum on `inputs` (what the quantization pass writes with activation_range="max")."""
-    dg = captured("dit").clone()
-    layers = [layer for layer in quantizable_layers(dg, PROTECTIONS) if layer.protected is None]
-    for layer in layers:
-        dg.annotations[layer.node] = {"precision": spec_for("int8", 1.0, "max").to_json()}
-    peaks = measure(dg, [inputs], quantized_activations(dg.annotations))
-    for layer in layers:
-        scale = float(peaks[(layer.node, 0)][0]) / 127
-        dg.annotations[layer.node] = {"precision": spec_for("int8", scale, "max").to_json()}
-    return dg
-
-
 @pytest.fixture(scope="module")
 def dit_int8():
     from conftest import _captured, _family
 
     model, inputs = _family("dit")
-    return model, inputs, compile_graph(_int8_graph(_captured, inputs), "ort", "int8")
+    return model, inputs, compile_graph(int8_graph(_captured, "dit", inputs), "ort", "int8")
 
 
 def _range_warnings(caught):

@@ -168,18 +168,12 @@ def test_other_components_keys_are_skipped_with_one_warning(optimized):
 def test_recalibrate_on_a_torch_int8_target_clears_the_range_warning(family, captured):
     """torch targets lower new scales by compiling the plan again; the warning names the layer and how far."""
     from diffc.api import compile_graph
-    from diffc.ir.precision import quantizable_weight, spec_for
-    from diffc.passes.quant.layers import PROTECTIONS, quantizable_layers
-    from diffc.runtime.ranges import RANGE_MARGIN, measure, quantized_activations
+    from diffc.ir.precision import quantizable_weight
+    from diffc.runtime.ranges import RANGE_MARGIN
+    from quantized_graphs import int8_graph
 
     model, inputs = family("dit")
-    dg = captured("dit").clone()
-    layers = [layer for layer in quantizable_layers(dg, PROTECTIONS) if layer.protected is None]
-    for layer in layers:
-        dg.annotations[layer.node] = {"precision": spec_for("int8", 1.0, "max").to_json()}
-    peaks = measure(dg, [inputs], quantized_activations(dg.annotations))
-    for layer in layers:
-        dg.annotations[layer.node]["precision"] = spec_for("int8", float(peaks[(layer.node, 0)][0]) / 127).to_json()
+    dg = int8_graph(captured, "dit", inputs)
     fast = compile_graph(dg, "torch", "int8")
     fast.calibration_inputs = inputs  # one call, as a dict
     ff_in, ff_out = "transformer_blocks.1.ff.net.0.proj", "transformer_blocks.1.ff.net.2.weight"
