@@ -250,8 +250,9 @@ def _optimize(args: argparse.Namespace) -> int:
     request = _ImageRequest.of(pipe, args)
     work_dir = Path(args.work_dir) if args.work_dir else Path(f"{out}.work") if out is not None else None
     started = time.perf_counter()
-    fast = optimize(pipe, target=args.target, passes=_parse_passes(args.passes), device=args.device, progress=True,
-                    work_dir=work_dir, **request.calibration(_parse_passes(args.passes), work_dir))
+    passes = _parse_passes(args.passes)
+    fast = optimize(pipe, target=args.target, passes=passes, device=args.device, progress=True, work_dir=work_dir,
+                    **request.calibration(passes, work_dir))
     optimize_seconds = time.perf_counter() - started
     scorer = models.load_scorer() if args.model is None or args.model in models.available() else None
     labels = request.labels
@@ -308,8 +309,9 @@ def _export(args: argparse.Namespace) -> int:
         parse_target(args.target or "torch")
         pipe, _ = _load_pipeline(args.model)
         request = _ImageRequest.of(pipe, args)
-        source = optimize(pipe, target=args.target or "torch", passes=_parse_passes(args.passes), device=args.device,
-                          progress=True, **request.calibration(_parse_passes(args.passes), None))
+        passes = _parse_passes(args.passes)
+        source = optimize(pipe, target=args.target or "torch", passes=passes, device=args.device, progress=True,
+                          **request.calibration(passes, None))
     path = export_deployment(source, out, overwrite=args.overwrite, progress_bar=True)
     print(f"wrote {path}: serve {path / 'triton'} with Triton, or diffc.load('{path}'); see {path / 'README.md'}")
     return 0
