@@ -24,7 +24,8 @@ from diffc.backends.tensorrt.refit import EngineRefit
 from diffc.errors import TargetError
 from diffc.ir.partition import build_plan
 from diffc.ir.precision import PrecisionSpec, quantizable_weight, quantize_weight
-from test_ort_lora import PATCH, TO_Q, _adapter, _int8_graph, _merged, _out
+from quantized_graphs import int8_graph
+from test_ort_lora import PATCH, TO_Q, _adapter, _merged, _out
 from tiny_families import first_tensor
 
 pytest.importorskip("onnxruntime")
@@ -53,7 +54,7 @@ def parsed(tmp_path_factory):
     from conftest import _captured, _family
 
     model, inputs = _family("dit")
-    plan = build_plan(_int8_graph(_captured, inputs))
+    plan = build_plan(int8_graph(_captured, "dit", inputs))
     received = {}
 
     def build_engine(path, precision, ranges, settings, segment):
