@@ -1,8 +1,9 @@
 """Timestep-aware calibration: record what the denoiser sees along real sampling trajectories,
 compute per-node statistics per timestep group, and evaluate candidate graphs on the data."""
 from .collect import Recording, as_calibration_set, collect, record
-from .evaluate import (StepErrors, node_error, output_error, propagation_weights, relative_error,
-                       trajectory_error)
+from .evaluate import (StepErrors, node_error, output_error, propagation_weights, relative_error, resampling,
+                       split_items, trajectory_error)
+from .loop import SamplingLoop, StepMap, identify_loop, loop_error, replay_loop, sampling_loop
 from .statistics import NodeStats, Statistics, compute_statistics, nodes_of_interest
 from .store import CalibrationError, CalibrationSet, Record
 from .timesteps import STRATEGIES, select_steps, step_group
@@ -11,4 +12,5 @@ __all__ = [
     "collect", "record", "Recording", "as_calibration_set", "CalibrationSet", "CalibrationError", "Record",
     "compute_statistics", "Statistics", "NodeStats", "nodes_of_interest", "output_error", "relative_error",
     "node_error", "trajectory_error", "propagation_weights", "StepErrors", "select_steps", "step_group", "STRATEGIES",
+    "resampling", "split_items", "SamplingLoop", "StepMap", "identify_loop", "sampling_loop", "replay_loop", "loop_error",
 ]

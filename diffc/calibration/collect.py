@@ -84,6 +84,7 @@ class _TrajectoryWriter:
         self.tracker = StepTracker()
         self.calls_in_step: dict[int, int] = {}
         self.timesteps: list[float | None] = []
+        self.final: torch.Tensor | None = None
 
     def __call__(self, inputs: dict[str, torch.Tensor], output: torch.Tensor, timestep: float | None) -> None:
         self.tracker.observe(timestep)
@@ -268,11 +269,22 @@ def _collect_synthetic(model: torch.nn.Module, num_steps: int, timesteps: str, s
 
 
 class Recording:
-    """What `record` yields: after the `with` block, `calibration_set` holds the recorded calls."""
+    """What `record` yields: after the `with` block, `calibration_set` holds the recorded calls.
+    `final(latents)` after a loop hands over what it ended with, so that the identified loop
+    (calibration.identify_loop) includes its last update."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.calibration_set: CalibrationSet | None = None
+        self.loops: list[_TrajectoryWriter] = []
+
+    def final(self, latents: torch.Tensor) -> None:
+        """The latents the loop just recorded ended with (before decoding), one row per latent it sampled."""
+        if not self.loops:
+            raise CalibrationError("final(latents) came before any call of the model: call it after each loop")
+        if not isinstance(latents, torch.Tensor):
+            raise CalibrationError(f"final takes the loop's final latents as a tensor, got {type(latents).__name__}")
+        self.loops[-1].final = latents.detach().clone()
 
 
 @contextlib.contextmanager
@@ -284,12 +296,12 @@ def record(model: torch.nn.Module, out: str | Path | None = None, timesteps: str
     writer = SetWriter(root, {"pipeline": None, "recorded": True, "timesteps": timesteps})
     writer.manifest["meta"]["model_class"] = type(model).__name__
     recording = Recording(root)
-    loops: list[_TrajectoryWriter] = []
+    loops = recording.loops
 
     def finish(trajectory: _TrajectoryWriter) -> None:
         keep = set(select_steps(trajectory.num_steps, timesteps))
         writer.drop_calls(trajectory.item, keep)
-        writer.end(trajectory.item, trajectory.num_steps, timesteps=trajectory.timesteps)
+        writer.end(trajectory.item, trajectory.num_steps, final=trajectory.final, timesteps=trajectory.timesteps)
 
     def on_call(inputs: dict[str, torch.Tensor], output: torch.Tensor, timestep: float | None) -> None:
         current = loops[-1] if loops else None

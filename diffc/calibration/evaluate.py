@@ -12,8 +12,11 @@ import torch
 
 from ..ir import DiffusionGraph, StepTracker, find_denoiser
 from .collect import call_pipeline
+from .loop import loop_error, sampling_loop
 from .statistics import Observer
 from .store import CalibrationError, CalibrationSet
+
+HOLD_OUT_EVERY = 4
 
 
 def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
@@ -84,16 +87,41 @@ def _swapped_denoiser(pipe: Any, module: torch.nn.Module) -> Iterator[None]:
         setattr(pipe, attribute, original)
 
 
-def trajectory_error(calibration: CalibrationSet, candidate: torch.nn.Module) -> dict[str, float]:
-    """Re-runs the sampler from the recorded seeds and conditions with `candidate` as the denoiser
-    and compares the final outputs with the recorded ones: mean MSE and PSNR (for outputs in
-    [0, 1]) over trajectories. Needs the live pipeline the set was collected with."""
+def resampling(calibration: CalibrationSet) -> str | None:
+    """How candidates can be judged on final outputs: "pipeline" (the live pipeline re-samples),
+    "loop" (the sampling loop identified from the recorded calls re-runs), or None."""
+    if calibration.pipeline is not None and calibration.replay is not None:
+        return "pipeline"
+    return "loop" if sampling_loop(calibration).usable else None
+
+
+def split_items(calibration: CalibrationSet) -> tuple[set[str], set[str]]:
+    """The trajectories a pass selects on and those it keeps back to verify its choice: every
+    fourth one (at least one of two or more) is held out."""
+    ids = [item["id"] for item in calibration.items]
+    held_out = {item for i, item in enumerate(ids) if i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1}
+    if not held_out and len(ids) >= 2:
+        held_out = {ids[-1]}
+    return set(ids) - held_out, held_out
+
+
+def trajectory_error(calibration: CalibrationSet, candidate: Callable[..., Any],
+                     items: set[str] | None = None) -> dict[str, float]:
+    """Re-samples the calibration trajectories with `candidate` as the denoiser and compares the
+    final outputs with the recorded ones: mean MSE and PSNR over trajectories. With the live
+    pipeline the set was collected with, the pipeline re-samples from the recorded seeds and
+    conditions (PSNR of outputs in [0, 1]); otherwise the loop identified from the recorded calls
+    re-runs from the recorded starting latents (PSNR against each trajectory's range, loop_error).
+    `items` limits it to those trajectories (split_items)."""
     pipe, replay = calibration.pipeline, calibration.replay
     if pipe is None or replay is None:
-        raise CalibrationError("trajectory error needs the pipeline: use a set returned by collect(pipe, ...) in "
-                               "this process (sets opened from disk or recorded from a bare loop have none)")
-    finals = calibration.final_outputs()
-    items = {item["id"]: item for item in calibration.items}
+        loop = sampling_loop(calibration)
+        if not loop.usable:
+            raise CalibrationError(f"cannot re-sample the calibration trajectories: there is no live pipeline (a set "
+                                   f"returned by collect(pipe, ...) in this process has one) and {loop.reason}")
+        return loop_error(calibration, loop, candidate, items)
+    finals = {k: v for k, v in calibration.final_outputs().items() if items is None or k in items}
+    by_id = {item["id"]: item for item in calibration.items}
     mses = []
     original_scheduler = pipe.scheduler
     if replay["scheduler"] is not None:
@@ -101,7 +129,7 @@ def trajectory_error(calibration: CalibrationSet, candidate: torch.nn.Module) ->
     try:
         with _swapped_denoiser(pipe, candidate):
             for item_id, reference in finals.items():
-                item = items[item_id]
+                item = by_id[item_id]
                 condition = replay["conditions"][item["condition_index"]]
                 with torch.no_grad():
                     result = call_pipeline(pipe, condition, calibration.settings["num_steps"], item["seed"],

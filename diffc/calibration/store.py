@@ -27,7 +27,9 @@ class CalibrationError(DiffcError):
 
 @dataclass
 class Record:
-    """One recorded denoiser call: its inputs by name (as TensorInput.name), and its output."""
+    """One recorded denoiser call: its inputs by name (as TensorInput.name), and its output. `call`
+    is its index within its step (a loop that calls the denoiser once per guidance branch makes
+    two calls a step)."""
 
     item: str
     step: int
@@ -35,6 +37,7 @@ class Record:
     timestep: float | None
     inputs: dict[str, torch.Tensor]
     output: torch.Tensor
+    call: int = 0
 
 
 class CalibrationSet:
@@ -106,7 +109,7 @@ class CalibrationSet:
                 yield Record(item=item["id"], step=call["step"], num_steps=item["num_steps"],
                              timestep=call["timestep"],
                              inputs={k[len(INPUT_PREFIX):]: v for k, v in tensors.items() if k.startswith(INPUT_PREFIX)},
-                             output=tensors[OUTPUT_KEY])
+                             output=tensors[OUTPUT_KEY], call=call.get("call", 0))
 
     def final_outputs(self) -> dict[str, torch.Tensor]:
         """Each trajectory's final pipeline output (images or latents), by item id, where recorded."""
@@ -116,6 +119,17 @@ class CalibrationSet:
                 with safe_open(str(self.root / item["final"]), framework="pt") as shard:
                     out[item["id"]] = shard.get_tensor("final")
         return out
+
+    def keep(self, key: str, value: Any) -> None:
+        """Stores what was derived from the recorded calls (the identified loop) in the manifest, on
+        disk when the folder is writable; collecting into the folder again drops it."""
+        self.manifest[key] = value
+        temporary = self.root / (MANIFEST + ".tmp")
+        try:
+            temporary.write_text(json.dumps(self.manifest, indent=1))
+            os.replace(temporary, self.root / MANIFEST)
+        except OSError:
+            temporary.unlink(missing_ok=True)
 
     def check_compatible(self, dg: DiffusionGraph) -> None:
         """Raises CalibrationError when the set was recorded from a model with other inputs."""
@@ -150,6 +164,7 @@ class SetWriter:
                 raise CalibrationError(
                     f"{self.root} already holds a calibration set collected with other settings; use another "
                     "out= folder or delete it. Differences: " + _differences(manifest.get("settings", {}), settings))
+            manifest.pop("loop", None)  # fitted from the calls recorded so far
             self.manifest = manifest
         else:
             self.manifest = {"format": FORMAT, "settings": settings, "meta": {}, "items": {}}

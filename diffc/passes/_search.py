@@ -1,28 +1,43 @@
 """Choosing a pass's knob (a share of the model to remove or keep) from calibration data: bisection
-over a grid of values against the pass's quality bar."""
+over a grid of values against the pass's quality bar, on final outputs of the calibration
+trajectories, verified on trajectories the search did not see."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Sequence
 
-from ..calibration import trajectory_error
+from ..calibration import resampling, sampling_loop, split_items, trajectory_error
 from ..ir import DiffusionGraph
 from .base import PassContext
 
 
 def search_grid(grid: Sequence[float], build: Callable[[float], DiffusionGraph], ctx: PassContext, *,
                 knob: str, offline_error: Callable[[DiffusionGraph], float], min_psnr: float,
-                max_relative_error: float, quality_rises: bool, fallback: float,
+                max_relative_error: float | None, quality_rises: bool, fallback: float,
                 infeasible: tuple[type[Exception], ...] = ()) -> tuple[float, list[dict[str, Any]]]:
     """The grid value at the edge of the quality bar: the smallest one that passes when quality
-    rises with the knob, the largest one when it falls; `fallback` when no value passes.
+    rises with the knob, the largest one when it falls; `fallback` (the value that changes least)
+    when no value passes.
 
-    A candidate passes when the re-sampled calibration images keep `min_psnr` (with the live
-    pipeline and `ctx.denoiser_for`), otherwise when `offline_error(candidate)` (teacher-forced
-    relative error) stays within `max_relative_error`. A value whose `build` raises one of
-    `infeasible` fails without being measured. Quality must be monotone in the knob: bisection
-    measures about log2(len(grid)) candidates, each listed in the returned search record as
-    {knob: value, "psnr" or "relative_error": ..., "passes": bool}."""
-    live = ctx.calibration.pipeline is not None and ctx.denoiser_for is not None
+    Candidates are judged on final outputs, re-sampled with the candidate in the loop (the live
+    pipeline, or the sampling loop identified from the recorded calls) on the calibration
+    trajectories split_items selects on: a candidate passes at `min_psnr`. The chosen value is then
+    re-sampled on the held-out trajectories; when it misses `min_psnr` there, the next safer grid
+    value is tried, and when none passes, `fallback` is returned with a warning. Without a way to
+    re-sample, the teacher-forced `offline_error` decides only when the user set
+    `max_relative_error`; otherwise the result is `fallback`, with a warning saying why. A value
+    whose `build` raises one of `infeasible` fails without being measured. Quality must be monotone
+    in the knob: bisection measures about log2(len(grid)) candidates. Each measurement is listed in
+    the returned record as {knob: value, "psnr" | "held_out_psnr" | "relative_error": ..., "passes": bool}."""
+    how = resampling(ctx.calibration) if ctx.denoiser_for is not None else None
+    if how is None and max_relative_error is None:
+        why = "no denoiser to compile candidates with" if ctx.denoiser_for is None else \
+            f"no live pipeline, and {sampling_loop(ctx.calibration).reason}"
+        warnings.warn(f"{knob}: cannot judge candidates on final outputs ({why}), so it stays at {fallback} (the "
+                      "safest value). Calibrate with the pipeline or record every step of your loop, or set "
+                      "max_relative_error to decide on the teacher-forced output error", stacklevel=3)
+        return fallback, [{knob: fallback, "judged_on": None, "passes": False}]
+    selection, held_out = split_items(ctx.calibration) if how else (None, set())
     searched: list[dict[str, Any]] = []
 
     def passes(value: float) -> bool:
@@ -31,10 +46,11 @@ def search_grid(grid: Sequence[float], build: Callable[[float], DiffusionGraph],
         except infeasible:
             return False
         entry: dict[str, Any] = {knob: value}
-        if live:
-            entry["psnr"] = round(trajectory_error(ctx.calibration, ctx.denoiser_for(candidate))["psnr"], 3)
+        if how:
+            entry["psnr"] = round(trajectory_error(ctx.calibration, ctx.denoiser_for(candidate), selection)["psnr"], 3)
             ok = entry["psnr"] >= min_psnr
         else:
+            assert max_relative_error is not None
             entry["relative_error"] = round(offline_error(candidate), 6)
             ok = entry["relative_error"] <= max_relative_error
         searched.append({**entry, "passes": ok})
@@ -47,4 +63,22 @@ def search_grid(grid: Sequence[float], build: Callable[[float], DiffusionGraph],
         middle = (low + high) // 2
         low, high = (middle, high) if passes(grid[middle]) != quality_rises else (low, middle)
     edge = high if quality_rises else low
-    return (grid[edge] if 0 <= edge < len(grid) else fallback), searched
+    if not 0 <= edge < len(grid):
+        return fallback, searched
+    if not held_out:
+        return grid[edge], searched
+    safer = 1 if quality_rises else -1
+    while 0 <= edge < len(grid):
+        try:
+            candidate = build(grid[edge])
+        except infeasible:
+            edge += safer
+            continue
+        psnr = round(trajectory_error(ctx.calibration, ctx.denoiser_for(candidate), held_out)["psnr"], 3)
+        searched.append({knob: grid[edge], "held_out_psnr": psnr, "passes": psnr >= min_psnr})
+        if psnr >= min_psnr:
+            return grid[edge], searched
+        edge += safer
+    warnings.warn(f"{knob}: no value keeps {min_psnr} dB on the held-out calibration trajectories, so it stays at "
+                  f"{fallback} (the safest value)", stacklevel=3)
+    return fallback, searched

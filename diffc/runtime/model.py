@@ -297,7 +297,10 @@ class OptimizedModel(PipelineComponent):
         variant = self.plan.schedule.variant_for(self.steps.step, self.steps.num_steps, t_value)
         if not self._judged_loop:
             variant = self.plan.schedule.default
-        state = self._states.get(self._context, {})
+        # without a cache_context, the call's index within its step keeps apart the state of
+        # guidance branches that a loop calls one after the other
+        branch = self._context or f"#call{self.steps.call_in_step}"
+        state = self._states.get(branch, {})
         if self.plan.lacks_state(variant, state):
             # this branch's cache was freed after the loop's last step (e.g. by the first of two unnamed
             # calls of that step): computing everything gives the exact result without it
@@ -305,9 +308,9 @@ class OptimizedModel(PipelineComponent):
         inputs = {spec.name: value for spec, value in zip(sig.inputs, flat)}
         results, kept = self.plan.run(variant, inputs, state, self._compiled.runners)
         if self.steps.at_last_step(self.plan.schedule.timesteps):
-            self._states.pop(self._context, None)  # nothing later in this loop reads it
+            self._states.pop(branch, None)  # nothing later in this loop reads it
         else:
-            self._states[self._context] = kept
+            self._states[branch] = kept
         if return_dict and sig.output_class:
             cls = _output_class(sig.output_class)
             return cls(**{f.name: r for f, r in zip(dataclasses.fields(cls), results)})

@@ -90,7 +90,7 @@ def test_cached_plan_matches_the_torch_backend_over_a_loop(captured):
             assert (got - expected).abs().max() <= TOL, f"step {step}"
             assert ort_model.steps.step == step
             if step < 3:
-                assert set(ort_model._states[""]) == set(ort_model.plan.state)
+                assert set(ort_model._states["#call0"]) == set(ort_model.plan.state)
     assert not ort_model._states  # freed after the announced last step
 
 

@@ -45,3 +45,42 @@ def test_an_infeasible_value_fails_without_being_measured():
     chosen, searched = _search(dict.fromkeys(GRID, 0.0), quality_rises=False, infeasible_above=0.25)
     assert chosen == 0.2
     assert all(entry["share"] <= 0.25 for entry in searched)
+
+
+def test_without_a_way_to_re_sample_the_safest_value_is_kept_with_a_warning():
+    ctx = PassContext(calibration=SimpleNamespace(pipeline=None))
+    with pytest.warns(UserWarning, match="cannot judge candidates on final outputs.*stays at -1.0"):
+        chosen, searched = search_grid(GRID, lambda v: v, ctx, knob="share", offline_error=lambda v: 0.0,
+                                       min_psnr=30.0, max_relative_error=None, quality_rises=False, fallback=-1.0)
+    assert chosen == -1.0 and not searched[0]["passes"]
+
+
+def _resampled(monkeypatch, selection_psnr, held_out_psnr):
+    """search_grid judging on final outputs, with PSNR per value faked on the selection and
+    held-out trajectories."""
+    import diffc.passes._search as search
+
+    monkeypatch.setattr(search, "resampling", lambda calibration: "loop")
+    monkeypatch.setattr(search, "split_items", lambda calibration: ({"chosen-on"}, {"kept-back"}))
+    monkeypatch.setattr(search, "trajectory_error", lambda calibration, value, items: {
+        "psnr": (selection_psnr if items == {"chosen-on"} else held_out_psnr)[value]})
+    ctx = PassContext(calibration=SimpleNamespace(pipeline=None), denoiser_for=lambda graph: graph)
+    return search_grid(GRID, lambda v: v, ctx, knob="share", offline_error=lambda v: 0.0, min_psnr=30.0,
+                       max_relative_error=None, quality_rises=False, fallback=0.0)
+
+
+def test_a_choice_that_misses_the_floor_on_held_out_trajectories_backs_off(monkeypatch):
+    selection = dict(zip(GRID, (40, 38, 35, 31, 20)))
+    held_out = dict(zip(GRID, (39, 33, 29, 28, 18)))
+    chosen, searched = _resampled(monkeypatch, selection, held_out)
+    assert chosen == 0.2  # 0.4 passed on the selection; 0.4 and 0.3 missed on the held-out ones
+    verified = [e for e in searched if "held_out_psnr" in e]
+    assert [(e["share"], e["passes"]) for e in verified] == [(0.4, False), (0.3, False), (0.2, True)]
+
+
+def test_when_nothing_holds_on_held_out_trajectories_nothing_changes(monkeypatch):
+    selection = dict.fromkeys(GRID, 40)
+    held_out = dict.fromkeys(GRID, 10)
+    with pytest.warns(UserWarning, match="no value keeps 30.0 dB on the held-out"):
+        chosen, _ = _resampled(monkeypatch, selection, held_out)
+    assert chosen == 0.0

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ...calibration import trajectory_error
+from ...calibration import resampling, split_items, trajectory_error
 from ...errors import PassError
 from ...ir import DiffusionGraph
 from ...ir.blocks import node_flops
@@ -141,14 +141,24 @@ class CachePass(Pass):
         cfg = self.config
         fixed = bool(cfg.forecast) if cfg.forecast is not None or staged else None
 
-        def final_error(full: set[int], forecast: bool) -> float:
+        selection, held_out = split_items(ctx.calibration)
+
+        def final_error(full: set[int], forecast: bool, items: set[str] = selection) -> dict[str, float]:
             steps = [FULL if s in full else cached_variant(s, num_steps) for s in range(num_steps)]
             dg.step_plan = _step_plan(regions, variants, Schedule(FULL, tuple(steps), forecast=forecast))
-            return trajectory_error(ctx.calibration, ctx.denoiser_for(dg))["mse"]
+            return trajectory_error(ctx.calibration, ctx.denoiser_for(dg), items)
 
-        live = ctx.calibration.pipeline is not None and ctx.denoiser_for is not None
-        return dp_schedule(build_plan(dg), ctx.calibration, num_steps, budget, cfg.max_gap, cfg.refine,
-                           cached_variant, fixed, final_error if live else None)
+        live = ctx.denoiser_for is not None and resampling(ctx.calibration) is not None
+        full, candidates, forecast = dp_schedule(build_plan(dg), ctx.calibration, num_steps, budget, cfg.max_gap,
+                                                 cfg.refine, cached_variant, fixed,
+                                                 (lambda f, m: final_error(f, m)["mse"]) if live else None)
+        if live:
+            predicted = final_error(full, forecast)["psnr"]
+            measured = final_error(full, forecast, held_out)["psnr"] if held_out else None
+            candidates.append({"full_steps": sorted(full), "forecast": forecast, "chosen": True,
+                               "predicted_psnr": round(predicted, 3),
+                               "held_out_psnr": None if measured is None else round(measured, 3)})
+        return full, candidates, forecast
 
     def _block_schedule(self, dg: DiffusionGraph, ctx: PassContext) -> PassResult:
         """schedule='bac': one cached region per candidate block, each with its own steps (bac.py)."""

@@ -81,25 +81,26 @@ def nonuniform_full_steps(num_steps: int, budget: int) -> set[int]:
 
 def reuse_errors(plan: Any, calibration: Any, max_gap: int, cached_variant: Any) -> dict[tuple[int, int], float]:
     """e[(i, j)]: mean squared error of the output at step j when the cache was filled at step i
-    (teacher-forced: recorded inputs of step j, cache from the full run at step i)."""
+    (teacher-forced: recorded inputs of step j, cache from the full run at step i by the same call
+    of the step, so that a loop calling each guidance branch separately reuses each branch's own)."""
     sums: dict[tuple[int, int], list[float]] = {}
     by_item: dict[str, list[Any]] = {}
     for record in calibration.records():
         by_item.setdefault(record.item, []).append(record)
     for records in by_item.values():
-        records.sort(key=lambda r: r.step)
-        states: dict[int, dict[str, Any]] = {}
+        records.sort(key=lambda r: (r.step, r.call))
+        states: dict[tuple[int, int], dict[str, Any]] = {}
         for record in records:
             with torch.no_grad():
-                _, states[record.step] = plan.run(FULL, record.inputs, {})
+                _, states[record.step, record.call] = plan.run(FULL, record.inputs, {})
         for record in records:
             reference = record.output.double()
             for i in range(max(0, record.step - max_gap), record.step):
-                if i not in states:
+                if (i, record.call) not in states:
                     continue
                 variant = cached_variant(record.step, record.num_steps)
                 with torch.no_grad():
-                    out, _ = plan.run(variant, record.inputs, states[i])
+                    out, _ = plan.run(variant, record.inputs, states[i, record.call])
                 error = float((out[0].double() - reference).pow(2).mean())
                 sums.setdefault((i, record.step), []).append(error)
     return {k: float(np.mean(v)) for k, v in sums.items()}
@@ -168,16 +169,17 @@ def dp_full_steps(errors: dict[tuple[int, int], float], num_steps: int, budget: 
 
 def measured_error(plan: Any, calibration: Any) -> list[float]:
     """Relative output error per step of the scheduled plan along each recorded trajectory, the
-    cache carried from step to step as at run time (teacher-forced inputs)."""
+    cache carried from step to step as at run time (teacher-forced inputs), each call of a step
+    carrying its own."""
     per_step: dict[int, list[float]] = {}
-    state: dict[str, Any] = {}
+    states: dict[int, dict[str, Any]] = {}
     last_item = None
     for record in calibration.records():
         if record.item != last_item:
-            state, last_item = {}, record.item
+            states, last_item = {}, record.item
         variant = plan.schedule.variant_for(record.step, record.num_steps)
         with torch.no_grad():
-            out, state = plan.run(variant, record.inputs, state)
+            out, states[record.call] = plan.run(variant, record.inputs, states.get(record.call, {}))
         per_step.setdefault(record.step, []).append(relative_error(out[0], record.output))
     return [float(np.mean(per_step[s])) for s in sorted(per_step)]
 

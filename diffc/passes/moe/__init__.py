@@ -15,8 +15,9 @@ expert off, taken as additive); with "per_ffn", each FFN keeps the same share, d
 experts whose summed output has least energy. Every routed expert is a bypass region
 of the step plan; each range is a Plan variant whose skipped experts pass the chain on unchanged,
 so every backend runs plain smaller FFNs with static shapes. Without an `active` share, the
-smallest share on a grid that keeps the re-sampled calibration images above `min_psnr` (or,
-without the live pipeline, the teacher-forced error below `max_relative_error`) is used.
+smallest share on a grid that keeps the re-sampled final outputs above `min_psnr` (pipeline or
+identified loop), verified on held-out trajectories, is used; with neither, every expert stays
+active and a warning says why, unless `max_relative_error` is set (the teacher-forced error decides).
 With every expert active nothing is routed and the pass leaves the FFNs dense (exact).
 
 With `compensate`, a switched-off expert is replaced by its mean output (per channel, over the
@@ -72,7 +73,7 @@ class MoeConfig(PassConfig):
     active: float | None = None
     step_groups: int = 4
     min_psnr: float = 30.0
-    max_relative_error: float = 0.05
+    max_relative_error: float | None = None
     max_records: int = 32
     max_tokens: int = 4096
     seed: int = 0

@@ -23,14 +23,16 @@ Removal also drops the output rows of a linear whose split pieces are no longer 
 (DiT, PixArt, SD3, FLUX) computes one block's attention and FFN modulations with one linear, so
 removing the attention removes half of that linear, and it counts towards the share removed.
 
-With the live pipeline, the knapsack's optimum and its runners-up (the optimum with one of its
+When final outputs can be re-sampled, the knapsack's optimum and its runners-up (the optimum with one of its
 units excluded), up to `rerank` sets, are re-sampled through the real sampling loop and the set
 of least trajectory error is kept: single-step errors add up within a step, but compound along
 the loop differently per unit.
 
 Without an `amount`, the share is derived from calibration data: the largest one whose pruned
-model keeps the re-sampled calibration images above `min_psnr` (with the live pipeline), or the
-teacher-forced output error below `max_relative_error` (without one).
+model keeps the re-sampled final outputs above `min_psnr` (the live pipeline, or the sampling loop
+identified from a recording of every step), verified on held-out trajectories (_search.search_grid).
+With neither, nothing is pruned and a warning says why, unless `max_relative_error` is set: then
+the teacher-forced output error decides.
 
 With `recover_steps`, the pruned graph's remaining weights are then distilled for that many
 steps against the unpruned graph on the calibration calls (LAPTOP-Diff's normalized feature
@@ -53,7 +55,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..._progress import progress
-from ...calibration import trajectory_error
+from ...calibration import resampling, split_items, trajectory_error
 from ...calibration.batch import CalibrationBatch, plan_error, step_ranges
 from ...errors import PassError
 from ...ir import DiffusionGraph
@@ -75,7 +77,7 @@ class PruneConfig(PassConfig):
     target: str = "params"
     amount: float | None = None
     min_psnr: float = 30.0
-    max_relative_error: float = 0.05
+    max_relative_error: float | None = None
     kinds: tuple[str, ...] = UNIT_KINDS
     step_groups: int = 1
     max_records: int = 64
@@ -151,7 +153,7 @@ class PrunePass(Pass):
                                           [float(np.mean([s[i] for s in scores])) for i in range(len(units))],
                                           batch, cfg.additivity_sets, cfg.seed, offsets=offsets)
 
-        live = ctx.calibration.pipeline is not None and ctx.denoiser_for is not None
+        live = ctx.denoiser_for is not None and resampling(ctx.calibration) is not None
         reranked: dict[float, list[dict[str, Any]]] = {}
 
         @functools.lru_cache(maxsize=None)
@@ -221,9 +223,10 @@ class PrunePass(Pass):
             if {u.name for u in alternative} not in [{u.name for u in c} for c in candidates]:
                 candidates.append(alternative)
         measured = []
+        selection, _ = split_items(ctx.calibration)
         for candidate in candidates:
             pruned = remove_units(dg.clone(), candidate, offsets)
-            measured.append(trajectory_error(ctx.calibration, ctx.denoiser_for(pruned))["mse"])
+            measured.append(trajectory_error(ctx.calibration, ctx.denoiser_for(pruned), selection)["mse"])
         record = [{"removed": [u.name for u in c], "trajectory_mse": round(m, 8)} for c, m in zip(candidates, measured)]
         return candidates[int(np.argmin(measured))], record
 

@@ -1,0 +1,210 @@
+"""The sampling loop identified from what `record` saw (diffc.calibration.loop): each sampler's
+per-step map recovered, stochastic and clipping loops named, and closed-loop re-runs that
+reproduce the recorded trajectories."""
+import copy
+import inspect
+
+import pytest
+import torch
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler)
+
+from diffc.calibration import identify_loop, loop_error, record, replay_loop, resampling, trajectory_error
+from digits_tiny import tiny_digits_pipeline
+
+STEPS = 6
+GUIDANCE = 4.0
+SAMPLERS = {
+    "ddim": lambda: DDIMScheduler(clip_sample=False),
+    "dpm++2m": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+    "flow-euler": FlowMatchEulerDiscreteScheduler,
+}
+SINGLE_STEP = ("ddim", "euler", "flow-euler")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    pipe = tiny_digits_pipeline()
+    return pipe.unet, pipe.class_embedding
+
+
+def _scale(scheduler, t):
+    """What the loop multiplies the latent by before the call (Euler's input scaling)."""
+    if not hasattr(scheduler, "scale_model_input"):
+        return 1.0
+    return float(copy.deepcopy(scheduler).scale_model_input(torch.ones(1), t)[0])
+
+
+@torch.no_grad()
+def sample(unet, embed, scheduler, out, guidance=GUIDANCE, unbatched=False, final=True, labels=(2, 5, 7),
+           probe=False):
+    """A hand-written loop (no pipeline) under `record`; returns the recording and, per step, the
+    scheduler's own map on the latent the model sees: (latent coefficient, output coefficient),
+    probed by stepping copies of a single-step scheduler with unit inputs when `probe`.
+    The class tokens are scaled up so that the tiny untrained model's two branches differ."""
+    maps, scales = [], []
+    with record(unet, out=out) as recording:
+        for label in labels:
+            scheduler.set_timesteps(STEPS)
+            generator = torch.Generator().manual_seed(label)
+            x = torch.randn(1, 1, 8, 8, generator=generator) * getattr(scheduler, "init_noise_sigma", 1.0)
+            tokens = embed(torch.tensor([10, label])) * 200
+            extra = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+            for t in scheduler.timesteps:
+                scale = _scale(scheduler, t)
+                seen = x * scale
+                if guidance is None:
+                    eps = unet(seen, t.expand(1), encoder_hidden_states=tokens[1:]).sample
+                elif unbatched:
+                    uncond = unet(seen, t.expand(1), encoder_hidden_states=tokens[:1]).sample
+                    cond = unet(seen, t.expand(1), encoder_hidden_states=tokens[1:]).sample
+                    eps = uncond + guidance * (cond - uncond)
+                else:
+                    uncond, cond = unet(torch.cat([seen, seen]), t.expand(2), encoder_hidden_states=tokens).sample.chunk(2)
+                    eps = uncond + guidance * (cond - uncond)
+                if probe and label == labels[0]:
+                    a = float(copy.deepcopy(scheduler).step(torch.zeros(1), t, torch.ones(1)).prev_sample[0])
+                    b = float(copy.deepcopy(scheduler).step(torch.ones(1), t, torch.zeros(1)).prev_sample[0])
+                    maps.append((a, b))
+                    scales.append(scale)
+                x = scheduler.step(eps, t, x, **extra).prev_sample
+            if final:
+                recording.final(x)
+    scales.append(1.0)  # the final latents are not scaled
+    own = [(scales[k + 1] * a / scales[k], scales[k + 1] * b) for k, (a, b) in enumerate(maps)]
+    return recording.calibration_set, own
+
+
+@pytest.mark.parametrize("guidance", [None, GUIDANCE], ids=["no-cfg", "cfg"])
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_the_fit_recovers_each_deterministic_sampler(tiny, tmp_path, sampler, guidance):
+    unet, embed = tiny
+    calibration, own = sample(unet, embed, SAMPLERS[sampler](), tmp_path / "rec", guidance,
+                              probe=sampler in SINGLE_STEP)
+    loop = identify_loop(calibration)
+    assert loop.kind == "affine" and loop.latent == "sample" and loop.final and len(loop.maps) == STEPS
+    assert loop.residual < 1e-10
+    assert loop.members == (1 if guidance is None else 2)
+    weights = (1.0,) if guidance is None else (1 - guidance, guidance)
+    for k, step_map in enumerate(loop.maps):
+        # the guidance scale is a ratio of coefficients: resolved where they are not near zero, less
+        # finely for multistep solvers (float32 rounding of their stored history vs. branches that
+        # differ by under 1% late in the loop)
+        if abs(sum(step_map.outputs[0])) > 0.1:
+            assert loop.guidance_weights(k) == pytest.approx(weights, abs=1e-3 if sampler in SINGLE_STEP else 5e-3)
+    if sampler in SINGLE_STEP:
+        assert loop.history == 0
+        for step_map, (a, b) in zip(loop.maps, own):
+            assert step_map.latents[0] == pytest.approx(a, abs=1e-4)
+            assert step_map.outputs[0] == pytest.approx(tuple(b * w for w in weights), abs=1e-4)
+    else:
+        # multistep: earlier steps enter the update. Their coefficients are not unique (the latent
+        # at k is itself a combination of earlier ones), so the re-run below is the check
+        assert loop.history >= 1
+    # the unmodified model in the re-run loop lands on the recorded final latents
+    for produced, recorded in replay_loop(calibration, loop, unet).values():
+        assert _close(produced, recorded)
+
+
+def _close(produced, recorded):
+    """Equal to float32 rounding: within 1e-5 of the recorded latents' largest magnitude."""
+    return float((produced - recorded).abs().max()) < 1e-5 * float(recorded.abs().max())
+
+
+def test_a_loop_that_calls_each_branch_separately_pairs_the_calls(tiny, tmp_path):
+    unet, embed = tiny
+    calibration, own = sample(unet, embed, DDIMScheduler(clip_sample=False), tmp_path / "rec", unbatched=True)
+    loop = identify_loop(calibration)
+    assert loop.kind == "affine" and loop.members == 2
+    assert loop.guidance_weights(0) == pytest.approx((1 - GUIDANCE, GUIDANCE), abs=1e-4)
+    assert loop_error(calibration, loop, unet)["psnr"] > 100
+
+
+def test_euler_ancestral_is_named_stochastic_and_re_runs_with_its_noise(tiny, tmp_path):
+    unet, embed = tiny
+    calibration, _ = sample(unet, embed, EulerAncestralDiscreteScheduler(), tmp_path / "rec")
+    loop = identify_loop(calibration)
+    assert loop.kind == "stochastic" and "ancestral" in loop.reason and loop.usable
+    assert loop_error(calibration, loop, unet)["psnr"] > 100
+
+
+def test_a_clipping_loop_is_named_non_affine(tiny, tmp_path):
+    unet, embed = tiny
+    calibration, _ = sample(unet, embed, DDIMScheduler(clip_sample=True, clip_sample_range=2.0), tmp_path / "rec")
+    loop = identify_loop(calibration)
+    assert loop.kind == "non-affine" and "clipping" in loop.reason
+    assert loop_error(calibration, loop, unet)["psnr"] > 100
+
+
+def test_without_final_latents_the_loop_ends_at_its_last_call(tiny, tmp_path):
+    unet, embed = tiny
+    calibration, _ = sample(unet, embed, DDIMScheduler(clip_sample=False), tmp_path / "rec", final=False)
+    loop = identify_loop(calibration)
+    assert loop.kind == "affine" and not loop.final and len(loop.maps) == STEPS - 1
+    last_inputs = [r.inputs["sample"][:1] for r in calibration.records(steps={STEPS - 1})]
+    replayed = replay_loop(calibration, loop, unet)
+    for (produced, recorded), expected in zip(replayed.values(), last_inputs):
+        assert torch.allclose(recorded.float(), expected) and _close(produced, recorded)
+
+
+def test_a_set_missing_steps_is_unidentified_and_says_why(tiny, tmp_path):
+    unet, embed = tiny
+    with record(unet, out=tmp_path / "rec", timesteps="uniform:3") as recording:
+        x = torch.randn(1, 1, 8, 8)
+        scheduler = DDIMScheduler(clip_sample=False)
+        scheduler.set_timesteps(STEPS)
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t.expand(1), encoder_hidden_states=embed(torch.tensor([3]))).sample, t, x).prev_sample
+    loop = identify_loop(recording.calibration_set)
+    assert loop.kind == "unidentified" and "timesteps='all'" in loop.reason and not loop.usable
+    assert resampling(recording.calibration_set) is None
+    with pytest.raises(Exception, match="cannot re-sample.*timesteps='all'"):
+        trajectory_error(recording.calibration_set, unet)
+
+
+def test_trajectory_error_of_a_recorded_loop_measures_a_candidate_closed_loop(tiny, tmp_path):
+    unet, embed = tiny
+    calibration, _ = sample(unet, embed, DPMSolverMultistepScheduler(), tmp_path / "rec")
+    assert resampling(calibration) == "loop"
+    assert trajectory_error(calibration, unet)["psnr"] > 100
+
+    def damped(**kwargs):
+        return unet(**kwargs).sample * 0.98
+
+    worse = trajectory_error(calibration, damped)
+    assert 10 < worse["psnr"] < 80 and worse["trajectories"] == 3
+    # the fitted loop is kept in the set's manifest for the next process
+    assert calibration.manifest["loop"]["kind"] == "affine"
+
+
+@torch.no_grad()
+def _final(denoiser, embed, scheduler, unbatched):
+    scheduler.set_timesteps(STEPS)
+    x = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    tokens = embed(torch.tensor([10, 4])) * 200
+    for t in scheduler.timesteps:
+        if unbatched:
+            uncond = denoiser(x, t.expand(1), encoder_hidden_states=tokens[:1]).sample
+            cond = denoiser(x, t.expand(1), encoder_hidden_states=tokens[1:]).sample
+        else:
+            uncond, cond = denoiser(torch.cat([x, x]), t.expand(2), encoder_hidden_states=tokens).sample.chunk(2)
+        x = scheduler.step(uncond + GUIDANCE * (cond - uncond), t, x).prev_sample
+    return x
+
+
+def test_a_cached_model_keeps_each_separately_called_branch_apart(tiny, tmp_path):
+    """A loop calling the conditional and unconditional branches one after the other, with no
+    cache_context: each call index keeps its own cached features, so it samples what the batched
+    loop samples with the same schedule."""
+    import diffc
+
+    unet, embed = tiny
+    calibration, _ = sample(unet, embed, DDIMScheduler(clip_sample=False), tmp_path / "rec", unbatched=True)
+    assert {r.call for r in calibration.records()} == {0, 1}
+    fast = diffc.optimize(unet, passes=[{"pass": "cache", "schedule": "uniform", "interval": 2}], calibration=calibration)
+    scheduler = DDIMScheduler(clip_sample=False)
+    batched, unbatched = _final(fast, embed, scheduler, False), _final(fast, embed, scheduler, True)
+    assert not torch.allclose(_final(unet, embed, scheduler, False), batched, atol=1e-4)  # the cache changes it
+    assert torch.allclose(batched, unbatched, atol=1e-4)
