@@ -12,7 +12,8 @@ import torch
 
 from ..ir import DiffusionGraph, StepTracker, find_denoiser
 from .collect import call_pipeline
-from .loop import loop_error, sampling_loop
+from .loop import sampling_loop
+from .replay import loop_error, loop_propagation_weights
 from .statistics import Observer
 from .store import CalibrationError, CalibrationSet
 
@@ -149,14 +150,21 @@ def _as_tensor(result: Any) -> torch.Tensor:
     return images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images, dtype=np.float32))
 
 
-def propagation_weights(calibration: CalibrationSet, relative_size: float = 0.01) -> list[float] | None:
+def propagation_weights(calibration: CalibrationSet, relative_size: float = 0.01,
+                        denoiser: Callable[..., Any] | None = None) -> list[float] | None:
     """How strongly an error in the denoiser's output at each step reaches the final output:
     w[j] = MSE(final change) / MSE(perturbation) when a small random perturbation is added to
     the output at step j only, measured by re-running the sampler of the first trajectory.
-    Covers the scheduler's coefficients and guidance. None without a live pipeline."""
+    Covers the scheduler's coefficients and guidance. Without a live pipeline, the identified loop
+    re-runs with `denoiser` (the unmodified model) instead; None when neither can."""
     pipe, replay = calibration.pipeline, calibration.replay
-    if pipe is None or replay is None or not calibration.items:
+    if not calibration.items:
         return None
+    if pipe is None or replay is None:
+        loop = sampling_loop(calibration)
+        if denoiser is None or not loop.usable:
+            return None
+        return loop_propagation_weights(calibration, loop, denoiser, relative_size)
     item = calibration.items[0]
     condition = replay["conditions"][item["condition_index"]]
     num_steps = calibration.settings["num_steps"]

@@ -1,5 +1,5 @@
-"""The user's sampling loop, identified from the calls a calibration set recorded, and re-run with
-a candidate denoiser in it.
+"""The user's sampling loop, identified from the calls a calibration set recorded (replay.py
+re-runs it with a candidate denoiser in it).
 
 Deterministic samplers (DDIM, DPM-Solver++, UniPC, Euler, flow-matching Euler, with or without
 classifier-free guidance) turn the denoiser's outputs into the next latent by a per-step affine
@@ -8,13 +8,11 @@ the latent the denoiser received at step k, and out[k][r] the output of member r
 rows (two members for the conditional and unconditional rows of guidance, batched or called
 separately). The map is fitted per step by least squares, the next call's latent being the
 target; a loop whose residual is too large is named stochastic (white noise each step, as in
-ancestral and SDE samplers) or non-affine (clipping, thresholding). A stochastic loop is re-run
-with the noise the recorded trajectory drew, as a seeded sampler would draw it again."""
+ancestral and SDE samplers) or non-affine (clipping, thresholding)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -33,6 +31,8 @@ TRIMMED_SHARES = (0.5, 0.25, 0.1)
 TRIMMED_ROUNDS = 4
 EXACT_RESIDUAL = 1e-9
 RANK_TOLERANCE = 1e-10
+# an element the unclipped map misses by more than this share of the latent's RMS was clipped
+CLIPPED_ELEMENT = 1e-5
 LATENT_NAMES = ("sample", "hidden_states", "x", "latents", "latent", "z")
 
 
@@ -44,15 +44,35 @@ class StepMap:
     latents: tuple[float, ...]
     outputs: tuple[tuple[float, ...], ...]
     residual: float
+    # where the loop clips: the map of clipped elements, same layout, and its offset (+ for
+    # elements clipped one way, - the other)
+    clipped: "StepMap | None" = None
+    clip_offset: float = 0.0
 
     def apply(self, k: int, latents: list[torch.Tensor], outputs: list[torch.Tensor]) -> torch.Tensor:
         """The next latent from the loop's latents and outputs (by state and member) up to step k."""
+        result = self._affine(k, latents, outputs)
+        if self.clipped is None:
+            return result
+        return _clip(result, self.clipped._affine(k, latents, outputs), self.clip_offset)
+
+    def _affine(self, k: int, latents: list[torch.Tensor], outputs: list[torch.Tensor]) -> torch.Tensor:
         result = torch.zeros_like(latents[k])
         for lag, (a, members) in enumerate(zip(self.latents, self.outputs)):
             result = result + a * latents[k - lag]
             for member, b in enumerate(members):
                 result = result + b * outputs[k - lag][:, member]
         return result
+
+    def to_json(self) -> dict[str, Any]:
+        return {"latents": list(self.latents), "outputs": [list(o) for o in self.outputs], "residual": self.residual,
+                "clipped": None if self.clipped is None else self.clipped.to_json(), "clip_offset": self.clip_offset}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "StepMap":
+        clipped = data.get("clipped")
+        return cls(tuple(data["latents"]), tuple(tuple(o) for o in data["outputs"]), data["residual"],
+                   None if clipped is None else cls.from_json(clipped), data.get("clip_offset", 0.0))
 
 
 @dataclass(frozen=True)
@@ -71,6 +91,7 @@ class SamplingLoop:
     history: int = 0
     maps: tuple[StepMap, ...] = ()
     final: bool = False
+    clipping: bool = False
 
     @property
     def usable(self) -> bool:
@@ -89,19 +110,18 @@ class SamplingLoop:
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "reason": self.reason, "latent": self.latent, "members": self.members,
-                "history": self.history, "final": self.final,
-                "maps": [{"latents": list(m.latents), "outputs": [list(o) for o in m.outputs], "residual": m.residual}
-                         for m in self.maps]}
+                "history": self.history, "final": self.final, "clipping": self.clipping,
+                "maps": [m.to_json() for m in self.maps]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "SamplingLoop":
-        maps = tuple(StepMap(tuple(m["latents"]), tuple(tuple(o) for o in m["outputs"]), m["residual"])
-                     for m in data["maps"])
-        return cls(data["kind"], data["reason"], data["latent"], data["members"], data["history"], maps, data["final"])
+        maps = tuple(StepMap.from_json(m) for m in data["maps"])
+        return cls(data["kind"], data["reason"], data["latent"], data["members"], data["history"], maps, data["final"],
+                   data.get("clipping", False))
 
 
 @dataclass
-class _Step:
+class LoopStep:
     """One step of one trajectory: its calls, which (state, member) each concatenated batch row
     is, the distinct latents (states) and the outputs per state and member."""
 
@@ -127,13 +147,13 @@ def latent_name(record: Record) -> str:
     return next((name for name in LATENT_NAMES if name in candidates), candidates[0])
 
 
-def _output_rows(output: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+def output_rows(output: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
     return output if output.shape == latent.shape else output[:, : latent.shape[1]]
 
 
-def _step(calls: list[Record], latent: str) -> _Step:
+def _step(calls: list[Record], latent: str) -> LoopStep:
     inputs = torch.cat([c.inputs[latent] for c in calls]).double()
-    outputs = torch.cat([_output_rows(c.output, c.inputs[latent]) for c in calls]).double()
+    outputs = torch.cat([output_rows(c.output, c.inputs[latent]) for c in calls]).double()
     first_rows: list[int] = []
     rows: list[tuple[int, int]] = []
     members: list[int] = []
@@ -150,17 +170,17 @@ def _step(calls: list[Record], latent: str) -> _Step:
                                "the loop's rows cannot be paired")
     by_state = torch.stack([torch.stack([outputs[i] for i, (s, _) in enumerate(rows) if s == state])
                             for state in range(len(first_rows))])
-    return _Step(calls, rows, inputs[first_rows], by_state)
+    return LoopStep(calls, rows, inputs[first_rows], by_state)
 
 
-def _trajectories(calibration: CalibrationSet, latent: str,
-                  items: set[str] | None = None) -> Iterator[tuple[dict[str, Any], list[_Step]]]:
+def recorded_trajectories(calibration: CalibrationSet, latent: str,
+                  items: set[str] | None = None) -> Iterator[tuple[dict[str, Any], list[LoopStep]]]:
     """Each complete trajectory's steps, in order; refuses a set that skipped steps."""
     by_item: dict[str, list[Record]] = {}
     current: str | None = None
     item_info = {item["id"]: item for item in calibration.items}
 
-    def steps_of(item: str) -> list[_Step]:
+    def steps_of(item: str) -> list[LoopStep]:
         records = by_item.pop(item)
         grouped: dict[int, list[Record]] = {}
         for record in records:
@@ -180,7 +200,7 @@ def _trajectories(calibration: CalibrationSet, latent: str,
         yield item_info[current], steps_of(current)
 
 
-def _regressors(steps: list[_Step], k: int, lags: int) -> torch.Tensor:
+def _regressors(steps: list[LoopStep], k: int, lags: int) -> torch.Tensor:
     """Columns x[k], out[k][r], x[k-1], out[k-1][r], ... (the lags available at step k), one row per element."""
     columns = []
     for lag in range(min(lags, k) + 1):
@@ -190,7 +210,7 @@ def _regressors(steps: list[_Step], k: int, lags: int) -> torch.Tensor:
     return torch.stack(columns, dim=1)
 
 
-def _targets(steps: list[_Step], final: torch.Tensor | None) -> list[torch.Tensor]:
+def _targets(steps: list[LoopStep], final: torch.Tensor | None) -> list[torch.Tensor]:
     return [s.states for s in steps[1:]] + ([final.double()] if final is not None else [])
 
 
@@ -234,7 +254,7 @@ def identify_loop(calibration: CalibrationSet, latent: str | None = None) -> Sam
         problems: dict[int, _LeastSquares] = {}
         layout: tuple[int, int] | None = None
         use_final = bool(finals)
-        for item, steps in _trajectories(calibration, latent):
+        for item, steps in recorded_trajectories(calibration, latent):
             members = steps[0].outputs.shape[1]
             if layout is None:
                 layout = (len(steps), members)
@@ -271,7 +291,7 @@ def identify_loop(calibration: CalibrationSet, latent: str | None = None) -> Sam
     return _explain_residual(calibration, loop)
 
 
-def _step_residuals(loop: SamplingLoop, steps: list[_Step], final: torch.Tensor | None) -> list[torch.Tensor]:
+def step_residuals(loop: SamplingLoop, steps: list[LoopStep], final: torch.Tensor | None) -> list[torch.Tensor]:
     """What the fitted maps leave unexplained at each step of one recorded trajectory."""
     latents, outputs = [s.states for s in steps], [s.outputs for s in steps]
     targets = _targets(steps, final if loop.final else None)
@@ -288,7 +308,7 @@ def _explain_residual(calibration: CalibrationSet, loop: SamplingLoop) -> Sampli
     failing = [k for k, m in enumerate(loop.maps) if m.residual > AFFINE_RESIDUAL]
     designs: dict[int, list[torch.Tensor]] = {k: [] for k in failing}
     targets: dict[int, list[torch.Tensor]] = {k: [] for k in failing}
-    for item, steps in _trajectories(calibration, loop.latent):
+    for item, steps in recorded_trajectories(calibration, loop.latent):
         final = finals.get(item["id"]) if loop.final else None
         for k, target in enumerate(_targets(steps, final)):
             if k in designs:
@@ -301,18 +321,52 @@ def _explain_residual(calibration: CalibrationSet, loop: SamplingLoop) -> Sampli
         refit, share = _trimmed_fit(design, y, loop.members)
         exact_shares.append(share)
         if refit is not None:
-            maps[k] = refit
+            maps[k] = _clip_fit(design, y, refit, loop.members)
     worst = int(np.argmax([m.residual for m in loop.maps]))
     summary = (f"the best affine fit leaves {loop.residual:.2e} of step {worst}'s update unexplained; in the steps "
                f"it misses, up to {max(exact_shares):.0%} of the elements follow one affine map exactly")
     if max(exact_shares) >= TRIMMED_SHARES[-1]:
+        if all(maps[k].residual <= AFFINE_RESIDUAL for k in failing):
+            return SamplingLoop("non-affine", summary + " and the rest one clipped map: the loop clips an affine "
+                                "combination of them (clip_sample), which the re-run reproduces", loop.latent,
+                                loop.members, loop.history, tuple(maps), loop.final, clipping=True)
         return SamplingLoop("non-affine", summary + ": the loop transforms latents non-linearly where they leave a "
-                            "range (clipping or thresholding); it is re-run with that correction held at its recorded "
-                            "value, which overstates a candidate's error", loop.latent, loop.members, loop.history,
+                            "range (clipping or thresholding). Steps where enough elements stay in range are re-run "
+                            "with the clipping modelled; the others with the correction held at its recorded value, "
+                            "which overstates a candidate's error", loop.latent, loop.members, loop.history,
                             tuple(maps), loop.final)
     return SamplingLoop("stochastic", summary + ": fresh noise each step, as in ancestral and SDE samplers; it is "
                         "re-run with the noise the recorded trajectory drew", loop.latent, loop.members, loop.history,
                         loop.maps, loop.final)
+
+
+def _clip_fit(design: torch.Tensor, y: torch.Tensor, unclipped: StepMap, members: int) -> StepMap:
+    """`unclipped` with the map of the elements it misses, when one affine map plus an offset signed
+    by the miss fits them exactly (clipping an affine combination to a symmetric range)."""
+    beta = _coefficients(unclipped)
+    miss = y - design @ beta
+    clipped = miss.abs() > CLIPPED_ELEMENT * y.pow(2).mean().sqrt()
+    if int(clipped.sum()) <= design.shape[1] + 1:
+        return unclipped
+    features = torch.cat([design[clipped], miss[clipped].sign().unsqueeze(1)], dim=1)
+    solution = torch.linalg.lstsq(features, y[clipped].unsqueeze(1)).solution.squeeze(1)
+    offset = float(solution[-1])
+    predicted = _clip(design @ beta, design @ solution[:-1], offset)
+    residual = float((y - predicted).pow(2).sum() / y.pow(2).sum().clamp_min(1e-300))
+    if residual >= unclipped.residual:
+        return unclipped
+    return StepMap(unclipped.latents, unclipped.outputs, residual, _step_map(solution[:-1], members, 0.0), offset)
+
+
+def _clip(affine: torch.Tensor, saturated: torch.Tensor, offset: float) -> torch.Tensor:
+    """Clipping an affine combination x0 to [-s, s]: the clipped map departs from the affine one,
+    with the sign of its offset, exactly where x0 leaves the range (and at most one way)."""
+    return affine + (saturated + offset - affine).clamp_min(0) + (saturated - offset - affine).clamp_max(0)
+
+
+def _coefficients(step_map: StepMap) -> torch.Tensor:
+    return torch.tensor([c for a, members in zip(step_map.latents, step_map.outputs) for c in (a, *members)],
+                        dtype=torch.float64)
 
 
 def _trimmed_fit(design: torch.Tensor, y: torch.Tensor, members: int) -> tuple[StepMap | None, float]:
@@ -339,79 +393,6 @@ def _step_map(beta: torch.Tensor, members: int, residual: float) -> StepMap:
     return StepMap(tuple(float(beta[lag * block]) for lag in range(lags)),
                    tuple(tuple(float(b) for b in beta[lag * block + 1: (lag + 1) * block]) for lag in range(lags)),
                    residual)
-
-
-def _call_arguments(inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Recorded inputs back into the forward's arguments (`param.key` names into dicts)."""
-    arguments: dict[str, Any] = {}
-    for name, value in inputs.items():
-        if "." in name:
-            parameter, key = name.split(".", 1)
-            arguments.setdefault(parameter, {})[key] = value
-        else:
-            arguments[name] = value
-    return arguments
-
-
-def _first_tensor(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    sample = getattr(output, "sample", None)
-    return sample if isinstance(sample, torch.Tensor) else output[0]
-
-
-def replay_loop(calibration: CalibrationSet, loop: SamplingLoop, candidate: Callable[..., Any],
-                items: set[str] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Re-runs each recorded trajectory from its recorded starting latents with `candidate` in the
-    loop: by item id, (the candidate's final latents, the recorded ones). Each call gets the
-    recorded conditioning and timestep and the candidate's own latent."""
-    if not loop.usable:
-        raise CalibrationError(f"the recorded sampling loop cannot be re-run: {loop.reason}")
-    finals = calibration.final_outputs()
-    results = {}
-    for item, steps in _trajectories(calibration, loop.latent, items):
-        final = finals.get(item["id"])
-        noise = _step_residuals(loop, steps, final) if loop.kind != "affine" else None
-        latents, produced = [steps[0].states], []
-        for k, step_map in enumerate(loop.maps):
-            produced.append(_run_step(candidate, steps[k], latents[k], loop.latent))
-            latents.append(step_map.apply(k, latents, produced) + (noise[k] if noise is not None else 0))
-        reference = final.double() if loop.final and final is not None else steps[len(loop.maps)].states
-        results[item["id"]] = (latents[-1], reference)
-    return results
-
-
-def _run_step(candidate: Callable[..., Any], step: _Step, states: torch.Tensor, latent: str) -> torch.Tensor:
-    """The candidate's outputs at one step, by state and member, given the loop's current states."""
-    outputs = torch.empty_like(step.outputs)
-    row = 0
-    for call in step.calls:
-        count = call.inputs[latent].shape[0]
-        placed = step.rows[row: row + count]
-        inputs = dict(call.inputs)
-        inputs[latent] = torch.stack([states[s] for s, _ in placed]).to(call.inputs[latent].dtype)
-        with torch.no_grad():
-            out = _output_rows(_first_tensor(candidate(**_call_arguments(inputs))), inputs[latent]).double()
-        for i, (s, member) in enumerate(placed):
-            outputs[s, member] = out[i]
-        row += count
-    return outputs
-
-
-def loop_error(calibration: CalibrationSet, loop: SamplingLoop, candidate: Callable[..., Any],
-               items: set[str] | None = None) -> dict[str, float]:
-    """Final-latent error of the re-run loop against the recorded trajectories: MSE, and PSNR with
-    each trajectory's range as the peak (a latent spanning [-1, 1] scores as its image in [0, 1] would)."""
-    pairs = replay_loop(calibration, loop, candidate, items)
-    mses, scaled = [], []
-    for produced, reference in pairs.values():
-        mse = float((produced - reference).pow(2).mean())
-        peak = float(reference.max() - reference.min())
-        mses.append(mse)
-        scaled.append(mse / max(peak * peak, 1e-300))
-    mse, relative = (float(np.mean(mses)), float(np.mean(scaled))) if mses else (0.0, 0.0)
-    return {"mse": mse, "psnr": math.inf if relative == 0 else float(-10 * np.log10(relative)),
-            "trajectories": len(mses)}
 
 
 def sampling_loop(calibration: CalibrationSet, latent: str | None = None) -> SamplingLoop:

@@ -6,9 +6,13 @@ from __future__ import annotations
 import warnings
 from typing import Any, Callable, Sequence
 
-from ..calibration import resampling, sampling_loop, split_items, trajectory_error
+from ..calibration import guidance_loss, resampling, sampling_loop, split_items, trajectory_error
 from ..ir import DiffusionGraph
 from .base import PassContext
+
+# a candidate that keeps less of the guidance signal (conditional minus unconditional output) than
+# this is refused whatever its final PSNR: the conditioning is what steers the samples
+MAX_GUIDANCE_LOSS = 0.1
 
 
 def search_grid(grid: Sequence[float], build: Callable[[float], DiffusionGraph], ctx: PassContext, *,
@@ -23,7 +27,9 @@ def search_grid(grid: Sequence[float], build: Callable[[float], DiffusionGraph],
     pipeline, or the sampling loop identified from the recorded calls) on the calibration
     trajectories split_items selects on: a candidate passes at `min_psnr`. The chosen value is then
     re-sampled on the held-out trajectories; when it misses `min_psnr` there, the next safer grid
-    value is tried, and when none passes, `fallback` is returned with a warning. Without a way to
+    value is tried, and when none passes, `fallback` is returned with a warning. Where the loop
+    pairs guidance rows, a candidate that loses more than MAX_GUIDANCE_LOSS of the guidance signal
+    (calibration.guidance_loss) fails too. Without a way to
     re-sample, the teacher-forced `offline_error` decides only when the user set
     `max_relative_error`; otherwise the result is `fallback`, with a warning saying why. A value
     whose `build` raises one of `infeasible` fails without being measured. Quality must be monotone
@@ -38,6 +44,7 @@ def search_grid(grid: Sequence[float], build: Callable[[float], DiffusionGraph],
                       "max_relative_error to decide on the teacher-forced output error", stacklevel=3)
         return fallback, [{knob: fallback, "judged_on": None, "passes": False}]
     selection, held_out = split_items(ctx.calibration) if how else (None, set())
+    loop = sampling_loop(ctx.calibration) if how else None
     searched: list[dict[str, Any]] = []
 
     def passes(value: float) -> bool:
@@ -47,8 +54,14 @@ def search_grid(grid: Sequence[float], build: Callable[[float], DiffusionGraph],
             return False
         entry: dict[str, Any] = {knob: value}
         if how:
-            entry["psnr"] = round(trajectory_error(ctx.calibration, ctx.denoiser_for(candidate), selection)["psnr"], 3)
+            denoiser = ctx.denoiser_for(candidate)
+            entry["psnr"] = round(trajectory_error(ctx.calibration, denoiser, selection)["psnr"], 3)
             ok = entry["psnr"] >= min_psnr
+            if loop is not None and loop.usable:
+                lost = guidance_loss(ctx.calibration, loop, ctx.denoiser_for(candidate), selection)
+                if lost is not None:
+                    entry["guidance_lost"] = round(lost, 4)
+                    ok = ok and lost <= MAX_GUIDANCE_LOSS
         else:
             assert max_relative_error is not None
             entry["relative_error"] = round(offline_error(candidate), 6)

@@ -130,11 +130,14 @@ def test_euler_ancestral_is_named_stochastic_and_re_runs_with_its_noise(tiny, tm
     assert loop_error(calibration, loop, unet)["psnr"] > 100
 
 
-def test_a_clipping_loop_is_named_non_affine(tiny, tmp_path):
+def test_a_clipping_loop_is_named_non_affine_and_its_clipping_modelled_where_it_can(tiny, tmp_path):
     unet, embed = tiny
-    calibration, _ = sample(unet, embed, DDIMScheduler(clip_sample=True, clip_sample_range=2.0), tmp_path / "rec")
+    calibration, _ = sample(unet, embed, DDIMScheduler(clip_sample=True, clip_sample_range=6.0), tmp_path / "rec")
     loop = identify_loop(calibration)
     assert loop.kind == "non-affine" and "clipping" in loop.reason
+    # a step where enough elements stay within the range gets the clipped map beside the affine one
+    modelled = [m for m in loop.maps if m.clipped is not None]
+    assert modelled and all(m.residual < 1e-10 for m in modelled)
     assert loop_error(calibration, loop, unet)["psnr"] > 100
 
 
@@ -208,3 +211,38 @@ def test_a_cached_model_keeps_each_separately_called_branch_apart(tiny, tmp_path
     batched, unbatched = _final(fast, embed, scheduler, False), _final(fast, embed, scheduler, True)
     assert not torch.allclose(_final(unet, embed, scheduler, False), batched, atol=1e-4)  # the cache changes it
     assert torch.allclose(batched, unbatched, atol=1e-4)
+
+
+class _Unconditioned(torch.nn.Module):
+    """The planted failure: a candidate that lost its conditioning (every row gets the first row's
+    tokens, as if cross-attention were pruned away) while staying close per row."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        tokens = encoder_hidden_states[:1].expand_as(encoder_hidden_states)
+        return self.unet(sample, timestep, encoder_hidden_states=tokens)
+
+
+def test_a_candidate_that_loses_the_guidance_signal_is_refused_whatever_its_psnr(tiny, tmp_path, monkeypatch):
+    import diffc.passes._search as search
+    from diffc.calibration import guidance_loss
+    from diffc.passes import PassContext
+
+    unet, embed = tiny
+    calibration, _ = sample(unet, embed, DDIMScheduler(clip_sample=False), tmp_path / "rec")
+    loop = identify_loop(calibration)
+    assert guidance_loss(calibration, loop, unet) == pytest.approx(0.0, abs=1e-6)
+    assert guidance_loss(calibration, loop, _Unconditioned(unet)) > 0.9
+    # every candidate keeps 60 dB; the larger amounts are the unconditioned model
+    monkeypatch.setattr(search, "trajectory_error", lambda *args: {"psnr": 60.0})
+    ctx = PassContext(calibration=calibration,
+                      denoiser_for=lambda value: _Unconditioned(unet) if value > 0.2 else unet)
+    chosen, searched = search.search_grid((0.1, 0.2, 0.3, 0.4), lambda value: value, ctx, knob="amount",
+                                          offline_error=lambda value: 0.0, min_psnr=30.0, max_relative_error=None,
+                                          quality_rises=False, fallback=0.0)
+    assert chosen == 0.2
+    refused = [entry for entry in searched if entry.get("guidance_lost", 0) > 0.9]
+    assert refused and not any(entry["passes"] for entry in refused) and all(e["psnr"] == 60.0 for e in refused)

@@ -61,6 +61,7 @@ def _resampled(monkeypatch, selection_psnr, held_out_psnr):
     import diffc.passes._search as search
 
     monkeypatch.setattr(search, "resampling", lambda calibration: "loop")
+    monkeypatch.setattr(search, "sampling_loop", lambda calibration: SimpleNamespace(usable=False))
     monkeypatch.setattr(search, "split_items", lambda calibration: ({"chosen-on"}, {"kept-back"}))
     monkeypatch.setattr(search, "trajectory_error", lambda calibration, value, items: {
         "psnr": (selection_psnr if items == {"chosen-on"} else held_out_psnr)[value]})

@@ -149,9 +149,10 @@ class CachePass(Pass):
             return trajectory_error(ctx.calibration, ctx.denoiser_for(dg), items)
 
         live = ctx.denoiser_for is not None and resampling(ctx.calibration) is not None
+        unmodified = ctx.denoiser_for(dg.clone()) if live else None  # its step plan runs every step in full
         full, candidates, forecast = dp_schedule(build_plan(dg), ctx.calibration, num_steps, budget, cfg.max_gap,
                                                  cfg.refine, cached_variant, fixed,
-                                                 (lambda f, m: final_error(f, m)["mse"]) if live else None)
+                                                 (lambda f, m: final_error(f, m)["mse"]) if live else None, unmodified)
         if live:
             predicted = final_error(full, forecast)["psnr"]
             measured = final_error(full, forecast, held_out)["psnr"] if held_out else None

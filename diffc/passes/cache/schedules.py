@@ -25,16 +25,19 @@ SCHEDULES = ("dp", "uniform", "nonuniform", "adaptive", "bac")
 
 def dp_schedule(plan: Any, calibration: Any, num_steps: int, budget: int, max_gap: int, refine: int,
                 cached_variant: Any, fixed: bool | None,
-                final_error: Callable[[set[int], bool], float] | None) -> tuple[set[int], list[dict[str, Any]], bool]:
+                final_error: Callable[[set[int], bool], float] | None,
+                reference: Any = None) -> tuple[set[int], list[dict[str, Any]], bool]:
     """Full steps by dynamic programming on the per-step reuse errors. Each error is weighted
     by how strongly an output error at its step propagates to the final output, and the DP is
     solved for each gap limit up to max_gap; with the live pipeline (`final_error` of a schedule's
     full steps and forecasting), the candidate (evenly spaced full steps among them) whose
     re-sampled calibration trajectories end closest to the recorded ones wins (with and without
     forecasting, unless `fixed` fixes it), and is refined by moving single full steps while that
-    lowers the error. Returns the full steps, the scored candidates and whether to forecast."""
+    lowers the error. `reference` (the unmodified denoiser) re-runs an identified loop to measure
+    the propagation when there is no pipeline. Returns the full steps, the scored candidates and
+    whether to forecast."""
     errors = reuse_errors(plan, calibration, max_gap, cached_variant)
-    weights = propagation_weights(calibration)
+    weights = propagation_weights(calibration, denoiser=reference)
     weightings = [errors] if weights is None else \
         [{(i, j): e * weights[j] for (i, j), e in errors.items()}, errors]
     candidates: list[set[int]] = []

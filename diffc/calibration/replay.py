@@ -1,0 +1,171 @@
+"""Re-running an identified sampling loop (loop.py) with a candidate denoiser in it: from the
+recorded starting latents, with the recorded conditioning and timesteps, several trajectories per
+call. What passes measure with it: final-latent error, the guidance signal a candidate keeps, and
+how strongly an error at each step reaches the end."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .loop import LoopStep, SamplingLoop, output_rows, recorded_trajectories, step_residuals
+from .store import CalibrationError, CalibrationSet
+
+REPLAY_BATCH = 8
+
+
+def _call_arguments(inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Recorded inputs back into the forward's arguments (`param.key` names into dicts)."""
+    arguments: dict[str, Any] = {}
+    for name, value in inputs.items():
+        if "." in name:
+            parameter, key = name.split(".", 1)
+            arguments.setdefault(parameter, {})[key] = value
+        else:
+            arguments[name] = value
+    return arguments
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    sample = getattr(output, "sample", None)
+    return sample if isinstance(sample, torch.Tensor) else output[0]
+
+
+def replay_loop(calibration: CalibrationSet, loop: SamplingLoop, candidate: Callable[..., Any],
+                items: set[str] | None = None,
+                perturb: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Re-runs each recorded trajectory from its recorded starting latents with `candidate` in the
+    loop: by item id, (the candidate's final latents, the recorded ones). Each call gets the
+    recorded conditioning and timestep and the candidate's own latent. Trajectories that call the
+    denoiser alike (timesteps, calls per step, input shapes) run together, REPLAY_BATCH at a time,
+    their rows concatenated in one call. `perturb(k, outputs)` may change the outputs of step k
+    (by state and member) before the loop uses them."""
+    if not loop.usable:
+        raise CalibrationError(f"the recorded sampling loop cannot be re-run: {loop.reason}")
+    finals = calibration.final_outputs()
+    groups: dict[Any, list[tuple[dict[str, Any], list[LoopStep]]]] = {}
+    for item, steps in recorded_trajectories(calibration, loop.latent, items):
+        groups.setdefault(_call_pattern(steps), []).append((item, steps))
+    results = {}
+    for members in groups.values():
+        for start in range(0, len(members), REPLAY_BATCH):
+            batch = members[start: start + REPLAY_BATCH]
+            noises = [step_residuals(loop, steps, finals.get(item["id"])) if _holds_residual(loop) else None
+                      for item, steps in batch]
+            latents = [[steps[0].states] for _, steps in batch]
+            produced: list[list[torch.Tensor]] = [[] for _ in batch]
+            for k, step_map in enumerate(loop.maps):
+                outputs = _run_step(candidate, [steps[k] for _, steps in batch], [x[k] for x in latents], loop.latent)
+                for j, noise in enumerate(noises):
+                    produced[j].append(outputs[j] if perturb is None else perturb(k, outputs[j]))
+                    latents[j].append(step_map.apply(k, latents[j], produced[j]) + (noise[k] if noise else 0))
+            for j, (item, steps) in enumerate(batch):
+                final = finals.get(item["id"])
+                reference = final.double() if loop.final and final is not None else steps[len(loop.maps)].states
+                results[item["id"]] = (latents[j][-1], reference)
+    return results
+
+
+def _holds_residual(loop: SamplingLoop) -> bool:
+    """Stochastic loops re-run with their recorded noise and non-affine ones with their recorded
+    correction, unless the clipping is modelled."""
+    return loop.kind != "affine" and not loop.clipping
+
+
+def _call_pattern(steps: list[LoopStep]) -> tuple[Any, ...]:
+    """What must match for trajectories to share calls: each call's timestep and input shapes."""
+    return tuple((call.timestep, tuple((name, tuple(t.shape), t.dtype) for name, t in sorted(call.inputs.items())))
+                 for step in steps for call in step.calls)
+
+
+def _run_step(candidate: Callable[..., Any], steps: list[LoopStep], states: list[torch.Tensor],
+              latent: str) -> list[torch.Tensor]:
+    """The candidate's outputs at one step of several trajectories (by state and member), given
+    each one's current states: each call of the step once, the trajectories' rows concatenated."""
+    outputs = [torch.empty_like(step.outputs) for step in steps]
+    row = 0
+    for c, call in enumerate(steps[0].calls):
+        count = call.inputs[latent].shape[0]
+        placements = [step.rows[row: row + count] for step in steps]
+        inputs = {name: torch.cat([step.calls[c].inputs[name] for step in steps]) for name in call.inputs}
+        inputs[latent] = torch.cat([torch.stack([state[s] for s, _ in placed])
+                                    for state, placed in zip(states, placements)]).to(call.inputs[latent].dtype)
+        with torch.no_grad():
+            out = output_rows(_first_tensor(candidate(**_call_arguments(inputs))), inputs[latent]).double()
+        for j, placed in enumerate(placements):
+            for i, (s, member) in enumerate(placed):
+                outputs[j][s, member] = out[j * count + i]
+        row += count
+    return outputs
+
+
+def loop_error(calibration: CalibrationSet, loop: SamplingLoop, candidate: Callable[..., Any],
+               items: set[str] | None = None) -> dict[str, float]:
+    """Final-latent error of the re-run loop against the recorded trajectories: MSE, and PSNR with
+    each trajectory's range as the peak (a latent spanning [-1, 1] scores as its image in [0, 1] would)."""
+    pairs = replay_loop(calibration, loop, candidate, items)
+    mses, scaled = [], []
+    for produced, reference in pairs.values():
+        mse = float((produced - reference).pow(2).mean())
+        peak = float(reference.max() - reference.min())
+        mses.append(mse)
+        scaled.append(mse / max(peak * peak, 1e-300))
+    mse, relative = (float(np.mean(mses)), float(np.mean(scaled))) if mses else (0.0, 0.0)
+    return {"mse": mse, "psnr": math.inf if relative == 0 else float(-10 * np.log10(relative)),
+            "trajectories": len(mses)}
+
+
+def guidance_loss(calibration: CalibrationSet, loop: SamplingLoop, candidate: Callable[..., Any],
+                  items: set[str] | None = None) -> float | None:
+    """The share of the guidance signal (conditional minus unconditional output, the members the
+    loop weighs most and least) that `candidate` loses on the recorded calls: 1 - <d', d> / <d, d>
+    over every step, d the recorded signal and d' the candidate's on the same inputs. Per-row
+    errors hide it: the signal is small next to each row, and guidance amplifies it. None for a
+    loop without guidance pairs."""
+    if loop.members != 2 or not loop.usable:
+        return None
+    kept = energy = 0.0
+    for _, steps in recorded_trajectories(calibration, loop.latent, items):
+        for k, step in enumerate(steps[: len(loop.maps)]):
+            weights = loop.guidance_weights(k)
+            conditional, unconditional = int(np.argmax(weights)), int(np.argmin(weights))
+            if conditional == unconditional:
+                continue
+            recorded = step.outputs[:, conditional] - step.outputs[:, unconditional]
+            produced = _run_step(candidate, [step], [step.states], loop.latent)[0]
+            signal = produced[:, conditional] - produced[:, unconditional]
+            kept += float((signal * recorded).sum())
+            energy += float(recorded.pow(2).sum())
+    return None if energy == 0 else 1.0 - kept / energy
+
+
+def loop_propagation_weights(calibration: CalibrationSet, loop: SamplingLoop, denoiser: Callable[..., Any],
+                             relative_size: float = 0.01) -> list[float]:
+    """propagation_weights through the identified loop: w[j] = MSE(final change) / MSE(perturbation)
+    when a small random perturbation is added to the outputs of step j only, re-running the first
+    trajectory with `denoiser` (the unmodified model). Without recorded final latents the loop
+    ends at its last call, so the last step's weight is taken from the step before."""
+    first = {calibration.items[0]["id"]}
+    clean = next(iter(replay_loop(calibration, loop, denoiser, first).values()))[0]
+    weights = []
+    for step in range(len(loop.maps)):
+        injected: list[float] = []
+
+        def add_noise(k: int, outputs: torch.Tensor, step: int = step) -> torch.Tensor:
+            if k != step:
+                return outputs
+            generator = torch.Generator().manual_seed(step)
+            noise = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype) * outputs.std() * relative_size
+            injected.append(float(noise.pow(2).mean()))
+            return outputs + noise
+
+        final = next(iter(replay_loop(calibration, loop, denoiser, first, add_noise).values()))[0]
+        weights.append(float((final - clean).pow(2).mean()) / injected[0] if injected and injected[0] else 0.0)
+    if not loop.final and weights:
+        weights.append(weights[-1])
+    return weights
