@@ -246,3 +246,15 @@ def test_a_candidate_that_loses_the_guidance_signal_is_refused_whatever_its_psnr
     assert chosen == 0.2
     refused = [entry for entry in searched if entry.get("guidance_lost", 0) > 0.9]
     assert refused and not any(entry["passes"] for entry in refused) and all(e["psnr"] == 60.0 for e in refused)
+
+
+def test_propagation_weights_of_a_recorded_loop_come_from_re_runs(tiny, tmp_path):
+    """Without a pipeline, how far an output error at each step reaches the end is measured by
+    re-running the identified loop with the unmodified model; none without that model."""
+    from diffc.calibration import propagation_weights
+
+    unet, embed = tiny
+    calibration, _ = sample(unet, embed, DDIMScheduler(clip_sample=False), tmp_path / "rec")
+    weights = propagation_weights(calibration, denoiser=unet)
+    assert len(weights) == STEPS and all(w > 0 for w in weights)
+    assert propagation_weights(calibration) is None
