@@ -56,15 +56,21 @@ class DenoiserRecorder:
         inputs, self._pending = self._pending, None
         if inputs is None:
             return
-        tensor = output if isinstance(output, torch.Tensor) else getattr(output, "sample", None)
-        if tensor is None:
-            tensor = output[0]
+        tensor = output_tensor(output)
         timestep = next((float(inputs[n].reshape(-1)[0]) for n in TIMESTEP_NAMES if n in inputs), None)
         self.on_call(inputs, tensor, timestep)
 
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+def output_tensor(output: Any) -> torch.Tensor:
+    """A denoiser call's output tensor: the tensor itself, its `.sample`, or the first of a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    sample = getattr(output, "sample", None)
+    return sample if isinstance(sample, torch.Tensor) else output[0]
 
 
 def _check_finite(inputs: dict[str, torch.Tensor], output: torch.Tensor, item: str, step: int) -> None:

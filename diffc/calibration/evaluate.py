@@ -13,7 +13,7 @@ import torch
 from ..ir import DiffusionGraph, StepTracker, find_denoiser
 from .collect import call_pipeline
 from .loop import sampling_loop
-from .replay import loop_error, loop_propagation_weights
+from .replay import loop_error, loop_propagation_weights, step_perturbation
 from .statistics import Observer
 from .store import CalibrationError, CalibrationSet
 
@@ -179,8 +179,7 @@ def propagation_weights(calibration: CalibrationSet, relative_size: float = 0.01
             if tracker.step != step:
                 return output
             tensor = output[0] if isinstance(output, tuple) else output.sample
-            generator = torch.Generator().manual_seed(step)
-            noise = torch.randn(tensor.shape, generator=generator).to(tensor) * tensor.std() * relative_size
+            noise = step_perturbation(tensor, step, relative_size)
             injected.append(float(noise.double().pow(2).mean()))
             if isinstance(output, tuple):
                 return (tensor + noise, *output[1:])

@@ -10,6 +10,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .collect import output_tensor
 from .loop import LoopStep, SamplingLoop, output_rows, recorded_trajectories, step_residuals
 from .store import CalibrationError, CalibrationSet
 
@@ -26,13 +27,6 @@ def _call_arguments(inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
         else:
             arguments[name] = value
     return arguments
-
-
-def _first_tensor(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    sample = getattr(output, "sample", None)
-    return sample if isinstance(sample, torch.Tensor) else output[0]
 
 
 def replay_loop(calibration: CalibrationSet, loop: SamplingLoop, candidate: Callable[..., Any],
@@ -96,7 +90,7 @@ def _run_step(candidate: Callable[..., Any], steps: list[LoopStep], states: list
         inputs[latent] = torch.cat([torch.stack([state[s] for s, _ in placed])
                                     for state, placed in zip(states, placements)]).to(call.inputs[latent].dtype)
         with torch.no_grad():
-            out = output_rows(_first_tensor(candidate(**_call_arguments(inputs))), inputs[latent]).double()
+            out = output_rows(output_tensor(candidate(**_call_arguments(inputs))), inputs[latent]).double()
         for j, placed in enumerate(placements):
             for i, (s, member) in enumerate(placed):
                 outputs[j][s, member] = out[j * count + i]
@@ -144,6 +138,13 @@ def guidance_loss(calibration: CalibrationSet, loop: SamplingLoop, candidate: Ca
     return None if energy == 0 else 1.0 - kept / energy
 
 
+def step_perturbation(output: torch.Tensor, step: int, relative_size: float) -> torch.Tensor:
+    """The random perturbation propagation weights add to the output of `step`: seeded by the
+    step, `relative_size` of the output's standard deviation."""
+    generator = torch.Generator().manual_seed(step)
+    return torch.randn(output.shape, generator=generator).to(output) * output.std() * relative_size
+
+
 def loop_propagation_weights(calibration: CalibrationSet, loop: SamplingLoop, denoiser: Callable[..., Any],
                              relative_size: float = 0.01) -> list[float]:
     """propagation_weights through the identified loop: w[j] = MSE(final change) / MSE(perturbation)
@@ -159,8 +160,7 @@ def loop_propagation_weights(calibration: CalibrationSet, loop: SamplingLoop, de
         def add_noise(k: int, outputs: torch.Tensor, step: int = step) -> torch.Tensor:
             if k != step:
                 return outputs
-            generator = torch.Generator().manual_seed(step)
-            noise = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype) * outputs.std() * relative_size
+            noise = step_perturbation(outputs, step, relative_size)
             injected.append(float(noise.pow(2).mean()))
             return outputs + noise
 

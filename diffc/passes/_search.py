@@ -58,7 +58,7 @@ def search_grid(grid: Sequence[float], build: Callable[[float], DiffusionGraph],
             entry["psnr"] = round(trajectory_error(ctx.calibration, denoiser, selection)["psnr"], 3)
             ok = entry["psnr"] >= min_psnr
             if loop is not None and loop.usable:
-                lost = guidance_loss(ctx.calibration, loop, ctx.denoiser_for(candidate), selection)
+                lost = guidance_loss(ctx.calibration, loop, denoiser, selection)
                 if lost is not None:
                     entry["guidance_lost"] = round(lost, 4)
                     ok = ok and lost <= MAX_GUIDANCE_LOSS

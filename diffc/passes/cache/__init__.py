@@ -143,10 +143,16 @@ class CachePass(Pass):
 
         selection, held_out = split_items(ctx.calibration)
 
+        measured: dict[tuple[frozenset[int], bool, frozenset[str]], dict[str, float]] = {}
+
         def final_error(full: set[int], forecast: bool, items: set[str] = selection) -> dict[str, float]:
-            steps = [FULL if s in full else cached_variant(s, num_steps) for s in range(num_steps)]
-            dg.step_plan = _step_plan(regions, variants, Schedule(FULL, tuple(steps), forecast=forecast))
-            return trajectory_error(ctx.calibration, ctx.denoiser_for(dg), items)
+            """Re-sampled once per schedule and trajectories: the DP's chosen one is reported again."""
+            key = (frozenset(full), forecast, frozenset(items))
+            if key not in measured:
+                steps = [FULL if s in full else cached_variant(s, num_steps) for s in range(num_steps)]
+                dg.step_plan = _step_plan(regions, variants, Schedule(FULL, tuple(steps), forecast=forecast))
+                measured[key] = trajectory_error(ctx.calibration, ctx.denoiser_for(dg), items)
+            return measured[key]
 
         live = ctx.denoiser_for is not None and resampling(ctx.calibration) is not None
         unmodified = ctx.denoiser_for(dg.clone()) if live else None  # its step plan runs every step in full
@@ -155,10 +161,10 @@ class CachePass(Pass):
                                                  (lambda f, m: final_error(f, m)["mse"]) if live else None, unmodified)
         if live:
             predicted = final_error(full, forecast)["psnr"]
-            measured = final_error(full, forecast, held_out)["psnr"] if held_out else None
+            held_out_psnr = final_error(full, forecast, held_out)["psnr"] if held_out else None
             candidates.append({"full_steps": sorted(full), "forecast": forecast, "chosen": True,
                                "predicted_psnr": round(predicted, 3),
-                               "held_out_psnr": None if measured is None else round(measured, 3)})
+                               "held_out_psnr": None if held_out_psnr is None else round(held_out_psnr, 3)})
         return full, candidates, forecast
 
     def _block_schedule(self, dg: DiffusionGraph, ctx: PassContext) -> PassResult:
