@@ -59,14 +59,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_prompt_arguments(exp)
 
     bench = commands.add_parser("bench", help="compare pass pipelines and peers on speed, size and fidelity")
-    bench.add_argument("model", help="an embedded model name or a diffusers pipeline folder")
+    bench.add_argument("model", help="an embedded model name, a zoo model name (diffc.models.zoo) or a diffusers "
+                                     "pipeline folder")
     bench.add_argument("--pipelines", default="baseline,cache,quant,prune,moe,cache+quant,all,peers",
                        help="comma-separated: baseline, diffc passes joined by '+' (cache, quant[:int4], prune, moe, "
-                            "all), peer names (fbc, taylorseer, magcache, fastercache, pab, seacache, deepcache, "
-                            "torchao-int8, torchao-int8-compile) or 'peers' for all of them")
+                            "all; options in brackets: cache[full_fraction=0.5;forecast=true]), 'cache-sweep' for "
+                            "diffc's cache settings, peer names (fbc, taylorseer, magcache, fastercache, pab, "
+                            "seacache, deepcache, cache-dit, torchao-...; name@setting for one setting) or 'peers' "
+                            "for every peer at every setting")
     bench.add_argument("--steps", type=int, default=20)
     bench.add_argument("--seeds", default="0,1", help="comma-separated seeds; every seed generates all --labels")
     bench.add_argument("--labels", default="0,1,2,3,4,5,6,7,8,9", help="class labels to generate")
+    bench.add_argument("--prompts", default=None, help="'|'-separated prompts to generate for a text pipeline "
+                                                      "(a zoo model: by default 10 of its data set's prompts)")
     bench.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--out", required=True, help="results folder; rows already in it (same settings) are kept")
@@ -276,18 +281,28 @@ def _optimize(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from . import models
     from .bench import BenchSettings, run_bench, split_pipelines
+    from .models import zoo
 
     pipelines = split_pipelines(args.pipelines)
-    pipe, attribute = _load_pipeline(args.model)
+    prompts = tuple(p.strip() for p in args.prompts.split("|") if p.strip()) if args.prompts else ()
+    calibration_prompts: tuple[str, ...] = ()
+    if args.model in zoo.ZOO:
+        pipe, attribute, scorer = zoo.load(args.model), zoo.spec(args.model).denoiser_attribute, \
+            zoo.load_scorer(args.model)
+        prompts = prompts or tuple(zoo.prompts(args.model, 10))
+        # calibration on prompts the bench does not evaluate, wherever the data set has enough of them
+        calibration_prompts = tuple(zoo.prompts(args.model, 8, offset=len(prompts)))
+    else:
+        pipe, attribute = _load_pipeline(args.model)
+        scorer = models.load_scorer() if args.model in models.available() else None
     settings = BenchSettings(steps=args.steps, seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()),
-                             labels=tuple(int(x) for x in args.labels.split(",") if x.strip()),
-                             repeats=args.repeats, device=args.device)
-    scorer = models.load_scorer() if args.model in models.available() else None
+                             labels=tuple(int(x) for x in args.labels.split(",") if x.strip()), prompts=prompts,
+                             calibration_prompts=calibration_prompts, repeats=args.repeats, device=args.device)
     results = run_bench(pipe.to(args.device), attribute, Path(args.model).name, pipelines, Path(args.out), settings,
                         scorer)
     failed = [r["pipeline"] for r in results["rows"].values() if r["status"] != "ok"]
     print(f"wrote {Path(args.out) / Path(args.model).name}.{{md,json,png}}"
-          + (f"; did not run: {', '.join(failed)} (reasons in the table)" if failed else ""))
+          + (f"; failed or no-op: {', '.join(failed)} (reasons in the table)" if failed else ""))
     return 0
 
 

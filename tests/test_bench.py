@@ -11,7 +11,7 @@ from diffc import bench
 from diffc.cli import main
 from diffc.errors import DiffcError
 
-FAST = ["--steps", "2", "--seeds", "0", "--labels", "0,1", "--repeats", "1"]
+FAST = ["--steps", "3", "--seeds", "0", "--labels", "0,1", "--repeats", "1"]
 
 
 def _rows(out: Path, model: str = "digits-dit") -> dict:
@@ -81,7 +81,29 @@ def test_pipeline_specs_map_to_passes_and_targets():
     assert bench.parse_pipeline("quant:int4") == bench.DiffcPipeline(("quant",), "torch-int4")
     assert bench.parse_pipeline("all").passes == bench.ALL_PASSES
     assert bench.split_pipelines("cache,peers")[:2] == ["baseline", "cache"]
-    assert set(bench.PEERS) <= set(bench.split_pipelines("peers"))
+    assert {spec.partition("@")[0] for spec in bench.split_pipelines("peers")[1:]} == set(bench.PEERS)
+
+
+def test_the_harness_on_a_zoo_model_gives_rows_accuracy_and_the_frontier(tmp_path):
+    from diffc.models import zoo
+
+    name = "shapes-unet"
+    if name not in zoo.available():
+        pytest.skip(f"{name} is not trained in {zoo.default_root()}")
+    cached = "cache[schedule=uniform;interval=2]"
+    assert main(["bench", name, "--pipelines", f"baseline,{cached},taylorseer@2,fbc", "--steps", "3", "--seeds", "0",
+                 "--repeats", "1", "--prompts", "large red circle|small blue cross", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / f"{name}.json").read_text())
+    rows = results["rows"]
+    assert rows[cached]["status"] == "ok" and rows[cached]["details"]["passes"] == [
+        {"pass": "cache", "schedule": "uniform", "interval": 2}]
+    assert 0 < rows[cached]["psnr"] < float("inf") and 0 <= rows[cached]["accuracy"] <= 1
+    assert rows["taylorseer@2"]["status"] in ("ok", "no-op") and rows["taylorseer@2"]["details"]["family"] == "taylorseer"
+    assert rows["fbc"]["status"] == "failed" and "FirstBlockCache" in rows["fbc"]["reason"]
+    assert results["meta"]["prompts"] == ["large red circle", "small blue cross"]
+    assert len(results["meta"]["calibration_prompts"]) == 8 and results["meta"]["calibration_seconds"] > 0
+    assert set(results["frontier"]["levels"]) == {"30", "35", "40"}
+    assert "## Frontier" in (tmp_path / f"{name}.md").read_text()
 
 
 GPU_SCRIPT = Path(__file__).parents[1] / "benchmarks" / "gpu_bench.py"

@@ -18,7 +18,7 @@ ALLOWED = {
     "models": set(),
     "evaluate": set(),
     "api": {"ir", "calibration", "passes", "backends", "runtime"},
-    "bench": {"api", "backends", "evaluate", "ir", "runtime", "models"},
+    "bench": {"api", "backends", "calibration", "evaluate", "ir", "runtime", "models"},
     "cli": {"<root>", "api", "backends", "bench", "evaluate", "ir", "runtime", "models", "calibration", "passes"},
     "<root>": {"api", "ir", "runtime"},
 }

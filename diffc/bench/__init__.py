@@ -1,13 +1,12 @@
 """Side-by-side benchmark of diffc pass pipelines and peer methods on one pipeline: denoiser time
 per image as a ratio to the unoptimized model timed in the same rounds, optimize() time, peak
 memory, artifact size, fidelity of the final images against the unoptimized model's for the same
-seeds, and (for the embedded digit models) sample quality.
+seeds, and sample quality where the model has a scorer (the digits models, the zoo).
 
-A row is one pipeline spec: `baseline`, diffc passes joined by `+` with an optional target
-precision after a colon (`cache`, `quant:int4`, `cache+quant`, `all`), or a peer (`fbc`,
-`taylorseer`, `magcache`, `fastercache`, `pab`, `seacache`, `deepcache`, `torchao-int8`,
-`torchao-int8-compile`). Rows are appended to the results JSON as they finish, so an interrupted
-run resumes where it stopped."""
+A row is one pipeline spec (`specs`: baseline, diffc passes with options, a peer at a setting);
+`peers` and `cache-sweep` expand to sweeps, so each method gives a frontier and the results say
+at what speed-up diffc and the best peer reach 30, 35 and 40 dB (`frontier`). Rows are appended
+to the results JSON as they finish, so an interrupted run resumes where it stopped."""
 from __future__ import annotations
 
 import contextlib
@@ -25,27 +24,24 @@ import numpy as np
 import torch
 
 from .._progress import progress
-from ..errors import DiffcError
 from ..evaluate import DenoiserTimer, weight_bytes
 from ..metrics import psnr, ssim
+from .frontier import comparison
 from .peers import PEERS, Peer
+from .specs import ALL_PASSES, DiffcPipeline, PeerChoice, parse_pipeline, split_pipelines
 from .report import device_label, load_results, write_outputs, write_results
 
-DIFFC_PASSES = ("cache", "quant", "prune", "moe")
-# "all" runs every pass that composes; quantization last, because it needs a full-precision graph
-# to annotate. moe is left out: its routing per step range is a step plan of its own, which the cache
-# schedule cannot nest (bench it as moe or moe+quant)
-ALL_PASSES = ("prune", "cache", "quant")
-DEFAULT_QUANT_PRECISION = "int8"
+NO_OP = "no-op"  # status of a row whose images are bit-identical to the baseline's
 
 
 @dataclass
 class Row:
     pipeline: str
     kind: str  # "diffc", "peer" or "baseline"
-    status: str  # "ok" or "failed"
+    status: str  # "ok", "failed" or NO_OP
     reason: str = ""
     speedup: float | None = None
+    speedup_spread: tuple[float, float] | None = None  # lowest and highest per-round ratio
     ms_per_image: float | None = None
     baseline_ms_per_image: float | None = None
     optimize_seconds: float | None = None
@@ -58,50 +54,6 @@ class Row:
     fid: float | None = None
     denoiser_calls: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class DiffcPipeline:
-    passes: tuple[str, ...]
-    target: str
-
-
-def parse_pipeline(spec: str) -> DiffcPipeline | Peer | None:
-    """`baseline` -> None; diffc pass pipelines -> DiffcPipeline; peer names -> Peer."""
-    text = spec.strip().lower()
-    if text == "baseline":
-        return None
-    if text in PEERS:
-        return PEERS[text]
-    name, _, precision = text.partition(":")
-    parts = tuple(p for p in name.split("+") if p)
-    if parts == ("all",):
-        parts = ALL_PASSES
-    unknown = [p for p in parts if p not in DIFFC_PASSES]
-    if not parts or unknown:
-        raise DiffcError(f"unknown pipeline {spec!r}: use baseline, 'all', diffc passes joined by '+' "
-                         f"({', '.join(DIFFC_PASSES)}, e.g. cache+quant, quant:int4) or a peer "
-                         f"({', '.join(PEERS)})")
-    if precision and "quant" not in parts:
-        raise DiffcError(f"pipeline {spec!r} names a precision but no quant pass; write e.g. quant:{precision}")
-    target = f"torch-{precision or DEFAULT_QUANT_PRECISION}" if "quant" in parts else "torch"
-    from ..backends import parse_target
-
-    parse_target(target)
-    return DiffcPipeline(parts, target)
-
-
-def split_pipelines(text: str) -> list[str]:
-    """`baseline,cache,peers` -> the listed specs, `peers` standing for every peer; baseline first."""
-    specs: list[str] = []
-    for item in (s.strip() for s in text.split(",")):
-        if not item:
-            continue
-        for spec in (list(PEERS) if item == "peers" else [item]):
-            parse_pipeline(spec)
-            if spec not in specs:
-                specs.append(spec)
-    return ["baseline", *[s for s in specs if s != "baseline"]]
 
 
 # ---------------------------------------------------------------------------------------- measurement
@@ -156,10 +108,21 @@ def directory_bytes(path: Path) -> int:
 class BenchSettings:
     steps: int = 20
     seeds: tuple[int, ...] = (0, 1)
+    # what each seed generates: class labels, or prompts for a text pipeline (then labels are unused)
     labels: tuple[int, ...] = tuple(range(10))
+    prompts: tuple[str, ...] = ()
+    # what diffc calibrates on when it optimizes a text pipeline (never the evaluated prompts)
+    calibration_prompts: tuple[str, ...] = ()
     repeats: int = 3
     device: str = "cpu"
     progress: bool = True
+
+    @property
+    def conditions(self) -> list[Any]:
+        return list(self.prompts) if self.prompts else list(self.labels)
+
+    def call_arguments(self) -> dict[str, Any]:
+        return {"prompt": list(self.prompts)} if self.prompts else {"class_labels": list(self.labels)}
 
 
 class Bench:
@@ -171,8 +134,24 @@ class Bench:
         self.original = getattr(pipe, attribute)
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
-        self.num_images = len(settings.seeds) * len(settings.labels)
+        self.num_images = len(settings.seeds) * len(settings.conditions)
         self.reference, _ = self._generate(self.original, contextlib.nullcontext)
+        self.calibration: Any = None
+        self.calibration_seconds: float | None = None
+
+    def shared_calibration(self) -> Any:
+        """One calibration set for every diffc row (collected at the bench's step count on the
+        calibration prompts), so a sweep of settings does not re-collect it per row; its time is
+        reported once, in the results' meta."""
+        if self.calibration is None:
+            from ..calibration import collect
+
+            started = time.perf_counter()
+            conditions = list(self.settings.calibration_prompts) or None
+            self.calibration = collect(self.pipe, conditions=conditions, num_steps=self.settings.steps,
+                                       progress=False)
+            self.calibration_seconds = time.perf_counter() - started
+        return self.calibration
 
     def _generate(self, module: torch.nn.Module, per_image_set: Callable[[], Any]) -> tuple[np.ndarray, list[float]]:
         setattr(self.pipe, self.attribute, module)
@@ -184,15 +163,16 @@ class Bench:
                     with per_image_set():
                         generator = torch.Generator().manual_seed(seed)
                         images.append(np.asarray(self.pipe(
-                            class_labels=list(self.settings.labels), num_inference_steps=self.settings.steps,
+                            **self.settings.call_arguments(), num_inference_steps=self.settings.steps,
                             generator=generator, output_type="np").images, dtype=np.float64))
         finally:
             timer.close()
             setattr(self.pipe, self.attribute, self.original)
         return np.concatenate(images), timer.seconds
 
-    def _time(self, module: torch.nn.Module, per_image_set: Callable[[], Any]) -> tuple[float, float, np.ndarray, int]:
-        """Median denoiser ms per image of the baseline and of `module` over alternating rounds
+    def _time(self, module: torch.nn.Module, per_image_set: Callable[[], Any]) \
+            -> tuple[list[float], list[float], np.ndarray, int]:
+        """Denoiser ms per image of the baseline and of `module` per round, over alternating rounds
         after one warm-up round."""
         baseline_ms, ms = [], []
         images, calls = self.reference, 0
@@ -203,43 +183,50 @@ class Bench:
             if round_index > 0:
                 baseline_ms.append(sum(base_seconds) * 1000 / self.num_images)
                 ms.append(sum(seconds) * 1000 / self.num_images)
-        return statistics.median(baseline_ms), statistics.median(ms), images, calls
+        return baseline_ms, ms, images, calls
 
     def run(self, spec: str) -> Row:
         choice = parse_pipeline(spec)
-        kind = "baseline" if choice is None else "peer" if isinstance(choice, Peer) else "diffc"
+        kind = "baseline" if choice is None else "peer" if isinstance(choice, PeerChoice) else "diffc"
         row = Row(spec, kind, "ok")
+        if choice is not None:
+            row.details["family"] = choice.family
         try:
             self._measure(choice, row)
         except Exception as exc:  # a failing pipeline is a result to report, not a reason to stop the run
             row.status, row.reason = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         return row
 
-    def _measure(self, choice: DiffcPipeline | Peer | None, row: Row) -> None:
+    def _build(self, choice: DiffcPipeline | PeerChoice | None, row: Row) -> tuple[torch.nn.Module, Callable[[], Any]]:
+        if choice is None:
+            return self.original, contextlib.nullcontext
+        if isinstance(choice, PeerChoice):
+            row.details["peer"] = choice.peer.describe(choice.setting)
+            return choice.peer.build(self.pipe, self.attribute, self.settings.steps, choice.setting)
+        from ..api import optimize
+
+        row.details.update(passes=choice.pass_specs(), target=choice.target,
+                           calibration="shared by the diffc rows; its time is in the meta")
+        module = optimize(self.pipe, target=choice.target, passes=choice.pass_specs(), device=self.settings.device,
+                          calibration=self.shared_calibration())
+        row.details["reports"] = [{"pass": e["pass"], "summary": _summary(e.get("report"))}
+                                  for e in getattr(module, "report", [])]
+        return module, contextlib.nullcontext
+
+    def _measure(self, choice: DiffcPipeline | PeerChoice | None, row: Row) -> None:
         device = torch.device(self.settings.device)
         memory = PeakMemory(device)
-        per_image_set: Callable[[], Any] = contextlib.nullcontext
         with memory:
             started = time.perf_counter()
-            if choice is None:
-                module = self.original
-            elif isinstance(choice, Peer):
-                row.details["peer"] = choice.description
-                module, per_image_set = choice.build(self.pipe, self.attribute, self.settings.steps)
-            else:
-                from ..api import optimize
-
-                row.details.update(passes=list(choice.passes), target=choice.target)
-                module = optimize(self.pipe, target=choice.target, passes=list(choice.passes),
-                                  device=self.settings.device)
-                row.details["reports"] = [{"pass": e["pass"], "summary": _summary(e.get("report"))}
-                                          for e in getattr(module, "report", [])]
+            module, per_image_set = self._build(choice, row)
             row.optimize_seconds = time.perf_counter() - started
             baseline_ms, ms, images, calls = self._time(module, per_image_set)
         row.peak_memory_mb = memory.peak_bytes / 2**20
         row.details["memory_method"] = memory.method
-        row.baseline_ms_per_image, row.ms_per_image = baseline_ms, ms
-        row.speedup = 1.0 if choice is None else baseline_ms / ms
+        row.baseline_ms_per_image, row.ms_per_image = statistics.median(baseline_ms), statistics.median(ms)
+        ratios = [base / own for base, own in zip(baseline_ms, ms)]
+        row.speedup = 1.0 if choice is None else row.baseline_ms_per_image / row.ms_per_image
+        row.speedup_spread = (1.0, 1.0) if choice is None else (min(ratios), max(ratios))
         row.denoiser_calls = calls
         try:
             row.weights_mb = weight_bytes(module) / 2**20
@@ -247,10 +234,13 @@ class Bench:
             row.details["weights_mb"] = f"not measurable: {exc}"
         row.artifact_mb = self._artifact_mb(module, row)
         row.psnr, row.ssim = psnr(images, self.reference), ssim(images, self.reference)
+        if choice is not None and np.array_equal(images, self.reference):
+            row.status, row.reason = NO_OP, "images bit-identical to the baseline's: the method changed nothing here"
         if self.scorer is not None:
-            labels = [label for _ in self.settings.seeds for label in self.settings.labels]
-            row.accuracy = self.scorer.accuracy(images, labels)
-            row.fid = self.scorer.fid(images)
+            conditions = [condition for _ in self.settings.seeds for condition in self.settings.conditions]
+            row.accuracy = self.scorer.accuracy(images, conditions)
+            if hasattr(self.scorer, "fid"):
+                row.fid = self.scorer.fid(images)
 
     @staticmethod
     def _artifact_mb(module: torch.nn.Module, row: Row) -> float:
@@ -269,26 +259,38 @@ def _summary(report: Any) -> str:
     return text if len(text) <= 400 else text[:400] + "..."
 
 
+SETTINGS_KEYS = ("steps", "seeds", "labels", "prompts", "repeats")
+
+
 def run_bench(pipe: Any, attribute: str, model_name: str, pipelines: list[str], out: Path, settings: BenchSettings,
               scorer: Any = None, date: str | None = None) -> dict[str, Any]:
     """Benchmarks `pipelines` (baseline first) and writes `<model>.json/.md/.png` under `out`.
     Rows already in `out/<model>.json` from a run with the same settings are kept, not rerun."""
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": model_name, "device": device_label(settings.device), "date": date or time.strftime("%Y-%m-%d"),
-            "steps": settings.steps, "seeds": list(settings.seeds), "labels": list(settings.labels),
-            "images": len(settings.seeds) * len(settings.labels), "repeats": settings.repeats,
+            "steps": settings.steps, "seeds": list(settings.seeds),
+            "labels": [] if settings.prompts else list(settings.labels), "prompts": list(settings.prompts),
+            "calibration_prompts": list(settings.calibration_prompts),
+            "images": len(settings.seeds) * len(settings.conditions), "repeats": settings.repeats,
             "memory_method": PeakMemory(torch.device(settings.device)).method,
-            "torch": torch.__version__}
+            "torch": torch.__version__, "load_average_at_start": list(os.getloadavg())}
     previous = load_results(out / f"{model_name}.json")
-    same = {k: previous.get("meta", {}).get(k) for k in ("steps", "seeds", "labels", "repeats")} == \
-        {k: meta[k] for k in ("steps", "seeds", "labels", "repeats")}
+    same = {k: previous.get("meta", {}).get(k) for k in SETTINGS_KEYS} == {k: meta[k] for k in SETTINGS_KEYS}
     results = {"meta": meta, "rows": dict(previous.get("rows", {})) if same else {}}
     todo = [p for p in pipelines if p not in results["rows"]]
     bench = Bench(pipe, attribute, settings, scorer) if todo else None
     for spec in progress(todo, settings.progress, f"bench {model_name}", "pipeline"):
         assert bench is not None
         results["rows"][spec] = asdict(bench.run(spec))
+        if bench.calibration_seconds is not None:
+            meta["calibration_seconds"] = bench.calibration_seconds
         write_results(out / f"{model_name}.json", results)
     results["rows"] = {p: results["rows"][p] for p in [*pipelines, *results["rows"]] if p in results["rows"]}
+    meta["load_average_at_end"] = list(os.getloadavg())
+    results["frontier"] = comparison(results["rows"])
     write_outputs(results, out)
     return results
+
+
+__all__ = ["ALL_PASSES", "NO_OP", "PEERS", "Bench", "BenchSettings", "DiffcPipeline", "Peer", "PeerChoice", "Row",
+           "parse_pipeline", "run_bench", "split_pipelines"]

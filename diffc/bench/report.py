@@ -37,24 +37,46 @@ def _cell(value: Any, fmt: str) -> str:
     return format(value, fmt)
 
 
+def _frontier_lines(results: dict[str, Any]) -> list[str]:
+    frontier = results.get("frontier")
+    if not frontier:
+        return []
+    lines = ["", f"## Frontier: speed-up at which {frontier['ours']} and the best peer reach each PSNR", "",
+             "(interpolated on each method's frontier over its settings; '-' = never reached)", "",
+             "| PSNR dB | diffc | best peer | its speed-up | diffc reaches it |", "|---|---|---|---|---|"]
+    for level, entry in frontier["levels"].items():
+        wins = "-" if entry["diffc_wins"] is None else "yes" if entry["diffc_wins"] else "**no**"
+        lines.append(f"| {level} | {_cell(entry['diffc'], '.2f')} | {entry['best_peer'] or '-'} | "
+                     f"{_cell(entry['best_peer_speedup'], '.2f')} | {wins} |")
+    return lines
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     meta = results["meta"]
+    load = meta.get("load_average_at_start")
     lines = [f"# {meta['model']} on {meta['device']} ({meta['date']})", "",
              f"{meta['steps']} steps, seeds {meta['seeds']}, {meta['images']} images per round, "
              f"{meta['repeats']} timed rounds after a warm-up; speed-up = baseline / pipeline median denoiser "
-             "time per image, both timed in the same alternating rounds. Peak memory: "
-             f"{meta['memory_method']}. Fidelity: final images vs the unoptimized model, same seeds.", "",
-             "| pipeline | kind | status | speed-up | ms/image | optimize s | peak MB | artifact MB | PSNR dB | SSIM "
-             "| accuracy | FID | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "time per image, both timed in the same alternating rounds (spread: lowest-highest per-round ratio; "
+             "each row's own baseline ms/image is given). Peak memory: "
+             f"{meta['memory_method']}. Fidelity: final images vs the unoptimized model, same seeds. "
+             "no-op: images bit-identical to the baseline's."
+             + (f" Load average at start {load[0]:.2f}, at end {meta['load_average_at_end'][0]:.2f}."
+                if load and meta.get("load_average_at_end") else ""), "",
+             "| pipeline | kind | status | speed-up | spread | ms/image | baseline ms/image | optimize s | peak MB "
+             "| artifact MB | PSNR dB | SSIM | accuracy | FID | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"].values():
         note = row["reason"] or row["details"].get("peer", "")
+        spread = row.get("speedup_spread")
         lines.append("| " + " | ".join([
-            row["pipeline"], row["kind"], row["status"], _cell(row["speedup"], ".2f"), _cell(row["ms_per_image"], ".1f"),
-            _cell(row["optimize_seconds"], ".1f"), _cell(row["peak_memory_mb"], ".1f"),
-            _cell(row["artifact_mb"], ".2f"), _cell(row["psnr"], ".2f"), _cell(row["ssim"], ".4f"),
-            _cell(row["accuracy"], ".3f"), _cell(row["fid"], ".2f"), note.replace("|", "/")]) + " |")
-    return "\n".join(lines) + "\n"
+            row["pipeline"], row["kind"], row["status"], _cell(row["speedup"], ".2f"),
+            f"{spread[0]:.2f}-{spread[1]:.2f}" if spread else "-", _cell(row["ms_per_image"], ".1f"),
+            _cell(row.get("baseline_ms_per_image"), ".1f"), _cell(row["optimize_seconds"], ".1f"),
+            _cell(row["peak_memory_mb"], ".1f"), _cell(row["artifact_mb"], ".2f"), _cell(row["psnr"], ".2f"),
+            _cell(row["ssim"], ".4f"), _cell(row["accuracy"], ".3f"), _cell(row["fid"], ".2f"),
+            note.replace("|", "/")]) + " |")
+    return "\n".join(lines + _frontier_lines(results)) + "\n"
 
 
 def pareto_plot(results: dict[str, Any], path: Path) -> None:
@@ -63,17 +85,27 @@ def pareto_plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in results["rows"].values() if r["status"] == "ok" and r["speedup"]]
+    from .frontier import frontiers, pareto
+
+    rows = [r for r in results["rows"].values() if r["status"] in ("ok", "no-op") and r["speedup"]]
     cap = max([r["psnr"] for r in rows if r["psnr"] != float("inf")] + [40.0]) + 5
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 5))
+    colours = plt.get_cmap("tab20")
+    for index, (family, points) in enumerate(sorted(frontiers(results["rows"]).items())):
+        front = pareto(points)
+        ours = family.startswith("diffc")
+        ax.plot([s for s, _ in front], [cap if q == float("inf") else q for _, q in front],
+                marker="o" if ours else "s", color="tab:blue" if family == "diffc cache" else colours(index % 20),
+                linewidth=2.5 if ours else 1.2, markersize=4, label=family)
     for r in rows:
         y = cap if r["psnr"] == float("inf") else r["psnr"]
-        ax.scatter(r["speedup"], y, marker="o" if r["kind"] != "peer" else "s",
-                   color="tab:blue" if r["kind"] == "diffc" else "tab:orange" if r["kind"] == "peer" else "black")
-        ax.annotate(r["pipeline"], (r["speedup"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.scatter(r["speedup"], y, s=10, color="black" if r["kind"] == "baseline" else "grey", zorder=3)
+    for level in (30, 35, 40):
+        ax.axhline(level, color="grey", linewidth=0.5, linestyle=":")
     ax.set_xlabel("denoiser speed-up vs unoptimized (same run)")
     ax.set_ylabel(f"PSNR vs unoptimized (dB; identical plotted at {cap:.0f})")
-    ax.set_title(f"{results['meta']['model']} on {results['meta']['device']}: diffc (blue) vs peers (orange)", fontsize=9)
+    ax.set_title(f"{results['meta']['model']} on {results['meta']['device']}: frontier per method", fontsize=9)
+    ax.legend(fontsize=6, loc="lower left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -124,6 +124,36 @@ def test_dp_schedule_beats_uniform_at_equal_full_steps(digits_calibration):
     assert len(dp["relative_error_per_step"]) == 10
 
 
+def _cache_report(fast):
+    return next(entry["report"] for entry in fast.report if entry["pass"] == "cache")
+
+
+def test_dp_backs_off_below_the_floor_and_declines_when_no_budget_keeps_it(digits_calibration):
+    pipe, cal = digits_calibration
+    tight = {"pass": "cache", "full_steps": 3, "refine": 0}
+    unfloored = _cache_report(diffc.optimize(pipe, passes=[{**tight, "min_psnr": None}], calibration=cal))
+    first = next(c for c in unfloored["dp_candidates"] if c.get("chosen"))
+    assert unfloored["full_steps"] == 3 and "floor_backoff" not in unfloored
+
+    floor = first["held_out_psnr"] + 0.01
+    backed_off = _cache_report(diffc.optimize(pipe, passes=[{**tight, "min_psnr": floor}], calibration=cal))
+    assert backed_off["floor_backoff"][0] == {"full_steps": 3, "forecast": first["forecast"],
+                                              "held_out_psnr": first["held_out_psnr"]}
+    if "declined" not in backed_off:
+        chosen = next(c for c in backed_off["dp_candidates"] if c.get("chosen"))
+        assert backed_off["full_steps"] > 3 and chosen["held_out_psnr"] >= floor
+
+    with pytest.warns(UserWarning, match="no schedule keeps 1000.0 dB .* nothing is cached"):
+        declined = diffc.optimize(pipe, passes=[{**tight, "full_steps": 8, "min_psnr": 1000.0}], calibration=cal)
+    report = _cache_report(declined)
+    assert report["floor_backoff"][-1]["full_steps"] == 9 and declined.plan.graph.step_plan is None
+    sample, step = torch.randn(2, 1, 8, 8), torch.tensor([500, 500])
+    labels = pipe.class_embedding(torch.tensor([1, 4]))
+    with torch.no_grad():
+        assert torch.equal(declined(sample, step, encoder_hidden_states=labels).sample,
+                           pipe.unet(sample, step, encoder_hidden_states=labels).sample)
+
+
 @pytest.fixture(scope="module")
 def digits_cached(digits_calibration):
     pipe, cal = digits_calibration

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,10 @@ from ..base import Pass, PassConfig, PassContext, PassResult, anchor_step_plan, 
 from .bac import block_variants
 from .cuts import CUTS, block_regions, cached_variant_for, cut_regions, segment_flops
 from .schedules import SCHEDULES, adaptive_schedule, dp_schedule, measured_error, nonuniform_full_steps
+
+
+# how much the budget of full steps grows, as a share of the steps, each time the floor is missed
+BACKOFF_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,10 @@ class CacheConfig(PassConfig):
     forecast: bool | None = None
     # schedule="bac": distinct sets of recomputed blocks (variants) kept, the full one included
     max_variants: int = 4
+    # schedule="dp" with a pipeline or an identified loop: the final-image PSNR the chosen schedule must
+    # keep on the held-out trajectories; below it the budget of full steps grows until it does, and
+    # when even one cached step misses it the pass changes nothing and warns (None: no floor)
+    min_psnr: float | None = 30.0
 
     def __post_init__(self) -> None:
         if self.cut not in CUTS:
@@ -59,6 +68,8 @@ class CacheConfig(PassConfig):
             raise ValueError(f"max_variants must be >= 2 (the full variant and one more), got {self.max_variants}")
         if not 0 < self.full_fraction <= 1:
             raise ValueError(f"full_fraction must be in (0, 1], got {self.full_fraction}")
+        if self.min_psnr is not None and not self.min_psnr > 0:
+            raise ValueError(f"min_psnr must be a PSNR in dB above 0 (or None for no floor), got {self.min_psnr}")
 
 
 @register_pass
@@ -89,6 +100,7 @@ class CachePass(Pass):
             raise PassError(f"forecast extrapolates one cached region; cut {cfg.cut!r} caches several "
                             "(use cut='first_block', 'blocks', 'deep' or 'encoder')")
         candidates: list[dict[str, Any]] = []
+        backoff: list[dict[str, Any]] = []
         forecast = bool(cfg.forecast)
         num_steps = ctx.calibration.num_steps if ctx.calibration is not None else None
         if cfg.schedule == "adaptive":
@@ -115,8 +127,10 @@ class CachePass(Pass):
                     full = nonuniform_full_steps(num_steps, budget)
                 else:
                     dg.step_plan = _step_plan(regions, variants, unscheduled)
-                    full, candidates, forecast = self._dp_schedule(dg, regions, variants, ctx, num_steps,
-                                                                   budget, cached_variant, staged)
+                    full, candidates, forecast, backoff = self._dp_within_floor(
+                        dg, regions, variants, ctx, num_steps, budget, cached_variant, staged)
+                    if full is None:
+                        return self._declined(dg, backoff, candidates, num_steps)
             steps = [FULL if s in full else cached_variant(s, num_steps) for s in range(num_steps)]
             schedule = Schedule(FULL, tuple(steps))
         if forecast:
@@ -129,8 +143,44 @@ class CachePass(Pass):
         report["forecast"] = forecast
         if candidates:
             report["dp_candidates"] = candidates
+        if cfg.schedule == "dp" and backoff:
+            report["floor_backoff"] = backoff
         anchor_step_plan(dg, ctx)
         return PassResult(dg, modified=True, report=report)
+
+    def _dp_within_floor(self, dg: DiffusionGraph, regions: list[Region], variants: dict[str, list[str]],
+                         ctx: PassContext, num_steps: int, budget: int, cached_variant: Any, staged: bool) \
+            -> tuple[set[int] | None, list[dict[str, Any]], bool, list[dict[str, Any]]]:
+        """The dp schedule at `budget` full steps or, when its final-image PSNR on the held-out
+        trajectories (on the selection ones when none are held out) misses min_psnr, at the next
+        larger budgets. Returns (full steps or None when no budget short of all steps keeps the
+        floor, candidates, forecast, the budgets that missed it)."""
+        backoff: list[dict[str, Any]] = []
+        while True:
+            full, candidates, forecast = self._dp_schedule(dg, regions, variants, ctx, num_steps, budget,
+                                                           cached_variant, staged)
+            chosen = next((c for c in candidates if c.get("chosen")), None)
+            if self.config.min_psnr is None or chosen is None:
+                return full, candidates, forecast, backoff
+            measured = chosen["held_out_psnr"] if chosen["held_out_psnr"] is not None else chosen["predicted_psnr"]
+            if measured >= self.config.min_psnr:
+                return full, candidates, forecast, backoff
+            backoff.append({"full_steps": budget, "forecast": forecast, "held_out_psnr": measured})
+            if budget >= num_steps - 1:
+                return None, candidates, forecast, backoff
+            budget = min(num_steps - 1, budget + max(1, math.ceil(BACKOFF_SHARE * num_steps)))
+
+    def _declined(self, dg: DiffusionGraph, backoff: list[dict[str, Any]], candidates: list[dict[str, Any]],
+                  num_steps: int) -> PassResult:
+        dg.step_plan = None
+        floor = self.config.min_psnr
+        message = (f"cache: no schedule keeps {floor} dB final-image PSNR on the held-out calibration "
+                   f"trajectories (with {backoff[-1]['full_steps']} of {num_steps} steps in full: "
+                   f"{backoff[-1]['held_out_psnr']:.1f} dB), so nothing is cached. Lower "
+                   "min_psnr to accept the loss, or calibrate on more steps.")
+        warnings.warn(message, stacklevel=2)
+        return PassResult(dg, modified=False, report={"declined": message, "floor_backoff": backoff,
+                                                      "dp_candidates": candidates})
 
     def _dp_schedule(self, dg: DiffusionGraph, regions: list[Region], variants: dict[str, list[str]],
                      ctx: PassContext, num_steps: int, budget: int, cached_variant: Any,

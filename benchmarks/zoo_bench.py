@@ -1,0 +1,56 @@
+"""The whole comparison (issue: evaluation zoo and peers at their best): `diffc bench` on every zoo
+model and both default models, with diffc's cache sweep and every peer at every setting, into
+benchmarks/results/<date>-cpu-x86_64/zoo/. Each model's rows are kept as they finish, so an
+interrupted run resumes where it stopped.
+
+    OMP_NUM_THREADS=2 python benchmarks/zoo_bench.py [--models shapes-flux,digits-unet] [--smoke]
+
+--smoke runs one zoo model with 2 steps, 2 prompts and a few rows: the harness end to end in a
+minute or two, for CI-like machines.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from diffc.cli import main as diffc_main
+from diffc.models import zoo
+
+DEFAULT_MODELS = ("digits-unet", "digits-dit")
+FULL_PIPELINES = "baseline,cache,cache-sweep,quant,cache+quant,peers"
+SMOKE_PIPELINES = "baseline,cache,fbc@0.2,torchao-int8"
+
+
+def run(models: list[str], out: Path, smoke: bool) -> int:
+    failures = []
+    for model in models:
+        arguments = ["bench", model, "--out", str(out), "--pipelines", SMOKE_PIPELINES if smoke else FULL_PIPELINES]
+        if smoke:
+            arguments += ["--steps", "2", "--seeds", "0", "--repeats", "1", "--labels", "0,1"]
+            if model in zoo.ZOO:
+                arguments += ["--prompts", "|".join(zoo.prompts(model, 2))]
+        else:
+            arguments += ["--steps", "20", "--seeds", "0,1", "--repeats", "3"]
+        started = time.perf_counter()
+        code = diffc_main(arguments)
+        print(f"{model}: exit {code} after {time.perf_counter() - started:.0f} s", flush=True)
+        if code:
+            failures.append(model)
+    return 1 if failures else 0
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=None, help="comma-separated (default: the zoo and both default models)")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--smoke", action="store_true")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = parse(sys.argv[1:])
+    chosen = args.models.split(",") if args.models else ([zoo.available()[0]] if args.smoke else
+                                                        [*zoo.available(), *DEFAULT_MODELS])
+    out = args.out or Path(__file__).parent / "results" / f"{time.strftime('%Y-%m-%d')}-cpu-x86_64" / "zoo"
+    sys.exit(run(chosen, out, args.smoke))

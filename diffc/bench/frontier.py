@@ -1,0 +1,63 @@
+"""Frontiers: per method (diffc's cache pass at any settings, each peer across its settings), the
+best speed-up it reaches at each fidelity level, read off the upper envelope of its points."""
+from __future__ import annotations
+
+from typing import Any
+
+LEVELS_DB = (30.0, 35.0, 40.0)
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (speed-up, PSNR) points no other point beats on both, by rising speed-up."""
+    best: list[tuple[float, float]] = []
+    for speedup, quality in sorted(points, key=lambda point: (-point[1], -point[0])):
+        if not best or speedup > best[-1][0]:
+            best.append((speedup, quality))
+    return sorted(best)
+
+
+def speedup_at(points: list[tuple[float, float]], level: float) -> float | None:
+    """The largest speed-up on the frontier at PSNR >= level, interpolating linearly between
+    neighbouring frontier points (a method can mix two settings to sit between them); None when
+    no point reaches the level."""
+    front = pareto(points)
+    reaching = [point for point in front if point[1] >= level]
+    if not reaching:
+        return None
+    best = max(reaching)
+    beyond = [point for point in front if point[0] > best[0]]
+    if not beyond:
+        return best[0]
+    faster = beyond[0]
+    if best[1] == float("inf"):
+        return best[0]
+    share = (best[1] - level) / (best[1] - faster[1])
+    return best[0] + share * (faster[0] - best[0])
+
+
+def frontiers(rows: dict[str, dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """Method family -> its (speed-up, PSNR) points; only rows that ran and changed the images.
+    The baseline point (1x, identical) belongs to every family."""
+    families: dict[str, list[tuple[float, float]]] = {}
+    for row in rows.values():
+        if row["kind"] == "baseline" or row["status"] != "ok" or row["speedup"] is None or row["psnr"] is None:
+            continue
+        families.setdefault(row["details"].get("family", row["pipeline"]), []).append((row["speedup"], row["psnr"]))
+    return {family: [(1.0, float("inf")), *points] for family, points in families.items()}
+
+
+def comparison(rows: dict[str, dict[str, Any]], ours: str = "diffc cache") -> dict[str, Any]:
+    """Speed-up at each level for `ours` and for the best peer, with which peer that is."""
+    fronts = frontiers(rows)
+    peer_families = {row["details"].get("family") for row in rows.values() if row["kind"] == "peer"}
+    table = {}
+    for level in LEVELS_DB:
+        peers = {family: speedup_at(points, level) for family, points in fronts.items() if family in peer_families}
+        reached = {family: value for family, value in peers.items() if value is not None}
+        best_peer = max(reached, key=reached.get) if reached else None
+        # with no row that ran and changed the images, diffc's frontier is the unoptimized model alone
+        diffc = speedup_at(fronts.get(ours, [(1.0, float("inf"))]), level)
+        table[f"{level:g}"] = {"diffc": diffc, "best_peer": best_peer,
+                               "best_peer_speedup": reached.get(best_peer) if best_peer else None,
+                               "diffc_wins": None if best_peer is None else (diffc or 0.0) >= reached[best_peer]}
+    return {"ours": ours, "levels": table}

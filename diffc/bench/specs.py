@@ -1,0 +1,142 @@
+"""What a bench row is: `baseline`, a diffc pass pipeline or a peer at one of its settings.
+
+    cache                                  diffc's cache pass with its defaults
+    cache[full_fraction=0.5;forecast=true] the same pass with options (`;` between them)
+    cache+quant:int4                       passes joined by `+`, target precision after `:`
+    deepcache@3                            a peer at one setting (`@`); alone, the peer's documented default
+    peers                                  every peer at every setting of its sweep
+    cache-sweep                            diffc's own sweep: cache budgets with and without forecast
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import DiffcError
+from .peers import PEERS, Peer
+
+DIFFC_PASSES = ("cache", "quant", "prune", "moe")
+# "all" runs every pass that composes; quantization last, because it needs a full-precision graph
+# to annotate. moe is left out: its routing per step range is a step plan of its own, which the cache
+# schedule cannot nest (bench it as moe or moe+quant)
+ALL_PASSES = ("prune", "cache", "quant")
+DEFAULT_QUANT_PRECISION = "int8"
+# the share of steps computed in full that the cache sweep asks for, each with and without forecast
+CACHE_SWEEP_FRACTIONS = (0.25, 0.35, 0.5, 0.7)
+
+
+@dataclass(frozen=True)
+class DiffcPipeline:
+    passes: tuple[str, ...]
+    target: str
+    options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # (pass, ((option, value), ...))
+
+    def pass_specs(self) -> list[Any]:
+        """What `optimize(passes=...)` takes: a name, or {"pass": name, **options}."""
+        given = dict(self.options)
+        return [{"pass": name, **dict(given[name])} if name in given else name for name in self.passes]
+
+    @property
+    def family(self) -> str:
+        """The frontier this row belongs to: the passes it runs, options aside."""
+        return "diffc " + "+".join(self.passes) + ("" if self.target == "torch" else f" ({self.target})")
+
+
+@dataclass(frozen=True)
+class PeerChoice:
+    peer: Peer
+    setting: str
+
+    @property
+    def family(self) -> str:
+        return self.peer.name
+
+
+def _option_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _parse_pass(text: str, spec: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    name, bracket, rest = text.partition("[")
+    if not bracket:
+        return name, ()
+    if not rest.endswith("]"):
+        raise DiffcError(f"pipeline {spec!r}: options of {name!r} must close with ']', e.g. cache[full_fraction=0.5]")
+    options = []
+    for item in (part.strip() for part in rest[:-1].split(";")):
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise DiffcError(f"pipeline {spec!r}: option {item!r} of {name!r} is not key=value")
+        options.append((key.strip(), _option_value(value.strip())))
+    return name, tuple(options)
+
+
+def parse_pipeline(spec: str) -> DiffcPipeline | PeerChoice | None:
+    """`baseline` -> None; diffc pass pipelines -> DiffcPipeline; peers -> PeerChoice."""
+    text = spec.strip()
+    if text.lower() == "baseline":
+        return None
+    peer_name, at, setting = text.partition("@")
+    if peer_name.lower() in PEERS:
+        peer = PEERS[peer_name.lower()]
+        setting = setting if at else peer.default
+        if setting not in peer.settings:
+            raise DiffcError(f"peer {peer.name!r} has no setting {setting!r}; its settings: {list(peer.settings)}")
+        return PeerChoice(peer, setting)
+    body, precision = text, ""
+    if ":" in text.rsplit("]", 1)[-1]:
+        body, _, precision = text.rpartition(":")
+    parsed = [_parse_pass(part, spec) for part in body.split("+") if part]
+    names = tuple(name.lower() for name, _ in parsed)
+    if names == ("all",):
+        names, parsed = ALL_PASSES, []
+    unknown = [name for name in names if name not in DIFFC_PASSES]
+    if not names or unknown:
+        raise DiffcError(f"unknown pipeline {spec!r}: use baseline, 'all', diffc passes joined by '+' "
+                         f"({', '.join(DIFFC_PASSES)}, e.g. cache+quant, quant:int4, cache[full_fraction=0.5]), "
+                         f"'cache-sweep', a peer ({', '.join(PEERS)}; name@setting for one of its settings) or "
+                         "'peers'")
+    if precision and "quant" not in names:
+        raise DiffcError(f"pipeline {spec!r} names a precision but no quant pass; write e.g. quant:{precision}")
+    target = f"torch-{precision or DEFAULT_QUANT_PRECISION}" if "quant" in names else "torch"
+    from ..backends import parse_target
+
+    parse_target(target)
+    return DiffcPipeline(names, target, tuple((name.lower(), options) for name, options in parsed if options))
+
+
+def peer_sweep() -> list[str]:
+    return [f"{peer.name}@{setting}" if setting else peer.name for peer in PEERS.values() for setting in peer.settings]
+
+
+def cache_sweep() -> list[str]:
+    return [f"cache[full_fraction={fraction};forecast={forecast}]"
+            for fraction in CACHE_SWEEP_FRACTIONS for forecast in ("true", "false")]
+
+
+def _split_outside_brackets(text: str) -> list[str]:
+    items, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    return [item.strip() for item in [*items, current] if item.strip()]
+
+
+def split_pipelines(text: str) -> list[str]:
+    """`baseline,cache,peers` -> the listed specs, `peers` and `cache-sweep` expanded; baseline first."""
+    specs: list[str] = []
+    for item in _split_outside_brackets(text):
+        expanded = peer_sweep() if item == "peers" else cache_sweep() if item == "cache-sweep" else [item]
+        for spec in expanded:
+            parse_pipeline(spec)
+            if spec not in specs:
+                specs.append(spec)
+    return ["baseline", *[spec for spec in specs if spec != "baseline"]]

@@ -1,0 +1,41 @@
+"""Bench row specs: diffc pass pipelines with options, peers at a setting, and the sweeps."""
+import pytest
+
+from diffc import bench
+from diffc.bench.specs import cache_sweep, parse_pipeline, peer_sweep, split_pipelines
+from diffc.errors import DiffcError
+
+
+def test_pass_options_reach_optimize_as_pass_dicts():
+    choice = parse_pipeline("cache[full_fraction=0.5;forecast=true]+quant:int4")
+    assert choice.target == "torch-int4" and choice.family == "diffc cache+quant (torch-int4)"
+    assert choice.pass_specs() == [{"pass": "cache", "full_fraction": 0.5, "forecast": True}, "quant"]
+    assert parse_pipeline("cache").pass_specs() == ["cache"] and parse_pipeline("cache").family == "diffc cache"
+
+
+def test_a_peer_runs_at_its_documented_default_unless_a_setting_is_named():
+    peer = next(iter(bench.PEERS.values()))
+    assert parse_pipeline(peer.name).setting == peer.default
+    other = peer.settings[-1]
+    assert parse_pipeline(f"{peer.name}@{other}").setting == other
+    with pytest.raises(DiffcError, match=f"peer '{peer.name}' has no setting 'x'"):
+        parse_pipeline(f"{peer.name}@x")
+
+
+def test_sweeps_expand_and_commas_inside_options_do_not_split():
+    specs = split_pipelines("cache-sweep,peers,cache[full_fraction=0.5;forecast=false]")
+    assert specs[0] == "baseline"
+    assert set(cache_sweep()) <= set(specs) and set(peer_sweep()) <= set(specs)
+    assert len(specs) == len(set(specs))
+    assert all(p.partition("@")[0] in bench.PEERS for p in peer_sweep())
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("cahce", "unknown pipeline 'cahce'"),
+    ("cache:int8", "no quant pass"),
+    ("cache[full_fraction]", "is not key=value"),
+    ("cache[full_fraction=0.5", "must close with"),
+])
+def test_bad_specs_name_the_fix(spec, message):
+    with pytest.raises(DiffcError, match=message):
+        parse_pipeline(spec)
