@@ -347,8 +347,9 @@ def test_a_step_setting_calibration_did_not_see_runs_the_loop_in_full_and_says_s
 
     pipe = text_pipelines.build("sd")
     calibration = collect(pipe, conditions=["a lighthouse"], num_steps=6, progress=False)
+    # a random tiny UNet at 6 steps keeps no 30 dB floor; the test is about the sampler watch, so no floor
     fast = diffc.optimize(pipe, calibration=calibration, passes=[{"pass": "cache", "refine": 0, "forecast": False,
-                                                                   "max_gap": 2}])
+                                                                   "max_gap": 2, "min_psnr": None}])
     assert fast.sampler_watch is not None and "cache" in fast.report[0]["pass"]
     seed, prompt = HELD_OUT[0]
     calibrated = pipe.scheduler

@@ -45,7 +45,7 @@ def load(name: str, root: Path | None = None) -> ZooPipeline:
     if not _complete(folder):
         raise ValueError(f"zoo model {name!r} has no weights in {folder}; set ${ROOT_VARIABLE} to the zoo folder or "
                          f"train it: python -m diffc.models.zoo.train --model {name}")
-    pipe = ZooPipeline.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
+    pipe = ZooPipeline.from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.config.family == zoo_spec.family
     return pipe

@@ -160,6 +160,12 @@ class CachePass(Pass):
             full, candidates, forecast = self._dp_schedule(dg, regions, variants, ctx, num_steps, budget,
                                                            cached_variant, staged)
             chosen = next((c for c in candidates if c.get("chosen")), None)
+            if chosen is None and self.config.min_psnr is not None:
+                warnings.warn(f"cache: the calibration set has neither a pipeline nor an identified sampling loop to "
+                              f"re-run, so the schedule ({len(full)} of {num_steps} steps in full) is chosen on "
+                              f"per-call errors and its final images are not checked against min_psnr="
+                              f"{self.config.min_psnr}. Calibrate with collect(pipe) or record(...) and rec.final(...) "
+                              "to have it checked.", stacklevel=3)
             if self.config.min_psnr is None or chosen is None:
                 return full, candidates, forecast, backoff
             measured = chosen["held_out_psnr"] if chosen["held_out_psnr"] is not None else chosen["predicted_psnr"]
