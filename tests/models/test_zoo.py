@@ -9,14 +9,16 @@ from safetensors.torch import load_file
 from diffc.models import zoo
 from diffc.models.zoo import train
 from diffc.models.zoo.pipeline import pack_latents, unpack_latents
-from diffc.models.zoo.report import grid_image
+from diffc.models.zoo.report import RECOGNIZABLE, grid_image
 
 torch.set_num_threads(1)
 TRAINED = zoo.available()
-MIN_SAMPLE_ACCURACY = 0.6
-# models the zoo README marks as not yet learned well enough, and why
-UNDERTRAINED = {"motion-wan": "19% of 32 samples right after 2000 steps: the motion is right, the shapes blur; "
-                              "retraining with more steps is pending"}
+# models the zoo README marks as not yet learned well enough (benchmarks/zoo/samples.json), and why
+UNDERTRAINED = {
+    "motion-wan": "19% of 32 samples right after 2000 steps: the motion is right, the shapes blur",
+    "textures-pixart": "44% of 32 samples right after 8000 steps: colours right, patterns broken at the 4 px patches",
+    "textures-unet": "53% of 32 samples right after 2500 steps: patterns right, some colours washed out",
+}
 
 
 def untrained_pipeline(name: str) -> zoo.ZooPipeline:
@@ -126,4 +128,4 @@ def test_each_trained_model_draws_what_its_prompts_ask(name):
     pipe, scorer = zoo.load(name), zoo.load_scorer(name)
     prompts = zoo.prompts(name, 16)
     images = pipe(prompts, num_inference_steps=20, generator=torch.Generator().manual_seed(1)).images
-    assert scorer.accuracy(images, prompts) >= MIN_SAMPLE_ACCURACY
+    assert scorer.accuracy(images, prompts) >= RECOGNIZABLE
