@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..train import learning_rate, load_checkpoint, save_checkpoint, update_ema
+from . import default_root
 from .data import dataset
 from .encoder import PAD, AttributeEncoder
 from .pipeline import ZooPipeline, call_denoiser, pack_latents
@@ -31,12 +32,6 @@ POOL_SIZE = 12000  # training samples drawn once per run (the seed fixes them)
 PROMPT_DROPOUT = 0.1  # prompts replaced by the empty prompt, for classifier-free guidance
 SCORER_PREFIX = "scorer-"
 SCORER_STEPS = 2000
-
-
-def default_root() -> Path:
-    from . import default_root as zoo_root
-
-    return zoo_root()
 
 
 class DenoiserObjective:
