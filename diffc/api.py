@@ -5,6 +5,7 @@ import hashlib
 import inspect
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -16,8 +17,9 @@ from .calibration import as_calibration_set, collect
 from .errors import DiffcError, TargetError
 from .ir import DiffusionGraph, Plan, capture, find_denoiser
 from .ir.partition import build_plan
+from .ir.precision import precision_specs
 from .passes import PassContext, PassManager
-from .passes.base import NOT_CONFIG, PipelineSpec
+from .passes.base import NOT_CONFIG, PASSES, PipelineSpec
 from .runtime import OptimizedModel, load_plan, read_manifest
 from .runtime.checkpoints import PassCheckpointFolder, graph_fingerprint
 from .runtime.diffusers_component import register_artifact_loader
@@ -148,6 +150,15 @@ def _device_of(model_or_pipeline: Any, device: Any) -> Any:
 
 def compile_graph(dg: DiffusionGraph, backend: str, precision: str, device: Any = None,
                   **options: Any) -> OptimizedModel:
+    """Lowers `dg` for `backend`-`precision`; a low-bit target whose quantization pass declined
+    (it would have broken its final-image floor) compiles at fp32 instead, with a warning."""
+    declined = [entry["report"]["declined"] for entry in dg.applied
+                if entry.get("report", {}).get("declined") and getattr(PASSES.get(entry["pass"]), "writes_precision",
+                                                                       False)]
+    if precision in LOW_BIT and declined and not precision_specs(dg.annotations):
+        warnings.warn(f"target {backend}-{precision}: the quantization pass declined ({declined[-1]}); compiling "
+                      f"{backend}-fp32 instead", stacklevel=2)
+        precision = "fp32"
     return _compile_plan(build_plan(dg), backend, precision, device, **options)
 
 

@@ -15,10 +15,22 @@ from .base import PassContext
 MAX_GUIDANCE_LOSS = 0.1
 
 
+def unjudgeable(ctx: PassContext) -> str | None:
+    """Why candidates cannot be re-sampled to final outputs with them in the loop, or None."""
+    if ctx.denoiser_for is None:
+        return "no denoiser to compile candidates with"
+    if ctx.calibration is None:
+        return "no calibration set"
+    if resampling(ctx.calibration) is None:
+        return f"no live pipeline, and {sampling_loop(ctx.calibration).reason}"
+    return None
+
+
 def search_grid(grid: Sequence[float], build: Callable[[float], DiffusionGraph], ctx: PassContext, *,
                 knob: str, offline_error: Callable[[DiffusionGraph], float], min_psnr: float,
                 max_relative_error: float | None, quality_rises: bool, fallback: float,
-                infeasible: tuple[type[Exception], ...] = ()) -> tuple[float, list[dict[str, Any]]]:
+                infeasible: tuple[type[Exception], ...] = (),
+                optimistic: bool = False) -> tuple[float, list[dict[str, Any]]]:
     """The grid value at the edge of the quality bar: the smallest one that passes when quality
     rises with the knob, the largest one when it falls; `fallback` (the value that changes least)
     when no value passes.
@@ -33,12 +45,13 @@ def search_grid(grid: Sequence[float], build: Callable[[float], DiffusionGraph],
     re-sample, the teacher-forced `offline_error` decides only when the user set
     `max_relative_error`; otherwise the result is `fallback`, with a warning saying why. A value
     whose `build` raises one of `infeasible` fails without being measured. Quality must be monotone
-    in the knob: bisection measures about log2(len(grid)) candidates. Each measurement is listed in
-    the returned record as {knob: value, "psnr" | "held_out_psnr" | "relative_error": ..., "passes": bool}."""
-    how = resampling(ctx.calibration) if ctx.denoiser_for is not None else None
+    in the knob: bisection measures about log2(len(grid)) candidates; with `optimistic`, the value
+    that changes most is measured first, and when it passes that is the whole search. Each
+    measurement is listed in the returned record as
+    {knob: value, "psnr" | "held_out_psnr" | "relative_error": ..., "passes": bool}."""
+    why = unjudgeable(ctx)
+    how = None if why else resampling(ctx.calibration)
     if how is None and max_relative_error is None:
-        why = "no denoiser to compile candidates with" if ctx.denoiser_for is None else \
-            f"no live pipeline, and {sampling_loop(ctx.calibration).reason}"
         warnings.warn(f"{knob}: cannot judge candidates on final outputs ({why}), so it stays at {fallback} (the "
                       "safest value). Calibrate with the pipeline or record every step of your loop, or set "
                       "max_relative_error to decide on the teacher-forced output error", stacklevel=3)
@@ -72,6 +85,12 @@ def search_grid(grid: Sequence[float], build: Callable[[float], DiffusionGraph],
     # invariant: every index <= low is on the bar's near side (passing when quality falls with the
     # knob, failing when it rises), every index >= high on its far side
     low, high = -1, len(grid)
+    if optimistic:
+        boldest = 0 if quality_rises else len(grid) - 1
+        if passes(grid[boldest]):
+            low, high = (-1, 0) if quality_rises else (boldest, len(grid))
+        else:
+            low, high = (0, len(grid)) if quality_rises else (-1, boldest)
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if passes(grid[middle]) != quality_rises else (low, middle)

@@ -85,3 +85,20 @@ def test_when_nothing_holds_on_held_out_trajectories_nothing_changes(monkeypatch
     with pytest.warns(UserWarning, match="no value keeps 30.0 dB on the held-out"):
         chosen, _ = _resampled(monkeypatch, selection, held_out)
     assert chosen == 0.0
+
+
+@pytest.mark.parametrize("quality_rises", [True, False])
+def test_optimistic_search_stops_at_the_boldest_value_when_it_passes_and_bisects_otherwise(quality_rises):
+    boldest = GRID[0] if quality_rises else GRID[-1]
+    ctx = PassContext(calibration=SimpleNamespace(pipeline=None))
+    everything_passes = dict.fromkeys(GRID, 0.0)
+    chosen, searched = search_grid(GRID, lambda v: v, ctx, knob="share", offline_error=lambda v: everything_passes[v],
+                                   min_psnr=30.0, max_relative_error=0.05, quality_rises=quality_rises,
+                                   fallback=-1.0, optimistic=True)
+    assert chosen == boldest and [entry["share"] for entry in searched] == [boldest]
+    only_the_safest = {v: 0.0 if v == (GRID[-1] if quality_rises else GRID[0]) else 0.1 for v in GRID}
+    chosen, searched = search_grid(GRID, lambda v: v, ctx, knob="share", offline_error=lambda v: only_the_safest[v],
+                                   min_psnr=30.0, max_relative_error=0.05, quality_rises=quality_rises,
+                                   fallback=-1.0, optimistic=True)
+    assert chosen == (GRID[-1] if quality_rises else GRID[0]) and searched[0]["share"] == boldest
+    assert len(searched) <= 4

@@ -136,15 +136,15 @@ ZOO = {
         ZooSpec("shapes-unet", "unet", "shapes", "v_prediction", "DPM-Solver++ 2M", _unet_v, _dpm_solver_v, 3.0,
                 train_steps=2000),
         ZooSpec("textures-unet", "unet", "textures", "epsilon", "UniPC (bh2)", _unet_eps, _unipc_eps, 3.0,
-                train_steps=2500),
+                train_steps=4500),
         ZooSpec("compositions-sd3", "sd3", "compositions", "flow", "flow-matching Euler, shift 2", _sd3,
                 _flow_euler(2.0), 3.0, train_steps=8000),
         ZooSpec("shapes-flux", "flux", "shapes", "flow", "flow-matching Euler, shift 1", _flux, _flow_euler(1.0), 3.0,
                 train_steps=3000),
         ZooSpec("textures-pixart", "pixart", "textures-32", "epsilon", "DDIM", _pixart, _ddim_eps, 3.0,
-                train_steps=8000),
+                train_steps=13000),
         ZooSpec("motion-wan", "wan", "motion", "flow", "UniPC (flow, shift 2)", _wan, _unipc_flow, 3.0,
-                train_steps=2000),
+                train_steps=4200),
     )
 }
 

@@ -27,6 +27,7 @@ report gives the reason for each, every layer's format, size and sensitivity, th
 layer-output MSE proxy beside it, the Pareto front and the error measured on calibration data."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +37,10 @@ from ...calibration import compute_statistics, output_error
 from ...errors import PassError
 from ...ir import DiffusionGraph
 from ...ir.precision import FORMATS, INT8, FP8, ActivationQuant, attention_spec, simulate, weight_bytes
+from .._search import unjudgeable
 from ..base import PASSES, Pass, PassConfig, PassContext, PassResult, register_pass
 from .annotate import RANGE_METHODS, activation_scale, activation_types, annotate, layer_activation
+from .floor import KEEP_SHARES, KEPT_REASON, drop_precision, keep_for_floor
 from .formats import RELATIVE_COST, formats_for
 from .layers import PROTECTIONS, Attention, Layer, attention_nodes, quantizable_layers
 from .placement import pareto_front, place
@@ -66,6 +69,9 @@ class QuantConfig(PassConfig):
     split_shortcut: bool = False
     attention: bool = False
     smoothquant: float | None = None
+    # final-image PSNR (dB) the placement must keep on held-out calibration trajectories; the most
+    # sensitive layers go back to full precision until it does (floor.py). None: no check
+    min_psnr: float | None = 30.0
 
     def __post_init__(self) -> None:
         if self.formats is not None:
@@ -102,6 +108,7 @@ class QuantPass(Pass):
 
     def run(self, dg: DiffusionGraph, ctx: PassContext) -> PassResult:
         cfg = self.config
+        untouched = dg.clone()
         formats = formats_for(ctx.target, cfg.formats)
         budget_kind, ratio = self._budget(ctx, formats)
         layers = quantizable_layers(dg, cfg.protect)
@@ -157,13 +164,49 @@ class QuantPass(Pass):
             if name in attention_quant[node]:
                 dg.annotations.setdefault(node, {})["precision"] = attention_spec(*attention_quant[node][name],
                                                                                   reason=rule).to_json()
+        placed = {**chosen, **{node: name for node, name in attention_chosen.items() if name in attention_quant[node]}}
+        kept, floor_check = self._final_image_floor(dg, ctx, placed, sensitivity)
+        if kept is None:
+            return self._declined(untouched, floor_check)
+        dg.annotations = drop_precision(dg.annotations, kept)
+        for node in kept:
+            placed.pop(node)
+            chosen.pop(node, None)
         report = self._report(dg, ctx, layers, placeable, formats, chosen, sensitivity, sizes[:len(placeable)],
                               objective[:len(placeable)], rule)
-        report["attention"] = self._attention_report(attentions, attention_chosen, attention_quant, sensitivity)
+        report["final_image_check"] = {**floor_check, "kept_full_precision": kept}
+        report["attention"] = self._attention_report(attentions, attention_chosen, attention_quant, sensitivity,
+                                                     set(kept))
         report["smoothquant"] = {"alpha": cfg.smoothquant, "layers": smoothed} if cfg.smoothquant is not None else None
-        placed = {**chosen, **attention_chosen}
         report["predicted_error"] = float(f"{sum(sensitivity.hessian[n][f] for n, f in placed.items()):.6g}")
         return PassResult(dg, modified=True, report=report)
+
+    def _final_image_floor(self, dg: DiffusionGraph, ctx: PassContext, placed: dict[str, str],
+                           sensitivity: Sensitivity) -> tuple[list[str] | None, dict[str, Any]]:
+        """The quantized nodes to keep at full precision for the final-image floor (floor.py):
+        none when there is no floor or no way to re-sample (with a warning saying so), None when
+        no share of them keeps it."""
+        floor = self.config.min_psnr
+        if floor is None:
+            return [], {"min_psnr": None}
+        why = unjudgeable(ctx)
+        if why:
+            warnings.warn(f"quant: the final images are not checked against min_psnr={floor} dB ({why}), so the "
+                          "placement stands on per-call sensitivities alone. Calibrate with the pipeline, or record "
+                          "every step of your loop, to have it checked", stacklevel=3)
+            return [], {"min_psnr": floor, "judged_on": None, "unchecked": why}
+        ranked = sorted(placed, key=lambda node: sensitivity.hessian[node][placed[node]], reverse=True)
+        return keep_for_floor(dg, ctx, ranked, floor)
+
+    def _declined(self, untouched: DiffusionGraph, floor_check: dict[str, Any]) -> PassResult:
+        worst = [entry for entry in floor_check["search"] if "psnr" in entry or "held_out_psnr" in entry]
+        measured = worst[-1].get("held_out_psnr", worst[-1].get("psnr")) if worst else None
+        message = (f"quant: the final images miss {self.config.min_psnr} dB PSNR even with {max(KEEP_SHARES):.0%} of "
+                   f"the quantized layers (the most sensitive) kept at full precision ({measured} dB), so nothing is "
+                   "quantized and the model runs at full precision. Lower min_psnr to accept the loss, or use a "
+                   "wider format (int8 rather than int4, fp8 rather than int8).")
+        warnings.warn(message, stacklevel=3)
+        return PassResult(untouched, modified=False, report={"declined": message, "final_image_check": floor_check})
 
     def _smooth(self, dg: DiffusionGraph, ctx: PassContext, placeable: list[Layer], formats: tuple[str, ...]) -> list[str]:
         """With smoothquant=alpha and a format that quantizes activations, SmoothQuant migration
@@ -202,11 +245,11 @@ class QuantPass(Pass):
     @staticmethod
     def _attention_report(attentions: list[Attention], chosen: dict[str, str],
                           quantization: dict[str, dict[str, tuple[ActivationQuant, ...]]],
-                          sensitivity: Sensitivity) -> list[dict[str, Any]]:
+                          sensitivity: Sensitivity, kept: set[str]) -> list[dict[str, Any]]:
         entries = []
         for a in attentions:
             name = chosen[a.node]
-            quantized = name in quantization[a.node]
+            quantized = name in quantization[a.node] and a.node not in kept
             entry: dict[str, Any] = {"node": a.node, "format": ("int8" if FORMATS[name].activation == INT8 else "fp8")
                                      if quantized else None,
                                      "flops": a.flops, "sensitivity": _rounded(sensitivity.hessian[a.node]),
@@ -265,8 +308,8 @@ class QuantPass(Pass):
         for layer in layers:
             entry: dict[str, Any] = {"node": layer.node, "weight": layer.weight, "shape": list(layer.shape),
                                      "bytes_before": weight_bytes(layer.shape, None)}
-            if layer.protected:
-                entry.update(format=None, bytes_after=entry["bytes_before"], protected=layer.protected)
+            if layer.protected or layer.node not in chosen:
+                entry.update(format=None, bytes_after=entry["bytes_before"], protected=layer.protected or KEPT_REASON)
             else:
                 fmt = chosen[layer.node]
                 entry.update(format=fmt, bytes_after=weight_bytes(layer.shape, fmt),
@@ -300,7 +343,7 @@ class QuantPass(Pass):
             "relative_error": float(f"{errors.mean_relative:.6g}"),
             "norms": "normalization layers are not quantized: they run at the backend's precision",
             "split_shortcut": [layer.node for layer in placeable if layer.pieces and cfg.split_shortcut
-                               and FORMATS[chosen[layer.node]].activation in (INT8, FP8)],
+                               and layer.node in chosen and FORMATS[chosen[layer.node]].activation in (INT8, FP8)],
             "layers": per_layer,
         }
 

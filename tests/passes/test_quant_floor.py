@@ -1,0 +1,113 @@
+"""The quant pass's final-image floor: the most sensitive layers go back to full precision until the
+re-sampled final images keep min_psnr on held-out trajectories; when nothing keeps it, the pass
+changes nothing, warns, and a low-bit target compiles at fp32."""
+import warnings
+
+import pytest
+import torch
+
+from diffc.api import compile_graph
+from diffc.calibration import collect, split_items, trajectory_error
+from diffc.ir import capture, lint
+from diffc.passes import PassContext, PassManager
+from diffc.passes.quant.floor import KEPT_REASON, without_precision
+from digits_tiny import tiny_digits_pipeline
+
+QUICK = {"samples": 4, "probes": 2, "trajectories": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    pipe = tiny_digits_pipeline()
+    calibration = collect(pipe, conditions=[1, 6, 3, 8], num_steps=4, out=tmp_path_factory.mktemp("cal"),
+                          progress=False)
+    return capture(pipe.unet), calibration
+
+
+def _context(calibration, target, live=True):
+    denoiser_for = (lambda candidate: compile_graph(candidate, "torch", "fp32")) if live else None
+    return PassContext(calibration=calibration, target=target, denoiser_for=denoiser_for)
+
+
+def _quantize(dg, calibration, target, live=True, **options):
+    return PassManager([{"pass": "quant", **QUICK, **options}]).run(dg, _context(calibration, target, live))
+
+
+def _final_psnr(dg, calibration, items):
+    return trajectory_error(calibration, compile_graph(dg, "torch", "fp32"), items)["psnr"]
+
+
+@pytest.fixture(scope="module")
+def unchecked_int8(tiny):
+    """int8 on this untrained model keeps ~15 dB; the most sensitive half at full precision ~30 dB"""
+    dg, calibration = tiny
+    return _quantize(dg, calibration, "torch-int8", min_psnr=None)
+
+
+def test_a_floor_between_the_placement_and_full_precision_keeps_the_most_sensitive_layers(tiny, unchecked_int8):
+    dg, calibration = tiny
+    selection, held_out = split_items(calibration)
+    report = unchecked_int8.applied[-1]["report"]
+    ranked = sorted((e for e in report["layers"] if e["format"]), key=lambda e: e["sensitivity"]["int8"],
+                    reverse=True)
+    half = without_precision(unchecked_int8, [e["node"] for e in ranked[:len(ranked) // 2]])
+    placement, halfway = (min(_final_psnr(g, calibration, items) for items in (selection, held_out))
+                          for g in (unchecked_int8, half))
+    assert halfway > placement + 1.0, "keeping the most sensitive half at full precision should help"
+    floor = (placement + halfway) / 2
+
+    quantized = _quantize(dg, calibration, "torch-int8", min_psnr=floor)
+    lint(quantized)
+    check = quantized.applied[-1]["report"]["final_image_check"]
+    kept = check["kept_full_precision"]
+    assert check["judged_on"] == "pipeline" and 0 < check["kept_share"] <= 0.5
+    assert kept == [e["node"] for e in ranked[:len(kept)]]  # the most sensitive first
+    assert not any("precision" in quantized.annotations.get(node, {}) for node in kept)
+    entries = {e["node"]: e for e in quantized.applied[-1]["report"]["layers"]}
+    assert all(entries[node]["format"] is None and entries[node]["protected"] == KEPT_REASON for node in kept)
+    assert _final_psnr(quantized, calibration, held_out) >= floor
+    assert check["search"][-1]["held_out_psnr"] >= floor
+
+
+def test_a_placement_that_meets_the_floor_is_measured_once_and_kept_whole(tiny, unchecked_int8):
+    dg, calibration = tiny
+    quantized = _quantize(dg, calibration, "torch-int8", min_psnr=10.0)
+    check = quantized.applied[-1]["report"]["final_image_check"]
+    assert check["kept_full_precision"] == [] and check["kept_share"] == 0.0
+    assert [set(entry) - {"guidance_lost"} for entry in check["search"]] == [
+        {"kept_share", "psnr", "passes"}, {"kept_share", "held_out_psnr", "passes"}]
+    assert quantized.annotations.keys() == unchecked_int8.annotations.keys()
+
+
+def test_a_floor_nothing_keeps_changes_nothing_and_the_target_compiles_at_fp32(tiny):
+    dg, calibration = tiny
+    with pytest.warns(UserWarning, match="nothing is quantized"):
+        declined = _quantize(dg, calibration, "torch-int8", min_psnr=500.0)
+    entry = declined.applied[-1]
+    assert not entry["modified"] and "min_psnr" in entry["report"]["declined"]
+    assert not declined.annotations
+    lint(declined)
+    with pytest.warns(UserWarning, match="declined.*torch-fp32 instead"):
+        fast = compile_graph(declined, "torch", "int8")
+    assert fast.target == "torch-fp32"
+    example = {"sample": torch.randn(2, 1, 8, 8), "timestep": torch.tensor([10, 10]),
+               "encoder_hidden_states": torch.randn(2, 1, 16)}
+    with torch.no_grad():
+        assert torch.equal(fast(**example)[0], compile_graph(dg, "torch", "fp32")(**example)[0])
+
+
+def test_without_a_way_to_re_sample_the_placement_stands_and_says_it_is_unchecked(tiny):
+    dg, calibration = tiny
+    with pytest.warns(UserWarning, match="not checked against min_psnr=30.0 dB \\(no denoiser"):
+        quantized = _quantize(dg, calibration, "torch-int8", live=False)
+    check = quantized.applied[-1]["report"]["final_image_check"]
+    assert check["judged_on"] is None and check["kept_full_precision"] == []
+    assert quantized.annotations
+
+
+def test_the_check_can_be_turned_off_without_a_warning(tiny):
+    dg, calibration = tiny
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantized = _quantize(dg, calibration, "torch-int8", live=False, min_psnr=None)
+    assert quantized.applied[-1]["report"]["final_image_check"] == {"min_psnr": None, "kept_full_precision": []}
