@@ -173,6 +173,24 @@ def _step(calls: list[Record], latent: str) -> LoopStep:
     return LoopStep(calls, rows, inputs[first_rows], by_state)
 
 
+def guidance_rows(record: Record, loop: SamplingLoop) -> list[tuple[int, float]] | None:
+    """For a call that holds both guidance branches of every latent it carries (batched
+    classifier-free guidance), each output row's latent (its index among the call's latents) and
+    the weight the loop gives the row in the guided combination at the call's step; None for a loop
+    without guidance pairs, a call holding one branch, or outputs shaped unlike the latent."""
+    latent = record.inputs.get(loop.latent)
+    if loop.members != 2 or not loop.usable or latent is None or record.output.shape != latent.shape:
+        return None
+    try:
+        step = _step([record], loop.latent)
+    except CalibrationError:
+        return None
+    if step.outputs.shape[1] != loop.members:
+        return None
+    weights = loop.guidance_weights(record.step)
+    return [(state, weights[member]) for state, member in step.rows]
+
+
 def recorded_trajectories(calibration: CalibrationSet, latent: str,
                   items: set[str] | None = None) -> Iterator[tuple[dict[str, Any], list[LoopStep]]]:
     """Each complete trajectory's steps, in order; refuses a set that skipped steps."""

@@ -9,7 +9,8 @@ import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler)
 
-from diffc.calibration import identify_loop, loop_error, record, replay_loop, resampling, trajectory_error
+from diffc.calibration import (guidance_rows, identify_loop, loop_error, record, replay_loop, resampling,
+                               trajectory_error)
 from digits_tiny import tiny_digits_pipeline
 
 STEPS = 6
@@ -120,6 +121,21 @@ def test_a_loop_that_calls_each_branch_separately_pairs_the_calls(tiny, tmp_path
     assert loop.kind == "affine" and loop.members == 2
     assert loop.guidance_weights(0) == pytest.approx((1 - GUIDANCE, GUIDANCE), abs=1e-4)
     assert loop_error(calibration, loop, unet)["psnr"] > 100
+
+
+def test_guidance_rows_weigh_the_rows_of_a_batched_guidance_call_and_nothing_else(tiny, tmp_path):
+    unet, embed = tiny
+    runs = {kind: sample(unet, embed, DDIMScheduler(clip_sample=False), tmp_path / kind, **options)[0]
+            for kind, options in (("batched", {}), ("unbatched", {"unbatched": True}), ("no-cfg", {"guidance": None}))}
+    batched = runs["batched"]
+    loop = identify_loop(batched)
+    for record in batched.records():
+        rows = guidance_rows(record, loop)
+        assert [state for state, _ in rows] == [0, 0]
+        assert [weight for _, weight in rows] == pytest.approx([1 - GUIDANCE, GUIDANCE], abs=1e-3)
+    for kind in ("unbatched", "no-cfg"):
+        loop = identify_loop(runs[kind])
+        assert all(guidance_rows(record, loop) is None for record in runs[kind].records()), kind
 
 
 def test_euler_ancestral_is_named_stochastic_and_re_runs_with_its_noise(tiny, tmp_path):

@@ -69,6 +69,17 @@ def test_a_floor_between_the_placement_and_full_precision_keeps_the_most_sensiti
     assert check["search"][-1]["held_out_psnr"] >= floor
 
 
+def test_sensitivity_is_measured_on_the_guided_combination_where_the_loop_batches_guidance(tiny, unchecked_int8,
+                                                                                         tmp_path):
+    assert unchecked_int8.applied[-1]["report"]["guided_sensitivity"]
+    dg, _ = tiny
+    # two of four steps recorded: no loop is identified, so rows are their own loss
+    sparse = collect(tiny_digits_pipeline(), conditions=[1, 6], num_steps=4, timesteps="uniform:2", out=tmp_path,
+                     progress=False)
+    assert not _quantize(dg, sparse, "torch-int8", live=False, min_psnr=None).applied[-1]["report"][
+        "guided_sensitivity"]
+
+
 def test_a_placement_that_meets_the_floor_is_measured_once_and_kept_whole(tiny, unchecked_int8):
     dg, calibration = tiny
     quantized = _quantize(dg, calibration, "torch-int8", min_psnr=10.0)

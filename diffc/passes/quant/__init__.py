@@ -330,7 +330,7 @@ class QuantPass(Pass):
             "target": ctx.target, "formats": list(formats), "placement": rule, "sensitivity": cfg.sensitivity,
             "accumulate": cfg.accumulate,
             "activation_range": cfg.activation_range, "calibration_calls": sensitivity.calls,
-            "hutchinson_probes": sensitivity.probes,
+            "hutchinson_probes": sensitivity.probes, "guided_sensitivity": sensitivity.guided,
             "layers_quantized": {f: sum(v == f for v in chosen.values()) for f in formats},
             "layers_protected": sum(1 for layer in layers if layer.protected),
             "weight_bytes_before": before, "weight_bytes_after": after,

@@ -17,6 +17,12 @@ per trajectory, J^T u summed over its steps for the weights, and per step (1/S^2
 for the activations. With `accumulate="step"` each call is its own loss (HAWQ-v2 as published).
 Either way every recorded step, hence every timestep group, weighs the same.
 
+Where the identified sampling loop (calibration.sampling_loop) combines guidance branches batched
+in one call, the loss is the error of what the loop steps with, the guided combination
+sum_m w_m out_m per latent, not of each row: guidance amplifies errors that differ between the
+branches (by ~g) and cancels those they share. The probe is then u per latent, spread to its rows
+as w_m u (so J^T probe = J_guided^T u), and N counts guided elements.
+
 Beside it, the cheap proxy: the mean squared error of each layer's own output when only that
 layer is quantized (same calls)."""
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 import torch.fx
 
 from ..._progress import progress as progress_bar
-from ...calibration import CalibrationSet
+from ...calibration import CalibrationSet, guidance_rows, sampling_loop
 from ...ir import DiffusionGraph
 from ...ir.fxutil import attr_value
 from ...ir.precision import ActivationQuant, fake_quantize_input, fake_quantize_weight, spec_for
@@ -51,6 +57,7 @@ class Sensitivity:
     weight_perturbation: dict[str, dict[str, float]]
     calls: int
     probes: int
+    guided: bool  # the loss was the error of the guided combination the loop steps with
 
 
 def sample_calls(calibration: CalibrationSet, samples: int) -> list[tuple[str, int]]:
@@ -157,6 +164,8 @@ def measure(dg: DiffusionGraph, layers: list[Layer], formats: tuple[str, ...],
     activation_term = {n: dict.fromkeys(formats, 0.0) for n in everything}
     mse = {n: dict.fromkeys(formats, 0.0) for n in everything}
     groups = _call_groups(calibration, samples, accumulate, trajectories)
+    loop = sampling_loop(calibration)
+    guided_calls = 0
     total_calls = sum(len(g) for g in groups)
     bar = progress_bar(range(total_calls), progress, "quant sensitivity", "call")
     ticks = iter(bar)
@@ -165,21 +174,28 @@ def measure(dg: DiffusionGraph, layers: list[Layer], formats: tuple[str, ...],
         # over its calls (one probe u per group), activation rounding errors do not
         steps_in_group = len(calls)
         summed: list[dict[str, torch.Tensor]] = [{} for _ in range(probes)]
-        probes_u: list[torch.Tensor] = []
+        probes_u: dict[tuple[int, ...], list[torch.Tensor]] = {}
         for item, step in calls:
             next(ticks, None)
             record = next(calibration.records(steps={step}, items={item}))
             flat = [record.inputs[spec.name] for spec in dg.signature.inputs]
             runner = _Instrumented(dg.module, by_node, weights, formats, activations, quantized, attentions)
+            rows = guidance_rows(record, loop)
+            guided_calls += rows is not None
             with torch.enable_grad():
                 output = runner.run(*flat)[0]
-                if not probes_u:
-                    probes_u = [(torch.randint(0, 2, output.shape, generator=generator) * 2 - 1).to(output.dtype)
-                                for _ in range(probes)]
+                # one u per latent (guided) or per row, shared by the group's calls
+                shape = (max(state for state, _ in rows) + 1, *output.shape[1:]) if rows else tuple(output.shape)
+                if shape not in probes_u:
+                    probes_u[shape] = [(torch.randint(0, 2, shape, generator=generator) * 2 - 1).to(output.dtype)
+                                       for _ in range(probes)]
+                directions = [torch.stack([weight * u[state] for state, weight in rows]) if rows else u
+                              for u in probes_u[shape]]
+                elements = output.numel() * shape[0] // output.shape[0]
                 inputs = [(node, i, d) for node in everything for i, d in enumerate(runner.deltas[node])]
                 leaves = [weights[n] for n in nodes] + [d for _, _, d in inputs]
                 activation_squared = {(node, i): 0.0 for node, i, _ in inputs}
-                for probe, u in enumerate(probes_u):
+                for probe, u in enumerate(directions):
                     grads = torch.autograd.grad(output, leaves, grad_outputs=u, retain_graph=probe < probes - 1,
                                                 allow_unused=True)
                     for index, node in enumerate(nodes):
@@ -191,7 +207,7 @@ def measure(dg: DiffusionGraph, layers: list[Layer], formats: tuple[str, ...],
                             activation_squared[node, i] += float(g.double().pow(2).sum()) / probes
             # Tr(H) = (2/N) E_u ||J^T u||^2 for the mean squared output error over N elements;
             # the error of a mean of S calls with independent rounding is 1/S^2 of their sum
-            scale = 2.0 / output.numel() / steps_in_group ** 2 / len(groups)
+            scale = 2.0 / elements / steps_in_group ** 2 / len(groups)
             for node, i, delta in inputs:
                 x_trace = scale * activation_squared[node, i] / delta.numel()
                 activation_trace[node] += x_trace
@@ -202,10 +218,11 @@ def measure(dg: DiffusionGraph, layers: list[Layer], formats: tuple[str, ...],
                     mse[node][name] += runner.output_mse[node][name] / total_calls
         for node in nodes:
             squared = sum(float(summed[p][node].double().pow(2).sum()) for p in range(probes) if node in summed[p])
-            weight_trace[node] += 2.0 / output.numel() * squared / probes / originals[node].numel() / len(groups)
+            weight_trace[node] += 2.0 / elements * squared / probes / originals[node].numel() / len(groups)
     hessian = {n: {f: weight_trace[n] * perturbation.get(n, {}).get(f, 0.0) + activation_term[n][f] for f in formats}
                for n in everything}
-    return Sensitivity(hessian, mse, weight_trace, activation_trace, perturbation, total_calls, probes)
+    return Sensitivity(hessian, mse, weight_trace, activation_trace, perturbation, total_calls, probes,
+                       guided=guided_calls == total_calls)
 
 
 def _call_groups(calibration: CalibrationSet, samples: int, accumulate: str,
