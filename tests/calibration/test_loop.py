@@ -129,13 +129,13 @@ def test_guidance_rows_weigh_the_rows_of_a_batched_guidance_call_and_nothing_els
             for kind, options in (("batched", {}), ("unbatched", {"unbatched": True}), ("no-cfg", {"guidance": None}))}
     batched = runs["batched"]
     loop = identify_loop(batched)
-    for record in batched.records():
-        rows = guidance_rows(record, loop)
+    for call in batched.records():
+        rows = guidance_rows(call, loop)
         assert [state for state, _ in rows] == [0, 0]
         assert [weight for _, weight in rows] == pytest.approx([1 - GUIDANCE, GUIDANCE], abs=1e-3)
     for kind in ("unbatched", "no-cfg"):
         loop = identify_loop(runs[kind])
-        assert all(guidance_rows(record, loop) is None for record in runs[kind].records()), kind
+        assert all(guidance_rows(call, loop) is None for call in runs[kind].records()), kind
 
 
 def test_euler_ancestral_is_named_stochastic_and_re_runs_with_its_noise(tiny, tmp_path):
