@@ -142,7 +142,7 @@ ZOO = {
         ZooSpec("shapes-flux", "flux", "shapes", "flow", "flow-matching Euler, shift 1", _flux, _flow_euler(1.0), 3.0,
                 train_steps=3000),
         ZooSpec("textures-pixart", "pixart", "textures-32", "epsilon", "DDIM", _pixart, _ddim_eps, 3.0,
-                train_steps=13000),
+                train_steps=8000),
         ZooSpec("motion-wan", "wan", "motion", "flow", "UniPC (flow, shift 2)", _wan, _unipc_flow, 3.0,
                 train_steps=4200),
     )
