@@ -14,12 +14,13 @@ from ..ir.partition import build_plan
 
 
 class CalibrationBatch:
-    """Up to `max_records` recorded calls (all of them with None) spread evenly over the steps,
-    stacked into batches, with the outputs of a reference graph on them: errors of candidates are
+    """Up to `max_records` recorded calls (all of them with None) spread evenly over the steps, of
+    the trajectories `items` (all with None), stacked into batches, with the outputs of a reference graph on them: errors of candidates are
     relative MSE against it."""
 
-    def __init__(self, calibration: Any, reference: DiffusionGraph, max_records: int | None) -> None:
-        records = list(calibration.records())
+    def __init__(self, calibration: Any, reference: DiffusionGraph, max_records: int | None,
+                 items: set[str] | None = None) -> None:
+        records = list(calibration.records(items=items))
         if not records:
             raise PassError("the calibration set holds no recorded calls; collect it again")
         if max_records is not None and len(records) > max_records:

@@ -77,6 +77,22 @@ def _call_pattern(steps: list[LoopStep]) -> tuple[Any, ...]:
                  for step in steps for call in step.calls)
 
 
+def _batched_inputs(calls: list[dict[str, torch.Tensor]], count: int) -> dict[str, torch.Tensor] | None:
+    """The calls' inputs as one call: inputs with a batch dim (`count` rows) concatenated, those
+    without one (FLUX's position ids, a scalar timestep) passed once when every call has the same;
+    None when one of those differs."""
+    joined = {}
+    for name, first in calls[0].items():
+        values = [inputs[name] for inputs in calls]
+        if first.dim() and first.shape[0] == count:
+            joined[name] = torch.cat(values)
+        elif all(torch.equal(value, first) for value in values[1:]):
+            joined[name] = first
+        else:
+            return None
+    return joined
+
+
 def _run_step(candidate: Callable[..., Any], steps: list[LoopStep], states: list[torch.Tensor],
               latent: str) -> list[torch.Tensor]:
     """The candidate's outputs at one step of several trajectories (by state and member), given
@@ -86,7 +102,9 @@ def _run_step(candidate: Callable[..., Any], steps: list[LoopStep], states: list
     for c, call in enumerate(steps[0].calls):
         count = call.inputs[latent].shape[0]
         placements = [step.rows[row: row + count] for step in steps]
-        inputs = {name: torch.cat([step.calls[c].inputs[name] for step in steps]) for name in call.inputs}
+        inputs = _batched_inputs([step.calls[c].inputs for step in steps], count)
+        if inputs is None:  # an input without a batch dim differs between trajectories: one at a time
+            return [_run_step(candidate, [step], [state], latent)[0] for step, state in zip(steps, states)]
         inputs[latent] = torch.cat([torch.stack([state[s] for s, _ in placed])
                                     for state, placed in zip(states, placements)]).to(call.inputs[latent].dtype)
         with torch.no_grad():

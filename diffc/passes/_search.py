@@ -26,6 +26,16 @@ def unjudgeable(ctx: PassContext) -> str | None:
     return None
 
 
+def fitting_items(ctx: PassContext) -> set[str] | None:
+    """The trajectories a pass may fit its candidates on (scores, compensation, refits) when
+    search_grid will verify its choice on held-out ones: the selection split, so that the held-out
+    figure is out of sample. None (every trajectory) when there is no way to re-sample."""
+    if unjudgeable(ctx):
+        return None
+    selection, held_out = split_items(ctx.calibration)
+    return selection if held_out else None
+
+
 def search_grid(grid: Sequence[float], build: Callable[[float], DiffusionGraph], ctx: PassContext, *,
                 knob: str, offline_error: Callable[[DiffusionGraph], float], min_psnr: float,
                 max_relative_error: float | None, quality_rises: bool, fallback: float,

@@ -274,3 +274,25 @@ def test_propagation_weights_of_a_recorded_loop_come_from_re_runs(tiny, tmp_path
     weights = propagation_weights(calibration, denoiser=unet)
     assert len(weights) == STEPS and all(w > 0 for w in weights)
     assert propagation_weights(calibration) is None
+
+
+def test_trajectories_replay_together_when_some_inputs_have_no_batch_dim(family, tmp_path):
+    """FLUX's position ids (tokens, 3) are shared by the rows of a call: replaying several
+    trajectories in one call passes them once, not concatenated like the latents."""
+    model, example = family("flux")
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    with record(model, out=tmp_path / "rec") as recording, torch.no_grad():
+        for seed in range(3):
+            generator = torch.Generator().manual_seed(seed)
+            x = torch.randn(1, 16, 16, generator=generator)
+            text = torch.randn(2, 8, 32, generator=generator)
+            scheduler.set_timesteps(STEPS)
+            for t in scheduler.timesteps:
+                uncond, cond = model(hidden_states=torch.cat([x, x]), encoder_hidden_states=text,
+                                     pooled_projections=torch.zeros(2, 32), timestep=(t / 1000).expand(2),
+                                     img_ids=example["img_ids"], txt_ids=example["txt_ids"]).sample.chunk(2)
+                x = scheduler.step(uncond + GUIDANCE * (cond - uncond), t, x).prev_sample
+            recording.final(x)
+    loop = identify_loop(recording.calibration_set)
+    assert loop.kind == "affine" and loop.members == 2
+    assert loop_error(recording.calibration_set, loop, model)["psnr"] > 100

@@ -4,7 +4,8 @@ import pytest
 
 from diffc.errors import PassError
 from diffc.passes import PassContext
-from diffc.passes._search import search_grid
+from diffc.calibration import split_items
+from diffc.passes._search import fitting_items, search_grid
 
 GRID = (0.1, 0.2, 0.3, 0.4, 0.5)
 
@@ -102,3 +103,10 @@ def test_optimistic_search_stops_at_the_boldest_value_when_it_passes_and_bisects
                                    fallback=-1.0, optimistic=True)
     assert chosen == (GRID[-1] if quality_rises else GRID[0]) and searched[0]["share"] == boldest
     assert len(searched) <= 4
+
+
+def test_fitting_items_leave_out_the_trajectories_a_choice_is_verified_on():
+    calibration = SimpleNamespace(pipeline=object(), replay={}, items=[{"id": f"t{i}"} for i in range(8)])
+    selection, held_out = split_items(calibration)
+    assert held_out and fitting_items(PassContext(calibration=calibration, denoiser_for=lambda g: g)) == selection
+    assert fitting_items(PassContext(calibration=calibration)) is None  # nothing verifies: fit on everything

@@ -51,7 +51,7 @@ import torch
 from ...calibration.batch import CalibrationBatch, plan_error, step_ranges
 from ...errors import PassError
 from ...ir import DiffusionGraph
-from .._search import search_grid
+from .._search import fitting_items, search_grid
 from ..base import Pass, PassConfig, PassContext, PassResult, anchor_step_plan, register_pass
 from ..recovery import RECOVER_ROWS, recover
 from ..rewrites import eliminate_dead_code
@@ -140,7 +140,9 @@ class MoePass(Pass):
             return PassResult(dg, modified=False, report={
                 "ffns": [f.block for f in ffns], "active": 1.0,
                 "note": "every expert active: nothing to route, the FFNs stay dense (outputs unchanged)"})
-        batch = CalibrationBatch(ctx.calibration, dg, cfg.max_records)
+        # a searched share is verified on held-out trajectories: nothing is fitted on them
+        batch = CalibrationBatch(ctx.calibration, dg, cfg.max_records,
+                                 items=fitting_items(ctx) if cfg.active is None else None)
         ranges = step_ranges(batch.num_steps, cfg.step_groups)
         hidden = hidden_activations(dg, ffns, batch)
         inputs = {f.block: hidden[f.up.args[0].name][0] for f in ffns}

@@ -59,7 +59,7 @@ from ...calibration import resampling, split_items, trajectory_error
 from ...calibration.batch import CalibrationBatch, plan_error, step_ranges
 from ...errors import PassError
 from ...ir import DiffusionGraph
-from .._search import search_grid
+from .._search import fitting_items, search_grid
 from ..base import Pass, PassConfig, PassContext, PassResult, anchor_step_plan, register_pass
 from ..recovery import RECOVER_ROWS, recover
 from ..step_ranges import bypass_region, range_step_plan
@@ -133,7 +133,9 @@ class PrunePass(Pass):
         if not units:
             raise PassError(f"{dg.signature.model_class}: no block of kinds {cfg.kinds} has a residual that can be "
                             "rewired; this model has nothing layer pruning can remove")
-        batch = CalibrationBatch(ctx.calibration, dg, cfg.max_records)
+        # a searched amount is verified on held-out trajectories: nothing is fitted on them
+        batch = CalibrationBatch(ctx.calibration, dg, cfg.max_records,
+                                 items=fitting_items(ctx) if cfg.amount is None else None)
         total = {"params": dg.num_parameters, "flops": lambda: graph_flops(dg),
                  "latency": lambda: roofline.graph_seconds(dg)}[cfg.target]()
         ranges = step_ranges(batch.num_steps, cfg.step_groups) if cfg.step_groups > 1 else [(0, batch.num_steps)]
