@@ -106,6 +106,13 @@ def search_grid(grid: Sequence[float], build: Callable[[float], DiffusionGraph],
         low, high = (middle, high) if passes(grid[middle]) != quality_rises else (low, middle)
     edge = high if quality_rises else low
     if not 0 <= edge < len(grid):
+        if how:
+            best = max(entry["psnr"] for entry in searched if "psnr" in entry)
+            bar = f"keeps {min_psnr} dB on the calibration trajectories (best: {best:.1f} dB)"
+        else:
+            bar = f"meets max_relative_error={max_relative_error}"
+        warnings.warn(f"{knob}: no value {bar}, so it stays at {fallback} (the safest value); accept more loss "
+                      "(a lower min_psnr or a higher max_relative_error) to change the model", stacklevel=3)
         return fallback, searched
     if not held_out:
         return grid[edge], searched

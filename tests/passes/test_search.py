@@ -1,3 +1,4 @@
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -11,16 +12,23 @@ GRID = (0.1, 0.2, 0.3, 0.4, 0.5)
 
 
 def _search(errors, quality_rises, infeasible_above=None):
-    """search_grid without a live pipeline, over fake candidates whose error is errors[value]."""
+    """search_grid without a live pipeline, over fake candidates whose error is errors[value]; a
+    search that finds no passing value must say so."""
     def build(value):
         if infeasible_above is not None and value > infeasible_above:
             raise PassError("no such candidate")
         return value
 
     ctx = PassContext(calibration=SimpleNamespace(pipeline=None))
-    return search_grid(GRID, build, ctx, knob="share", offline_error=lambda value: errors[value], min_psnr=30.0,
-                       max_relative_error=0.05, quality_rises=quality_rises, fallback=-1.0,
-                       infeasible=(PassError,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chosen, searched = search_grid(GRID, build, ctx, knob="share", offline_error=lambda value: errors[value],
+                                       min_psnr=30.0, max_relative_error=0.05, quality_rises=quality_rises,
+                                       fallback=-1.0, infeasible=(PassError,))
+    said = [str(w.message) for w in caught if "no value meets max_relative_error=0.05, so it stays at -1.0" in
+            str(w.message)]
+    assert bool(said) == (chosen == -1.0), said
+    return chosen, searched
 
 
 @pytest.mark.parametrize("passing", range(len(GRID) + 1))
