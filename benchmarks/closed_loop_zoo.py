@@ -95,8 +95,8 @@ def check_model(name: str, passes: list[str], steps: int, calibration_loops: int
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
         with record(denoiser, out=Path(folder) / "recording") as recording:
-            for prompt in zoo.prompts(name, calibration_loops):
-                recording.final(hand_written_loop(pipe, denoiser, prompt, seed=0, steps=steps))
+            for seed, prompt in enumerate(zoo.prompts(name, calibration_loops)):
+                recording.final(hand_written_loop(pipe, denoiser, prompt, seed=seed, steps=steps))
         result["record_seconds"] = round(time.perf_counter() - started, 1)
         for pass_name in tqdm(passes, desc=name, leave=False):
             spec, target = PASSES[pass_name]
@@ -133,7 +133,7 @@ def write_readme(folder: Path) -> None:
                 f"{'yes' if entry['holds'] else '**no**'} |")
     folder.joinpath("README.md").write_text(
         "# Closed-loop decisions on the zoo (issue 24)\n\n"
-        "Each default pass calibrated through a hand-written loop and `record` (8 prompts, seed 0), judged on "
+        "Each default pass calibrated through a hand-written loop and `record` (8 loops: 8 prompts, seeds 0-7), judged on "
         "prompts and seeds calibration did not see. `held-out (pass)`: the final-latent PSNR the pass measured on "
         "its own held-out trajectories; `image PSNR`: images against the unoptimized model's, same seeds; "
         f"holds: PSNR >= {FLOOR_DB:.0f} dB and accuracy within {ACCURACY_POINTS:.0f} points, or declined "

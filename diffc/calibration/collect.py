@@ -118,8 +118,10 @@ def collect(pipeline_or_model: Any, conditions: Sequence[Any] | None = None, num
     prompts (or dicts of pipeline call arguments). By default: 8 labels spread over the classes of a
     class-conditional pipeline, 8 prompts of the built-in set (`calibration.prompts`) for a text
     one, seeds 0-7 for an unconditional one; other calls take the pipeline's own defaults
-    (resolution, guidance). Seeds default to (0,). Shards stream to `out` (a temporary folder by default); calling
-    again with the same `out` and settings skips finished trajectories."""
+    (resolution, guidance). By default the i-th condition runs with seed i, so trajectories differ
+    in noise as well as in condition and the ones passes hold out (`split_items`) are unseen seeds;
+    with `seeds`, every seed runs every condition. Shards stream to `out` (a temporary folder by
+    default); calling again with the same `out` and settings skips finished trajectories."""
     root = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="diffc-calibration-"))
     if isinstance(pipeline_or_model, torch.nn.Module):
         if conditions is not None:
@@ -131,7 +133,10 @@ def collect(pipeline_or_model: Any, conditions: Sequence[Any] | None = None, num
     conditions = list(conditions) if conditions is not None else _default_conditions(pipe)
     if not conditions:
         raise CalibrationError("conditions is empty: give at least one prompt, label or dict of pipeline arguments")
-    seeds = tuple(seeds) if seeds is not None else _default_seeds(conditions)
+    # an unconditional pipeline varies only by seed: as many seeds as a conditional set has conditions
+    paired = seeds is None and conditions != [{}]
+    seeds = tuple(range(len(conditions))) if paired else tuple(range(DEFAULT_CLASS_CONDITIONS)) if seeds is None \
+        else tuple(seeds)
     selected = set(select_steps(num_steps, timesteps))
     settings = {"pipeline": type(pipe).__name__, "num_steps": num_steps, "timesteps": timesteps,
                 "selected_steps": sorted(selected), "seeds": list(seeds), "conditions": [repr(c) for c in conditions],
@@ -139,7 +144,8 @@ def collect(pipeline_or_model: Any, conditions: Sequence[Any] | None = None, num
                 "call_kwargs": {k: repr(v) for k, v in call_kwargs.items()}}
     writer = SetWriter(root, settings)
     writer.manifest["meta"]["model_class"] = type(denoiser).__name__
-    jobs = [(seed, index, condition) for seed in seeds for index, condition in enumerate(conditions)]
+    jobs = [(index, index, condition) for index, condition in enumerate(conditions)] if paired else \
+        [(seed, index, condition) for seed in seeds for index, condition in enumerate(conditions)]
     original_scheduler = pipe.scheduler
     if scheduler is not None:
         pipe.scheduler = scheduler
@@ -194,11 +200,6 @@ def image_inputs(pipe: Any) -> list[str]:
             == "MultiIPAdapterImageProjection":
         needed.append("ip_adapter_image")
     return needed
-
-
-def _default_seeds(conditions: Sequence[Any]) -> tuple[int, ...]:
-    """Unconditional pipelines vary only by seed: as many seeds as a conditional set has conditions."""
-    return tuple(range(DEFAULT_CLASS_CONDITIONS)) if list(conditions) == [{}] else (0,)
 
 
 def call_pipeline(pipe: Any, condition: Any, num_steps: int, seed: int, call_kwargs: dict[str, Any]) -> Any:

@@ -38,6 +38,16 @@ def test_collect_records_every_step_with_cfg_batches(collected):
     assert cal.final_outputs()["seed0-cond0"].shape == (1, 8, 8, 1)
 
 
+def test_each_condition_gets_its_own_seed_unless_seeds_are_given(collected, tmp_path):
+    pipe, cal, _ = collected
+    assert [(item["id"], item["seed"]) for item in cal.items] == [("seed0-cond0", 0), ("seed1-cond1", 1)]
+    with torch.no_grad():
+        first_latents = [next(cal.records(steps={0}, items={item["id"]})).inputs["sample"] for item in cal.items]
+    assert not torch.equal(*first_latents)  # held-out trajectories are new noise, not only a new condition
+    crossed = collect(pipe, conditions=[1, 7], num_steps=2, seeds=(5, 6), out=tmp_path / "crossed", progress=False)
+    assert [item["id"] for item in crossed.items] == ["seed5-cond0", "seed5-cond1", "seed6-cond0", "seed6-cond1"]
+
+
 def test_resume_skips_finished_trajectories(tmp_path):
     pipe = tiny_digits_pipeline()
     counter = CallCounter(pipe.unet, fail_after=STEPS + 2)  # dies inside the second trajectory
