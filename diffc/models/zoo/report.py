@@ -62,7 +62,8 @@ def readme_table(results: dict) -> str:
     if weak:
         lines += ["", f"Not yet learned well enough (under {RECOGNIZABLE:.0%} of samples right): {', '.join(weak)}. "
                   "Their samples show the asked colour and a part of the asked structure (see the grids); they are "
-                  "to be retrained with more steps, and results on them are marked as such."]
+                  "to be retrained (more steps, or a wider model where more steps did not help), and results on them are "
+                  "marked as such."]
     return "\n".join(lines) + "\n"
 
 

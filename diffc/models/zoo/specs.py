@@ -144,7 +144,7 @@ ZOO = {
         ZooSpec("textures-pixart", "pixart", "textures-32", "epsilon", "DDIM", _pixart, _ddim_eps, 3.0,
                 train_steps=8000),
         ZooSpec("motion-wan", "wan", "motion", "flow", "UniPC (flow, shift 2)", _wan, _unipc_flow, 3.0,
-                train_steps=4200),
+                train_steps=2000),
     )
 }
 
