@@ -15,8 +15,8 @@ from ..ir.partition import build_plan
 
 class CalibrationBatch:
     """Up to `max_records` recorded calls (all of them with None) spread evenly over the steps, of
-    the trajectories `items` (all with None), stacked into batches, with the outputs of a reference graph on them: errors of candidates are
-    relative MSE against it."""
+    the trajectories `items` (all with None), stacked into batches, with the outputs of a reference
+    graph on them: errors of candidates are relative MSE against it."""
 
     def __init__(self, calibration: Any, reference: DiffusionGraph, max_records: int | None,
                  items: set[str] | None = None) -> None:

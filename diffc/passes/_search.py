@@ -107,8 +107,10 @@ def search_grid(grid: Sequence[float], build: Callable[[float], DiffusionGraph],
     edge = high if quality_rises else low
     if not 0 <= edge < len(grid):
         if how:
-            best = max(entry["psnr"] for entry in searched if "psnr" in entry)
-            bar = f"keeps {min_psnr} dB on the calibration trajectories (best: {best:.1f} dB)"
+            # every value may have been infeasible, so measured PSNRs can be missing
+            best = max((entry["psnr"] for entry in searched if "psnr" in entry), default=None)
+            bar = f"keeps {min_psnr} dB on the calibration trajectories" + \
+                (f" (best: {best:.1f} dB)" if best is not None else "")
         else:
             bar = f"meets max_relative_error={max_relative_error}"
         warnings.warn(f"{knob}: no value {bar}, so it stays at {fallback} (the safest value); accept more loss "

@@ -15,12 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from ...calibration import resampling, split_items, trajectory_error
+from ...calibration import split_items, trajectory_error
 from ...errors import PassError
 from ...ir import DiffusionGraph
 from ...ir.blocks import node_flops
 from ...ir.partition import build_plan
 from ...ir.step_plan import ADAPTIVE, CACHED, FULL, Region, Schedule, StepPlan
+from .._search import unjudgeable
 from ..base import Pass, PassConfig, PassContext, PassResult, anchor_step_plan, register_pass
 from .bac import block_variants
 from .cuts import CUTS, block_regions, cached_variant_for, cut_regions, segment_flops
@@ -210,7 +211,7 @@ class CachePass(Pass):
                 measured[key] = trajectory_error(ctx.calibration, ctx.denoiser_for(dg), items)
             return measured[key]
 
-        live = ctx.denoiser_for is not None and resampling(ctx.calibration) is not None
+        live = unjudgeable(ctx) is None
         unmodified = ctx.denoiser_for(dg.clone()) if live else None  # its step plan runs every step in full
         full, candidates, forecast = dp_schedule(build_plan(dg), ctx.calibration, num_steps, budget, cfg.max_gap,
                                                  cfg.refine, cached_variant, fixed,

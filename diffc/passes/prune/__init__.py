@@ -55,11 +55,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..._progress import progress
-from ...calibration import resampling, split_items, trajectory_error
+from ...calibration import split_items, trajectory_error
 from ...calibration.batch import CalibrationBatch, plan_error, step_ranges
 from ...errors import PassError
 from ...ir import DiffusionGraph
-from .._search import fitting_items, search_grid
+from .._search import fitting_items, search_grid, unjudgeable
 from ..base import Pass, PassConfig, PassContext, PassResult, anchor_step_plan, register_pass
 from ..recovery import RECOVER_ROWS, recover
 from ..step_ranges import bypass_region, range_step_plan
@@ -155,7 +155,7 @@ class PrunePass(Pass):
                                           [float(np.mean([s[i] for s in scores])) for i in range(len(units))],
                                           batch, cfg.additivity_sets, cfg.seed, offsets=offsets)
 
-        live = ctx.denoiser_for is not None and resampling(ctx.calibration) is not None
+        live = unjudgeable(ctx) is None
         reranked: dict[float, list[dict[str, Any]]] = {}
 
         @functools.lru_cache(maxsize=None)
