@@ -3,7 +3,9 @@ DequantizeLinear pairs (opset >= 21), the form ONNX Runtime and TensorRT consume
 
 - a quantized activation: QuantizeLinear -> DequantizeLinear in front of the layer, with the
   spec's per-tensor scale (int8, or float8e4m3fn), or per-axis scales (each channel group's
-  scale repeated over its channels) for a split concatenation;
+  scale repeated over its channels) for a split concatenation; a dynamic one computes its scale
+  per token or per sample from the input (ReduceMax of Abs) and rounds onto the int8 grid in
+  float (Div, Round, Clip, Mul), since QuantizeLinear takes one scale per tensor or per axis;
 - a quantized weight: its initializer replaced by the quantized values and a DequantizeLinear
   with per-channel scales (int8, float8e4m3fn) or, for int4, blocked scales (`block_size`);
 - bf16 / fp16 layers: the weight and activation rounded through a Cast pair;
@@ -27,7 +29,7 @@ import torch.fx
 
 from ..errors import TargetError
 from ..ir.fxutil import attr_value
-from ..ir.precision import (BF16, BLOCKED, FP8, FP16, INT4, INT8, ActivationQuant, PrecisionSpec, QuantizedWeight,
+from ..ir.precision import (BF16, BLOCKED, FP8, FP16, INT4, INT8, PER_TOKEN, ActivationQuant, PrecisionSpec, QuantizedWeight,
                             blocked_scales, is_attention, precision_specs, quantizable_weight, quantize_weight)
 from .onnx_weights import WeightSlot, read_weight_map, write_weight_map
 
@@ -173,7 +175,9 @@ class _GraphEditor:
         from onnx import TensorProto, helper
 
         source = layer.input[index]
-        if activation.dtype in (BF16, FP16):
+        if activation.dynamic is not None:
+            nodes = self._dynamic_nodes(source, activation, name)
+        elif activation.dtype in (BF16, FP16):
             target = TensorProto.BFLOAT16 if activation.dtype == BF16 else TensorProto.FLOAT16
             nodes = [helper.make_node("Cast", [source], [f"{name}_input_rounded"], to=target, name=f"{name}_input_cast"),
                      helper.make_node("Cast", [f"{name}_input_rounded"], [f"{name}_input_dq"], to=TensorProto.FLOAT,
@@ -196,6 +200,38 @@ class _GraphEditor:
                                       name=f"{name}_input_dq", **per_axis)]
         self._insert_before(layer, nodes)
         layer.input[index] = f"{name}_input_dq"
+
+    def _dynamic_nodes(self, source: str, activation: ActivationQuant, name: str) -> list[Any]:
+        """The int8 rounding of `source` with a scale per token (last axis) or per sample (every
+        axis but the first), as diffc.ir.precision.fake_quantize_dynamic computes it."""
+        from onnx import TensorProto, helper
+
+        axes = [-1] if activation.dynamic == PER_TOKEN else [1, 2, 3]
+        constants = {"axes": helper.make_tensor(f"{name}_input_axes", TensorProto.INT64, [len(axes)], axes),
+                     "levels": helper.make_tensor(f"{name}_input_levels", TensorProto.FLOAT, [], [127.0]),
+                     "zero": helper.make_tensor(f"{name}_input_zero", TensorProto.FLOAT, [], [0.0]),
+                     "one": helper.make_tensor(f"{name}_input_one", TensorProto.FLOAT, [], [1.0]),
+                     "low": helper.make_tensor(f"{name}_input_low", TensorProto.FLOAT, [], [-128.0]),
+                     "high": helper.make_tensor(f"{name}_input_high", TensorProto.FLOAT, [], [127.0])}
+        for tensor in constants.values():
+            self._add(tensor)
+        c = {key: tensor.name for key, tensor in constants.items()}
+
+        def step(op: str, inputs: list[str], output: str, **attributes: Any) -> Any:
+            return helper.make_node(op, inputs, [f"{name}_input_{output}"], name=f"{name}_input_{output}", **attributes)
+
+        def value(output: str) -> str:
+            return f"{name}_input_{output}"
+
+        return [step("Abs", [source], "abs"),
+                step("ReduceMax", [value("abs"), c["axes"]], "amax", keepdims=1),
+                step("Greater", [value("amax"), c["zero"]], "nonzero"),
+                step("Div", [value("amax"), c["levels"]], "top"),
+                step("Where", [value("nonzero"), value("top"), c["one"]], "scale"),
+                step("Div", [source, value("scale")], "scaled"),
+                step("Round", [value("scaled")], "rounded"),
+                step("Clip", [value("rounded"), c["low"], c["high"]], "q"),
+                step("Mul", [value("q"), value("scale")], "dq")]
 
     def quantize_weight(self, layer: Any, weight: torch.Tensor, flip: bool, spec: PrecisionSpec,
                         name: str) -> WeightSlot:
@@ -280,7 +316,7 @@ def activation_scale_tensors(annotations: Mapping[str, Mapping[str, Any]]) -> di
         roles = [(node, spec.activation)] if not spec.operands else \
             [(f"{node}_{role}", a) for role, a in zip(("query", "key", "value"), (spec.activation, *spec.operands))]
         for name, activation in roles:
-            if activation is None or activation.dtype not in (INT8, FP8):
+            if activation is None or activation.dtype not in (INT8, FP8) or activation.dynamic is not None:
                 continue
             tensor = _raw_tensor(f"{name}_input_scale", activation.scale_vector(), TensorProto.FLOAT) \
                 if activation.group_sizes else helper.make_tensor(f"{name}_input_scale", TensorProto.FLOAT, [],

@@ -1,7 +1,8 @@
 """Low-bit layers for the torch backend on CUDA: precision annotations lowered to real kernels.
 
 - int8 W8A8 linear: torch._int_mm (int8 x int8 -> int32, cuBLAS), rescaled by the activation
-  scale times the per-channel weight scales;
+  scale (static, or each row's own for dynamic per-token activations) times the per-channel
+  weight scales;
 - fp8 W8A8 linear: torch._scaled_mm with row-wise scales (e4m3 inputs, bf16 output);
 - int4 weight-only linear: weights stored packed two per byte with fp16 block scales, unpacked
   to the compute dtype in the layer (memory traffic of int4, matmul in bf16).
@@ -17,7 +18,7 @@ import torch
 import torch.fx
 
 from ..ir.fxutil import attr_value, copy_graph
-from ..ir.precision import (FP8, FP8_MAX, INT4, INT8, PrecisionSpec, precision_specs, quantizable_weight,
+from ..ir.precision import (FP8, FP8_MAX, INT4, INT8, PER_TOKEN, PrecisionSpec, precision_specs, quantizable_weight,
                             quantize_weight, simulate)
 
 aten = torch.ops.aten
@@ -28,12 +29,14 @@ _INT_MM_MIN_ROWS, _INT_MM_MULTIPLE, _SCALED_MM_MULTIPLE = 17, 8, 16
 
 
 class Int8Linear(torch.nn.Module):
-    """y = (round(x / s_x) @ W_q^T) * s_x * s_w + b with an int32 accumulator."""
+    """y = (round(x / s_x) @ W_q^T) * s_x * s_w + b with an int32 accumulator; s_x static, or
+    per row (token) from the row's largest magnitude when the activation is dynamic."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: PrecisionSpec,
                  out_dtype: torch.dtype) -> None:
         super().__init__()
-        activation_scale = spec.activation.scale
+        self.dynamic = spec.activation.dynamic is not None
+        activation_scale = 1.0 if self.dynamic else spec.activation.scale
         q = quantize_weight(weight, spec.weight)
         self.register_buffer("weight_t", q.values.to(torch.int8).t())  # (K, N) column-major view for cuBLAS
         self.register_buffer("output_scale", (q.scale.reshape(1, -1) * activation_scale).float())
@@ -43,12 +46,19 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        rows = x.reshape(-1, shape[-1])
-        q = torch.round(rows.float() / self.activation_scale).clamp(-128, 127).to(torch.int8)
+        rows = x.reshape(-1, shape[-1]).float()
+        row_scale = None
+        if self.dynamic:
+            amax = rows.abs().amax(dim=1, keepdim=True)
+            row_scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        q = torch.round(rows / (self.activation_scale if row_scale is None else row_scale)).clamp(-128, 127)
+        q = q.to(torch.int8)
         count = q.shape[0]
         if count < _INT_MM_MIN_ROWS:  # zero rows are exact and let cuBLAS take small batches
             q = torch.cat([q, q.new_zeros(_INT_MM_MIN_ROWS - count, q.shape[1])])
         y = torch._int_mm(q, self.weight_t)[:count].float() * self.output_scale
+        if row_scale is not None:
+            y = y * row_scale
         if self.bias is not None:
             y = y + self.bias
         return y.to(self.out_dtype).reshape(*shape[:-1], y.shape[-1])
@@ -118,7 +128,8 @@ def kernel_for(node: torch.fx.Node, spec: PrecisionSpec, weight: torch.Tensor) -
     n, k = weight.shape
     weight_type = spec.weight.dtype if spec.weight else None
     activation_type = spec.activation.dtype if spec.activation else None
-    if weight_type == INT8 and activation_type == INT8 and k % _INT_MM_MULTIPLE == 0 and n % _INT_MM_MULTIPLE == 0:
+    if weight_type == INT8 and activation_type == INT8 and k % _INT_MM_MULTIPLE == 0 and n % _INT_MM_MULTIPLE == 0 \
+            and spec.activation.dynamic in (None, PER_TOKEN):
         return INT_MM
     if weight_type == FP8 and activation_type == FP8 and k % _SCALED_MM_MULTIPLE == 0 and n % _SCALED_MM_MULTIPLE == 0:
         return SCALED_MM

@@ -112,7 +112,7 @@ def trajectory_error(calibration: CalibrationSet, candidate: Callable[..., Any],
     final outputs with the recorded ones: mean MSE and PSNR over trajectories. With the live
     pipeline the set was collected with, the pipeline re-samples from the recorded seeds and
     conditions (PSNR of outputs in [0, 1]); otherwise the loop identified from the recorded calls
-    re-runs from the recorded starting latents (PSNR against each trajectory's range, loop_error).
+    re-runs from the recorded starting latents (PSNR of latents as data in [-1, 1], loop_error).
     `items` limits it to those trajectories (split_items)."""
     pipe, replay = calibration.pipeline, calibration.replay
     if pipe is None or replay is None:

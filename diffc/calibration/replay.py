@@ -15,6 +15,11 @@ from .loop import LoopStep, SamplingLoop, output_rows, recorded_trajectories, st
 from .store import CalibrationError, CalibrationSet
 
 REPLAY_BATCH = 8
+# Final latents are scored as images of data normalized to [-1, 1], the range diffusion models are
+# trained on (a pixel-space sample's image in [0, 1] is (x + 1) / 2), so the PSNR matches the one a
+# live pipeline measures on its images. A trajectory's own range overstated it by 2-4 dB on models
+# whose samples overshoot [-1, 1] before the image is clipped.
+LATENT_PEAK = 2.0
 
 
 def _call_arguments(inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -118,17 +123,12 @@ def _run_step(candidate: Callable[..., Any], steps: list[LoopStep], states: list
 
 def loop_error(calibration: CalibrationSet, loop: SamplingLoop, candidate: Callable[..., Any],
                items: set[str] | None = None) -> dict[str, float]:
-    """Final-latent error of the re-run loop against the recorded trajectories: MSE, and PSNR with
-    each trajectory's range as the peak (a latent spanning [-1, 1] scores as its image in [0, 1] would)."""
+    """Final-latent error of the re-run loop against the recorded trajectories: mean MSE over
+    trajectories, and its PSNR with LATENT_PEAK as the peak."""
     pairs = replay_loop(calibration, loop, candidate, items)
-    mses, scaled = [], []
-    for produced, reference in pairs.values():
-        mse = float((produced - reference).pow(2).mean())
-        peak = float(reference.max() - reference.min())
-        mses.append(mse)
-        scaled.append(mse / max(peak * peak, 1e-300))
-    mse, relative = (float(np.mean(mses)), float(np.mean(scaled))) if mses else (0.0, 0.0)
-    return {"mse": mse, "psnr": math.inf if relative == 0 else float(-10 * np.log10(relative)),
+    mses = [float((produced - reference).pow(2).mean()) for produced, reference in pairs.values()]
+    mse = float(np.mean(mses)) if mses else 0.0
+    return {"mse": mse, "psnr": math.inf if mse == 0 else float(10 * np.log10(LATENT_PEAK ** 2 / mse)),
             "trajectories": len(mses)}
 
 

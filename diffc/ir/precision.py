@@ -7,7 +7,9 @@ Weights are quantized symmetrically: int8 and fp8 (e4m3fn) with one scale per ou
 int4 in blocks of `block_size` input channels with one scale per block. Activations take one
 static scale per tensor, calibrated by the pass, or one per group of channels along `axis` where
 the input is a concatenation of differently ranged tensors (`group_sizes`, `group_scales`: the
-split shortcuts of Q-Diffusion). Attention nodes (aten.scaled_dot_product_attention) may have
+split shortcuts of Q-Diffusion), or, in a dynamic format, scales computed at run time from the
+input itself: one per token (each row of a linear's input) or one per sample (a convolution's input,
+whose windows mix positions, so a per-position scale cannot be factored out of it). Attention nodes (aten.scaled_dot_product_attention) may have
 their query, key and value quantized, each with its static per-tensor scale (`attention_spec`). A spec holds the scheme and the activation
 scale; weight scales follow from the weights, so every backend derives the same ones."""
 from __future__ import annotations
@@ -34,6 +36,8 @@ WEIGHT_LEVELS = {INT8: 127.0, INT4: 7.0, FP8: 448.0}
 FP8_MAX = 448.0
 INT4_BLOCK = 128
 PER_CHANNEL, BLOCKED = "per_channel", "blocked"
+# dynamic activation scales: over the last axis of a linear's input, or over all but the batch axis
+PER_TOKEN, PER_SAMPLE = "per_token", "per_sample"
 QUANTIZABLE_OPS = (aten.linear.default, aten.conv2d.default, aten.convolution.default)
 ATTENTION_OP = aten.scaled_dot_product_attention.default
 
@@ -47,6 +51,7 @@ class Format:
     weight: str | None
     activation: str | None
     description: str
+    dynamic: bool = False  # activation scales computed at run time from each input
 
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
@@ -54,6 +59,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("fp16", FP16, FP16, "float16 weights and activations"),
     Format("fp8", FP8, FP8, "W8A8 fp8 e4m3: per-channel weight scales, per-tensor activation scale"),
     Format("int8", INT8, INT8, "W8A8 int8: symmetric per-channel weights, per-tensor activations"),
+    Format("int8_dynamic", INT8, INT8, "W8A8 int8: symmetric per-channel weights, activation scales computed at run "
+           "time per token (linear) or per sample (convolution)", dynamic=True),
     Format("int4", INT4, None, "int4 weight-only, symmetric blocks of 128 input channels"),
     Format("w4a8", INT4, INT8, "int4 blocked weights with int8 activations"),
 )}
@@ -70,7 +77,9 @@ class WeightQuant:
 @dataclass(frozen=True)
 class ActivationQuant:
     """`scale` for the whole tensor, or with `group_sizes`, consecutive groups of that many
-    channels along `axis`, each quantized with its own scale from `group_scales`."""
+    channels along `axis`, each quantized with its own scale from `group_scales`, or with
+    `dynamic` (PER_TOKEN, PER_SAMPLE) scales computed at run time from the input's largest
+    magnitude per token or per sample."""
 
     dtype: str
     scale: float | None = None
@@ -78,6 +87,7 @@ class ActivationQuant:
     group_sizes: tuple[int, ...] = ()
     group_scales: tuple[float, ...] = ()
     axis: int = 1
+    dynamic: str | None = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "ActivationQuant":
@@ -93,6 +103,13 @@ class ActivationQuant:
 
     def problems(self) -> list[str]:
         if self.dtype not in (INT8, FP8):
+            return []
+        if self.dynamic is not None:
+            if self.dynamic not in (PER_TOKEN, PER_SAMPLE) or self.dtype != INT8:
+                return [f"dynamic activations are int8 with scales {PER_TOKEN!r} or {PER_SAMPLE!r}, got "
+                        f"{self.dtype} {self.dynamic!r}"]
+            if self.scale is not None or self.group_sizes:
+                return ["dynamic activations compute their scales at run time: give no scale or group scales"]
             return []
         if self.group_sizes:
             if len(self.group_sizes) != len(self.group_scales) or min(self.group_sizes) < 1:
@@ -163,7 +180,9 @@ def spec_for(format_name: str, activation_scale: float | None = None, range_meth
         raise LintError(f"unknown format {format_name!r}; formats: {', '.join(FORMATS)}")
     activation = FORMATS[format_name].activation
     quantized = None
-    if activation in (INT8, FP8):
+    if FORMATS[format_name].dynamic:
+        quantized = ActivationQuant(activation, dynamic=PER_TOKEN)
+    elif activation in (INT8, FP8):
         quantized = ActivationQuant(activation, float(activation_scale) if activation_scale else None, range_method)
     return spec_with(format_name, quantized, reason)
 
@@ -185,6 +204,9 @@ def spec_with(format_name: str, activation: ActivationQuant | None, reason: str 
         if activation is None or activation.dtype != fmt.activation:
             raise LintError(f"format {format_name} quantizes activations to {fmt.activation}; give an "
                             f"ActivationQuant of that type, got {activation}")
+        if (activation.dynamic is not None) != fmt.dynamic:
+            raise LintError(f"format {format_name} takes {'dynamic' if fmt.dynamic else 'static'} activation scales, "
+                            f"got {activation}")
     else:
         activation = ActivationQuant(fmt.activation) if fmt.activation is not None else None
     spec = PrecisionSpec(format_name, weight, activation, reason)
@@ -321,8 +343,19 @@ def fake_quantize_activation(x: torch.Tensor, dtype: str, scale: float | torch.T
     return (torch.round(x / scale).clamp(low, high) * scale).to(x.dtype)
 
 
+def fake_quantize_dynamic(x: torch.Tensor, granularity: str) -> torch.Tensor:
+    """x rounded onto the int8 grid with a scale per token (the last axis) or per sample (all
+    but the first axis) from its own largest magnitude, and mapped back, in x's dtype."""
+    dims = [-1] if granularity == PER_TOKEN else list(range(1, x.dim()))
+    scale = _scale_from_amax(x.float().abs().amax(dim=dims, keepdim=True), 127.0)
+    low, high = INT_LIMITS[INT8]
+    return (torch.round(x.float() / scale).clamp(low, high) * scale).to(x.dtype)
+
+
 def fake_quantize_input(x: torch.Tensor, activation: ActivationQuant) -> torch.Tensor:
-    """x quantized as `activation` says (per tensor, or per channel group)."""
+    """x quantized as `activation` says (per tensor, per channel group, or dynamically)."""
+    if activation.dynamic is not None:
+        return fake_quantize_dynamic(x, activation.dynamic)
     if activation.group_sizes:
         return fake_quantize_activation(x, activation.dtype, activation.scale_vector(), activation.axis)
     return fake_quantize_activation(x, activation.dtype, activation.scale)
@@ -374,6 +407,7 @@ def simulate(module: torch.fx.GraphModule, annotations: Mapping[str, Mapping[str
                 args[1] = graph.get_attr(name)
             if spec.activation is not None:
                 _check_groups(node, spec.activation)
+                _check_dynamic(node, spec.activation)
                 args[0] = _quantized_input(graph, root, args[0], spec.activation, f"diffc_{node.name}_input_scale")
             node.args = tuple(args)
     for node in list(graph.nodes):
@@ -395,8 +429,18 @@ def _check_groups(node: torch.fx.Node, activation: ActivationQuant) -> None:
                         "give group sizes that sum to the input's channels (the concatenated pieces)")
 
 
+def _check_dynamic(node: torch.fx.Node, activation: ActivationQuant) -> None:
+    wanted = PER_TOKEN if node.target == aten.linear.default else PER_SAMPLE
+    if activation.dynamic is not None and activation.dynamic != wanted:
+        raise LintError(f"node {node.name} ({node.target}) takes dynamic activation scales {wanted!r}, got "
+                        f"{activation.dynamic!r}: a linear's are per token, a convolution's per sample (its windows "
+                        "mix positions)")
+
+
 def _quantized_input(graph: torch.fx.Graph, root: dict[str, Any], value: Any, activation: ActivationQuant,
                      scale_name: str) -> torch.fx.Node:
+    if activation.dynamic is not None:
+        return graph.call_function(fake_quantize_dynamic, (value, activation.dynamic))
     if not activation.group_sizes:
         return graph.call_function(fake_quantize_activation, (value, activation.dtype, activation.scale))
     root[scale_name] = activation.scale_vector()

@@ -34,15 +34,16 @@ Activations = dict[str, list[tuple[int, ActivationQuant]]]
 
 
 def quantized_activations(annotations: Mapping[str, Mapping[str, Any]]) -> Activations:
-    """{node: [(argument index, activation quantization)]} for every int8 / fp8 activation of the
-    annotated nodes: a layer's input (argument 0), an attention's query, key and value (0, 1, 2)."""
+    """{node: [(argument index, activation quantization)]} for every int8 / fp8 activation with
+    calibrated scales of the annotated nodes: a layer's input (argument 0), an attention's query,
+    key and value (0, 1, 2). Dynamic activations take their scales from each input: no range to move."""
     found: Activations = {}
     for node, annotation in annotations.items():
         if "precision" not in annotation:
             continue
         spec = PrecisionSpec.from_json(annotation["precision"])
         quantized = [(i, a) for i, a in enumerate((spec.activation, *spec.operands))
-                     if a is not None and a.dtype in (INT8, FP8)]
+                     if a is not None and a.dtype in (INT8, FP8) and a.dynamic is None]
         if quantized:
             found[node] = quantized
     return found

@@ -10,7 +10,7 @@ from diffc.backends.onnx_qdq import quantize_segment_onnx
 from diffc.errors import TargetError
 from diffc.ir import capture
 from diffc.ir.onnx_export import export_graph, export_onnx
-from diffc.ir.precision import simulate, spec_for
+from diffc.ir.precision import FORMATS, PER_SAMPLE, PER_TOKEN, ActivationQuant, simulate, spec_for, spec_with
 from diffc.passes.quant.layers import PROTECTIONS, quantizable_layers
 from digits_tiny import tiny_digits_pipeline
 
@@ -89,11 +89,20 @@ def _relative(a, b):
     return float((a - b).pow(2).mean() / b.pow(2).mean())
 
 
-@pytest.mark.parametrize("name", ["int8", "fp8", "int4", "w4a8", "bf16"])
+def _spec(node, name, scale):
+    """The spec of `name` for an FX node: a dynamic format's activation scales per token for a
+    linear, per sample for a convolution."""
+    if not FORMATS[name].dynamic:
+        return spec_for(name, scale)
+    granularity = PER_TOKEN if node.target == torch.ops.aten.linear.default else PER_SAMPLE
+    return spec_with(name, ActivationQuant("int8", dynamic=granularity))
+
+
+@pytest.mark.parametrize("name", ["int8", "int8_dynamic", "fp8", "int4", "w4a8", "bf16"])
 def test_each_format_matches_the_simulation(small, name):
     module, flat, model = small
-    layers = [n.name for n in module.graph.nodes if n.op == "call_function"]
-    annotations = {n: {"precision": spec_for(name, 0.05 if name != "fp8" else 0.01).to_json()} for n in layers}
+    layers = [n for n in module.graph.nodes if n.op == "call_function"]
+    annotations = {n.name: {"precision": _spec(n, name, 0.05 if name != "fp8" else 0.01).to_json()} for n in layers}
     qdq = quantize_segment_onnx(model, module, annotations, name)
     onnx.checker.check_model(qdq)
     with torch.no_grad():

@@ -66,6 +66,20 @@ def test_trt_targets_need_tensorrt_and_a_cuda_gpu(monkeypatch):
                                                                      "mixed"))
 
 
+def test_layers_with_dynamic_activation_scales_are_refused_before_any_build():
+    from diffc.ir.partition import build_plan
+    from diffc.ir.precision import PER_TOKEN, ActivationQuant, spec_with
+    from diffc.passes.quant.layers import PROTECTIONS, quantizable_layers
+    from digits_tiny import tiny_digits_pipeline
+
+    dg = diffc.ir.capture(tiny_digits_pipeline().unet)
+    linear = next(layer for layer in quantizable_layers(dg, PROTECTIONS) if len(layer.shape) == 2)
+    dg.annotations[linear.node] = {"precision": spec_with("int8_dynamic",
+                                                          ActivationQuant("int8", dynamic=PER_TOKEN)).to_json()}
+    with pytest.raises(TargetError, match="static activation scales.*torch or ort target"):
+        TensorRTBackend().compile(build_plan(dg), "int8")
+
+
 def test_build_options_are_validated():
     settings = BuildSettings.from_options({"profiles": {"batch": (1, 2, 4), "height": 32}, "optimization_level": 5,
                                            "workspace_bytes": 1 << 30, "timing_cache": None, "cuda_graph": True})

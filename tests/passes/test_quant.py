@@ -99,7 +99,8 @@ def test_mixed_budget_is_met_and_pareto_front_reported(tiny):
     ("torch-mixed", {"formats": ("int3",)}, "unknown format"),
     ("torch", {}, "not low-bit"),
     ("torch-int8", {"size_ratio": 0.3}, "allows only int8"),
-    ("torch-int8", {"formats": ("int4",)}, "runs int8 layers only"),
+    ("torch-int8", {"formats": ("int4",)}, "runs int8 or int8_dynamic layers only"),
+    ("trt-int8", {"formats": ("int8_dynamic",)}, "TensorRT's int8 takes static scales"),
     ("torch-mixed", {"formats": ("int4", "bf16")}, "neither int8 nor fp8"),
 ])
 def test_bad_input_names_the_fix(tiny, target, options, message):

@@ -1,5 +1,6 @@
-"""The quant pass's final-image floor: the most sensitive layers go back to full precision until the
-re-sampled final images keep min_psnr on held-out trajectories; when nothing keeps it, the pass
+"""The quant pass's final-image floor: the most sensitive static int8 layers take dynamic activation
+scales (on backends that run them), then the most sensitive layers go back to full precision, until
+the re-sampled final images keep min_psnr on held-out trajectories; when nothing keeps it, the pass
 changes nothing, warns, and a low-bit target compiles at fp32."""
 import warnings
 
@@ -10,7 +11,9 @@ from diffc.api import compile_graph
 from diffc.calibration import collect, split_items, trajectory_error
 from diffc.ir import capture, lint
 from diffc.passes import PassContext, PassManager
-from diffc.passes.quant.floor import KEPT_REASON, without_precision
+from diffc.ir.precision import PER_TOKEN, ActivationQuant, precision_specs
+from diffc.models import load
+from diffc.passes.quant.floor import DYNAMIC_REASON, KEPT_REASON, with_dynamic_scales, without_precision
 from digits_tiny import tiny_digits_pipeline
 
 QUICK = {"samples": 4, "probes": 2, "trajectories": 1}
@@ -56,17 +59,64 @@ def test_a_floor_between_the_placement_and_full_precision_keeps_the_most_sensiti
     assert halfway > placement + 1.0, "keeping the most sensitive half at full precision should help"
     floor = (placement + halfway) / 2
 
-    quantized = _quantize(dg, calibration, "torch-int8", min_psnr=floor)
+    # TensorRT takes static int8 scales only, so layers go straight back to full precision
+    quantized = _quantize(dg, calibration, "trt-int8", min_psnr=floor)
     lint(quantized)
     check = quantized.applied[-1]["report"]["final_image_check"]
     kept = check["kept_full_precision"]
-    assert check["judged_on"] == "pipeline" and 0 < check["kept_share"] <= 0.5
+    assert check["judged_on"] == "pipeline" and 0 < check["kept_share"] <= 0.5 and "dynamic_scales" not in check
     assert kept == [e["node"] for e in ranked[:len(kept)]]  # the most sensitive first
     assert not any("precision" in quantized.annotations.get(node, {}) for node in kept)
     entries = {e["node"]: e for e in quantized.applied[-1]["report"]["layers"]}
     assert all(entries[node]["format"] is None and entries[node]["protected"] == KEPT_REASON for node in kept)
     assert _final_psnr(quantized, calibration, held_out) >= floor
     assert check["search"][-1]["held_out_psnr"] >= floor
+
+
+def _dynamic_layers(report):
+    """{node: per token} for every static int8 linear of the placement (convolutions keep static scales)."""
+    return {e["node"]: PER_TOKEN for e in report["layers"] if e["format"] == "int8" and len(e["shape"]) == 2}
+
+
+@pytest.fixture(scope="module")
+def trained_dit(tmp_path_factory):
+    """The embedded digits DiT (all linears): static int8 keeps ~43 dB, dynamic scales ~49 dB."""
+    pipe = load("digits-dit")
+    pipe.set_progress_bar_config(disable=True)
+    calibration = collect(pipe, conditions=[1, 6, 3, 8], num_steps=4, out=tmp_path_factory.mktemp("dit"),
+                          progress=False)
+    return capture(pipe.transformer), calibration
+
+
+def test_static_int8_linears_take_dynamic_scales_before_any_goes_back_to_full_precision(trained_dit):
+    dg, calibration = trained_dit
+    selection, held_out = split_items(calibration)
+    unchecked_int8 = _quantize(dg, calibration, "torch-int8", min_psnr=None)
+    report = unchecked_int8.applied[-1]["report"]
+    layers = _dynamic_layers(report)
+    dynamic = {node: ActivationQuant("int8", dynamic=granularity) for node, granularity in layers.items()}
+    all_dynamic = with_dynamic_scales(unchecked_int8, list(layers), dynamic)
+    placement, upgraded = (min(_final_psnr(g, calibration, items) for items in (selection, held_out))
+                           for g in (unchecked_int8, all_dynamic))
+    assert upgraded > placement + 1.0, "dynamic activation scales should help this model"
+    floor = (placement + upgraded) / 2
+
+    quantized = _quantize(dg, calibration, "torch-int8", min_psnr=floor)
+    lint(quantized)
+    check = quantized.applied[-1]["report"]["final_image_check"]
+    moved = check["dynamic_scales"]
+    ranked = sorted((e for e in report["layers"] if e["node"] in layers), key=lambda e: e["sensitivity"]["int8"],
+                    reverse=True)
+    assert 0 < check["dynamic_share"] <= 1.0 and check["kept_full_precision"] == []
+    assert moved == [e["node"] for e in ranked[:len(moved)]]  # the most sensitive first
+    specs = precision_specs(quantized.annotations)
+    assert all(specs[n].format == "int8_dynamic" and specs[n].activation.dynamic == layers[n]
+               and specs[n].reason == DYNAMIC_REASON for n in moved)
+    assert all(specs[n].format == "int8" and specs[n].activation.scale > 0 for n in set(layers) - set(moved))
+    entries = quantized.applied[-1]["report"]
+    assert entries["layers_quantized"]["int8_dynamic"] == len(moved)
+    assert entries["size_ratio"] == report["size_ratio"]  # int8 weights either way
+    assert _final_psnr(quantized, calibration, held_out) >= floor
 
 
 def test_sensitivity_is_measured_on_the_guided_combination_where_the_loop_batches_guidance(tiny, unchecked_int8,
@@ -84,9 +134,9 @@ def test_a_placement_that_meets_the_floor_is_measured_once_and_kept_whole(tiny, 
     dg, calibration = tiny
     quantized = _quantize(dg, calibration, "torch-int8", min_psnr=10.0)
     check = quantized.applied[-1]["report"]["final_image_check"]
-    assert check["kept_full_precision"] == [] and check["kept_share"] == 0.0
+    assert check["kept_full_precision"] == [] and check["dynamic_share"] == 0.0 and check["dynamic_scales"] == []
     assert [set(entry) - {"guidance_lost"} for entry in check["search"]] == [
-        {"kept_share", "psnr", "passes"}, {"kept_share", "held_out_psnr", "passes"}]
+        {"dynamic_share", "psnr", "passes"}, {"dynamic_share", "held_out_psnr", "passes"}]
     assert quantized.annotations.keys() == unchecked_int8.annotations.keys()
 
 
@@ -109,8 +159,11 @@ def test_a_floor_nothing_keeps_changes_nothing_and_the_target_compiles_at_fp32(t
 
 def test_without_a_way_to_re_sample_the_placement_stands_and_says_it_is_unchecked(tiny):
     dg, calibration = tiny
-    with pytest.warns(UserWarning, match="not checked against min_psnr=30.0 dB \\(no denoiser"):
+    # the automatic floor: 40 dB for 8-bit formats, 30 dB with 4-bit ones
+    with pytest.warns(UserWarning, match="not checked against min_psnr=40.0 dB \\(no denoiser"):
         quantized = _quantize(dg, calibration, "torch-int8", live=False)
+    with pytest.warns(UserWarning, match="not checked against min_psnr=30.0 dB \\(no denoiser"):
+        _quantize(dg, calibration, "torch-int4", live=False)
     check = quantized.applied[-1]["report"]["final_image_check"]
     assert check["judged_on"] is None and check["kept_full_precision"] == []
     assert quantized.annotations

@@ -28,6 +28,7 @@ from ...ir import CompiledPlan, Plan
 from ...ir.onnx_export import EXTERNAL_DATA_THRESHOLD as EXTERNAL_DATA_BYTES
 from ...ir.onnx_export import export_plan
 from ...ir.onnx_segments import SEGMENT_METADATA, flat_count, onnx_io, read_segment_metadata
+from ...ir.precision import precision_specs
 from ..base import LOW_BIT, PRECISIONS, Backend
 from ..onnx_weights import map_weights
 from .build import BuildSettings, build_engine, check_profile_names, dim_ranges, dim_value
@@ -76,6 +77,7 @@ class TensorRTBackend(Backend):
         (0-5), `workspace_bytes` (memory pool limit), `timing_cache` (a file, or None for none),
         `cuda_graph` (replay each segment through a captured CUDA graph), `opset`, `refit` (default True:
         engines built refittable, so a LoRA swap or recalibrate refits them in place instead of a rebuild)."""
+        _check_static_activations(plan)
         self.check_request(precision, compile, "TensorRT engines")
         settings = BuildSettings.from_options(options)
         device = _cuda_device(device)
@@ -157,6 +159,15 @@ def check_built_for(built_for: Mapping[str, str], here: Mapping[str, str]) -> No
             f"{here['gpu']} (compute capability {here['compute_capability']}) with TensorRT {here['tensorrt']}. "
             "Engines run only on the GPU model and TensorRT version they were built for: rebuild them here with "
             "diffc.optimize(..., target='trt-...') (or export the ONNX deployment and build on the serving GPU).")
+
+
+def _check_static_activations(plan: Plan) -> None:
+    dynamic = sorted(node for node, spec in precision_specs(plan.graph.annotations).items()
+                     if spec.activation is not None and spec.activation.dynamic is not None)
+    if dynamic:
+        raise TargetError(f"TensorRT's int8 Q/DQ takes static activation scales, and {len(dynamic)} layers "
+                          f"({', '.join(dynamic[:3])}) compute theirs at run time (int8_dynamic); optimize for "
+                          "trt-int8 (static scales), or run this model with a torch or ort target")
 
 
 def _check_capability(precision: str, device: torch.device) -> None:

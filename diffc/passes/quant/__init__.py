@@ -36,18 +36,20 @@ import numpy as np
 from ...calibration import compute_statistics, output_error
 from ...errors import PassError
 from ...ir import DiffusionGraph
-from ...ir.precision import FORMATS, INT8, FP8, ActivationQuant, attention_spec, simulate, weight_bytes
+from ...ir.precision import FORMATS, INT4, INT8, FP8, PER_TOKEN, ActivationQuant, attention_spec, simulate, weight_bytes
 from .._search import unjudgeable
 from ..base import PASSES, Pass, PassConfig, PassContext, PassResult, register_pass
-from .annotate import RANGE_METHODS, activation_scale, activation_types, annotate, layer_activation
-from .floor import KEEP_SHARES, KEPT_REASON, drop_precision, keep_for_floor
-from .formats import RELATIVE_COST, formats_for
+from .annotate import (RANGE_METHODS, activation_scale, activation_types, annotate, dynamic_activation,
+                       layer_activation)
+from .floor import DYNAMIC_SHARES, KEEP_SHARES, KEPT_REASON, drop_precision, keep_for_floor, with_dynamic_scales
+from .formats import DYNAMIC_BACKENDS, RELATIVE_COST, formats_for
 from .layers import PROTECTIONS, Attention, Layer, attention_nodes, quantizable_layers
 from .placement import pareto_front, place
 from .sensitivity import ACCUMULATIONS, Sensitivity, measure, sample_calls
 from .smooth import smooth
 
 SENSITIVITIES = ("hessian", "mse")
+AUTO_FLOOR_8BIT, AUTO_FLOOR_4BIT = 40.0, 30.0
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,10 @@ class QuantConfig(PassConfig):
     attention: bool = False
     smoothquant: float | None = None
     # final-image PSNR (dB) the placement must keep on held-out calibration trajectories; the most
-    # sensitive layers go back to full precision until it does (floor.py). None: no check
-    min_psnr: float | None = 30.0
+    # sensitive layers move to the next precision until it does (floor.py). "auto": 40 dB when
+    # every format has 8 bits or more (int8 should be near-lossless), 30 dB with 4-bit ones.
+    # None: no check
+    min_psnr: float | str | None = "auto"
 
     def __post_init__(self) -> None:
         if self.formats is not None:
@@ -95,6 +99,8 @@ class QuantConfig(PassConfig):
         if self.smoothquant is not None and not 0 <= self.smoothquant <= 1:
             raise ValueError(f"smoothquant is the migration strength alpha in [0, 1] (0.5 in SmoothQuant), or None "
                              f"to leave activations alone; got {self.smoothquant}")
+        if isinstance(self.min_psnr, str) and self.min_psnr != "auto":
+            raise ValueError(f"min_psnr is a PSNR in dB, 'auto' or None, got {self.min_psnr!r}")
         if not 0 < self.percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
 
@@ -165,9 +171,13 @@ class QuantPass(Pass):
                 dg.annotations.setdefault(node, {})["precision"] = attention_spec(*attention_quant[node][name],
                                                                                   reason=rule).to_json()
         placed = {**chosen, **{node: name for node, name in attention_chosen.items() if name in attention_quant[node]}}
-        kept, floor_check = self._final_image_floor(dg, ctx, placed, sensitivity)
+        floor = self._floor(placed)
+        kept, floor_check = self._final_image_floor(dg, ctx, placed, sensitivity, floor,
+                                                    {layer.node: dynamic_activation(layer) for layer in placeable})
         if kept is None:
-            return self._declined(untouched, floor_check)
+            return self._declined(untouched, floor_check, floor)
+        for node in floor_check.get("dynamic_scales", []):
+            chosen[node] = placed[node] = "int8_dynamic"
         dg.annotations = drop_precision(dg.annotations, kept)
         for node in kept:
             placed.pop(node)
@@ -178,15 +188,25 @@ class QuantPass(Pass):
         report["attention"] = self._attention_report(attentions, attention_chosen, attention_quant, sensitivity,
                                                      set(kept))
         report["smoothquant"] = {"alpha": cfg.smoothquant, "layers": smoothed} if cfg.smoothquant is not None else None
-        report["predicted_error"] = float(f"{sum(sensitivity.hessian[n][f] for n, f in placed.items()):.6g}")
+        report["predicted_error"] = predicted_error(sensitivity, placed)
         return PassResult(dg, modified=True, report=report)
 
+    def _floor(self, placed: dict[str, str]) -> float | None:
+        floor = self.config.min_psnr
+        if floor != "auto":
+            return floor
+        four_bit = any(FORMATS[f].weight == INT4 for f in placed.values())
+        return AUTO_FLOOR_4BIT if four_bit else AUTO_FLOOR_8BIT
+
     def _final_image_floor(self, dg: DiffusionGraph, ctx: PassContext, placed: dict[str, str],
-                           sensitivity: Sensitivity) -> tuple[list[str] | None, dict[str, Any]]:
+                           sensitivity: Sensitivity, floor: float | None,
+                           dynamic: dict[str, ActivationQuant]) -> tuple[list[str] | None, dict[str, Any]]:
         """The quantized nodes to keep at full precision for the final-image floor (floor.py):
         none when there is no floor or no way to re-sample (with a warning saying so), None when
-        no share of them keeps it."""
-        floor = self.config.min_psnr
+        no share of them keeps it. Where the backend runs dynamic activation scales, static int8
+        linears first take them (per token), the fewest that keep the floor, and those nodes are written into
+        `dg` and listed as "dynamic_scales"; only when all of them together miss it are layers
+        kept at full precision (from the all-dynamic placement)."""
         if floor is None:
             return [], {"min_psnr": None}
         why = unjudgeable(ctx)
@@ -196,12 +216,26 @@ class QuantPass(Pass):
                           "every step of your loop, to have it checked", stacklevel=3)
             return [], {"min_psnr": floor, "judged_on": None, "unchecked": why}
         ranked = sorted(placed, key=lambda node: sensitivity.hessian[node][placed[node]], reverse=True)
-        return keep_for_floor(dg, ctx, ranked, floor)
+        # convolutions keep static scales: one scale per sample (their windows mix positions) is
+        # the whole tensor's maximum, coarser than a calibrated clipping range
+        static = [node for node in ranked if placed[node] == "int8" and node in dynamic
+                  and dynamic[node].dynamic == PER_TOKEN]
+        steps: dict[str, Any] = {}
+        if static and str(ctx.target).partition("-")[0] in DYNAMIC_BACKENDS:
+            upgraded, steps = keep_for_floor(dg, ctx, static, floor, change=lambda graph, nodes: with_dynamic_scales(
+                graph, nodes, dynamic), shares=DYNAMIC_SHARES, knob="dynamic_share")
+            moved = static if upgraded is None else upgraded
+            dg.annotations = with_dynamic_scales(dg, moved, dynamic).annotations
+            if upgraded is not None:
+                return [], {**steps, "dynamic_scales": upgraded}
+            steps = {"dynamic_search": steps["search"], "dynamic_scales": static}
+        kept, check = keep_for_floor(dg, ctx, ranked, floor)
+        return kept, {**check, **steps}
 
-    def _declined(self, untouched: DiffusionGraph, floor_check: dict[str, Any]) -> PassResult:
+    def _declined(self, untouched: DiffusionGraph, floor_check: dict[str, Any], floor: float) -> PassResult:
         worst = [entry for entry in floor_check["search"] if "psnr" in entry or "held_out_psnr" in entry]
         measured = worst[-1].get("held_out_psnr", worst[-1].get("psnr")) if worst else None
-        message = (f"quant: the final images miss {self.config.min_psnr} dB PSNR even with {max(KEEP_SHARES):.0%} of "
+        message = (f"quant: the final images miss {floor} dB PSNR even with {max(KEEP_SHARES):.0%} of "
                    f"the quantized layers (the most sensitive) kept at full precision ({measured} dB), so nothing is "
                    "quantized and the model runs at full precision. Lower min_psnr to accept the loss, or use a "
                    "wider format (int8 rather than int4, fp8 rather than int8).")
@@ -277,12 +311,15 @@ class QuantPass(Pass):
 
     def _activations(self, dg: DiffusionGraph, ctx: PassContext, layers: list[Layer],
                      formats: tuple[str, ...]) -> dict[str, dict[str, ActivationQuant]]:
-        """Per layer and format, the static quantization of the layer's input from statistics over
-        every recorded step (all timestep groups merged); with split_shortcut, a concatenated input
-        gets a scale per piece from the piece's own statistics (Q-Diffusion)."""
+        """Per layer and format, the quantization of the layer's input: scales computed at run time
+        in a dynamic format; otherwise static, from statistics over every recorded step (all
+        timestep groups merged); with split_shortcut, a concatenated input gets a scale per piece
+        from the piece's own statistics (Q-Diffusion)."""
         quantized = [f for f in formats if FORMATS[f].activation in (INT8, FP8)]
-        if not quantized:
-            return {}
+        dynamic = {layer.node: {f: dynamic_activation(layer) for f in quantized if FORMATS[f].dynamic}
+                   for layer in layers}
+        if all(FORMATS[f].dynamic for f in quantized):
+            return dynamic
         cfg = self.config
         watched = {layer.input for layer in layers}
         if cfg.split_shortcut:
@@ -292,8 +329,10 @@ class QuantPass(Pass):
         if missing:
             raise PassError(f"the calibration statistics have no values for {missing[:5]}; the calibration set does "
                             "not run these nodes. Collect it again with this model")
-        return {layer.node: {f: layer_activation(layer, stats.node, FORMATS[f].activation, cfg.activation_range,
-                                                 cfg.percentile, cfg.split_shortcut) for f in quantized}
+        return {layer.node: {**dynamic[layer.node],
+                             **{f: layer_activation(layer, stats.node, FORMATS[f].activation, cfg.activation_range,
+                                                    cfg.percentile, cfg.split_shortcut)
+                                for f in quantized if not FORMATS[f].dynamic}}
                 for layer in layers}
 
     def _report(self, dg: DiffusionGraph, ctx: PassContext, layers: list[Layer], placeable: list[Layer],
@@ -331,11 +370,12 @@ class QuantPass(Pass):
             "accumulate": cfg.accumulate,
             "activation_range": cfg.activation_range, "calibration_calls": sensitivity.calls,
             "hutchinson_probes": sensitivity.probes, "guided_sensitivity": sensitivity.guided,
-            "layers_quantized": {f: sum(v == f for v in chosen.values()) for f in formats},
+            "layers_quantized": {f: sum(v == f for v in chosen.values())
+                                 for f in dict.fromkeys([*formats, *chosen.values()])},
             "layers_protected": sum(1 for layer in layers if layer.protected),
             "weight_bytes_before": before, "weight_bytes_after": after,
             "size_ratio": round(after / max(before, 1), 4),
-            "predicted_error": float(f"{sum(sensitivity.hessian[n][f] for n, f in chosen.items()):.6g}"),
+            "predicted_error": predicted_error(sensitivity, chosen),
             "pareto_front": [{"size_ratio": round(size / original, 4), "predicted_error": float(f"{cost:.6g}"),
                               "formats": {f: sum(formats[i] == f for i in c[:len(placeable)]) for f in formats}}
                              for size, cost, c in front],
@@ -346,6 +386,13 @@ class QuantPass(Pass):
                                and layer.node in chosen and FORMATS[chosen[layer.node]].activation in (INT8, FP8)],
             "layers": per_layer,
         }
+
+
+def predicted_error(sensitivity: Sensitivity, placed: dict[str, str]) -> float:
+    """The placement's summed sensitivity; a layer the floor moved to int8_dynamic (not measured)
+    counts at its static int8 sensitivity, an upper bound."""
+    total = sum(sensitivity.hessian[n].get(f, sensitivity.hessian[n].get("int8", 0.0)) for n, f in placed.items())
+    return float(f"{total:.6g}")
 
 
 def _rounded(values: dict[str, float]) -> dict[str, float]:

@@ -7,7 +7,8 @@ from typing import Callable
 from ...calibration import NodeStats
 from ...errors import PassError
 from ...ir import DiffusionGraph
-from ...ir.precision import FORMATS, FP8, FP8_MAX, INT8, ActivationQuant, PrecisionSpec, spec_with
+from ...ir.precision import (FORMATS, FP8, FP8_MAX, INT8, PER_SAMPLE, PER_TOKEN, ActivationQuant, PrecisionSpec,
+                             spec_with)
 from .layers import Layer
 
 RANGE_METHODS = ("mse", "percentile", "max")
@@ -45,6 +46,12 @@ def layer_activation(layer: Layer, stats: Callable[[str], NodeStats], dtype: str
                                tuple(activation_scale(stats(piece), dtype, method, percentile)
                                      for piece, _ in layer.pieces), layer.axis)
     return ActivationQuant(dtype, activation_scale(stats(layer.input), dtype, method, percentile), method)
+
+
+def dynamic_activation(layer: Layer) -> ActivationQuant:
+    """The run-time quantization of a layer's input: a scale per token for a linear, per sample
+    for a convolution."""
+    return ActivationQuant(INT8, dynamic=PER_TOKEN if len(layer.shape) == 2 else PER_SAMPLE)
 
 
 def activation_types(formats: tuple[str, ...]) -> set[str]:

@@ -4,12 +4,16 @@ from __future__ import annotations
 from ...errors import PassError
 from ...ir.precision import FORMATS
 
-# Formats each low-bit target precision places. A single-format target quantizes every
+# Formats each low-bit target precision places by default. A single-format target quantizes every
 # unprotected layer to it; "mixed" chooses per layer under a budget.
 TARGET_FORMATS: dict[str, tuple[str, ...]] = {
     "int8": ("int8",), "fp8": ("fp8",), "int4": ("int4",),
     "mixed": ("bf16", "fp8", "int8", "int4", "w4a8"),
 }
+# What `formats=` may name besides the default: int8 with dynamic activation scales is int8 too
+OTHER_FORMATS: dict[str, tuple[str, ...]] = {"int8": ("int8_dynamic",), "mixed": ("int8_dynamic",)}
+# TensorRT's int8 Q/DQ takes static scales only; torch and ONNX Runtime run dynamic ones
+DYNAMIC_BACKENDS = ("torch", "ort")
 # Estimated matmul time per MAC relative to bf16: 8-bit tensor-core math runs at twice the bf16
 # rate on Hopper/Ada (dense fp8/int8 vs bf16 peak); int4 weight-only keeps bf16 math but moves a
 # quarter of the weight bytes, which pays off where layers are weight-bound (small batches).
@@ -22,7 +26,7 @@ def target_precision(target: str) -> str:
 
 
 def formats_for(target: str, requested: tuple[str, ...] | None) -> tuple[str, ...]:
-    precision = target_precision(target)
+    precision, backend = target_precision(target), str(target).partition("-")[0]
     if precision not in TARGET_FORMATS:
         raise PassError(f"the quant pass places low-bit formats, but the target {target!r} is not low-bit; use a "
                         f"target with precision in {{{', '.join(TARGET_FORMATS)}}}, e.g. torch-int8 or torch-mixed")
@@ -31,9 +35,14 @@ def formats_for(target: str, requested: tuple[str, ...] | None) -> tuple[str, ..
     unknown = [f for f in requested if f not in FORMATS]
     if unknown:
         raise PassError(f"unknown format(s) {unknown}; formats are {', '.join(FORMATS)}")
-    if precision != "mixed" and tuple(requested) != TARGET_FORMATS[precision]:
-        raise PassError(f"target {target!r} runs {TARGET_FORMATS[precision][0]} layers only; choose formats "
+    allowed = TARGET_FORMATS[precision] + OTHER_FORMATS.get(precision, ())
+    if not set(requested) <= set(allowed):
+        raise PassError(f"target {target!r} runs {' or '.join(allowed)} layers only; choose formats "
                         f"{list(requested)} with a torch-mixed (or ort-mixed) target")
+    dynamic = [f for f in requested if FORMATS[f].dynamic]
+    if dynamic and backend not in DYNAMIC_BACKENDS:
+        raise PassError(f"target {target!r} cannot run {dynamic[0]} (activation scales computed at run time): "
+                        "TensorRT's int8 takes static scales. Use the int8 format, or a torch or ort target")
     if not requested:
         raise PassError("formats is empty; name at least one of " + ", ".join(FORMATS))
     return tuple(dict.fromkeys(requested))
