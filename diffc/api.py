@@ -131,7 +131,7 @@ def _run_pipeline(manager: PassManager, model_or_pipeline: Any, ctx: PassContext
                          "calibrates; leave them out")
     if calibration_set is None and needs_calibration:
         out = Path(work_dir) / "calibration" if work_dir is not None else None
-        calibration_set = _default_calibration(model_or_pipeline, ctx.progress, out, conditions)
+        calibration_set = _default_calibration(model_or_pipeline, ctx.progress, out, conditions, example_inputs)
     graph = capture(denoiser, example_inputs=example_inputs)
     if calibration_set is not None:
         calibration_set.check_compatible(graph)
@@ -194,11 +194,13 @@ def _calibration_conditions(model_or_pipeline: Any, calibration: Any, prompts: S
 
 
 def _default_calibration(model_or_pipeline: Any, progress: bool, out: Path | None,
-                         conditions: Sequence[Any] | None = None) -> Any:
+                         conditions: Sequence[Any] | None = None,
+                         example_inputs: Mapping[str, Any] | None = None) -> Any:
     """Calibration for passes that need it when the user gave none: the pipeline's own sampler
-    at its default step count, or synthetic trajectories for a bare denoiser."""
+    at its default step count, or synthetic trajectories for a bare denoiser (called with the
+    example inputs it is captured with, when given)."""
     if isinstance(model_or_pipeline, torch.nn.Module):
-        return collect(model_or_pipeline, progress=progress, out=out)
+        return collect(model_or_pipeline, progress=progress, out=out, example_inputs=example_inputs)
     parameters = inspect.signature(model_or_pipeline.__call__).parameters
     steps = parameters["num_inference_steps"].default if "num_inference_steps" in parameters else None
     if not isinstance(steps, int):

@@ -29,6 +29,10 @@ from .base import LOW_BIT, Backend
 from .onnx_weights import check_refittable, map_weights, read_weight_map, replace_initializers, weight_tensors
 
 ONNX_DIR = "onnx"
+# MatMulAddFusion turns a 3-d MatMul + Add into Reshape -> Gemm -> Reshape; on a Q/DQ input,
+# onnxruntime 1.32 then builds a QuantizeLinear whose output_dtype (int8) contradicts its default
+# uint8 zero point and the session fails to load (a FLUX-style transformer at ort-int8)
+DISABLED_OPTIMIZERS = ["MatMulAddFusion"]
 INSTALL_HINT = ("onnxruntime is not installed; install it with `pip install onnxruntime` "
                 "(`pip install onnxruntime-gpu` for CUDA)")
 _TORCH_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64,
@@ -348,7 +352,8 @@ class SegmentSession:
         # the ONNX bytes of a session specialized to other shapes, which a LoRA swap rewrites (None: not kept)
         self.model_bytes: bytes | None = None
         self.session = onnxruntime.InferenceSession(path, sess_options=options, providers=list(providers),
-                                                    provider_options=provider_options)
+                                                    provider_options=provider_options,
+                                                    disabled_optimizers=DISABLED_OPTIMIZERS)
         proto = onnx.load(path, load_external_data=False)
         entries = read_segment_metadata(proto)
         if entries is None:

@@ -19,7 +19,8 @@ import torch.fx
 
 from ..ir.fxutil import attr_value, copy_graph
 from ..ir.precision import (FP8, FP8_MAX, INT4, INT8, PER_TOKEN, PrecisionSpec, precision_specs, quantizable_weight,
-                            quantize_weight, simulate)
+                            quantize_weight)
+from ..ir.simulation import simulate
 
 aten = torch.ops.aten
 INT_MM, SCALED_MM, INT4_PACKED, SIMULATED = "int_mm", "scaled_mm", "int4_packed", "simulated"

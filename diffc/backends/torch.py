@@ -2,7 +2,7 @@
 or CUDA, in fp32, or with fp16/bf16 weights under autocast.
 
 Precision annotations (written by the quant pass) are lowered at every precision: on CPU as
-exact fake quantization (diffc.ir.precision.simulate), on CUDA with the low-bit kernels of
+exact fake quantization (diffc.ir.simulation.simulate), on CUDA with the low-bit kernels of
 diffc.backends.quantized. The low-bit targets (int8, fp8, int4, mixed) need them; the rest of
 their graph runs in fp32 on CPU and in bf16 on CUDA."""
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch.fx
 from ..errors import TargetError
 from ..ir import CompiledPlan, Plan
 from ..ir.fxutil import attr_value, copy_graph
-from ..ir.precision import precision_specs, simulate
+from ..ir.precision import precision_specs
+from ..ir.simulation import simulate
 from . import quantized
 from .base import LOW_BIT, Backend
 

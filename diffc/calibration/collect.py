@@ -112,7 +112,8 @@ class _TrajectoryWriter:
 
 def collect(pipeline_or_model: Any, conditions: Sequence[Any] | None = None, num_steps: int = 20,
             scheduler: Any = None, timesteps: str = "all", seeds: Sequence[int] | None = None,
-            out: str | Path | None = None, progress: bool = True, **call_kwargs: Any) -> CalibrationSet:
+            out: str | Path | None = None, progress: bool = True, example_inputs: Mapping[str, Any] | None = None,
+            **call_kwargs: Any) -> CalibrationSet:
     """Runs the real sampler (the pipeline's scheduler, guidance and conditioning) and records,
     at each selected step, the denoiser's inputs and output. Conditions are class labels or
     prompts (or dicts of pipeline call arguments). By default: 8 labels spread over the classes of a
@@ -121,13 +122,16 @@ def collect(pipeline_or_model: Any, conditions: Sequence[Any] | None = None, num
     (resolution, guidance). By default the i-th condition runs with seed i, so trajectories differ
     in noise as well as in condition and the ones passes hold out (`split_items`) are unseen seeds;
     with `seeds`, every seed runs every condition. Shards stream to `out` (a temporary folder by
-    default); calling again with the same `out` and settings skips finished trajectories."""
+    default); calling again with the same `out` and settings skips finished trajectories. A bare
+    denoiser is called on synthetic trajectories with `example_inputs` (the arguments it was
+    captured with), or with diffc's example for its class."""
     root = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="diffc-calibration-"))
     if isinstance(pipeline_or_model, torch.nn.Module):
         if conditions is not None:
             raise CalibrationError("conditions (prompts, labels) need the pipeline that encodes them: pass the "
                                    "pipeline to collect, not its denoiser")
-        return _collect_synthetic(pipeline_or_model, num_steps, timesteps, seeds or (0,), root, progress)
+        return _collect_synthetic(pipeline_or_model, num_steps, timesteps, seeds or (0,), root, progress,
+                                  example_inputs)
     pipe = pipeline_or_model
     denoiser, _ = find_denoiser(pipe)
     conditions = list(conditions) if conditions is not None else _default_conditions(pipe)
@@ -233,7 +237,7 @@ def _final_tensor(result: Any) -> torch.Tensor | None:
 
 
 def _collect_synthetic(model: torch.nn.Module, num_steps: int, timesteps: str, seeds: Sequence[int], root: Path,
-                       progress: bool) -> CalibrationSet:
+                       progress: bool, example: Mapping[str, Any] | None = None) -> CalibrationSet:
     """Without a pipeline: DDIM (or flow-matching Euler) trajectories of the model itself from
     random conditioning. Weaker than real prompts: activations of real conditioning may differ."""
     warnings.warn("calibrating a bare denoiser on synthetic trajectories (random conditioning); calibration from "
@@ -252,7 +256,8 @@ def _collect_synthetic(model: torch.nn.Module, num_steps: int, timesteps: str, s
         if writer.is_complete(item):
             continue
         torch.manual_seed(seed)
-        inputs = example_inputs(model)
+        # the arguments the model was captured with: one it lacks would be refused at replay
+        inputs = dict(example) if example is not None else example_inputs(model)
         latent_name = "hidden_states" if "hidden_states" in inputs else "sample"
         scheduler = FlowMatchEulerDiscreteScheduler() if flow else DDIMScheduler()
         scheduler.set_timesteps(num_steps)

@@ -10,7 +10,8 @@ from diffc.backends.onnx_qdq import quantize_segment_onnx
 from diffc.errors import TargetError
 from diffc.ir import capture
 from diffc.ir.onnx_export import export_graph, export_onnx
-from diffc.ir.precision import FORMATS, PER_SAMPLE, PER_TOKEN, ActivationQuant, simulate, spec_for, spec_with
+from diffc.ir.precision import FORMATS, PER_SAMPLE, PER_TOKEN, ActivationQuant, spec_for, spec_with
+from diffc.ir.simulation import simulate
 from diffc.passes.quant.layers import PROTECTIONS, quantizable_layers
 from digits_tiny import tiny_digits_pipeline
 

@@ -12,7 +12,8 @@ from diffc.backends.torch import TorchBackend
 from diffc.errors import TargetError
 from diffc.ir import capture
 from diffc.ir.partition import build_plan
-from diffc.ir.precision import simulate, spec_for
+from diffc.ir.precision import spec_for
+from diffc.ir.simulation import simulate
 from diffc.passes.quant.layers import PROTECTIONS, quantizable_layers
 from digits_tiny import tiny_digits_pipeline
 

@@ -12,7 +12,8 @@ from diffc.errors import LintError, PassError
 from diffc.ir import capture, lint
 from diffc.ir.partition import build_plan
 from diffc.ir.precision import (FORMATS, INT4_BLOCK, PrecisionSpec, fake_quantize_activation, fake_quantize_weight,
-                                quantize_weight, simulate, spec_for, weight_bytes)
+                                quantize_weight, spec_for, weight_bytes)
+from diffc.ir.simulation import simulate
 from diffc.passes import PassContext, PassManager
 from diffc.passes.quant.layers import PROTECTIONS, quantizable_layers
 from diffc.passes.quant.placement import pareto_front, place, total

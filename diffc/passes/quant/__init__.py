@@ -36,7 +36,8 @@ import numpy as np
 from ...calibration import compute_statistics, output_error
 from ...errors import PassError
 from ...ir import DiffusionGraph
-from ...ir.precision import FORMATS, INT4, INT8, FP8, PER_TOKEN, ActivationQuant, attention_spec, simulate, weight_bytes
+from ...ir.precision import FORMATS, INT4, INT8, FP8, PER_TOKEN, ActivationQuant, attention_spec, weight_bytes
+from ...ir.simulation import simulate
 from .._search import unjudgeable
 from ..base import PASSES, Pass, PassConfig, PassContext, PassResult, register_pass
 from .annotate import (RANGE_METHODS, activation_scale, activation_types, annotate, dynamic_activation,
