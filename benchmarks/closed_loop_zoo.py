@@ -129,19 +129,22 @@ def write_readme(folder: Path) -> None:
     rows = []
     for path in sorted(folder.glob("*.json")):
         result = json.loads(path.read_text())
+        loops = result["calibration_loops"]
+        label = result["model"] + ("" if loops == 8 else f" ({loops} loops)")
         for pass_name, entry in result["passes"].items():
             by_pass = entry["held_out_psnr_by_pass"]
             measured = [f"{entry[key]['image_psnr']:.1f} | {result['reference_accuracy'][key]:.2f} -> "
                         f"{entry[key]['accuracy']:.2f} | {'yes' if entry[key]['holds'] else '**no**'}"
                         for key in ("seen_prompts", "unseen_prompts")]
             rows.append(
-                f"| {result['model']} | {pass_name} ({entry['target']}) | "
+                f"| {label} | {pass_name} ({entry['target']}) | "
                 f"{'declined' if entry['declined'] else json.dumps(entry['chosen'])} | "
                 f"{'-' if by_pass is None else f'{by_pass:.1f}'} | {' | '.join(measured)} | "
                 f"{entry['optimize_seconds']:.0f} |")
     folder.joinpath("README.md").write_text(
         "# Closed-loop decisions on the zoo (issue 24)\n\n"
-        "Each default pass calibrated through a hand-written loop and `record` (8 loops: 8 prompts, seeds 0-7), judged on "
+        "Each default pass calibrated through a hand-written loop and `record` (loop i: prompt i, seed i; 8 loops "
+        "unless the model's name says otherwise), judged on "
         "seeds calibration did not see (101, 202): with the calibration's prompts (`seen`, what the pass's held-out "
         "check predicts) and with prompts it never saw (`unseen`, how far the choice generalizes). `held-out (pass)`: "
         "the final-latent PSNR the pass measured on its own held-out trajectories (latents as data in [-1, 1]); "
@@ -159,18 +162,19 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(zoo.available()))
     parser.add_argument("--passes", default=",".join(PASSES))
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--loops", type=int, default=8, help="calibration loops (prompt i with seed i)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true", help="one model, 4 steps, 2 images: checks the script runs")
     args = parser.parse_args()
     models, passes = args.models.split(","), args.passes.split(",")
-    steps, loops, images, seeds = args.steps, 8, 8, [101, 202]
+    steps, loops, images, seeds = args.steps, args.loops, 8, [101, 202]
     if args.smoke:
         models, steps, loops, images, seeds = models[:1], 4, 4, 2, [101]
     date = datetime.date.today().isoformat()
     folder = args.out or Path(__file__).parent / "results" / f"{date}-cpu-{platform.machine()}" / "closed-loop"
     folder.mkdir(parents=True, exist_ok=True)
     for name in models:
-        path = folder / f"{name}.json"
+        path = folder / (f"{name}.json" if loops == 8 else f"{name}-{loops}-loops.json")
         if path.exists():
             continue
         path.write_text(json.dumps(check_model(name, passes, steps, loops, images, seeds), indent=1))

@@ -102,3 +102,30 @@ def test_step_schedule_is_anchored_to_the_calibrated_timesteps(family):
             fast(**{**inputs, "timestep": torch.full_like(inputs["timestep"], t, dtype=torch.float32)})
     nearest = [0] + [min(range(4), key=lambda i: abs(calibration.step_timesteps[i] - t)) for t in longer[1:]]
     assert ran == [schedule.steps[i] for i in nearest] and nearest[-1] == 3
+
+
+class _StopBeforeCalibrating(Exception):
+    pass
+
+
+def test_passes_that_fit_to_the_calibration_get_more_default_conditions(monkeypatch):
+    """prune and moe keep what the calibration's conditions use: their default calibration runs
+    FITTING_CONDITIONS conditions (every class of this 10-class pipeline), the others 8."""
+    from diffc.calibration.collect import _default_conditions
+    from digits_tiny import tiny_digits_pipeline
+
+    asked = {}
+
+    def collect_spy(pipe, **options):
+        asked.update(options)
+        raise _StopBeforeCalibrating
+
+    monkeypatch.setattr(diffc.api, "collect", collect_spy)
+    pipe = tiny_digits_pipeline()
+    for passes, count in ((["prune"], diffc.api.FITTING_CONDITIONS), (["moe"], diffc.api.FITTING_CONDITIONS),
+                          (["cache"], diffc.api.DEFAULT_CONDITIONS)):
+        with pytest.raises(_StopBeforeCalibrating):
+            diffc.optimize(pipe, passes=passes, progress=False)
+        assert asked["condition_count"] == count
+    assert _default_conditions(pipe, diffc.api.FITTING_CONDITIONS) == list(range(10))
+    assert _default_conditions(pipe, diffc.api.DEFAULT_CONDITIONS) == [0, 1, 2, 3, 5, 6, 7, 8]

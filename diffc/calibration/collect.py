@@ -18,7 +18,7 @@ from .prompts import default_prompts
 from .store import CalibrationError, CalibrationSet, SetWriter
 from .timesteps import select_steps
 
-DEFAULT_CLASS_CONDITIONS = 8
+DEFAULT_CONDITIONS = 8
 TIMESTEP_NAMES = ("timestep", "timesteps")
 # call arguments of img2img, inpainting and ControlNet pipelines that have no sane default
 IMAGE_INPUTS = ("image", "control_image", "mask_image")
@@ -113,12 +113,13 @@ class _TrajectoryWriter:
 def collect(pipeline_or_model: Any, conditions: Sequence[Any] | None = None, num_steps: int = 20,
             scheduler: Any = None, timesteps: str = "all", seeds: Sequence[int] | None = None,
             out: str | Path | None = None, progress: bool = True, example_inputs: Mapping[str, Any] | None = None,
-            **call_kwargs: Any) -> CalibrationSet:
+            condition_count: int = DEFAULT_CONDITIONS, **call_kwargs: Any) -> CalibrationSet:
     """Runs the real sampler (the pipeline's scheduler, guidance and conditioning) and records,
     at each selected step, the denoiser's inputs and output. Conditions are class labels or
-    prompts (or dicts of pipeline call arguments). By default: 8 labels spread over the classes of a
-    class-conditional pipeline, 8 prompts of the built-in set (`calibration.prompts`) for a text
-    one, seeds 0-7 for an unconditional one; other calls take the pipeline's own defaults
+    prompts (or dicts of pipeline call arguments). By default (`condition_count`, 8): that many
+    labels spread over the classes of a class-conditional pipeline (all of them when it has fewer),
+    that many prompts of the built-in set (`calibration.prompts`) for a text one, seeds 0-7 for an
+    unconditional one; other calls take the pipeline's own defaults
     (resolution, guidance). By default the i-th condition runs with seed i, so trajectories differ
     in noise as well as in condition and the ones passes hold out (`split_items`) are unseen seeds;
     with `seeds`, every seed runs every condition. Shards stream to `out` (a temporary folder by
@@ -134,12 +135,12 @@ def collect(pipeline_or_model: Any, conditions: Sequence[Any] | None = None, num
                                   example_inputs)
     pipe = pipeline_or_model
     denoiser, _ = find_denoiser(pipe)
-    conditions = list(conditions) if conditions is not None else _default_conditions(pipe)
+    conditions = list(conditions) if conditions is not None else _default_conditions(pipe, condition_count)
     if not conditions:
         raise CalibrationError("conditions is empty: give at least one prompt, label or dict of pipeline arguments")
     # an unconditional pipeline varies only by seed: as many seeds as a conditional set has conditions
     paired = seeds is None and conditions != [{}]
-    seeds = tuple(range(len(conditions))) if paired else tuple(range(DEFAULT_CLASS_CONDITIONS)) if seeds is None \
+    seeds = tuple(range(len(conditions))) if paired else tuple(range(DEFAULT_CONDITIONS)) if seeds is None \
         else tuple(seeds)
     selected = set(select_steps(num_steps, timesteps))
     settings = {"pipeline": type(pipe).__name__, "num_steps": num_steps, "timesteps": timesteps,
@@ -173,16 +174,17 @@ def collect(pipeline_or_model: Any, conditions: Sequence[Any] | None = None, num
                                                        "scheduler": scheduler})
 
 
-def _default_conditions(pipe: Any) -> list[Any]:
-    """Class labels spread over the classes of a class-conditional pipeline, prompts of the
-    built-in set for a text-conditioned one (refused when it also needs an image), one empty
-    condition for an unconditional one."""
+def _default_conditions(pipe: Any, wanted: int) -> list[Any]:
+    """`wanted` class labels spread over the classes of a class-conditional pipeline, as many
+    prompts of the built-in set for a text-conditioned one (refused when it also needs an image),
+    one empty condition for an unconditional one."""
     parameters = inspect.signature(pipe.__call__).parameters
     if "class_labels" in parameters:
         count = getattr(pipe, "num_classes", None)
         if count is None:
-            count = getattr(find_denoiser(pipe)[0].config, "num_embeds_ada_norm", None) or DEFAULT_CLASS_CONDITIONS
-        return sorted({int(i * count / DEFAULT_CLASS_CONDITIONS) for i in range(min(count, DEFAULT_CLASS_CONDITIONS))})
+            count = getattr(find_denoiser(pipe)[0].config, "num_embeds_ada_norm", None) or wanted
+        spread = min(count, wanted)
+        return sorted({int(i * count / spread) for i in range(spread)})
     images = image_inputs(pipe)
     if images:
         raise CalibrationError(
@@ -190,7 +192,7 @@ def _default_conditions(pipe: Any) -> list[Any]:
             f"sane default for {'it' if len(images) == 1 else 'them'}: pass conditions=[{{'prompt': ..., "
             + ", ".join(f"{n!r}: ..." for n in images) + "}, ...] (a few representative ones) or calibration=")
     if "prompt" in parameters:
-        return list(default_prompts())
+        return list(default_prompts(wanted))
     return [{}]
 
 

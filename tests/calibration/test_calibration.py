@@ -202,3 +202,15 @@ def test_bare_model_gets_synthetic_trajectories_with_a_warning(tmp_path):
         cal = collect(model, num_steps=3, out=tmp_path / "set", progress=False)
     assert len(cal) == 3
     cal.check_compatible(capture(model))
+
+
+def test_synthetic_trajectories_call_the_model_with_the_inputs_it_was_captured_with(tmp_path):
+    """diffc's PixArt example passes an attention mask; a model captured without one would refuse
+    the recorded calls when a pass re-runs them."""
+    from tiny_families import families
+
+    model, example = families()["pixart"]
+    with pytest.warns(UserWarning, match="synthetic"):
+        cal = collect(model, num_steps=2, out=tmp_path / "set", example_inputs=example, progress=False)
+    assert "encoder_attention_mask" not in cal.manifest["meta"]["inputs"]
+    assert trajectory_error(cal, diffc.optimize(model, passes=[], example_inputs=example))["psnr"] > 60

@@ -8,6 +8,7 @@ import torch
 import diffc
 import diffc.models as dm
 from diffc.calibration import record
+from diffc.api import DEFAULT_CONDITIONS, FITTING_CONDITIONS
 from diffc.calibration.collect import _default_conditions
 from diffc.metrics import psnr
 
@@ -55,8 +56,8 @@ def _images(pipe, attribute, denoiser):
 @pytest.mark.parametrize("pass_name", [
     pytest.param("prune", marks=pytest.mark.xfail(
         reason="on digits-unet the recorded loop chose amount 0.15 (30.9 dB on images) where the pipeline chose 0.10 "
-               "(32.0 dB), 1.03 dB apart when measured on 2026-12-04: its PSNR is of final latents against their "
-               "range, not of images clamped to [0, 1]; issue 24 keeps this open", strict=False)),
+               "(32.0 dB), 1.03 dB apart when measured on 2026-12-04, before final latents were scored at peak 2 "
+               "and before prune calibrated on every class; not re-run since; issue 24 keeps this open", strict=False)),
     "cache", "moe", "quant"])
 def test_a_recorded_loop_decides_as_the_pipeline_does(name, pass_name, tmp_path):
     pipe = dm.load(name)
@@ -64,7 +65,8 @@ def test_a_recorded_loop_decides_as_the_pipeline_does(name, pass_name, tmp_path)
     attribute = "unet" if name == "digits-unet" else "transformer"
     denoiser = getattr(pipe, attribute)
     with record(denoiser, out=tmp_path / "rec") as recording:
-        for label in _default_conditions(pipe):  # the labels and seed optimize(pipe) calibrates on
+        count = FITTING_CONDITIONS if pass_name in ("prune", "moe") else DEFAULT_CONDITIONS
+        for label in _default_conditions(pipe, count):  # the labels and seed optimize(pipe) calibrates on
             recording.final(_hand_written_loop(pipe, denoiser, label, seed=0))
     target = "torch-int8" if pass_name == "quant" else "torch"
     with_pipeline = diffc.optimize(pipe, target=target, passes=[pass_name], progress=False)
