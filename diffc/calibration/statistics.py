@@ -186,12 +186,14 @@ class Observer(torch.fx.Interpreter):
 
 
 def compute_statistics(calibration: CalibrationSet, dg: DiffusionGraph, groups: int = 4,
-                       nodes: list[str] | None = None, cache: bool = True, progress: bool = True) -> Statistics:
-    """Runs the graph over every recorded call once and gathers per-node statistics per timestep
-    group and block feature traces. Cached in the set's folder per graph and settings."""
+                       nodes: list[str] | None = None, cache: bool = True, progress: bool = True,
+                       items: set[str] | None = None) -> Statistics:
+    """Runs the graph over every recorded call (of the trajectories `items`, all with None) once
+    and gathers per-node statistics per timestep group and block feature traces. Cached in the
+    set's folder per graph and settings."""
     calibration.check_compatible(dg)
     watch = nodes if nodes is not None else nodes_of_interest(dg)
-    key = _cache_key(dg, groups, watch)
+    key = _cache_key(dg, groups, watch, items)
     path = calibration.root / "statistics" / key
     if cache and path.with_suffix(".json").is_file():
         return Statistics.load(path)
@@ -204,7 +206,8 @@ def compute_statistics(calibration: CalibrationSet, dg: DiffusionGraph, groups: 
     num_steps = calibration.num_steps
     watch_set = set(watch)
     observed = watch_set | set(block_outputs)
-    for record in progress_bar(calibration.records(), progress, "calibration statistics", "call", len(calibration)):
+    for record in progress_bar(calibration.records(items=items), progress, "calibration statistics", "call",
+                               len(calibration)):
         group = step_group(record.step, record.num_steps, groups)
         consecutive = last[0] == record.item and last[1] == record.step - 1
         if not consecutive:
@@ -256,11 +259,13 @@ def _channel_dims(dg: DiffusionGraph) -> dict[str, int]:
     return dims
 
 
-def _cache_key(dg: DiffusionGraph, groups: int, watch: list[str]) -> str:
+def _cache_key(dg: DiffusionGraph, groups: int, watch: list[str], items: set[str] | None) -> str:
     import hashlib
 
     from ..ir.serialize import graph_to_json
 
-    text = json.dumps([graph_to_json(dg.graph), groups, watch], sort_keys=True, default=str)
+    chosen = None if items is None else sorted(items)
+    text = json.dumps([graph_to_json(dg.graph), groups, watch] + ([] if chosen is None else [chosen]),
+                      sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

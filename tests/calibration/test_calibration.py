@@ -103,6 +103,18 @@ def test_statistics_are_cached_with_the_set(collected):
     assert again.node(name, 0).histogram.tolist() == first.node(name, 0).histogram.tolist()
 
 
+def test_statistics_of_some_trajectories_are_theirs_alone(collected):
+    """What quant calibrates its scales on when its held-out check must stay out of sample."""
+    _, cal, dg = collected
+    first = cal.items[0]["id"]
+    every = compute_statistics(cal, dg, groups=1, progress=False)
+    one = compute_statistics(cal, dg, groups=1, progress=False, items={first})
+    name = next(iter(every.stats))
+    assert one.node(name, 0).count * 2 == every.node(name, 0).count
+    assert compute_statistics(cal, dg, groups=1, progress=False, items={first}).node(name, 0).count == \
+        one.node(name, 0).count  # cached apart from the statistics of every trajectory
+
+
 def test_evaluation_api(collected):
     pipe, cal, dg = collected
     assert output_error(cal, dg.module, dg).mean_relative == 0.0

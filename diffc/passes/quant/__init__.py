@@ -38,7 +38,7 @@ from ...errors import PassError
 from ...ir import DiffusionGraph
 from ...ir.precision import FORMATS, INT4, INT8, FP8, PER_TOKEN, ActivationQuant, attention_spec, weight_bytes
 from ...ir.simulation import simulate
-from .._search import unjudgeable
+from .._search import fitting_items, unjudgeable
 from ..base import PASSES, Pass, PassConfig, PassContext, PassResult, register_pass
 from .annotate import (RANGE_METHODS, activation_scale, activation_types, annotate, dynamic_activation,
                        layer_activation)
@@ -192,6 +192,11 @@ class QuantPass(Pass):
         report["predicted_error"] = predicted_error(sensitivity, placed)
         return PassResult(dg, modified=True, report=report)
 
+    def _fitting(self, ctx: PassContext) -> set[str] | None:
+        """The trajectories activation scales are calibrated on: those the floor does not verify on,
+        so its held-out figure is out of sample (every trajectory without a floor check)."""
+        return fitting_items(ctx) if self.config.min_psnr is not None else None
+
     def _floor(self, placed: dict[str, str]) -> float | None:
         floor = self.config.min_psnr
         if floor != "auto":
@@ -251,7 +256,7 @@ class QuantPass(Pass):
         if cfg.smoothquant is None or not activation_types(formats) or not linears:
             return []
         stats = compute_statistics(ctx.calibration, dg, groups=cfg.groups, nodes=sorted({layer.input for layer in linears}),
-                                   progress=False)
+                                   progress=False, items=self._fitting(ctx))
         return smooth(dg, linears, stats.node, cfg.smoothquant)
 
     @staticmethod
@@ -269,7 +274,8 @@ class QuantPass(Pass):
             return {}
         cfg = self.config
         stats = compute_statistics(ctx.calibration, dg, groups=cfg.groups,
-                                   nodes=sorted({i for a in attentions for i in a.inputs}), progress=False)
+                                   nodes=sorted({i for a in attentions for i in a.inputs}), progress=False,
+                                   items=self._fitting(ctx))
         quantized = [f for f in formats if FORMATS[f].activation in (INT8, FP8)]
         return {a.node: {f: tuple(ActivationQuant(FORMATS[f].activation,
                                                   activation_scale(stats.node(i), FORMATS[f].activation,
@@ -325,7 +331,8 @@ class QuantPass(Pass):
         watched = {layer.input for layer in layers}
         if cfg.split_shortcut:
             watched |= {piece for layer in layers for piece, _ in layer.pieces}
-        stats = compute_statistics(ctx.calibration, dg, groups=cfg.groups, nodes=sorted(watched), progress=False)
+        stats = compute_statistics(ctx.calibration, dg, groups=cfg.groups, nodes=sorted(watched), progress=False,
+                                   items=self._fitting(ctx))
         missing = sorted(watched - set(stats.stats))
         if missing:
             raise PassError(f"the calibration statistics have no values for {missing[:5]}; the calibration set does "
@@ -350,6 +357,8 @@ class QuantPass(Pass):
                                      "bytes_before": weight_bytes(layer.shape, None)}
             if layer.protected or layer.node not in chosen:
                 entry.update(format=None, bytes_after=entry["bytes_before"], protected=layer.protected or KEPT_REASON)
+                if not layer.protected:  # kept for the floor: its sensitivity says why it went first
+                    entry["sensitivity"] = _rounded(sensitivity.hessian[layer.node])
             else:
                 fmt = chosen[layer.node]
                 entry.update(format=fmt, bytes_after=weight_bytes(layer.shape, fmt),
