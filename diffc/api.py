@@ -14,8 +14,9 @@ import torch
 from .backends import get_backend, parse_target
 from .backends.base import LOW_BIT
 from .calibration import as_calibration_set, collect
-from .errors import DiffcError, TargetError
+from .errors import CaptureError, DiffcError, TargetError
 from .ir import DiffusionGraph, Plan, capture, find_denoiser
+from .ir.examples import example_inputs as default_example_inputs
 from .ir.partition import build_plan
 from .ir.precision import precision_specs
 from .passes import PassContext, PassManager
@@ -140,6 +141,8 @@ def _run_pipeline(manager: PassManager, model_or_pipeline: Any, ctx: PassContext
         fits = any(p.removes_layers for p in manager.passes)
         calibration_set = _default_calibration(model_or_pipeline, ctx.progress, out, conditions, example_inputs,
                                                FITTING_CONDITIONS if fits else DEFAULT_CONDITIONS)
+    if example_inputs is None and calibration_set is not None:
+        example_inputs = _example_like(denoiser, calibration_set)
     graph = capture(denoiser, example_inputs=example_inputs)
     if calibration_set is not None:
         calibration_set.check_compatible(graph)
@@ -199,6 +202,19 @@ def _calibration_conditions(model_or_pipeline: Any, calibration: Any, prompts: S
     if not list(chosen):
         raise DiffcError("no prompt or condition given: pass at least one, or leave it out for the built-in set")
     return list(chosen)
+
+
+def _example_like(denoiser: torch.nn.Module, calibration_set: Any) -> dict[str, Any] | None:
+    """diffc's example inputs for the denoiser's class without the optional tensors the calibrated
+    loop never passed (a PixArt loop without an attention mask), so that the captured graph takes
+    what the loop gives; None (the plain example) when nothing is missing or the class has none."""
+    try:
+        example = default_example_inputs(denoiser)
+    except CaptureError:
+        return None
+    recorded = {name.split(".", 1)[0] for name in calibration_set.manifest.get("meta", {}).get("inputs", {})}
+    missing = {name for name, value in example.items() if isinstance(value, torch.Tensor) and name not in recorded}
+    return {name: value for name, value in example.items() if name not in missing} if missing and recorded else None
 
 
 def _default_calibration(model_or_pipeline: Any, progress: bool, out: Path | None,

@@ -226,3 +226,23 @@ def test_synthetic_trajectories_call_the_model_with_the_inputs_it_was_captured_w
         cal = collect(model, num_steps=2, out=tmp_path / "set", example_inputs=example, progress=False)
     assert "encoder_attention_mask" not in cal.manifest["meta"]["inputs"]
     assert trajectory_error(cal, diffc.optimize(model, passes=[], example_inputs=example))["psnr"] > 60
+
+
+def test_a_recorded_loop_without_an_optional_input_is_captured_without_it(tmp_path):
+    """A PixArt loop that passes no attention mask: the capture leaves out the mask diffc's own
+    example holds, instead of refusing the recording as recorded with other inputs."""
+    from tiny_families import families
+
+    model, example = families()["pixart"]
+    example = {name: value for name, value in example.items() if name != "timestep"}
+    with torch.no_grad(), record(model, out=tmp_path / "rec") as recording:
+        latents = example["hidden_states"]
+        for t in (900, 500):
+            out = model(**example, timestep=torch.tensor([t, t]), return_dict=False)[0][:, :4]
+            latents = latents - 0.1 * out
+            example = {**example, "hidden_states": latents}
+        recording.final(latents)
+    fast = diffc.optimize(model, passes=[], calibration=recording, progress=False)
+    with torch.no_grad():
+        assert torch.allclose(fast(**example, timestep=torch.tensor([500, 500]))[0],
+                              model(**example, timestep=torch.tensor([500, 500]), return_dict=False)[0], atol=1e-5)
