@@ -13,7 +13,7 @@ import torch
 
 from .backends import get_backend, parse_target
 from .backends.base import LOW_BIT
-from .calibration import as_calibration_set, collect
+from .calibration import as_calibration_set, call_arguments, collect
 from .errors import CaptureError, DiffcError, TargetError
 from .ir import DiffusionGraph, Plan, capture, find_denoiser
 from .ir.examples import example_inputs as default_example_inputs
@@ -207,11 +207,13 @@ def _calibration_conditions(model_or_pipeline: Any, calibration: Any, prompts: S
 def _example_like(denoiser: torch.nn.Module, calibration_set: Any) -> dict[str, Any] | None:
     """diffc's example inputs for the denoiser's class without the optional tensors the calibrated
     loop never passed (a PixArt loop without an attention mask), so that the captured graph takes
-    what the loop gives; None (the plain example) when nothing is missing or the class has none."""
+    what the loop gives; for a class diffc has no example for, the first recorded call; None (the
+    plain example) when nothing is missing."""
     try:
         example = default_example_inputs(denoiser)
     except CaptureError:
-        return None
+        first = next(calibration_set.records(), None)
+        return None if first is None else call_arguments(first.inputs)
     recorded = {name.split(".", 1)[0] for name in calibration_set.manifest.get("meta", {}).get("inputs", {})}
     missing = {name for name, value in example.items() if isinstance(value, torch.Tensor) and name not in recorded}
     return {name: value for name, value in example.items() if name not in missing} if missing and recorded else None

@@ -6,10 +6,11 @@ from .evaluate import (StepErrors, node_error, output_error, propagation_weights
 from .loop import SamplingLoop, StepMap, guidance_rows, identify_loop, sampling_loop
 from .replay import guidance_loss, loop_error, replay_loop
 from .statistics import NodeStats, Statistics, compute_statistics, nodes_of_interest
-from .store import CalibrationError, CalibrationSet, Record
+from .store import CalibrationError, CalibrationSet, Record, call_arguments
 from .timesteps import STRATEGIES, select_steps, step_group
 
 __all__ = [
+    "call_arguments",
     "collect", "record", "Recording", "as_calibration_set", "CalibrationSet", "CalibrationError", "Record",
     "compute_statistics", "Statistics", "NodeStats", "nodes_of_interest", "output_error", "relative_error",
     "node_error", "trajectory_error", "propagation_weights", "StepErrors", "select_steps", "step_group", "STRATEGIES",

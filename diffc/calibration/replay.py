@@ -12,7 +12,7 @@ import torch
 
 from .collect import output_tensor
 from .loop import LoopStep, SamplingLoop, output_rows, recorded_trajectories, step_residuals
-from .store import CalibrationError, CalibrationSet
+from .store import CalibrationError, CalibrationSet, call_arguments
 
 REPLAY_BATCH = 8
 # Final latents are scored as images of data normalized to [-1, 1], the range diffusion models are
@@ -20,18 +20,6 @@ REPLAY_BATCH = 8
 # live pipeline measures on its images. A trajectory's own range overstated it by 2-4 dB on models
 # whose samples overshoot [-1, 1] before the image is clipped.
 LATENT_PEAK = 2.0
-
-
-def _call_arguments(inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Recorded inputs back into the forward's arguments (`param.key` names into dicts)."""
-    arguments: dict[str, Any] = {}
-    for name, value in inputs.items():
-        if "." in name:
-            parameter, key = name.split(".", 1)
-            arguments.setdefault(parameter, {})[key] = value
-        else:
-            arguments[name] = value
-    return arguments
 
 
 def replay_loop(calibration: CalibrationSet, loop: SamplingLoop, candidate: Callable[..., Any],
@@ -113,7 +101,7 @@ def _run_step(candidate: Callable[..., Any], steps: list[LoopStep], states: list
         inputs[latent] = torch.cat([torch.stack([state[s] for s, _ in placed])
                                     for state, placed in zip(states, placements)]).to(call.inputs[latent].dtype)
         with torch.no_grad():
-            out = output_rows(output_tensor(candidate(**_call_arguments(inputs))), inputs[latent]).double()
+            out = output_rows(output_tensor(candidate(**call_arguments(inputs))), inputs[latent]).double()
         for j, placed in enumerate(placements):
             for i, (s, member) in enumerate(placed):
                 outputs[j][s, member] = out[j * count + i]

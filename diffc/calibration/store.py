@@ -25,6 +25,18 @@ class CalibrationError(DiffcError):
     """Calibration data that is missing, malformed, non-finite or recorded from another model."""
 
 
+def call_arguments(inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Recorded inputs back into the forward's arguments (`param.key` names into dicts)."""
+    arguments: dict[str, Any] = {}
+    for name, value in inputs.items():
+        if "." in name:
+            parameter, key = name.split(".", 1)
+            arguments.setdefault(parameter, {})[key] = value
+        else:
+            arguments[name] = value
+    return arguments
+
+
 @dataclass
 class Record:
     """One recorded denoiser call: its inputs by name (as TensorInput.name), and its output. `call`

@@ -260,8 +260,9 @@ def _signature(model: torch.nn.Module, module: torch.fx.GraphModule,
                            "an input is unused or duplicated in the model.")
     dim_names: dict[str, str] = {}
     inputs = []
+    named_latent = any(path[-1] in LATENT_NAMES for path, _ in flat_inputs)
     for index, ((path, tensor), node) in enumerate(zip(flat_inputs, placeholders)):
-        role = _role(path, index)
+        role = _role(path, index, named_latent)
         shape = tuple(_dim_name(dim_names, str(s), path, role, d, tensor.dim()) if isinstance(s, torch.SymInt)
                       else int(s) for d, s in enumerate(node.meta["val"].shape))
         inputs.append(TensorInput(path=path, role=role, shape=shape, dtype=str(tensor.dtype).replace("torch.", ""),
@@ -289,8 +290,9 @@ def _dim_name(names: dict[str, str], symbol: str, path: tuple[str, ...], role: s
     return names[symbol]
 
 
-def _role(path: tuple[str, ...], index: int) -> str:
-    if index == 0 or path[-1] in LATENT_NAMES:
+def _role(path: tuple[str, ...], index: int, named_latent: bool) -> str:
+    """The latent is the input named as one (in whatever order the call passed it), else the first."""
+    if path[-1] in LATENT_NAMES or (index == 0 and not named_latent):
         return LATENT
     if path[-1] in TIMESTEP_NAMES:
         return TIMESTEP

@@ -246,3 +246,16 @@ def test_a_recorded_loop_without_an_optional_input_is_captured_without_it(tmp_pa
     with torch.no_grad():
         assert torch.allclose(fast(**example, timestep=torch.tensor([500, 500]))[0],
                               model(**example, timestep=torch.tensor([500, 500]), return_dict=False)[0], atol=1e-5)
+
+
+def test_a_denoiser_diffc_has_no_example_for_is_captured_from_its_recorded_calls(tmp_path):
+    """The zoo's Wan video transformer: no built-in example inputs, so the first recorded call is
+    the example, and the latent is the input named as one whatever the call's argument order."""
+    from diffc.models import zoo
+
+    pipe = zoo.load("motion-wan")
+    pipe.set_progress_bar_config(disable=True)
+    with record(pipe.transformer, out=tmp_path / "rec") as recording:
+        pipe(zoo.prompts("motion-wan", 1), num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    fast = diffc.optimize(pipe.transformer, passes=[], calibration=recording, progress=False)
+    assert [i.name for i in fast.plan.graph.signature.inputs if i.role == "latent"] == ["hidden_states"]
