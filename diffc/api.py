@@ -214,8 +214,14 @@ def _example_like(denoiser: torch.nn.Module, calibration_set: Any) -> dict[str, 
     except CaptureError:
         first = next(calibration_set.records(), None)
         return None if first is None else call_arguments(first.inputs)
-    recorded = {name.split(".", 1)[0] for name in calibration_set.manifest.get("meta", {}).get("inputs", {})}
-    missing = {name for name, value in example.items() if isinstance(value, torch.Tensor) and name not in recorded}
+    meta = calibration_set.manifest.get("meta", {})
+    if meta.get("model_class") != type(denoiser).__name__:
+        return None  # another model's recording: check_compatible says so
+    recorded = {name.split(".", 1)[0] for name in meta.get("inputs", {})}
+    optional = {name for name, p in inspect.signature(denoiser.forward).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    missing = {name for name, value in example.items()
+               if isinstance(value, torch.Tensor) and name not in recorded and name in optional}
     return {name: value for name, value in example.items() if name not in missing} if missing and recorded else None
 
 
