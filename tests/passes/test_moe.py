@@ -48,6 +48,22 @@ def test_all_experts_active_reproduces_the_model_exactly(family, captured):
         assert torch.equal(first_tensor(fast(**inputs)), first_tensor(model(**inputs)))
 
 
+def test_a_search_that_no_share_passes_leaves_the_ffns_dense(family, captured):
+    """Without a way to re-sample (no denoiser to compile candidates with) the search lands on its
+    fallback, every expert active: the pass declines with the untouched graph, not a routed one
+    whose refits were fitted anyway."""
+    model, inputs = family("dit")
+    dg = captured("dit")
+    with pytest.warns(UserWarning, match="stays at 1.0"):
+        result = _run([{"pass": "moe"}], dg, _calibration("dit"))
+    entry = result.applied[-1]
+    assert not entry["modified"] and "declined" in entry["report"]
+    lint(result)
+    with torch.no_grad():
+        flat = [inputs[spec.name] if spec.name in inputs else None for spec in dg.signature.inputs]
+        assert torch.equal(result.module(*flat)[0], dg.module(*flat)[0])
+
+
 def test_optimize_with_progress_shows_the_pass_bars(family, capsys):
     model, _ = family("dit")
     diffc.optimize(model, passes=[{"pass": "moe", "active": 0.5, "recover_steps": 2}], calibration=_calibration("dit"),

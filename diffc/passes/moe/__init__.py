@@ -140,6 +140,7 @@ class MoePass(Pass):
             return PassResult(dg, modified=False, report={
                 "ffns": [f.block for f in ffns], "active": 1.0,
                 "note": "every expert active: nothing to route, the FFNs stay dense (outputs unchanged)"})
+        untouched = dg.clone()
         # a searched share is verified on held-out trajectories: nothing is fitted on them
         batch = CalibrationBatch(ctx.calibration, dg, cfg.max_records,
                                  items=fitting_items(ctx) if cfg.active is None else None)
@@ -194,6 +195,10 @@ class MoePass(Pass):
                 ACTIVE_GRID, lambda share: plan_for(share)[0], ctx, knob="active",
                 offline_error=lambda routed: plan_error(routed, batch), min_psnr=cfg.min_psnr,
                 max_relative_error=cfg.max_relative_error, quality_rises=True, fallback=1.0)
+            if active >= 1.0:  # no share keeps the floor (search_grid warned): the FFNs stay dense
+                return PassResult(untouched, modified=False, report={
+                    **report, "active": 1.0,
+                    "declined": "no active share keeps the floor: every FFN stays dense (outputs unchanged)"})
         routed, chosen = plan_for(active)
         if cfg.recover_steps:
             distillation_calls = CalibrationBatch(ctx.calibration, dg, cfg.recover_records)
