@@ -40,6 +40,16 @@ def _final_psnr(dg, calibration, items):
     return trajectory_error(calibration, compile_graph(dg, "torch", "fp32"), items)["psnr"]
 
 
+def _floor_between(calibration, placement, better, why):
+    """A floor halfway between the worst final PSNR (selection or held-out trajectories) of the
+    placement and of a better graph, which must beat it by more than 1 dB."""
+    selection, held_out = split_items(calibration)
+    worse, best = (min(_final_psnr(g, calibration, items) for items in (selection, held_out))
+                   for g in (placement, better))
+    assert best > worse + 1.0, why
+    return (worse + best) / 2
+
+
 @pytest.fixture(scope="module")
 def unchecked_int8(tiny):
     """int8 on this untrained model keeps ~15 dB; the most sensitive half at full precision ~30 dB"""
@@ -49,15 +59,13 @@ def unchecked_int8(tiny):
 
 def test_a_floor_between_the_placement_and_full_precision_keeps_the_most_sensitive_layers(tiny, unchecked_int8):
     dg, calibration = tiny
-    selection, held_out = split_items(calibration)
+    _, held_out = split_items(calibration)
     report = unchecked_int8.applied[-1]["report"]
     ranked = sorted((e for e in report["layers"] if e["format"]), key=lambda e: e["sensitivity"]["int8"],
                     reverse=True)
     half = without_precision(unchecked_int8, [e["node"] for e in ranked[:len(ranked) // 2]])
-    placement, halfway = (min(_final_psnr(g, calibration, items) for items in (selection, held_out))
-                          for g in (unchecked_int8, half))
-    assert halfway > placement + 1.0, "keeping the most sensitive half at full precision should help"
-    floor = (placement + halfway) / 2
+    floor = _floor_between(calibration, unchecked_int8, half,
+                           "keeping the most sensitive half at full precision should help")
 
     # TensorRT takes static int8 scales only, so layers go straight back to full precision
     quantized = _quantize(dg, calibration, "trt-int8", min_psnr=floor)
@@ -93,16 +101,13 @@ def trained_dit(tmp_path_factory):
 
 def test_static_int8_linears_take_dynamic_scales_before_any_goes_back_to_full_precision(trained_dit):
     dg, calibration = trained_dit
-    selection, held_out = split_items(calibration)
+    _, held_out = split_items(calibration)
     unchecked_int8 = _quantize(dg, calibration, "torch-int8", min_psnr=None)
     report = unchecked_int8.applied[-1]["report"]
     layers = _dynamic_layers(report)
     dynamic = {node: ActivationQuant("int8", dynamic=granularity) for node, granularity in layers.items()}
     all_dynamic = with_dynamic_scales(unchecked_int8, list(layers), dynamic)
-    placement, upgraded = (min(_final_psnr(g, calibration, items) for items in (selection, held_out))
-                           for g in (unchecked_int8, all_dynamic))
-    assert upgraded > placement + 1.0, "dynamic activation scales should help this model"
-    floor = (placement + upgraded) / 2
+    floor = _floor_between(calibration, unchecked_int8, all_dynamic, "dynamic activation scales should help this model")
 
     quantized = _quantize(dg, calibration, "torch-int8", min_psnr=floor)
     lint(quantized)

@@ -43,7 +43,7 @@ from ..base import PASSES, Pass, PassConfig, PassContext, PassResult, register_p
 from .annotate import (RANGE_METHODS, activation_scale, activation_types, annotate, dynamic_activation,
                        layer_activation)
 from .floor import DYNAMIC_SHARES, KEEP_SHARES, KEPT_REASON, drop_precision, keep_for_floor, with_dynamic_scales
-from .formats import DYNAMIC_BACKENDS, RELATIVE_COST, formats_for
+from .formats import RELATIVE_COST, formats_for, runs_dynamic_scales
 from .layers import PROTECTIONS, Attention, Layer, attention_nodes, quantizable_layers
 from .placement import pareto_front, place
 from .sensitivity import ACCUMULATIONS, Sensitivity, measure, sample_calls
@@ -227,7 +227,7 @@ class QuantPass(Pass):
         static = [node for node in ranked if placed[node] == "int8" and node in dynamic
                   and dynamic[node].dynamic == PER_TOKEN]
         steps: dict[str, Any] = {}
-        if static and str(ctx.target).partition("-")[0] in DYNAMIC_BACKENDS:
+        if static and runs_dynamic_scales(ctx.target):
             upgraded, steps = keep_for_floor(dg, ctx, static, floor, change=lambda graph, nodes: with_dynamic_scales(
                 graph, nodes, dynamic), shares=DYNAMIC_SHARES, knob="dynamic_share")
             moved = static if upgraded is None else upgraded

@@ -25,8 +25,13 @@ def target_precision(target: str) -> str:
     return str(target).partition("-")[2]
 
 
+def runs_dynamic_scales(target: str) -> bool:
+    """Whether the target's backend runs activation scales computed at run time."""
+    return str(target).partition("-")[0] in DYNAMIC_BACKENDS
+
+
 def formats_for(target: str, requested: tuple[str, ...] | None) -> tuple[str, ...]:
-    precision, backend = target_precision(target), str(target).partition("-")[0]
+    precision = target_precision(target)
     if precision not in TARGET_FORMATS:
         raise PassError(f"the quant pass places low-bit formats, but the target {target!r} is not low-bit; use a "
                         f"target with precision in {{{', '.join(TARGET_FORMATS)}}}, e.g. torch-int8 or torch-mixed")
@@ -40,7 +45,7 @@ def formats_for(target: str, requested: tuple[str, ...] | None) -> tuple[str, ..
         raise PassError(f"target {target!r} runs {' or '.join(allowed)} layers only; choose formats "
                         f"{list(requested)} with a torch-mixed (or ort-mixed) target")
     dynamic = [f for f in requested if FORMATS[f].dynamic]
-    if dynamic and backend not in DYNAMIC_BACKENDS:
+    if dynamic and not runs_dynamic_scales(target):
         raise PassError(f"target {target!r} cannot run {dynamic[0]} (activation scales computed at run time): "
                         "TensorRT's int8 takes static scales. Use the int8 format, or a torch or ort target")
     if not requested:
