@@ -80,8 +80,9 @@ def pass_figures(report: dict) -> dict:
     chosen = {key: report[key] for key in ("amount", "active", "steps", "forecast", "size_ratio") if key in report}
     if "kept_full_precision" in check:
         chosen["kept_full_precision"] = len(check["kept_full_precision"])
-    return {"chosen": chosen, "declined": report.get("declined"),
-            "held_out_psnr_by_pass": held_out[-1]["held_out_psnr"] if held_out else None}
+    # the chosen schedule's figure, not the last budget a back-off tried and dropped
+    figure = ([entry for entry in held_out if entry.get("chosen")] or held_out or [{}])[-1].get("held_out_psnr")
+    return {"chosen": chosen, "declined": report.get("declined"), "held_out_psnr_by_pass": figure}
 
 
 def check_model(name: str, passes: list[str], steps: int, calibration_loops: int, images: int,

@@ -238,6 +238,24 @@ def _parse_labels(text: str, pipe: Any) -> list[int]:
     return labels
 
 
+def cpu_target_advice(target, device: str | None) -> str | None:
+    """What to say when a low-bit torch target is asked for on a CPU: torch runs it as a simulation
+    there (no int8 or fp8 matmul faster than fp32), so it measures fidelity, not speed."""
+    import torch
+
+    from .backends.base import LOW_BIT
+
+    on_cpu = torch.device(device).type == "cpu" if device else not torch.cuda.is_available()
+    if target.backend != "torch" or target.precision not in LOW_BIT or not on_cpu:
+        return None
+    if target.precision in ("int8", "mixed"):
+        return (f"torch-{target.precision} on a CPU simulates its quantization in fp32 (torch has no int8 matmul "
+                f"faster than fp32 here), so it runs slower than the original; --target ort-{target.precision} runs "
+                "the same quantized model on ONNX Runtime's integer kernels")
+    return (f"torch-{target.precision} on a CPU simulates its quantization in fp32 (no {target.precision} kernels "
+            "here): use it to check fidelity; its speed needs a GPU")
+
+
 def _optimize(args: argparse.Namespace) -> int:
     from . import models
     from .api import optimize
@@ -247,7 +265,9 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.list:
         print("\n".join(models.available()))
         return 0
-    parse_target(args.target)
+    advice = cpu_target_advice(parse_target(args.target), args.device)
+    if advice:
+        print(f"note: {advice}", file=sys.stderr)
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not args.overwrite:
         raise DiffcError(f"{out} already exists; choose another --out or pass --overwrite")

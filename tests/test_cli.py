@@ -31,3 +31,15 @@ def test_bad_input_exits_2_with_a_message_and_writes_nothing(capsys, tmp_path, a
     code = main([*argv, "--out", str(out_dir)] if argv[0] == "optimize" else argv)
     assert code == 2 and message in capsys.readouterr().err
     assert not out_dir.exists()
+
+
+def test_a_low_bit_torch_target_on_a_cpu_points_to_ort():
+    from diffc.backends import parse_target
+    from diffc.cli import cpu_target_advice
+
+    advice = cpu_target_advice(parse_target("torch-int8"), "cpu")
+    assert "simulates" in advice and "--target ort-int8" in advice
+    assert "needs a GPU" in cpu_target_advice(parse_target("torch-fp8"), "cpu")
+    assert cpu_target_advice(parse_target("ort-int8"), "cpu") is None
+    assert cpu_target_advice(parse_target("torch"), "cpu") is None
+    assert cpu_target_advice(parse_target("torch-int8"), "cuda") is None

@@ -2,7 +2,8 @@
 
     cache                                  diffc's cache pass with its defaults
     cache[full_fraction=0.5;forecast=true] the same pass with options (`;` between them)
-    cache+quant:int4                       passes joined by `+`, target precision after `:`
+    cache+quant:int4                       passes joined by `+`, target precision after `:` (torch backend)
+    cache+quant:ort-int8                   or a whole target after `:` (backend-precision)
     deepcache@3                            a peer at one setting (`@`); alone, the peer's documented default
     peers                                  every peer at every setting of its sweep
     cache-sweep                            diffc's own sweep: cache budgets with and without forecast
@@ -100,13 +101,24 @@ def parse_pipeline(spec: str) -> DiffcPipeline | PeerChoice | None:
                          f"({', '.join(DIFFC_PASSES)}, e.g. cache+quant, quant:int4, cache[full_fraction=0.5]), "
                          f"'cache-sweep', a peer ({', '.join(PEERS)}; name@setting for one of its settings) or "
                          "'peers'")
-    if precision and "quant" not in names:
-        raise DiffcError(f"pipeline {spec!r} names a precision but no quant pass; write e.g. quant:{precision}")
-    target = f"torch-{precision or DEFAULT_QUANT_PRECISION}" if "quant" in names else "torch"
-    from ..backends import parse_target
-
-    parse_target(target)
+    target = _row_target(precision, "quant" in names, spec)
     return DiffcPipeline(names, target, tuple((name.lower(), options) for name, options in parsed if options))
+
+
+def _row_target(suffix: str, quantizes: bool, spec: str) -> str:
+    """The target after `:`: a precision (the torch backend's) or a whole target; without one,
+    torch at int8 when the row quantizes and fp32 otherwise."""
+    from ..backends import BACKEND_NAMES, parse_target
+    from ..backends.base import LOW_BIT
+
+    text = suffix.strip().lower()
+    if not text:
+        return f"torch-{DEFAULT_QUANT_PRECISION}" if quantizes else "torch"
+    target = text if text.partition("-")[0] in BACKEND_NAMES else f"torch-{text}"
+    if parse_target(target).precision in LOW_BIT and not quantizes:
+        raise DiffcError(f"pipeline {spec!r} names a low-bit target ({target}) but no quant pass, which writes what "
+                         f"it lowers; write e.g. quant:{text}")
+    return target
 
 
 def peer_sweep() -> list[str]:

@@ -19,6 +19,7 @@ from ..errors import ArtifactError
 from ..ir import Block, DiffusionGraph, Plan, Schedule, Segment, Signature, StepPlan, Variant
 from ..ir.graph_file import unique_weights
 from ..ir.serialize import graph_from_json, graph_to_json
+from ..ir.weight_storage import pack_weights, quantized_weight_schemes, unpack_weights
 
 FORMAT = "diffc-artifact-1"
 MANIFEST = "manifest.json"
@@ -53,7 +54,9 @@ def save_artifact(path: str | os.PathLike[str], plan: Plan, target: dict[str, An
 
 
 def _write_contents(root: Path, plan: Plan, target: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
-    weights, aliases = unique_weights(segment.module for segment in plan.segments.values())
+    modules = [segment.module for segment in plan.segments.values()]
+    weights, aliases = unique_weights(modules)
+    weights, quantized = pack_weights(weights, quantized_weight_schemes(modules, plan.graph.annotations, aliases))
     save_file(weights, str(root / WEIGHTS))
     segments = {}
     (root / "graphs").mkdir()
@@ -83,7 +86,7 @@ def _write_contents(root: Path, plan: Plan, target: dict[str, Any], files: dict[
         "plan": {"segments": segments, "variants": {k: list(v.segments) for k, v in plan.variants.items()},
                  "schedule": plan.schedule.to_json(), "outputs": list(plan.outputs), "state": list(plan.state),
                  "metadata": plan.metadata},
-        "weights": {"file": WEIGHTS, "aliases": aliases},
+        "weights": {"file": WEIGHTS, "aliases": aliases, "quantized": quantized},
         "files": {str(p.relative_to(root)): _sha256(p) for p in sorted(root.rglob("*")) if p.is_file()},
     }
 
@@ -150,7 +153,8 @@ def load_plan(path: str | os.PathLike[str], manifest: dict[str, Any]) -> Plan:
     root = Path(path)
     # fresh allocations: mmap-backed tensors can be misaligned, which changes CPU kernel paths
     # and so the last bits of the outputs
-    weights = {name: tensor.clone() for name, tensor in load_file(str(root / manifest["weights"]["file"])).items()}
+    stored = {name: tensor.clone() for name, tensor in load_file(str(root / manifest["weights"]["file"])).items()}
+    weights = unpack_weights(stored, manifest["weights"].get("quantized", {}))
     for alias, stored in manifest["weights"]["aliases"].items():
         weights[alias] = weights[stored]
     segments = {}

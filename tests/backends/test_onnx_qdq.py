@@ -114,6 +114,26 @@ def test_each_format_matches_the_simulation(small, name):
         assert _relative(original, reference) > 1e-8  # the quantization is there
 
 
+def test_dynamic_linears_run_integer_matmuls_with_the_simulations_values(small):
+    module, flat, model = small
+    layers = [n for n in module.graph.nodes if n.op == "call_function"]
+    annotations = {n.name: {"precision": _spec(n, "int8_dynamic", 0.05).to_json()} for n in layers}
+    lowered = quantize_segment_onnx(model, module, annotations, "int8_dynamic")
+    onnx.checker.check_model(lowered)
+    ops = collections.Counter(n.op_type for n in lowered.graph.node)
+    linears = sum(1 for n in layers if n.target == torch.ops.aten.linear.default)
+    assert ops["MatMulInteger"] == linears and ops["Gemm"] == 0 and ops["MatMul"] == 0
+    assert ops["Conv"] == 1  # a per-sample dynamic convolution keeps the float Q/DQ form
+    weights = [i for i in lowered.graph.initializer if i.name.endswith("_weight_q")]
+    assert len(weights) == linears + 1 and all(i.data_type == onnx.TensorProto.INT8 for i in weights)
+    assert not [i.name for i in lowered.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2]
+    with torch.no_grad():
+        references = simulate(module, annotations)(*flat)
+    for fused in (False, True):
+        for out, reference in zip(_run_onnx(lowered, flat, fused=fused), references):
+            assert _relative(out, reference) <= 1e-10
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     dg = capture(tiny_digits_pipeline().unet)

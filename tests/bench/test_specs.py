@@ -39,3 +39,13 @@ def test_sweeps_expand_and_commas_inside_options_do_not_split():
 def test_bad_specs_name_the_fix(spec, message):
     with pytest.raises(DiffcError, match=message):
         parse_pipeline(spec)
+
+
+def test_a_whole_target_after_the_colon_picks_the_backend():
+    assert parse_pipeline("quant:ort-int8") == bench.DiffcPipeline(("quant",), "ort-int8")
+    assert parse_pipeline("cache+quant:ort-int8").family == "diffc cache+quant (ort-int8)"
+    assert parse_pipeline("cache:ort").target == "ort"
+    with pytest.raises(DiffcError, match="low-bit target \\(ort-int8\\) but no quant pass"):
+        parse_pipeline("cache:ort-int8")
+    with pytest.raises(DiffcError, match="unknown target"):
+        parse_pipeline("quant:onnx-int8")

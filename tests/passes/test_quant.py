@@ -205,6 +205,13 @@ def test_latency_budget_is_met(tiny):
     assert len(set(chosen.values())) > 1
 
 
+def test_every_format_has_a_cost_for_the_latency_budget():
+    from diffc.ir.precision import FORMATS
+    from diffc.passes.quant.formats import RELATIVE_COST
+
+    assert set(FORMATS) <= set(RELATIVE_COST)
+
+
 def _loop_relative_error(model, calibration):
     """Mean relative output error of an OptimizedModel along the recorded trajectories: recorded
     inputs, the model's own step schedule, its cache carried from call to call."""

@@ -17,7 +17,9 @@ DYNAMIC_BACKENDS = ("torch", "ort")
 # Estimated matmul time per MAC relative to bf16: 8-bit tensor-core math runs at twice the bf16
 # rate on Hopper/Ada (dense fp8/int8 vs bf16 peak); int4 weight-only keeps bf16 math but moves a
 # quarter of the weight bytes, which pays off where layers are weight-bound (small batches).
-RELATIVE_COST: dict[str, float] = {"bf16": 1.0, "fp16": 1.0, "fp8": 0.5, "int8": 0.5, "w4a8": 0.5, "int4": 0.8}
+# Dynamic int8 adds a pass over the input per call (its largest magnitude per token).
+RELATIVE_COST: dict[str, float] = {"bf16": 1.0, "fp16": 1.0, "fp8": 0.5, "int8": 0.5, "int8_dynamic": 0.55,
+                                   "w4a8": 0.5, "int4": 0.8}
 
 
 def target_precision(target: str) -> str:

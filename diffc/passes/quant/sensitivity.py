@@ -79,11 +79,10 @@ class _Instrumented(torch.fx.Interpreter):
 
     def __init__(self, module: torch.fx.GraphModule, layers: dict[str, Layer], weights: dict[str, torch.Tensor],
                  formats: tuple[str, ...], activations: dict[str, dict[str, ActivationQuant]],
-                 quantized_weights: dict[str, dict[str, torch.Tensor]],
                  attentions: dict[str, dict[str, tuple[ActivationQuant, ...]]]) -> None:
         super().__init__(module)
         self.layers, self.weights, self.formats, self.activations = layers, weights, formats, activations
-        self.quantized_weights, self.attentions = quantized_weights, attentions
+        self.attentions = attentions
         self.deltas: dict[str, list[torch.Tensor]] = {}
         self.activation_error: dict[str, dict[str, list[float]]] = {}
         self.output_mse: dict[str, dict[str, float]] = {}
@@ -106,7 +105,7 @@ class _Instrumented(torch.fx.Interpreter):
                 activation = self.activations.get(n.name, {}).get(name) or spec_for(name).activation
                 xq = x if activation is None else fake_quantize_input(x, activation)
                 errors[name] = [float((xq - x).double().pow(2).sum())]
-                quantized = n.target(xq, self.quantized_weights[n.name][name], *rest, **kwargs)
+                quantized = n.target(xq, _quantized(self.weights[n.name].detach(), name), *rest, **kwargs)
                 mses[name] = float((quantized - reference).double().pow(2).mean())
         self.activation_error[n.name], self.output_mse[n.name] = errors, mses
         return out
@@ -145,17 +144,13 @@ def measure(dg: DiffusionGraph, layers: list[Layer], formats: tuple[str, ...],
     (absent for formats that leave attention alone); they have no weight term."""
     attentions = attentions or {}
     by_node = {layer.node: layer for layer in layers}
-    originals = {layer.node: attr_value(dg.module, layer.weight).detach().float() for layer in layers}
-    weights = {node: w.clone().requires_grad_(True) for node, w in originals.items()}
-    quantized: dict[str, dict[str, torch.Tensor]] = {}
-    perturbation: dict[str, dict[str, float]] = {}
-    for node, w in originals.items():
-        quantized[node], perturbation[node] = {}, {}
-        for name in formats:
-            scheme = spec_for(name, 1.0).weight
-            wq = w if scheme is None else fake_quantize_weight(w, scheme)
-            quantized[node][name] = wq
-            perturbation[node][name] = float((wq - w).double().pow(2).sum())
+    # leaves over the model's own storage, quantized copies made per layer when used, gradients
+    # summed in bf16 and taken off each leaf as soon as its backward is done: the memory beyond
+    # the model is the running sums (probes x half its size), not copies per format and probe
+    weights = {layer.node: attr_value(dg.module, layer.weight).detach().float().requires_grad_(True)
+               for layer in layers}
+    perturbation = {node: {name: float((_quantized(w.detach(), name) - w.detach()).double().pow(2).sum())
+                           for name in formats} for node, w in weights.items()}
     generator = torch.Generator().manual_seed(seed)
     nodes = list(by_node)
     everything = nodes + list(attentions)
@@ -174,12 +169,13 @@ def measure(dg: DiffusionGraph, layers: list[Layer], formats: tuple[str, ...],
         # over its calls (one probe u per group), activation rounding errors do not
         steps_in_group = len(calls)
         summed: list[dict[str, torch.Tensor]] = [{} for _ in range(probes)]
+        hooks = _SummingHooks(weights, summed, steps_in_group)
         probes_u: dict[tuple[int, ...], list[torch.Tensor]] = {}
         for item, step in calls:
             next(ticks, None)
             record = next(calibration.records(steps={step}, items={item}))
             flat = [record.inputs[spec.name] for spec in dg.signature.inputs]
-            runner = _Instrumented(dg.module, by_node, weights, formats, activations, quantized, attentions)
+            runner = _Instrumented(dg.module, by_node, weights, formats, activations, attentions)
             rows = guidance_rows(record, loop)
             guided_calls += rows is not None
             with torch.enable_grad():
@@ -196,15 +192,12 @@ def measure(dg: DiffusionGraph, layers: list[Layer], formats: tuple[str, ...],
                 leaves = [weights[n] for n in nodes] + [d for _, _, d in inputs]
                 activation_squared = {(node, i): 0.0 for node, i, _ in inputs}
                 for probe, u in enumerate(directions):
-                    grads = torch.autograd.grad(output, leaves, grad_outputs=u, retain_graph=probe < probes - 1,
-                                                allow_unused=True)
-                    for index, node in enumerate(nodes):
-                        g = grads[index]
-                        if g is not None:
-                            summed[probe][node] = summed[probe].get(node, 0) + g.detach() / steps_in_group
-                    for (node, i, _), g in zip(inputs, grads[len(nodes):]):
-                        if g is not None:
-                            activation_squared[node, i] += float(g.double().pow(2).sum()) / probes
+                    hooks.probe = probe
+                    torch.autograd.backward(output, grad_tensors=u, retain_graph=probe < probes - 1, inputs=leaves)
+                    for node, i, delta in inputs:
+                        if delta.grad is not None:
+                            activation_squared[node, i] += float(delta.grad.double().pow(2).sum()) / probes
+                            delta.grad = None
             # Tr(H) = (2/N) E_u ||J^T u||^2 for the mean squared output error over N elements;
             # the error of a mean of S calls with independent rounding is 1/S^2 of their sum
             scale = 2.0 / elements / steps_in_group ** 2 / len(groups)
@@ -216,13 +209,41 @@ def measure(dg: DiffusionGraph, layers: list[Layer], formats: tuple[str, ...],
             for node in everything:
                 for name in formats:
                     mse[node][name] += runner.output_mse[node][name] / total_calls
+        hooks.remove()
         for node in nodes:
             squared = sum(float(summed[p][node].double().pow(2).sum()) for p in range(probes) if node in summed[p])
-            weight_trace[node] += 2.0 / elements * squared / probes / originals[node].numel() / len(groups)
+            weight_trace[node] += 2.0 / elements * squared / probes / weights[node].numel() / len(groups)
     hessian = {n: {f: weight_trace[n] * perturbation.get(n, {}).get(f, 0.0) + activation_term[n][f] for f in formats}
                for n in everything}
     return Sensitivity(hessian, mse, weight_trace, activation_trace, perturbation, total_calls, probes,
                        guided=guided_calls == total_calls)
+
+
+def _quantized(weight: torch.Tensor, name: str) -> torch.Tensor:
+    scheme = spec_for(name, 1.0).weight
+    return weight if scheme is None else fake_quantize_weight(weight, scheme)
+
+
+class _SummingHooks:
+    """Moves each weight's gradient, once backward has accumulated it, into the current probe's
+    running sum over the group's steps (bf16: the sums only feed a Hutchinson estimate, whose
+    probe noise is far above bf16 rounding) and frees it."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], summed: list[dict[str, torch.Tensor]], steps: int) -> None:
+        self.summed, self.steps, self.probe = summed, steps, 0
+        self.handles = [w.register_post_accumulate_grad_hook(self._taker(node)) for node, w in weights.items()]
+
+    def _taker(self, node: str) -> Any:
+        def take(weight: torch.Tensor) -> None:
+            contribution = (weight.grad / self.steps).to(torch.bfloat16)
+            weight.grad = None
+            sums = self.summed[self.probe]
+            sums[node] = sums[node].add_(contribution) if node in sums else contribution
+        return take
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def _call_groups(calibration: CalibrationSet, samples: int, accumulate: str,
