@@ -1,8 +1,8 @@
 """Timestep-aware calibration: record what the denoiser sees along real sampling trajectories,
 compute per-node statistics per timestep group, and evaluate candidate graphs on the data."""
 from .collect import Recording, as_calibration_set, collect, record
-from .evaluate import (StepErrors, node_error, output_error, propagation_weights, relative_error, resampling,
-                       split_items, trajectory_error)
+from .evaluate import (ResampledReference, StepErrors, node_error, output_error, propagation_weights, relative_error,
+                       resampling, split_items, trajectory_error)
 from .loop import SamplingLoop, StepMap, guidance_rows, identify_loop, sampling_loop
 from .replay import guidance_loss, loop_error, replay_loop
 from .statistics import NodeStats, Statistics, compute_statistics, nodes_of_interest
@@ -16,5 +16,5 @@ __all__ = [
     "node_error", "trajectory_error", "propagation_weights", "StepErrors", "select_steps", "step_group", "STRATEGIES",
     "resampling", "split_items", "SamplingLoop", "StepMap", "identify_loop", "sampling_loop", "replay_loop", "loop_error",
     "guidance_loss",
-    "guidance_rows",
+    "guidance_rows", "ResampledReference",
 ]

@@ -13,7 +13,7 @@ import torch
 from ..ir import DiffusionGraph, StepTracker, find_denoiser
 from .collect import call_pipeline
 from .loop import sampling_loop
-from .replay import loop_error, loop_propagation_weights, step_perturbation
+from .replay import LATENT_PEAK, loop_propagation_weights, replay_loop, step_perturbation
 from .statistics import Observer
 from .store import CalibrationError, CalibrationSet
 
@@ -106,41 +106,73 @@ def split_items(calibration: CalibrationSet) -> tuple[set[str], set[str]]:
     return set(ids) - held_out, held_out
 
 
-def trajectory_error(calibration: CalibrationSet, candidate: Callable[..., Any],
-                     items: set[str] | None = None) -> dict[str, float]:
+def trajectory_error(calibration: CalibrationSet, candidate: Callable[..., Any], items: set[str] | None = None,
+                     reference: "ResampledReference | None" = None) -> dict[str, float]:
     """Re-samples the calibration trajectories with `candidate` as the denoiser and compares the
-    final outputs with the recorded ones: mean MSE and PSNR over trajectories. With the live
-    pipeline the set was collected with, the pipeline re-samples from the recorded seeds and
-    conditions (PSNR of outputs in [0, 1]); otherwise the loop identified from the recorded calls
-    re-runs from the recorded starting latents (PSNR of latents as data in [-1, 1], loop_error).
-    `items` limits it to those trajectories (split_items)."""
+    final outputs with the recorded ones (or, with `reference`, with those re-sampled by its
+    denoiser): mean MSE and PSNR over trajectories. With the live pipeline the set was collected
+    with, the pipeline re-samples from the recorded seeds and conditions (PSNR of outputs in
+    [0, 1]); otherwise the loop identified from the recorded calls re-runs from the recorded
+    starting latents (PSNR of latents as data in [-1, 1], LATENT_PEAK). `items` limits it to those
+    trajectories (split_items)."""
+    pairs, peak = _resampled(calibration, candidate, items)
+    if reference is not None:
+        baseline = reference.finals(calibration, set(pairs))
+        pairs = {item: (produced, baseline[item]) for item, (produced, _) in pairs.items()}
+    mses = [float((produced.double() - recorded.double()).pow(2).mean()) for produced, recorded in pairs.values()]
+    mse = float(np.mean(mses)) if mses else 0.0
+    return {"mse": mse, "psnr": float("inf") if mse == 0 else float(10 * np.log10(peak ** 2 / mse)),
+            "trajectories": len(mses)}
+
+
+class ResampledReference:
+    """What a pass that follows lossy passes is judged against: the final outputs of the graph it
+    received, re-sampled once per trajectory (same seeds, conditions and starting latents as the
+    recorded ones), so that its floor bounds the error it adds rather than the error of the passes
+    before it. `denoiser` builds that graph's denoiser on first use; `after` names those passes."""
+
+    def __init__(self, denoiser: Callable[[], Any], after: list[str]) -> None:
+        self.after, self.used = after, False
+        self._denoiser, self._built, self._finals = denoiser, None, {}
+
+    def finals(self, calibration: CalibrationSet, items: set[str]) -> dict[str, torch.Tensor]:
+        missing = items - set(self._finals)
+        if missing:
+            self.used = True
+            self._built = self._built if self._built is not None else self._denoiser()
+            pairs, _ = _resampled(calibration, self._built, missing)
+            self._finals.update({item: produced for item, (produced, _) in pairs.items()})
+        return {item: self._finals[item] for item in items}
+
+
+def _resampled(calibration: CalibrationSet, candidate: Callable[..., Any],
+               items: set[str] | None) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+    """By item: (the candidate's re-sampled final output, the recorded one), and the PSNR peak."""
     pipe, replay = calibration.pipeline, calibration.replay
     if pipe is None or replay is None:
         loop = sampling_loop(calibration)
         if not loop.usable:
             raise CalibrationError(f"cannot re-sample the calibration trajectories: there is no live pipeline (a set "
                                    f"returned by collect(pipe, ...) in this process has one) and {loop.reason}")
-        return loop_error(calibration, loop, candidate, items)
+        return replay_loop(calibration, loop, candidate, items), LATENT_PEAK
     finals = {k: v for k, v in calibration.final_outputs().items() if items is None or k in items}
     by_id = {item["id"]: item for item in calibration.items}
-    mses = []
+    pairs = {}
     original_scheduler = pipe.scheduler
     if replay["scheduler"] is not None:
         pipe.scheduler = replay["scheduler"]
     try:
         with _swapped_denoiser(pipe, candidate):
-            for item_id, reference in finals.items():
+            for item_id, recorded in finals.items():
                 item = by_id[item_id]
                 condition = replay["conditions"][item["condition_index"]]
                 with torch.no_grad():
                     result = call_pipeline(pipe, condition, calibration.settings["num_steps"], item["seed"],
                                             replay["call_kwargs"])
-                out = _as_tensor(result)
-                mses.append(float((out.double() - reference.double()).pow(2).mean()))
+                pairs[item_id] = (_as_tensor(result), recorded)
     finally:
         pipe.scheduler = original_scheduler
-    mse = float(np.mean(mses)) if mses else 0.0
-    return {"mse": mse, "psnr": float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse)), "trajectories": len(mses)}
+    return pairs, 1.0
 
 
 def _as_tensor(result: Any) -> torch.Tensor:

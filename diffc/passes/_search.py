@@ -78,7 +78,7 @@ def search_grid(grid: Sequence[float], build: Callable[[float], DiffusionGraph],
         entry: dict[str, Any] = {knob: value}
         if how:
             denoiser = ctx.denoiser_for(candidate)
-            entry["psnr"] = round(trajectory_error(ctx.calibration, denoiser, selection)["psnr"], 3)
+            entry["psnr"] = round(trajectory_error(ctx.calibration, denoiser, selection, ctx.reference)["psnr"], 3)
             ok = entry["psnr"] >= min_psnr
             if loop is not None and loop.usable:
                 lost = guidance_loss(ctx.calibration, loop, denoiser, selection)
@@ -125,7 +125,7 @@ def search_grid(grid: Sequence[float], build: Callable[[float], DiffusionGraph],
         except infeasible:
             edge += safer
             continue
-        psnr = round(trajectory_error(ctx.calibration, ctx.denoiser_for(candidate), held_out)["psnr"], 3)
+        psnr = round(trajectory_error(ctx.calibration, ctx.denoiser_for(candidate), held_out, ctx.reference)["psnr"], 3)
         searched.append({knob: grid[edge], "held_out_psnr": psnr, "passes": psnr >= min_psnr})
         if psnr >= min_psnr:
             return grid[edge], searched

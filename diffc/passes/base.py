@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
 
 from .._json import jsonable
+from ..calibration import ResampledReference
 from .._progress import progress
 from ..errors import LintError, PassError
 from ..ir import DiffusionGraph, lint
@@ -39,6 +40,9 @@ class PassContext:
     denoiser_for: Callable[[DiffusionGraph], Any] | None = None
     # the user asked for progress bars (optimize(progress=True)): passes show their long loops
     progress: bool = False
+    # what final images are judged against: None for the recorded (original) ones, or, for a pass
+    # that follows passes that changed the graph, that graph's own re-sampled ones (set by PassManager)
+    reference: ResampledReference | None = None
 
     def take_budget(self, key: str, default: Any = None) -> Any:
         """Reads a budget entry and marks it used, so unused entries can be reported."""
@@ -257,6 +261,7 @@ class PassManager:
                     raise PassError(f"{where} requires {name}: {problem}. Fix: {CONDITIONS[name].fix}.")
             started = time.perf_counter()
             budget_before = set(ctx.used_budget)
+            ctx.reference = _reference_for(current, ctx)
             try:
                 result = p.run(current.clone(), ctx)
             except PassError as exc:
@@ -277,6 +282,8 @@ class PassManager:
             read = {key: ctx.budget[key] for key in sorted(ctx.used_budget - budget_before) if key in ctx.budget}
             if read:
                 entry["budget"] = jsonable(read)
+            if ctx.reference is not None and ctx.reference.used:
+                entry["judged_against"] = f"final images of the graph after {', '.join(ctx.reference.after)}"
             current.applied.append(entry)
             done.append(p.name)
             if checkpoints is not None:
@@ -287,3 +294,13 @@ class PassManager:
         return {"passes": [p.describe() for p in self.passes[:index + 1]], "target": ctx.target,
                 "budget": jsonable(ctx.budget)}
 
+
+def _reference_for(graph: DiffusionGraph, ctx: PassContext) -> ResampledReference | None:
+    """After passes that changed the graph, a pass's final-image floor is held against that graph's
+    images: it bounds the error the pass adds, so that the passes of a pipeline compose (a cache at
+    38 dB would otherwise leave a 40 dB quant floor nothing to keep)."""
+    changed = [entry["pass"] for entry in graph.applied if entry.get("modified")]
+    if not changed or ctx.denoiser_for is None or ctx.calibration is None:
+        return None
+    received = graph.clone()
+    return ResampledReference(lambda: ctx.denoiser_for(received), changed)

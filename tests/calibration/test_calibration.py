@@ -259,3 +259,19 @@ def test_a_denoiser_diffc_has_no_example_for_is_captured_from_its_recorded_calls
         pipe(zoo.prompts("motion-wan", 1), num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     fast = diffc.optimize(pipe.transformer, passes=[], calibration=recording, progress=False)
     assert [i.name for i in fast.plan.graph.signature.inputs if i.role == "latent"] == ["hidden_states"]
+
+
+def test_a_reference_denoiser_replaces_the_recorded_final_images(collected):
+    from diffc.calibration import ResampledReference
+
+    pipe, cal, _ = collected
+    from_disk = CalibrationSet(cal.root)  # the identified loop re-runs: any callable denoiser fits in it
+
+    def damped(**kwargs):
+        return (pipe.unet(**{**kwargs, "return_dict": False})[0] * 0.9,)
+
+    reference = ResampledReference(lambda: damped, ["damping"])
+    assert not reference.used
+    assert trajectory_error(from_disk, damped, reference=reference)["psnr"] == float("inf") and reference.used
+    against_damped = trajectory_error(from_disk, pipe.unet, reference=reference)["psnr"]
+    assert against_damped == pytest.approx(trajectory_error(from_disk, damped)["psnr"], rel=1e-3)

@@ -104,9 +104,9 @@ def test_the_fit_recovers_each_deterministic_sampler(tiny, tmp_path, sampler, gu
     for k, step_map in enumerate(loop.maps):
         # the guidance scale is a ratio of coefficients: resolved where they are not near zero, less
         # finely for multistep solvers (float32 rounding of their stored history vs. branches that
-        # differ by under 1% late in the loop)
+        # differ by under 1% late in the loop; UniPC with CFG: 6.4e-3 with one thread, under 5e-3 with two)
         if abs(sum(step_map.outputs[0])) > 0.1:
-            assert loop.guidance_weights(k) == pytest.approx(weights, abs=1e-3 if sampler in SINGLE_STEP else 5e-3)
+            assert loop.guidance_weights(k) == pytest.approx(weights, abs=1e-3 if sampler in SINGLE_STEP else 1e-2)
     if sampler in SINGLE_STEP:
         assert loop.history == 0
         for step_map, (a, b) in zip(loop.maps, own):

@@ -183,3 +183,23 @@ def test_the_check_can_be_turned_off_without_a_warning(tiny):
         warnings.simplefilter("error")
         quantized = _quantize(dg, calibration, "torch-int8", live=False, min_psnr=None)
     assert quantized.applied[-1]["report"]["final_image_check"] == {"min_psnr": None, "kept_full_precision": []}
+
+
+def test_after_a_lossy_pass_the_floor_is_held_against_that_passs_images(tiny):
+    """cache then quant: quant's floor bounds the error it adds to the cached graph's images (else a
+    cache at 38 dB would leave a 40 dB quant floor nothing to keep); the report says so."""
+    from diffc.calibration import ResampledReference
+
+    dg, calibration = tiny
+    ctx = _context(calibration, "torch-int8")
+    cached = PassManager([{"pass": "cache", "min_psnr": None}]).run(dg, ctx)
+    assert cached.applied[-1]["modified"]
+    reference = ResampledReference(lambda: compile_graph(cached, "torch", "fp32"), ["cache"])
+    _, held_out = split_items(calibration)
+    own = compile_graph(cached, "torch", "fp32")
+    assert trajectory_error(calibration, own, held_out, reference)["psnr"] == float("inf") and reference.used
+    assert trajectory_error(calibration, own, held_out)["psnr"] < 100  # against the original's images
+    composed = PassManager([{"pass": "cache", "min_psnr": None}, {"pass": "quant", **QUICK, "min_psnr": 5.0}]).run(
+        dg, _context(calibration, "torch-int8"))
+    assert "judged_against" not in composed.applied[0]
+    assert composed.applied[1]["judged_against"] == "final images of the graph after cache"

@@ -72,7 +72,7 @@ def _resampled(monkeypatch, selection_psnr, held_out_psnr):
     monkeypatch.setattr(search, "resampling", lambda calibration: "loop")
     monkeypatch.setattr(search, "sampling_loop", lambda calibration: SimpleNamespace(usable=False))
     monkeypatch.setattr(search, "split_items", lambda calibration: ({"chosen-on"}, {"kept-back"}))
-    monkeypatch.setattr(search, "trajectory_error", lambda calibration, value, items: {
+    monkeypatch.setattr(search, "trajectory_error", lambda calibration, value, items, reference: {
         "psnr": (selection_psnr if items == {"chosen-on"} else held_out_psnr)[value]})
     ctx = PassContext(calibration=SimpleNamespace(pipeline=None), denoiser_for=lambda graph: graph)
     return search_grid(GRID, lambda v: v, ctx, knob="share", offline_error=lambda v: 0.0, min_psnr=30.0,

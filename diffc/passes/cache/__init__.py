@@ -208,7 +208,7 @@ class CachePass(Pass):
             if key not in measured:
                 steps = [FULL if s in full else cached_variant(s, num_steps) for s in range(num_steps)]
                 dg.step_plan = _step_plan(regions, variants, Schedule(FULL, tuple(steps), forecast=forecast))
-                measured[key] = trajectory_error(ctx.calibration, ctx.denoiser_for(dg), items)
+                measured[key] = trajectory_error(ctx.calibration, ctx.denoiser_for(dg), items, ctx.reference)
             return measured[key]
 
         live = unjudgeable(ctx) is None

@@ -228,7 +228,7 @@ class PrunePass(Pass):
         selection, _ = split_items(ctx.calibration)
         for candidate in candidates:
             pruned = remove_units(dg.clone(), candidate, offsets)
-            measured.append(trajectory_error(ctx.calibration, ctx.denoiser_for(pruned), selection)["mse"])
+            measured.append(trajectory_error(ctx.calibration, ctx.denoiser_for(pruned), selection, ctx.reference)["mse"])
         record = [{"removed": [u.name for u in c], "trajectory_mse": round(m, 8)} for c, m in zip(candidates, measured)]
         return candidates[int(np.argmin(measured))], record
 
