@@ -139,7 +139,7 @@ class Pass(ABC):
 
 
 # the keys of an applied-pass record besides the pass's name and config (what build_pipeline takes)
-NOT_CONFIG = ("modified", "seconds", "report", "budget")
+NOT_CONFIG = ("modified", "seconds", "report", "budget", "judged_against")
 
 PASSES: dict[str, type[Pass]] = {}
 
