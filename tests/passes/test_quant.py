@@ -446,7 +446,9 @@ def _planted_outliers(pipe):
 def planted(tiny):
     _, calibration = tiny  # the planted model computes the same function, so the same calibration
     dg = capture(_planted_outliers(tiny_digits_pipeline()).unet)
-    return dg, calibration, _quantize(dg, calibration, "torch-int8", smoothquant=0.5)
+    # min_psnr=None: the floor would move layers to dynamic scales or full precision, and the
+    # comparison is of the smoothing alone
+    return dg, calibration, _quantize(dg, calibration, "torch-int8", smoothquant=0.5, min_psnr=None)
 
 
 def test_smoothquant_rewrites_every_linear_exactly_in_fp32(planted):
@@ -471,7 +473,7 @@ def test_smoothquant_rewrites_every_linear_exactly_in_fp32(planted):
 @pytest.mark.slow
 def test_smoothquant_lowers_w8a8_error_on_planted_outliers(planted):
     dg, calibration, smoothed = planted
-    plain = _quantize(dg, calibration, "torch-int8")
+    plain = _quantize(dg, calibration, "torch-int8", min_psnr=None)
     assert plain.applied[-1]["report"]["smoothquant"] is None
     assert smoothed.applied[-1]["report"]["relative_error"] < 0.9 * plain.applied[-1]["report"]["relative_error"]
 

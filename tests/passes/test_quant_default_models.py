@@ -77,14 +77,18 @@ def test_hessian_placement_beats_uniform_and_the_mse_proxy_at_equal_size(model):
     assert errors["hessian"] < errors["mse"]
 
 
+# the ranges alone: the final-image floor would move layers to dynamic scales or full precision
+STATIC_ONLY = [{"pass": "quant", "min_psnr": None}]
+
+
 @pytest.mark.slow
 def test_timestep_aware_ranges_beat_single_step_ranges(model, tmp_path):
     pipe = model[0]
-    images, reference, _ = _final(model, "torch-int8", ["quant"])
+    images, reference, _ = _final(model, "torch-int8", STATIC_ONLY)
     whole = float(np.mean((images - reference) ** 2))
     for step in (0, STEPS - 1):
         single = collect(pipe, num_steps=STEPS, timesteps=f"steps:{step}", out=tmp_path / f"step{step}", progress=False)
-        images, reference, _ = _final(model, "torch-int8", ["quant"], calibration=single)
+        images, reference, _ = _final(model, "torch-int8", STATIC_ONLY, calibration=single)
         assert whole < float(np.mean((images - reference) ** 2))
 
 

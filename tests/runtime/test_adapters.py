@@ -106,7 +106,8 @@ def test_lora_on_a_quantized_model_requantizes_the_new_weights(family):
     base weights, so the error grows with the adapter's effect but stays far below ignoring it."""
     model, inputs = family("unet2dcond")
     adapter = _adapter(model)
-    fast = diffc.optimize(model, target="torch-int8", passes=["quant"])
+    # min_psnr=None: on synthetic calibration the floor declines and nothing would be quantized
+    fast = diffc.optimize(model, target="torch-int8", passes=[{"pass": "quant", "min_psnr": None}])
     plain = _out(fast, inputs)
     base_error = (plain - _out(model, inputs)).norm() / _out(model, inputs).norm()
     fast.load_lora(adapter)
