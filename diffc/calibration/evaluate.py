@@ -13,7 +13,7 @@ import torch
 from ..ir import DiffusionGraph, StepTracker, find_denoiser
 from .collect import call_pipeline
 from .loop import sampling_loop
-from .replay import LATENT_PEAK, loop_propagation_weights, replay_loop, step_perturbation
+from .replay import LATENT_PEAK, final_error, loop_propagation_weights, replay_loop, step_perturbation
 from .statistics import Observer
 from .store import CalibrationError, CalibrationSet
 
@@ -119,10 +119,7 @@ def trajectory_error(calibration: CalibrationSet, candidate: Callable[..., Any],
     if reference is not None:
         baseline = reference.finals(calibration, set(pairs))
         pairs = {item: (produced, baseline[item]) for item, (produced, _) in pairs.items()}
-    mses = [float((produced.double() - recorded.double()).pow(2).mean()) for produced, recorded in pairs.values()]
-    mse = float(np.mean(mses)) if mses else 0.0
-    return {"mse": mse, "psnr": float("inf") if mse == 0 else float(10 * np.log10(peak ** 2 / mse)),
-            "trajectories": len(mses)}
+    return final_error(pairs, peak)
 
 
 class ResampledReference:

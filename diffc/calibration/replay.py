@@ -113,10 +113,14 @@ def loop_error(calibration: CalibrationSet, loop: SamplingLoop, candidate: Calla
                items: set[str] | None = None) -> dict[str, float]:
     """Final-latent error of the re-run loop against the recorded trajectories: mean MSE over
     trajectories, and its PSNR with LATENT_PEAK as the peak."""
-    pairs = replay_loop(calibration, loop, candidate, items)
-    mses = [float((produced - reference).pow(2).mean()) for produced, reference in pairs.values()]
+    return final_error(replay_loop(calibration, loop, candidate, items), LATENT_PEAK)
+
+
+def final_error(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], peak: float) -> dict[str, float]:
+    """Mean MSE over trajectories of (produced, reference) final outputs, and its PSNR for `peak`."""
+    mses = [float((produced.double() - reference.double()).pow(2).mean()) for produced, reference in pairs.values()]
     mse = float(np.mean(mses)) if mses else 0.0
-    return {"mse": mse, "psnr": math.inf if mse == 0 else float(10 * np.log10(LATENT_PEAK ** 2 / mse)),
+    return {"mse": mse, "psnr": math.inf if mse == 0 else float(10 * np.log10(peak ** 2 / mse)),
             "trajectories": len(mses)}
 
 

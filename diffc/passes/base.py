@@ -302,5 +302,5 @@ def _reference_for(graph: DiffusionGraph, ctx: PassContext) -> ResampledReferenc
     changed = [entry["pass"] for entry in graph.applied if entry.get("modified")]
     if not changed or ctx.denoiser_for is None or ctx.calibration is None:
         return None
-    received = graph.clone()
-    return ResampledReference(lambda: ctx.denoiser_for(received), changed)
+    # the pass runs on a clone: `graph` stays what it received
+    return ResampledReference(lambda: ctx.denoiser_for(graph), changed)
