@@ -17,6 +17,7 @@ from .calibration import as_calibration_set, call_arguments, collect
 from .errors import CaptureError, DiffcError, TargetError
 from .ir import DiffusionGraph, Plan, capture, find_denoiser
 from .ir.examples import example_inputs as default_example_inputs
+from .ir.probe import decode_constant
 from .ir.partition import build_plan
 from .ir.precision import precision_specs
 from .passes import PassContext, PassManager
@@ -213,7 +214,10 @@ def _example_like(denoiser: torch.nn.Module, calibration_set: Any) -> dict[str, 
         example = default_example_inputs(denoiser)
     except CaptureError:
         first = next(calibration_set.records(), None)
-        return None if first is None else call_arguments(first.inputs)
+        if first is None:
+            return None
+        constants = calibration_set.meta.get("constants", {})
+        return {**call_arguments(first.inputs), **{k: decode_constant(v) for k, v in constants.items()}}
     meta = calibration_set.manifest.get("meta", {})
     if meta.get("model_class") != type(denoiser).__name__:
         return None  # another model's recording: check_compatible says so

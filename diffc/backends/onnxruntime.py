@@ -392,7 +392,14 @@ class SegmentSession:
     def run(self, flat: Sequence[torch.Tensor]) -> tuple[Any, ...]:
         flat = [value.detach().to(device=self.device, dtype=dtype).contiguous()
                 for value, dtype in zip(flat, self.input_types)]
-        results = self._run_cuda(flat) if self.device.type == "cuda" else self._run_cpu(flat)
+        try:
+            results = self._run_cuda(flat) if self.device.type == "cuda" else self._run_cpu(flat)
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own failure, named with the segment and shapes
+            shapes = ", ".join(str(tuple(t.shape)) for t in flat)
+            message = " ".join(str(exc).split())[:300]
+            raise TargetError(f"ONNX Runtime failed running segment {self.name} at input shapes {shapes}: {message}. "
+                              "The exported graph does not run at these shapes; compile for target='torch' to run "
+                              "the model, and report this with the model's class") from exc
         return regroup_values(self.outputs, results)
 
     def flatten(self, args: Sequence[Any]) -> list[torch.Tensor]:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 
 from ..ir.examples import example_inputs
+from ..ir.probe import constant_arguments
 from .._progress import progress as progress_bar
 from ..ir import StepTracker, find_denoiser
 from .prompts import default_prompts
@@ -29,9 +30,13 @@ class DenoiserRecorder:
     `on_call(inputs, output, timestep)`. Inputs are named as in diffc's signatures: the forward's
     parameter name, or `param.key` for tensors inside a dict argument."""
 
-    def __init__(self, module: torch.nn.Module, on_call: Callable[[dict[str, torch.Tensor], torch.Tensor, float | None], None]) -> None:
+    def __init__(self, module: torch.nn.Module, on_call: Callable[[dict[str, torch.Tensor], torch.Tensor, float | None], None],
+                 writer: SetWriter | None = None) -> None:
         self.signature = inspect.signature(module.forward)
         self.on_call = on_call
+        # the non-tensor arguments of the calls (shapes, counts, flags) go in the set's meta, so that
+        # a call rebuilt from the recorded tensors (capture's example) can pass them too
+        self.writer = writer
         self._pending: dict[str, torch.Tensor] | None = None
         self._handles = [module.register_forward_pre_hook(self._pre, with_kwargs=True),
                          module.register_forward_hook(self._post, with_kwargs=True)]
@@ -45,12 +50,17 @@ class DenoiserRecorder:
                 inputs[name] = value
             elif isinstance(value, Mapping):
                 inputs.update({f"{name}.{k}": v for k, v in value.items() if isinstance(v, torch.Tensor)})
+            elif isinstance(value, (list, tuple)):
+                inputs.update({f"{name}.{i}": v for i, v in enumerate(value) if isinstance(v, torch.Tensor)})
             elif name in TIMESTEP_NAMES and isinstance(value, (int, float)):
                 inputs[name] = torch.full((batch,), float(value))
         for name in TIMESTEP_NAMES:
             if name in inputs and inputs[name].dim() == 0:
                 inputs[name] = inputs[name].reshape(1).expand(batch)
         self._pending = inputs
+        constants = constant_arguments({k: v for k, v in bound.items() if k not in TIMESTEP_NAMES})
+        if self.writer is not None and constants:
+            self.writer.manifest["meta"].setdefault("constants", constants)
 
     def _post(self, module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         inputs, self._pending = self._pending, None
@@ -161,7 +171,7 @@ def collect(pipeline_or_model: Any, conditions: Sequence[Any] | None = None, num
                 continue
             writer.begin(item, {"seed": seed, "condition": repr(condition), "condition_index": index})
             trajectory = _TrajectoryWriter(writer, item, selected)
-            recorder = DenoiserRecorder(denoiser, trajectory)
+            recorder = DenoiserRecorder(denoiser, trajectory, writer)
             try:
                 with torch.no_grad():
                     result = call_pipeline(pipe, condition, num_steps, seed, call_kwargs)
@@ -266,7 +276,7 @@ def _collect_synthetic(model: torch.nn.Module, num_steps: int, timesteps: str, s
         latents = torch.randn_like(inputs[latent_name])
         writer.begin(item, {"seed": seed, "condition": "random"})
         trajectory = _TrajectoryWriter(writer, item, selected)
-        recorder = DenoiserRecorder(model, trajectory)
+        recorder = DenoiserRecorder(model, trajectory, writer)
         try:
             with torch.no_grad():
                 for t in scheduler.timesteps:
@@ -330,7 +340,7 @@ def record(model: torch.nn.Module, out: str | Path | None = None, timesteps: str
             loops.append(current)
         current(inputs, output, timestep)
 
-    recorder = DenoiserRecorder(model, on_call)
+    recorder = DenoiserRecorder(model, on_call, writer)
     try:
         yield recording
     finally:

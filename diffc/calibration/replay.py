@@ -10,6 +10,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..errors import InputError
 from .collect import output_tensor
 from .loop import LoopStep, SamplingLoop, output_rows, recorded_trajectories, step_residuals
 from .store import CalibrationError, CalibrationSet, call_arguments
@@ -100,8 +101,14 @@ def _run_step(candidate: Callable[..., Any], steps: list[LoopStep], states: list
             return [_run_step(candidate, [step], [state], latent)[0] for step, state in zip(steps, states)]
         inputs[latent] = torch.cat([torch.stack([state[s] for s, _ in placed])
                                     for state, placed in zip(states, placements)]).to(call.inputs[latent].dtype)
-        with torch.no_grad():
-            out = output_rows(output_tensor(candidate(**call_arguments(inputs))), inputs[latent]).double()
+        try:
+            with torch.no_grad():
+                out = output_rows(output_tensor(candidate(**call_arguments(inputs))), inputs[latent]).double()
+        except InputError:
+            if len(steps) == 1:
+                raise
+            # a candidate captured with its batch pinned takes one trajectory's rows at a time
+            return [_run_step(candidate, [step], [state], latent)[0] for step, state in zip(steps, states)]
         for j, placed in enumerate(placements):
             for i, (s, member) in enumerate(placed):
                 outputs[j][s, member] = out[j * count + i]

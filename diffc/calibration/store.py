@@ -26,7 +26,8 @@ class CalibrationError(DiffcError):
 
 
 def call_arguments(inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Recorded inputs back into the forward's arguments (`param.key` names into dicts)."""
+    """Recorded inputs back into the forward's arguments (`param.key` names into dicts, `param.0`,
+    `param.1`, ... into lists)."""
     arguments: dict[str, Any] = {}
     for name, value in inputs.items():
         if "." in name:
@@ -34,6 +35,9 @@ def call_arguments(inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
             arguments.setdefault(parameter, {})[key] = value
         else:
             arguments[name] = value
+    for parameter, value in arguments.items():
+        if isinstance(value, dict) and value and all(key.isdigit() for key in value):
+            arguments[parameter] = [value[key] for key in sorted(value, key=int)]
     return arguments
 
 
@@ -192,7 +196,13 @@ class SetWriter:
     def write_call(self, item_id: str, step: int, call: int, timestep: float | None,
                    inputs: dict[str, torch.Tensor], output: torch.Tensor) -> None:
         rel = f"shards/{item_id}-step{step:04d}-call{call}.safetensors"
-        tensors = {INPUT_PREFIX + k: v.detach().cpu().contiguous() for k, v in inputs.items()}
+        tensors, storages = {}, set()
+        for name, value in inputs.items():
+            tensor = value.detach().cpu().contiguous()
+            # safetensors refuses tensors that share memory (one argument passed as two, or views of one)
+            storage = tensor.untyped_storage().data_ptr()
+            tensors[INPUT_PREFIX + name] = tensor.clone() if storage in storages else tensor
+            storages.add(storage)
         tensors[OUTPUT_KEY] = output.detach().cpu().contiguous()
         save_file(tensors, str(self.root / rel))
         self.manifest["items"][item_id]["calls"].append({"step": step, "call": call, "timestep": timestep, "file": rel})

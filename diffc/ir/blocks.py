@@ -133,24 +133,77 @@ def node_flops(node: torch.fx.Node) -> int:
 
 def discover_blocks(gm: torch.fx.GraphModule) -> list[Block]:
     """Builds the block table from the module stacks recorded on each node. FLOPs need
-    `tensor_meta` from a shape propagation at the example inputs."""
+    `tensor_meta` from a shape propagation at the example inputs.
+
+    Modules are known by class name (UNet stages, resnets, *TransformerBlock, FeedForward,
+    attention) or, for classes no name rule knows, by structure: an element of a module list that
+    no known block encloses and whose output is a residual sum is a transformer block (the layers
+    every denoiser repeats, whatever its authors called them); inside one, a child module that
+    runs attention (scaled_dot_product_attention) is its attention, and one made of two or more
+    linear layers around an activation, with no attention, its FFN."""
     members: dict[str, list[torch.fx.Node]] = {}
     classes: dict[str, str] = {}
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
         for path, cls in module_path(node):
-            if classify_module(path, cls) is not None:
-                members.setdefault(path, []).append(node)
-                classes[path] = cls
+            members.setdefault(path, []).append(node)
+            classes[path] = cls
+    kinds = {path: kind for path in members if (kind := classify_module(path, classes[path])) is not None}
+    kinds.update(_structural_kinds(gm, members, classes, kinds))
     blocks = []
-    ordered = sorted(members, key=lambda p: _first_index(gm, members[p]))
+    ordered = sorted(kinds, key=lambda p: _first_index(gm, members[p]))
     for path in ordered:
-        nodes = members[path]
-        kind = classify_module(path, classes[path])
-        assert kind is not None
-        blocks.append(_make_block(gm, path, kind, classes[path], nodes, ordered))
+        blocks.append(_make_block(gm, path, kinds[path], classes[path], members[path], ordered))
     return blocks
+
+
+def _structural_kinds(gm: torch.fx.GraphModule, members: dict[str, list[torch.fx.Node]], classes: dict[str, str],
+                      kinds: dict[str, str]) -> dict[str, str]:
+    """Transformer blocks, their attention and their FFN found by structure (see discover_blocks)."""
+    found: dict[str, str] = {}
+    for path in sorted(members, key=lambda p: p.count(".")):
+        if not _LIST_ELEMENT.search(path) or classes[path].startswith("torch.nn.") or path in kinds:
+            continue
+        if any(_encloses(other, path) for other in [*kinds, *found]):
+            continue
+        nodes = members[path]
+        compute = [n for n in nodes if n.op != "get_attr"]
+        inside = set(nodes)
+        outputs = _unique(n for n in compute if any(u not in inside for u in n.users))
+        if _linear_count(compute) >= 2 and find_residual(compute, inside, outputs) is not None:
+            found[path] = TRANSFORMER_BLOCK
+    for block in [p for p, kind in [*kinds.items(), *found.items()] if kind == TRANSFORMER_BLOCK]:
+        known = {kinds[p] for p in kinds if _encloses(block, p)}
+        for path in members:
+            if path.rsplit(".", 1)[0] != block or path in kinds or classes[path].startswith("torch.nn."):
+                continue
+            kind = _child_kind([n for n in members[path] if n.op != "get_attr"])
+            if kind is not None and kind not in known:
+                found[path] = kind
+    return found
+
+
+_LIST_ELEMENT = re.compile(r"\.\d+$")
+_LINEAR_OPS = {aten.linear.default, aten.addmm.default, aten.mm.default}
+_ACTIVATIONS = {aten.gelu.default, aten.silu.default, aten.relu.default, aten.sigmoid.default, aten.tanh.default}
+
+
+def _encloses(outer: str, inner: str) -> bool:
+    return inner != outer and inner.startswith(outer + ".")
+
+
+def _linear_count(nodes: list[torch.fx.Node]) -> int:
+    return sum(n.op == "call_function" and n.target in _LINEAR_OPS for n in nodes)
+
+
+def _child_kind(nodes: list[torch.fx.Node]) -> str | None:
+    targets = {n.target for n in nodes if n.op == "call_function"}
+    if aten.scaled_dot_product_attention.default in targets:
+        return ATTENTION
+    if _linear_count(nodes) >= 2 and targets & _ACTIVATIONS:
+        return FFN
+    return None
 
 
 def _first_index(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> int:

@@ -1,6 +1,7 @@
 """Capture a diffusers denoiser into a DiffusionGraph through torch.export (non-strict)."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import traceback
 import warnings
@@ -19,7 +20,8 @@ from .fxutil import copy_graph
 from .examples import LATENT_NAMES, TIMESTEP_NAMES, UNBATCHED_NAMES, dim_kind
 from .examples import example_inputs as derive_example_inputs
 from .graph import CONDITIONING, LATENT, TIMESTEP, DiffusionGraph, Signature, TensorInput, TensorOutput
-from .probe import ShapeProber, describe, flat_tensor_inputs, marked_kind, mismatch, run_graph
+from .probe import (ShapeProber, constant_arguments, describe, flat_tensor_inputs, marked_kind, mismatch, run_graph,
+                    with_tensor)
 
 # Nodes torch.export inserts only to check its own assumptions; diffc validates inputs itself.
 _CHECK_OPS = {torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._assert_scalar.default,
@@ -79,6 +81,7 @@ def _capture(model: torch.nn.Module, example_inputs: Mapping[str, Any] | None, d
     flat_inputs = flat_tensor_inputs(call_kwargs)
     ShapeProp(module).propagate(*[t for _, t in flat_inputs])
     signature = _signature(model, module, flat_inputs, flat_reference, forward_params, output_class)
+    signature = dataclasses.replace(signature, constants=tuple(sorted(constant_arguments(inputs).items())))
     config = dict(getattr(model, "config", {}) or {})
     # diffusers lists the defaulted keys in set order, which changes from one process to the next
     # (PYTHONHASHSEED): sorted, the same model gives the same artifact bytes in any process
@@ -157,12 +160,20 @@ def _batch_of_two_if_one(inputs: dict[str, Any]) -> dict[str, Any]:
         return inputs
     widened: dict[str, Any] = dict(inputs)
     for path, tensor in batched:
-        doubled = tensor.repeat(2, *([1] * (tensor.dim() - 1)))
-        if len(path) == 1:
-            widened[path[0]] = doubled
-        else:
-            widened[path[0]] = {**widened[path[0]], path[1]: doubled}
+        widened = with_tensor(widened, path, tensor.repeat(2, *([1] * (tensor.dim() - 1))))
     return widened
+
+
+def _shape_spec(path: tuple[str, ...], value: Any, pinned: set[str] | None) -> Any:
+    """The dynamic_shapes entry of one argument, in its structure: dims for a tensor, None for a constant."""
+    if isinstance(value, torch.Tensor):
+        return _dynamic_dims(path, value, pinned)
+    if isinstance(value, Mapping):
+        return {k: _shape_spec((*path, k), v, pinned) if len(path) == 1 else None for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_shape_spec((*path, str(i)), v, pinned) if len(path) == 1 else None
+                           for i, v in enumerate(value))
+    return None
 
 
 def _dynamic_dims(path: tuple[str, ...], tensor: torch.Tensor, pinned: set[str] | None) -> dict[int, Any] | None:
@@ -182,15 +193,7 @@ def _export(model: torch.nn.Module, kwargs: dict[str, Any], pinned: set[str] | N
     """torch.export of `model`; with `pinned` (kinds of dim kept static), the others are symbolic
     (where the model lets them be), else every dim is static. Static dims are spelled out for every
     input: with dynamic_shapes=None, an export after a symbolic one of the same tensors stays symbolic."""
-    dynamic_shapes: dict[str, Any] = {}
-    for key, value in kwargs.items():
-        if isinstance(value, torch.Tensor):
-            dynamic_shapes[key] = _dynamic_dims((key,), value, pinned)
-        elif isinstance(value, Mapping):
-            dynamic_shapes[key] = {k: (_dynamic_dims((key, k), v, pinned) if isinstance(v, torch.Tensor)
-                                       else None) for k, v in value.items()}
-        else:
-            dynamic_shapes[key] = None
+    dynamic_shapes = {key: _shape_spec((key,), value, pinned) for key, value in kwargs.items()}
     stack: list[str] = []
     handles = _track_module_stack(model, stack)
     try:
@@ -200,7 +203,25 @@ def _export(model: torch.nn.Module, kwargs: dict[str, Any], pinned: set[str] | N
     finally:
         for handle in handles:
             handle.remove()
-    return _flatten(exported)
+    return _flatten(_functional(exported))
+
+
+def _functional(exported: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """`exported` without in-place ops or nested submodules: a model that fills a buffer through
+    views (`out = empty_like(x); out[..., ::2] = ...`, as several rotary embeddings do) exports
+    mutations that passes cutting the graph into segments would separate from their readers, and
+    one that switches autocast or grad mode exports higher-order ops with their own subgraphs.
+    Functionalizing rewrites both into plain aten ops (copies into views become slice_scatter);
+    graphs that have neither are kept as exported."""
+    def rewritten(node: torch.fx.Node) -> bool:
+        if isinstance(node.target, torch._ops.HigherOrderOperator):
+            return True
+        schema = getattr(node.target, "_schema", None)
+        return schema is not None and schema.is_mutable
+
+    if any(rewritten(node) for node in exported.graph.nodes if node.op == "call_function"):
+        return exported.run_decompositions({})
+    return exported
 
 
 def _track_module_stack(model: torch.nn.Module, stack: list[str]) -> list[Any]:

@@ -54,6 +54,9 @@ class Signature:
     outputs: tuple[TensorOutput, ...]
     output_class: str | None
     return_dict_default: bool = True
+    # non-tensor arguments the graph was captured with as constants (shapes, counts, flags), as JSON
+    # values: a call may leave them out or pass the same value, not another
+    constants: tuple[tuple[str, Any], ...] = ()
 
     def input(self, name: str) -> TensorInput:
         for spec in self.inputs:
@@ -82,6 +85,7 @@ class Signature:
             outputs=tuple(TensorOutput(o["name"], tuple(o["shape"]), o["dtype"]) for o in data["outputs"]),
             output_class=data["output_class"],
             return_dict_default=data["return_dict_default"],
+            constants=tuple((name, value) for name, value in data.get("constants", [])),
         )
 
 

@@ -23,7 +23,7 @@ _NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch.fx.exper
 
 
 def without_noop_squeezes(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A copy of `module` (weights shared) without squeezes of dims that are not 1, which torch treats
+    """A copy of `module` (weights shared) without squeezes of dims that are not 1 (or symbolic), which torch treats
     as no-ops but the exporter lowers to an ONNX Squeeze that fails (PixArt's `squeeze(1)` of
     [batch, tokens, channels]). Returns `module` itself when it has none."""
     def noop_dims(node: torch.fx.Node) -> tuple[list[int], int] | None:
@@ -35,7 +35,9 @@ def without_noop_squeezes(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
             return None
         dims = [node.args[1]] if isinstance(node.args[1], int) else list(node.args[1])
         rank = value.dim()
-        keep = [d for d in dims if not (isinstance(value.shape[d % rank], int) and value.shape[d % rank] != 1)]
+        # a symbolic dim was traced at a size other than 1 (torch.export specializes 0 and 1), so the
+        # graph after it assumes the squeeze did nothing (Allegro's squeeze(1) of [batch, tokens, channels])
+        keep = [d for d in dims if isinstance(value.shape[d % rank], int) and value.shape[d % rank] == 1]
         return (keep, len(dims)) if len(keep) < len(dims) else None
 
     if not any(noop_dims(n) for n in module.graph.nodes):
@@ -131,9 +133,12 @@ def describe_failure(module: torch.fx.GraphModule, path: pathlib.Path, exc: Base
             break
         if op is None and str(node.target) in text:
             op, node_name = str(node.target), node.name
-    reason = text[:600] + (" ..." if len(text) > 600 else "")
+    # the innermost cause says why (e.g. "No decompositions registered for the complex-valued input");
+    # the outer ones are the exporter's generic advice
+    root = " ".join(str(cause).split())
+    reason = (root[:300] + " | " if cause is not exc else "") + text[:300] + (" ..." if len(text) > 300 else "")
     where = f"op {op} in node {node_name}: " if op else ""
-    return (f"could not export {path.name} to ONNX: {where}{type(exc).__name__}: {reason}. Rewrite or decompose "
+    return (f"could not export {path.name} to ONNX: {where}{type(cause).__name__}: {reason}. Rewrite or decompose "
             "that op before export, or report it as an unsupported op.")
 
 

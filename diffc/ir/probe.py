@@ -22,7 +22,9 @@ FlatInputs = list[tuple[tuple[str, ...], torch.Tensor]]
 
 
 def flat_tensor_inputs(kwargs: Mapping[str, Any]) -> FlatInputs:
-    """(path, tensor) for every tensor leaf, in the order torch.export makes placeholders."""
+    """(path, tensor) for every tensor leaf, in the order torch.export makes placeholders: an
+    argument, a value of a dict argument (path (name, key)) or an item of a list or tuple argument
+    (path (name, "0"), as HiDream's per-layer text states or a rotary (cos, sin) pair come)."""
     out: FlatInputs = []
     for key, value in kwargs.items():
         if isinstance(value, torch.Tensor):
@@ -31,7 +33,72 @@ def flat_tensor_inputs(kwargs: Mapping[str, Any]) -> FlatInputs:
             for sub, leaf in value.items():
                 if isinstance(leaf, torch.Tensor):
                     out.append(((key, sub), leaf))
+        elif isinstance(value, (list, tuple)):
+            out.extend(((key, str(i)), leaf) for i, leaf in enumerate(value) if isinstance(leaf, torch.Tensor))
     return out
+
+
+def tensor_at(kwargs: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    """The value at `path` (as flat_tensor_inputs names it) in the arguments; None where there is none."""
+    value = kwargs.get(path[0])
+    if len(path) == 1:
+        return value
+    if isinstance(value, Mapping):
+        return value.get(path[1])
+    if isinstance(value, (list, tuple)) and path[1].isdigit() and int(path[1]) < len(value):
+        return value[int(path[1])]
+    return None
+
+
+def with_tensor(kwargs: Mapping[str, Any], path: tuple[str, ...], tensor: torch.Tensor) -> dict[str, Any]:
+    """A copy of the arguments with the leaf at `path` replaced (the containers on the way copied)."""
+    rebuilt = dict(kwargs)
+    if len(path) == 1:
+        rebuilt[path[0]] = tensor
+    elif isinstance(rebuilt[path[0]], Mapping):
+        rebuilt[path[0]] = {**rebuilt[path[0]], path[1]: tensor}
+    else:
+        items = list(rebuilt[path[0]])
+        items[int(path[1])] = tensor
+        rebuilt[path[0]] = type(rebuilt[path[0]])(items)
+    return rebuilt
+
+
+def constant_arguments(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments that hold no tensor and are not absent (ints, shapes, flags, lists of them), as
+    JSON values (encode_constant): torch.export bakes them into the graph."""
+    constants = {}
+    for key, value in kwargs.items():
+        leaves = pytree.tree_leaves(value)
+        if value is None or any(isinstance(leaf, torch.Tensor) for leaf in leaves) or all(v is None for v in leaves):
+            continue
+        constants[key] = encode_constant(value)
+    return constants
+
+
+_TUPLE = "__tuple__"
+
+
+def encode_constant(value: Any) -> Any:
+    """A JSON value for a constant argument that keeps tuples apart from lists (models tell a
+    shape tuple from a list of them: QwenImage's img_shapes)."""
+    if isinstance(value, tuple):
+        return {_TUPLE: [encode_constant(v) for v in value]}
+    if isinstance(value, list):
+        return [encode_constant(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): encode_constant(v) for k, v in value.items()}
+    return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+
+
+def decode_constant(value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {_TUPLE}:
+        return tuple(decode_constant(v) for v in value[_TUPLE])
+    if isinstance(value, list):
+        return [decode_constant(v) for v in value]
+    if isinstance(value, dict):
+        return {k: decode_constant(v) for k, v in value.items()}
+    return value
 
 
 def marked_kind(path: tuple[str, ...], dim: int, rank: int) -> str | None:
@@ -164,11 +231,7 @@ class ShapeProber:
         generator = torch.Generator().manual_seed(1)
         rebuilt = dict(self.kwargs)
         for (path, tensor), shape in zip(flat, shapes):
-            new = _resized(path, tensor, shape, generator)
-            if len(path) == 1:
-                rebuilt[path[0]] = new
-            else:
-                rebuilt[path[0]] = {**rebuilt[path[0]], path[1]: new}
+            rebuilt = with_tensor(rebuilt, path, _resized(path, tensor, shape, generator))
         return rebuilt
 
 

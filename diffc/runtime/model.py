@@ -14,6 +14,7 @@ import torch
 from ..errors import InputError
 from ..ir import LATENT, CompiledPlan, Plan, TensorInput
 from ..ir.examples import dim_kind
+from ..ir.probe import constant_arguments, tensor_at
 from .adapters import Adapters, denoiser_keys, lora_deltas, read_adapter
 from .artifact import save_artifact
 from .sampler_watch import SamplerWatch
@@ -328,8 +329,13 @@ class OptimizedModel(PipelineComponent):
                 raise InputError(f"forward got argument {key!r} twice (positionally and by keyword)")
             bound[key] = value
         captured = {spec.path[0] for spec in sig.inputs} | {"return_dict"}
+        constants = dict(sig.constants)
         for key, value in bound.items():
-            if key not in captured and not _is_absent(value):
+            if key in constants and not _is_absent(value) and constant_arguments({key: value}).get(key) != constants[key]:
+                raise InputError(f"argument {key!r} is {value!r}, but the model was captured with {key}="
+                                 f"{constants[key]!r}, a constant of its graph: leave it out or pass that value, or "
+                                 "optimize again with it in example_inputs (diffc.optimize(..., example_inputs=...))")
+            if key not in captured and key not in constants and not _is_absent(value):
                 raise InputError(
                     f"argument {key!r} was given, but the model was captured without it, so it would be ignored. "
                     f"Optimize again with it in example_inputs (diffc.optimize(..., example_inputs={{...}})).")
@@ -343,9 +349,7 @@ class OptimizedModel(PipelineComponent):
         batch = latent.shape[0]
         values: list[torch.Tensor] = []
         for spec in sig.inputs:
-            value: Any = bound.get(spec.path[0])
-            if len(spec.path) == 2:
-                value = value.get(spec.path[1]) if isinstance(value, Mapping) else None
+            value: Any = tensor_at(bound, spec.path)
             if value is None:
                 value = self._fill_missing(spec, values, batch)
             values.append(self._conform(spec, value, batch))
@@ -380,11 +384,7 @@ class OptimizedModel(PipelineComponent):
 
 
 def _is_absent(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, Mapping):
-        return all(v is None for v in value.values())
-    return False
+    return value is None or (isinstance(value, Mapping) and all(v is None for v in value.values()))
 
 
 def _check_shapes(specs: tuple[TensorInput, ...], values: list[torch.Tensor]) -> None:

@@ -237,3 +237,82 @@ def test_model_that_exports_only_with_static_shapes_is_captured_static():
                                          r".*captured it with static shapes"):
         dg = capture(StaticOnly(), example_inputs=inputs)
     assert dg.signature.latent.shape == (2, 4)
+
+
+class _Mixing(torch.nn.Module):
+    """Attention under a class name no rule knows."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.qkv, self.out = torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.out(torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+class _Feed(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(width, 4 * width), torch.nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm, self.mixing, self.feed = torch.nn.LayerNorm(width), _Mixing(width), _Feed(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.mixing(self.norm(x))
+        return x + self.feed(x)
+
+
+class _InPlaceRotary(torch.nn.Module):
+    """Fills its output through views, as several diffusers rotary embeddings do."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)
+        out[..., 0::2] = x[..., 0::2] * 0.6 - x[..., 1::2] * 0.8
+        out[..., 1::2] = x[..., 0::2] * 0.8 + x[..., 1::2] * 0.6
+        return out
+
+
+class _UnknownDenoiser(torch.nn.Module):
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.proj_in, self.time = torch.nn.Linear(4, width), torch.nn.Linear(1, width)
+        self.rotary = _InPlaceRotary()
+        self.layers = torch.nn.ModuleList([_Layer(width) for _ in range(3)])
+        self.proj_out = torch.nn.Linear(width, 4)
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        x = self.rotary(self.proj_in(hidden_states)) + self.time(timestep[:, None, None] / 1000)
+        for layer in self.layers:
+            x = layer(x)
+        return self.proj_out(x)
+
+
+def test_blocks_of_a_class_no_name_rule_knows_are_found_by_structure() -> None:
+    torch.manual_seed(0)
+    model = _UnknownDenoiser().eval()
+    graph = capture(model, example_inputs={"hidden_states": torch.randn(2, 8, 4), "timestep": torch.full((2,), 500.0)})
+    kinds = {block.name: block.kind for block in graph.blocks}
+    assert kinds == {**{f"layers.{i}": "transformer_block" for i in range(3)},
+                     **{f"layers.{i}.mixing": "attention" for i in range(3)},
+                     **{f"layers.{i}.feed": "ffn" for i in range(3)}}
+    assert all(block.residual is not None for block in graph.blocks if block.kind == "transformer_block")
+
+
+def test_capture_functionalizes_a_model_that_writes_through_views() -> None:
+    torch.manual_seed(0)
+    model = _UnknownDenoiser().eval()
+    inputs = {"hidden_states": torch.randn(2, 8, 4), "timestep": torch.full((2,), 500.0)}
+    graph = capture(model, example_inputs=inputs)
+    mutating = [n.name for n in graph.graph.nodes if n.op == "call_function"
+                and getattr(getattr(n.target, "_schema", None), "is_mutable", False)]
+    assert not mutating
+    with torch.no_grad():
+        assert torch.equal(graph.module(*inputs.values())[0], model(**inputs))

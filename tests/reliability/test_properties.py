@@ -295,14 +295,52 @@ def check_architecture(case: tuple[dict[str, Any], dict[str, Any]], tmp_path_fac
             assert torch.equal(out, back), f"{name} {options}: save/load changed the outputs"
 
 
+# The refusals a pass may give a valid option set, each with the test of the architecture that makes
+# it true: the pass needs what the graph lacks. Any other refusal, or one of these on a graph that has
+# what the pass needs, fails the property (a pass that refused every architecture would otherwise pass).
+def _ffn_count(graph: Any) -> int:
+    return sum(block.kind == "ffn" for block in graph.blocks)
+
+
+def _narrowest_ffn(graph: Any) -> int:
+    """The fewest hidden neurons of any FFN: the input width of its widest 2-D weight (the down projection)."""
+    from diffc.ir.fxutil import attr_value
+
+    widths = []
+    for block in graph.blocks:
+        if block.kind == "ffn":
+            weights = [attr_value(graph.module, name) for name in block.parameters]
+            widths.append(max(w.shape[1] for w in weights if isinstance(w, torch.Tensor) and w.dim() == 2))
+    return min(widths, default=0)
+
+
+def _prunable_units(graph: Any) -> int:
+    return sum(block.residual is not None for block in graph.blocks)
+
+
+EXPECTED_REFUSALS: dict[str, list[tuple[str, Callable[[dict[str, Any], Any], bool]]]] = {
+    "moe": [("no FFN of the form", lambda options, graph: _ffn_count(graph) == 0),
+            ("cannot be split into", lambda options, graph: 0 < _narrowest_ffn(graph) < options["experts"])],
+    "prune": [("has a residual that can be rewired", lambda options, graph: _prunable_units(graph) == 0),
+              # the arithmetic is in the message: the units hold less than the amount asks
+              ("less than the", lambda options, graph: options["amount"] > 0),
+              ("no set of non-nested units removes", lambda options, graph: options["amount"] > 0)],
+}
+
+
 def _run_unless_refused(name: str, options: dict[str, Any], graph: Any, ctx: PassContext) -> Any:
     """The graph after the pass, or None when the pass refuses a valid option set the architecture
-    cannot honour (no FFN to split, nothing small enough to prune): it must say so and how to fix
-    it, and leave the input graph untouched."""
+    cannot honour (EXPECTED_REFUSALS): the refusal must be one of those, true of this graph, say how
+    to fix it, and leave the input graph untouched."""
     try:
         return PassManager([{"pass": name, **options}]).run(graph, ctx)
     except PassError as exc:
-        assert "; " in str(exc) or ", " in str(exc), f"{name} {options}: error without a fix: {exc}"
+        message = str(exc)
+        expected = [phrase for phrase, holds in EXPECTED_REFUSALS.get(name, []) if phrase in message]
+        assert expected, f"{name} {options} refused an architecture it should handle: {message}"
+        assert all(holds(options, graph) for phrase, holds in EXPECTED_REFUSALS[name] if phrase in expected), (
+            f"{name} {options} refused with {expected[0]!r}, which this graph does not bear out: {message}")
+        assert "; " in message or ", " in message, f"{name} {options}: error without a fix: {message}"
         lint(graph)
         return None
 

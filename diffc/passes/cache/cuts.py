@@ -33,7 +33,22 @@ def cut_regions(dg: DiffusionGraph, cut: str, depth: int, blocks: tuple[int, int
         if not cut:
             raise PassError(f"{dg.signature.model_class}: found neither UNet stages nor transformer blocks to "
                             "cache; this model has no block structure diffc can cut")
-    mode = mode if mode != "auto" else ("raw" if cut in ("deep", "encoder") else "delta")
+    chosen_mode = mode if mode != "auto" else ("raw" if cut in ("deep", "encoder") else "delta")
+    try:
+        return _cut_regions(dg, cut, depth, blocks, chosen_mode, stages, layers)
+    except PassError as exc:
+        # a residual needs a block input of its output's shape; where the blocks change the
+        # stream's shape (a joint text + image stream split at the end), auto caches the output itself
+        if mode != "auto" or chosen_mode != DELTA or NO_RESIDUAL not in str(exc):
+            raise
+        return _cut_regions(dg, cut, depth, blocks, "raw", stages, layers)
+
+
+NO_RESIDUAL = "has the shape of its output"
+
+
+def _cut_regions(dg: DiffusionGraph, cut: str, depth: int, blocks: tuple[int, int] | None, mode: str,
+                 stages: dict[str, list[str]], layers: list[Any]) -> tuple[list[Region], dict[str, list[str]]]:
     if cut in ("deep", "encoder"):
         if not stages:
             raise PassError(f"cut {cut!r} needs a UNet (down_blocks/mid_block/up_blocks); "
@@ -185,9 +200,28 @@ def _encoder_cuts(dg: DiffusionGraph, stages: dict[str, list[str]]) -> list[str]
 
 
 def _transformer_layers(dg: DiffusionGraph) -> list[Any]:
-    """Top-level transformer blocks in execution order (e.g. transformer_blocks.* then
-    single_transformer_blocks.* for FLUX)."""
-    return [b for b in dg.blocks if b.kind == TRANSFORMER_BLOCK and (b.parent is None)]
+    """Top-level transformer blocks on the latent's path, in execution order (e.g. transformer_blocks.*
+    then single_transformer_blocks.* for FLUX). Blocks that see only the conditioning (a text
+    refiner, a perceiver resampler) run before the trunk and are not what caching skips."""
+    on_latent_path = _downstream_of_latent(dg)
+    return [b for b in dg.blocks if b.kind == TRANSFORMER_BLOCK and b.parent is None
+            and (on_latent_path is None or b.nodes[0] in on_latent_path or set(b.inputs) & on_latent_path)]
+
+
+def _downstream_of_latent(dg: DiffusionGraph) -> set[str] | None:
+    """Names of the nodes computed from the latent input (None for a graph without one)."""
+    placeholders = [n for n in dg.graph.nodes if n.op == "placeholder"]
+    index = next((i for i, spec in enumerate(dg.signature.inputs) if spec.role == "latent"), None)
+    if index is None or index >= len(placeholders):
+        return None
+    start = placeholders[index]
+    seen, stack = {start.name}, [start]
+    while stack:
+        for user in stack.pop().users:
+            if user.name not in seen:
+                seen.add(user.name)
+                stack.append(user)
+    return seen
 
 
 def _range_region(dg: DiffusionGraph, layers: list[Any], start: int, end: int, name: str, mode: str) -> Region:
