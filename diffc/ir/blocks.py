@@ -137,10 +137,11 @@ def discover_blocks(gm: torch.fx.GraphModule) -> list[Block]:
 
     Modules are known by class name (UNet stages, resnets, *TransformerBlock, FeedForward,
     attention) or, for classes no name rule knows, by structure: an element of a module list that
-    no known block encloses and whose output is a residual sum is a transformer block (the layers
-    every denoiser repeats, whatever its authors called them); inside one, a child module that
-    runs attention (scaled_dot_product_attention) is its attention, and one made of two or more
-    linear layers around an activation, with no attention, its FFN."""
+    no known block encloses and that updates a stream (its output a residual sum, or of an input's
+    shape) is a transformer block (the layers every denoiser repeats, whatever its authors called
+    them); inside one, a child module that runs attention (scaled_dot_product_attention) is its
+    attention, and one made of two or more linear layers around an activation, with no attention,
+    its FFN."""
     members: dict[str, list[torch.fx.Node]] = {}
     classes: dict[str, str] = {}
     for node in gm.graph.nodes:
@@ -171,7 +172,7 @@ def _structural_kinds(gm: torch.fx.GraphModule, members: dict[str, list[torch.fx
         compute = [n for n in nodes if n.op != "get_attr"]
         inside = set(nodes)
         outputs = _unique(n for n in compute if any(u not in inside for u in n.users))
-        if _linear_count(compute) >= 2 and find_residual(compute, inside, outputs) is not None:
+        if _linear_count(compute) >= 2 and _keeps_stream(compute, inside, outputs):
             found[path] = TRANSFORMER_BLOCK
     for block in [p for p, kind in [*kinds.items(), *found.items()] if kind == TRANSFORMER_BLOCK]:
         known = {kinds[p] for p in kinds if _encloses(block, p)}
@@ -187,6 +188,15 @@ def _structural_kinds(gm: torch.fx.GraphModule, members: dict[str, list[torch.fx
 _LIST_ELEMENT = re.compile(r"\.\d+$")
 _LINEAR_OPS = {aten.linear.default, aten.addmm.default, aten.mm.default}
 _ACTIVATIONS = {aten.gelu.default, aten.silu.default, aten.relu.default, aten.sigmoid.default, aten.tanh.default}
+
+
+def _keeps_stream(compute: list[torch.fx.Node], inside: set[torch.fx.Node], outputs: list[torch.fx.Node]) -> bool:
+    """Whether a module updates a stream: its output is a residual sum, or (a block that also hands
+    out a side value, as HunyuanDiT's do) one of its outputs has the shape of one of its inputs."""
+    if find_residual(compute, inside, outputs) is not None:
+        return True
+    inputs = {node_shape(a) for n in compute for a in n.all_input_nodes if a not in inside and a.op != "get_attr"}
+    return any(node_shape(out) is not None and node_shape(out) in inputs for out in outputs)
 
 
 def _encloses(outer: str, inner: str) -> bool:

@@ -296,7 +296,9 @@ def _example_input(spec: Any, generator: torch.Generator) -> torch.Tensor:
     if dtype == torch.bool:
         return torch.zeros(shape, dtype=dtype)
     if not dtype.is_floating_point and not dtype.is_complex:
-        return torch.randint(0, 2, shape, generator=generator).to(dtype)  # class labels, ids: small ints
+        # an integer mask keeps every token; labels and ids are 0, a valid index into any table
+        # (HunyuanDiT's style embedding has one row)
+        return (torch.ones if "mask" in spec.name else torch.zeros)(shape, dtype=dtype)
     if spec.role == "timestep":
         return torch.full(shape, 500.0).to(dtype)
     return torch.randn(shape, generator=generator).to(dtype)

@@ -72,6 +72,11 @@ def seeded_randn(seed: int) -> Callable[..., torch.Tensor]:
     return randn
 
 
+def timesteps(batch: int, value: float = 500.0) -> torch.Tensor:
+    """One timestep per row (500: the middle of a 0..1000 schedule)."""
+    return torch.full((batch,), value)
+
+
 def seeded(build: Callable[[], torch.nn.Module]) -> Callable[[], torch.nn.Module]:
     """`build` under a fixed global seed (diffusers initializes weights from the global RNG), in eval mode."""
     def wrapped() -> torch.nn.Module:

@@ -12,13 +12,10 @@ import torch
 from diffusers.models.embeddings import get_2d_rotary_pos_embed, get_2d_rotary_pos_embed_lumina
 from diffusers.models.transformers import transformer_ideogram4 as ideogram4
 
-from . import FLOW, TinyDenoiser, register, seeded, seeded_randn
+from . import FLOW, TinyDenoiser, register, seeded, seeded_randn, timesteps
 
 TEXT = 8
 
-
-def _steps(batch: int, value: float) -> torch.Tensor:
-    return torch.full((batch,), value)
 
 
 def _grid_ids(height: int, width: int, axes: int = 3) -> torch.Tensor:
@@ -44,7 +41,7 @@ def _add(class_name: str, family: str, config: dict, inputs, latent: str = "hidd
 def _auraflow(batch: int) -> dict:
     randn = seeded_randn(0)
     return dict(hidden_states=randn(batch, 4, 16, 16), encoder_hidden_states=randn(batch, TEXT, 32),
-                timestep=_steps(batch, 0.5))
+                timestep=timesteps(batch, 0.5))
 
 
 _add("AuraFlowTransformer2DModel", "mmdit",
@@ -57,7 +54,7 @@ _add("AuraFlowTransformer2DModel", "mmdit",
 def _bria_fibo2(batch: int) -> dict:
     randn = seeded_randn(0)
     # One text bundle for the gist Perceiver plus one per injection layer.
-    return dict(hidden_states=randn(batch, 4, 8, 8), timestep=_steps(batch, 0.5),
+    return dict(hidden_states=randn(batch, 4, 8, 8), timestep=timesteps(batch, 0.5),
                 encoder_hidden_states=randn(batch, 2, TEXT, 24))
 
 
@@ -73,7 +70,7 @@ def _bria_fibo(batch: int) -> dict:
     # One text-encoder layer per double and per single block.
     return dict(hidden_states=randn(batch, 64, 16), encoder_hidden_states=randn(batch, TEXT, 64),
                 text_encoder_layers=[randn(batch, TEXT, 32), randn(batch, TEXT, 32)],
-                timestep=_steps(batch, 500.0), img_ids=_grid_ids(8, 8), txt_ids=_text_ids(TEXT))
+                timestep=timesteps(batch, 500.0), img_ids=_grid_ids(8, 8), txt_ids=_text_ids(TEXT))
 
 
 _add("BriaFiboTransformer2DModel", "flux-like",
@@ -86,7 +83,7 @@ _add("BriaFiboTransformer2DModel", "flux-like",
 def _bria(batch: int) -> dict:
     randn = seeded_randn(0)
     return dict(hidden_states=randn(batch, 64, 16), encoder_hidden_states=randn(batch, TEXT, 32),
-                timestep=_steps(batch, 500.0), img_ids=_grid_ids(8, 8), txt_ids=_text_ids(TEXT))
+                timestep=timesteps(batch, 500.0), img_ids=_grid_ids(8, 8), txt_ids=_text_ids(TEXT))
 
 
 _add("BriaTransformer2DModel", "flux-like",
@@ -98,7 +95,7 @@ _add("BriaTransformer2DModel", "flux-like",
 def _chroma(batch: int) -> dict:
     randn = seeded_randn(0)
     return dict(hidden_states=randn(batch, 64, 16), encoder_hidden_states=randn(batch, TEXT, 32),
-                timestep=_steps(batch, 0.5), img_ids=_grid_ids(8, 8), txt_ids=_text_ids(TEXT))
+                timestep=timesteps(batch, 0.5), img_ids=_grid_ids(8, 8), txt_ids=_text_ids(TEXT))
 
 
 _add("ChromaTransformer2DModel", "flux-like",
@@ -112,7 +109,7 @@ def _cogview(batch: int) -> dict:
     randn = seeded_randn(0)
     size = torch.tensor([[64, 64]] * batch)
     return dict(hidden_states=randn(batch, 4, 8, 8), encoder_hidden_states=randn(batch, TEXT, 8),
-                timestep=_steps(batch, 500.0), original_size=size, target_size=size,
+                timestep=timesteps(batch, 500.0), original_size=size, target_size=size,
                 crop_coords=torch.zeros(batch, 2, dtype=torch.long))
 
 
@@ -128,7 +125,7 @@ _add("CogView4Transformer2DModel", "mmdit",
 
 def _dit(batch: int) -> dict:
     randn = seeded_randn(0)
-    return dict(hidden_states=randn(batch, 4, 8, 8), timestep=_steps(batch, 500.0),
+    return dict(hidden_states=randn(batch, 4, 8, 8), timestep=timesteps(batch, 500.0),
                 class_labels=torch.arange(batch) % 4)
 
 
@@ -142,7 +139,7 @@ _add("DiTTransformer2DModel", "dit",
 def _dreamlite(batch: int) -> dict:
     randn = seeded_randn(0)
     return dict(hidden_states=randn(batch, 16, 8, 8), encoder_hidden_states=randn(batch, TEXT, 32),
-                timestep=_steps(batch, 500.0), class_labels=torch.arange(batch) % 4)
+                timestep=timesteps(batch, 500.0), class_labels=torch.arange(batch) % 4)
 
 
 # DreamLite's UNet runs this block with plain layer norms, where the timestep is unused; adaLN-zero (timestep and
@@ -155,7 +152,7 @@ _add("DreamLiteTransformer2DModel", "other",
 
 def _ernie(batch: int) -> dict:
     randn = seeded_randn(0)
-    return dict(hidden_states=randn(batch, 16, 8, 8), timestep=_steps(batch, 500.0),
+    return dict(hidden_states=randn(batch, 16, 8, 8), timestep=timesteps(batch, 500.0),
                 text_bth=randn(batch, TEXT, 16), text_lens=torch.full((batch,), TEXT))
 
 
@@ -168,8 +165,8 @@ _add("ErnieImageTransformer2DModel", "single-stream",
 def _flux2(batch: int) -> dict:
     randn = seeded_randn(0)
     return dict(hidden_states=randn(batch, 64, 16), encoder_hidden_states=randn(batch, TEXT, 32),
-                timestep=_steps(batch, 0.5), img_ids=_grid_ids(8, 8, 4), txt_ids=_text_ids(TEXT, 4),
-                guidance=_steps(batch, 4.0))
+                timestep=timesteps(batch, 0.5), img_ids=_grid_ids(8, 8, 4), txt_ids=_text_ids(TEXT, 4),
+                guidance=timesteps(batch, 4.0))
 
 
 _add("Flux2Transformer2DModel", "flux-like",
@@ -181,7 +178,7 @@ _add("Flux2Transformer2DModel", "flux-like",
 def _flux3(batch: int) -> dict:
     randn = seeded_randn(0)
     return dict(hidden_states=randn(batch, 64, 16), encoder_hidden_states=randn(batch, TEXT, 32),
-                timestep=_steps(batch, 0.5), img_ids=_grid_ids(8, 8, 4), txt_ids=_text_ids(TEXT, 4))
+                timestep=timesteps(batch, 0.5), img_ids=_grid_ids(8, 8, 4), txt_ids=_text_ids(TEXT, 4))
 
 
 _add("Flux3Transformer2DModel", "flux-like",
@@ -193,7 +190,7 @@ _add("Flux3Transformer2DModel", "flux-like",
 def _flux(batch: int) -> dict:
     randn = seeded_randn(0)
     return dict(hidden_states=randn(batch, 64, 16), encoder_hidden_states=randn(batch, TEXT, 32),
-                pooled_projections=randn(batch, 32), timestep=_steps(batch, 0.5), img_ids=_grid_ids(8, 8),
+                pooled_projections=randn(batch, 32), timestep=timesteps(batch, 0.5), img_ids=_grid_ids(8, 8),
                 txt_ids=_text_ids(TEXT))
 
 
@@ -208,7 +205,7 @@ def _glm(batch: int) -> dict:
     # One prior (AR-stage) token per latent patch.
     return dict(hidden_states=randn(batch, 4, 8, 8), encoder_hidden_states=randn(batch, TEXT, 32),
                 prior_token_id=torch.arange(batch * 16).reshape(batch, 16) % 64,
-                prior_token_drop=torch.zeros(batch, dtype=torch.bool), timestep=_steps(batch, 500.0),
+                prior_token_drop=torch.zeros(batch, dtype=torch.bool), timestep=timesteps(batch, 500.0),
                 target_size=torch.tensor([[64.0, 64.0]] * batch), crop_coords=torch.zeros(batch, 2))
 
 
@@ -221,7 +218,7 @@ _add("GlmImageTransformer2DModel", "mmdit",
 def _hidream(batch: int) -> dict:
     randn = seeded_randn(0)
     # The Llama input is indexed by layer first (`encoder_hidden_states_llama3[k]`): a list keeps batch at dim 0.
-    return dict(hidden_states=randn(batch, 4, 16, 16), timesteps=_steps(batch, 500.0),
+    return dict(hidden_states=randn(batch, 4, 16, 16), timesteps=timesteps(batch, 500.0),
                 encoder_hidden_states_t5=randn(batch, TEXT, 8),
                 encoder_hidden_states_llama3=[randn(batch, TEXT, 4), randn(batch, TEXT, 4)],
                 pooled_embeds=randn(batch, 8))
@@ -237,7 +234,7 @@ _add("HiDreamImageTransformer2DModel", "flux-like",
 
 def _hunyuan_image(batch: int) -> dict:
     randn = seeded_randn(0)
-    return dict(hidden_states=randn(batch, 16, 8, 8), timestep=_steps(batch, 500.0),
+    return dict(hidden_states=randn(batch, 16, 8, 8), timestep=timesteps(batch, 500.0),
                 encoder_hidden_states=randn(batch, TEXT, 32),
                 encoder_attention_mask=torch.ones(batch, TEXT, dtype=torch.bool))
 
@@ -252,7 +249,7 @@ def _hunyuan_dit(batch: int) -> dict:
     randn = seeded_randn(0)
     cos, sin = get_2d_rotary_pos_embed(8, ((0, 0), (4, 4)), (4, 4), use_real=True)
     # image_meta_size: original size, target size, crop top-left.
-    return dict(hidden_states=randn(batch, 4, 8, 8), timestep=_steps(batch, 500.0),
+    return dict(hidden_states=randn(batch, 4, 8, 8), timestep=timesteps(batch, 500.0),
                 encoder_hidden_states=randn(batch, TEXT, 8), text_embedding_mask=torch.ones(batch, TEXT),
                 encoder_hidden_states_t5=randn(batch, TEXT, 8), text_embedding_mask_t5=torch.ones(batch, TEXT),
                 image_meta_size=torch.tensor([[64.0, 64.0, 64.0, 64.0, 0.0, 0.0]] * batch),
@@ -278,7 +275,7 @@ def _ideogram4(batch: int) -> dict:
     positions[text:] = _grid_ids(side, side).long() + ideogram4.IMAGE_POSITION_OFFSET
     indicator = torch.full((tokens,), ideogram4.OUTPUT_IMAGE_INDICATOR)
     indicator[:text] = ideogram4.LLM_TOKEN_INDICATOR
-    return dict(hidden_states=hidden_states, timestep=_steps(batch, 0.5), encoder_hidden_states=features,
+    return dict(hidden_states=hidden_states, timestep=timesteps(batch, 0.5), encoder_hidden_states=features,
                 position_ids=positions.expand(batch, -1, -1).clone(),
                 segment_ids=torch.ones(batch, tokens, dtype=torch.long),
                 indicator=indicator.expand(batch, -1).clone())
@@ -294,7 +291,7 @@ def _krea2(batch: int) -> dict:
     randn = seeded_randn(0)
     positions = torch.cat([torch.zeros(TEXT, 3), _grid_ids(8, 8)])
     return dict(hidden_states=randn(batch, 64, 16), encoder_hidden_states=randn(batch, TEXT, 3, 16),
-                timestep=_steps(batch, 0.5), position_ids=positions,
+                timestep=timesteps(batch, 0.5), position_ids=positions,
                 encoder_attention_mask=torch.ones(batch, TEXT, dtype=torch.bool))
 
 
@@ -309,8 +306,8 @@ _add("Krea2Transformer2DModel", "single-stream",
 def _longcat(batch: int) -> dict:
     randn = seeded_randn(0)
     return dict(hidden_states=randn(batch, 64, 16), encoder_hidden_states=randn(batch, TEXT, 32),
-                timestep=_steps(batch, 0.5), img_ids=_grid_ids(8, 8), txt_ids=_text_ids(TEXT),
-                guidance=_steps(batch, 3.5))
+                timestep=timesteps(batch, 0.5), img_ids=_grid_ids(8, 8), txt_ids=_text_ids(TEXT),
+                guidance=timesteps(batch, 3.5))
 
 
 _add("LongCatImageTransformer2DModel", "flux-like",
@@ -321,7 +318,7 @@ _add("LongCatImageTransformer2DModel", "flux-like",
 
 def _lumina2(batch: int) -> dict:
     randn = seeded_randn(0)
-    return dict(hidden_states=randn(batch, 4, 16, 16), timestep=_steps(batch, 0.5),
+    return dict(hidden_states=randn(batch, 4, 16, 16), timestep=timesteps(batch, 0.5),
                 encoder_hidden_states=randn(batch, TEXT, 32),
                 encoder_attention_mask=torch.ones(batch, TEXT, dtype=torch.bool))
 
@@ -336,7 +333,7 @@ _add("Lumina2Transformer2DModel", "single-stream",
 def _lumina_next(batch: int) -> dict:
     randn = seeded_randn(0)
     # The pipeline passes a complex rotary table over a 384 x 384 patch grid; 32 x 32 covers this size doubled.
-    return dict(hidden_states=randn(batch, 4, 16, 16), timestep=_steps(batch, 0.5),
+    return dict(hidden_states=randn(batch, 4, 16, 16), timestep=timesteps(batch, 0.5),
                 encoder_hidden_states=randn(batch, TEXT, 32), encoder_mask=torch.ones(batch, TEXT),
                 image_rotary_emb=get_2d_rotary_pos_embed_lumina(8, 32, 32), cross_attention_kwargs={})
 

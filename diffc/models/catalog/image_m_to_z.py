@@ -20,20 +20,18 @@ from diffusers import (
     ZImageTransformer2DModel,
 )
 
-from . import FLOW, TinyDenoiser, register, seeded, seeded_randn
+from . import FLOW, TinyDenoiser, register, seeded, seeded_randn, timesteps
 
 _TEXT = 8  # text sequence length
 _GRID = 4  # packed-token grid side
 
 
-def _t(batch: int, value: float) -> torch.Tensor:
-    return torch.full((batch,), value)
 
-
-def _nucleus(batch: int) -> dict:
+def _packed_tokens_with_grid(batch: int) -> dict:
+    """2x2-packed tokens with the (frames, rows, cols) token grid of each row, as QwenImage-style models take them."""
     randn = seeded_randn(0)
     return {"hidden_states": randn(batch, _GRID * _GRID, 16), "encoder_hidden_states": randn(batch, _TEXT, 16),
-            "encoder_hidden_states_mask": torch.ones(batch, _TEXT, dtype=torch.long), "timestep": _t(batch, 0.5),
+            "encoder_hidden_states_mask": torch.ones(batch, _TEXT, dtype=torch.long), "timestep": timesteps(batch, 0.5),
             "img_shapes": [(1, _GRID, _GRID)] * batch}
 
 
@@ -48,7 +46,7 @@ register(TinyDenoiser(
         joint_attention_dim=16, axes_dims_rope=(8, 4, 4), moe_enabled=True,
         dense_moe_strategy="leave_first_block_dense", num_experts=4, moe_intermediate_dim=32,
         capacity_factors=[2.0, 2.0])),
-    inputs=_nucleus))
+    inputs=_packed_tokens_with_grid))
 
 
 def _omnigen(batch: int) -> dict:
@@ -59,7 +57,7 @@ def _omnigen(batch: int) -> dict:
     # causal over the prompt, bidirectional within the image (as OmniGen's processor builds it)
     mask = torch.tril(torch.ones(length, length))
     mask[-image_tokens:, -image_tokens:] = 1.0
-    return {"hidden_states": randn(batch, 4, size, size), "timestep": _t(batch, 0.5),
+    return {"hidden_states": randn(batch, 4, size, size), "timestep": timesteps(batch, 0.5),
             "input_ids": torch.arange(1, _TEXT + 1).repeat(batch, 1), "input_img_latents": [],
             "input_image_sizes": {}, "attention_mask": mask.repeat(batch, 1, 1),
             "position_ids": torch.arange(length).repeat(batch, 1)}
@@ -84,7 +82,7 @@ def _image_ids() -> torch.Tensor:
 def _ovis(batch: int) -> dict:
     randn = seeded_randn(0)
     return {"hidden_states": randn(batch, _GRID * _GRID, 16), "encoder_hidden_states": randn(batch, _TEXT, 16),
-            "timestep": _t(batch, 0.5), "img_ids": _image_ids(), "txt_ids": torch.zeros(_TEXT, 3)}
+            "timestep": timesteps(batch, 0.5), "img_ids": _image_ids(), "txt_ids": torch.zeros(_TEXT, 3)}
 
 
 register(TinyDenoiser(
@@ -98,7 +96,7 @@ register(TinyDenoiser(
 
 def _prx(batch: int) -> dict:
     randn = seeded_randn(0)
-    return {"hidden_states": randn(batch, 16, 8, 8), "timestep": _t(batch, 0.5),
+    return {"hidden_states": randn(batch, 16, 8, 8), "timestep": timesteps(batch, 0.5),
             "encoder_hidden_states": randn(batch, _TEXT, 16)}
 
 
@@ -112,7 +110,7 @@ register(TinyDenoiser(
 
 def _pixart(batch: int) -> dict:
     randn = seeded_randn(0)
-    return {"hidden_states": randn(batch, 4, 8, 8), "timestep": _t(batch, 500.0),
+    return {"hidden_states": randn(batch, 4, 8, 8), "timestep": timesteps(batch, 500.0),
             "encoder_hidden_states": randn(batch, _TEXT, 32),
             "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
 
@@ -133,7 +131,7 @@ def _qwen21(batch: int) -> dict:
     img_mask = torch.zeros(batch, _TEXT + _GRID * _GRID // 4, dtype=torch.bool)
     img_mask[:, _TEXT:] = True
     return {"hidden_states": randn(batch, _GRID * _GRID, 16), "encoder_hidden_states": randn(batch, _TEXT, 16),
-            "encoder_hidden_states_mask": torch.ones(batch, _TEXT, dtype=torch.long), "timestep": _t(batch, 0.5),
+            "encoder_hidden_states_mask": torch.ones(batch, _TEXT, dtype=torch.long), "timestep": timesteps(batch, 0.5),
             "img_shapes": [[(1, _GRID, _GRID)]] * batch, "img_mask": img_mask}
 
 
@@ -147,26 +145,19 @@ register(TinyDenoiser(
     inputs=_qwen21))
 
 
-def _qwen(batch: int) -> dict:
-    randn = seeded_randn(0)
-    return {"hidden_states": randn(batch, _GRID * _GRID, 16), "encoder_hidden_states": randn(batch, _TEXT, 16),
-            "encoder_hidden_states_mask": torch.ones(batch, _TEXT, dtype=torch.long), "timestep": _t(batch, 0.5),
-            "img_shapes": [(1, _GRID, _GRID)] * batch}
-
-
 register(TinyDenoiser(
     "QwenImageTransformer2DModel", "mmdit", latent="hidden_states", timestep_kind=FLOW,
     note="hidden_states are 2x2-packed tokens; img_shapes gives the (frames, rows, cols) token grid per row",
     build=seeded(lambda: QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4))),
-    inputs=_qwen))
+    inputs=_packed_tokens_with_grid))
 
 
 def _sd3(batch: int) -> dict:
     randn = seeded_randn(0)
     return {"hidden_states": randn(batch, 16, 8, 8), "encoder_hidden_states": randn(batch, _TEXT, 32),
-            "pooled_projections": randn(batch, 32), "timestep": _t(batch, 500.0)}
+            "pooled_projections": randn(batch, 32), "timestep": timesteps(batch, 500.0)}
 
 
 # SD3.5's variant: joint + self attention in the first block, RMS-normed q/k
@@ -182,7 +173,7 @@ register(TinyDenoiser(
 def _sana(batch: int) -> dict:
     randn = seeded_randn(0)
     return {"hidden_states": randn(batch, 16, 8, 8), "encoder_hidden_states": randn(batch, _TEXT, 16),
-            "timestep": _t(batch, 500.0)}
+            "timestep": timesteps(batch, 500.0)}
 
 
 register(TinyDenoiser(
@@ -197,7 +188,7 @@ register(TinyDenoiser(
 def _transformer2d(batch: int) -> dict:
     randn = seeded_randn(0)
     return {"hidden_states": randn(batch, 16, 8, 8), "encoder_hidden_states": randn(batch, _TEXT, 16),
-            "timestep": _t(batch, 500.0)}
+            "timestep": timesteps(batch, 500.0)}
 
 
 register(TinyDenoiser(
@@ -211,7 +202,7 @@ register(TinyDenoiser(
 
 def _zimage(batch: int) -> dict:
     randn = seeded_randn(0)
-    return {"x": randn(batch, 16, 1, 8, 8), "cap_feats": randn(batch, _TEXT, 16), "t": _t(batch, 0.5)}
+    return {"x": randn(batch, 16, 1, 8, 8), "cap_feats": randn(batch, _TEXT, 16), "t": timesteps(batch, 0.5)}
 
 
 register(TinyDenoiser(

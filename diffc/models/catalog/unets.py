@@ -20,19 +20,16 @@ from diffusers import (
     UNetSpatioTemporalConditionModel,
 )
 
-from . import FLOW, TinyDenoiser, register, seeded, seeded_randn
+from . import FLOW, TinyDenoiser, register, seeded, seeded_randn, timesteps
 
 _TEXT = 8  # text sequence length
 _FRAMES = 2
 
 
-def _t(batch: int, value: float = 500.0) -> torch.Tensor:
-    return torch.full((batch,), value)
-
 
 def _unet1d(batch: int) -> dict:
     randn = seeded_randn(0)
-    return {"sample": randn(batch, 14, 16), "timestep": _t(batch)}
+    return {"sample": randn(batch, 14, 16), "timestep": timesteps(batch)}
 
 
 register(TinyDenoiser(
@@ -47,7 +44,7 @@ register(TinyDenoiser(
 
 def _unet2d(batch: int) -> dict:
     randn = seeded_randn(0)
-    return {"sample": randn(batch, 4, 8, 8), "timestep": _t(batch)}
+    return {"sample": randn(batch, 4, 8, 8), "timestep": timesteps(batch)}
 
 
 register(TinyDenoiser(
@@ -61,7 +58,7 @@ register(TinyDenoiser(
 
 def _unet2d_condition(batch: int) -> dict:
     randn = seeded_randn(0)
-    return {"sample": randn(batch, 4, 8, 8), "timestep": _t(batch), "encoder_hidden_states": randn(batch, _TEXT, 16)}
+    return {"sample": randn(batch, 4, 8, 8), "timestep": timesteps(batch), "encoder_hidden_states": randn(batch, _TEXT, 16)}
 
 
 # attention_head_dim is the number of heads in the SD-style UNets (diffusers keeps the historical name)
@@ -76,7 +73,7 @@ register(TinyDenoiser(
 
 def _unet3d_condition(batch: int) -> dict:
     randn = seeded_randn(0)
-    return {"sample": randn(batch, 4, _FRAMES, 8, 8), "timestep": _t(batch),
+    return {"sample": randn(batch, 4, _FRAMES, 8, 8), "timestep": timesteps(batch),
             "encoder_hidden_states": randn(batch, _TEXT, 16)}
 
 
@@ -92,7 +89,7 @@ register(TinyDenoiser(
 def _controlnet_xs(batch: int) -> dict:
     randn = seeded_randn(0)
     # the control image is at pixel scale: conditioning_embedding_out_channels (4, 4) downsamples it 2x
-    return {"sample": randn(batch, 4, 8, 8), "timestep": _t(batch), "encoder_hidden_states": randn(batch, _TEXT, 16),
+    return {"sample": randn(batch, 4, 8, 8), "timestep": timesteps(batch), "encoder_hidden_states": randn(batch, _TEXT, 16),
             "controlnet_cond": randn(batch, 3, 16, 16), "conditioning_scale": 1.0}
 
 
@@ -111,7 +108,7 @@ def _motion(batch: int) -> dict:
     randn = seeded_randn(0)
     # the model folds frames into the batch and does not repeat the text itself: AnimateDiff passes it per frame
     text = randn(batch, _TEXT, 16).repeat_interleave(_FRAMES, dim=0)
-    return {"sample": randn(batch, 4, _FRAMES, 8, 8), "timestep": _t(batch), "encoder_hidden_states": text}
+    return {"sample": randn(batch, 4, _FRAMES, 8, 8), "timestep": timesteps(batch), "encoder_hidden_states": text}
 
 
 register(TinyDenoiser(
@@ -128,7 +125,7 @@ register(TinyDenoiser(
 def _svd(batch: int) -> dict:
     randn = seeded_randn(0)
     # added_time_ids: fps, motion bucket id, noise augmentation strength
-    return {"sample": randn(batch, _FRAMES, 4, 8, 8), "timestep": _t(batch, 0.5),
+    return {"sample": randn(batch, _FRAMES, 4, 8, 8), "timestep": timesteps(batch, 0.5),
             "encoder_hidden_states": randn(batch, 1, 32),
             "added_time_ids": torch.tensor([[6.0, 127.0, 0.02]]).repeat(batch, 1)}
 
@@ -151,7 +148,7 @@ def _i2vgen(batch: int) -> dict:
     randn = seeded_randn(0)
     # the image's latent as the first frame, zeros after it (as the pipeline builds it)
     image = torch.cat([randn(batch, 4, 1, 8, 8), torch.zeros(batch, 4, _FRAMES - 1, 8, 8)], dim=2)
-    return {"sample": randn(batch, 4, _FRAMES, 8, 8), "timestep": _t(batch), "fps": torch.full((batch,), 16.0),
+    return {"sample": randn(batch, 4, _FRAMES, 8, 8), "timestep": timesteps(batch), "fps": torch.full((batch,), 16.0),
             "image_latents": image, "image_embeddings": randn(batch, 16),
             "encoder_hidden_states": randn(batch, _TEXT, 16)}
 
@@ -167,7 +164,7 @@ register(TinyDenoiser(
 
 def _kandinsky3(batch: int) -> dict:
     randn = seeded_randn(0)
-    return {"sample": randn(batch, 4, 8, 8), "timestep": _t(batch), "encoder_hidden_states": randn(batch, _TEXT, 16),
+    return {"sample": randn(batch, 4, 8, 8), "timestep": timesteps(batch), "encoder_hidden_states": randn(batch, _TEXT, 16),
             "encoder_attention_mask": torch.ones(batch, _TEXT)}
 
 
@@ -182,7 +179,7 @@ register(TinyDenoiser(
 
 def _stable_cascade(batch: int) -> dict:
     randn = seeded_randn(0)
-    return {"sample": randn(batch, 16, 8, 8), "timestep_ratio": _t(batch, 0.5),
+    return {"sample": randn(batch, 16, 8, 8), "timestep_ratio": timesteps(batch, 0.5),
             "clip_text_pooled": randn(batch, 1, 32), "clip_text": randn(batch, _TEXT, 32),
             "clip_img": randn(batch, 1, 32)}
 
@@ -201,7 +198,7 @@ register(TinyDenoiser(
 def _dreamlite(batch: int) -> dict:
     randn = seeded_randn(0)
     # time_ids: the original (height, width)
-    return {"sample": randn(batch, 4, 8, 16), "timestep": _t(batch), "encoder_hidden_states": randn(batch, _TEXT, 12),
+    return {"sample": randn(batch, 4, 8, 16), "timestep": timesteps(batch), "encoder_hidden_states": randn(batch, _TEXT, 12),
             "encoder_attention_mask": torch.ones(batch, _TEXT),
             "added_cond_kwargs": {"time_ids": torch.tensor([[64.0, 64.0]]).repeat(batch, 1)}}
 

@@ -27,19 +27,16 @@ from diffusers import (
     Kandinsky6Transformer3DModel,
 )
 
-from . import FLOW, TinyDenoiser, register, seeded, seeded_randn
+from . import FLOW, TinyDenoiser, register, seeded, seeded_randn, timesteps
 
 FRAMES, SIZE, TEXT = 2, 8, 8
 
-
-def _steps(batch: int, value: float) -> torch.Tensor:
-    return torch.full((batch,), value)
 
 
 def _allegro_inputs(batch: int) -> dict:
     randn = seeded_randn(0)
     return {"hidden_states": randn(batch, 4, FRAMES, SIZE, SIZE), "encoder_hidden_states": randn(batch, TEXT, 8),
-            "timestep": _steps(batch, 500.0)}
+            "timestep": timesteps(batch, 500.0)}
 
 
 register(TinyDenoiser(
@@ -81,7 +78,7 @@ register(TinyDenoiser(
 def _chronoedit_inputs(batch: int) -> dict:
     randn = seeded_randn(0)
     return {"hidden_states": randn(batch, 16, FRAMES, SIZE, SIZE), "encoder_hidden_states": randn(batch, TEXT, 32),
-            "timestep": _steps(batch, 500.0)}
+            "timestep": timesteps(batch, 500.0)}
 
 
 register(TinyDenoiser(
@@ -100,7 +97,7 @@ def _cogvideox_inputs(batch: int) -> dict:
     # (B, F, C, H, W) latents; the text length is fixed at max_text_seq_length (joint sincos position table).
     randn = seeded_randn(0)
     return {"hidden_states": randn(batch, FRAMES, 4, SIZE, SIZE), "encoder_hidden_states": randn(batch, TEXT, 8),
-            "timestep": _steps(batch, 500.0)}
+            "timestep": timesteps(batch, 500.0)}
 
 
 register(TinyDenoiser(
@@ -126,7 +123,7 @@ register(TinyDenoiser(
 def _cosmos_inputs(batch: int) -> dict:
     randn = seeded_randn(0)
     return {"hidden_states": randn(batch, 4, FRAMES, SIZE, SIZE), "encoder_hidden_states": randn(batch, TEXT, 16),
-            "timestep": _steps(batch, 0.5), "attention_mask": torch.ones(batch, TEXT), "fps": 24}
+            "timestep": timesteps(batch, 0.5), "attention_mask": torch.ones(batch, TEXT), "fps": 24}
 
 
 register(TinyDenoiser(
@@ -143,7 +140,7 @@ register(TinyDenoiser(
 def _easyanimate_inputs(batch: int) -> dict:
     randn = seeded_randn(0)
     return {"hidden_states": randn(batch, 4, FRAMES, SIZE, SIZE), "encoder_hidden_states": randn(batch, TEXT, 16),
-            "timestep": _steps(batch, 500.0)}
+            "timestep": timesteps(batch, 500.0)}
 
 
 register(TinyDenoiser(
@@ -159,7 +156,7 @@ def _helios_inputs(batch: int) -> dict:
     randn = seeded_randn(0)
     history = FRAMES + torch.arange(7.0)
     return {"hidden_states": randn(batch, 4, FRAMES, SIZE, SIZE), "encoder_hidden_states": randn(batch, TEXT, 16),
-            "timestep": _steps(batch, 500.0),
+            "timestep": timesteps(batch, 500.0),
             "indices_hidden_states": torch.arange(float(FRAMES)).repeat(batch, 1),
             "indices_latents_history_short": history[:1].repeat(batch, 1),
             "indices_latents_history_mid": history[1:3].repeat(batch, 1),
@@ -180,7 +177,7 @@ register(TinyDenoiser(
 def _hunyuan15_inputs(batch: int) -> dict:
     # All-zero image embeddings select text-to-video.
     randn = seeded_randn(0)
-    return {"hidden_states": randn(batch, 4, FRAMES, SIZE, SIZE), "timestep": _steps(batch, 500.0),
+    return {"hidden_states": randn(batch, 4, FRAMES, SIZE, SIZE), "timestep": timesteps(batch, 500.0),
             "encoder_hidden_states": randn(batch, TEXT, 16), "encoder_attention_mask": torch.ones(batch, TEXT),
             "encoder_hidden_states_2": randn(batch, 4, 8), "encoder_attention_mask_2": torch.ones(batch, 4),
             "image_embeds": torch.zeros(batch, 3, 12)}
@@ -203,9 +200,9 @@ _HUNYUAN = {"in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "atte
 def _hunyuan_inputs(batch: int) -> dict:
     # The pipelines pass the distilled guidance scale times 1000.
     randn = seeded_randn(0)
-    return {"hidden_states": randn(batch, 4, FRAMES, SIZE, SIZE), "timestep": _steps(batch, 500.0),
+    return {"hidden_states": randn(batch, 4, FRAMES, SIZE, SIZE), "timestep": timesteps(batch, 500.0),
             "encoder_hidden_states": randn(batch, TEXT, 16), "encoder_attention_mask": torch.ones(batch, TEXT),
-            "pooled_projections": randn(batch, 8), "guidance": _steps(batch, 6000.0)}
+            "pooled_projections": randn(batch, 8), "guidance": timesteps(batch, 6000.0)}
 
 
 register(TinyDenoiser(
@@ -239,7 +236,7 @@ def _joyimage_inputs(batch: int) -> dict:
     # (B, items, C, F, H, W): the edit pipeline stacks the reference image latents before the target.
     randn = seeded_randn(0)
     return {"hidden_states": randn(batch, 2, 16, 1, SIZE, SIZE), "encoder_hidden_states": randn(batch, TEXT, 16),
-            "timestep": _steps(batch, 500.0)}
+            "timestep": timesteps(batch, 500.0)}
 
 
 register(TinyDenoiser(
@@ -254,7 +251,7 @@ def _joyimage_plus_inputs(batch: int) -> dict:
     grid = (1, SIZE // 2, SIZE // 2)
     return {"hidden_states": randn(batch, 2 * (SIZE // 2) ** 2, 16, 1, 2, 2),
             "encoder_hidden_states": randn(batch, TEXT, 16), "encoder_hidden_states_mask": torch.ones(batch, TEXT),
-            "timestep": _steps(batch, 500.0), "shape_list": [[grid, grid]] * batch}
+            "timestep": timesteps(batch, 500.0), "shape_list": [[grid, grid]] * batch}
 
 
 register(TinyDenoiser(
@@ -268,7 +265,7 @@ def _kandinsky5_inputs(batch: int) -> dict:
     # (B, F, H, W, C) latents; rotary positions of the patch grid and of the text tokens are not batched.
     randn = seeded_randn(0)
     return {"hidden_states": randn(batch, FRAMES, SIZE, SIZE, 4), "encoder_hidden_states": randn(batch, TEXT, 16),
-            "pooled_projections": randn(batch, 8), "timestep": _steps(batch, 500.0),
+            "pooled_projections": randn(batch, 8), "timestep": timesteps(batch, 500.0),
             "visual_rope_pos": [torch.arange(FRAMES), torch.arange(SIZE // 2), torch.arange(SIZE // 2)],
             "text_rope_pos": torch.arange(TEXT)}
 
@@ -284,7 +281,7 @@ register(TinyDenoiser(
 def _kandinsky6_inputs(batch: int) -> dict:
     randn = seeded_randn(0)
     return {"hidden_states": randn(batch, FRAMES, SIZE, SIZE, 4), "encoder_hidden_states": randn(batch, TEXT, 8),
-            "pooled_projections": randn(batch, 8), "timestep": _steps(batch, 500.0)}
+            "pooled_projections": randn(batch, 8), "timestep": timesteps(batch, 500.0)}
 
 
 register(TinyDenoiser(
@@ -299,7 +296,7 @@ register(TinyDenoiser(
 def _kandinsky6_sr_inputs(batch: int) -> dict:
     # (B, F, H, W, 2C+1): noisy latent, anchor latent and anchor mask; NABLA needs a token grid divisible by 8.
     randn = seeded_randn(0)
-    return {"hidden_states": randn(batch, FRAMES, 16, 16, 9), "timestep": _steps(batch, 500.0)}
+    return {"hidden_states": randn(batch, FRAMES, 16, 16, 9), "timestep": timesteps(batch, 500.0)}
 
 
 register(TinyDenoiser(

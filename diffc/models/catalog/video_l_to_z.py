@@ -27,13 +27,10 @@ from diffusers import (
 from diffusers.models.transformers.transformer_sana_wm_refiner import SanaWMLTX2AudioVideoRotaryPosEmbed
 from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
 
-from . import DDPM, FLOW, TinyDenoiser, register, seeded, seeded_randn
+from . import DDPM, FLOW, TinyDenoiser, register, seeded, seeded_randn, timesteps
 
 _FRAMES, _SIZE, _TEXT = 2, 8, 8
 
-
-def _t(batch: int) -> torch.Tensor:
-    return torch.full((batch,), 500.0)
 
 
 def _video(randn, batch: int, channels: int, frames: int = _FRAMES) -> torch.Tensor:
@@ -48,7 +45,7 @@ _WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, 
 
 def _wan_inputs(batch: int) -> dict:
     randn = seeded_randn(0)
-    return {"hidden_states": _video(randn, batch, 4), "timestep": _t(batch),
+    return {"hidden_states": _video(randn, batch, 4), "timestep": timesteps(batch),
             "encoder_hidden_states": randn(batch, _TEXT, 16)}
 
 
@@ -77,7 +74,7 @@ register(TinyDenoiser(
 def _wan_animate_inputs(batch: int) -> dict:
     randn = seeded_randn(0)
     frames = 3  # a reference frame and 2 pose-driven ones; the face video has 4 * 2 - 3 frames, as the pipeline cuts it
-    return {"hidden_states": _video(randn, batch, 12, frames), "timestep": _t(batch),
+    return {"hidden_states": _video(randn, batch, 12, frames), "timestep": timesteps(batch),
             "encoder_hidden_states": randn(batch, _TEXT, 16), "encoder_hidden_states_image": randn(batch, 4, 16),
             "pose_hidden_states": _video(randn, batch, 4, frames - 1),
             "face_pixel_values": randn(batch, 3, 4 * (frames - 1) - 3, 16, 16)}
@@ -110,7 +107,7 @@ def _wan_animate_2_inputs(batch: int) -> dict:
     for layer in range(2):
         shape = (batch, _FRAMES * grid * grid, _WA2_HEADS, _WA2_DIM // _WA2_HEADS)
         cache.get(layer).store(randn(*shape), randn(*shape))
-    return {"hidden_states": _video(randn, batch, 4, frames), "timestep": _t(batch),
+    return {"hidden_states": _video(randn, batch, 4, frames), "timestep": timesteps(batch),
             "encoder_hidden_states": randn(batch, _TEXT, 16), "condition_latents": _video(randn, batch, 4, frames),
             "encoder_hidden_states_image": randn(batch, 4, 1280), "kv_cache": cache, "kv_cache_mode": "cached",
             "seq_len": frames * grid * grid, "reference_grid_sizes": torch.tensor([[_FRAMES, grid, grid]] * batch),
@@ -130,7 +127,7 @@ register(TinyDenoiser(
 def _ltx_inputs(batch: int) -> dict:
     randn = seeded_randn(0)
     return {"hidden_states": randn(batch, _FRAMES * _SIZE * _SIZE, 4), "encoder_hidden_states": randn(batch, _TEXT, 16),
-            "timestep": _t(batch), "encoder_attention_mask": torch.ones(batch, _TEXT),
+            "timestep": timesteps(batch), "encoder_attention_mask": torch.ones(batch, _TEXT),
             "num_frames": _FRAMES, "height": _SIZE, "width": _SIZE}
 
 
@@ -152,7 +149,7 @@ def _ltx2_inputs(batch: int) -> dict:
     randn = seeded_randn(0)
     return {"hidden_states": randn(batch, _FRAMES * _SIZE * _SIZE, 4), "audio_hidden_states": randn(batch, 4, 4),
             "encoder_hidden_states": randn(batch, _TEXT, 16), "audio_encoder_hidden_states": randn(batch, _TEXT, 16),
-            "timestep": _t(batch), "encoder_attention_mask": torch.ones(batch, _TEXT),
+            "timestep": timesteps(batch), "encoder_attention_mask": torch.ones(batch, _TEXT),
             "audio_encoder_attention_mask": torch.ones(batch, _TEXT), "num_frames": _FRAMES, "height": _SIZE,
             "width": _SIZE, "audio_num_frames": 4, "fps": 25.0}
 
@@ -174,7 +171,7 @@ def _refiner_inputs(batch: int) -> dict:
                                               num_attention_heads=2)
     coords = rope.prepare_video_coords(batch, _FRAMES, _SIZE, _SIZE, torch.device("cpu"), fps=24.0)
     return {"hidden_states": randn(batch, _FRAMES * _SIZE * _SIZE, 4), "encoder_hidden_states": randn(batch, _TEXT, 16),
-            "timestep": _t(batch), "video_rotary_emb": rope(coords, device=torch.device("cpu")),
+            "timestep": timesteps(batch), "video_rotary_emb": rope(coords, device=torch.device("cpu")),
             "encoder_attention_mask": torch.ones(batch, _TEXT)}
 
 
@@ -187,7 +184,7 @@ register(TinyDenoiser(
 def _sana_video_inputs(batch: int) -> dict:
     randn = seeded_randn(0)
     return {"hidden_states": _video(randn, batch, 4), "encoder_hidden_states": randn(batch, _TEXT, 16),
-            "timestep": _t(batch)}
+            "timestep": timesteps(batch)}
 
 
 register(TinyDenoiser(
@@ -228,7 +225,7 @@ register(TinyDenoiser(
 def _latte_inputs(batch: int) -> dict:
     randn = seeded_randn(0)
     return {"hidden_states": _video(randn, batch, 4), "encoder_hidden_states": randn(batch, _TEXT, 8),
-            "timestep": _t(batch)}
+            "timestep": timesteps(batch)}
 
 
 # Latte predicts a learned variance (8 output channels for a 4-channel latent); its temporal position embedding is
@@ -248,7 +245,7 @@ register(TinyDenoiser(
 def _mochi_inputs(batch: int) -> dict:
     randn = seeded_randn(0)
     return {"hidden_states": _video(randn, batch, 4), "encoder_hidden_states": randn(batch, _TEXT, 16),
-            "timestep": _t(batch), "encoder_attention_mask": torch.ones(batch, _TEXT, dtype=torch.bool)}
+            "timestep": timesteps(batch), "encoder_attention_mask": torch.ones(batch, _TEXT, dtype=torch.bool)}
 
 
 register(TinyDenoiser(
@@ -263,7 +260,7 @@ register(TinyDenoiser(
 # in_channels = out_channels the class is the plain text-to-video denoiser.
 def _motif_inputs(batch: int) -> dict:
     randn = seeded_randn(0)
-    return {"hidden_states": _video(randn, batch, 4), "timestep": _t(batch),
+    return {"hidden_states": _video(randn, batch, 4), "timestep": timesteps(batch),
             "encoder_hidden_states": randn(batch, _TEXT, 32), "encoder_attention_mask": torch.ones(batch, _TEXT)}
 
 
