@@ -168,11 +168,12 @@ def _shape_spec(path: tuple[str, ...], value: Any, pinned: set[str] | None) -> A
     """The dynamic_shapes entry of one argument, in its structure: dims for a tensor, None for a constant."""
     if isinstance(value, torch.Tensor):
         return _dynamic_dims(path, value, pinned)
+    if len(path) > 1:  # below the first level only constants (shape tuples of a list): every leaf static
+        return pytree.tree_map(lambda _: None, value)
     if isinstance(value, Mapping):
-        return {k: _shape_spec((*path, k), v, pinned) if len(path) == 1 else None for k, v in value.items()}
+        return {k: _shape_spec((*path, k), v, pinned) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_shape_spec((*path, str(i)), v, pinned) if len(path) == 1 else None
-                           for i, v in enumerate(value))
+        return type(value)(_shape_spec((*path, str(i)), v, pinned) for i, v in enumerate(value))
     return None
 
 
@@ -197,13 +198,32 @@ def _export(model: torch.nn.Module, kwargs: dict[str, Any], pinned: set[str] | N
     stack: list[str] = []
     handles = _track_module_stack(model, stack)
     try:
-        exported = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the module and op named
-        raise CaptureError(_describe_failure(model, stack, exc)) from exc
+        try:
+            exported = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        except Exception as exc:  # noqa: BLE001 - retried without gradients, else re-raised with the module named
+            if "backward" not in str(exc):
+                raise CaptureError(_describe_failure(model, stack, exc)) from exc
+            # ops without a backward (flex attention) refuse parameters that require grad; inference needs none
+            stack.clear()
+            exported = _export_without_grad(model, kwargs, dynamic_shapes, stack)
     finally:
         for handle in handles:
             handle.remove()
     return _flatten(_functional(exported))
+
+
+def _export_without_grad(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_shapes: dict[str, Any],
+                         stack: list[str]) -> torch.export.ExportedProgram:
+    wanted = [p for p in model.parameters() if p.requires_grad]
+    for parameter in wanted:
+        parameter.requires_grad_(False)
+    try:
+        return torch.export.export(model, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the module and op named
+        raise CaptureError(_describe_failure(model, stack, exc)) from exc
+    finally:
+        for parameter in wanted:
+            parameter.requires_grad_(True)
 
 
 def _functional(exported: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
@@ -220,7 +240,14 @@ def _functional(exported: torch.export.ExportedProgram) -> torch.export.Exported
         return schema is not None and schema.is_mutable
 
     if any(rewritten(node) for node in exported.graph.nodes if node.op == "call_function"):
-        return exported.run_decompositions({})
+        exported = exported.run_decompositions({})
+    kept = sorted({str(node.target) for node in exported.graph.nodes
+                   if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator)})
+    if kept:
+        raise CaptureError(f"the graph keeps the higher-order op(s) {', '.join(kept)} with their own subgraphs (flex "
+                           "attention's score and mask functions, a data-dependent branch), which diffc's passes and "
+                           "backends do not lower; run the model with an attention that is plain ops (diffusers' "
+                           "set_attention_backend('native') where the model allows it)")
     return exported
 
 

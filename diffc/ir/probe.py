@@ -70,7 +70,9 @@ def constant_arguments(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     constants = {}
     for key, value in kwargs.items():
         leaves = pytree.tree_leaves(value)
-        if value is None or any(isinstance(leaf, torch.Tensor) for leaf in leaves) or all(v is None for v in leaves):
+        # an empty dict is a constant too (LuminaNext fails without its cross_attention_kwargs={})
+        if value is None or any(isinstance(leaf, torch.Tensor) for leaf in leaves) or \
+                (leaves and all(v is None for v in leaves)):
             continue
         constants[key] = encode_constant(value)
     return constants
