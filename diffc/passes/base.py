@@ -11,7 +11,7 @@ from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
 from .._json import jsonable
 from ..calibration import ResampledReference
 from .._progress import progress
-from ..errors import LintError, PassError
+from ..errors import DiffcError, LintError, PassError
 from ..ir import DiffusionGraph, lint
 
 
@@ -266,6 +266,11 @@ class PassManager:
                 result = p.run(current.clone(), ctx)
             except PassError as exc:
                 raise PassError(f"{where} failed: {exc}") from exc
+            except DiffcError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - torch's or the model's error, named with the pass
+                raise PassError(f"{where} failed unexpectedly: {type(exc).__name__}: {exc}. Nothing was changed; "
+                                "leave the pass out for this model and report it with the model's class") from exc
             if not isinstance(result, PassResult):
                 raise PassError(f"{where} returned {type(result).__name__}, not a PassResult")
             try:
