@@ -77,8 +77,8 @@ def markdown(rows: dict[str, dict], classes: list[str]) -> str:
         elif "cache_full_steps" in figures:
             cache = f"{figures['cache_full_steps']}/{figures['cache_num_steps']}, {figures['cache_held_out_psnr']}"
         errors = row.get("errors", {})
-        first = next(iter(errors.values()), "") if errors else ""
-        first = first.replace("|", "/")[:160]
+        first = next((errors[c] for c in ("build", "run", *CHECKS) if c in errors), "")
+        first = first.replace("|", "/")[:260]
         lines.append(f"| {name} | {row.get('family', '')} | " + " | ".join(marks) +
                      f" | {cache} | {row.get('seconds', '')} | {first} |")
     return "\n".join(lines) + "\n"

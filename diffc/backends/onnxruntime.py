@@ -351,9 +351,13 @@ class SegmentSession:
         self.name, self.device = name, device
         # the ONNX bytes of a session specialized to other shapes, which a LoRA swap rewrites (None: not kept)
         self.model_bytes: bytes | None = None
-        self.session = onnxruntime.InferenceSession(path, sess_options=options, providers=list(providers),
-                                                    provider_options=provider_options,
-                                                    disabled_optimizers=DISABLED_OPTIMIZERS)
+        try:
+            self.session = onnxruntime.InferenceSession(path, sess_options=options, providers=list(providers),
+                                                        provider_options=provider_options,
+                                                        disabled_optimizers=DISABLED_OPTIMIZERS)
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime refusing the graph (an op or type it lacks)
+            raise TargetError(f"ONNX Runtime cannot load segment {name}: {' '.join(str(exc).split())[:300]}. Compile "
+                              "for target='torch' to run this model") from exc
         proto = onnx.load(path, load_external_data=False)
         entries = read_segment_metadata(proto)
         if entries is None:
