@@ -28,7 +28,8 @@ IMAGE_INPUTS = ("image", "control_image", "mask_image")
 class DenoiserRecorder:
     """Hooks on a denoiser module that hand each call's named tensor inputs and output to
     `on_call(inputs, output, timestep)`. Inputs are named as in diffc's signatures: the forward's
-    parameter name, or `param.key` for tensors inside a dict argument."""
+    parameter name, `param.key` for tensors inside a dict argument, `param.0`, `param.1`, ... inside
+    a list or tuple."""
 
     def __init__(self, module: torch.nn.Module, on_call: Callable[[dict[str, torch.Tensor], torch.Tensor, float | None], None],
                  writer: SetWriter | None = None) -> None:
