@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ...errors import PassError
-from ...ir import DiffusionGraph
+from ...ir import LATENT, DiffusionGraph
 from ...ir.blocks import STAGE, TRANSFORMER_BLOCK, node_flops
 from ...ir.partition import region_nodes
 from ...ir.step_plan import CACHED, DELTA, FULL, Region
@@ -211,7 +211,7 @@ def _transformer_layers(dg: DiffusionGraph) -> list[Any]:
 def _downstream_of_latent(dg: DiffusionGraph) -> set[str] | None:
     """Names of the nodes computed from the latent input (None for a graph without one)."""
     placeholders = [n for n in dg.graph.nodes if n.op == "placeholder"]
-    index = next((i for i, spec in enumerate(dg.signature.inputs) if spec.role == "latent"), None)
+    index = next((i for i, spec in enumerate(dg.signature.inputs) if spec.role == LATENT), None)
     if index is None or index >= len(placeholders):
         return None
     start = placeholders[index]
