@@ -17,11 +17,11 @@ from .._json import jsonable
 from ..errors import CaptureError, DiffcError
 from .blocks import discover_blocks
 from .fxutil import copy_graph
-from .examples import LATENT_NAMES, TIMESTEP_NAMES, UNBATCHED_NAMES, dim_kind
+from .examples import LATENT_NAMES, TIMESTEP_NAMES, UNBATCHED_NAMES, dim_kinds, latent_channel_dim
 from .examples import example_inputs as derive_example_inputs
 from .graph import CONDITIONING, LATENT, TIMESTEP, DiffusionGraph, Signature, TensorInput, TensorOutput
-from .probe import (ShapeProber, constant_arguments, describe, flat_tensor_inputs, marked_kind, mismatch, run_graph,
-                    with_tensor)
+from .probe import (DimKinds, ShapeProber, constant_arguments, describe, flat_tensor_inputs, mismatch, run_graph,
+                    tensor_at, with_tensor)
 
 # Nodes torch.export inserts only to check its own assumptions; diffc validates inputs itself.
 _CHECK_OPS = {torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._assert_scalar.default,
@@ -54,6 +54,7 @@ def _capture(model: torch.nn.Module, example_inputs: Mapping[str, Any] | None, d
     inputs.pop("return_dict", None)
     if dynamic:
         inputs = _batch_of_two_if_one(inputs)
+        inputs = _text_of_two_if_one(inputs, _dim_kinds(model, flat_tensor_inputs(inputs)))
     forward_params = tuple(inspect.signature(model.forward).parameters)
     unknown = [k for k in inputs if k not in forward_params]
     if unknown:
@@ -74,13 +75,14 @@ def _capture(model: torch.nn.Module, example_inputs: Mapping[str, Any] | None, d
     if not flat_reference or not all(isinstance(t, torch.Tensor) for t in flat_reference):
         raise CaptureError(f"{type(model).__name__} returned {type(reference).__name__}; diffc needs tensor outputs.")
 
+    flat_inputs = flat_tensor_inputs(call_kwargs)
+    kinds = _dim_kinds(model, flat_inputs)
     if dynamic:
-        module = _symbolic_module(model, call_kwargs, flat_reference)
+        module = _symbolic_module(model, call_kwargs, flat_reference, kinds)
     else:
         module = _static_module(model, call_kwargs, flat_reference)
-    flat_inputs = flat_tensor_inputs(call_kwargs)
     ShapeProp(module).propagate(*[t for _, t in flat_inputs])
-    signature = _signature(model, module, flat_inputs, flat_reference, forward_params, output_class)
+    signature = _signature(model, module, flat_inputs, kinds, flat_reference, forward_params, output_class)
     signature = dataclasses.replace(signature, constants=tuple(sorted(constant_arguments(inputs).items())))
     config = dict(getattr(model, "config", {}) or {})
     # diffusers lists the defaulted keys in set order, which changes from one process to the next
@@ -91,17 +93,26 @@ def _capture(model: torch.nn.Module, example_inputs: Mapping[str, Any] | None, d
                           config=jsonable(config))
 
 
-def _symbolic_module(model: torch.nn.Module, kwargs: dict[str, Any],
-                     flat_reference: list[torch.Tensor]) -> torch.fx.GraphModule:
+def _dim_kinds(model: torch.nn.Module, flat_inputs: list[tuple[tuple[str, ...], torch.Tensor]]) -> DimKinds:
+    named_latent = any(path[-1] in LATENT_NAMES for path, _ in flat_inputs)
+    roles = [_role(path, index, named_latent) for index, (path, _) in enumerate(flat_inputs)]
+    latent = next((tensor for (_, tensor), role in zip(flat_inputs, roles) if role == LATENT), None)
+    channel_dim = latent_channel_dim(getattr(model, "config", None), latent) if latent is not None else 1
+    return {path: dim_kinds(path[-1], tensor.dim(), role == LATENT, channel_dim)
+            for (path, tensor), role in zip(flat_inputs, roles)}
+
+
+def _symbolic_module(model: torch.nn.Module, kwargs: dict[str, Any], flat_reference: list[torch.Tensor],
+                     kinds: DimKinds) -> torch.fx.GraphModule:
     """The graph with every dim that may change symbolic except those a probe failed for, which are
     pinned (and the graph exported again) until every symbolic dim passes its probe."""
     name = type(model).__name__
-    prober = ShapeProber(model, kwargs)
+    prober = ShapeProber(model, kwargs, kinds)
     pinned: set[str] = set()
     while True:
-        symbolic = ", ".join(_marked(kwargs, pinned))
+        symbolic = ", ".join(_marked(kinds, pinned))
         try:
-            module = _export(model, kwargs, pinned)
+            module = _export(model, kwargs, kinds, pinned)
         except CaptureError as exc:
             if not symbolic:
                 raise
@@ -127,7 +138,7 @@ def _symbolic_module(model: torch.nn.Module, kwargs: dict[str, Any],
 
 def _static_module(model: torch.nn.Module, kwargs: dict[str, Any],
                    flat_reference: list[torch.Tensor]) -> torch.fx.GraphModule:
-    module = _export(model, kwargs, None)
+    module = _export(model, kwargs, {}, None)
     outputs, raised = run_graph(module, kwargs)
     differs = raised or mismatch(outputs, flat_reference)
     if differs is not None:
@@ -164,37 +175,45 @@ def _batch_of_two_if_one(inputs: dict[str, Any]) -> dict[str, Any]:
     return widened
 
 
-def _shape_spec(path: tuple[str, ...], value: Any, pinned: set[str] | None) -> Any:
+def _text_of_two_if_one(inputs: dict[str, Any], kinds: DimKinds) -> dict[str, Any]:
+    """Likewise a one-token text would give a graph that takes one token only: its token (and its
+    mask's, its ids') is repeated to 2 (the probe then checks other lengths)."""
+    at = [(path, dim) for path, dims in kinds.items() for dim, kind in enumerate(dims) if kind == "text_len"]
+    if not at or any(tensor_at(inputs, path).shape[dim] != 1 for path, dim in at):
+        return inputs
+    for path, dim in at:
+        inputs = with_tensor(inputs, path, tensor_at(inputs, path).repeat_interleave(2, dim=dim))
+    return inputs
+
+
+def _shape_spec(path: tuple[str, ...], value: Any, kinds: DimKinds, pinned: set[str] | None) -> Any:
     """The dynamic_shapes entry of one argument, in its structure: dims for a tensor, None for a constant."""
     if isinstance(value, torch.Tensor):
-        return _dynamic_dims(path, value, pinned)
+        if pinned is None:
+            return None
+        dims = {d: Dim.AUTO for d, kind in enumerate(kinds[path]) if kind not in (None, *pinned)}
+        return dims or None
     if len(path) > 1:  # below the first level only constants (shape tuples of a list): every leaf static
         return pytree.tree_map(lambda _: None, value)
     if isinstance(value, Mapping):
-        return {k: _shape_spec((*path, k), v, pinned) for k, v in value.items()}
+        return {k: _shape_spec((*path, k), v, kinds, pinned) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_shape_spec((*path, str(i)), v, pinned) for i, v in enumerate(value))
+        return type(value)(_shape_spec((*path, str(i)), v, kinds, pinned) for i, v in enumerate(value))
     return None
 
 
-def _dynamic_dims(path: tuple[str, ...], tensor: torch.Tensor, pinned: set[str] | None) -> dict[int, Any] | None:
-    if pinned is None:
-        return None
-    dims = {d: Dim.AUTO for d in range(tensor.dim()) if marked_kind(path, d, tensor.dim()) not in (None, *pinned)}
-    return dims or None
-
-
-def _marked(kwargs: dict[str, Any], pinned: set[str]) -> list[str]:
+def _marked(kinds: DimKinds, pinned: set[str]) -> list[str]:
     """The kinds of dim an export with `pinned` marks symbolic."""
-    kinds = {marked_kind(path, d, t.dim()) for path, t in flat_tensor_inputs(kwargs) for d in range(t.dim())}
-    return sorted(kind for kind in kinds if kind is not None and kind not in pinned)
+    marked = {kind for dims in kinds.values() for kind in dims}
+    return sorted(kind for kind in marked if kind is not None and kind not in pinned)
 
 
-def _export(model: torch.nn.Module, kwargs: dict[str, Any], pinned: set[str] | None) -> torch.fx.GraphModule:
+def _export(model: torch.nn.Module, kwargs: dict[str, Any], kinds: DimKinds,
+            pinned: set[str] | None) -> torch.fx.GraphModule:
     """torch.export of `model`; with `pinned` (kinds of dim kept static), the others are symbolic
     (where the model lets them be), else every dim is static. Static dims are spelled out for every
     input: with dynamic_shapes=None, an export after a symbolic one of the same tensors stays symbolic."""
-    dynamic_shapes = {key: _shape_spec((key,), value, pinned) for key, value in kwargs.items()}
+    dynamic_shapes = {key: _shape_spec((key,), value, kinds, pinned) for key, value in kwargs.items()}
     stack: list[str] = []
     handles = _track_module_stack(model, stack)
     try:
@@ -300,8 +319,9 @@ def _flatten(exported: torch.export.ExportedProgram) -> torch.fx.GraphModule:
 
 
 def _signature(model: torch.nn.Module, module: torch.fx.GraphModule,
-               flat_inputs: list[tuple[tuple[str, ...], torch.Tensor]], flat_reference: list[torch.Tensor],
-               forward_params: tuple[str, ...], output_class: type | None) -> Signature:
+               flat_inputs: list[tuple[tuple[str, ...], torch.Tensor]], kinds: DimKinds,
+               flat_reference: list[torch.Tensor], forward_params: tuple[str, ...],
+               output_class: type | None) -> Signature:
     placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(flat_inputs):
         raise CaptureError(f"captured {len(placeholders)} graph inputs for {len(flat_inputs)} tensor inputs; "
@@ -311,10 +331,10 @@ def _signature(model: torch.nn.Module, module: torch.fx.GraphModule,
     named_latent = any(path[-1] in LATENT_NAMES for path, _ in flat_inputs)
     for index, ((path, tensor), node) in enumerate(zip(flat_inputs, placeholders)):
         role = _role(path, index, named_latent)
-        shape = tuple(_dim_name(dim_names, str(s), path, role, d, tensor.dim()) if isinstance(s, torch.SymInt)
-                      else int(s) for d, s in enumerate(node.meta["val"].shape))
+        shape = tuple(_dim_name(dim_names, str(s), kinds[path][d] or f"{path[-1]}_dim{d}")
+                      if isinstance(s, torch.SymInt) else int(s) for d, s in enumerate(node.meta["val"].shape))
         inputs.append(TensorInput(path=path, role=role, shape=shape, dtype=str(tensor.dtype).replace("torch.", ""),
-                                  example_shape=tuple(tensor.shape)))
+                                  example_shape=tuple(tensor.shape), kinds=kinds[path]))
     output_node = next(n for n in module.graph.nodes if n.op == "output")
     names = ["sample"] + [f"output_{i}" for i in range(1, len(flat_reference))]
     outputs = tuple(
@@ -329,13 +349,11 @@ def _signature(model: torch.nn.Module, module: torch.fx.GraphModule,
                      return_dict_default=output_class is not None)
 
 
-def _dim_name(names: dict[str, str], symbol: str, path: tuple[str, ...], role: str, dim: int, rank: int) -> str:
-    """A readable name for a dynamic dimension. Dimensions with the same meaning get the same name
-    even where torch.export gave them separate symbols (a mask's batch is the latent's batch), so
-    the runtime checks that they agree."""
-    if symbol not in names:
-        names[symbol] = dim_kind(path[-1], dim, rank, role == LATENT) or f"{path[-1]}_dim{dim}"
-    return names[symbol]
+def _dim_name(names: dict[str, str], symbol: str, kind: str) -> str:
+    """A readable name for a dynamic dimension: its kind where torch.export first met its symbol.
+    Dimensions with the same meaning get the same name even where torch.export gave them separate
+    symbols (a mask's batch is the latent's batch), so the runtime checks that they agree."""
+    return names.setdefault(symbol, kind)
 
 
 def _role(path: tuple[str, ...], index: int, named_latent: bool) -> str:

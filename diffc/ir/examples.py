@@ -5,7 +5,7 @@ and the dimensions that may change at run time (batch, resolution, text length) 
 dynamic where the model allows."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -154,23 +154,47 @@ TIMESTEP_NAMES = ("timestep", "timesteps")
 UNBATCHED_NAMES = ("img_ids", "txt_ids")
 TEXT_NAMES = ("encoder_hidden_states", "encoder_attention_mask", "txt_ids")
 TOKEN_NAMES = ("img_ids",)
-# Where a latent of each rank has the dims that may change: (batch, tokens, channels),
-# (batch, channels, height, width), (batch, channels, frames, height, width). Channels are never
-# marked: torch.export can leave them symbolic (a conv's weight does not pin them) and no model runs
-# at other channel counts.
-LATENT_DIMS = {3: {1: "tokens"}, 4: {2: "height", 3: "width"}, 5: {2: "frames", 3: "height", 4: "width"}}
+# The dims that may change in a latent besides batch, in order, once its channel dim is set aside:
+# (batch, tokens, channels), (batch, [channels,] height, width) and (batch, [channels,] frames,
+# height, width) with the channels where the model takes them. Channels are never marked:
+# torch.export can leave them symbolic (a conv's weight does not pin them) and no model runs at
+# other channel counts.
+LATENT_DIMS = {3: ("tokens",), 4: ("height", "width"), 5: ("frames", "height", "width")}
+SPATIAL_KINDS = ("frames", "height", "width")
+# where configs give the channel count a denoiser takes (in_visual_dim: Kandinsky 5; in_dim: Wan-Animate 2)
+CHANNEL_CONFIG_KEYS = ("in_channels", "in_dim", "in_visual_dim", "in_chans", "num_channels")
 
 
-def dim_kind(leaf: str, dim: int, rank: int, latent: bool) -> str | None:
-    """What dim `dim` of a `rank`-dim input named `leaf` (the latent when `latent`) is, among the
-    dims that may change at run time: batch, tokens, height, width, frames or text_len; None for the
-    others (channels, features), which the model's weights fix."""
+def latent_channel_dim(config: Any, latent: torch.Tensor) -> int:
+    """Which dim of `latent` holds its channels: the last for (batch, tokens, channels); for a 4- or
+    5-dim latent dim 1 ((B, C, H, W), (B, C, F, H, W)) unless the config's input channel count is the
+    size of exactly one other dim: 2 for (B, F, C, H, W) (CogVideoX, SVD), the last for channels-last
+    (B, F, H, W, C) (Kandinsky 5). An ambiguous example (frames equal to channels) keeps dim 1."""
+    if latent.dim() < 4:
+        return latent.dim() - 1
+    config = config if isinstance(config, Mapping) else {}
+    counts = {value for key in CHANNEL_CONFIG_KEYS if isinstance(value := config.get(key), int)}
+    matches = [d for d in range(1, latent.dim()) if latent.shape[d] in counts]
+    return matches[0] if len(matches) == 1 else 1
+
+
+def dim_kinds(leaf: str, rank: int, latent: bool, channel_dim: int = 1) -> tuple[str | None, ...]:
+    """What each dim of a `rank`-dim input named `leaf` (the latent when `latent`, its channels at
+    `channel_dim`) is, among the dims that may change at run time: batch, tokens, height, width,
+    frames or text_len; None for the others (channels, features), which the model's weights fix."""
+    kinds: list[str | None] = [None] * rank
     if leaf in UNBATCHED_NAMES:
-        if dim == 0 and leaf in TOKEN_NAMES:
-            return "tokens"
-        return "text_len" if dim == 0 and leaf in TEXT_NAMES else None
-    if dim == 0:
-        return "batch"
-    if latent:
-        return LATENT_DIMS.get(rank, {}).get(dim)
-    return "text_len" if dim == 1 and leaf in TEXT_NAMES else None
+        if rank and leaf in TOKEN_NAMES:
+            kinds[0] = "tokens"
+        elif rank and leaf in TEXT_NAMES:
+            kinds[0] = "text_len"
+        return tuple(kinds)
+    if rank:
+        kinds[0] = "batch"
+    if latent and rank in LATENT_DIMS:
+        free = [d for d in range(1, rank) if rank == 3 or d != channel_dim % rank]
+        for dim, kind in zip(free, LATENT_DIMS[rank]):
+            kinds[dim] = kind
+    elif rank >= 2 and leaf in TEXT_NAMES:
+        kinds[1] = "text_len"
+    return tuple(kinds)

@@ -10,6 +10,7 @@ import torch
 import torch.fx
 
 from .blocks import Block
+from .examples import dim_kinds
 from .fxutil import attr_value, copy_graph
 from .step_plan import StepPlan
 
@@ -21,13 +22,15 @@ ROLES = (LATENT, TIMESTEP, CONDITIONING)
 class TensorInput:
     """One tensor the denoiser takes. `path` locates it in the forward call: ("sample",) or
     ("added_cond_kwargs", "text_embeds"). A str in `shape` names a dynamic dimension (batch,
-    height, width, tokens, text_len); `example_shape` is the shape it was captured at."""
+    height, width, tokens, text_len); `example_shape` is the shape it was captured at; `kinds` says
+    what each dim is (batch, height, frames...; None for channels and features), pinned or not."""
 
     path: tuple[str, ...]
     role: str
     shape: tuple[int | str, ...]
     dtype: str
     example_shape: tuple[int, ...]
+    kinds: tuple[str | None, ...] = ()
 
     @property
     def name(self) -> str:
@@ -80,13 +83,19 @@ class Signature:
         return cls(
             model_class=data["model_class"],
             parameters=tuple(data["parameters"]),
-            inputs=tuple(TensorInput(tuple(i["path"]), i["role"], tuple(i["shape"]), i["dtype"],
-                                     tuple(i["example_shape"])) for i in data["inputs"]),
+            inputs=tuple(_tensor_input(i) for i in data["inputs"]),
             outputs=tuple(TensorOutput(o["name"], tuple(o["shape"]), o["dtype"]) for o in data["outputs"]),
             output_class=data["output_class"],
             return_dict_default=data["return_dict_default"],
             constants=tuple((name, value) for name, value in data.get("constants", [])),
         )
+
+
+def _tensor_input(data: dict[str, Any]) -> TensorInput:
+    path, shape = tuple(data["path"]), tuple(data["shape"])
+    # artifacts saved before inputs carried their kinds: the layout capture assumed then
+    kinds = data.get("kinds") or dim_kinds(path[-1], len(shape), data["role"] == LATENT)
+    return TensorInput(path, data["role"], shape, data["dtype"], tuple(data["example_shape"]), tuple(kinds))
 
 
 @dataclass

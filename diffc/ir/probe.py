@@ -14,11 +14,13 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from .examples import LATENT_NAMES, TOKEN_NAMES, dim_kind
+from .examples import SPATIAL_KINDS, TOKEN_NAMES
 
 TOLERANCE = 1e-4
 
 FlatInputs = list[tuple[tuple[str, ...], torch.Tensor]]
+# the kind of each dim of each tensor input (examples.dim_kinds), by its path
+DimKinds = Mapping[tuple[str, ...], tuple[str | None, ...]]
 
 
 def flat_tensor_inputs(kwargs: Mapping[str, Any]) -> FlatInputs:
@@ -103,11 +105,6 @@ def decode_constant(value: Any) -> Any:
     return value
 
 
-def marked_kind(path: tuple[str, ...], dim: int, rank: int) -> str | None:
-    """The kind of a dim capture marks symbolic (None for dims it keeps static)."""
-    return dim_kind(path[-1], dim, rank, path[-1] in LATENT_NAMES)
-
-
 def mismatch(outputs: Any, references: list[torch.Tensor]) -> str | None:
     """How the graph's outputs differ from the model's; None when they agree."""
     for out, ref in zip(outputs, references):
@@ -156,28 +153,37 @@ class ShapeProber:
     """Probes one model's captured graphs; the model's outputs at each probe shape are kept, since
     a graph exported again after a pin is probed again at the same shapes."""
 
-    def __init__(self, model: torch.nn.Module, kwargs: dict[str, Any]) -> None:
-        self.model, self.kwargs = model, kwargs
+    def __init__(self, model: torch.nn.Module, kwargs: dict[str, Any], kinds: DimKinds) -> None:
+        self.model, self.kwargs, self.kinds = model, kwargs, kinds
         self._references: dict[tuple[tuple[int, ...], ...], tuple[list[torch.Tensor] | None, str | None]] = {}
 
     def failures(self, module: torch.fx.GraphModule) -> list[Failure]:
         """A Failure for each symbolic dim of `module` to pin: none when every dim at its probe size at
-        once reproduces the model, else each dim that fails alone (all of them if none does)."""
+        once and each spatial dim (frames, height, width) alone reproduce the model, else each dim
+        that fails alone (all of them if none does)."""
         flat = flat_tensor_inputs(self.kwargs)
         placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
         positions: dict[str, list[tuple[int, int]]] = {}
-        for index, ((path, tensor), node) in enumerate(zip(flat, placeholders)):
+        symbols: dict[str, set[str]] = {}
+        for index, ((path, _), node) in enumerate(zip(flat, placeholders)):
             for dim, size in enumerate(node.meta["val"].shape):
-                kind = marked_kind(path, dim, tensor.dim())
+                kind = self.kinds[path][dim]
                 if kind is not None and isinstance(size, torch.SymInt):
                     positions.setdefault(kind, []).append((index, dim))
+                    symbols.setdefault(kind, set()).add(str(size))
         if not positions:
             return []
-        # every dim at once first: a model whose sizes vary only together (diffusers' DiT unpatchifies
-        # square latents only) keeps them symbolic, as before; the dims are told apart when that fails
         together = self._probe_shapes(flat, positions)
         if self._why_not(module, self._probe_inputs(flat, together)) is None:
-            return []
+            # sizes doubled together keep a latent square: each spatial dim alone checks the
+            # non-square shapes a model may get wrong. Dims torch.export found must stay equal share
+            # a symbol (the runtime then refuses them unequal) and are not probed apart.
+            spatial = [kind for kind in positions if kind in SPATIAL_KINDS]
+            apart = [kind for kind in spatial
+                     if not any(symbols[kind] & symbols[other] for other in spatial if other != kind)]
+            if len(spatial) < 2:
+                return []
+            return [f for kind in apart if (f := self._probe(module, flat, kind, positions[kind]))]
         found = []
         for kind, at in positions.items():
             failure = self._probe(module, flat, kind, at)

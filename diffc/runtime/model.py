@@ -12,12 +12,12 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from ..errors import InputError
-from ..ir import LATENT, CompiledPlan, Plan, TensorInput
-from ..ir.examples import dim_kind
+from ..ir import CompiledPlan, Plan, TensorInput
 from ..ir.probe import constant_arguments, tensor_at
 from .adapters import Adapters, denoiser_keys, lora_deltas, read_adapter
 from .artifact import save_artifact
 from .sampler_watch import SamplerWatch
+from .shapes import check_shapes
 from .diffusers_component import ModelMixin, PipelineComponent
 from ..ir.stepping import StepTracker
 from .ranges import (calibration_calls, measure_change, moved, quantized_activations, range_warning, rescaled,
@@ -353,7 +353,7 @@ class OptimizedModel(PipelineComponent):
             if value is None:
                 value = self._fill_missing(spec, values, batch)
             values.append(self._conform(spec, value, batch))
-        _check_shapes(sig.inputs, values)
+        check_shapes(sig.inputs, values)
         return values
 
     def _fill_missing(self, spec: TensorInput, earlier: list[torch.Tensor], batch: int) -> torch.Tensor:
@@ -385,34 +385,6 @@ class OptimizedModel(PipelineComponent):
 
 def _is_absent(value: Any) -> bool:
     return value is None or (isinstance(value, Mapping) and all(v is None for v in value.values()))
-
-
-def _check_shapes(specs: tuple[TensorInput, ...], values: list[torch.Tensor]) -> None:
-    sizes: dict[str, tuple[int, str]] = {}
-    for spec, value in zip(specs, values):
-        expected = "(" + ", ".join(str(d) for d in spec.shape) + ")"
-        if value.dim() != len(spec.shape):
-            raise InputError(f"input {spec.name} has shape {tuple(value.shape)} but the model was compiled for "
-                             f"{expected} ({len(spec.shape)} dims)")
-        for dim, (want, got) in enumerate(zip(spec.shape, value.shape)):
-            if isinstance(want, int):
-                if want != got:
-                    raise InputError(_static_mismatch(spec, tuple(value.shape), dim, expected))
-            elif want in sizes and sizes[want][0] != got:
-                raise InputError(f"input {spec.name} has {want}={got} (dim {dim}) but {sizes[want][1]} has "
-                                 f"{want}={sizes[want][0]}; they must agree")
-            else:
-                sizes.setdefault(want, (got, spec.name))
-
-
-def _static_mismatch(spec: TensorInput, shape: tuple[int, ...], dim: int, expected: str) -> str:
-    kind = dim_kind(spec.path[-1], dim, len(spec.shape), spec.role == LATENT)
-    if kind is None:
-        return f"input {spec.name} has shape {shape} but the model was compiled for {expected}: dim {dim} must be " \
-               f"{spec.shape[dim]}"
-    return (f"input {spec.name} has {kind}={shape[dim]} (shape {shape}) but the model was captured with {kind} pinned "
-            f"to {spec.shape[dim]}: its graph takes no other {kind}. To run {kind}={shape[dim]}, optimize again with "
-            f"example inputs of that {kind} (diffc.optimize(..., example_inputs={{...}})).")
 
 
 def _output_class(path: str) -> type:

@@ -8,7 +8,7 @@ from diffusers import SD3Transformer2DModel
 import diffc
 from diffc.errors import CaptureError, InputError, LintError
 from diffc.ir import LATENT, TIMESTEP, capture, lint
-from diffc.ir.examples import example_inputs
+from diffc.ir.examples import example_inputs, latent_channel_dim
 from diffc.ir.blocks import ATTENTION, FFN, RESNET, STAGE, TRANSFORMER_BLOCK
 from tiny_families import first_tensor
 
@@ -213,7 +213,42 @@ def test_dims_that_vary_only_together_stay_symbolic():
         warnings.simplefilter("always")
         dg = capture(SquareOnly(), example_inputs=inputs)
     assert not [str(w.message) for w in caught if "diffc pins" in str(w.message)]
-    assert dg.signature.latent.shape[:3] == ("batch", 4, "height") and isinstance(dg.signature.latent.shape[3], str)
+    assert dg.signature.latent.shape == ("batch", 4, "height", "height")
+    assert dg.signature.latent.kinds == ("batch", None, "height", "width")
+
+
+def test_a_call_breaking_a_tie_torch_export_found_names_both_dims():
+    model = SquareOnly()
+    fast = diffc.optimize(model, passes=[], example_inputs={"sample": torch.randn(2, 4, 8, 8), "timestep": torch.ones(2)})
+    square = torch.randn(3, 4, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(first_tensor(fast(square, torch.ones(3))), model(square, torch.ones(3)))
+    with pytest.raises(InputError, match=r"sample has width=16 \(dim 3\) but height=8: the model was captured with its "
+                                         r"width tied to its height .* pass inputs with width == height"):
+        fast(torch.randn(2, 4, 8, 16), torch.ones(2))
+
+
+class SquareOnlyOutsideExport(torch.nn.Module):
+    """Refuses non-square latents where torch.export cannot see it (as a check skipped while
+    exporting), so the graph takes them but the model does not."""
+
+    def forward(self, sample, timestep):
+        if not torch.compiler.is_exporting() and sample.shape[2] != sample.shape[3]:
+            raise ValueError("square latents only")
+        return sample * timestep[:, None, None, None]
+
+
+def test_non_square_shapes_are_probed_on_their_own():
+    inputs = {"sample": torch.randn(2, 4, 8, 8), "timestep": torch.ones(2)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dg = capture(SquareOnlyOutsideExport(), example_inputs=inputs)
+    pins = [str(w.message) for w in caught if "diffc pins" in str(w.message)]
+    assert len(pins) == 2, pins
+    assert "pins height of SquareOnlyOutsideExport to the example's height=8: at height=16 (probe inputs " \
+           "sample=(2, 4, 16, 8)) the model raises ValueError: square latents only" in pins[0]
+    assert "at width=16 (probe inputs sample=(2, 4, 8, 16))" in pins[1]
+    assert dg.signature.latent.shape == ("batch", 4, 8, 8)
 
 
 def test_model_raising_at_the_example_inputs_is_named():
@@ -316,3 +351,53 @@ def test_capture_functionalizes_a_model_that_writes_through_views() -> None:
     assert not mutating
     with torch.no_grad():
         assert torch.equal(graph.module(*inputs.values())[0], model(**inputs))
+
+
+class FramesFirst(torch.nn.Module):
+    """Takes (batch, frames, channels, height, width), as CogVideoX and SVD's UNet do."""
+
+    config = {"in_channels": 4}
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, sample, timestep):
+        return self.conv(sample.flatten(0, 1)).unflatten(0, sample.shape[:2]) * timestep[:, None, None, None, None]
+
+
+class ChannelsLast(torch.nn.Module):
+    """Takes (batch, frames, height, width, channels), as Kandinsky 5 does."""
+
+    config = {"in_visual_dim": 4}
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, sample, timestep):
+        return self.proj(sample) * timestep[:, None, None, None, None]
+
+
+@pytest.mark.parametrize("model, example, shape", [
+    (FramesFirst(), torch.randn(2, 3, 4, 8, 8), ("batch", "frames", 4, "height", "width")),
+    (ChannelsLast(), torch.randn(2, 3, 8, 6, 4), ("batch", "frames", "height", "width", 4)),
+])
+def test_a_video_latent_keeps_its_channels_static_wherever_the_model_takes_them(model, example, shape):
+    fast = diffc.optimize(model, passes=[], example_inputs={"sample": example, "timestep": torch.ones(2)})
+    assert fast.plan.graph.signature.latent.shape == shape
+    longer = torch.randn(*[2 * size if kind in ("frames", "width") else size
+                           for size, kind in zip(example.shape, fast.plan.graph.signature.latent.kinds)])
+    with torch.no_grad():
+        assert torch.allclose(first_tensor(fast(longer, torch.ones(2))), model(longer, torch.ones(2)), atol=1e-6)
+    channel_dim = shape.index(4)
+    other_channels = torch.randn(*[3 if d == channel_dim else size for d, size in enumerate(example.shape)])
+    with pytest.raises(InputError, match=rf"dim {channel_dim} must be 4"):
+        fast(other_channels, torch.ones(2))
+
+
+def test_an_ambiguous_video_layout_keeps_channels_at_dim_one():
+    assert latent_channel_dim({"in_channels": 4}, torch.zeros(2, 4, 4, 8, 8)) == 1
+    assert latent_channel_dim({"in_channels": 4}, torch.zeros(2, 2, 4, 8, 8)) == 2
+    assert latent_channel_dim({}, torch.zeros(2, 2, 4, 8, 8)) == 1
+    assert latent_channel_dim(None, torch.zeros(2, 16, 4)) == 2
