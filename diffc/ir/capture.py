@@ -217,28 +217,29 @@ def _export(model: torch.nn.Module, kwargs: dict[str, Any], kinds: DimKinds,
     stack: list[str] = []
     handles = _track_module_stack(model, stack)
     try:
-        try:
-            exported = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-        except Exception as exc:  # noqa: BLE001 - retried without gradients, else re-raised with the module named
-            if "backward" not in str(exc):
-                raise CaptureError(_describe_failure(model, stack, exc)) from exc
+        exported = _attempt_export(model, kwargs, dynamic_shapes, stack, frozen=False)
+        if exported is None:
             # ops without a backward (flex attention) refuse parameters that require grad; inference needs none
             stack.clear()
-            exported = _export_without_grad(model, kwargs, dynamic_shapes, stack)
+            exported = _attempt_export(model, kwargs, dynamic_shapes, stack, frozen=True)
     finally:
         for handle in handles:
             handle.remove()
     return _flatten(_functional(exported))
 
 
-def _export_without_grad(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_shapes: dict[str, Any],
-                         stack: list[str]) -> torch.export.ExportedProgram:
-    wanted = [p for p in model.parameters() if p.requires_grad]
+def _attempt_export(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_shapes: dict[str, Any],
+                    stack: list[str], frozen: bool) -> torch.export.ExportedProgram | None:
+    """The export, with the parameters set not to require grad while `frozen`; None where an unfrozen
+    export failed for want of a backward (to be tried frozen), else its failure as a CaptureError."""
+    wanted = [p for p in model.parameters() if p.requires_grad] if frozen else []
     for parameter in wanted:
         parameter.requires_grad_(False)
     try:
         return torch.export.export(model, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # noqa: BLE001 - re-raised with the module and op named
+        if not frozen and "backward" in str(exc):
+            return None
         raise CaptureError(_describe_failure(model, stack, exc)) from exc
     finally:
         for parameter in wanted:
