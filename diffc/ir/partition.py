@@ -84,7 +84,10 @@ def build_plan(dg: DiffusionGraph) -> Plan:
                 raise PassError(f"invalid cut: node {node.name} (in {segment}) needs {arg.name}, which is computed "
                                 f"later (in {source}); the cached region must be a contiguous part of the network")
     env_name = _env_names(dg)
-    extract = _SegmentExtractor(dg, env_name)
+    # the apply segment adds a cached residual to its base, read from the environment: whichever
+    # segment computes a base hands it on, even where no later segment reads it otherwise
+    bases = {by_name[base] for region in regions if region.mode == DELTA for base in region.bases.values()}
+    extract = _SegmentExtractor(dg, env_name, bases)
     segments: dict[str, Segment] = {}
     state: list[str] = []
     for index in range(len(regions) + 1):
@@ -160,9 +163,11 @@ class _SegmentExtractor:
     """Copies a set of nodes into a standalone segment graph: values made elsewhere become
     placeholders, values used elsewhere (or returned by the model) become outputs."""
 
-    def __init__(self, dg: DiffusionGraph, env_name: dict[torch.fx.Node, str]) -> None:
+    def __init__(self, dg: DiffusionGraph, env_name: dict[torch.fx.Node, str],
+                 handed_on: set[torch.fx.Node]) -> None:
         self.module = dg.module
         self.env_name = env_name
+        self.handed_on = handed_on
         # annotations name the graph's nodes, and backends apply them to the segment node of that
         # name: a segment input standing for a value computed elsewhere must not take its name
         self.taken = {n.name for n in dg.graph.nodes}
@@ -193,13 +198,16 @@ class _SegmentExtractor:
         outputs: list[torch.fx.Node] = []
         names: list[str] = []
         for node in compute:
-            if any(u not in member_set and u.op != "output" for u in node.users):
+            if node in self.handed_on or any(u not in member_set and u.op != "output" for u in node.users):
                 outputs.append(mapping[node])
                 names.append(self.env_name[node])
             for model_output in self.model_outputs.get(node, []):
                 outputs.append(mapping[node])
                 names.append(model_output)
         for cut, base in (deltas or {}).items():
+            if base not in mapping:  # the region reads only what was computed from its base (a norm of it)
+                mapping[base] = graph.placeholder(self.input_name(base))
+                inputs.append(self.env_name[base])
             outputs.append(graph.call_function(torch.ops.aten.sub.Tensor, (mapping[cut], mapping[base])))
             names.append(self.env_name[cut] + DELTA_SUFFIX)
         graph.output(tuple(outputs))

@@ -2,9 +2,11 @@
 import dataclasses
 
 import pytest
+import torch
 
+from diffc.api import compile_graph
 from diffc.errors import LintError
-from diffc.ir import lint
+from diffc.ir import capture, lint
 from diffc.ir.step_plan import ADAPTIVE, BYPASS, CACHED, DELTA, FULL, Region, Schedule, StepPlan
 
 SAVED = {  # a cache step plan as artifacts hold it
@@ -85,3 +87,36 @@ def test_lint_checks_the_step_plan_against_the_graph(captured):
     dg.step_plan = SAVED
     with pytest.raises(LintError, match="not a StepPlan"):
         lint(dg)
+
+
+class NormedStream(torch.nn.Module):
+    """A block that reads only a norm of its stream, the norm also used after it (as ConsisID's
+    first block): a cached residual's base is then no input of the cached region."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.up, self.down = torch.nn.LayerNorm(8), torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+    def forward(self, hidden_states, timestep):
+        stream = hidden_states * timestep[:, None, None]
+        normed = self.norm(stream)
+        return self.down(torch.relu(self.up(normed))) + stream + normed
+
+
+def test_a_delta_region_that_does_not_read_its_base_gets_it_handed_on():
+    model = NormedStream().eval()
+    inputs = {"hidden_states": torch.randn(2, 5, 8), "timestep": torch.ones(2)}
+    dg = capture(model, example_inputs=inputs).clone()
+    by_target = {n.target: n.name for n in dg.graph.nodes if n.op == "call_function"}
+    stream = by_target[torch.ops.aten.mul.Tensor]
+    block_out = next(n.name for n in dg.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.linear.default
+                     and "up" not in str(n.meta.get("nn_module_stack", "")) and n.args[0].name.startswith("relu"))
+    dg.step_plan = StepPlan.build([Region("block", (block_out,), DELTA, {block_out: stream})],
+                                  {FULL: [], CACHED: ["block"]}, Schedule(FULL, (FULL, CACHED)), {"pass": "test"})
+    lint(dg)
+    fast = compile_graph(dg, "torch", "fp32")
+    fast.begin_loop(2)
+    with torch.no_grad():
+        expected = model(**inputs)
+        for _ in range(2):  # the cached step reuses the full step's residual, exact on the same inputs
+            torch.testing.assert_close(fast(**inputs)[0], expected, rtol=0, atol=1e-6)
