@@ -52,9 +52,10 @@ def capture(model: torch.nn.Module, example_inputs: Mapping[str, Any] | None = N
 def _capture(model: torch.nn.Module, example_inputs: Mapping[str, Any] | None, dynamic: bool) -> DiffusionGraph:
     inputs = dict(example_inputs) if example_inputs is not None else derive_example_inputs(model)
     inputs.pop("return_dict", None)
+    # what each dim is depends on the names, ranks and the latent's channel dim, which widening keeps
+    kinds = _dim_kinds(model, flat_tensor_inputs(inputs))
     if dynamic:
-        inputs = _batch_of_two_if_one(inputs)
-        inputs = _text_of_two_if_one(inputs, _dim_kinds(model, flat_tensor_inputs(inputs)))
+        inputs = _text_of_two_if_one(_batch_of_two_if_one(inputs), kinds)
     forward_params = tuple(inspect.signature(model.forward).parameters)
     unknown = [k for k in inputs if k not in forward_params]
     if unknown:
@@ -76,7 +77,6 @@ def _capture(model: torch.nn.Module, example_inputs: Mapping[str, Any] | None, d
         raise CaptureError(f"{type(model).__name__} returned {type(reference).__name__}; diffc needs tensor outputs.")
 
     flat_inputs = flat_tensor_inputs(call_kwargs)
-    kinds = _dim_kinds(model, flat_inputs)
     if dynamic:
         module = _symbolic_module(model, call_kwargs, flat_reference, kinds)
     else:

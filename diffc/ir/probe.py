@@ -179,10 +179,10 @@ class ShapeProber:
             # non-square shapes a model may get wrong. Dims torch.export found must stay equal share
             # a symbol (the runtime then refuses them unequal) and are not probed apart.
             spatial = [kind for kind in positions if kind in SPATIAL_KINDS]
-            apart = [kind for kind in spatial
-                     if not any(symbols[kind] & symbols[other] for other in spatial if other != kind)]
             if len(spatial) < 2:
                 return []
+            apart = [kind for kind in spatial
+                     if not any(symbols[kind] & symbols[other] for other in spatial if other != kind)]
             return [f for kind in apart if (f := self._probe(module, flat, kind, positions[kind]))]
         found = []
         for kind, at in positions.items():

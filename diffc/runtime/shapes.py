@@ -26,8 +26,12 @@ def check_shapes(specs: tuple[TensorInput, ...], values: list[torch.Tensor]) -> 
                 sizes.setdefault(want, (got, spec.name))
 
 
+def _kind(spec: TensorInput, dim: int) -> str | None:
+    return spec.kinds[dim] if spec.kinds else None
+
+
 def _disagreement(spec: TensorInput, dim: int, size: int, name: str, other_size: int, other_input: str) -> str:
-    kind = spec.kinds[dim] if spec.kinds else None
+    kind = _kind(spec, dim)
     if kind is None or kind == name:
         return f"input {spec.name} has {name}={size} (dim {dim}) but {other_input} has {name}={other_size}; they must agree"
     # torch.export found the model needs two kinds of dim equal (a square-only unpatchify)
@@ -36,7 +40,7 @@ def _disagreement(spec: TensorInput, dim: int, size: int, name: str, other_size:
 
 
 def _static_mismatch(spec: TensorInput, shape: tuple[int, ...], dim: int, expected: str) -> str:
-    kind = spec.kinds[dim] if spec.kinds else None
+    kind = _kind(spec, dim)
     if kind is None:
         return f"input {spec.name} has shape {shape} but the model was compiled for {expected}: dim {dim} must be " \
                f"{spec.shape[dim]}"
