@@ -17,6 +17,7 @@ from .calibration import as_calibration_set, call_arguments, collect
 from .errors import CaptureError, DiffcError, TargetError
 from .ir import DiffusionGraph, Plan, capture, find_denoiser
 from .ir.examples import example_inputs as default_example_inputs
+from .ir.fxutil import module_device
 from .ir.probe import decode_constant
 from .ir.partition import build_plan
 from .ir.precision import precision_specs
@@ -33,11 +34,12 @@ from .runtime.sampler_watch import SamplerWatch, step_settings
 # moe calibrated on 8 prompts kept 38.5 dB on those prompts and 26.7 dB on unseen ones; on 24
 # prompts, 36.9 and 34.7 dB (benchmarks/closed_loop_zoo.py)
 DEFAULT_CONDITIONS, FITTING_CONDITIONS = 8, 24
+SOURCE_PRECISIONS = {"float16": "fp16", "bfloat16": "bf16"}
 
 
 def optimize(model_or_pipeline: Any, target: str = "torch", passes: PipelineSpec | None = "default",
              calibration: Any = None, example_inputs: Mapping[str, Any] | None = None, device: Any = None,
-             compile: bool = False, progress: bool = False, work_dir: str | os.PathLike[str] | None = None,
+             compile: bool | None = None, progress: bool = False, work_dir: str | os.PathLike[str] | None = None,
              prompts: Sequence[str] | None = None, conditions: Sequence[Any] | None = None,
              **budget: Any) -> OptimizedModel:
     """Captures the denoiser, runs the pass pipeline and compiles the result for `target`.
@@ -55,7 +57,12 @@ def optimize(model_or_pipeline: Any, target: str = "torch", passes: PipelineSpec
     labels for a class-conditional one. A bare denoiser calibrates on synthetic trajectories.
 
     With `work_dir`, the default calibration set and the graph after each pass are kept there:
-    calling again with the same arguments after an interruption resumes where it stopped."""
+    calling again with the same arguments after an interruption resumes where it stopped.
+
+    Everything runs on the model's device (or `device`): a model on a GPU is captured, calibrated
+    and optimized there. A model loaded in fp16 or bf16 is optimized in fp32 and compiled in its
+    own precision when `target` names none (`torch`); its outputs come back in that dtype.
+    `compile=None` compiles the torch backend's segments on CUDA and runs them eagerly elsewhere."""
     parsed = parse_target(target)  # fail before any work on a bad target
     conditions = _calibration_conditions(model_or_pipeline, calibration, prompts, conditions)
     low_bit = parsed.precision in LOW_BIT
@@ -74,12 +81,21 @@ def optimize(model_or_pipeline: Any, target: str = "torch", passes: PipelineSpec
     if unused:
         raise TargetError(f"budget {', '.join(unused)} was given but no pass in the pipeline "
                           f"{[p.name for p in manager.passes]} uses it; remove it or add the pass that does")
-    fast = compile_graph(optimized, parsed.backend, parsed.precision, _device_of(model_or_pipeline, device),
-                         compile=compile)
+    fast = compile_graph(optimized, parsed.backend, _precision_for(target, parsed, optimized),
+                         _device_of(model_or_pipeline, device), compile=compile)
     # a LoRA loaded later checks the quantized activation ranges on these (see OptimizedModel.recalibrate)
     fast.calibration_inputs = calibration_calls(ctx.calibration)
     fast.sampler_watch = _sampler_watch(ctx.calibration, fast.plan)
     return fast
+
+
+def _precision_for(target: str, parsed: Any, dg: DiffusionGraph) -> str:
+    """The target's precision; for a target that names none (`torch`), the model's own half
+    precision where the backend runs it (a pipeline loaded in bf16 stays in bf16)."""
+    own = SOURCE_PRECISIONS.get(dg.signature.source_dtype)
+    if "-" in str(target).strip() or own is None or get_backend(parsed.backend).unavailable_reason(own) is not None:
+        return parsed.precision
+    return own
 
 
 def _sampler_watch(calibration_set: Any, plan: Plan) -> SamplerWatch | None:
@@ -142,13 +158,16 @@ def _run_pipeline(manager: PassManager, model_or_pipeline: Any, ctx: PassContext
         fits = any(p.removes_layers for p in manager.passes)
         calibration_set = _default_calibration(model_or_pipeline, ctx.progress, out, conditions, example_inputs,
                                                FITTING_CONDITIONS if fits else DEFAULT_CONDITIONS)
+    if calibration_set is not None:
+        calibration_set.device = torch.device(device)
     if example_inputs is None and calibration_set is not None:
         example_inputs = _example_like(denoiser, calibration_set)
     graph = capture(denoiser, example_inputs=example_inputs)
     if calibration_set is not None:
         calibration_set.check_compatible(graph)
     ctx.calibration = calibration_set
-    ctx.denoiser_for = lambda candidate: compile_graph(candidate, "torch", "fp32", device)
+    # candidates run once or twice each: compiling them would cost more than it saves
+    ctx.denoiser_for = lambda candidate: compile_graph(candidate, "torch", "fp32", device, compile=False)
     checkpoints = None
     if work_dir is not None:
         identity = {"model": graph_fingerprint(graph), "calibration": _calibration_fingerprint(calibration_set)}
@@ -157,7 +176,7 @@ def _run_pipeline(manager: PassManager, model_or_pipeline: Any, ctx: PassContext
 
 
 def _device_of(model_or_pipeline: Any, device: Any) -> Any:
-    return device if device is not None else _module_device(find_denoiser(model_or_pipeline)[0])
+    return device if device is not None else module_device(find_denoiser(model_or_pipeline)[0])
 
 
 def compile_graph(dg: DiffusionGraph, backend: str, precision: str, device: Any = None,
@@ -268,12 +287,6 @@ def load(path: str | os.PathLike[str], device: Any = None) -> OptimizedModel:
     if artifact_options is not None:
         options = artifact_options(path, manifest)
     return _compile_plan(plan, target["backend"], target["precision"], device or target["device"], **options)
-
-
-def _module_device(module: torch.nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 register_artifact_loader(load)

@@ -33,14 +33,17 @@ class TorchBackend(Backend):
             return None
         return f"the torch backend has no precision {precision!r}"
 
-    def compile(self, plan: Plan, precision: str, device: Any = None, compile: bool = False,
+    def compile(self, plan: Plan, precision: str, device: Any = None, compile: bool | None = None,
                 **options: Any) -> CompiledPlan:
+        """`compile=None` compiles each segment with torch.compile on CUDA, where per-op dispatch of
+        an eager aten graph would cost more than the module it replaces, and runs eagerly elsewhere."""
         self.check_request(precision)
         if options:
             raise TargetError(f"the torch backend has no option {', '.join(sorted(options))}; it takes `compile`")
         device = torch.device(device or "cpu")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise TargetError("device cuda was asked for but torch sees no CUDA GPU; use device='cpu'")
+        compile = device.type == "cuda" if compile is None else compile
         annotations = plan.graph.annotations
         specs = precision_specs(annotations)
         if precision in LOW_BIT and not specs:

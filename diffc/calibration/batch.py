@@ -30,7 +30,7 @@ class CalibrationBatch:
         names = [spec.name for spec in reference.signature.inputs]
         flat = [[r.inputs[n] for n in names] for r in records]
         rows = [r.inputs[names[0]].shape[0] for r in records]
-        self.row_steps = torch.tensor([r.step for r, n in zip(records, rows) for _ in range(n)])
+        self.row_steps = torch.tensor([r.step for r, n in zip(records, rows) for _ in range(n)], device="cpu")
         timestep = reference.signature.timestep
         per_row = [r.inputs[timestep.name].double().reshape(-1) for r in records] if timestep is not None else []
         self.row_timesteps = torch.cat([t.expand(n) if t.numel() == 1 else t for t, n in zip(per_row, rows)]) \
@@ -74,7 +74,7 @@ class CalibrationBatch:
         return self.mean_error(self.row_errors(self.outputs(run)), None if steps is None else self.step_mask(steps))
 
     def step_mask(self, steps: set[int]) -> torch.Tensor:
-        return torch.tensor([int(s) in steps for s in self.row_steps])
+        return torch.tensor([int(s) in steps for s in self.row_steps], device="cpu")
 
     def calls(self, mask: torch.Tensor) -> list[list[torch.Tensor]]:
         """The flat inputs of the rows in `mask`, as calls the graph accepts (in row order)."""
@@ -108,8 +108,8 @@ def plan_error(dg: DiffusionGraph, batch: CalibrationBatch, steps: set[int] | No
         return batch.error(dg.module, steps)
     plan = build_plan(dg)
     names = [spec.name for spec in dg.signature.inputs]
-    errors = torch.zeros(len(batch.row_steps), dtype=torch.float64)
-    measured = torch.zeros(len(batch.row_steps), dtype=torch.bool)
+    errors = torch.zeros(len(batch.row_steps), dtype=torch.float64, device=batch.energy.device)
+    measured = torch.zeros(len(batch.row_steps), dtype=torch.bool, device="cpu")
     for variant, mask in rows_by_variant(plan.schedule, batch, steps).items():
         outputs = []
         for flat in batch.calls(mask):

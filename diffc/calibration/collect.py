@@ -54,7 +54,7 @@ class DenoiserRecorder:
             elif isinstance(value, (list, tuple)):
                 inputs.update({f"{name}.{i}": v for i, v in enumerate(value) if isinstance(v, torch.Tensor)})
             elif name in TIMESTEP_NAMES and isinstance(value, (int, float)):
-                inputs[name] = torch.full((batch,), float(value))
+                inputs[name] = torch.full((batch,), float(value), device="cpu")  # recorded calls are stored from the CPU
         for name in TIMESTEP_NAMES:
             if name in inputs and inputs[name].dim() == 0:
                 inputs[name] = inputs[name].reshape(1).expand(batch)
@@ -272,8 +272,9 @@ def _collect_synthetic(model: torch.nn.Module, num_steps: int, timesteps: str, s
         # the arguments the model was captured with: one it lacks would be refused at replay
         inputs = dict(example) if example is not None else example_inputs(model)
         latent_name = "hidden_states" if "hidden_states" in inputs else "sample"
-        scheduler = FlowMatchEulerDiscreteScheduler() if flow else DDIMScheduler()
-        scheduler.set_timesteps(num_steps)
+        with torch.device("cpu"):  # a scheduler's tables live on the CPU; each step moves what it reads
+            scheduler = FlowMatchEulerDiscreteScheduler() if flow else DDIMScheduler()
+            scheduler.set_timesteps(num_steps)
         latents = torch.randn_like(inputs[latent_name])
         writer.begin(item, {"seed": seed, "condition": "random"})
         trajectory = _TrajectoryWriter(writer, item, selected)
@@ -283,7 +284,7 @@ def _collect_synthetic(model: torch.nn.Module, num_steps: int, timesteps: str, s
                 for t in scheduler.timesteps:
                     model_t = t / 1000 if family.startswith("Flux") else t
                     call = {**inputs, latent_name: latents,
-                            "timestep": torch.full((latents.shape[0],), float(model_t))}
+                            "timestep": torch.full((latents.shape[0],), float(model_t), device=latents.device)}
                     output = model(**call, return_dict=False)[0]
                     output = output[:, : latents.shape[1]] if output.shape != latents.shape else output
                     latents = scheduler.step(output, t, latents).prev_sample

@@ -252,7 +252,7 @@ class _LeastSquares:
 
     def fit(self, width: int, members: int) -> StepMap:
         assert self.r is not None and self.qty is not None
-        r, qty = self.r[:width, :width].numpy(), self.qty[:width].numpy()
+        r, qty = self.r[:width, :width].cpu().numpy(), self.qty[:width].cpu().numpy()
         # rank-deficient with history: the latent at k is a combination of earlier latents and outputs
         beta = np.linalg.lstsq(r, qty, rcond=RANK_TOLERANCE)[0]
         residual = self.energy - float(qty @ qty) + float(np.sum((r @ beta - qty) ** 2))
@@ -361,7 +361,7 @@ def _explain_residual(calibration: CalibrationSet, loop: SamplingLoop) -> Sampli
 def _clip_fit(design: torch.Tensor, y: torch.Tensor, unclipped: StepMap, members: int) -> StepMap:
     """`unclipped` with the map of the elements it misses, when one affine map plus an offset signed
     by the miss fits them exactly (clipping an affine combination to a symmetric range)."""
-    beta = _coefficients(unclipped)
+    beta = _coefficients(unclipped, design.device)
     miss = y - design @ beta
     clipped = miss.abs() > CLIPPED_ELEMENT * y.pow(2).mean().sqrt()
     if int(clipped.sum()) <= design.shape[1] + 1:
@@ -382,9 +382,9 @@ def _clip(affine: torch.Tensor, saturated: torch.Tensor, offset: float) -> torch
     return affine + (saturated + offset - affine).clamp_min(0) + (saturated - offset - affine).clamp_max(0)
 
 
-def _coefficients(step_map: StepMap) -> torch.Tensor:
+def _coefficients(step_map: StepMap, device: torch.device) -> torch.Tensor:
     return torch.tensor([c for a, members in zip(step_map.latents, step_map.outputs) for c in (a, *members)],
-                        dtype=torch.float64)
+                        dtype=torch.float64, device=device)
 
 
 def _trimmed_fit(design: torch.Tensor, y: torch.Tensor, members: int) -> tuple[StepMap | None, float]:

@@ -159,7 +159,7 @@ def step_perturbation(output: torch.Tensor, step: int, relative_size: float) -> 
     """The random perturbation propagation weights add to the output of `step`: seeded by the
     step, `relative_size` of the output's standard deviation."""
     generator = torch.Generator().manual_seed(step)
-    return torch.randn(output.shape, generator=generator).to(output) * output.std() * relative_size
+    return torch.randn(output.shape, generator=generator, device="cpu").to(output) * output.std() * relative_size
 
 
 def loop_propagation_weights(calibration: CalibrationSet, loop: SamplingLoop, denoiser: Callable[..., Any],

@@ -69,7 +69,7 @@ class NodeStats:
         self.maximum = max(self.maximum, float(high))
         per_channel = magnitude.movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1) if x.dim() > 1 \
             else magnitude.reshape(1, -1)
-        channel = per_channel.amax(dim=1).numpy()
+        channel = per_channel.amax(dim=1).cpu().numpy()
         self.channel_absmax = channel if self.channel_absmax is None else np.maximum(self.channel_absmax, channel)
         self.histogram += histogram_of_abs(magnitude)
 
@@ -112,7 +112,7 @@ def histogram_of_abs(magnitude: torch.Tensor) -> np.ndarray:
     zeros = int((magnitude == 0).sum())
     nonzero = magnitude[magnitude > 0]
     position = torch.floor((torch.log2(nonzero) - LOW_EXP) * BINS_PER_OCTAVE).clamp(0, NUM_BINS - 2).long() + 1
-    counts = torch.bincount(position, minlength=NUM_BINS).numpy().astype(np.int64)
+    counts = torch.bincount(position, minlength=NUM_BINS).cpu().numpy().astype(np.int64)
     counts[0] += zeros
     return counts
 

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from ..errors import DiffcError
 from ..ir import DiffusionGraph
+from ..ir.dtypes import HALF_DTYPES
 
 FORMAT = "diffc-calibration-1"
 MANIFEST = "manifest.json"
@@ -62,7 +63,8 @@ class CalibrationSet:
     `pipeline` is the live pipeline the set was collected with and `replay` the arguments that
     reproduce each trajectory (conditions, extra call arguments); both are None when the set is
     opened from disk or recorded from a bare loop. They let passes re-run the sampler with a
-    candidate in the loop."""
+    candidate in the loop. Recorded tensors load onto `device`: the device of the graph the
+    passes run (optimize sets it), so that a model on a GPU is calibrated there."""
 
     def __init__(self, root: str | os.PathLike[str], pipeline: Any = None,
                  replay: dict[str, Any] | None = None) -> None:
@@ -77,6 +79,7 @@ class CalibrationSet:
                                    f"this diffc reads {FORMAT!r}. Collect it again.")
         self.pipeline = pipeline
         self.replay = replay
+        self.device = torch.device("cpu")
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -119,9 +122,9 @@ class CalibrationSet:
                 if steps is not None and call["step"] not in steps:
                     continue
                 tensors = {}
-                with safe_open(str(self.root / call["file"]), framework="pt") as shard:
+                with safe_open(str(self.root / call["file"]), framework="pt", device=str(self.device)) as shard:
                     for key in shard.keys():
-                        tensors[key] = shard.get_tensor(key)
+                        tensors[key] = _in_graph_dtype(shard.get_tensor(key))
                 yield Record(item=item["id"], step=call["step"], num_steps=item["num_steps"],
                              timestep=call["timestep"],
                              inputs={k[len(INPUT_PREFIX):]: v for k, v in tensors.items() if k.startswith(INPUT_PREFIX)},
@@ -132,8 +135,8 @@ class CalibrationSet:
         out = {}
         for item in self.items:
             if item.get("final"):
-                with safe_open(str(self.root / item["final"]), framework="pt") as shard:
-                    out[item["id"]] = shard.get_tensor("final")
+                with safe_open(str(self.root / item["final"]), framework="pt", device=str(self.device)) as shard:
+                    out[item["id"]] = _in_graph_dtype(shard.get_tensor("final"))
         return out
 
     def keep(self, key: str, value: Any) -> None:
@@ -164,6 +167,11 @@ class CalibrationSet:
             if static_mismatch:
                 raise CalibrationError(f"calibration input {spec.name} has shape {tuple(shape)} but the model takes "
                                        f"{spec.shape}; the set belongs to another model configuration")
+
+
+def _in_graph_dtype(tensor: torch.Tensor) -> torch.Tensor:
+    """Calls recorded from a half-precision model load in fp32, the dtype capture gives its graph."""
+    return tensor.float() if tensor.dtype in HALF_DTYPES else tensor
 
 
 class SetWriter:

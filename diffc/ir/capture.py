@@ -16,6 +16,7 @@ from torch.utils import _pytree as pytree
 from .._json import jsonable
 from ..errors import CaptureError, DiffcError
 from .blocks import discover_blocks
+from .dtypes import HALF_DTYPES, normalize_to_fp32, source_dtype
 from .fxutil import copy_graph
 from .examples import LATENT_NAMES, TIMESTEP_NAMES, UNBATCHED_NAMES, dim_kinds, latent_channel_dim
 from .examples import example_inputs as derive_example_inputs
@@ -81,9 +82,15 @@ def _capture(model: torch.nn.Module, example_inputs: Mapping[str, Any] | None, d
         module = _symbolic_module(model, call_kwargs, flat_reference, kinds)
     else:
         module = _static_module(model, call_kwargs, flat_reference)
+    loaded_in = source_dtype(model)
+    if loaded_in in HALF_DTYPES:
+        normalize_to_fp32(module)
+        flat_inputs = [(path, t.float() if t.dtype in HALF_DTYPES else t) for path, t in flat_inputs]
+        flat_reference = [t.float() if t.dtype in HALF_DTYPES else t for t in flat_reference]
     ShapeProp(module).propagate(*[t for _, t in flat_inputs])
     signature = _signature(model, module, flat_inputs, kinds, flat_reference, forward_params, output_class)
-    signature = dataclasses.replace(signature, constants=tuple(sorted(constant_arguments(inputs).items())))
+    signature = dataclasses.replace(signature, constants=tuple(sorted(constant_arguments(inputs).items())),
+                                    source_dtype=str(loaded_in).replace("torch.", ""))
     config = dict(getattr(model, "config", {}) or {})
     # diffusers lists the defaulted keys in set order, which changes from one process to the next
     # (PYTHONHASHSEED): sorted, the same model gives the same artifact bytes in any process

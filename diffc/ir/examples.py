@@ -10,6 +10,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import CaptureError
+from .fxutil import module_device, to_device
 
 EXAMPLE_BATCH = 2
 EXAMPLE_TEXT_LEN = 8
@@ -21,7 +22,8 @@ SUPPORTED_FAMILIES = (
 
 
 def example_inputs(model: torch.nn.Module, batch: int = EXAMPLE_BATCH) -> dict[str, Any]:
-    """Keyword inputs for one forward call of `model`, shaped from its config."""
+    """Keyword inputs for one forward call of `model`, shaped from its config, on the model's device
+    (drawn on the CPU first, so that a seed gives the same example on every device)."""
     family = type(model).__name__
     builder = _BUILDERS.get(family)
     if builder is None:
@@ -29,13 +31,15 @@ def example_inputs(model: torch.nn.Module, batch: int = EXAMPLE_BATCH) -> dict[s
             f"diffc cannot derive example inputs for {family}: it knows {', '.join(SUPPORTED_FAMILIES)}. "
             "Pass example_inputs={...} (the keyword arguments of one forward call) to capture/optimize.")
     cfg = model.config
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device="cpu").manual_seed(0)
     dtype = _model_dtype(model)
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator).to(dtype)
 
-    return builder(cfg, batch, randn)
+    with torch.device("cpu"):
+        inputs = builder(cfg, batch, randn)
+    return to_device(inputs, module_device(model))
 
 
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:

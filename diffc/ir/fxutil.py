@@ -35,3 +35,23 @@ def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         return copy.deepcopy(graph)
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's weights are (the CPU for a module without any)."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """`value` with every tensor inside dicts, lists and tuples moved to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(to_device(item, device) for item in value)
+    return value

@@ -11,7 +11,7 @@ import torch.fx
 
 from .blocks import Block
 from .examples import dim_kinds
-from .fxutil import attr_value, copy_graph
+from .fxutil import attr_value, copy_graph, module_device
 from .step_plan import StepPlan
 
 LATENT, TIMESTEP, CONDITIONING = "latent", "timestep", "conditioning"
@@ -49,7 +49,10 @@ class Signature:
     """How the original forward is called and what it returns.
 
     `parameters` are the forward's parameter names in order (to bind positional arguments);
-    `output_class` is the import path of the output dataclass returned when return_dict=True."""
+    `output_class` is the import path of the output dataclass returned when return_dict=True.
+    `source_dtype` is the floating dtype of the model's weights: capture normalizes a half-precision
+    model's graph to fp32 (passes measure in fp32), its outputs go back to the caller in this dtype
+    and a target without a precision compiles in it."""
 
     model_class: str
     parameters: tuple[str, ...]
@@ -60,6 +63,7 @@ class Signature:
     # non-tensor arguments the graph was captured with as constants (shapes, counts, flags), as JSON
     # values: a call may leave them out or pass the same value, not another
     constants: tuple[tuple[str, Any], ...] = ()
+    source_dtype: str = "float32"
 
     def input(self, name: str) -> TensorInput:
         for spec in self.inputs:
@@ -88,6 +92,7 @@ class Signature:
             output_class=data["output_class"],
             return_dict_default=data["return_dict_default"],
             constants=tuple((name, value) for name, value in data.get("constants", [])),
+            source_dtype=data.get("source_dtype", "float32"),
         )
 
 
@@ -137,6 +142,11 @@ class DiffusionGraph:
                 if isinstance(value, torch.Tensor):
                     out[node.target] = value
         return out
+
+    @property
+    def device(self) -> torch.device:
+        """Where the graph's weights are: tensors a pass builds for it go there too."""
+        return module_device(self.module)
 
     def num_parameters(self) -> int:
         seen: set[int] = set()

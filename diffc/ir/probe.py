@@ -236,7 +236,7 @@ class ShapeProber:
         return self._references[key]
 
     def _probe_inputs(self, flat: FlatInputs, shapes: list[list[int]]) -> dict[str, Any]:
-        generator = torch.Generator().manual_seed(1)
+        generator = torch.Generator(device="cpu").manual_seed(1)
         rebuilt = dict(self.kwargs)
         for (path, tensor), shape in zip(flat, shapes):
             rebuilt = with_tensor(rebuilt, path, _resized(path, tensor, shape, generator))
@@ -244,8 +244,16 @@ class ShapeProber:
 
 
 def _resized(path: tuple[str, ...], tensor: torch.Tensor, shape: list[int], generator: torch.Generator) -> torch.Tensor:
+    """A `shape` version of `tensor`, drawn on the CPU (the generator's device, so that a probe is
+    the same everywhere) and moved to the tensor's device."""
     if list(tensor.shape) == shape:
         return tensor
+    with torch.device("cpu"):
+        return _resized_on_cpu(path, tensor.cpu(), shape, generator).to(tensor.device)
+
+
+def _resized_on_cpu(path: tuple[str, ...], tensor: torch.Tensor, shape: list[int],
+                    generator: torch.Generator) -> torch.Tensor:
     if path[-1] in TOKEN_NAMES:
         side = int(round(shape[0] ** 0.5))
         if side * side == shape[0]:

@@ -88,7 +88,7 @@ def variant_views(dg: DiffusionGraph, batch: CalibrationBatch) -> list[tuple[Dif
     regions bypassed, and the rows of the steps scheduled to it. Without a step plan, the graph
     itself on every row."""
     if not dg.step_plan:
-        return [(dg, torch.ones(len(batch.row_steps), dtype=torch.bool))]
+        return [(dg, torch.ones(len(batch.row_steps), dtype=torch.bool, device="cpu"))]
     views = []
     for variant, rows in rows_by_variant(build_plan(dg).schedule, batch).items():
         view = dg.clone()
@@ -113,9 +113,9 @@ def _recovery_call(batch: CalibrationBatch, rows: torch.Tensor, rows_per_step: i
                    generator: torch.Generator) -> list[torch.Tensor]:
     calls = batch.calls(rows)
     if len(calls) > 1:
-        return calls[int(torch.randint(len(calls), (1,), generator=generator))]
+        return calls[int(torch.randint(len(calls), (1,), generator=generator, device="cpu"))]
     count = calls[0][0].shape[0]
-    pick = torch.randperm(count, generator=generator)[:rows_per_step]
+    pick = torch.randperm(count, generator=generator, device="cpu")[:rows_per_step]
     return [t[pick] for t in calls[0]]
 
 

@@ -68,7 +68,7 @@ def narrow_dead_chunks(dg: DiffusionGraph) -> bool:
                                                for a in (weight_node, bias_node) if a is not None):
             continue
         starts = np.cumsum([0, *pieces]).tolist()
-        rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in read])
+        rows = torch.cat([torch.arange(starts[i], starts[i + 1], device=dg.device) for i in read])
         with dg.graph.inserting_before(linear):
             narrowed = [add_constant(dg, f"{linear.name}_live_{kind}", attr_value(dg.module, node.target)[rows])
                         if node is not None else None for kind, node in (("weight", weight_node), ("bias", bias_node))]

@@ -13,6 +13,7 @@ import torch
 
 from ..errors import InputError
 from ..ir import CompiledPlan, Plan, TensorInput
+from ..ir.dtypes import HALF_DTYPES
 from ..ir.probe import constant_arguments, tensor_at
 from .adapters import Adapters, denoiser_keys, lora_deltas, read_adapter
 from .artifact import save_artifact
@@ -308,6 +309,7 @@ class OptimizedModel(PipelineComponent):
             variant = self.plan.schedule.default
         inputs = {spec.name: value for spec, value in zip(sig.inputs, flat)}
         results, kept = self.plan.run(variant, inputs, state, self._compiled.runners)
+        results = self._in_source_dtype(results)
         if self.steps.at_last_step(self.plan.schedule.timesteps):
             self._states.pop(branch, None)  # nothing later in this loop reads it
         else:
@@ -316,6 +318,13 @@ class OptimizedModel(PipelineComponent):
             cls = _output_class(sig.output_class)
             return cls(**{f.name: r for f, r in zip(dataclasses.fields(cls), results)})
         return results
+
+    def _in_source_dtype(self, results: Any) -> Any:
+        """A half-precision model's outputs go back in its dtype, whatever precision it runs in."""
+        dtype = getattr(torch, self.plan.graph.signature.source_dtype)
+        if dtype not in HALF_DTYPES:
+            return results
+        return type(results)(r.to(dtype) if r.is_floating_point() else r for r in results)
 
     def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         sig = self.plan.graph.signature

@@ -218,7 +218,7 @@ class MoePass(Pass):
         routers = []
         for item, (outputs, _) in zip(converted, contributions):
             x = inputs[item.block]
-            rows = torch.randperm(x.shape[0], generator=generator)[:cfg.max_tokens]
+            rows = torch.randperm(x.shape[0], generator=generator, device="cpu")[:cfg.max_tokens]
             routers.append(fit_router(x[rows], [o[rows] for o in outputs]))
 
         def build(active: float) -> DiffusionGraph:

@@ -107,7 +107,7 @@ def split_experts(activations: torch.Tensor, down_weight: torch.Tensor, parts: i
         raise PassError(f"an FFN with {width} hidden neurons cannot be split into {parts} experts; lower experts")
     generator = torch.Generator().manual_seed(seed)
     if activations.shape[0] > max_tokens:
-        activations = activations[torch.randperm(activations.shape[0], generator=generator)[:max_tokens]]
+        activations = activations[torch.randperm(activations.shape[0], generator=generator, device="cpu")[:max_tokens]]
     importance = activations.double().pow(2).mean(0) * down_weight.double().pow(2).sum(0)
     sizes = [width // parts + (1 if k < width % parts else 0) for k in range(parts)]
     remaining = list(range(width))
@@ -118,7 +118,7 @@ def split_experts(activations: torch.Tensor, down_weight: torch.Tensor, parts: i
         remaining = sorted(order[sizes[0]:])
         sizes = sizes[1:]
     pattern = activations[:, remaining].abs().double().T
-    pattern = (pattern / pattern.norm(dim=1, keepdim=True).clamp_min(1e-12)).numpy()
+    pattern = (pattern / pattern.norm(dim=1, keepdim=True).clamp_min(1e-12)).cpu().numpy()
     centers = KMeans(n_clusters=len(sizes), n_init=4, random_state=seed).fit(pattern).cluster_centers_
     distance = ((pattern[:, None, :] - centers[None, :, :]) ** 2).sum(-1)
     experts: list[list[int]] = [[] for _ in sizes]
@@ -188,7 +188,7 @@ class ExpertBuilder:
     def expert(self, dg: DiffusionGraph, name: str, neurons: Sequence[int], down_weight: torch.Tensor,
                down_bias: torch.Tensor | None) -> torch.fx.Node:
         """The output node of the FFN on `neurons`, at the graph's insertion point."""
-        rows = torch.tensor(list(neurons))
+        rows = torch.tensor(list(neurons), device=down_weight.device)
         hidden_shape = (*self.out_shape[:-1], len(rows))
 
         def linear(part: str, weight: torch.Tensor, bias: torch.Tensor | None, shape: tuple[int, ...],
@@ -222,7 +222,7 @@ def convert(dg: DiffusionGraph, ffn: DenseFFN, shared_neurons: list[int] | None,
     with dg.graph.inserting_before(ffn.down):
         for index, neurons in enumerate(parts):
             bias = builder.down_bias if index == 0 else None
-            out = builder.expert(dg, f"e{index}", neurons, builder.down_weight[:, torch.tensor(neurons)], bias)
+            out = builder.expert(dg, f"e{index}", neurons, builder.down_weight[:, torch.tensor(neurons, device=builder.down_weight.device)], bias)
             acc = out if acc is None else builder.node(dg, aten.add.Tensor, (acc, out), builder.out_shape)
             chain.append(acc.name)
     ffn.down.replace_all_uses_with(acc)

@@ -75,9 +75,9 @@ def per_ffn_selection(converted: list[ConvertedFFN], contributions: list[tuple[l
 def ridge_fit(features: torch.Tensor, target: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight [out, in], bias [out]) minimising ||features W^T + b - target||^2 plus `ridge` times
     the features' mean energy times ||W||^2 (scale-free), by the normal equations in float64."""
-    design = torch.cat([features.double(), torch.ones(features.shape[0], 1, dtype=torch.double)], dim=1)
+    design = torch.cat([features.double(), torch.ones(features.shape[0], 1, dtype=torch.double, device=features.device)], dim=1)
     gram = design.T @ design / design.shape[0]
-    penalty = torch.eye(gram.shape[0], dtype=torch.double) * ridge * float(gram.diagonal()[:-1].mean()
+    penalty = torch.eye(gram.shape[0], dtype=torch.double, device=gram.device) * ridge * float(gram.diagonal()[:-1].mean()
                                                                            if gram.shape[0] > 1 else 0.0)
     penalty[-1, -1] = 0.0
     solution = torch.linalg.solve(gram + penalty, design.T @ target.double() / design.shape[0])
@@ -153,7 +153,7 @@ def routed_plan(dg: DiffusionGraph, converted: list[ConvertedFFN], chosen: list[
             if compensate:
                 off = torch.zeros_like(steps, dtype=torch.bool)
                 for (start, end), active in zip(ranges, on):
-                    off |= ~torch.tensor(active) & (steps >= start) & (steps < end)
+                    off |= ~torch.tensor(active, device=steps.device) & (steps >= start) & (steps < end)
                 mean = outputs[expert][off].mean(0) if bool(off.any()) else outputs[expert].mean(0)
                 base = compensate_expert(routed, nodes[cut], expert_region(item, expert), mean).name
             if not any(on):
@@ -198,9 +198,9 @@ def refit_plan(dg: DiffusionGraph, converted: list[ConvertedFFN], chosen: list[l
             for index, ((start, end), experts) in enumerate(zip(ranges, per_range)):
                 rows = torch.nonzero((steps >= start) & (steps < end)).reshape(-1)
                 if len(rows) > 4 * max_tokens:
-                    rows = rows[torch.randperm(len(rows), generator=generator)[:4 * max_tokens]]
+                    rows = rows[torch.randperm(len(rows), generator=generator, device="cpu")[:4 * max_tokens]]
                 if not len(rows):
-                    rows = torch.arange(len(steps))
+                    rows = torch.arange(len(steps), device=steps.device)
                 neurons = sorted(n for e in experts for n in item.neurons[item.routed_from + e])
                 weight, bias = ridge_fit(hidden[rows][:, neurons], target[rows], ridge)
                 name = f"r{index}"

@@ -20,7 +20,7 @@ aten = torch.ops.aten
 def fit_router(x: torch.Tensor, outputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, bias) of a linear router whose score for each routed expert predicts the norm of
     that expert's output contribution on a token: least squares on calibration tokens."""
-    design = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.double)], dim=1)
+    design = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.double, device=x.device)], dim=1)
     target = torch.stack([o.double().norm(dim=1) for o in outputs], dim=1)
     solution = torch.linalg.lstsq(design, target).solution
     return solution[:-1].T.float().contiguous(), solution[-1].float().contiguous()
@@ -114,7 +114,8 @@ def refresh_shapes(dg: DiffusionGraph) -> None:
     from torch.fx.passes.shape_prop import ShapeProp
 
     generator = torch.Generator().manual_seed(0)
-    flat = [torch.randn(s.example_shape, generator=generator) if s.dtype.startswith("float")
-            else torch.zeros(s.example_shape, dtype=getattr(torch, s.dtype)) for s in dg.signature.inputs]
+    flat = [torch.randn(s.example_shape, generator=generator, device="cpu") if s.dtype.startswith("float")
+            else torch.zeros(s.example_shape, dtype=getattr(torch, s.dtype), device="cpu") for s in dg.signature.inputs]
+    flat = [tensor.to(dg.device) for tensor in flat]
     with torch.no_grad():
         ShapeProp(dg.module).propagate(*flat)

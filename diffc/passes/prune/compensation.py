@@ -55,7 +55,7 @@ def mean_residuals(dg: DiffusionGraph, units: Sequence[Unit], batch: Calibration
             tables = [_masked_mean_residuals(dg, units, batch, m) for _, _, m in bounds]
             boundaries = tuple((high + low_next) / 2 for (_, high, _), (low_next, _, _) in zip(bounds, bounds[1:]))
             return {u.name: MeanResidual(torch.stack([t[u.name] for t in tables]), boundaries) for u in units}
-    everything = torch.ones(len(batch.row_steps), dtype=torch.bool)
+    everything = torch.ones(len(batch.row_steps), dtype=torch.bool, device="cpu")
     return {name: MeanResidual(mean[None]) for name, mean in _masked_mean_residuals(dg, units, batch, everything).items()}
 
 
@@ -114,7 +114,7 @@ def _per_timestep_offset(dg: DiffusionGraph, name: str, offset: MeanResidual, ti
     def call(target: Any, *args: Any, **kwargs: Any) -> torch.fx.Node:
         return graph.call_function(target, args, kwargs)
 
-    boundaries = add_constant(dg, f"{name}_timestep_boundaries", torch.tensor(offset.boundaries, dtype=torch.float32))
+    boundaries = add_constant(dg, f"{name}_timestep_boundaries", torch.tensor(offset.boundaries, dtype=torch.float32, device=dg.device))
     times = call(aten.reshape.default, call(aten._to_copy.default, timestep, dtype=torch.float32), [-1, 1])
     above = call(aten._to_copy.default, call(aten.gt.Tensor, times, boundaries), dtype=dtype)
     shift = call(aten.mm.default, above, add_constant(dg, f"{name}_steps", steps.to(dtype)))

@@ -72,4 +72,4 @@ def nbytes(node: torch.fx.Node) -> int:
     meta = node.meta.get("tensor_meta")
     if meta is None or not hasattr(meta, "shape"):
         return 0
-    return math.prod(meta.shape) * torch.empty((), dtype=meta.dtype).element_size()
+    return math.prod(meta.shape) * meta.dtype.itemsize

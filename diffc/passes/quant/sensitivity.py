@@ -183,7 +183,7 @@ def measure(dg: DiffusionGraph, layers: list[Layer], formats: tuple[str, ...],
                 # one u per latent (guided) or per row, shared by the group's calls
                 shape = (max(state for state, _ in rows) + 1, *output.shape[1:]) if rows else tuple(output.shape)
                 if shape not in probes_u:
-                    probes_u[shape] = [(torch.randint(0, 2, shape, generator=generator) * 2 - 1).to(output.dtype)
+                    probes_u[shape] = [(torch.randint(0, 2, shape, generator=generator, device="cpu") * 2 - 1).to(output)
                                        for _ in range(probes)]
                 directions = [torch.stack([weight * u[state] for state, weight in rows]) if rows else u
                               for u in probes_u[shape]]

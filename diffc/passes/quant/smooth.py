@@ -46,7 +46,7 @@ def smooth(dg: DiffusionGraph, layers: list[Layer], stats: Callable[[str], NodeS
         channel_absmax = stats(layer.input).channel_absmax
         if node.target != aten.linear.default or channel_absmax is None or len(channel_absmax) != weight.shape[1]:
             continue
-        factors = smoothing_factors(torch.from_numpy(channel_absmax), weight, alpha)
+        factors = smoothing_factors(torch.from_numpy(channel_absmax).to(weight.device), weight, alpha)
         weight_name, inverse_name = f"{SMOOTH_PREFIX}{node.name}_weight", f"{SMOOTH_PREFIX}{node.name}_inverse"
         dg.module.register_buffer(weight_name, (weight.detach().float() * factors).to(weight.dtype))
         dg.module.register_buffer(inverse_name, (1.0 / factors).to(weight.dtype))
