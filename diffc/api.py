@@ -6,6 +6,7 @@ import inspect
 import json
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -81,12 +82,31 @@ def optimize(model_or_pipeline: Any, target: str = "torch", passes: PipelineSpec
     if unused:
         raise TargetError(f"budget {', '.join(unused)} was given but no pass in the pipeline "
                           f"{[p.name for p in manager.passes]} uses it; remove it or add the pass that does")
+    options: dict[str, Any] = {"compile": compile}
+    if parsed.backend == "trt" and ctx.calibration is not None:
+        options["calibrated_profiles"] = calibrated_sizes(optimized.signature, ctx.calibration)
     fast = compile_graph(optimized, parsed.backend, _precision_for(target, parsed, optimized),
-                         _device_of(model_or_pipeline, device), compile=compile)
+                         _device_of(model_or_pipeline, device), **options)
     # a LoRA loaded later checks the quantized activation ranges on these (see OptimizedModel.recalibrate)
     fast.calibration_inputs = calibration_calls(ctx.calibration)
     fast.sampler_watch = _sampler_watch(ctx.calibration, fast.plan)
     return fast
+
+
+def calibrated_sizes(signature: Any, calibration: Any) -> dict[str, tuple[int, int, int]]:
+    """(smallest, most frequent, largest) size of each named dim over the calibration calls: the
+    shapes the pipeline really runs at (its resolution, its text length), where the captured example
+    has one short text and one resolution. Batch goes down to 1 (a call without guidance)."""
+    seen: dict[str, list[int]] = {}
+    for shapes in calibration.input_shapes():
+        for spec in signature.inputs:
+            shape = shapes.get(spec.name)
+            if shape is not None and len(shape) == len(spec.shape):
+                for dim, size in zip(spec.shape, shape):
+                    if isinstance(dim, str):
+                        seen.setdefault(dim, []).append(int(size))
+    return {dim: (1 if dim == "batch" else min(sizes), Counter(sizes).most_common(1)[0][0], max(sizes))
+            for dim, sizes in seen.items()}
 
 
 def _precision_for(target: str, parsed: Any, dg: DiffusionGraph) -> str:

@@ -130,6 +130,14 @@ class CalibrationSet:
                              inputs={k[len(INPUT_PREFIX):]: v for k, v in tensors.items() if k.startswith(INPUT_PREFIX)},
                              output=tensors[OUTPUT_KEY], call=call.get("call", 0))
 
+    def input_shapes(self) -> Iterator[dict[str, tuple[int, ...]]]:
+        """Each recorded call's input shapes, by input name, read from the shard headers only."""
+        for item in self.items:
+            for call in item["calls"]:
+                with safe_open(str(self.root / call["file"]), framework="pt") as shard:
+                    yield {key[len(INPUT_PREFIX):]: tuple(shard.get_slice(key).get_shape())
+                           for key in shard.keys() if key.startswith(INPUT_PREFIX)}
+
     def final_outputs(self) -> dict[str, torch.Tensor]:
         """Each trajectory's final pipeline output (images or latents), by item id, where recorded."""
         out = {}

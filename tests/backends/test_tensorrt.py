@@ -262,3 +262,47 @@ def test_segment_values_map_onto_engine_tensors_and_back():
     assert [t.shape for t in flat] == [(2, 3), (1,), (4,), (5,)] and flat[0] is h and flat[1] is a
     values = onnx_segments.regroup_values(entries, [h, a, b, torch.tensor(7)])
     assert values[0] is h and values[1] == [a, b] and values[2] == 7 and isinstance(values[2], int)
+
+
+def _recorded_text_loop(family, text_lengths: tuple[int, ...]):
+    model, inputs = family("unet2dcond")
+    with diffc.calibration.record(model) as recording:
+        for length in text_lengths:
+            latents = inputs["sample"].clone()
+            text = torch.randn(2, length, inputs["encoder_hidden_states"].shape[-1])
+            with torch.no_grad():
+                for t in (900, 500, 100):
+                    latents = latents - 0.1 * model(latents, torch.tensor([t, t]), text).sample
+    return model, recording.calibration_set
+
+
+def test_engine_profiles_default_to_the_sizes_calibration_ran_at(family):
+    from diffc.api import calibrated_sizes
+
+    model, calibration = _recorded_text_loop(family, (77, 77, 12))
+    dg = diffc.ir.capture(model, example_inputs=family("unet2dcond")[1])
+    sizes = calibrated_sizes(dg.signature, calibration)
+    assert sizes["text_len"] == (12, 77, 77), "the pipeline's own text length, not the example's"
+    assert sizes["batch"] == (1, 2, 2) and sizes["height"] == (16, 16, 16)
+    inputs = [{"name": "tokens", "dims": ["batch", "text_len", 32]}, {"name": "sample", "dims": ["batch", 4, 16, 16]}]
+    settings = BuildSettings.from_options({"calibrated_profiles": sizes, "profiles": {"batch": (1, 1, 4)}})
+    ranges = tensorrt.dim_ranges(inputs, {**settings.calibrated_profiles, **settings.profiles},
+                                 {"batch": 2, "text_len": 7}, "main0")
+    assert ranges["tokens"] == [(1, 1, 4), (12, 77, 77), (32, 32, 32)], "the user's profiles win"
+    assert BuildSettings.from_options(json.loads(json.dumps(settings.to_json()))) == settings
+
+
+def test_optimize_hands_the_calibrated_sizes_to_the_trt_backend(family, monkeypatch):
+    model, calibration = _recorded_text_loop(family, (77,))
+    handed: dict = {}
+
+    def fake_compile(self, plan, precision, device=None, compile=False, **options):
+        handed.update(options)
+        raise TargetError("stop here")
+
+    monkeypatch.setattr(TensorRTBackend, "unavailable_reason", classmethod(lambda cls, precision: None))
+    monkeypatch.setattr(TensorRTBackend, "compile", fake_compile)
+    with pytest.raises(TargetError, match="stop here"):
+        diffc.optimize(model, target="trt-fp16", passes=[{"pass": "cache", "min_psnr": None}],
+                       calibration=calibration)
+    assert handed["calibrated_profiles"]["text_len"] == (77, 77, 77)

@@ -73,7 +73,8 @@ class TensorRTBackend(Backend):
         artifact_options), loads them after checking they were built for this GPU and TensorRT version.
 
         Options: `profiles` {dim name: (min, opt, max) or size} for the ONNX dynamic dims (batch, height,
-        width, tokens, text_len; unnamed dims default to the captured example size), `optimization_level`
+        width, tokens, text_len; unnamed dims default to `calibrated_profiles`, the sizes calibration ran
+        at, which optimize passes, and else to the captured example size), `optimization_level`
         (0-5), `workspace_bytes` (memory pool limit), `timing_cache` (a file, or None for none),
         `cuda_graph` (replay each segment through a captured CUDA graph), `opset`, `refit` (default True:
         engines built refittable, so a LoRA swap or recalibrate refits them in place instead of a rebuild)."""
@@ -210,7 +211,8 @@ def _build_all(plan: Plan, precision: str, settings: BuildSettings,
         check_profile_names(settings.profiles, io)
         engines = {}
         for name in progress(list(plan.segments), progress_bar, "TensorRT engines", "segment"):
-            ranges = dim_ranges(io[name]["inputs"], settings.profiles, example_sizes, name)
+            ranges = dim_ranges(io[name]["inputs"], {**settings.calibrated_profiles, **settings.profiles},
+                                example_sizes, name)
             engines[name] = build_engine(lowered[name], precision, ranges, settings, name)
     return engines, io
 

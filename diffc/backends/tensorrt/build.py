@@ -37,15 +37,21 @@ class BuildSettings:
     cuda_graph: bool = False
     opset: int = 21
     refit: bool = True
+    # the sizes calibration ran at (optimize passes them): defaults under `profiles` for the dims
+    # segments have, where the captured example's sizes (a short text, one resolution) would be too narrow
+    calibrated_profiles: Mapping[str, tuple[int, int, int]] = field(default_factory=dict)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "BuildSettings":
-        known = {"profiles", "optimization_level", "workspace_bytes", "timing_cache", "cuda_graph", "opset", "refit"}
+        known = {"profiles", "optimization_level", "workspace_bytes", "timing_cache", "cuda_graph", "opset", "refit",
+                 "calibrated_profiles"}
         unknown = sorted(set(options) - known)
         if unknown:
             raise TargetError(f"the TensorRT backend has no option {', '.join(unknown)}; it takes "
                               f"{', '.join(sorted(known))}")
         profiles = {str(k): _profile_range(str(k), v) for k, v in dict(options.get("profiles") or {}).items()}
+        calibrated = {str(k): _profile_range(str(k), v)
+                      for k, v in dict(options.get("calibrated_profiles") or {}).items()}
         level = options.get("optimization_level", 3)
         if not isinstance(level, int) or level not in OPTIMIZATION_LEVELS:
             raise TargetError(f"optimization_level must be an integer from 0 to 5 (TensorRT's default is 3), "
@@ -56,13 +62,15 @@ class BuildSettings:
         cache = options.get("timing_cache", DEFAULT_TIMING_CACHE)
         return cls(profiles=profiles, optimization_level=level, workspace_bytes=workspace,
                    timing_cache=None if cache is None else Path(cache), cuda_graph=bool(options.get("cuda_graph")),
-                   opset=int(options.get("opset", 21)), refit=bool(options.get("refit", True)))
+                   opset=int(options.get("opset", 21)), refit=bool(options.get("refit", True)),
+                   calibrated_profiles=calibrated)
 
     def to_json(self) -> dict[str, Any]:
         return {"profiles": {k: list(v) for k, v in self.profiles.items()},
                 "optimization_level": self.optimization_level, "workspace_bytes": self.workspace_bytes,
                 "timing_cache": None if self.timing_cache is None else str(self.timing_cache),
-                "cuda_graph": self.cuda_graph, "opset": self.opset, "refit": self.refit}
+                "cuda_graph": self.cuda_graph, "opset": self.opset, "refit": self.refit,
+                "calibrated_profiles": {k: list(v) for k, v in self.calibrated_profiles.items()}}
 
 
 def _profile_range(name: str, value: Any) -> tuple[int, int, int]:
