@@ -25,7 +25,8 @@ from .ir.precision import precision_specs
 from .passes import PassContext, PassManager
 from .passes.base import NOT_CONFIG, PASSES, PipelineSpec
 from .runtime import OptimizedModel, load_plan, read_manifest
-from .runtime.checkpoints import PassCheckpointFolder, graph_fingerprint
+from .ir.graph_file import graph_fingerprint
+from .runtime.checkpoints import PassCheckpointFolder
 from .runtime.diffusers_component import register_artifact_loader
 from .runtime.ranges import calibration_calls
 from .runtime.sampler_watch import SamplerWatch, step_settings

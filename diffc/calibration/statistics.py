@@ -262,10 +262,12 @@ def _channel_dims(dg: DiffusionGraph) -> dict[str, int]:
 def _cache_key(dg: DiffusionGraph, groups: int, watch: list[str], items: set[str] | None) -> str:
     import hashlib
 
-    from ..ir.serialize import graph_to_json
+    from ..ir.graph_file import graph_fingerprint
 
+    # the weights are part of the key: graphs of one structure with other weights (SmoothQuant at
+    # another alpha, a LoRA merged in) have other activations
     chosen = None if items is None else sorted(items)
-    text = json.dumps([graph_to_json(dg.graph), groups, watch] + ([] if chosen is None else [chosen]),
+    text = json.dumps([graph_fingerprint(dg), groups, watch] + ([] if chosen is None else [chosen]),
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

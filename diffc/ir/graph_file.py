@@ -118,3 +118,15 @@ def _write_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise
+
+
+def graph_fingerprint(dg: DiffusionGraph) -> str:
+    """SHA-256 of a graph's code and weights: another model (or other weights) gives another one."""
+    digest = hashlib.sha256(json.dumps(graph_to_json(dg.module.graph), sort_keys=True).encode())
+    for node in dg.module.graph.nodes:
+        if node.op == "get_attr":
+            tensor = attr_value(dg.module, node.target).detach().cpu().contiguous()
+            digest.update(node.target.encode())
+            digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -3,35 +3,19 @@ resumes after its last finished pass. Each checkpoint is a graph file with its h
 (diffc.ir.graph_file), whose extra metadata records what produced it."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from ..errors import ArtifactError
 from ..ir import DiffusionGraph
-from ..ir.fxutil import attr_value
 from ..ir.graph_file import load_graph, save_graph
-from ..ir.serialize import graph_to_json
 
 log = logging.getLogger(__name__)
 GRAPH_FILE = "graph.safetensors"
-
-
-def graph_fingerprint(dg: DiffusionGraph) -> str:
-    """SHA-256 of a graph's code and weights: another model (or other weights) gives another one."""
-    digest = hashlib.sha256(json.dumps(graph_to_json(dg.module.graph), sort_keys=True).encode())
-    for node in dg.module.graph.nodes:
-        if node.op == "get_attr":
-            tensor = attr_value(dg.module, node.target).detach().cpu().contiguous()
-            digest.update(node.target.encode())
-            digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 class PassCheckpointFolder:

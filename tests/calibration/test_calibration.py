@@ -103,6 +103,19 @@ def test_statistics_are_cached_with_the_set(collected):
     assert again.node(name, 0).histogram.tolist() == first.node(name, 0).histogram.tolist()
 
 
+def test_a_graph_of_the_same_structure_with_other_weights_gets_its_own_statistics(collected):
+    """SmoothQuant at another alpha changes weights, not the graph: cached statistics of the first
+    alpha gave the second one the wrong activation scales."""
+    _, cal, dg = collected
+    first = compute_statistics(cal, dg, groups=1, progress=False)
+    scaled = dg.clone()
+    weight = next(name for name, tensor in scaled.weights().items() if tensor.dim() == 4)
+    owner, _, leaf = weight.rpartition(".")
+    setattr(scaled.module.get_submodule(owner), leaf, torch.nn.Parameter(scaled.weights()[weight] * 3))
+    again = compute_statistics(cal, scaled, groups=1, progress=False)
+    assert any(again.node(name, 0).maximum != first.node(name, 0).maximum for name in first.stats)
+
+
 def test_statistics_of_some_trajectories_are_theirs_alone(collected):
     """What quant calibrates its scales on when its held-out check must stay out of sample."""
     _, cal, dg = collected

@@ -8,8 +8,10 @@ import torch
 
 from diffc.api import compile_graph
 from diffc.calibration import collect, output_error
+from diffc.calibration.statistics import Observer
 from diffc.errors import LintError, PassError
 from diffc.ir import capture, lint
+from diffc.ir.fxutil import attr_value
 from diffc.ir.partition import build_plan
 from diffc.ir.precision import (FORMATS, INT4_BLOCK, PrecisionSpec, fake_quantize_activation, fake_quantize_weight,
                                 quantize_weight, spec_for, weight_bytes)
@@ -475,7 +477,30 @@ def test_smoothquant_lowers_w8a8_error_on_planted_outliers(planted):
     dg, calibration, smoothed = planted
     plain = _quantize(dg, calibration, "torch-int8", min_psnr=None)
     assert plain.applied[-1]["report"]["smoothquant"] is None
-    assert smoothed.applied[-1]["report"]["relative_error"] < 0.9 * plain.applied[-1]["report"]["relative_error"]
+    searched = _quantize(dg, calibration, "torch-int8", smoothquant="auto", min_psnr=None)
+    planted_readers = [layer.node for layer in quantizable_layers(dg, PROTECTIONS) if len(layer.shape) == 2
+                       and float(attr_value(dg.module, layer.weight)[:, 0].abs().max()) < 0.01]
+    assert planted_readers
+    before, after = (_layer_errors(dg, result, calibration, planted_readers) for result in (plain, searched))
+    for node in planted_readers:  # the outlier channel no longer takes the other channels' levels
+        assert after[node] < 0.2 * before[node], (node, before[node], after[node])
+    alphas = searched.applied[-1]["report"]["smoothquant"]["alphas"]
+    assert all(alphas[node] is not None for node in planted_readers)
+    errors = {name: result.applied[-1]["report"]["relative_error"]
+              for name, result in (("plain", plain), ("alpha 0.5", smoothed), ("auto", searched))}
+    assert errors["auto"] < errors["plain"] and errors["alpha 0.5"] < errors["plain"], errors
+
+
+def _layer_errors(dg, quantized, calibration, nodes):
+    """Relative MSE of each node's output in the simulated quantized graph against the original."""
+    record = next(calibration.records(steps={2}))
+    flat = [record.inputs[spec.name] for spec in dg.signature.inputs]
+    values: dict[str, dict[str, torch.Tensor]] = {"original": {}, "quantized": {}}
+    with torch.no_grad():
+        for label, module in (("original", dg.module), ("quantized", simulate(quantized.module, quantized.annotations))):
+            Observer(module, set(nodes), lambda name, value, sink=values[label]: sink.__setitem__(name, value)).run(*flat)
+    return {node: float((values["quantized"][node] - values["original"][node]).pow(2).mean()
+                        / values["original"][node].pow(2).mean()) for node in nodes}
 
 
 def test_smoothing_factors_balance_the_maxima():
@@ -489,3 +514,5 @@ def test_smoothing_factors_balance_the_maxima():
     assert torch.allclose(balanced, weight.abs().amax(0)[:2] * factors[:2])  # alpha 0.5: equal maxima
     with pytest.raises(PassError, match=r"alpha in \[0, 1\]"):
         PassManager([{"pass": "quant", "smoothquant": 1.5}])
+    with pytest.raises(PassError, match="'auto' to search it per layer"):
+        PassManager([{"pass": "quant", "smoothquant": "best"}])

@@ -47,7 +47,7 @@ from .formats import RELATIVE_COST, formats_for, runs_dynamic_scales
 from .layers import PROTECTIONS, Attention, Layer, attention_nodes, quantizable_layers
 from .placement import pareto_front, place
 from .sensitivity import ACCUMULATIONS, Sensitivity, measure, sample_calls
-from .smooth import smooth
+from .smooth import SEARCH_CALLS, search_alphas, smooth
 
 SENSITIVITIES = ("hessian", "mse")
 AUTO_FLOOR_8BIT, AUTO_FLOOR_4BIT = 40.0, 30.0
@@ -71,7 +71,8 @@ class QuantConfig(PassConfig):
     seed: int = 0
     split_shortcut: bool = False
     attention: bool = False
-    smoothquant: float | None = None
+    # SmoothQuant migration strength alpha for every linear, "auto" to search it per layer, None for none
+    smoothquant: float | str | None = None
     # final-image PSNR (dB) the placement must keep on held-out calibration trajectories; the most
     # sensitive layers move to the next precision until it does (floor.py). "auto": 40 dB when
     # every format has 8 bits or more (int8 should be near-lossless), 30 dB with 4-bit ones.
@@ -97,9 +98,10 @@ class QuantConfig(PassConfig):
                 raise ValueError(f"{name} must be positive, got {value}")
         if min(self.samples, self.probes, self.groups, self.trajectories) < 1 or self.pareto_points < 2:
             raise ValueError("samples, probes, groups and trajectories must be >= 1 and pareto_points >= 2")
-        if self.smoothquant is not None and not 0 <= self.smoothquant <= 1:
-            raise ValueError(f"smoothquant is the migration strength alpha in [0, 1] (0.5 in SmoothQuant), or None "
-                             f"to leave activations alone; got {self.smoothquant}")
+        if self.smoothquant is not None and self.smoothquant != "auto" and not (
+                isinstance(self.smoothquant, (int, float)) and 0 <= self.smoothquant <= 1):
+            raise ValueError(f"smoothquant is the migration strength alpha in [0, 1] (0.5 in SmoothQuant), 'auto' to "
+                             f"search it per layer, or None to leave activations alone; got {self.smoothquant!r}")
         if isinstance(self.min_psnr, str) and self.min_psnr != "auto":
             raise ValueError(f"min_psnr is a PSNR in dB, 'auto' or None, got {self.min_psnr!r}")
         if not 0 < self.percentile <= 100:
@@ -127,7 +129,7 @@ class QuantPass(Pass):
             raise PassError(f"{dg.signature.model_class} has no linear or convolution layer left to quantize "
                             f"({len(layers)} found, all protected); protect fewer layer groups (protect=...)"
                             f"{earlier}")
-        smoothed = self._smooth(dg, ctx, placeable, formats)
+        smoothed, alphas = self._smooth(dg, ctx, placeable, formats)
         if smoothed:
             layers = quantizable_layers(dg, cfg.protect)
             placeable = [layer for layer in layers if layer.protected is None]
@@ -188,7 +190,9 @@ class QuantPass(Pass):
         report["final_image_check"] = {**floor_check, "kept_full_precision": kept}
         report["attention"] = self._attention_report(attentions, attention_chosen, attention_quant, sensitivity,
                                                      set(kept))
-        report["smoothquant"] = {"alpha": cfg.smoothquant, "layers": smoothed} if cfg.smoothquant is not None else None
+        report["smoothquant"] = None if cfg.smoothquant is None else {"alpha": cfg.smoothquant, "layers": smoothed} \
+            if alphas is None else {"alpha": cfg.smoothquant, "layers": smoothed,
+                                    "alphas": {node: alphas[node] for node in smoothed}}
         report["predicted_error"] = predicted_error(sensitivity, placed)
         return PassResult(dg, modified=True, report=report)
 
@@ -248,16 +252,25 @@ class QuantPass(Pass):
         warnings.warn(message, stacklevel=3)
         return PassResult(untouched, modified=False, report={"declined": message, "final_image_check": floor_check})
 
-    def _smooth(self, dg: DiffusionGraph, ctx: PassContext, placeable: list[Layer], formats: tuple[str, ...]) -> list[str]:
+    def _smooth(self, dg: DiffusionGraph, ctx: PassContext, placeable: list[Layer],
+                formats: tuple[str, ...]) -> tuple[list[str], dict[str, float | None] | None]:
         """With smoothquant=alpha and a format that quantizes activations, SmoothQuant migration
-        on every placeable linear (from its input's per-channel maxima over the trajectory)."""
+        on every placeable linear (from its input's per-channel maxima over the trajectory); with
+        "auto", at each layer's own alpha (smooth.search_alphas), also returned."""
         cfg = self.config
         linears = [layer for layer in placeable if not layer.pieces and len(layer.shape) == 2]
         if cfg.smoothquant is None or not activation_types(formats) or not linears:
-            return []
+            return [], None
+        fitting = self._fitting(ctx)
         stats = compute_statistics(ctx.calibration, dg, groups=cfg.groups, nodes=sorted({layer.input for layer in linears}),
-                                   progress=False, items=self._fitting(ctx))
-        return smooth(dg, linears, stats.node, cfg.smoothquant)
+                                   progress=False, items=fitting)
+        if cfg.smoothquant != "auto":
+            return smooth(dg, linears, stats.node, float(cfg.smoothquant)), None
+        count = sum(len(item["calls"]) for item in ctx.calibration.items if fitting is None or item["id"] in fitting)
+        chosen = {round(k * (count - 1) / max(SEARCH_CALLS - 1, 1)) for k in range(min(SEARCH_CALLS, count))}
+        spread = [record for index, record in enumerate(ctx.calibration.records(items=fitting)) if index in chosen]
+        alphas = search_alphas(dg, linears, stats.node, spread)
+        return smooth(dg, linears, stats.node, alphas), alphas
 
     @staticmethod
     def _by_size(objective: np.ndarray, sizes: np.ndarray, budget: float, layers: int) -> list[int]:

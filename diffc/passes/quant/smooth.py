@@ -9,21 +9,32 @@ The division is an explicit constant multiply in front of the layer (exact in fu
 to float rounding). Folding it into a preceding LayerNorm affine would save that multiply but
 needs every reader of the norm to share one s; the explicit form keeps each layer's own s. The
 smoothed weight is a new tensor under a `diffc_smoothquant_` name (the original stays shared with
-the user's model, and a LoRA adapter naming the layer is refused rather than merged wrongly)."""
+the user's model, and a LoRA adapter naming the layer is refused rather than merged wrongly).
+
+One alpha does not suit every layer (SmoothQuant itself tunes it per model; layers without outliers
+only lose weight precision to it). `alpha="auto"` searches it per layer: each linear's input is
+sampled on calibration calls, and the alpha of ALPHA_GRID (or no smoothing) whose W8A8 output
+(per-tensor activation scale, per-channel weight scales) is closest to the layer's own output wins."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.fx
 
 from ...calibration import NodeStats
+from ...calibration.statistics import Observer
 from ...ir import DiffusionGraph
 from ...ir.fxutil import attr_value
+from ...ir.precision import INT8, PER_CHANNEL, WeightQuant, fake_quantize_activation, fake_quantize_weight
 from .layers import Layer
 
 aten = torch.ops.aten
 SMOOTH_PREFIX = "diffc_smoothquant_"
+ALPHA_GRID = (0.25, 0.4, 0.5, 0.6, 0.75, 0.9)
+# calibration calls and input rows per layer the per-layer search measures on
+SEARCH_CALLS, SEARCH_ROWS = 8, 4096
+CLIP_RATIOS = tuple(1.0 - 0.05 * k for k in range(16))
 
 
 def smoothing_factors(channel_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -35,18 +46,71 @@ def smoothing_factors(channel_absmax: torch.Tensor, weight: torch.Tensor, alpha:
     return torch.where(live, factors, torch.ones_like(factors))
 
 
-def smooth(dg: DiffusionGraph, layers: list[Layer], stats: Callable[[str], NodeStats], alpha: float) -> list[str]:
-    """Rewrites each linear in `layers` to read x * (1/s) with weight W * s; returns their nodes.
-    Layers whose input statistics carry no per-channel maxima of the right length are skipped."""
+def search_alphas(dg: DiffusionGraph, layers: list[Layer], stats: Callable[[str], NodeStats],
+                  records: list[Any]) -> dict[str, float | None]:
+    """Per linear of `layers` (by node): the alpha of ALPHA_GRID, or None for no smoothing, whose
+    W8A8 output on its sampled inputs (from `records`, recorded calls) is closest to its own."""
+    names = [spec.name for spec in dg.signature.inputs]
+    samples: dict[str, list[torch.Tensor]] = {}
+    generator = torch.Generator().manual_seed(0)
+    inputs = {layer.input for layer in layers}
+
+    def keep(name: str, value: torch.Tensor) -> None:
+        rows = value.detach().reshape(-1, value.shape[-1]).float()
+        take = torch.randperm(rows.shape[0], generator=generator, device="cpu")[:SEARCH_ROWS // len(records)]
+        samples.setdefault(name, []).append(rows[take.to(rows.device)])
+
+    with torch.no_grad():
+        for record in records:
+            Observer(dg.module, inputs, keep).run(*[record.inputs[name] for name in names])
+    chosen: dict[str, float | None] = {}
+    for layer in layers:
+        weight = attr_value(dg.module, layer.weight).detach().float()
+        channel_absmax = stats(layer.input).channel_absmax
+        if layer.input not in samples or channel_absmax is None or len(channel_absmax) != weight.shape[1]:
+            continue
+        x = torch.cat(samples[layer.input])
+        reference = x @ weight.T
+        absmax = torch.from_numpy(channel_absmax).to(weight.device)
+        errors = {alpha: _w8a8_error(x, weight, reference, None if alpha is None
+                                     else smoothing_factors(absmax, weight, alpha)) for alpha in (None, *ALPHA_GRID)}
+        chosen[layer.node] = min(errors, key=errors.__getitem__)
+    return chosen
+
+
+def _w8a8_error(x: torch.Tensor, weight: torch.Tensor, reference: torch.Tensor, factors: torch.Tensor | None) -> float:
+    if factors is not None:
+        x, weight = x / factors, weight * factors
+    quantized = fake_quantize_activation(x, INT8, _clipping_scale(x)) \
+        @ fake_quantize_weight(weight, WeightQuant(INT8, PER_CHANNEL)).T
+    return float((quantized - reference).pow(2).mean())
+
+
+def _clipping_scale(x: torch.Tensor) -> float:
+    """The per-tensor int8 scale that rounds `x` with the least squared error (clipping the largest
+    values where that pays), as the pass's MSE activation ranges choose it."""
+    amax = float(x.abs().amax().clamp_min(1e-12))
+    scales = [amax * ratio / 127 for ratio in CLIP_RATIOS]
+    errors = [float((fake_quantize_activation(x, INT8, scale) - x).pow(2).mean()) for scale in scales]
+    return scales[errors.index(min(errors))]
+
+
+def smooth(dg: DiffusionGraph, layers: list[Layer], stats: Callable[[str], NodeStats],
+           alpha: float | Mapping[str, float | None]) -> list[str]:
+    """Rewrites each linear in `layers` to read x * (1/s) with weight W * s, at `alpha` (one for
+    every layer, or per layer node, None leaving a layer as it is); returns their nodes. Layers
+    whose input statistics carry no per-channel maxima of the right length are skipped."""
     nodes = {n.name: n for n in dg.graph.nodes}
     smoothed = []
     for layer in layers:
         node = nodes[layer.node]
         weight = attr_value(dg.module, layer.weight)
         channel_absmax = stats(layer.input).channel_absmax
-        if node.target != aten.linear.default or channel_absmax is None or len(channel_absmax) != weight.shape[1]:
+        strength = alpha.get(layer.node) if isinstance(alpha, Mapping) else alpha
+        if node.target != aten.linear.default or channel_absmax is None or len(channel_absmax) != weight.shape[1] \
+                or strength is None:
             continue
-        factors = smoothing_factors(torch.from_numpy(channel_absmax).to(weight.device), weight, alpha)
+        factors = smoothing_factors(torch.from_numpy(channel_absmax).to(weight.device), weight, strength)
         weight_name, inverse_name = f"{SMOOTH_PREFIX}{node.name}_weight", f"{SMOOTH_PREFIX}{node.name}_inverse"
         dg.module.register_buffer(weight_name, (weight.detach().float() * factors).to(weight.dtype))
         dg.module.register_buffer(inverse_name, (1.0 / factors).to(weight.dtype))
