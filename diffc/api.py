@@ -19,13 +19,13 @@ from .errors import CaptureError, DiffcError, TargetError
 from .ir import DiffusionGraph, Plan, capture, find_denoiser
 from .ir.examples import example_inputs as default_example_inputs
 from .ir.fxutil import module_device
+from .ir.graph_file import graph_fingerprint
 from .ir.probe import decode_constant
 from .ir.partition import build_plan
 from .ir.precision import precision_specs
 from .passes import PassContext, PassManager
 from .passes.base import NOT_CONFIG, PASSES, PipelineSpec
 from .runtime import OptimizedModel, load_plan, read_manifest
-from .ir.graph_file import graph_fingerprint
 from .runtime.checkpoints import PassCheckpointFolder
 from .runtime.diffusers_component import register_artifact_loader
 from .runtime.ranges import calibration_calls
