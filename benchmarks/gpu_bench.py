@@ -233,11 +233,12 @@ def run_architectures(runner: Runner, scale: Scale, device: torch.device, dtype:
         if runner.case(f"{arch.name}/{precision}", build)["status"] != "ok":
             continue
 
-        def diffc_target(target: str, passes: list[str | dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+        def diffc_target(target: str, passes: list[str | dict[str, Any]],
+                         compile: bool | None = None) -> Callable[[], dict[str, Any]]:
             def measure() -> dict[str, Any]:
                 started = time.perf_counter()
                 fast = optimize(state["model"], target=target, passes=passes, example_inputs=state["inputs"],
-                                device=device)
+                                device=device, compile=compile)
                 seconds = time.perf_counter() - started
                 with torch.no_grad():
                     ms = median_ms(lambda: fast(**state["inputs"]), device, repeats)
@@ -250,10 +251,16 @@ def run_architectures(runner: Runner, scale: Scale, device: torch.device, dtype:
         # every optimize() captures the model, the slow part on a CPU; a quantized target runs the same
         # code, so the smoke run times the unquantized one only where there is no quantized one
         if not (scale.smoke and arch.quantize):
+            # the identity through diffc (segments compiled on CUDA) against torch.compile of the module itself
+            runner.case(f"{arch.name}/torch-compile", module_compile_case(state, device, repeats,
+                                                                          scale.compile_backend))
             runner.case(f"{arch.name}/diffc-{precision}", diffc_target(f"torch-{precision}", []))
         if arch.quantize:
             for low_bit in scale.quant_targets:
-                runner.case(f"{arch.name}/torch-{low_bit}", diffc_target(f"torch-{low_bit}", [scale.quant_pass]))
+                # eager, as measured before segments were compiled by default: whether the low-bit
+                # layers trace under torch.compile is not known until a GPU run shows it
+                runner.case(f"{arch.name}/torch-{low_bit}", diffc_target(f"torch-{low_bit}", [scale.quant_pass],
+                                                                         compile=False))
             runner.case(f"{arch.name}/torchao-int8-compile", torchao_case(state, device, repeats, scale.compile_backend))
         if arch.name == "sd15-unet":
             runner.case(f"{arch.name}/cache-{scale.cache_steps}",
@@ -261,6 +268,17 @@ def run_architectures(runner: Runner, scale: Scale, device: torch.device, dtype:
         state.clear()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def module_compile_case(state: dict[str, Any], device: torch.device, repeats: int,
+                        compile_backend: str) -> Callable[[], dict[str, Any]]:
+    def measure() -> dict[str, Any]:
+        compiled = torch.compile(state["model"], backend=compile_backend)
+        with torch.no_grad():
+            ms = median_ms(lambda: compiled(**state["inputs"]), device, repeats)
+        return {"ms_per_step": ms, "baseline_ms_per_step": state["eager_ms"], "speedup": state["eager_ms"] / ms,
+                "peer": f"torch.compile of the module ({compile_backend})"}
+    return measure
 
 
 def torchao_case(state: dict[str, Any], device: torch.device, repeats: int,
@@ -309,7 +327,7 @@ def cache_loop_case(state: dict[str, Any], device: torch.device, collect: Callab
         started = time.perf_counter()
         calibration = collect(model, num_steps=steps, progress=False)
         fast = optimize(model, target=f"torch-{precision}", passes=["cache"], calibration=calibration,
-                        example_inputs=state["inputs"], device=device)
+                        example_inputs=state["inputs"], device=device, compile=False)
         optimize_s = time.perf_counter() - started
         loop(fast)
         latents, cached_s = loop(fast)

@@ -147,7 +147,7 @@ def test_gpu_script_smoke_runs_every_case_on_cpu(tmp_path, gpu_bench):
     cases = {row["case"]: row for row in results["rows"]}
     unet = ["sd15-unet/fp32", "sd15-unet/torch-int8", "sd15-unet/torchao-int8-compile",
             f"sd15-unet/cache-{gpu_bench.SMOKE.cache_steps}"]
-    assert {*unet, "pixart/fp32", "pixart/diffc-fp32", "flux/fp32", "flux/torch-int8", "flux/torchao-int8-compile",
+    assert {*unet, "pixart/fp32", "pixart/torch-compile", "pixart/diffc-fp32", "flux/fp32", "flux/torch-int8", "flux/torchao-int8-compile",
             "digits-unet/diffc-bench", "digits-dit/diffc-bench"} == set(cases)
     assert all(row["status"] in ("ok", "failed") and "not started" not in row["reason"] for row in cases.values())
     # the UNet's cases go through every code path of the real run: eager, diffc, the torchao peer, the cache loop
