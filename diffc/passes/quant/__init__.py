@@ -269,7 +269,7 @@ class QuantPass(Pass):
         count = sum(len(item["calls"]) for item in ctx.calibration.items if fitting is None or item["id"] in fitting)
         chosen = {round(k * (count - 1) / max(SEARCH_CALLS - 1, 1)) for k in range(min(SEARCH_CALLS, count))}
         spread = [record for index, record in enumerate(ctx.calibration.records(items=fitting)) if index in chosen]
-        alphas = search_alphas(dg, linears, stats.node, spread)
+        alphas = search_alphas(dg, linears, stats.node, spread, cfg.activation_range, cfg.percentile)
         return smooth(dg, linears, stats.node, alphas), alphas
 
     @staticmethod

@@ -27,6 +27,7 @@ from ...calibration.statistics import Observer
 from ...ir import DiffusionGraph
 from ...ir.fxutil import attr_value
 from ...ir.precision import INT8, PER_CHANNEL, WeightQuant, fake_quantize_activation, fake_quantize_weight
+from .annotate import activation_scale
 from .layers import Layer
 
 aten = torch.ops.aten
@@ -34,7 +35,6 @@ SMOOTH_PREFIX = "diffc_smoothquant_"
 ALPHA_GRID = (0.25, 0.4, 0.5, 0.6, 0.75, 0.9)
 # calibration calls and input rows per layer the per-layer search measures on
 SEARCH_CALLS, SEARCH_ROWS = 8, 4096
-CLIP_RATIOS = tuple(1.0 - 0.05 * k for k in range(16))
 
 
 def smoothing_factors(channel_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -47,9 +47,11 @@ def smoothing_factors(channel_absmax: torch.Tensor, weight: torch.Tensor, alpha:
 
 
 def search_alphas(dg: DiffusionGraph, layers: list[Layer], stats: Callable[[str], NodeStats],
-                  records: list[Any]) -> dict[str, float | None]:
+                  records: list[Any], range_method: str, percentile: float) -> dict[str, float | None]:
     """Per linear of `layers` (by node): the alpha of ALPHA_GRID, or None for no smoothing, whose
-    W8A8 output on its sampled inputs (from `records`, recorded calls) is closest to its own."""
+    W8A8 output on its sampled inputs (from `records`, recorded calls) is closest to its own, each
+    candidate's activation scale chosen from its samples as the pass chooses real scales
+    (`range_method`, `percentile`)."""
     names = [spec.name for spec in dg.signature.inputs]
     samples: dict[str, list[torch.Tensor]] = {}
     generator = torch.Generator().manual_seed(0)
@@ -73,26 +75,21 @@ def search_alphas(dg: DiffusionGraph, layers: list[Layer], stats: Callable[[str]
         reference = x @ weight.T
         absmax = torch.from_numpy(channel_absmax).to(weight.device)
         errors = {alpha: _w8a8_error(x, weight, reference, None if alpha is None
-                                     else smoothing_factors(absmax, weight, alpha)) for alpha in (None, *ALPHA_GRID)}
+                                     else smoothing_factors(absmax, weight, alpha), range_method, percentile)
+                  for alpha in (None, *ALPHA_GRID)}
         chosen[layer.node] = min(errors, key=errors.__getitem__)
     return chosen
 
 
-def _w8a8_error(x: torch.Tensor, weight: torch.Tensor, reference: torch.Tensor, factors: torch.Tensor | None) -> float:
+def _w8a8_error(x: torch.Tensor, weight: torch.Tensor, reference: torch.Tensor, factors: torch.Tensor | None,
+                range_method: str, percentile: float) -> float:
     if factors is not None:
         x, weight = x / factors, weight * factors
-    quantized = fake_quantize_activation(x, INT8, _clipping_scale(x)) \
-        @ fake_quantize_weight(weight, WeightQuant(INT8, PER_CHANNEL)).T
+    samples = NodeStats()
+    samples.update(x, channel_dim=-1)
+    scale = activation_scale(samples, INT8, range_method, percentile)
+    quantized = fake_quantize_activation(x, INT8, scale) @ fake_quantize_weight(weight, WeightQuant(INT8, PER_CHANNEL)).T
     return float((quantized - reference).pow(2).mean())
-
-
-def _clipping_scale(x: torch.Tensor) -> float:
-    """The per-tensor int8 scale that rounds `x` with the least squared error (clipping the largest
-    values where that pays), as the pass's MSE activation ranges choose it."""
-    amax = float(x.abs().amax().clamp_min(1e-12))
-    scales = [amax * ratio / 127 for ratio in CLIP_RATIOS]
-    errors = [float((fake_quantize_activation(x, INT8, scale) - x).pow(2).mean()) for scale in scales]
-    return scales[errors.index(min(errors))]
 
 
 def smooth(dg: DiffusionGraph, layers: list[Layer], stats: Callable[[str], NodeStats],
