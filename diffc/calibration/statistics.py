@@ -94,17 +94,18 @@ class NodeStats:
     def mse_optimal_range(self, bits: int = 8) -> float:
         """The clipping range r minimising expected (clip + rounding) error of symmetric uniform
         quantization with `bits` bits, under the histogram of |x|."""
+        top = max(self.absmax, 1e-12)
+        errors = {float(r): self.quantization_error(float(r), bits) for r in np.geomspace(top / 64, top, 64)}
+        return min(errors, key=errors.__getitem__)
+
+    def quantization_error(self, clip: float, bits: int = 8) -> float:
+        """The summed squared error (clipping beyond `clip` plus uniform rounding within it) of
+        symmetric `bits`-bit quantization at range `clip`, under the histogram of |x|."""
         centers = np.concatenate([[0.0], np.sqrt(BIN_EDGES[1:-1] * BIN_EDGES[2:])])
-        weights = self.histogram.astype(np.float64)
-        best, best_error = self.absmax, math.inf
         levels = 2 ** (bits - 1) - 1
-        for r in np.geomspace(max(self.absmax, 1e-12) / 64, max(self.absmax, 1e-12), 64):
-            clip = np.maximum(centers - r, 0.0) ** 2
-            rounding = np.where(centers <= r, (r / levels) ** 2 / 12.0, 0.0)
-            error = float((weights * (clip + rounding)).sum())
-            if error < best_error:
-                best, best_error = float(r), error
-        return best
+        clipped = np.maximum(centers - clip, 0.0) ** 2
+        rounding = np.where(centers <= clip, (clip / levels) ** 2 / 12.0, 0.0)
+        return float((self.histogram.astype(np.float64) * (clipped + rounding)).sum())
 
 
 def histogram_of_abs(magnitude: torch.Tensor) -> np.ndarray:

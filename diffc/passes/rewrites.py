@@ -1,5 +1,6 @@
-"""Graph rewrites shared by the passes that remove parts of a graph (prune, moe): constants as
-buffers, dead-code elimination, and narrowing a linear to the split pieces still read."""
+"""Graph rewrites shared by the passes: constants as buffers, tables read at the call's timestep
+(prune's per-range offsets, quant's per-group scales), and for the passes that remove parts of a
+graph (prune, moe), dead-code elimination and narrowing a linear to the split pieces still read."""
 from __future__ import annotations
 
 import math
@@ -10,7 +11,7 @@ import torch
 import torch.fx
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from ..ir import DiffusionGraph
+from ..ir import TIMESTEP, DiffusionGraph
 from ..ir.blocks import discover_blocks
 from ..ir.fxutil import attr_value, node_shape
 
@@ -28,6 +29,27 @@ def add_constant(dg: DiffusionGraph, name: str, tensor: torch.Tensor) -> torch.f
     node = dg.graph.get_attr(name)
     node.meta["tensor_meta"] = _extract_tensor_metadata(getattr(dg.module, name))
     return node
+
+
+def timestep_node(dg: DiffusionGraph) -> torch.fx.Node | None:
+    """The placeholder of the graph's timestep input, if it has one."""
+    placeholders = [n for n in dg.graph.nodes if n.op == "placeholder"]
+    return next((node for spec, node in zip(dg.signature.inputs, placeholders) if spec.role == TIMESTEP), None)
+
+
+def timestep_range_change(dg: DiffusionGraph, name: str, table: torch.Tensor, boundaries: tuple[float, ...],
+                          times: torch.fx.Node, dtype: torch.dtype) -> torch.fx.Node:
+    """Nodes (at the insertion point) computing sum_k [t > boundaries[k]] * (table[k+1] - table[k])
+    for each t of `times` ([N, 1], float32): what row k of `table` ([ranges, D], ranges ascending in
+    timestep and split at `boundaries`) adds to row 0 when t lies in range k, shaped [N, D], in ops
+    every backend lowers (compare, cast, matmul)."""
+    graph = dg.graph
+    steps = (table[1:] - table[:-1]).to(dtype)
+    bounds = add_constant(dg, f"{name}_timestep_boundaries",
+                          torch.tensor(boundaries, dtype=torch.float32, device=dg.device))
+    above = graph.call_function(aten._to_copy.default, (graph.call_function(aten.gt.Tensor, (times, bounds)),),
+                                {"dtype": dtype})
+    return graph.call_function(aten.mm.default, (above, add_constant(dg, f"{name}_steps", steps)))
 
 
 def eliminate_dead_code(dg: DiffusionGraph) -> None:

@@ -402,11 +402,11 @@ def _values(module, flat, names):
 def test_attention_under_a_size_budget_stays_high_precision():
     """No bytes to save: the size knapsack runs over the layers, attention rows take their least
     sensitive format (the one that leaves them alone)."""
-    from diffc.passes.quant import QuantPass
+    from diffc.passes.quant.placement import place_by_size
 
     objective = np.array([[0.0, 1.0, 5.0], [0.0, 2.0, 9.0], [0.0, 1e-9, 1e-9]])
     sizes = np.array([[4.0, 2.0, 1.0], [4.0, 2.0, 1.0], [0.0, 0.0, 0.0]])
-    assert QuantPass._by_size(objective, sizes, 4.0, layers=2) == [1, 1, 0]
+    assert place_by_size(objective, sizes, 4.0, layers=2) == [1, 1, 0]
 
 
 def test_bad_attention_specs_are_refused():

@@ -100,16 +100,18 @@ def trained_dit(tmp_path_factory):
 
 
 def test_static_int8_linears_take_dynamic_scales_before_any_goes_back_to_full_precision(trained_dit):
+    """With one static scale per layer (per-timestep-group scales off: with them, static int8 beats
+    all-dynamic on this model), dynamic scales should help this model"""
     dg, calibration = trained_dit
     _, held_out = split_items(calibration)
-    unchecked_int8 = _quantize(dg, calibration, "torch-int8", min_psnr=None)
+    unchecked_int8 = _quantize(dg, calibration, "torch-int8", min_psnr=None, timestep_scales=False)
     report = unchecked_int8.applied[-1]["report"]
     layers = _dynamic_layers(report)
     dynamic = {node: ActivationQuant("int8", dynamic=granularity) for node, granularity in layers.items()}
     all_dynamic = with_dynamic_scales(unchecked_int8, list(layers), dynamic)
     floor = _floor_between(calibration, unchecked_int8, all_dynamic, "dynamic activation scales should help this model")
 
-    quantized = _quantize(dg, calibration, "torch-int8", min_psnr=floor)
+    quantized = _quantize(dg, calibration, "torch-int8", min_psnr=floor, timestep_scales=False)
     lint(quantized)
     check = quantized.applied[-1]["report"]["final_image_check"]
     moved = check["dynamic_scales"]
@@ -145,7 +147,10 @@ def test_a_placement_that_meets_the_floor_is_measured_once_and_kept_whole(tiny, 
     assert check["kept_full_precision"] == [] and check["dynamic_share"] == 0.0 and check["dynamic_scales"] == []
     assert [set(entry) - {"guidance_lost"} for entry in check["search"]] == [
         {"dynamic_share", "psnr", "passes"}, {"dynamic_share", "held_out_psnr", "passes"}]
-    assert quantized.annotations.keys() == unchecked_int8.annotations.keys()
+    def layers(graph):  # by the layer's own node (the fitted trajectories may pick other timestep-scaled layers)
+        return {name.removesuffix("_timestep_scaled") for name in graph.annotations}
+
+    assert layers(quantized) == layers(unchecked_int8)
 
 
 def test_a_floor_nothing_keeps_changes_nothing_and_the_target_compiles_at_fp32(tiny):

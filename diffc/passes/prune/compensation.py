@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.fx
@@ -14,8 +14,7 @@ from ...calibration.batch import CalibrationBatch, step_ranges
 from ...calibration.statistics import Observer
 from ...ir import DiffusionGraph
 from ...ir.fxutil import node_shape
-from ...ir.graph import TIMESTEP
-from ..rewrites import add_constant
+from ..rewrites import add_constant, timestep_node, timestep_range_change
 
 if TYPE_CHECKING:
     from .units import Unit
@@ -94,7 +93,7 @@ def add_offset(dg: DiffusionGraph, out: torch.fx.Node, skip: torch.fx.Node, name
     dtype = out.meta["tensor_meta"].dtype
     with dg.graph.inserting_before(out):
         constant = add_constant(dg, name, offset.table[0].to(dtype))
-        timestep = _timestep_node(dg) if len(offset.table) > 1 else None
+        timestep = timestep_node(dg) if len(offset.table) > 1 else None
         if timestep is not None:
             constant = _per_timestep_offset(dg, name, offset, timestep, constant, dtype)
         shifted = dg.graph.create_node("call_function", aten.add.Tensor, (skip, constant), name=f"{name}_added")
@@ -104,23 +103,13 @@ def add_offset(dg: DiffusionGraph, out: torch.fx.Node, skip: torch.fx.Node, name
 
 def _per_timestep_offset(dg: DiffusionGraph, name: str, offset: MeanResidual, timestep: torch.fx.Node,
                          first: torch.fx.Node, dtype: torch.dtype) -> torch.fx.Node:
-    """first + sum_k [t > boundary_k] * (table[k+1] - table[k]): the table row of each sample's
-    timestep range, in ops every backend lowers (compare, cast, matmul, reshape), shaped
+    """first + the table row's change from row 0 at each sample's timestep range, shaped
     [batch, *offset] so it broadcasts against the unit's output."""
     shape = list(offset.table.shape[1:])
-    steps = (offset.table[1:] - offset.table[:-1]).reshape(len(offset.table) - 1, -1)
-    graph = dg.graph
-
-    def call(target: Any, *args: Any, **kwargs: Any) -> torch.fx.Node:
-        return graph.call_function(target, args, kwargs)
-
-    boundaries = add_constant(dg, f"{name}_timestep_boundaries", torch.tensor(offset.boundaries, dtype=torch.float32, device=dg.device))
-    times = call(aten.reshape.default, call(aten._to_copy.default, timestep, dtype=torch.float32), [-1, 1])
-    above = call(aten._to_copy.default, call(aten.gt.Tensor, times, boundaries), dtype=dtype)
-    shift = call(aten.mm.default, above, add_constant(dg, f"{name}_steps", steps.to(dtype)))
-    return call(aten.add.Tensor, first, call(aten.reshape.default, shift, [-1, *shape]))
-
-
-def _timestep_node(dg: DiffusionGraph) -> torch.fx.Node | None:
-    placeholders = [n for n in dg.graph.nodes if n.op == "placeholder"]
-    return next((node for spec, node in zip(dg.signature.inputs, placeholders) if spec.role == TIMESTEP), None)
+    times = dg.graph.call_function(aten.reshape.default,
+                                   (dg.graph.call_function(aten._to_copy.default, (timestep,), {"dtype": torch.float32}),
+                                    [-1, 1]))
+    shift = timestep_range_change(dg, name, offset.table.reshape(len(offset.table), -1), offset.boundaries, times,
+                                  dtype)
+    return dg.graph.call_function(aten.add.Tensor, (first, dg.graph.call_function(aten.reshape.default,
+                                                                                  (shift, [-1, *shape]))))

@@ -4,7 +4,8 @@ For each linear / 2-d convolution with a constant weight, the pass writes a froz
 spec (diffc.ir.precision) into `dg.annotations[node]["precision"]`: the format (bf16, fp8 W8A8,
 int8 W8A8, int4 weight-only in blocks of 128, W4A8), the weight scheme and a static activation
 scale calibrated on the whole denoising trajectory (Q-Diffusion, PTQ4DM: ranges shift with the
-timestep, so statistics cover every timestep group). With `split_shortcut` (off by default: see
+timestep, so statistics cover every timestep group), or where one scale per timestep group lowers
+the expected error enough, that one, picked by the call's timestep (timestep_scales.py). With `split_shortcut` (off by default: see
 README) a layer
 that reads a channel concatenation directly, the conv_shortcut of a UNet decoder resnet reading
 cat([upsampled, skip]), quantizes each concatenated piece with its own scale (Q-Diffusion: the two
@@ -33,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ...calibration import compute_statistics, output_error
+from ...calibration import Statistics, compute_statistics, output_error
 from ...errors import PassError
 from ...ir import DiffusionGraph
 from ...ir.precision import FORMATS, INT4, INT8, FP8, PER_TOKEN, ActivationQuant, attention_spec, weight_bytes
@@ -45,9 +46,10 @@ from .annotate import (RANGE_METHODS, activation_scale, activation_types, annota
 from .floor import DYNAMIC_SHARES, KEEP_SHARES, KEPT_REASON, drop_precision, keep_for_floor, with_dynamic_scales
 from .formats import RELATIVE_COST, formats_for, runs_dynamic_scales
 from .layers import PROTECTIONS, Attention, Layer, attention_nodes, quantizable_layers
-from .placement import pareto_front, place
+from .placement import pareto_front, place, place_by_size
 from .sensitivity import ACCUMULATIONS, Sensitivity, measure, sample_calls
 from .smooth import SEARCH_CALLS, search_alphas, smooth
+from .timestep_scales import TimestepScales, add_timestep_scales
 
 SENSITIVITIES = ("hessian", "mse")
 AUTO_FLOOR_8BIT, AUTO_FLOOR_4BIT = 40.0, 30.0
@@ -78,6 +80,9 @@ class QuantConfig(PassConfig):
     # every format has 8 bits or more (int8 should be near-lossless), 30 dB with 4-bit ones.
     # None: no check
     min_psnr: float | str | None = "auto"
+    # static int8 inputs whose range drifts with the noise level get one scale per timestep group,
+    # picked by the call's timestep, where that lowers their expected error enough (timestep_scales.py)
+    timestep_scales: bool = True
 
     def __post_init__(self) -> None:
         if self.formats is not None:
@@ -104,6 +109,8 @@ class QuantConfig(PassConfig):
                              f"search it per layer, or None to leave activations alone; got {self.smoothquant!r}")
         if isinstance(self.min_psnr, str) and self.min_psnr != "auto":
             raise ValueError(f"min_psnr is a PSNR in dB, 'auto' or None, got {self.min_psnr!r}")
+        if not isinstance(self.timestep_scales, bool):
+            raise ValueError(f"timestep_scales is True or False, got {self.timestep_scales!r}")
         if not 0 < self.percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
 
@@ -134,6 +141,10 @@ class QuantPass(Pass):
             layers = quantizable_layers(dg, cfg.protect)
             placeable = [layer for layer in layers if layer.protected is None]
         activations = self._activations(dg, ctx, placeable, formats)
+        stepwise = self._timestep_scales(dg, ctx, placeable, formats, activations)
+        if stepwise.scales:
+            layers = quantizable_layers(dg, cfg.protect)
+            placeable = [layer for layer in layers if layer.protected is None]
         attentions = attention_nodes(dg) if cfg.attention and activation_types(formats) else []
         attention_quant = self._attention_activations(dg, ctx, attentions, formats)
         sensitivity = measure(dg, placeable, formats, activations, ctx.calibration, cfg.samples, cfg.probes, cfg.accumulate,
@@ -153,7 +164,7 @@ class QuantPass(Pass):
             choice = [0] * len(rows)
             rule = f"every unprotected layer in {formats[0]} (target {ctx.target})"
         elif budget_kind == "size":
-            choice = self._by_size(objective, sizes, ratio * original_bytes, len(placeable))
+            choice = place_by_size(objective, sizes, ratio * original_bytes, len(placeable))
             rule = f"minimum predicted error within size_ratio={ratio} of the fp32 weights"
         elif budget_kind == "latency":
             choice = place(objective, times, ratio * float(sum(layer.flops for layer in placeable)
@@ -164,7 +175,7 @@ class QuantPass(Pass):
             if reference is None:
                 raise PassError(f"formats {list(formats)} hold neither int8 nor fp8, so there is no W8A8 size to "
                                 "budget by default; give a budget: size_ratio=... or latency_ratio=...")
-            choice = self._by_size(objective, sizes, float(sizes[:, formats.index(reference)].sum()), len(placeable))
+            choice = place_by_size(objective, sizes, float(sizes[:, formats.index(reference)].sum()), len(placeable))
             rule = f"minimum predicted error at the size of uniform {reference}"
         chosen = {layer.node: formats[i] for layer, i in zip(placeable, choice)}
         annotate(dg, chosen, activations, {layer.node: rule for layer in placeable})
@@ -194,6 +205,7 @@ class QuantPass(Pass):
             if alphas is None else {"alpha": cfg.smoothquant, "layers": smoothed,
                                     "alphas": {node: alphas[node] for node in smoothed}}
         report["predicted_error"] = predicted_error(sensitivity, placed)
+        report["timestep_scales"] = stepwise.report()
         return PassResult(dg, modified=True, report=report)
 
     def _fitting(self, ctx: PassContext) -> set[str] | None:
@@ -272,13 +284,6 @@ class QuantPass(Pass):
         alphas = search_alphas(dg, linears, stats.node, spread, cfg.activation_range, cfg.percentile)
         return smooth(dg, linears, stats.node, alphas), alphas
 
-    @staticmethod
-    def _by_size(objective: np.ndarray, sizes: np.ndarray, budget: float, layers: int) -> list[int]:
-        """The knapsack over the layers; attention rows (no bytes in any format) take their least
-        sensitive format directly, which leaves them unquantized (sensitivity 0), so the solver's
-        tolerance cannot trade a tiny predicted error for nothing."""
-        return place(objective[:layers], sizes[:layers], budget) + [int(np.argmin(row)) for row in objective[layers:]]
-
     def _attention_activations(self, dg: DiffusionGraph, ctx: PassContext, attentions: list[Attention],
                                formats: tuple[str, ...]) -> dict[str, dict[str, tuple[ActivationQuant, ...]]]:
         """Per attention node and format with 8-bit activations, the static per-tensor
@@ -340,6 +345,14 @@ class QuantPass(Pass):
                    for layer in layers}
         if all(FORMATS[f].dynamic for f in quantized):
             return dynamic
+        cfg, stats = self.config, self._input_statistics(dg, ctx, layers)
+        return {layer.node: {**dynamic[layer.node],
+                             **{f: layer_activation(layer, stats.node, FORMATS[f].activation, cfg.activation_range,
+                                                    cfg.percentile, cfg.split_shortcut)
+                                for f in quantized if not FORMATS[f].dynamic}}
+                for layer in layers}
+
+    def _input_statistics(self, dg: DiffusionGraph, ctx: PassContext, layers: list[Layer]) -> Statistics:
         cfg = self.config
         watched = {layer.input for layer in layers}
         if cfg.split_shortcut:
@@ -350,11 +363,23 @@ class QuantPass(Pass):
         if missing:
             raise PassError(f"the calibration statistics have no values for {missing[:5]}; the calibration set does "
                             "not run these nodes. Collect it again with this model")
-        return {layer.node: {**dynamic[layer.node],
-                             **{f: layer_activation(layer, stats.node, FORMATS[f].activation, cfg.activation_range,
-                                                    cfg.percentile, cfg.split_shortcut)
-                                for f in quantized if not FORMATS[f].dynamic}}
-                for layer in layers}
+        return stats
+
+    def _timestep_scales(self, dg: DiffusionGraph, ctx: PassContext, layers: list[Layer], formats: tuple[str, ...],
+                         activations: dict[str, dict[str, ActivationQuant]]) -> TimestepScales:
+        """With static int8 activations among the formats: per-timestep-group scales where they pay
+        (timestep_scales.py); the rewritten layers' static int8 activations take the reference scale."""
+        cfg = self.config
+        static = [f for f in formats if FORMATS[f].activation == INT8 and not FORMATS[f].dynamic]
+        if not cfg.timestep_scales or not static:
+            return TimestepScales(skipped="off" if not cfg.timestep_scales else "no format with static int8 inputs")
+        candidates = [layer for layer in layers if not (cfg.split_shortcut and layer.pieces)]
+        stepwise = add_timestep_scales(dg, ctx.calibration, candidates, self._input_statistics(dg, ctx, layers).node,
+                                       cfg.groups, self._fitting(ctx), cfg.activation_range, cfg.percentile)
+        for old, node in stepwise.renamed.items():
+            activations[node] = {**activations.pop(old), **{f: ActivationQuant(INT8, stepwise.reference[node],
+                                                                               cfg.activation_range) for f in static}}
+        return stepwise
 
     def _report(self, dg: DiffusionGraph, ctx: PassContext, layers: list[Layer], placeable: list[Layer],
                 formats: tuple[str, ...], chosen: dict[str, str], sensitivity: Sensitivity, sizes: np.ndarray,

@@ -64,3 +64,10 @@ def pareto_front(costs: np.ndarray, weights: np.ndarray, points: int = 12,
         if not any(p[0] <= point[0] and p[1] <= point[1] for p in front):
             front = [p for p in front if not (point[0] <= p[0] and point[1] <= p[1])] + [point]
     return sorted(front, key=lambda p: p[0])
+
+
+def place_by_size(objective: np.ndarray, sizes: np.ndarray, budget: float, layers: int) -> list[int]:
+    """The knapsack over the layers; attention rows (no bytes in any format) take their least
+    sensitive format directly, which leaves them unquantized (sensitivity 0), so the solver's
+    tolerance cannot trade a tiny predicted error for nothing."""
+    return place(objective[:layers], sizes[:layers], budget) + [int(np.argmin(row)) for row in objective[layers:]]
