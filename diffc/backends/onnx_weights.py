@@ -21,11 +21,13 @@ from typing import Any
 import torch
 import torch.fx
 
-from ..errors import TargetError
+from ..errors import ArtifactError, TargetError
 from ..ir.fxutil import attr_value
 
 WEIGHTS_METADATA = "diffc.weights"
 UNMAPPED = "diffc.weights.unmapped"
+STRIPPED = "diffc.weights.stripped"
+_VALUE_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,54 @@ def replace_initializers(model: Any, tensors: Mapping[str, Any], data: bytes | N
     return bytes(buffer) if buffer is not None else None
 
 
+def strip_weights(model_bytes: bytes) -> bytes:
+    """The model without the values of the initializers its weight map names (recorded in its
+    metadata): a saved artifact's weights file holds those weights already, and `restore_weights`
+    puts them back from it. A model with no weight map comes back as it is."""
+    import onnx
+
+    model = onnx.load_from_string(model_bytes)
+    recorded = read_weight_map(model)
+    if recorded is None:
+        return model_bytes
+    held = {name for slots in recorded[0].values() for slot in slots for name in (slot.initializer, slot.scale) if name}
+    stripped = []
+    for initializer in model.graph.initializer:
+        if initializer.name in held and initializer.data_location != onnx.TensorProto.EXTERNAL:
+            for field in _VALUE_FIELDS:
+                initializer.ClearField(field)
+            stripped.append(initializer.name)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = STRIPPED, json.dumps(sorted(stripped))
+    return model.SerializeToString()
+
+
+def restore_weights(model_bytes: bytes, module: torch.fx.GraphModule,
+                    annotations: Mapping[str, Mapping[str, Any]]) -> bytes:
+    """A model `strip_weights` stripped, with its initializers made again from the segment module's
+    weights as the export made them (quantized ones quantized again with their layer's scheme: a
+    saved quantized weight loads as values that quantize back to the same bytes); others unchanged."""
+    import onnx
+
+    model = onnx.load_from_string(model_bytes)
+    props = {p.key: p.value for p in model.metadata_props}
+    if STRIPPED not in props:
+        return model_bytes
+    stripped = set(json.loads(props[STRIPPED]))
+    mapping = (read_weight_map(model) or ({}, []))[0]
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    weights = {name: value for name, value in segment_weights(module).items() if name in mapping}
+    tensors = {name: t for name, t in weight_tensors(mapping, weights, annotations, types).items() if name in stripped}
+    if stripped - set(tensors):
+        raise ArtifactError(f"the saved ONNX model's initializers {sorted(stripped - set(tensors))[:3]} cannot be "
+                            "made again from the artifact's weights; re-create the artifact with this diffc")
+    replace_initializers(model, tensors)
+    kept = [p for p in model.metadata_props if p.key != STRIPPED]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    return model.SerializeToString()
+
+
 _FLOAT = 1  # onnx.TensorProto.FLOAT
 
 
@@ -207,5 +257,5 @@ def _digest(dims: Iterable[int], data: bytes) -> bytes:
 
 
 __all__ = ["UNMAPPED", "WEIGHTS_METADATA", "WeightMap", "WeightSlot", "check_refittable", "float_tensor",
-           "map_weights", "read_weight_map", "replace_initializers", "segment_weights", "weight_tensors",
-           "write_weight_map"]
+           "map_weights", "read_weight_map", "replace_initializers", "restore_weights", "segment_weights",
+           "strip_weights", "weight_tensors", "write_weight_map"]

@@ -26,7 +26,8 @@ from ..ir.onnx_export import export_plan
 from ..ir.onnx_segments import (SEGMENT_METADATA, flatten_values, onnx_io, read_segment_metadata, regroup_values,
                                   segment_values)
 from .base import LOW_BIT, Backend
-from .onnx_weights import check_refittable, map_weights, read_weight_map, replace_initializers, weight_tensors
+from .onnx_refit import InPlaceUpdate
+from .onnx_weights import map_weights, read_weight_map, restore_weights, strip_weights
 
 ONNX_DIR = "onnx"
 # MatMulAddFusion turns a 3-d MatMul + Add into Reshape -> Gemm -> Reshape; on a Q/DQ input,
@@ -74,8 +75,9 @@ class OnnxRuntimeBackend(Backend):
                               "and `fuse_qdq`")
         device = torch.device(device or "cpu")
         providers = _providers(device)
-        if models is None:
-            models = _export_models(plan, precision, opset, progress_bar)
+        models = _export_models(plan, precision, opset, progress_bar) if models is None else \
+            {name: restore_weights(data, plan.segments[name].module, plan.graph.annotations)
+             if name in plan.segments else data for name, data in models.items()}
         missing = sorted(set(plan.segments) - set(models))
         if missing:
             raise ArtifactError(f"no ONNX model for segments {missing}; re-create the artifact with "
@@ -94,14 +96,14 @@ class OnnxRuntimeBackend(Backend):
                     # ONNX files over 2 GB keep their weights next to them; the session reads them on creation
                     path.with_name(path.name + ".data").write_bytes(data)
                     files[rel + ".data"] = data
-                files[rel] = models[name]
+                files[rel] = models[name] if data is not None else strip_weights(models[name])
                 primary = SegmentSession(name, str(path), device, providers, fuse_qdq)
                 runners[name] = SegmentRunner(primary, _specializer(plan, name, precision, opset, device, providers,
                                                                     fuse_qdq))
                 segments[name] = {"file": rel, **primary.io}
         info = {"opset": opset, "providers": providers, "fuse_qdq": fuse_qdq, "segments": segments}
         swap = InPlaceUpdate(plan, runners, files, lambda name, path: SegmentSession(name, path, device, providers,
-                                                                                    fuse_qdq), models)
+                                                                                    fuse_qdq), models, ONNX_DIR)
         return CompiledPlan(plan=plan, runners=runners, backend=self.name, precision=precision, device=device,
                             input_dtype=torch.float16 if precision == "fp16" else torch.float32, files=files,
                             info=info, refit=swap.refit, rescale=swap.rescale)
@@ -217,84 +219,6 @@ def _to_float16(model: Any, plan: Plan) -> Any:
     entries = read_segment_metadata(model)
     keep = segment_values([e for e in entries["inputs"] if e["name"] in timesteps])
     return convert_float_to_float16(model, keep_io_types=keep)
-
-
-class InPlaceUpdate:
-    """New weights (a LoRA swap) or activation scales (recalibrate) for a compiled plan, without an
-    export: the initializers that hold them are overwritten in each touched segment's ONNX model
-    (the artifact's file too) and only that segment's session is created again. The `models` the plan
-    was compiled from are updated as well, so compiling it again with the same options (fast.to(device)
-    on a loaded artifact) keeps the new values."""
-
-    def __init__(self, plan: Plan, runners: Mapping[str, "SegmentRunner"], files: dict[str, bytes],
-                 open_session: Callable[[str, str], "SegmentSession"], models: Mapping[str, bytes]) -> None:
-        self.plan, self.runners, self.files, self.open_session = plan, runners, files, open_session
-        self.models = models if isinstance(models, dict) else {}
-
-    def refit(self, weights: Mapping[str, torch.Tensor]) -> None:
-        updates = {}
-        for name, runner in self.runners.items():
-            used = {n.target for n in self.plan.segments[name].module.graph.nodes if n.op == "get_attr"}
-            touched = {w: v for w, v in weights.items() if w in used}
-            if touched:
-                session = runner.primary
-                check_refittable(name, touched, session.weight_map)
-                mapping = session.weight_map[0] if session.weight_map else {}
-                tensors = weight_tensors(mapping, touched, self.plan.graph.annotations, session.initializer_types)
-                specialized = {key: weight_tensors(s.weight_map[0], touched, self.plan.graph.annotations,
-                                                   s.initializer_types)
-                               for key, s in runner.specialized.items() if _refittable(s, touched)}
-                updates[name] = (tensors, specialized)
-        for name, (tensors, specialized) in updates.items():  # every value computed (and checked) first
-            self._replace(name, tensors, specialized)
-
-    def rescale(self, specs: Mapping[str, Mapping[str, Any]]) -> None:
-        from .onnx_qdq import activation_scale_tensors
-
-        tensors = activation_scale_tensors({node: {"precision": spec} for node, spec in specs.items()})
-        for name, runner in self.runners.items():
-            held = {k: v for k, v in tensors.items() if k in runner.primary.initializer_types}
-            if held:
-                specialized = {key: {k: v for k, v in tensors.items() if k in s.initializer_types}
-                               for key, s in runner.specialized.items() if s.model_bytes is not None}
-                self._replace(name, held, specialized)
-
-    def _replace(self, name: str, tensors: Mapping[str, Any],
-                 specialized: Mapping[tuple[Any, ...], Mapping[str, Any]]) -> None:
-        """The segment's model and session with `tensors`, and those of its sessions specialized to
-        other shapes with theirs (a specialized session left out is exported again on its next use)."""
-        import onnx
-
-        kept = {}
-        for key, special_tensors in specialized.items():
-            special = self.runners[name].specialized[key]
-            model = onnx.load_from_string(special.model_bytes)
-            replace_initializers(model, special_tensors)
-            with tempfile.TemporaryDirectory(prefix="diffc-ort-") as scratch:
-                path = Path(scratch) / f"{name}.onnx"
-                path.write_bytes(model.SerializeToString())
-                kept[key] = self.open_session(name, str(path))
-                kept[key].model_bytes = path.read_bytes()
-
-        rel = f"{ONNX_DIR}/{name}.onnx"
-        model = onnx.load_from_string(self.files[rel])
-        data = replace_initializers(model, tensors, self.files.get(rel + ".data"))
-        self.files[rel] = self.models[name] = model.SerializeToString()
-        with tempfile.TemporaryDirectory(prefix="diffc-ort-") as scratch:
-            path = Path(scratch) / f"{name}.onnx"
-            path.write_bytes(self.files[rel])
-            if data is not None:
-                self.files[rel + ".data"] = self.models[name + ".data"] = data
-                path.with_name(path.name + ".data").write_bytes(data)
-            self.runners[name].use(self.open_session(name, str(path)), kept)
-
-
-def _refittable(session: "SegmentSession", touched: Mapping[str, Any]) -> bool:
-    """Whether a specialized session can take `touched` in place (else it is exported again)."""
-    if session.model_bytes is None or session.weight_map is None:
-        return False
-    mapping, unmapped = session.weight_map
-    return all(name in mapping and name not in unmapped for name in touched)
 
 
 class SegmentRunner:

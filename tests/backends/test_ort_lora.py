@@ -12,6 +12,7 @@ import torch
 
 import diffc
 from diffc.api import compile_graph
+from diffc.backends.onnx_weights import restore_weights
 from diffc.backends.onnxruntime import OnnxRuntimeBackend, _lower
 from diffc.errors import TargetError
 from diffc.ir.precision import quantizable_weight
@@ -121,10 +122,16 @@ def test_a_saved_ort_artifact_holds_the_merged_weights(dit_ort, tmp_path, no_exp
     assert no_export == []
 
 
+def _saved_model(fast):
+    """The main segment's ONNX model as an artifact saves it, with its weights put back."""
+    return restore_weights(fast._compiled.files["onnx/main.onnx"], fast.plan.segments["main"].module,
+                           fast.plan.graph.annotations)
+
+
 def test_fp16_initializers_take_the_adapter_in_float16(dit_ort):
     model, inputs, fast = dit_ort
     plan = fast.plan
-    fp16 = _lower(onnx.load_from_string(fast._compiled.files["onnx/main.onnx"]), plan, "main", "fp16")
+    fp16 = _lower(onnx.load_from_string(_saved_model(fast)), plan, "main", "fp16")
     half = diffc.runtime.OptimizedModel(OnnxRuntimeBackend().compile(plan, "fp16", models={
         "main": fp16.SerializeToString()}))
     adapter = _adapter(model, size=0.3)
@@ -141,7 +148,7 @@ def test_fp16_initializers_take_the_adapter_in_float16(dit_ort):
 
 def test_a_model_without_a_weight_map_refuses_in_place_weights(dit_ort):
     model, inputs, fast = dit_ort
-    stripped = onnx.load_from_string(fast._compiled.files["onnx/main.onnx"])
+    stripped = onnx.load_from_string(_saved_model(fast))
     kept = [p for p in stripped.metadata_props if not p.key.startswith("diffc.weights")]
     del stripped.metadata_props[:]
     stripped.metadata_props.extend(kept)
