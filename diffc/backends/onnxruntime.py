@@ -23,6 +23,7 @@ from .._progress import progress
 from ..errors import ArtifactError, InputError, TargetError
 from ..ir import CompiledPlan, Plan, onnx_export
 from ..ir.onnx_export import export_plan
+from ..ir.served_files import register_served_file_maker
 from ..ir.onnx_segments import (SEGMENT_METADATA, flatten_values, onnx_io, read_segment_metadata, regroup_values,
                                   segment_values)
 from .base import LOW_BIT, Backend
@@ -100,7 +101,7 @@ class OnnxRuntimeBackend(Backend):
                 primary = SegmentSession(name, str(path), device, providers, fuse_qdq)
                 runners[name] = SegmentRunner(primary, _specializer(plan, name, precision, opset, device, providers,
                                                                     fuse_qdq))
-                segments[name] = {"file": rel, **primary.io}
+                segments[name] = {"file": rel, **primary.io, "weights_elsewhere": data is None}
         info = {"opset": opset, "providers": providers, "fuse_qdq": fuse_qdq, "segments": segments}
         swap = InPlaceUpdate(plan, runners, files, lambda name, path: SegmentSession(name, path, device, providers,
                                                                                     fuse_qdq), models, ONNX_DIR)
@@ -124,6 +125,10 @@ class OnnxRuntimeBackend(Backend):
             if entry["file"] + ".data" in manifest["files"]:
                 models[name + ".data"] = (Path(root) / (entry["file"] + ".data")).read_bytes()
         return {"models": models, "opset": info.get("opset", 21), "fuse_qdq": info.get("fuse_qdq", True)}
+
+
+register_served_file_maker("ort", lambda data, plan, name: restore_weights(data, plan.segments[name].module,
+                                                                         plan.graph.annotations))
 
 
 def _providers(device: torch.device) -> list[str]:

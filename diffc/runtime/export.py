@@ -23,6 +23,7 @@ from typing import Any
 from ..errors import ArtifactError
 from ..ir import Plan
 from ..ir.onnx_segments import onnx_io, read_segment_metadata
+from ..ir.served_files import served_file
 from .artifact import MANIFEST, WEIGHTS, diffc_version, load_plan, read_manifest, save_artifact
 
 DEPLOYMENT_FORMAT = "diffc-deployment-1"
@@ -90,7 +91,9 @@ def _segment_models(plan: Plan, target: Mapping[str, Any], files: Mapping[str, b
             # ONNX models over 2 GB keep their weights in "<file>.data", which they name; it goes beside them
             data = entry["file"] + ".data"
             extra = {Path(data).name: files[data]} if data in files else {}
-            models[name] = {"platform": platform, "model": filename, "bytes": files[entry["file"]],
+            stored = served_file(target["backend"], entry.get("weights_elsewhere", False), files[entry["file"]], plan,
+                                 name)
+            models[name] = {"platform": platform, "model": filename, "bytes": stored,
                             "inputs": entry["inputs"], "outputs": entry["outputs"], "extra": extra,
                             "entries": entry.get("entries")}
         return models

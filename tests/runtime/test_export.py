@@ -245,3 +245,11 @@ def test_low_bit_models_without_compiled_segment_files_are_refused(exported, tmp
     with pytest.raises(ArtifactError, match="would serve them unquantized; export an ort-int8 or trt-int8 model"):
         export_deployment(tmp_path / "int8", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_file_saved_without_its_weights_by_a_backend_that_is_not_loaded_is_refused():
+    from diffc.ir.served_files import served_file
+
+    assert served_file("elsewhere", False, b"whole", None, "main") == b"whole"
+    with pytest.raises(ArtifactError, match="without its weights.*import diffc"):
+        served_file("elsewhere", True, b"compact", None, "main")
