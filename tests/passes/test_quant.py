@@ -516,3 +516,20 @@ def test_smoothing_factors_balance_the_maxima():
         PassManager([{"pass": "quant", "smoothquant": 1.5}])
     with pytest.raises(PassError, match="'auto' to search it per layer"):
         PassManager([{"pass": "quant", "smoothquant": "best"}])
+
+
+@pytest.mark.slow
+def test_sensitivity_differentiates_through_functionalized_in_place_writes(tmp_path):
+    """Wan's rotary embedding writes `out[..., 0::2] = ...`: the captured graph holds aten.copy, for which
+    autograd has no derivative, so the Hessian sensitivity once failed on every Wan model."""
+    import diffc
+    from diffc.ir.precision import precision_specs
+    from diffc.models import zoo
+
+    pipe = zoo.load("motion-wan")
+    prompts = zoo.prompts("motion-wan", 2)
+    calibration = collect(pipe, conditions=prompts, num_steps=4, out=tmp_path / "cal", progress=False)
+    fast = diffc.optimize(pipe, target="torch-int8", calibration=calibration,
+                          passes=[{"pass": "quant", "min_psnr": None, "samples": 2, "probes": 1}])
+    assert any(n.target == torch.ops.aten.copy.default for n in fast.plan.graph.graph.nodes)
+    assert precision_specs(fast.plan.graph.annotations)

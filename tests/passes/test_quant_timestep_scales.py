@@ -30,15 +30,18 @@ def tiny(tmp_path_factory):
     return capture(pipe.unet), calibration
 
 
-def _quantize(dg, calibration, **options):
+def _quantize(dg, calibration, live=False, **options):
+    denoiser_for = (lambda candidate: compile_graph(candidate, "torch", "fp32")) if live else None
     return PassManager([{"pass": "quant", "samples": 4, "probes": 2, "trajectories": 1, "min_psnr": None,
-                         **options}]).run(dg, PassContext(calibration=calibration, target="torch-int8"))
+                         **options}]).run(dg, PassContext(calibration=calibration, target="torch-int8",
+                                                          denoiser_for=denoiser_for))
 
 
 @pytest.fixture(scope="module")
 def stepwise(tiny):
+    """Per-group scales wherever they pay by their expected error (True: without the final-image judgement)."""
     dg, calibration = tiny
-    return _quantize(dg, calibration)
+    return _quantize(dg, calibration, timestep_scales=True)
 
 
 def _flat(dg, record):
@@ -118,7 +121,7 @@ def test_off_leaves_every_layer_with_one_scale(tiny):
     single = _quantize(dg, calibration, timestep_scales=False)
     assert single.applied[-1]["report"]["timestep_scales"] == {"layers": [], "why_none": "off"}
     assert TABLE_NAME not in dict(single.module.named_buffers())
-    with pytest.raises(PassError, match="timestep_scales is True or False"):
+    with pytest.raises(PassError, match="timestep_scales is True, False or 'auto'"):
         _quantize(dg, calibration, timestep_scales="yes")
 
 
@@ -135,3 +138,18 @@ def test_groups_are_ordered_by_timestep_or_refused_with_the_reason():
     assert "overlap" in timestep_groups(_calibration([900.0, 800.0], [900.0, 700.0, 500.0, 100.0]), 2, None)
     assert "no timestep" in timestep_groups(_calibration([None, None]), 2, None)
     assert "single" in timestep_groups(_calibration([900.0, 800.0]), 1, None)
+
+
+def test_auto_keeps_them_only_when_the_final_images_come_closer(tiny):
+    """The default re-samples the calibration trajectories with every layer at int8, with and without
+    per-group scales, and keeps the closer; without a way to re-sample, one scale per layer stays."""
+    dg, calibration = tiny
+    judged = _quantize(dg, calibration, live=True).applied[-1]["report"]["timestep_scales"]
+    measured = judged["final_images"]
+    assert measured["format"] == "int8" and measured["judged_on"]
+    if measured["per_group_psnr"] > measured["single_scale_psnr"]:
+        assert judged["layers"] and len(judged["boundaries"]) == STEPS - 1
+    else:
+        assert judged["layers"] == [] and "no closer" in judged["why_none"]
+    blind = _quantize(dg, calibration).applied[-1]["report"]["timestep_scales"]
+    assert blind["layers"] == [] and "not judged on final images" in blind["why_none"]

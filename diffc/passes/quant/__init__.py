@@ -49,7 +49,7 @@ from .layers import PROTECTIONS, Attention, Layer, attention_nodes, quantizable_
 from .placement import pareto_front, place, place_by_size
 from .sensitivity import ACCUMULATIONS, Sensitivity, measure, sample_calls
 from .smooth import SEARCH_CALLS, search_alphas, smooth
-from .timestep_scales import TimestepScales, add_timestep_scales
+from .timestep_scales import TimestepScales, judged_timestep_scales
 
 SENSITIVITIES = ("hessian", "mse")
 AUTO_FLOOR_8BIT, AUTO_FLOOR_4BIT = 40.0, 30.0
@@ -81,8 +81,9 @@ class QuantConfig(PassConfig):
     # None: no check
     min_psnr: float | str | None = "auto"
     # static int8 inputs whose range drifts with the noise level get one scale per timestep group,
-    # picked by the call's timestep, where that lowers their expected error enough (timestep_scales.py)
-    timestep_scales: bool = True
+    # picked by the call's timestep, where that lowers their expected error enough (timestep_scales.py);
+    # "auto": only when the re-sampled final images come closer with them
+    timestep_scales: bool | str = "auto"
 
     def __post_init__(self) -> None:
         if self.formats is not None:
@@ -109,8 +110,8 @@ class QuantConfig(PassConfig):
                              f"search it per layer, or None to leave activations alone; got {self.smoothquant!r}")
         if isinstance(self.min_psnr, str) and self.min_psnr != "auto":
             raise ValueError(f"min_psnr is a PSNR in dB, 'auto' or None, got {self.min_psnr!r}")
-        if not isinstance(self.timestep_scales, bool):
-            raise ValueError(f"timestep_scales is True or False, got {self.timestep_scales!r}")
+        if not (isinstance(self.timestep_scales, bool) or self.timestep_scales == "auto"):
+            raise ValueError(f"timestep_scales is True, False or 'auto', got {self.timestep_scales!r}")
         if not 0 < self.percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
 
@@ -141,7 +142,7 @@ class QuantPass(Pass):
             layers = quantizable_layers(dg, cfg.protect)
             placeable = [layer for layer in layers if layer.protected is None]
         activations = self._activations(dg, ctx, placeable, formats)
-        stepwise = self._timestep_scales(dg, ctx, placeable, formats, activations)
+        dg, activations, stepwise = self._timestep_scales(dg, ctx, placeable, formats, activations)
         if stepwise.scales:
             layers = quantizable_layers(dg, cfg.protect)
             placeable = [layer for layer in layers if layer.protected is None]
@@ -366,20 +367,18 @@ class QuantPass(Pass):
         return stats
 
     def _timestep_scales(self, dg: DiffusionGraph, ctx: PassContext, layers: list[Layer], formats: tuple[str, ...],
-                         activations: dict[str, dict[str, ActivationQuant]]) -> TimestepScales:
+                         activations: dict[str, dict[str, ActivationQuant]]) -> tuple[DiffusionGraph, Any, TimestepScales]:
         """With static int8 activations among the formats: per-timestep-group scales where they pay
-        (timestep_scales.py); the rewritten layers' static int8 activations take the reference scale."""
+        and the final images say so (timestep_scales.py)."""
         cfg = self.config
         static = [f for f in formats if FORMATS[f].activation == INT8 and not FORMATS[f].dynamic]
         if not cfg.timestep_scales or not static:
-            return TimestepScales(skipped="off" if not cfg.timestep_scales else "no format with static int8 inputs")
+            return dg, activations, TimestepScales(skipped="off" if not cfg.timestep_scales
+                                                   else "no format with static int8 inputs")
         candidates = [layer for layer in layers if not (cfg.split_shortcut and layer.pieces)]
-        stepwise = add_timestep_scales(dg, ctx.calibration, candidates, self._input_statistics(dg, ctx, layers).node,
-                                       cfg.groups, self._fitting(ctx), cfg.activation_range, cfg.percentile)
-        for old, node in stepwise.renamed.items():
-            activations[node] = {**activations.pop(old), **{f: ActivationQuant(INT8, stepwise.reference[node],
-                                                                               cfg.activation_range) for f in static}}
-        return stepwise
+        return judged_timestep_scales(dg, ctx, candidates, static[0], activations,
+                                      self._input_statistics(dg, ctx, layers).node, cfg.groups, self._fitting(ctx),
+                                      cfg.activation_range, cfg.percentile, judge=cfg.timestep_scales == "auto")
 
     def _report(self, dg: DiffusionGraph, ctx: PassContext, layers: list[Layer], placeable: list[Layer],
                 formats: tuple[str, ...], chosen: dict[str, str], sensitivity: Sensitivity, sizes: np.ndarray,

@@ -90,6 +90,12 @@ class _Instrumented(torch.fx.Interpreter):
     def run_node(self, n: torch.fx.Node) -> Any:
         if n.name in self.attentions:
             return self._attention(n)
+        if n.target == torch.ops.aten.copy.default:
+            # a functionalized in-place write (Wan's rotary embedding: out[..., 0::2] = x): autograd has
+            # no derivative for aten.copy, so its value (src broadcast to dst's shape and dtype) is built
+            # from ops that have one
+            (destination, source, *_), _ = self.fetch_args_kwargs_from_env(n)
+            return source.expand_as(destination).to(destination.dtype)
         if n.name not in self.layers:
             return super().run_node(n)
         args, kwargs = self.fetch_args_kwargs_from_env(n)

@@ -13,7 +13,10 @@ offsets.
 
 The two multiplies are not free, so a layer gets per-group scales only where they bring the
 expected rounding and clipping error of its input (from the per-group |x| histograms) to at most
-GAIN of what the single scale leaves."""
+GAIN of what the single scale leaves. Fewer samples per group can also fit the calibration prompts
+too closely, so the rewrite is kept only when the re-sampled final images (every placeable layer
+at int8) come closer to the original's with it than without; when they cannot be re-sampled, the
+single scales stay (the choice that changes least) and the report says why."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -22,12 +25,15 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
-from ...calibration import CalibrationSet, NodeStats
+from ...calibration import CalibrationSet, NodeStats, resampling, split_items, trajectory_error
 from ...calibration.timesteps import step_group
 from ...ir import DiffusionGraph
 from ...ir.precision import INT8
+from ...ir.precision import ActivationQuant
+from .._search import unjudgeable
+from ..base import PassContext
 from ..rewrites import add_constant, timestep_node, timestep_range_change
-from .annotate import activation_scale
+from .annotate import activation_scale, annotate
 from .layers import Layer
 
 aten = torch.ops.aten
@@ -54,12 +60,14 @@ class TimestepScales:
     reference: dict[str, float] = field(default_factory=dict)
     renamed: dict[str, str] = field(default_factory=dict)
     skipped: str | None = None
+    judged: dict[str, Any] = field(default_factory=dict)
 
     def report(self) -> dict[str, Any]:
+        judged = {"final_images": self.judged} if self.judged else {}
         if self.skipped:
-            return {"layers": [], "why_none": self.skipped}
+            return {"layers": [], "why_none": self.skipped, **judged}
         return {"boundaries": [float(f"{b:.6g}") for b in self.boundaries],
-                "layers": {node: [float(f"{s:.6g}") for s in scales] for node, scales in self.scales.items()}}
+                "layers": {node: [float(f"{s:.6g}") for s in scales] for node, scales in self.scales.items()}, **judged}
 
 
 def timestep_groups(calibration: CalibrationSet, groups: int, items: set[str] | None) -> TimestepGroups | str:
@@ -203,3 +211,40 @@ def add_timestep_scales(dg: DiffusionGraph, calibration: CalibrationSet, layers:
     rewritten = rewrite(dg, candidates, chosen, found.boundaries)
     return TimestepScales(found.boundaries, {new: chosen[old] for old, (new, _) in rewritten.items()},
                           {new: scale for new, scale in rewritten.values()}, renamed={old: new for old, (new, _) in rewritten.items()})
+
+
+def judged_timestep_scales(dg: DiffusionGraph, ctx: PassContext, layers: list[Layer], static_format: str,
+                           activations: dict[str, dict[str, ActivationQuant]], stats: Callable[..., NodeStats],
+                           groups: int, items: set[str] | None, range_method: str, percentile: float, judge: bool
+                           ) -> tuple[DiffusionGraph, dict[str, dict[str, ActivationQuant]], TimestepScales]:
+    """`dg` with per-group scales where they pay, and its layers' activations (the rewritten ones at
+    their reference scale), when that brings the re-sampled final images of every layer of `layers`
+    at `static_format` closer to the original's (or without `judge`, always); else `dg` and
+    `activations` unchanged. Either way the TimestepScales says what was measured."""
+    stepped = dg.clone()
+    stepwise = add_timestep_scales(stepped, ctx.calibration, layers, stats, groups, items, range_method, percentile)
+    if not stepwise.scales:
+        return dg, activations, stepwise
+    stepped_activations = dict(activations)
+    for old, node in stepwise.renamed.items():
+        reference = ActivationQuant(INT8, stepwise.reference[node], range_method)
+        stepped_activations[node] = {**stepped_activations.pop(old), static_format: reference}
+    why = unjudgeable(ctx)
+    if not judge:
+        return stepped, stepped_activations, stepwise
+    if why:
+        return dg, activations, TimestepScales(skipped=f"not judged on final images ({why}): one scale per layer "
+                                                       "kept, the choice that changes least")
+    selection, _ = split_items(ctx.calibration)
+    psnr = {}
+    for key, graph, acts, renamed in (("single_scale_psnr", dg, activations, {}),
+                                      ("per_group_psnr", stepped, stepped_activations, stepwise.renamed)):
+        candidate = graph.clone()
+        annotate(candidate, {renamed.get(layer.node, layer.node): static_format for layer in layers}, acts, {})
+        denoiser = ctx.denoiser_for(candidate)
+        psnr[key] = round(trajectory_error(ctx.calibration, denoiser, selection, ctx.reference)["psnr"], 3)
+    stepwise.judged = {"judged_on": resampling(ctx.calibration), "format": static_format, **psnr}
+    if psnr["per_group_psnr"] <= psnr["single_scale_psnr"]:
+        return dg, activations, TimestepScales(stepwise.boundaries, skipped="the re-sampled final images were no "
+                                               "closer with them", judged=stepwise.judged)
+    return stepped, stepped_activations, stepwise
