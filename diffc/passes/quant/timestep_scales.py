@@ -125,7 +125,7 @@ def rewrite(dg: DiffusionGraph, layers: list[Layer], scales: dict[str, tuple[flo
     column = {name: index for index, name in enumerate(inputs)}
     reader = {layer.input: layer.node for layer in chosen}
     factors = torch.tensor([[scales[reader[name]][g] / reference[reader[name]] for name in inputs]
-                            for g in range(len(boundaries) + 1)], dtype=torch.float64)
+                            for g in range(len(boundaries) + 1)], dtype=torch.float64, device="cpu")
     table = torch.cat([factors, 1.0 / factors], dim=1).float().to(dg.device)
     graph = dg.graph
     with graph.inserting_before([n for n in graph.nodes if n.op == "placeholder"][-1].next):
@@ -154,6 +154,7 @@ def rewrite(dg: DiffusionGraph, layers: list[Layer], scales: dict[str, tuple[flo
                 _copy_meta(node, scaled)
             node.kwargs = {}
         _copy_meta(node, matmul)
+        matmul.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
         rewritten[layer.node] = (matmul.name, reference[layer.node])
     graph.lint()
     dg.module.recompile()
