@@ -30,6 +30,8 @@ LOW_EXP, HIGH_EXP, BINS_PER_OCTAVE = -24, 24, 8
 NUM_BINS = 1 + (HIGH_EXP - LOW_EXP) * BINS_PER_OCTAVE
 BIN_EDGES = np.concatenate([[0.0], 2.0 ** (LOW_EXP + np.arange((HIGH_EXP - LOW_EXP) * BINS_PER_OCTAVE + 1)
                                              / BINS_PER_OCTAVE)])
+# each bin's representative magnitude: 0 for the zeros bin, the geometric middle of the others
+BIN_CENTERS = np.concatenate([[0.0], np.sqrt(BIN_EDGES[1:-1] * BIN_EDGES[2:])])
 
 
 def nodes_of_interest(dg: DiffusionGraph) -> list[str]:
@@ -101,10 +103,9 @@ class NodeStats:
     def quantization_error(self, clip: float, bits: int = 8) -> float:
         """The summed squared error (clipping beyond `clip` plus uniform rounding within it) of
         symmetric `bits`-bit quantization at range `clip`, under the histogram of |x|."""
-        centers = np.concatenate([[0.0], np.sqrt(BIN_EDGES[1:-1] * BIN_EDGES[2:])])
         levels = 2 ** (bits - 1) - 1
-        clipped = np.maximum(centers - clip, 0.0) ** 2
-        rounding = np.where(centers <= clip, (clip / levels) ** 2 / 12.0, 0.0)
+        clipped = np.maximum(BIN_CENTERS - clip, 0.0) ** 2
+        rounding = np.where(BIN_CENTERS <= clip, (clip / levels) ** 2 / 12.0, 0.0)
         return float((self.histogram.astype(np.float64) * (clipped + rounding)).sum())
 
 

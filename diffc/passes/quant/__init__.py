@@ -141,8 +141,8 @@ class QuantPass(Pass):
         if smoothed:
             layers = quantizable_layers(dg, cfg.protect)
             placeable = [layer for layer in layers if layer.protected is None]
-        activations = self._activations(dg, ctx, placeable, formats)
-        dg, activations, stepwise = self._timestep_scales(dg, ctx, placeable, formats, activations)
+        activations, stats = self._activations(dg, ctx, placeable, formats)
+        dg, activations, stepwise = self._timestep_scales(dg, ctx, placeable, formats, activations, stats)
         if stepwise.scales:
             layers = quantizable_layers(dg, cfg.protect)
             placeable = [layer for layer in layers if layer.protected is None]
@@ -336,7 +336,7 @@ class QuantPass(Pass):
             else (None, None)
 
     def _activations(self, dg: DiffusionGraph, ctx: PassContext, layers: list[Layer],
-                     formats: tuple[str, ...]) -> dict[str, dict[str, ActivationQuant]]:
+                     formats: tuple[str, ...]) -> tuple[dict[str, dict[str, ActivationQuant]], Statistics | None]:
         """Per layer and format, the quantization of the layer's input: scales computed at run time
         in a dynamic format; otherwise static, from statistics over every recorded step (all
         timestep groups merged); with split_shortcut, a concatenated input gets a scale per piece
@@ -345,13 +345,13 @@ class QuantPass(Pass):
         dynamic = {layer.node: {f: dynamic_activation(layer) for f in quantized if FORMATS[f].dynamic}
                    for layer in layers}
         if all(FORMATS[f].dynamic for f in quantized):
-            return dynamic
+            return dynamic, None
         cfg, stats = self.config, self._input_statistics(dg, ctx, layers)
         return {layer.node: {**dynamic[layer.node],
                              **{f: layer_activation(layer, stats.node, FORMATS[f].activation, cfg.activation_range,
                                                     cfg.percentile, cfg.split_shortcut)
                                 for f in quantized if not FORMATS[f].dynamic}}
-                for layer in layers}
+                for layer in layers}, stats
 
     def _input_statistics(self, dg: DiffusionGraph, ctx: PassContext, layers: list[Layer]) -> Statistics:
         cfg = self.config
@@ -367,17 +367,18 @@ class QuantPass(Pass):
         return stats
 
     def _timestep_scales(self, dg: DiffusionGraph, ctx: PassContext, layers: list[Layer], formats: tuple[str, ...],
-                         activations: dict[str, dict[str, ActivationQuant]]) -> tuple[DiffusionGraph, Any, TimestepScales]:
+                         activations: dict[str, dict[str, ActivationQuant]],
+                         stats: Statistics | None) -> tuple[DiffusionGraph, Any, TimestepScales]:
         """With static int8 activations among the formats: per-timestep-group scales where they pay
         and the final images say so (timestep_scales.py)."""
         cfg = self.config
         static = [f for f in formats if FORMATS[f].activation == INT8 and not FORMATS[f].dynamic]
-        if not cfg.timestep_scales or not static:
+        if not cfg.timestep_scales or not static or stats is None:
             return dg, activations, TimestepScales(skipped="off" if not cfg.timestep_scales
                                                    else "no format with static int8 inputs")
         candidates = [layer for layer in layers if not (cfg.split_shortcut and layer.pieces)]
         return judged_timestep_scales(dg, ctx, candidates, static[0], activations,
-                                      self._input_statistics(dg, ctx, layers).node, cfg.groups, self._fitting(ctx),
+                                      stats.node, cfg.groups, self._fitting(ctx),
                                       cfg.activation_range, cfg.percentile, judge=cfg.timestep_scales == "auto")
 
     def _report(self, dg: DiffusionGraph, ctx: PassContext, layers: list[Layer], placeable: list[Layer],

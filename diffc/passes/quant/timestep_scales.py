@@ -230,9 +230,9 @@ def judged_timestep_scales(dg: DiffusionGraph, ctx: PassContext, layers: list[La
     for old, node in stepwise.renamed.items():
         reference = ActivationQuant(INT8, stepwise.reference[node], range_method)
         stepped_activations[node] = {**stepped_activations.pop(old), static_format: reference}
-    why = unjudgeable(ctx)
     if not judge:
         return stepped, stepped_activations, stepwise
+    why = unjudgeable(ctx)
     if why:
         return dg, activations, TimestepScales(skipped=f"not judged on final images ({why}): one scale per layer "
                                                        "kept, the choice that changes least")
