@@ -22,7 +22,7 @@ import torch.fx
 from ..errors import PassError
 from .fxutil import attr_value
 from .graph import DiffusionGraph
-from .plan import OUTPUT_PREFIX, PROBE_STATE, SKIPPED_STATE, Plan, Segment, Variant
+from .plan import ADAPTIVE_STATE, OUTPUT_PREFIX, Plan, Segment, Variant
 from .step_plan import BYPASS, DELTA, Region
 
 DELTA_SUFFIX = "__delta"
@@ -124,7 +124,7 @@ def build_plan(dg: DiffusionGraph) -> Plan:
         variants[variant_name] = Variant(variant_name, tuple(s for s in sequence if s in segments))
     outputs = tuple(OUTPUT_PREFIX + o.name for o in dg.signature.outputs)
     if spec.schedule.adaptive:
-        state += [PROBE_STATE, SKIPPED_STATE]
+        state += list(ADAPTIVE_STATE)
     plan = Plan(graph=dg, segments=segments, variants=variants, schedule=spec.schedule,
                 outputs=outputs, state=tuple(state), metadata={"step_plan": spec.summary})
     plan.check()

@@ -20,7 +20,8 @@ from .graph import DiffusionGraph
 from .step_plan import ADAPTIVE, FULL, Schedule
 
 OUTPUT_PREFIX = "output."
-PROBE_STATE, SKIPPED_STATE = "adaptive.probe", "adaptive.skipped"
+PROBE_STATE, SKIPPED_STATE, CHANGE_STATE = "adaptive.probe", "adaptive.skipped", "adaptive.change"
+ADAPTIVE_STATE = (PROBE_STATE, SKIPPED_STATE, CHANGE_STATE)
 PREVIOUS_SUFFIX = ".previous"
 FORECAST_TIME, FORECAST_PREVIOUS_TIME = "forecast.time", "forecast.previous_time"
 
@@ -93,28 +94,33 @@ class Plan:
 
     # --- Taylor forecasting of cached tensors -----------------------------------------------------
     def _cached_names(self) -> list[str]:
-        return [name for name in self.state if name not in (PROBE_STATE, SKIPPED_STATE)]
+        return [name for name in self.state if name not in ADAPTIVE_STATE]
 
-    def _timestep(self, inputs: dict[str, Any]) -> float | None:
+    def _timestep(self, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """The call's timestep as a 0-d float64 tensor where it is (reading it on the host would
+        wait for the device)."""
         spec = self.graph.signature.timestep
         value = inputs.get(spec.name) if spec is not None else None
-        return float(value.reshape(-1)[0]) if isinstance(value, torch.Tensor) else None
+        return value.reshape(-1)[0].to(torch.float64) if isinstance(value, torch.Tensor) else None
 
-    def _forecast(self, state: dict[str, Any], timestep: float) -> dict[str, Any]:
+    def _forecast(self, state: dict[str, Any], timestep: torch.Tensor) -> dict[str, Any]:
         """Each cached tensor extrapolated to `timestep`, where two computed values are known (a
-        segment that recomputes the tensor overwrites its forecast as usual)."""
+        segment that recomputes the tensor overwrites its forecast as usual). The coefficient is
+        computed on the device; two computed values at one timestep extrapolate nothing."""
         last, before = state.get(FORECAST_TIME), state.get(FORECAST_PREVIOUS_TIME)
-        if last is None or before is None or last == before:
+        if last is None or before is None:
             return {}
+        span = last - before
+        coefficient = torch.where(span != 0, (timestep - last) / torch.where(span != 0, span, 1.0), 0.0)
         forecasts = {}
         for name in self._cached_names():
             current, previous = state.get(name), state.get(name + PREVIOUS_SUFFIX)
             if isinstance(current, torch.Tensor) and isinstance(previous, torch.Tensor):
-                forecasts[name] = current + (current - previous) * ((timestep - last) / (last - before))
+                forecasts[name] = current + (current - previous) * coefficient
         return forecasts
 
     def _history(self, kept: dict[str, Any], env: dict[str, Any], state: dict[str, Any],
-                 forecasts: dict[str, Any], timestep: float) -> dict[str, Any]:
+                 forecasts: dict[str, Any], timestep: torch.Tensor) -> dict[str, Any]:
         """The state for the next step: computed tensors with their previous values and timesteps;
         where this step only used a forecast, the computed values stay as they were."""
         names = self._cached_names()
@@ -137,10 +143,10 @@ class Plan:
         env.update(zip(segment.outputs, run(*[env[i] for i in segment.inputs])))
 
     def _adapt(self, env: dict[str, Any], runners: dict[str, Any] | None) -> tuple[str, tuple[str, ...]]:
-        """Runs the segments both variants start with, then picks the cached variant when the probe
-        moved less than the threshold (relative L1) since the last full step, the full one
-        otherwise. The decision falls between segment calls, so static-graph backends keep
-        static graphs. Returns the variant and the segments already run."""
+        """Runs the segments both variants start with, then picks the cached variant or the full one
+        by `adaptive_step`. The decision falls between segment calls, so static-graph backends keep
+        static graphs, and it reads only a value the previous step computed, so the device's queue
+        never drains. Returns the variant and the segments already run."""
         rule = self.schedule.adaptive
         if rule is None:
             raise LintError("an adaptive step needs schedule.adaptive (probe, threshold, variants)")
@@ -151,17 +157,10 @@ class Plan:
                 break
             shared.append(a)
             self.run_segment(a, env, runners)
-        probe = env[rule["probe"]]
-        reference = env.get(PROBE_STATE)
-        skipped = int(env.get(SKIPPED_STATE, 0))
-        has_cache = all(name in env for name in self.state if name not in (PROBE_STATE, SKIPPED_STATE))
-        if reference is not None and has_cache and skipped < rule["max_skip"]:
-            change = float((probe - reference).abs().mean() / reference.abs().mean().clamp_min(1e-12))
-            if change <= rule["threshold"]:
-                env[SKIPPED_STATE] = skipped + 1
-                return rule["cached"], tuple(shared)
-        env[PROBE_STATE], env[SKIPPED_STATE] = probe, 0
-        return rule["full"], tuple(shared)
+        has_cache = all(name in env for name in self._cached_names())
+        reuse, update = adaptive_step(env, env[rule["probe"]], rule["threshold"], rule["max_skip"], has_cache)
+        env.update(update)
+        return rule["cached"] if reuse else rule["full"], tuple(shared)
 
     def check(self) -> None:
         """Every variant can run: each segment's inputs are produced before it is called."""
@@ -188,6 +187,56 @@ class Plan:
                 problems.append(f"schedule names unknown variant {step_variant}")
         if problems:
             raise LintError("plan is inconsistent:\n  - " + "\n  - ".join(problems))
+
+
+class HostScalar:
+    """A 0-d tensor the host reads a step after it is computed. On CUDA it is copied into pinned
+    memory as soon as it is computed and `value()` waits for that copy alone (long finished by the
+    next step), not for the work queued since; elsewhere it is read directly."""
+
+    def __init__(self, value: torch.Tensor | float) -> None:
+        self._event: Any = None
+        if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+            self._value: torch.Tensor | float = torch.empty((), dtype=value.dtype, pin_memory=True)
+            self._value.copy_(value.detach(), non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._value = value.detach() if isinstance(value, torch.Tensor) else value
+
+    def value(self) -> float:
+        if self._event is not None:
+            self._event.synchronize()
+        return float(self._value)
+
+
+def relative_change(probe: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Relative L1 change of the probe since the reference (0-d, on the probe's device)."""
+    return (probe - reference).float().abs().mean() / reference.float().abs().mean().clamp_min(1e-12)
+
+
+def adaptive_step(state: Mapping[str, Any], probe: torch.Tensor, threshold: float, max_skip: int,
+                  can_reuse: bool = True) -> tuple[bool, dict[str, Any]]:
+    """One adaptive step: whether it reuses the cache, and the state entries it updates.
+
+    A step reuses when the probe's change since the last full step, predicted one step ahead,
+    stays within `threshold` (at most `max_skip` steps in a row). The prediction is made at the
+    previous step from what it measured (its change since the last full step plus one step of
+    that drift; after a full step, the drift per step measured when it was recomputed), so the
+    decision never waits for this step's probe: on a GPU nothing is read back within a step. The
+    first two steps of a loop compute in full (no drift is known before)."""
+    reference = state.get(PROBE_STATE)
+    skipped = int(state.get(SKIPPED_STATE, 0))
+    predicted = state.get(CHANGE_STATE)
+    reuse = (can_reuse and reference is not None and predicted is not None and skipped < max_skip
+             and predicted.value() <= threshold)
+    if reference is None:
+        return False, {PROBE_STATE: probe, SKIPPED_STATE: 0, CHANGE_STATE: None}
+    change = relative_change(probe, reference)
+    drift = change / (skipped + 1)  # per step since the last full step
+    if reuse:
+        return True, {SKIPPED_STATE: skipped + 1, CHANGE_STATE: HostScalar(change + drift)}
+    return False, {PROBE_STATE: probe, SKIPPED_STATE: 0, CHANGE_STATE: HostScalar(drift)}
 
 
 @dataclass

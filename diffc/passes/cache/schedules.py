@@ -5,8 +5,9 @@ the end), `dp` (CacheQuant-style dynamic programming over steps on calibration d
 the error that reaches the final output for a budget of full steps: each step's reuse error is
 weighted by how strongly an output error at that step propagates through the sampler), `adaptive` (decided at run time: recompute when the
 tensor entering the cached region moved more than a threshold since the last full step, as in
-TeaCache / first-block cache; the threshold is calibrated so that about `full_fraction` of the
-calibration steps recompute), `bac` (per-block schedules, see bac.py)."""
+TeaCache / first-block cache, predicted one step ahead so that the decision reads nothing back from
+the device within a step (ir.plan.adaptive_step); the threshold is calibrated, by the same rule,
+so that about `full_fraction` of the calibration steps recompute), `bac` (per-block schedules, see bac.py)."""
 from __future__ import annotations
 
 import itertools
@@ -18,6 +19,7 @@ import torch
 
 from ...calibration import propagation_weights, relative_error
 from ...errors import PassError
+from ...ir.plan import adaptive_step
 from ...ir.step_plan import ADAPTIVE, CACHED, FULL, Schedule
 
 SCHEDULES = ("dp", "uniform", "nonuniform", "adaptive", "bac")
@@ -214,14 +216,12 @@ def adaptive_schedule(plan: Any, calibration: Any, full_fraction: float, max_gap
     def full_share(threshold: float) -> float:
         shares = []
         for sequence in probes.values():
-            reference, skipped, full_count = None, 0, 0
+            state: dict[str, Any] = {}
+            full_count = 0
             for probe in sequence:
-                change = math.inf if reference is None else \
-                    float((probe - reference).abs().mean() / reference.abs().mean().clamp_min(1e-12))
-                if change <= threshold and skipped < max_gap - 1:
-                    skipped += 1
-                else:
-                    reference, skipped, full_count = probe, 0, full_count + 1
+                reuse, update = adaptive_step(state, probe, threshold, max_gap - 1)
+                state.update(update)
+                full_count += not reuse
             shares.append(full_count / len(sequence))
         return float(np.mean(shares))
 
