@@ -134,19 +134,33 @@ def weight_tensors(mapping: Mapping[str, Iterable[WeightSlot]], weights: Mapping
                    annotations: Mapping[str, Mapping[str, Any]], types: Mapping[str, int]) -> dict[str, Any]:
     """The new initializers (onnx TensorProto, by name) that hold `weights` in a model whose weight map
     is `mapping` and whose initializers have the ONNX element types `types`: float slots in their own
-    type, quantized slots requantized with the layer's weight scheme (new per-channel scales)."""
+    type, quantized slots requantized with the layer's weight scheme (new per-channel scales, in
+    their own float type)."""
     tensors: dict[str, Any] = {}
     for name, value in weights.items():
         for slot in mapping.get(name, ()):
             if slot.node is not None:
                 from .onnx_qdq import quantized_weight_tensors  # onnx_qdq imports this module
 
-                tensors.update(quantized_weight_tensors(slot, value, annotations))
+                tensors.update({name: in_float_type(tensor, types.get(name))
+                                for name, tensor in quantized_weight_tensors(slot, value, annotations).items()})
                 continue
             oriented = value.detach().float().cpu()
             tensors[slot.initializer] = float_tensor(slot.initializer, oriented.t() if slot.transposed else oriented,
                                                      types.get(slot.initializer, _FLOAT))
     return tensors
+
+
+def in_float_type(tensor: Any, kind: int | None) -> Any:
+    """`tensor` (an onnx TensorProto) in the float type `kind` a model holds it in (a half-precision
+    model's scales and weights), when it is a float tensor of another type."""
+    from onnx import TensorProto, numpy_helper
+
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+    if kind is None or tensor.data_type == kind or tensor.data_type not in floats or kind not in floats:
+        return tensor
+    values = torch.from_numpy(numpy_helper.to_array(tensor).astype("float32"))
+    return float_tensor(tensor.name, values, kind)
 
 
 def float_tensor(name: str, value: torch.Tensor, kind: int) -> Any:
@@ -257,5 +271,5 @@ def _digest(dims: Iterable[int], data: bytes) -> bytes:
 
 
 __all__ = ["UNMAPPED", "WEIGHTS_METADATA", "WeightMap", "WeightSlot", "check_refittable", "float_tensor",
-           "map_weights", "read_weight_map", "replace_initializers", "restore_weights", "segment_weights",
-           "strip_weights", "weight_tensors", "write_weight_map"]
+           "in_float_type", "map_weights", "read_weight_map", "replace_initializers", "restore_weights",
+           "segment_weights", "strip_weights", "weight_tensors", "write_weight_map"]

@@ -218,12 +218,12 @@ def _to_cpu(value: Any) -> Any:
 def _to_float16(model: Any, plan: Plan) -> Any:
     """The model with float16 weights and compute; timestep inputs stay float32 (OptimizedModel
     passes them in float32), every other float input and output is float16."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from .onnx_half import FP16, half_precision_model
 
     timesteps = {spec.name for spec in plan.graph.signature.inputs if spec.role == "timestep"}
     entries = read_segment_metadata(model)
     keep = segment_values([e for e in entries["inputs"] if e["name"] in timesteps])
-    return convert_float_to_float16(model, keep_io_types=keep)
+    return half_precision_model(model, FP16, keep_io_types=keep)
 
 
 class SegmentRunner:

@@ -85,7 +85,9 @@ def test_every_lora_weight_is_a_named_initializer_of_the_parsed_onnx(parsed):
             stored = stored.t() if slot.transposed else stored
             if slot.node is None:
                 kinds.add("float")
-                assert torch.equal(stored, weights[name].detach())
+                # the unquantized layers of a low-bit engine compute in fp16 (ModelOpt's form)
+                assert initializers[slot.initializer].data_type == onnx.TensorProto.FLOAT16
+                assert torch.equal(stored, weights[name].detach().half().float())
             else:
                 kinds.add("quantized")
                 spec = PrecisionSpec.from_json(annotations[slot.node]["precision"])
@@ -115,8 +117,8 @@ def test_the_values_a_refit_sets_compute_the_adapted_model(parsed, tmp_path):
     simulated.load_lora(adapter)
     expected = _out(simulated, inputs)
     got = session(*[inputs[name] for name in plan.segments["main"].inputs])[0]
-    assert float((got - expected).norm() / expected.norm()) < 1e-4
-    assert float((got - _out(model, inputs)).norm() / expected.norm()) > 1e-2  # the adapter shows
+    assert float((got - expected).norm() / expected.norm()) < 3e-3  # fp16 compute around the Q/DQ layers
+    assert float((got - _out(model, inputs)).norm() / expected.norm()) > 3e-2  # the adapter shows
 
 
 class _FakeTensorRT(types.ModuleType):
@@ -185,17 +187,17 @@ def test_refit_sets_named_weights_supplies_fused_ones_and_saves_the_engine(parse
     values = quantize_weight(merged[TO_Q + ".weight"], spec.weight).values
     sent = np.frombuffer(fake.set[q_slot.initializer].data, np.int8).reshape(values.t().shape if q_slot.transposed
                                                                            else values.shape)
-    assert fake.set[q_slot.initializer].kind == "INT8"
+    assert fake.set[q_slot.initializer].kind == "INT8" and fake.set[q_slot.scale].kind == "HALF"
     assert torch.equal(torch.from_numpy(sent.astype(np.float32)), values.t() if q_slot.transposed else values)
-    supplied = np.frombuffer(fake.set[patch_slot.initializer].data, np.float32)
-    assert np.array_equal(supplied, plan.graph.weights()[PATCH + ".weight"].detach().numpy().ravel())
+    supplied = np.frombuffer(fake.set[patch_slot.initializer].data, np.float16)
+    assert np.array_equal(supplied, plan.graph.weights()[PATCH + ".weight"].detach().half().numpy().ravel())
     assert files["engines/main.plan"] == b"refitted engine" and runner.refits == 1
 
     fake.set.clear()
     runner.engine.fused.clear()
     node = q_slot.node
     swap.rescale({node: plan.graph.annotations[node]["precision"]})
-    assert set(fake.set) == {f"{node}_input_scale"}
+    assert set(fake.set) == {f"{node}_input_scale"} and fake.set[f"{node}_input_scale"].kind == "HALF"
     runner.engine.refittable = False
     with pytest.raises(TargetError, match="built without refit=True"):
         swap.refit({TO_Q + ".weight": merged[TO_Q + ".weight"]})

@@ -1,7 +1,9 @@
 """The TensorRT backend: one engine per Plan segment, built from the segment's ONNX model.
 
 Each segment is exported to ONNX (state tensors as extra inputs/outputs), lowered to Q/DQ form when the
-precision is low-bit (from the quantization pass's precision annotations), checked against TensorRT's
+precision is low-bit (from the quantization pass's precision annotations) and then to half precision
+(diffc.backends.onnx_half: the layers left unquantized compute in fp16, or bf16 for a bf16 model, as
+ModelOpt builds them; inputs and outputs stay fp32), checked against TensorRT's
 ONNX contract (diffc.backends.tensorrt.contract) on the CPU, and built (diffc.backends.tensorrt.build):
 weakly typed with the FP16/BF16 builder flag for float targets, as a strongly typed network for Q/DQ
 graphs (the Q/DQ nodes then fix every precision). Optimization profiles cover the batch (CFG), resolution
@@ -77,7 +79,9 @@ class TensorRTBackend(Backend):
         at, which optimize passes, and else to the captured example size), `optimization_level`
         (0-5), `workspace_bytes` (memory pool limit), `timing_cache` (a file, or None for none),
         `cuda_graph` (replay each segment through a captured CUDA graph), `opset`, `refit` (default True:
-        engines built refittable, so a LoRA swap or recalibrate refits them in place instead of a rebuild)."""
+        engines built refittable, so a LoRA swap or recalibrate refits them in place instead of a rebuild),
+        `high_precision_dtype` (low-bit targets: what the unquantized layers compute in, "fp16", "bf16" or
+        "fp32"; default bf16 for a bf16 model, else fp16, as ModelOpt builds them)."""
         _check_static_activations(plan)
         self.check_request(precision, compile, "TensorRT engines")
         settings = BuildSettings.from_options(options)
@@ -179,13 +183,18 @@ def _check_capability(precision: str, device: torch.device) -> None:
                           f"{torch.cuda.get_device_name(device)} has {have[0]}.{have[1]}. Use trt-fp16 or trt-int8")
 
 
-def _lower_precision(model: Any, plan: Plan, segment: str, precision: str) -> Any:
-    """The segment's ONNX model with Q/DQ nodes for the quantization pass's precision annotations."""
+def _lower_precision(model: Any, plan: Plan, segment: str, precision: str, high_precision: str | None) -> Any:
+    """The segment's ONNX model with Q/DQ nodes for the quantization pass's precision annotations,
+    computing in `high_precision` (None: bf16 for a bf16 model, else fp16) where it is not quantized:
+    the engine is strongly typed, so an fp32 model would run those layers in fp32."""
     if precision not in LOW_BIT:
         return model
+    from ..onnx_half import BF16, FP16, half_precision_model
     from ..onnx_qdq import quantize_segment_onnx
 
-    return quantize_segment_onnx(model, plan.segments[segment].module, plan.graph.annotations, precision)
+    lowered = quantize_segment_onnx(model, plan.segments[segment].module, plan.graph.annotations, precision)
+    dtype = high_precision or (BF16 if plan.graph.signature.source_dtype == "bfloat16" else FP16)
+    return lowered if dtype == "fp32" else half_precision_model(lowered, dtype)
 
 
 def _build_all(plan: Plan, precision: str, settings: BuildSettings,
@@ -201,7 +210,7 @@ def _build_all(plan: Plan, precision: str, settings: BuildSettings,
         for name in plan.segments:
             exported = onnx.load(str(paths[name]))
             map_weights(exported, plan.segments[name].module)
-            model = _lower_precision(exported, plan, name, precision)
+            model = _lower_precision(exported, plan, name, precision, settings.high_precision_dtype)
             check_tensorrt_contract(model, precision, segment=name)
             io[name] = {**segment_io(model, plan, name), "weights": weight_record(model)}
             lowered[name] = Path(tmp) / "lowered" / f"{name}.onnx"

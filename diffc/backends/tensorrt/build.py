@@ -23,6 +23,7 @@ DEFAULT_TIMING_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cac
 # TensorRT's builder optimization levels (IBuilderConfig.builder_optimization_level): 0 (fastest build)
 # to 5; TensorRT's default is 3.
 OPTIMIZATION_LEVELS = range(0, 6)
+HIGH_PRECISION_DTYPES = ("fp16", "bf16", "fp32")
 _BINARY: dict[type, Callable[[int, int], int]] = {ast.Add: operator.add, ast.Sub: operator.sub,
                                                   ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
                                                   ast.Mod: operator.mod}
@@ -40,11 +41,14 @@ class BuildSettings:
     # the sizes calibration ran at (optimize passes them): defaults under `profiles` for the dims
     # segments have, where the captured example's sizes (a short text, one resolution) would be too narrow
     calibrated_profiles: Mapping[str, tuple[int, int, int]] = field(default_factory=dict)
+    # the type the layers of a low-bit engine that are not quantized compute in ("fp16", "bf16" or
+    # "fp32"; ModelOpt's high_precision_dtype). None: bf16 for a bf16 model, else fp16
+    high_precision_dtype: str | None = None
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "BuildSettings":
         known = {"profiles", "optimization_level", "workspace_bytes", "timing_cache", "cuda_graph", "opset", "refit",
-                 "calibrated_profiles"}
+                 "calibrated_profiles", "high_precision_dtype"}
         unknown = sorted(set(options) - known)
         if unknown:
             raise TargetError(f"the TensorRT backend has no option {', '.join(unknown)}; it takes "
@@ -60,17 +64,22 @@ class BuildSettings:
         if workspace is not None and (not isinstance(workspace, int) or workspace <= 0):
             raise TargetError(f"workspace_bytes must be a positive number of bytes (e.g. 4 << 30), got {workspace!r}")
         cache = options.get("timing_cache", DEFAULT_TIMING_CACHE)
+        high_precision = options.get("high_precision_dtype")
+        if high_precision not in (None, *HIGH_PRECISION_DTYPES):
+            raise TargetError(f"high_precision_dtype must be one of {', '.join(HIGH_PRECISION_DTYPES)} (or None: bf16 "
+                              f"for a bf16 model, else fp16), got {high_precision!r}")
         return cls(profiles=profiles, optimization_level=level, workspace_bytes=workspace,
                    timing_cache=None if cache is None else Path(cache), cuda_graph=bool(options.get("cuda_graph")),
                    opset=int(options.get("opset", 21)), refit=bool(options.get("refit", True)),
-                   calibrated_profiles=calibrated)
+                   calibrated_profiles=calibrated, high_precision_dtype=high_precision)
 
     def to_json(self) -> dict[str, Any]:
         return {"profiles": {k: list(v) for k, v in self.profiles.items()},
                 "optimization_level": self.optimization_level, "workspace_bytes": self.workspace_bytes,
                 "timing_cache": None if self.timing_cache is None else str(self.timing_cache),
                 "cuda_graph": self.cuda_graph, "opset": self.opset, "refit": self.refit,
-                "calibrated_profiles": {k: list(v) for k, v in self.calibrated_profiles.items()}}
+                "calibrated_profiles": {k: list(v) for k, v in self.calibrated_profiles.items()},
+                "high_precision_dtype": self.high_precision_dtype}
 
 
 def _profile_range(name: str, value: Any) -> tuple[int, int, int]:

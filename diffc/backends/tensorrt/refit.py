@@ -22,7 +22,7 @@ import torch
 
 from ...errors import TargetError
 from ...ir import Plan
-from ..onnx_weights import WeightMap, WeightSlot, check_refittable, weight_tensors
+from ..onnx_weights import WeightMap, WeightSlot, check_refittable, in_float_type, weight_tensors
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -44,8 +44,8 @@ def weight_record(model: Any) -> dict[str, Any] | None:
         return None
     mapping, unmapped = recorded
     slots = {name for entries in mapping.values() for s in entries for name in (s.initializer, s.scale) if name}
-    types = {i.name: int(i.data_type) for i in model.graph.initializer if i.name in slots}
     scales = sorted(i.name for i in model.graph.initializer if i.name.endswith("_input_scale"))
+    types = {i.name: int(i.data_type) for i in model.graph.initializer if i.name in slots or i.name in scales}
     return {"map": {w: [asdict(s) for s in entries] for w, entries in mapping.items()}, "unmapped": unmapped,
             "types": types, "scales": scales}
 
@@ -117,9 +117,15 @@ class EngineRefit:
                               "adapter fused into the denoiser")
         return {name: found[name] for name in names}
 
+    def _typed(self, segment: str, tensors: Mapping[str, Any]) -> dict[str, Any]:
+        """The tensors in the types the engine's ONNX held them in (a half-precision model's scales)."""
+        types = self._types(segment)
+        return {name: in_float_type(tensor, types.get(name)) for name, tensor in tensors.items()}
+
     def _apply(self, segment: str, tensors: Mapping[str, Any]) -> None:
         runner = self.runners[segment]
-        refit_engine(runner.engine, tensors, segment, lambda names: self._current(segment, names))
+        refit_engine(runner.engine, self._typed(segment, tensors), segment,
+                     lambda names: self._typed(segment, self._current(segment, names)))
         runner.refitted()
         self.files[self.paths[segment]] = bytes(runner.engine.serialize())
         saved = self.engines.get(segment) if self.engines is not None else None
