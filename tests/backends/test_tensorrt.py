@@ -66,6 +66,33 @@ def test_trt_targets_need_tensorrt_and_a_cuda_gpu(monkeypatch):
                                                                      "mixed"))
 
 
+@pytest.mark.parametrize("precision, formats, source, needed", [
+    ("int8", ["int8"], "float32", {"int8", "fp16"}), ("mixed", ["int8", "fp8"], "float32", {"mixed", "int8", "fp16",
+                                                                                           "fp8"}),
+    ("int8", ["int8"], "bfloat16", {"int8", "bf16"}), ("fp16", [], "bfloat16", {"fp16"})])
+def test_the_gpu_must_support_every_format_an_engine_computes_in(monkeypatch, precision, formats, source, needed):
+    """A mixed target's fp8 layers and a bf16 model's unquantized layers need an Ada/Hopper or an
+    Ampere GPU as trt-fp8 and trt-bf16 do; the check names what is missing and the fix."""
+    import types
+
+    from diffc.ir.precision import spec_for
+
+    annotations = {f"layer{i}": {"precision": spec_for(name, 0.05).to_json()} for i, name in enumerate(formats)}
+    plan = types.SimpleNamespace(graph=types.SimpleNamespace(annotations=annotations,
+                                                             signature=types.SimpleNamespace(source_dtype=source)))
+    assert tensorrt.required_formats(plan, precision, None) == needed
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 5))
+    if {"fp8", "bf16"} & needed:
+        with pytest.raises(TargetError, match=rf"trt-{precision} computes in (fp8|bf16), which needs a GPU of compute "
+                                              r"capability 8\.\d or newer; Tesla T4 has 7\.5"):
+            tensorrt._check_capability(needed, precision, torch.device("cuda"))
+    else:
+        tensorrt._check_capability(needed, precision, torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    tensorrt._check_capability(needed, precision, torch.device("cuda"))
+
+
 def test_layers_with_dynamic_activation_scales_are_refused_before_any_build():
     from diffc.ir.partition import build_plan
     from diffc.ir.precision import PER_TOKEN, ActivationQuant, spec_with

@@ -30,7 +30,7 @@ from ...ir import CompiledPlan, Plan
 from ...ir.onnx_export import EXTERNAL_DATA_THRESHOLD as EXTERNAL_DATA_BYTES
 from ...ir.onnx_export import export_plan
 from ...ir.onnx_segments import SEGMENT_METADATA, flat_count, onnx_io, read_segment_metadata
-from ...ir.precision import precision_specs
+from ...ir.precision import FP8, precision_specs
 from ..base import LOW_BIT, PRECISIONS, Backend
 from ..onnx_weights import map_weights
 from .build import BuildSettings, build_engine, check_profile_names, dim_ranges, dim_value
@@ -87,7 +87,7 @@ class TensorRTBackend(Backend):
         settings = BuildSettings.from_options(options)
         device = _cuda_device(device)
         here = machine_description(device)
-        _check_capability(precision, device)
+        _check_capability(required_formats(plan, precision, settings.high_precision_dtype), precision, device)
         io: dict[str, dict[str, Any]]
         if engines is not None:
             check_built_for(built_for or {}, here)
@@ -175,12 +175,32 @@ def _check_static_activations(plan: Plan) -> None:
                           "trt-int8 (static scales), or run this model with a torch or ort target")
 
 
-def _check_capability(precision: str, device: torch.device) -> None:
-    need = MIN_CAPABILITY.get(precision)
+def required_formats(plan: Plan, precision: str, high_precision: str | None) -> set[str]:
+    """What the engines of `plan` at `precision` compute in that a GPU must support: the target's own
+    precision, every format the annotations of a low-bit target use (a mixed target's fp8 layers)
+    and the half precision its unquantized layers run in."""
+    needed = {precision}
+    if precision in LOW_BIT:
+        needed.add(_high_precision(plan, high_precision))
+        for spec in precision_specs(plan.graph.annotations).values():
+            for part in (spec.weight, spec.activation, *spec.operands):
+                if part is not None:
+                    needed.add("fp8" if part.dtype == FP8 else part.dtype)
+    return needed
+
+
+def _check_capability(needed: set[str], precision: str, device: torch.device) -> None:
     have = torch.cuda.get_device_capability(device)
-    if need and have < need:
-        raise TargetError(f"trt-{precision} needs a GPU of compute capability {need[0]}.{need[1]} or newer; "
-                          f"{torch.cuda.get_device_name(device)} has {have[0]}.{have[1]}. Use trt-fp16 or trt-int8")
+    missing = sorted((MIN_CAPABILITY[f], f) for f in needed if f in MIN_CAPABILITY and have < MIN_CAPABILITY[f])
+    if missing:
+        (major, minor), what = missing[-1]
+        raise TargetError(f"trt-{precision} computes in {what}, which needs a GPU of compute capability {major}.{minor} "
+                          f"or newer; {torch.cuda.get_device_name(device)} has {have[0]}.{have[1]}. Use trt-fp16 or "
+                          "trt-int8 (with high_precision_dtype='fp16' for a bf16 model), without fp8 layers")
+
+
+def _high_precision(plan: Plan, option: str | None) -> str:
+    return option or ("bf16" if plan.graph.signature.source_dtype == "bfloat16" else "fp16")
 
 
 def _lower_precision(model: Any, plan: Plan, segment: str, precision: str, high_precision: str | None) -> Any:
@@ -189,11 +209,11 @@ def _lower_precision(model: Any, plan: Plan, segment: str, precision: str, high_
     the engine is strongly typed, so an fp32 model would run those layers in fp32."""
     if precision not in LOW_BIT:
         return model
-    from ..onnx_half import BF16, FP16, half_precision_model
+    from ..onnx_half import half_precision_model
     from ..onnx_qdq import quantize_segment_onnx
 
     lowered = quantize_segment_onnx(model, plan.segments[segment].module, plan.graph.annotations, precision)
-    dtype = high_precision or (BF16 if plan.graph.signature.source_dtype == "bfloat16" else FP16)
+    dtype = _high_precision(plan, high_precision)
     return lowered if dtype == "fp32" else half_precision_model(lowered, dtype)
 
 
