@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..ir import Plan
-from .onnx_weights import check_refittable, replace_initializers, strip_weights, weight_tensors
+from .onnx_weights import check_refittable, replace_initializers, weight_tensors
 
 
 class InPlaceUpdate:
@@ -74,7 +74,7 @@ class InPlaceUpdate:
         model = onnx.load_from_string(self.models[name])
         data = replace_initializers(model, tensors, self.files.get(rel + ".data"))
         self.models[name] = model.SerializeToString()
-        self.files[rel] = self.models[name] if data is not None else strip_weights(self.models[name])
+        self.files[rel] = self.models[name]
         with tempfile.TemporaryDirectory(prefix="diffc-ort-") as scratch:
             path = Path(scratch) / f"{name}.onnx"
             path.write_bytes(self.models[name])

@@ -6,7 +6,9 @@ float16 too, except the timestep inputs, which OptimizedModel keeps in float32. 
 lower the quantization pass's precision annotations to Q/DQ nodes (diffc.backends.onnx_qdq).
 On a CUDA device the sessions use the CUDA execution provider with IO binding: inputs and outputs
 stay torch CUDA tensors, so cached state never leaves the GPU between segments. The runners take
-and return torch tensors, so Plan.run drives the step schedule across segments unchanged."""
+and return torch tensors, so Plan.run drives the step schedule across segments unchanged. A saved
+artifact keeps the models without the weights its weights file holds (`_saved_form`), and loading
+makes them whole again."""
 from __future__ import annotations
 
 import importlib.util
@@ -23,7 +25,7 @@ from .._progress import progress
 from ..errors import ArtifactError, InputError, TargetError
 from ..ir import CompiledPlan, Plan, onnx_export
 from ..ir.onnx_export import export_plan
-from ..ir.served_files import register_served_file_maker
+from ..ir.served_files import register_saved_form, register_served_file_maker
 from ..ir.onnx_segments import (SEGMENT_METADATA, flatten_values, onnx_io, read_segment_metadata, regroup_values,
                                   segment_values)
 from .base import LOW_BIT, Backend
@@ -97,7 +99,7 @@ class OnnxRuntimeBackend(Backend):
                     # ONNX files over 2 GB keep their weights next to them; the session reads them on creation
                     path.with_name(path.name + ".data").write_bytes(data)
                     files[rel + ".data"] = data
-                files[rel] = models[name] if data is not None else strip_weights(models[name])
+                files[rel] = models[name]
                 primary = SegmentSession(name, str(path), device, providers, fuse_qdq)
                 runners[name] = SegmentRunner(primary, _specializer(plan, name, precision, opset, device, providers,
                                                                     fuse_qdq))
@@ -127,6 +129,17 @@ class OnnxRuntimeBackend(Backend):
         return {"models": models, "opset": info.get("opset", 21), "fuse_qdq": info.get("fuse_qdq", True)}
 
 
+def _saved_form(files: Mapping[str, bytes], info: Mapping[str, Any]) -> dict[str, bytes]:
+    """The models without the weights the artifact's weights file holds (`restore_weights` makes them
+    whole again on load); a model over 2 GB keeps its external weights file as it is."""
+    saved = dict(files)
+    for entry in info.get("segments", {}).values():
+        if entry.get("weights_elsewhere"):
+            saved[entry["file"]] = strip_weights(files[entry["file"]])
+    return saved
+
+
+register_saved_form("ort", _saved_form)
 register_served_file_maker("ort", lambda data, plan, name: restore_weights(data, plan.segments[name].module,
                                                                          plan.graph.annotations))
 

@@ -242,7 +242,8 @@ def adaptive_step(state: Mapping[str, Any], probe: torch.Tensor, threshold: floa
 @dataclass
 class CompiledPlan:
     """What a backend makes of a Plan: one callable per segment (flat tensors in, tuple out),
-    the device and dtype it runs in, and the files the backend wants saved with the artifact.
+    the device and dtype it runs in, and the files the backend wants saved with the artifact (whole;
+    a backend may save them in a compact form, see ir.served_files).
 
     A backend whose compiled segments can take new values in place sets `refit` and `rescale`
     (None: the owner compiles the plan again instead). `refit(weights)` takes new values of some

@@ -15,6 +15,7 @@ from ..errors import InputError
 from ..ir import CompiledPlan, Plan, TensorInput
 from ..ir.dtypes import HALF_DTYPES
 from ..ir.probe import constant_arguments, tensor_at
+from ..ir.served_files import saved_files
 from .adapters import Adapters, denoiser_keys, lora_deltas, read_adapter
 from .artifact import save_artifact
 from .sampler_watch import SamplerWatch
@@ -105,7 +106,8 @@ class OptimizedModel(PipelineComponent):
         """Writes the artifact folder (manifest, graphs, weights, backend files); see diffc.load."""
         target = {"backend": self._compiled.backend, "precision": self._compiled.precision,
                   "device": str(self._compiled.device), "info": self._compiled.info}
-        return save_artifact(path, self.plan, target, self._compiled.files, overwrite=overwrite)
+        files = saved_files(self._compiled.backend, self._compiled.files, self._compiled.info)
+        return save_artifact(path, self.plan, target, files, overwrite=overwrite)
 
     # the scheduler settings of the pipeline it was calibrated in, checked at each loop (diffc.optimize sets it)
     sampler_watch: SamplerWatch | None = None

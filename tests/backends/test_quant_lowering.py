@@ -186,11 +186,12 @@ def test_attention_annotations_are_simulated_by_the_cuda_lowering():
 def test_an_ort_artifact_stores_each_weight_once(annotated, tmp_path, precision):
     """The ONNX models of a saved ort artifact hold no values for the initializers their weight map
     names (the weights file has them, quantized layers' as their int8 / fp8 / int4 values); loading
-    puts them back, so the loaded model computes exactly what the saved one did."""
+    puts them back, so the loaded model computes exactly what the saved one did. Only the save makes
+    them compact: the compiled plan keeps its models whole."""
     import onnx
 
     from diffc.api import compile_graph
-    from diffc.backends.onnx_weights import read_weight_map, restore_weights
+    from diffc.backends.onnx_weights import STRIPPED, read_weight_map, restore_weights
 
     pytest.importorskip("onnxruntime")
     dg, flat = annotated
@@ -198,7 +199,11 @@ def test_an_ort_artifact_stores_each_weight_once(annotated, tmp_path, precision)
     if precision == "fp32":
         graph.annotations = {}
     fast = compile_graph(graph, "ort", precision)
+    in_memory = {rel: data for rel, data in fast._compiled.files.items() if rel.endswith(".onnx")}
+    assert in_memory and all(STRIPPED not in {p.key for p in onnx.load_from_string(data).metadata_props}
+                             for data in in_memory.values())
     folder = fast.save(tmp_path / precision)
+    assert fast._compiled.files == {**fast._compiled.files, **in_memory}  # saving changed nothing in memory
     for path in (folder / "onnx").glob("*.onnx"):
         saved = path.read_bytes()
         full = onnx.load_from_string(restore_weights(saved, fast.plan.segments[path.stem].module, graph.annotations))
