@@ -300,7 +300,7 @@ def _optimize(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from . import models
-    from .bench import BenchSettings, run_bench, split_pipelines
+    from .bench import NOT_APPLICABLE, BenchSettings, run_bench, split_pipelines
     from .models import zoo
 
     pipelines = split_pipelines(args.pipelines)
@@ -320,7 +320,7 @@ def _bench(args: argparse.Namespace) -> int:
                              calibration_prompts=calibration_prompts, repeats=args.repeats, device=args.device)
     results = run_bench(pipe.to(args.device), attribute, Path(args.model).name, pipelines, Path(args.out), settings,
                         scorer)
-    failed = [r["pipeline"] for r in results["rows"].values() if r["status"] != "ok"]
+    failed = [r["pipeline"] for r in results["rows"].values() if r["status"] not in ("ok", NOT_APPLICABLE)]
     print(f"wrote {Path(args.out) / Path(args.model).name}.{{md,json,png}}"
           + (f"; failed or no-op: {', '.join(failed)} (reasons in the table)" if failed else ""))
     return 0

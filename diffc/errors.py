@@ -27,3 +27,8 @@ class InputError(DiffcError):
 
 class ArtifactError(DiffcError):
     """A saved artifact is missing, tampered with, or from an incompatible version."""
+
+
+class PeerNotApplicable(DiffcError):
+    """A peer method in a benchmark does not cover this model, by the peer's own design (a transformer
+    block cache on a UNet, a UNet cache on a transformer)."""

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .._progress import progress
+from ..errors import PeerNotApplicable
 from ..evaluate import DenoiserTimer, weight_bytes
 from ..metrics import psnr, ssim
 from .frontier import comparison
@@ -32,13 +33,14 @@ from .specs import ALL_PASSES, DiffcPipeline, PeerChoice, parse_pipeline, split_
 from .report import device_label, load_results, write_outputs, write_results
 
 NO_OP = "no-op"  # status of a row whose images are bit-identical to the baseline's
+NOT_APPLICABLE = "n/a"  # status of a peer whose own design does not cover the model (errors.PeerNotApplicable)
 
 
 @dataclass
 class Row:
     pipeline: str
     kind: str  # "diffc", "peer" or "baseline"
-    status: str  # "ok", "failed" or NO_OP
+    status: str  # "ok", "failed", NO_OP or NOT_APPLICABLE
     reason: str = ""
     speedup: float | None = None
     speedup_spread: tuple[float, float] | None = None  # lowest and highest per-round ratio
@@ -193,6 +195,8 @@ class Bench:
             row.details["family"] = choice.family
         try:
             self._measure(choice, row)
+        except PeerNotApplicable as exc:
+            row.status, row.reason = NOT_APPLICABLE, str(exc).splitlines()[0][:300]
         except Exception as exc:  # a failing pipeline is a result to report, not a reason to stop the run
             row.status, row.reason = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         return row
@@ -292,5 +296,5 @@ def run_bench(pipe: Any, attribute: str, model_name: str, pipelines: list[str], 
     return results
 
 
-__all__ = ["ALL_PASSES", "NO_OP", "PEERS", "Bench", "BenchSettings", "DiffcPipeline", "Peer", "PeerChoice", "Row",
+__all__ = ["ALL_PASSES", "NOT_APPLICABLE", "NO_OP", "PEERS", "Bench", "BenchSettings", "DiffcPipeline", "Peer", "PeerChoice", "Row",
            "parse_pipeline", "run_bench", "split_pipelines"]

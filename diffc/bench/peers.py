@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..errors import DiffcError
+from ..errors import DiffcError, PeerNotApplicable
 from .peers_external import build_cache_dit, build_deepcache, build_torchao
 
 BLOCK_LISTS = "top-level ModuleLists named transformer_blocks, single_transformer_blocks, blocks or layers"
@@ -142,10 +142,10 @@ def attach_hook(hook_name: str, requirement: str, module: torch.nn.Module, apply
     try:
         apply()
     except (IndexError, ValueError) as error:  # what the hooks raise when they find no blocks
-        raise DiffcError(f"{hook_name} {requirement}; this is a {architecture} ({error or type(error).__name__})") \
-            from error
+        raise PeerNotApplicable(f"{hook_name} {requirement}; this is a {architecture} "
+                                f"({error or type(error).__name__})") from error
     if not hooked_modules(module):
-        raise DiffcError(f"{hook_name} {requirement}; this is a {architecture}, where it hooks no module")
+        raise PeerNotApplicable(f"{hook_name} {requirement}; this is a {architecture}, where it hooks no module")
 
 
 def diffusers_cache(hook_name: str, requirement: str,
@@ -228,7 +228,7 @@ def require_tail_encoder_states(hook_name: str, module: torch.nn.Module) -> None
     fails (None - tensor) and SeaCache records no residual and never skips."""
     blocks = getattr(module, "transformer_blocks", None)
     if isinstance(blocks, torch.nn.ModuleList) and len(blocks) and getattr(blocks[-1], "context_pre_only", False):
-        raise DiffcError(f"{hook_name} keeps the encoder stream's residual from the last transformer block's "
+        raise PeerNotApplicable(f"{hook_name} keeps the encoder stream's residual from the last transformer block's "
                          f"output; the last block of this {type(module).__name__} (context_pre_only) returns no "
                          f"encoder_hidden_states")
 
@@ -265,7 +265,7 @@ def _faster_cache(module: torch.nn.Module, loop: DenoisingLoop, setting: str) ->
     from diffusers.hooks import FasterCacheConfig, apply_faster_cache
 
     if isinstance(module, FluxTransformer2DModel):
-        raise DiffcError("FasterCache approximates the unconditional output from frequency bands over the (H, W) of "
+        raise PeerNotApplicable("FasterCache approximates the unconditional output from frequency bands over the (H, W) of "
                          "a latent in its tensor_format (BCFHW, BFCHW or BCHW); FluxTransformer2DModel returns "
                          "packed tokens (batch, tokens, channels)")
     apply_faster_cache(module, FasterCacheConfig(

@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..errors import DiffcError
+from ..errors import DiffcError, PeerNotApplicable
 
 
 class _DeepCachePipelineView:
@@ -39,7 +39,7 @@ def build_deepcache(pipe: Any, attribute: str, steps: int, setting: str) -> tupl
 
     denoiser = getattr(pipe, attribute)
     if attribute != "unet" or not isinstance(denoiser, UNet2DConditionModel):
-        raise DiffcError(f"DeepCache caches UNet skip branches (DeepCacheSDHelper wraps pipe.unet's down, mid and "
+        raise PeerNotApplicable(f"DeepCache caches UNet skip branches (DeepCacheSDHelper wraps pipe.unet's down, mid and "
                          f"up blocks of a UNet2DConditionModel); this pipeline's denoiser is a "
                          f"{type(denoiser).__name__}")
     from DeepCache import DeepCacheSDHelper
@@ -81,7 +81,7 @@ def cache_dit_blocks(transformer: torch.nn.Module) -> dict[str, Any]:
                 "patch_functor": DiTPatchFunctor()}
     if isinstance(transformer, WanTransformer3DModel):
         return {"blocks": transformer.blocks, "forward_pattern": ForwardPattern.Pattern_2}
-    raise DiffcError(f"cache-dit caches transformer blocks (DBCache on a BlockAdapter's ModuleList of blocks with "
+    raise PeerNotApplicable(f"cache-dit caches transformer blocks (DBCache on a BlockAdapter's ModuleList of blocks with "
                      f"a ForwardPattern; adapters here for FLUX, SD3, PixArt, DiT and Wan); this is a "
                      f"{type(transformer).__name__}")
 

@@ -11,7 +11,7 @@ import torch
 from diffc import models
 from diffc.bench.peers import PEERS
 from diffc.bench.peers_external import one_timestep_per_call
-from diffc.errors import DiffcError
+from diffc.errors import PeerNotApplicable
 from diffc.models.zoo.specs import ZOO
 
 torch.set_num_threads(1)
@@ -63,14 +63,14 @@ def test_diffusers_hooks_act_on_a_transformer(dit, peer_name, setting):
 
 
 def test_a_diffusers_hook_names_why_it_cannot_apply_to_a_unet(unet):
-    with pytest.raises(DiffcError, match="FirstBlockCache .*transformer_blocks.*UNet2DConditionModel"):
+    with pytest.raises(PeerNotApplicable, match="FirstBlockCache .*transformer_blocks.*UNet2DConditionModel"):
         PEERS["fbc"].build(*unet, STEPS, "0.05")
 
 
 def test_deepcache_acts_on_a_unet_and_refuses_a_transformer(unet, dit):
     pytest.importorskip("DeepCache")
     check_peer_acts(*unet, "deepcache", "5")
-    with pytest.raises(DiffcError, match="DeepCache caches UNet.*DiTTransformer2DModel"):
+    with pytest.raises(PeerNotApplicable, match="DeepCache caches UNet.*DiTTransformer2DModel"):
         PEERS["deepcache"].build(*dit, STEPS, "3")
 
 
@@ -93,7 +93,7 @@ def test_cache_dit_acts_on_a_transformer(dit, peer_name):
 
 def test_cache_dit_refuses_a_unet(unet):
     pytest.importorskip("cache_dit")
-    with pytest.raises(DiffcError, match="cache-dit caches transformer blocks.*UNet2DConditionModel"):
+    with pytest.raises(PeerNotApplicable, match="cache-dit caches transformer blocks.*UNet2DConditionModel"):
         PEERS["cache-dit"].build(*unet, STEPS, "0.08")
 
 
@@ -118,5 +118,5 @@ def test_every_peer_sweeps_settings_holding_its_default():
 def test_a_diffusers_hook_names_why_it_cannot_apply_to_a_zoo_transformer(peer_name, model_name, reason):
     spec = ZOO[model_name]
     pipe = SimpleNamespace(transformer=spec.build_denoiser(spec.dataset))  # these builds never call the pipeline
-    with pytest.raises(DiffcError, match=reason):
+    with pytest.raises(PeerNotApplicable, match=reason):
         PEERS[peer_name].build(pipe, "transformer", STEPS, PEERS[peer_name].default)
