@@ -4,7 +4,9 @@
   scale (static, or each row's own for dynamic per-token activations) times the per-channel
   weight scales;
 - fp8 W8A8 linear: torch._scaled_mm with row-wise scales (e4m3 inputs, bf16 output);
-- int4 weight-only linear: weights stored packed two per byte with fp16 block scales, unpacked
+- int4 weight-only linear: the tinygemm kernel (torch._weight_int4pack_mm: int4 weights packed once
+  in its tiled layout, dequantized inside the matmul with bf16 block scales, bf16 activations) where
+  the layer's shape fits it; otherwise weights packed two per byte with fp16 block scales, unpacked
   to the compute dtype in the layer (memory traffic of int4, matmul in bf16).
 
 Every other annotated node (convolutions, W4A8, inputs with per-channel-group scales, attention,
@@ -23,10 +25,14 @@ from ..ir.precision import (FP8, FP8_MAX, INT4, INT8, PER_TOKEN, PrecisionSpec, 
 from ..ir.simulation import simulate
 
 aten = torch.ops.aten
-INT_MM, SCALED_MM, INT4_PACKED, SIMULATED = "int_mm", "scaled_mm", "int4_packed", "simulated"
+INT_MM, SCALED_MM, INT4_TINYGEMM, INT4_PACKED, SIMULATED = ("int_mm", "scaled_mm", "int4_tinygemm", "int4_packed",
+                                                             "simulated")
 # cuBLAS int8 GEMM shape rules (torch._int_mm): more than 16 rows, K and N multiples of 8;
 # fp8 (torch._scaled_mm): K and N multiples of 16.
 _INT_MM_MIN_ROWS, _INT_MM_MULTIPLE, _SCALED_MM_MULTIPLE = 17, 8, 16
+# tinygemm (torch._weight_int4pack_mm): groups of 32-256 input channels, N a multiple of 8, K a multiple
+# of the group and of 16 x the inner K tiles it is packed with (8: the widest)
+_TINYGEMM_GROUPS, _TINYGEMM_N_MULTIPLE, _TINYGEMM_INNER_K_TILES = (32, 64, 128, 256), 8, 8
 
 
 class Int8Linear(torch.nn.Module):
@@ -118,6 +124,41 @@ class Int4WeightOnlyLinear(torch.nn.Module):
         return torch.nn.functional.linear(x.to(self.out_dtype), self.unpacked(), self.bias)
 
 
+class Int4TinygemmLinear(torch.nn.Module):
+    """int4 weight-only through tinygemm: values + 8 (0..15) packed once in the kernel's layout, each
+    group's scale with a zero offset of 0 (w = (u - 8) * scale: the symmetric grid), bf16 in and out.
+    On the CPU the kernel's CPU twin computes the same (it is how this layer is tested without a GPU)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: PrecisionSpec,
+                 out_dtype: torch.dtype) -> None:
+        super().__init__()
+        q = quantize_weight(weight, spec.weight)
+        unsigned = q.values.flatten(1).to(torch.int32) + 8  # (N, K), 0..15
+        self.on_cuda = weight.device.type == "cuda"
+        if self.on_cuda:  # the CUDA packer takes two values per byte, the even input channel high
+            pairs = ((unsigned[:, 0::2] << 4) | unsigned[:, 1::2]).to(torch.uint8)
+            packed = torch.ops.aten._convert_weight_to_int4pack(pairs, _TINYGEMM_INNER_K_TILES)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, _TINYGEMM_INNER_K_TILES)
+        self.register_buffer("packed", packed)
+        scales = q.scale.reshape(q.scale.shape[0], -1).t()  # (groups, N)
+        self.register_buffer("scales_and_zeros",
+                             torch.stack([scales, torch.zeros_like(scales)], dim=-1).to(torch.bfloat16).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(out_dtype))
+        self.group = int(spec.weight.block_size)
+        self.in_features = weight.shape[1]
+        self.out_dtype = out_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        matmul = torch.ops.aten._weight_int4pack_mm if self.on_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+        y = matmul(rows, self.packed, self.group, self.scales_and_zeros).to(self.out_dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+
 def kernel_for(node: torch.fx.Node, spec: PrecisionSpec, weight: torch.Tensor) -> str:
     """The kernel a CUDA lowering gives an annotated node: the low-bit layers take linears with
     a constant (or no) bias and one activation scale."""
@@ -135,7 +176,10 @@ def kernel_for(node: torch.fx.Node, spec: PrecisionSpec, weight: torch.Tensor) -
     if weight_type == FP8 and activation_type == FP8 and k % _SCALED_MM_MULTIPLE == 0 and n % _SCALED_MM_MULTIPLE == 0:
         return SCALED_MM
     if weight_type == INT4 and activation_type is None:
-        return INT4_PACKED
+        group = spec.weight.block_size or 0
+        fits = (spec.weight.axis == 1 and group in _TINYGEMM_GROUPS and n % _TINYGEMM_N_MULTIPLE == 0
+                and k % group == 0 and k % (16 * _TINYGEMM_INNER_K_TILES) == 0)
+        return INT4_TINYGEMM if fits else INT4_PACKED
     return SIMULATED
 
 
@@ -163,7 +207,8 @@ def lower(module: torch.fx.GraphModule, annotations: Mapping[str, Mapping[str, A
         bias = attr_value(weights_from, bias_node.target).detach().float() if bias_node is not None else None
         device = attr_value(module, weight_node.target).device
         weight, bias = weight.to(device), None if bias is None else bias.to(device)
-        layer = {INT_MM: Int8Linear, SCALED_MM: Fp8Linear, INT4_PACKED: Int4WeightOnlyLinear}[kernel]
+        layer = {INT_MM: Int8Linear, SCALED_MM: Fp8Linear, INT4_TINYGEMM: Int4TinygemmLinear,
+                 INT4_PACKED: Int4WeightOnlyLinear}[kernel]
         layers[node.name] = layer(weight, bias, spec, compute_dtype)
     simulated = simulate(module, annotations, weights_from=weights_from, skip=lambda n, s: n.name in layers)
     graph = copy_graph(simulated.graph)
@@ -184,4 +229,4 @@ def lower(module: torch.fx.GraphModule, annotations: Mapping[str, Mapping[str, A
     return torch.fx.GraphModule(root, graph), kernels
 
 
-__all__ = ["Fp8Linear", "Int4WeightOnlyLinear", "Int8Linear", "kernel_for", "lower"]
+__all__ = ["Fp8Linear", "Int4TinygemmLinear", "Int4WeightOnlyLinear", "Int8Linear", "kernel_for", "lower"]

@@ -1,13 +1,13 @@
 """Lowering precision annotations in the torch backend: the CPU path is the exact simulation,
-the low-bit layers (int8 via torch._int_mm, fp8 via torch._scaled_mm, packed int4) match it, and
-targets without annotations fail clearly. Kernel tests on CUDA are marked gpu."""
+the low-bit layers (int8 via torch._int_mm, fp8 via torch._scaled_mm, int4 via tinygemm or packed
+bytes) match it, and targets without annotations fail clearly. Kernel tests on CUDA are marked gpu."""
 import pytest
 import torch
 
 import diffc
 from diffc.backends import parse_target
-from diffc.backends.quantized import (INT4_PACKED, INT_MM, SCALED_MM, SIMULATED, Fp8Linear, Int4WeightOnlyLinear,
-                                      Int8Linear, lower)
+from diffc.backends.quantized import (INT4_PACKED, INT4_TINYGEMM, INT_MM, SCALED_MM, SIMULATED, Fp8Linear,
+                                      Int4TinygemmLinear, Int4WeightOnlyLinear, Int8Linear, kernel_for, lower)
 from diffc.backends.torch import TorchBackend
 from diffc.errors import TargetError
 from diffc.ir import capture
@@ -33,14 +33,16 @@ def annotated():
     return dg, flat
 
 
-def _rows(seed=0, rows=5, features=64):
+def _rows(seed=0, rows=5, features=128):
     torch.manual_seed(seed)
     return torch.randn(rows, features), torch.randn(48, features) * 0.1, torch.randn(48)
 
 
 @pytest.mark.parametrize("layer, name", [(Int8Linear, "int8"), (Int8Linear, "int8_dynamic"), (Fp8Linear, "fp8"),
-                                         (Int4WeightOnlyLinear, "int4")])
+                                         (Int4WeightOnlyLinear, "int4"), (Int4TinygemmLinear, "int4")])
 def test_low_bit_layers_match_the_simulation(layer, name):
+    """On the CPU the tinygemm layer runs the kernel's CPU twin: its packing, block scales and zero
+    offsets are the CUDA kernel's, so this checks how the layer hands them over."""
     x, weight, bias = _rows()
     x[1] *= 30.0  # a token far outside the others' range: a dynamic scale follows it, a static one clips it
     x[2] = 0.0
@@ -55,6 +57,15 @@ def test_low_bit_layers_match_the_simulation(layer, name):
     out = module(x).float()
     tolerance = 1e-5 if name.startswith("int8") else 2e-2  # int32 accumulation is exact; fp8/int4 layers emit bf16
     assert (out - reference).abs().max() <= tolerance * reference.abs().max()
+
+
+@pytest.mark.parametrize("shape, kernel", [((48, 128), INT4_TINYGEMM), ((48, 256), INT4_TINYGEMM),
+                                           ((48, 64), INT4_PACKED), ((44, 128), INT4_PACKED)])
+def test_int4_layers_take_tinygemm_where_its_shape_rules_hold(shape, kernel):
+    """tinygemm needs N a multiple of 8 and K a multiple of the 128-channel blocks (and of its tiles)."""
+    graph = torch.fx.Graph()
+    node = graph.call_function(torch.ops.aten.linear.default, (graph.placeholder("x"), graph.get_attr("weight")))
+    assert kernel_for(node, spec_for("int4"), torch.randn(shape)) == kernel
 
 
 def test_int8_layer_pads_small_batches():
@@ -76,10 +87,11 @@ def test_cpu_lowering_is_the_simulation(annotated):
 
 
 def test_kernel_lowering_matches_the_simulation_on_cpu(annotated):
-    """torch._int_mm and torch._scaled_mm also run on CPU, so the kernel path is checked here."""
+    """torch._int_mm, torch._scaled_mm and tinygemm (its CPU twin) also run on CPU, so the kernel path is
+    checked here."""
     dg, flat = annotated
     lowered, kernels = lower(dg.module, dg.annotations, dg.module, torch.float32)
-    assert {INT_MM, SCALED_MM, INT4_PACKED, SIMULATED} == set(kernels.values())
+    assert {INT_MM, SCALED_MM, INT4_TINYGEMM, INT4_PACKED, SIMULATED} == set(kernels.values())
     assert all(kernels[n] == SIMULATED for n, a in dg.annotations.items() if a["precision"]["format"] == "w4a8")
     with torch.no_grad():
         reference = simulate(dg.module, dg.annotations)(*flat)[0]
@@ -110,7 +122,7 @@ def test_cuda_lowering_uses_the_kernels_and_matches_the_simulation(annotated):
     dg, flat = annotated
     compiled = TorchBackend().compile(build_plan(dg), "mixed", device="cuda")
     assert compiled.input_dtype == torch.bfloat16
-    assert {INT_MM, SCALED_MM, INT4_PACKED} <= set(compiled.info["kernels"])
+    assert {INT_MM, SCALED_MM, INT4_TINYGEMM, INT4_PACKED} <= set(compiled.info["kernels"])
     with torch.no_grad():
         out = compiled.runners["main"](*[t.cuda() for t in flat])[0].float().cpu()
         reference = simulate(dg.module, dg.annotations)(*flat)[0]
@@ -118,7 +130,8 @@ def test_cuda_lowering_uses_the_kernels_and_matches_the_simulation(annotated):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("layer, name", [(Int8Linear, "int8"), (Fp8Linear, "fp8"), (Int4WeightOnlyLinear, "int4")])
+@pytest.mark.parametrize("layer, name", [(Int8Linear, "int8"), (Fp8Linear, "fp8"), (Int4WeightOnlyLinear, "int4"),
+                                         (Int4TinygemmLinear, "int4")])
 def test_cuda_layers_match_the_simulation(layer, name):
     if name == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 matmuls need compute capability 8.9 or newer")
