@@ -233,12 +233,12 @@ def run_architectures(runner: Runner, scale: Scale, device: torch.device, dtype:
         if runner.case(f"{arch.name}/{precision}", build)["status"] != "ok":
             continue
 
-        def diffc_target(target: str, passes: list[str | dict[str, Any]],
-                         compile: bool | None = None) -> Callable[[], dict[str, Any]]:
+        def diffc_target(target: str, passes: list[str | dict[str, Any]], compile: bool | None = None,
+                         cuda_graphs: bool = False) -> Callable[[], dict[str, Any]]:
             def measure() -> dict[str, Any]:
                 started = time.perf_counter()
                 fast = optimize(state["model"], target=target, passes=passes, example_inputs=state["inputs"],
-                                device=device, compile=compile)
+                                device=device, compile=compile, cuda_graphs=cuda_graphs)
                 seconds = time.perf_counter() - started
                 with torch.no_grad():
                     ms = median_ms(lambda: fast(**state["inputs"]), device, repeats)
@@ -255,6 +255,10 @@ def run_architectures(runner: Runner, scale: Scale, device: torch.device, dtype:
             runner.case(f"{arch.name}/torch-compile", module_compile_case(state, device, repeats,
                                                                           scale.compile_backend))
             runner.case(f"{arch.name}/diffc-{precision}", diffc_target(f"torch-{precision}", []))
+            if arch.name == "sd15-unet" and device.type == "cuda":
+                # the smallest model, where kernel launches weigh most: segments replayed as CUDA graphs
+                runner.case(f"{arch.name}/diffc-{precision}-cuda-graphs",
+                            diffc_target(f"torch-{precision}", [], cuda_graphs=True))
         if arch.quantize:
             for low_bit in scale.quant_targets:
                 # eager, as measured before segments were compiled by default: whether the low-bit

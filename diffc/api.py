@@ -37,13 +37,15 @@ from .runtime.sampler_watch import SamplerWatch, step_settings
 # prompts, 36.9 and 34.7 dB (benchmarks/closed_loop_zoo.py)
 DEFAULT_CONDITIONS, FITTING_CONDITIONS = 8, 24
 SOURCE_PRECISIONS = {"float16": "fp16", "bfloat16": "bf16"}
+# the compile options a saved or replayed torch-backend model is compiled with again
+COMPILE_OPTIONS = ("compile", "cuda_graphs")
 
 
 def optimize(model_or_pipeline: Any, target: str = "torch", passes: PipelineSpec | None = "default",
              calibration: Any = None, example_inputs: Mapping[str, Any] | None = None, device: Any = None,
              compile: bool | None = None, progress: bool = False, work_dir: str | os.PathLike[str] | None = None,
              prompts: Sequence[str] | None = None, conditions: Sequence[Any] | None = None,
-             **budget: Any) -> OptimizedModel:
+             cuda_graphs: bool = False, **budget: Any) -> OptimizedModel:
     """Captures the denoiser, runs the pass pipeline and compiles the result for `target`.
 
     Returns an OptimizedModel with the denoiser's forward signature: assign it back
@@ -64,7 +66,8 @@ def optimize(model_or_pipeline: Any, target: str = "torch", passes: PipelineSpec
     Everything runs on the model's device (or `device`): a model on a GPU is captured, calibrated
     and optimized there. A model loaded in fp16 or bf16 is optimized in fp32 and compiled in its
     own precision when `target` names none (`torch`); its outputs come back in that dtype.
-    `compile=None` compiles the torch backend's segments on CUDA and runs them eagerly elsewhere."""
+    `compile=None` compiles the torch backend's segments on CUDA and runs them eagerly elsewhere;
+    `cuda_graphs=True` also replays them through CUDA graphs (torch backend on CUDA)."""
     parsed = parse_target(target)  # fail before any work on a bad target
     conditions = _calibration_conditions(model_or_pipeline, calibration, prompts, conditions)
     low_bit = parsed.precision in LOW_BIT
@@ -83,7 +86,7 @@ def optimize(model_or_pipeline: Any, target: str = "torch", passes: PipelineSpec
     if unused:
         raise TargetError(f"budget {', '.join(unused)} was given but no pass in the pipeline "
                           f"{[p.name for p in manager.passes]} uses it; remove it or add the pass that does")
-    options: dict[str, Any] = {"compile": compile}
+    options: dict[str, Any] = {"compile": compile, **({"cuda_graphs": True} if cuda_graphs else {})}
     if parsed.backend == "trt" and ctx.calibration is not None:
         options["calibrated_profiles"] = calibrated_sizes(optimized.signature, ctx.calibration)
     fast = compile_graph(optimized, parsed.backend, _precision_for(target, parsed, optimized),
@@ -147,7 +150,7 @@ def replay(graph_or_artifact: Any, model_or_pipeline: Any, calibration: Any = No
         manifest = read_manifest(graph_or_artifact)
         recorded = manifest["applied"]
         target = f"{manifest['target']['backend']}-{manifest['target']['precision']}"
-        options = {k: v for k, v in manifest["target"].get("info", {}).items() if k == "compile"}
+        options = {k: v for k, v in manifest["target"].get("info", {}).items() if k in COMPILE_OPTIONS}
     else:
         raise DiffcError(f"replay takes an OptimizedModel, an artifact folder or a DiffusionGraph, not "
                          f"{type(graph_or_artifact).__name__}")
@@ -302,7 +305,7 @@ def load(path: str | os.PathLike[str], device: Any = None) -> OptimizedModel:
     plan = load_plan(path, manifest)
     target = manifest["target"]
     parse_target(f"{target['backend']}-{target['precision']}")
-    options = {k: v for k, v in target.get("info", {}).items() if k == "compile"}
+    options = {k: v for k, v in target.get("info", {}).items() if k in COMPILE_OPTIONS}
     # backends that saved compiled files (ONNX models, engines) load those instead of compiling again
     artifact_options = getattr(get_backend(target["backend"]), "artifact_options", None)
     if artifact_options is not None:

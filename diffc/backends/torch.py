@@ -34,16 +34,25 @@ class TorchBackend(Backend):
         return f"the torch backend has no precision {precision!r}"
 
     def compile(self, plan: Plan, precision: str, device: Any = None, compile: bool | None = None,
-                **options: Any) -> CompiledPlan:
+                cuda_graphs: bool = False, **options: Any) -> CompiledPlan:
         """`compile=None` compiles each segment with torch.compile on CUDA, where per-op dispatch of
-        an eager aten graph would cost more than the module it replaces, and runs eagerly elsewhere."""
+        an eager aten graph would cost more than the module it replaces, and runs eagerly elsewhere.
+
+        `cuda_graphs=True` (CUDA, compiled) replays each segment through CUDA graphs (torch.compile's
+        "reduce-overhead" mode: one graph per segment and input shape, recorded on first use), so a
+        step launches a few graphs instead of every kernel; each call's outputs are copied out of the
+        graphs' memory, which the next replay reuses, so cached state and returned outputs stay valid."""
         self.check_request(precision)
         if options:
-            raise TargetError(f"the torch backend has no option {', '.join(sorted(options))}; it takes `compile`")
+            raise TargetError(f"the torch backend has no option {', '.join(sorted(options))}; it takes `compile` "
+                              "and `cuda_graphs`")
         device = torch.device(device or "cpu")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise TargetError("device cuda was asked for but torch sees no CUDA GPU; use device='cpu'")
         compile = device.type == "cuda" if compile is None else compile
+        if cuda_graphs and (device.type != "cuda" or not compile):
+            raise TargetError("cuda_graphs=True replays compiled segments on a CUDA GPU; it needs device='cuda' and "
+                              f"compile left on (got device {device}, compile={compile})")
         annotations = plan.graph.annotations
         specs = precision_specs(annotations)
         if precision in LOW_BIT and not specs:
@@ -75,7 +84,11 @@ class TorchBackend(Backend):
             if specs:
                 module, segment_kernels = self._lower_precision(module, segment.module, annotations, device, dtype)
                 kernels.update(segment_kernels)
-            runner: Callable[..., Any] = torch.compile(module, dynamic=True) if compile else module
+            runner: Callable[..., Any] = module
+            if cuda_graphs:
+                runner = _copied_out(torch.compile(module, mode="reduce-overhead", dynamic=True))
+            elif compile:
+                runner = torch.compile(module, dynamic=True)
             if dtype != torch.float32:
                 runner = _autocast(runner, device.type, dtype)
             runners[name] = runner
@@ -83,7 +96,7 @@ class TorchBackend(Backend):
         if missing:
             raise TargetError(f"precision annotations on nodes no segment computes: {missing[:5]}; the plan and its "
                               "annotations disagree, run the quant pass after the passes that change the graph")
-        info: dict[str, Any] = {"compile": compile}
+        info: dict[str, Any] = {"compile": compile, "cuda_graphs": cuda_graphs}
         if kernels:
             info["kernels"] = {k: sum(v == k for v in kernels.values()) for k in sorted(set(kernels.values()))}
         return CompiledPlan(plan=plan, runners=runners, backend=self.name, precision=precision, device=device,
@@ -115,6 +128,17 @@ def _retarget_devices(graph: torch.fx.Graph, device: torch.device) -> None:
     for node in graph.nodes:
         node.args = swap(node.args)
         node.kwargs = swap(node.kwargs)
+
+
+def _copied_out(runner: Callable[..., Any]) -> Callable[..., Any]:
+    """A CUDA-graph runner whose outputs are copies: a replay writes into the memory of the previous
+    one, and the plan keeps outputs across steps (cached features, the sampler's past outputs)."""
+    @functools.wraps(runner)
+    def run(*args: torch.Tensor) -> Any:
+        torch.compiler.cudagraph_mark_step_begin()
+        return tuple(out.clone() if isinstance(out, torch.Tensor) else out for out in runner(*args))
+
+    return run
 
 
 def _autocast(runner: Callable[..., Any], device_type: str, dtype: torch.dtype) -> Callable[..., Any]:

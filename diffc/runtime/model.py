@@ -74,8 +74,10 @@ class OptimizedModel(PipelineComponent):
 
     @property
     def compile_options(self) -> dict[str, Any]:
-        """The options it was compiled with that a recompile of the same plan needs (`compile`)."""
-        return {key: value for key, value in self._compiled.info.items() if key == "compile"}
+        """The options it was compiled with that a recompile of the same plan needs (`compile`, and
+        `cuda_graphs` where it is on)."""
+        return {key: value for key, value in self._compiled.info.items()
+                if key == "compile" or (key == "cuda_graphs" and value)}
 
     @property
     def device(self) -> torch.device:

@@ -87,3 +87,38 @@ def test_optimize_runs_on_a_model_on_cuda(family, target):
 def test_segments_run_eagerly_on_the_cpu_unless_compile_is_asked_for(family):
     model, inputs = family("dit")
     assert diffc.optimize(model, passes=[], example_inputs=inputs).compile_options == {"compile": False}
+
+
+def test_cuda_graphs_need_a_cuda_device_and_compiled_segments(family):
+    from diffc.errors import TargetError
+
+    model, inputs = family("dit")
+    with pytest.raises(TargetError, match=r"cuda_graphs=True replays compiled segments on a CUDA GPU; it needs "
+                                          r"device='cuda' and compile left on \(got device cpu, compile=False\)"):
+        diffc.optimize(model, passes=[], example_inputs=inputs, cuda_graphs=True)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_keep_cached_state_and_past_outputs_valid(family):
+    """A cached plan with forecasts, replayed through CUDA graphs over a loop, computes what the
+    compiled plan without graphs computes, and an output returned at one step still holds its values
+    after later steps (a multistep sampler keeps it): the graphs' memory is reused by each replay."""
+    model, inputs = family("dit")
+    model = copy.deepcopy(model).to("cuda")
+    inputs = {key: value.to("cuda") if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
+    passes = [{"pass": "cache", "schedule": "uniform", "interval": 2, "forecast": True, "min_psnr": None}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = diffc.optimize(model, passes=passes, example_inputs=inputs, target="torch-fp32")
+        graphed = diffc.optimize(model, passes=passes, example_inputs=inputs, target="torch-fp32", cuda_graphs=True)
+    assert graphed.compile_options == {"compile": True, "cuda_graphs": True}
+    outputs = {}
+    for name, fast in (("plain", plain), ("graphed", graphed)):
+        fast.begin_loop(6)
+        kept = []
+        with torch.no_grad():
+            for step in range(6):
+                timestep = torch.full((2,), 900 - 150 * step, device="cuda")
+                kept.append(first_tensor(fast(**{**inputs, "timestep": timestep})))
+        outputs[name] = torch.stack(kept)
+    assert torch.allclose(outputs["graphed"], outputs["plain"], rtol=1e-4, atol=1e-4)
