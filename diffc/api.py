@@ -67,7 +67,9 @@ def optimize(model_or_pipeline: Any, target: str = "torch", passes: PipelineSpec
     and optimized there. A model loaded in fp16 or bf16 is optimized in fp32 and compiled in its
     own precision when `target` names none (`torch`); its outputs come back in that dtype.
     `compile=None` compiles the torch backend's segments on CUDA and runs them eagerly elsewhere;
-    `cuda_graphs=True` also replays them through CUDA graphs (torch backend on CUDA)."""
+    `cuda_graphs=True` also replays them through CUDA graphs (torch backend on CUDA). Other keywords
+    are the passes' budget, or the target backend's compile options (e.g. TensorRT's `profiles`,
+    `timing_cache`, `high_precision_dtype`; ONNX Runtime's `opset`, `fuse_qdq`)."""
     parsed = parse_target(target)  # fail before any work on a bad target
     conditions = _calibration_conditions(model_or_pipeline, calibration, prompts, conditions)
     low_bit = parsed.precision in LOW_BIT
@@ -79,14 +81,17 @@ def optimize(model_or_pipeline: Any, target: str = "torch", passes: PipelineSpec
         raise TargetError(f"target {parsed} lowers the quantization annotations of the quant pass, and the pipeline "
                           f"{[p.name for p in manager.passes]} has no pass that writes them; add it "
                           f"(passes=[..., 'quant']) or choose a float target such as {parsed.backend}-fp16")
+    backend_options = {key: budget.pop(key) for key in list(budget) if key in get_backend(parsed.backend).options}
     ctx = PassContext(budget=dict(budget), target=str(parsed), progress=progress)
     optimized = _run_pipeline(manager, model_or_pipeline, ctx, calibration, example_inputs, device, work_dir,
                               conditions)
     unused = sorted(set(budget) - ctx.used_budget)
     if unused:
+        own = get_backend(parsed.backend).options
         raise TargetError(f"budget {', '.join(unused)} was given but no pass in the pipeline "
-                          f"{[p.name for p in manager.passes]} uses it; remove it or add the pass that does")
-    options: dict[str, Any] = {"compile": compile, **({"cuda_graphs": True} if cuda_graphs else {})}
+                          f"{[p.name for p in manager.passes]} uses it; remove it or add the pass that does"
+                          + (f" (the {parsed.backend} backend's compile options are {', '.join(own)})" if own else ""))
+    options: dict[str, Any] = {"compile": compile, **({"cuda_graphs": True} if cuda_graphs else {}), **backend_options}
     if parsed.backend == "trt" and ctx.calibration is not None:
         options["calibrated_profiles"] = calibrated_sizes(optimized.signature, ctx.calibration)
     fast = compile_graph(optimized, parsed.backend, _precision_for(target, parsed, optimized),

@@ -25,6 +25,8 @@ class Target:
 class Backend(ABC):
     name: ClassVar[str]
     default_precision: ClassVar[str] = "fp32"
+    # compile options a user may pass to diffc.optimize by keyword (beside the passes' budget)
+    options: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     @abstractmethod

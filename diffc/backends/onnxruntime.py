@@ -46,6 +46,7 @@ _TORCH_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float1
 
 class OnnxRuntimeBackend(Backend):
     name = "ort"
+    options = ("opset", "fuse_qdq")
 
     @classmethod
     def unavailable_reason(cls, precision: str) -> str | None:

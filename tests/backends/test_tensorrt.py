@@ -330,5 +330,11 @@ def test_optimize_hands_the_calibrated_sizes_to_the_trt_backend(family, monkeypa
     monkeypatch.setattr(TensorRTBackend, "unavailable_reason", classmethod(lambda cls, precision: None))
     monkeypatch.setattr(TensorRTBackend, "compile", fake_compile)
     with pytest.raises(TargetError, match="stop here"):
-        diffc.optimize(model, target="trt-fp16", passes=[], calibration=calibration)
+        diffc.optimize(model, target="trt-fp16", passes=[], calibration=calibration, timing_cache=None,
+                       profiles={"batch": (1, 2, 4)})
     assert handed["calibrated_profiles"]["text_len"] == (77, 77, 77)
+    # the backend's own compile options pass through optimize; a name neither a pass nor it takes is refused
+    assert handed["timing_cache"] is None and handed["profiles"] == {"batch": (1, 2, 4)}
+    with pytest.raises(TargetError, match=r"budget timing_cahce was given but no pass .* uses it; .* \(the trt backend's "
+                                          r"compile options are profiles, .*timing_cache"):
+        diffc.optimize(model, target="trt-fp16", passes=[], calibration=calibration, timing_cahce=None)

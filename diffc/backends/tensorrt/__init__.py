@@ -54,6 +54,8 @@ __all__ = ["ENGINE_DIR", "INSTALL_HINT", "MIN_CAPABILITY", "BuildSettings", "Eng
 
 class TensorRTBackend(Backend):
     name = "trt"
+    options = ("profiles", "optimization_level", "workspace_bytes", "timing_cache", "cuda_graph", "opset", "refit",
+               "high_precision_dtype")
     default_precision = "fp16"
 
     @classmethod
