@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import DiffcError
+from ..passes.cache import CacheConfig
 from .peers import PEERS, Peer
 
 DIFFC_PASSES = ("cache", "quant", "prune", "moe")
@@ -23,8 +24,11 @@ DIFFC_PASSES = ("cache", "quant", "prune", "moe")
 # schedule cannot nest (bench it as moe or moe+quant)
 ALL_PASSES = ("prune", "cache", "quant")
 DEFAULT_QUANT_PRECISION = "int8"
-# the share of steps computed in full that the cache sweep asks for, each with and without forecast
-CACHE_SWEEP_FRACTIONS = (0.25, 0.35, 0.5, 0.7)
+# the share of steps computed in full that the cache sweep asks for, each with and without forecast;
+# below 1 / max_gap (the cache pass's default) the longest run of reused steps must grow with it (as DeepCache's
+# N=5 reuses four steps in a row), up to DEEP_SWEEP_MAX_GAP
+CACHE_SWEEP_FRACTIONS = (0.15, 0.2, 0.25, 0.35, 0.5, 0.7)
+DEEP_SWEEP_MAX_GAP = 8
 
 
 @dataclass(frozen=True)
@@ -126,7 +130,10 @@ def peer_sweep() -> list[str]:
 
 
 def cache_sweep() -> list[str]:
-    return [f"cache[full_fraction={fraction};forecast={forecast}]"
+    def gap(fraction: float) -> str:
+        return f";max_gap={DEEP_SWEEP_MAX_GAP}" if fraction * CacheConfig().max_gap < 1 else ""
+
+    return [f"cache[full_fraction={fraction}{gap(fraction)};forecast={forecast}]"
             for fraction in CACHE_SWEEP_FRACTIONS for forecast in ("true", "false")]
 
 
