@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import DiffcError
-from ..passes.cache import CacheConfig
 from .peers import PEERS, Peer
 
 DIFFC_PASSES = ("cache", "quant", "prune", "moe")
@@ -25,10 +24,10 @@ DIFFC_PASSES = ("cache", "quant", "prune", "moe")
 ALL_PASSES = ("prune", "cache", "quant")
 DEFAULT_QUANT_PRECISION = "int8"
 # the share of steps computed in full that the cache sweep asks for, each with and without forecast;
-# below 1 / max_gap (the cache pass's default) the longest run of reused steps must grow with it (as DeepCache's
-# N=5 reuses four steps in a row), up to DEEP_SWEEP_MAX_GAP
+# below a quarter (1 / the cache pass's default max_gap of 4) the longest run of reused steps must grow
+# with it (as DeepCache's N=5 reuses four steps in a row): those shares come with their max_gap
 CACHE_SWEEP_FRACTIONS = (0.15, 0.2, 0.25, 0.35, 0.5, 0.7)
-DEEP_SWEEP_MAX_GAP = 8
+DEEP_SWEEP_MAX_GAP = {0.15: 8, 0.2: 8}
 
 
 @dataclass(frozen=True)
@@ -131,7 +130,7 @@ def peer_sweep() -> list[str]:
 
 def cache_sweep() -> list[str]:
     def gap(fraction: float) -> str:
-        return f";max_gap={DEEP_SWEEP_MAX_GAP}" if fraction * CacheConfig().max_gap < 1 else ""
+        return f";max_gap={DEEP_SWEEP_MAX_GAP[fraction]}" if fraction in DEEP_SWEEP_MAX_GAP else ""
 
     return [f"cache[full_fraction={fraction}{gap(fraction)};forecast={forecast}]"
             for fraction in CACHE_SWEEP_FRACTIONS for forecast in ("true", "false")]
