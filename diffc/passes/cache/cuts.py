@@ -236,6 +236,7 @@ def _range_region(dg: DiffusionGraph, layers: list[Any], start: int, end: int, n
             shape = _node(dg, cut).meta.get("tensor_meta")
             match = [i for i in first.inputs if _node(dg, i).meta.get("tensor_meta") is not None
                      and tuple(_node(dg, i).meta["tensor_meta"].shape) == tuple(shape.shape)] if shape else []
+            match = _residual_stream(dg, layers, start, match)
             if not match:
                 raise PassError(f"cannot cache the residual of blocks {start}..{end}: no input of {first.name} has the "
                                 f"shape of its output {cut}; use mode='raw'")
@@ -244,6 +245,18 @@ def _range_region(dg: DiffusionGraph, layers: list[Any], start: int, end: int, n
     if not any(n.name in members for n in dead):
         raise PassError(f"caching blocks {start}..{end} would skip nothing: their outputs are needed elsewhere")
     return Region(name, tuple(cuts), mode, bases)
+
+
+def _residual_stream(dg: DiffusionGraph, layers: list[Any], start: int, candidates: list[str]) -> list[str]:
+    """The candidates for the base of a block range's residual, those of its residual stream first:
+    the previous block's outputs, then inputs the first block adds to directly (its skip
+    connection). An input of the same shape that only feeds attention (a text stream as long as
+    the image's) would make the cached residual the difference of two unrelated streams."""
+    previous = set(layers[start - 1].outputs) if start > 0 else set()
+    members = set(layers[start].nodes)
+    added = {c for c in candidates if any(u.name in members and u.target == torch.ops.aten.add.Tensor
+                                          for u in _node(dg, c).users)}
+    return sorted(candidates, key=lambda c: (c not in previous, c not in added))
 
 
 def _node(dg: DiffusionGraph, name: str) -> torch.fx.Node:
