@@ -132,7 +132,10 @@ def cache_sweep() -> list[str]:
     def gap(fraction: float) -> str:
         return f";max_gap={DEEP_SWEEP_MAX_GAP[fraction]}" if fraction in DEEP_SWEEP_MAX_GAP else ""
 
-    return [f"cache[full_fraction={fraction}{gap(fraction)};forecast={forecast}]"
+    # without the final-image floor (min_psnr): it backs every share it would break off to the same safer
+    # schedule, so a sweep under it collapses onto a few points and never traces the frontier peers are
+    # compared on; the default row ("cache") keeps it
+    return [f"cache[full_fraction={fraction}{gap(fraction)};forecast={forecast};min_psnr=null]"
             for fraction in CACHE_SWEEP_FRACTIONS for forecast in ("true", "false")]
 
 
