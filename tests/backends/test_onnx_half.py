@@ -12,9 +12,9 @@ from diffc.backends.onnx_half import half_precision_model
 from diffc.backends.onnx_qdq import quantize_segment_onnx
 from diffc.backends.tensorrt import BuildSettings
 from diffc.errors import TargetError
-from diffc.ir.onnx_export import export_onnx
 from diffc.ir.simulation import simulate
-from test_onnx_qdq import _relative, _run_onnx, _small_graph, _spec
+from quantized_graphs import small_layers_onnx
+from test_onnx_qdq import _relative, _run_onnx, _spec
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -27,10 +27,7 @@ FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    module, flat = _small_graph()
-    path = export_onnx(module, flat, tmp_path_factory.mktemp("onnx") / "small.onnx", ["x", "tokens", "image"],
-                       ["lin", "nob", "conv"], [{}, {}, {}])
-    return module, flat, onnx.load(str(path))
+    return small_layers_onnx(tmp_path_factory.mktemp("onnx"))
 
 
 def _annotations(module, name):

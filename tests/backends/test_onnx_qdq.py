@@ -14,6 +14,7 @@ from diffc.ir.precision import FORMATS, PER_SAMPLE, PER_TOKEN, ActivationQuant, 
 from diffc.ir.simulation import simulate
 from diffc.passes.quant.layers import PROTECTIONS, quantizable_layers
 from digits_tiny import tiny_digits_pipeline
+from quantized_graphs import small_layers_onnx
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -26,30 +27,9 @@ ort = pytest.importorskip("onnxruntime")
 EXACT, FUSED_INT8 = 1e-8, 1e-2
 
 
-def _small_graph():
-    """A Gemm (2-d linear), a MatMul + Add (3-d linear), a bias-free MatMul and a Conv."""
-    torch.manual_seed(0)
-    aten = torch.ops.aten
-    weights = {"lin.weight": torch.randn(48, 32) * 0.2, "lin.bias": torch.randn(48), "tok.weight": torch.randn(32, 32)
-               * 0.2, "tok.bias": torch.randn(32), "nob.weight": torch.randn(16, 32) * 0.2,
-               "conv.weight": torch.randn(8, 4, 3, 3) * 0.2, "conv.bias": torch.randn(8)}
-    graph = torch.fx.Graph()
-    x, tokens, image = graph.placeholder("x"), graph.placeholder("tokens"), graph.placeholder("image")
-    get = {name: graph.get_attr(name) for name in weights}
-    lin = graph.call_function(aten.linear.default, (x, get["lin.weight"], get["lin.bias"]))
-    tok = graph.call_function(aten.linear.default, (tokens, get["tok.weight"], get["tok.bias"]))
-    nob = graph.call_function(aten.linear.default, (tok, get["nob.weight"]))
-    conv = graph.call_function(aten.conv2d.default, (image, get["conv.weight"], get["conv.bias"], [1, 1], [1, 1]))
-    graph.output((lin, nob, conv))
-    return torch.fx.GraphModule(weights, graph), [torch.randn(4, 32), torch.randn(2, 9, 32), torch.randn(2, 4, 8, 8)]
-
-
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    module, flat = _small_graph()
-    path = export_onnx(module, flat, tmp_path_factory.mktemp("onnx") / "small.onnx", ["x", "tokens", "image"],
-                       ["lin", "nob", "conv"], [{}, {}, {}])
-    return module, flat, onnx.load(str(path))
+    return small_layers_onnx(tmp_path_factory.mktemp("onnx"))
 
 
 def _inputs():
