@@ -22,6 +22,7 @@ from .ir.fxutil import module_device
 from .ir.graph_file import graph_fingerprint
 from .ir.probe import decode_constant
 from .ir.partition import build_plan
+from .ir.plan import recompile_options
 from .ir.precision import precision_specs
 from .passes import PassContext, PassManager
 from .passes.base import NOT_CONFIG, PASSES, PipelineSpec
@@ -37,8 +38,6 @@ from .runtime.sampler_watch import SamplerWatch, step_settings
 # prompts, 36.9 and 34.7 dB (benchmarks/closed_loop_zoo.py)
 DEFAULT_CONDITIONS, FITTING_CONDITIONS = 8, 24
 SOURCE_PRECISIONS = {"float16": "fp16", "bfloat16": "bf16"}
-# the compile options a saved or replayed torch-backend model is compiled with again
-COMPILE_OPTIONS = ("compile", "cuda_graphs")
 
 
 def optimize(model_or_pipeline: Any, target: str = "torch", passes: PipelineSpec | None = "default",
@@ -155,7 +154,7 @@ def replay(graph_or_artifact: Any, model_or_pipeline: Any, calibration: Any = No
         manifest = read_manifest(graph_or_artifact)
         recorded = manifest["applied"]
         target = f"{manifest['target']['backend']}-{manifest['target']['precision']}"
-        options = {k: v for k, v in manifest["target"].get("info", {}).items() if k in COMPILE_OPTIONS}
+        options = recompile_options(manifest["target"].get("info", {}))
     else:
         raise DiffcError(f"replay takes an OptimizedModel, an artifact folder or a DiffusionGraph, not "
                          f"{type(graph_or_artifact).__name__}")
@@ -310,7 +309,7 @@ def load(path: str | os.PathLike[str], device: Any = None) -> OptimizedModel:
     plan = load_plan(path, manifest)
     target = manifest["target"]
     parse_target(f"{target['backend']}-{target['precision']}")
-    options = {k: v for k, v in target.get("info", {}).items() if k in COMPILE_OPTIONS}
+    options = recompile_options(target.get("info", {}))
     # backends that saved compiled files (ONNX models, engines) load those instead of compiling again
     artifact_options = getattr(get_backend(target["backend"]), "artifact_options", None)
     if artifact_options is not None:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import TargetError
+from .onnx_weights import float_tensor
 
 FP16, BF16 = "fp16", "bf16"
 # the opset from which ONNX's convolutions, pooling and trigonometric ops take bfloat16 (types added,
@@ -55,10 +56,7 @@ def _retype_to_bfloat16(half: Any, original: Any) -> None:
     original_nodes = {n.output[0]: n for n in before.node if n.output}
 
     def encoded(source: Any, name: str) -> Any:
-        values = torch.from_numpy(numpy_helper.to_array(source).copy()).to(torch.bfloat16)
-        tensor = TensorProto(name=name, data_type=TensorProto.BFLOAT16, dims=list(values.shape))
-        tensor.raw_data = values.view(torch.int16).numpy().tobytes()
-        return tensor
+        return float_tensor(name, torch.from_numpy(numpy_helper.to_array(source).copy()), TensorProto.BFLOAT16)
 
     for index, initializer in enumerate(half.graph.initializer):
         if initializer.data_type == TensorProto.FLOAT16 and initializer.name in float_initializers:

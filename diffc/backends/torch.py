@@ -96,7 +96,7 @@ class TorchBackend(Backend):
         if missing:
             raise TargetError(f"precision annotations on nodes no segment computes: {missing[:5]}; the plan and its "
                               "annotations disagree, run the quant pass after the passes that change the graph")
-        info: dict[str, Any] = {"compile": compile, "cuda_graphs": cuda_graphs}
+        info: dict[str, Any] = {"compile": compile, **({"cuda_graphs": True} if cuda_graphs else {})}
         if kernels:
             info["kernels"] = {k: sum(v == k for v in kernels.values()) for k in sorted(set(kernels.values()))}
         return CompiledPlan(plan=plan, runners=runners, backend=self.name, precision=precision, device=device,

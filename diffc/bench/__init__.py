@@ -296,5 +296,5 @@ def run_bench(pipe: Any, attribute: str, model_name: str, pipelines: list[str], 
     return results
 
 
-__all__ = ["ALL_PASSES", "NOT_APPLICABLE", "NO_OP", "PEERS", "Bench", "BenchSettings", "DiffcPipeline", "Peer", "PeerChoice", "Row",
-           "parse_pipeline", "run_bench", "split_pipelines"]
+__all__ = ["ALL_PASSES", "NOT_APPLICABLE", "NO_OP", "PEERS", "Bench", "BenchSettings", "DiffcPipeline", "Peer",
+           "PeerChoice", "Row", "parse_pipeline", "run_bench", "split_pipelines"]

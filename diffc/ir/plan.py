@@ -239,6 +239,15 @@ def adaptive_step(state: Mapping[str, Any], probe: torch.Tensor, threshold: floa
     return False, {PROBE_STATE: probe, SKIPPED_STATE: 0, CHANGE_STATE: HostScalar(drift)}
 
 
+# the compile options a recompile of the same plan needs (a load, a replay, a move to another device)
+RECOMPILE_OPTIONS = ("compile", "cuda_graphs")
+
+
+def recompile_options(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The options among a compiled plan's `info` (the torch backend's) that compiling it again needs."""
+    return {key: value for key, value in info.items() if key in RECOMPILE_OPTIONS}
+
+
 @dataclass
 class CompiledPlan:
     """What a backend makes of a Plan: one callable per segment (flat tensors in, tuple out),

@@ -15,6 +15,7 @@ from ..errors import InputError
 from ..ir import CompiledPlan, Plan, TensorInput
 from ..ir.dtypes import HALF_DTYPES
 from ..ir.probe import constant_arguments, tensor_at
+from ..ir.plan import recompile_options
 from ..ir.served_files import saved_files
 from .adapters import Adapters, denoiser_keys, lora_deltas, read_adapter
 from .artifact import save_artifact
@@ -76,8 +77,7 @@ class OptimizedModel(PipelineComponent):
     def compile_options(self) -> dict[str, Any]:
         """The options it was compiled with that a recompile of the same plan needs (`compile`, and
         `cuda_graphs` where it is on)."""
-        return {key: value for key, value in self._compiled.info.items()
-                if key == "compile" or (key == "cuda_graphs" and value)}
+        return recompile_options(self._compiled.info)
 
     @property
     def device(self) -> torch.device:
