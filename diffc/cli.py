@@ -303,7 +303,6 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import NOT_APPLICABLE, BenchSettings, run_bench, split_pipelines
     from .models import zoo
 
-    pipelines = split_pipelines(args.pipelines)
     prompts = tuple(p.strip() for p in args.prompts.split("|") if p.strip()) if args.prompts else ()
     calibration_prompts: tuple[str, ...] = ()
     if args.model in zoo.ZOO:
@@ -315,6 +314,8 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         pipe, attribute = _load_pipeline(args.model)
         scorer = models.load_scorer() if args.model in models.available() else None
+    denoiser = getattr(pipe, attribute)
+    pipelines = split_pipelines(args.pipelines, unet=hasattr(denoiser, "down_blocks") and hasattr(denoiser, "up_blocks"))
     settings = BenchSettings(steps=args.steps, seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()),
                              labels=tuple(int(x) for x in args.labels.split(",") if x.strip()), prompts=prompts,
                              calibration_prompts=calibration_prompts, repeats=args.repeats, device=args.device)

@@ -6,7 +6,8 @@
     cache+quant:ort-int8                   or a whole target after `:` (backend-precision)
     deepcache@3                            a peer at one setting (`@`); alone, the peer's documented default
     peers                                  every peer at every setting of its sweep
-    cache-sweep                            diffc's own sweep: cache budgets with and without forecast
+    cache-sweep                            diffc's own sweep: cache budgets with and without forecast (on a
+                                           UNet, also with DeepCache's shallowest cut)
 """
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ DEFAULT_QUANT_PRECISION = "int8"
 # with it (as DeepCache's N=5 reuses four steps in a row): those shares come with their max_gap
 CACHE_SWEEP_FRACTIONS = (0.15, 0.2, 0.25, 0.35, 0.5, 0.7)
 DEEP_SWEEP_MAX_GAP = {0.15: 8, 0.2: 8}
+# on a UNet the sweep also caches all but the last layer of the outermost up block (DeepCache's
+# branch 0), whose cached steps cost a fraction of the whole-block cut's, at the shares DeepCache's
+# N = 2, 3, 4, 5 compute in full
+SHALLOW_UNET_CUT = "cut=deep;recomputed_layers=1"
+SHALLOW_SWEEP_FRACTIONS = (0.2, 0.25, 0.35, 0.5)
 
 
 @dataclass(frozen=True)
@@ -128,15 +134,18 @@ def peer_sweep() -> list[str]:
     return [f"{peer.name}@{setting}" if setting else peer.name for peer in PEERS.values() for setting in peer.settings]
 
 
-def cache_sweep() -> list[str]:
+def cache_sweep(unet: bool = False) -> list[str]:
     def gap(fraction: float) -> str:
         return f";max_gap={DEEP_SWEEP_MAX_GAP[fraction]}" if fraction in DEEP_SWEEP_MAX_GAP else ""
 
     # without the final-image floor (min_psnr): it backs every share it would break off to the same safer
     # schedule, so a sweep under it collapses onto a few points and never traces the frontier peers are
     # compared on; the default row ("cache") keeps it
-    return [f"cache[full_fraction={fraction}{gap(fraction)};forecast={forecast};min_psnr=null]"
-            for fraction in CACHE_SWEEP_FRACTIONS for forecast in ("true", "false")]
+    whole_blocks = [f"cache[full_fraction={fraction}{gap(fraction)};forecast={forecast};min_psnr=null]"
+                    for fraction in CACHE_SWEEP_FRACTIONS for forecast in ("true", "false")]
+    shallow = [f"cache[{SHALLOW_UNET_CUT};full_fraction={fraction}{gap(fraction)};forecast={forecast};min_psnr=null]"
+               for fraction in SHALLOW_SWEEP_FRACTIONS for forecast in ("true", "false")] if unet else []
+    return whole_blocks + shallow
 
 
 def _split_outside_brackets(text: str) -> list[str]:
@@ -151,11 +160,12 @@ def _split_outside_brackets(text: str) -> list[str]:
     return [item.strip() for item in [*items, current] if item.strip()]
 
 
-def split_pipelines(text: str) -> list[str]:
-    """`baseline,cache,peers` -> the listed specs, `peers` and `cache-sweep` expanded; baseline first."""
+def split_pipelines(text: str, unet: bool = False) -> list[str]:
+    """`baseline,cache,peers` -> the listed specs, `peers` and `cache-sweep` (its UNet rows when `unet`)
+    expanded; baseline first."""
     specs: list[str] = []
     for item in _split_outside_brackets(text):
-        expanded = peer_sweep() if item == "peers" else cache_sweep() if item == "cache-sweep" else [item]
+        expanded = peer_sweep() if item == "peers" else cache_sweep(unet) if item == "cache-sweep" else [item]
         for spec in expanded:
             parse_pipeline(spec)
             if spec not in specs:

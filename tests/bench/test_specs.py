@@ -28,6 +28,10 @@ def test_sweeps_expand_and_commas_inside_options_do_not_split():
     assert set(cache_sweep()) <= set(specs) and set(peer_sweep()) <= set(specs)
     assert len(specs) == len(set(specs))
     assert all(p.partition("@")[0] in bench.PEERS for p in peer_sweep())
+    shallow = set(cache_sweep(unet=True)) - set(cache_sweep())
+    assert shallow and all("recomputed_layers=1" in spec for spec in shallow)
+    assert shallow <= set(split_pipelines("cache-sweep", unet=True)) and not shallow & set(specs)
+    assert all(parse_pipeline(spec).family == "diffc cache" for spec in shallow)  # one diffc frontier
 
 
 @pytest.mark.parametrize("spec, message", [

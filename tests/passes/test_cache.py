@@ -57,6 +57,37 @@ def test_deep_cut_structure_and_reuse(captured):
     assert 0.3 < report["flops_skipped_per_step"][1] < 1 and report["predicted_speedup"] > 1.2
 
 
+def test_deep_cut_within_the_kept_block_caches_its_earlier_layers(captured):
+    """recomputed_layers=1 (DeepCache's branch 0): a cached step runs only the last layer of the
+    outermost up block, fed by conv_in's skip; the down block and the up block's first layer are cached."""
+    whole = _run([{"pass": "cache", "schedule": "uniform", "interval": 2}], captured("unet2dcond"))
+    dg = _run([{"pass": "cache", "schedule": "uniform", "interval": 2, "recomputed_layers": 1}], captured("unet2dcond"))
+    lint(dg)
+    plan = build_plan(dg)
+    region = {n.name for n in plan.segments["cache_deep"].module.graph.nodes if n.op == "call_function"}
+    assert set(dg.block("down_blocks.0.resnets.0").nodes) <= region
+    assert set(dg.block("up_blocks.1.resnets.0").nodes) <= region
+    assert not region & set(dg.block("up_blocks.1.resnets.1").nodes)
+    inputs = _inputs(dg)
+    full, state = plan.run("full", inputs, {})
+    cached, _ = plan.run("cached", inputs, state)
+    assert torch.equal(full[0], cached[0])
+    skipped = dg.applied[-1]["report"]["flops_skipped_per_step"][1]
+    assert skipped > whole.applied[-1]["report"]["flops_skipped_per_step"][1] + 0.2
+
+
+@pytest.mark.parametrize("config, family_name, message", [
+    ({"recomputed_layers": 3}, "unet2dcond", r"within 1\.\.2, the layers of up_blocks.1"),
+    ({"recomputed_layers": 1, "cut": "encoder"}, "unet2dcond", "leave recomputed_layers unset, or cut='deep'"),
+    ({"recomputed_layers": 1}, "dit", "has none. Fix: leave recomputed_layers unset"),
+])
+def test_recomputed_layers_outside_a_deep_cut_names_the_fix(captured, config, family_name, message):
+    with pytest.raises(PassError, match=message):
+        _run([{"pass": "cache", "schedule": "uniform", **config}], captured(family_name))
+    with pytest.raises(PassError, match="not 'bac'"):
+        PassManager([{"pass": "cache", "schedule": "bac", "recomputed_layers": 1}])
+
+
 def test_residual_cut_on_transformers(captured):
     dg = _run([{"pass": "cache", "schedule": "uniform", "interval": 3}], captured("dit"))
     plan = build_plan(dg)

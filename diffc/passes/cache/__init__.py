@@ -36,6 +36,10 @@ BACKOFF_SHARE = 0.1
 class CacheConfig(PassConfig):
     cut: str = "auto"
     depth: int = 1
+    # cut='deep': of the deepest kept up block, only its last `recomputed_layers` layers (a resnet and
+    # its attention) run on cached steps; the layers before them are cached with the branch below
+    # (depth=1, recomputed_layers=1 is DeepCache's branch 0). None: the whole block runs
+    recomputed_layers: int | None = None
     blocks: tuple[int, int] | None = None
     mode: str = "auto"
     schedule: str = "dp"
@@ -69,6 +73,9 @@ class CacheConfig(PassConfig):
             raise ValueError(f"max_variants must be >= 2 (the full variant and one more), got {self.max_variants}")
         if not 0 < self.full_fraction <= 1:
             raise ValueError(f"full_fraction must be in (0, 1], got {self.full_fraction}")
+        if self.recomputed_layers is not None and (self.recomputed_layers < 1 or self.schedule == "bac"):
+            raise ValueError(f"recomputed_layers must be >= 1 with a one-cut schedule (not 'bac', which picks whole "
+                             f"blocks), got {self.recomputed_layers} with schedule={self.schedule!r}")
         if self.min_psnr is not None and not self.min_psnr > 0:
             raise ValueError(f"min_psnr must be a PSNR in dB above 0 (or None for no floor), got {self.min_psnr}")
 
@@ -94,7 +101,7 @@ class CachePass(Pass):
         if cfg.schedule == "bac":
             return self._block_schedule(dg, ctx)
         unscheduled = Schedule(FULL)
-        regions, variants = cut_regions(dg, cfg.cut, cfg.depth, cfg.blocks, cfg.mode)
+        regions, variants = cut_regions(dg, cfg.cut, cfg.depth, cfg.blocks, cfg.mode, cfg.recomputed_layers)
         cached_variant = cached_variant_for(variants)
         staged = len(variants) > 2
         if cfg.forecast and staged:

@@ -15,7 +15,7 @@ import torch
 
 from ...errors import PassError
 from ...ir import LATENT, DiffusionGraph
-from ...ir.blocks import STAGE, TRANSFORMER_BLOCK, node_flops
+from ...ir.blocks import RESNET, STAGE, TRANSFORMER_BLOCK, node_flops
 from ...ir.partition import region_nodes
 from ...ir.step_plan import CACHED, DELTA, FULL, Region
 
@@ -23,7 +23,7 @@ CUTS = ("auto", "deep", "encoder", "blocks", "first_block", "delta_dit")
 
 
 def cut_regions(dg: DiffusionGraph, cut: str, depth: int, blocks: tuple[int, int] | None,
-            mode: str) -> tuple[list[Region], dict[str, list[str]]]:
+            mode: str, recomputed_layers: int | None = None) -> tuple[list[Region], dict[str, list[str]]]:
     """The cached regions of `cut` and the variants (each the regions it reuses)."""
     stages = _unet_stages(dg)
     layers = _transformer_layers(dg)
@@ -33,27 +33,32 @@ def cut_regions(dg: DiffusionGraph, cut: str, depth: int, blocks: tuple[int, int
         if not cut:
             raise PassError(f"{dg.signature.model_class}: found neither UNet stages nor transformer blocks to "
                             "cache; this model has no block structure diffc can cut")
+    if recomputed_layers is not None and cut != "deep":
+        raise PassError(f"recomputed_layers chooses the layers of a UNet's kept up block that cut='deep' recomputes; "
+                        f"cut {cut!r} on {dg.signature.model_class} has none. Fix: leave recomputed_layers unset"
+                        + (", or cut='deep'" if stages else ""))
     chosen_mode = mode if mode != "auto" else ("raw" if cut in ("deep", "encoder") else "delta")
     try:
-        return _cut_regions(dg, cut, depth, blocks, chosen_mode, stages, layers)
+        return _cut_regions(dg, cut, depth, blocks, chosen_mode, stages, layers, recomputed_layers)
     except PassError as exc:
         # a residual needs a block input of its output's shape; where the blocks change the
         # stream's shape (a joint text + image stream split at the end), auto caches the output itself
         if mode != "auto" or chosen_mode != DELTA or NO_RESIDUAL not in str(exc):
             raise
-        return _cut_regions(dg, cut, depth, blocks, "raw", stages, layers)
+        return _cut_regions(dg, cut, depth, blocks, "raw", stages, layers, recomputed_layers)
 
 
 NO_RESIDUAL = "has the shape of its output"
 
 
 def _cut_regions(dg: DiffusionGraph, cut: str, depth: int, blocks: tuple[int, int] | None, mode: str,
-                 stages: dict[str, list[str]], layers: list[Any]) -> tuple[list[Region], dict[str, list[str]]]:
+                 stages: dict[str, list[str]], layers: list[Any],
+                 recomputed_layers: int | None) -> tuple[list[Region], dict[str, list[str]]]:
     if cut in ("deep", "encoder"):
         if not stages:
             raise PassError(f"cut {cut!r} needs a UNet (down_blocks/mid_block/up_blocks); "
                             f"{dg.signature.model_class} has none. Use cut='blocks' or 'first_block'")
-        cuts = _deep_cuts(dg, stages, depth) if cut == "deep" else _encoder_cuts(dg, stages)
+        cuts = _deep_cuts(dg, stages, depth, recomputed_layers) if cut == "deep" else _encoder_cuts(dg, stages)
         if mode == DELTA:
             raise PassError(f"cut {cut!r} caches the UNet features themselves; use mode='raw'")
         return [Region(cut, tuple(cuts), mode)], {FULL: [], CACHED: [cut]}
@@ -171,19 +176,42 @@ def _unet_stages(dg: DiffusionGraph) -> dict[str, list[str]]:
     return stages if stages["down"] and stages["up"] else {}
 
 
-def _deep_cuts(dg: DiffusionGraph, stages: dict[str, list[str]], depth: int) -> list[str]:
+def _deep_cuts(dg: DiffusionGraph, stages: dict[str, list[str]], depth: int, recomputed_layers: int | None) -> list[str]:
     ups = sorted(stages["up"], key=_index)
     n = len(ups)
     if not 1 <= depth <= n - 1:
         raise PassError(f"deep caching needs 1 <= depth <= {n - 1} for a UNet with {n} up blocks, got {depth}: "
                         "depth d keeps the d outermost down/up blocks and caches everything below them")
     deepest_kept = dg.block(ups[n - depth])
+    if recomputed_layers is not None:
+        within = _within_block_cut(dg, deepest_kept, recomputed_layers)
+        if within is not None:
+            return [within]
     feeding = dg.block(ups[n - depth - 1])
     cuts = [o for o in feeding.outputs if o in deepest_kept.inputs]
     if len(cuts) != 1:
         raise PassError(f"cannot cut between {feeding.name} and {deepest_kept.name}: expected one hidden state passing "
                         f"between them, found {cuts or 'none'}")
     return cuts
+
+
+def _within_block_cut(dg: DiffusionGraph, up_block: Any, recomputed_layers: int) -> str | None:
+    """The hidden state entering the first of `up_block`'s last `recomputed_layers` layers (before
+    its skip connection is concatenated), or None when those are all its layers. Caching it skips
+    the block's earlier layers and every down layer whose skip only they consume, as DeepCache's
+    skip branches within a block do."""
+    resnets = sorted((b for b in dg.blocks if b.kind == RESNET and b.parent == up_block.name), key=lambda b: _index(b.name))
+    if not 1 <= recomputed_layers <= len(resnets):
+        raise PassError(f"recomputed_layers must be within 1..{len(resnets)}, the layers of {up_block.name}; got "
+                        f"{recomputed_layers}")
+    if recomputed_layers == len(resnets):
+        return None
+    first = resnets[len(resnets) - recomputed_layers]
+    concatenations = [_node(dg, i) for i in first.inputs if _node(dg, i).target == torch.ops.aten.cat.default]
+    if len(concatenations) != 1 or not isinstance(concatenations[0].args[0][0], torch.fx.Node):
+        raise PassError(f"cannot cut inside {up_block.name}: {first.name} does not take its hidden state concatenated "
+                        "with a skip connection. Fix: leave recomputed_layers unset to cut between blocks")
+    return concatenations[0].args[0][0].name
 
 
 def _encoder_cuts(dg: DiffusionGraph, stages: dict[str, list[str]]) -> list[str]:
