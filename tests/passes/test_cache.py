@@ -9,9 +9,10 @@ import diffc
 from diffc.api import compile_graph
 from diffc.calibration import collect
 from diffc.errors import PassError
-from diffc.ir import lint
-from diffc.ir.partition import build_plan
+from diffc.ir import capture, lint
+from diffc.ir.partition import build_plan, region_nodes
 from diffc.passes import PassContext, PassManager
+from diffc.passes.cache.cuts import cut_regions
 from diffc.passes.cache.schedules import dp_full_steps, refine_full_steps
 from digits_tiny import tiny_digits_pipeline
 from tiny_families import first_tensor
@@ -97,6 +98,28 @@ def test_residual_cut_on_transformers(captured):
     full, state = plan.run("full", inputs, {})
     cached, _ = plan.run("cached", inputs, state)
     assert (full[0] - cached[0]).abs().max() < 1e-5  # base + (out - base) == out up to rounding
+
+
+def test_block_ranges_stop_at_their_first_block_and_cache_no_computed_sizes():
+    """A 3-block PixArt whose text stream has the image stream's shape and whose first block computes a
+    size the later blocks reuse: delta_dit's front and rear regions are disjoint, and a raw range
+    after the first block leaves that block computed."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    model = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=1, out_channels=1,
+                                     num_layers=3, cross_attention_dim=8, sample_size=4, patch_size=2,
+                                     caption_channels=6, norm_type="ada_norm_single", use_additional_conditions=False)
+    dg = capture(model.eval())
+
+    def nodes(region):
+        return {n.name for n in region_nodes(dg.graph, list(region.cuts), [*region.bases.values(), *region.keep])}
+
+    (front, rear), _ = cut_regions(dg, "delta_dit", 1, None, "auto")
+    assert not nodes(front) & nodes(rear)
+    (after_first,), _ = cut_regions(dg, "first_block", 1, None, "raw")
+    assert not nodes(after_first) & set(dg.block("transformer_blocks.0").nodes)
+    assert set(dg.block("transformer_blocks.1").nodes) <= nodes(after_first)
 
 
 def test_delta_dit_uses_stage_dependent_variants(captured, tmp_path):

@@ -255,10 +255,14 @@ def _downstream_of_latent(dg: DiffusionGraph) -> set[str] | None:
 def _range_region(dg: DiffusionGraph, layers: list[Any], start: int, end: int, name: str, mode: str) -> Region:
     first, last = layers[start], layers[end - 1]
     members = {n for b in layers[start:end] for n in b.nodes}
-    cuts = [o for o in last.outputs if any(u.name not in members for u in _node(dg, o).users)]
+    # a shape the blocks compute (a symbolic size later blocks reuse) is no state to cache
+    cuts = [o for o in last.outputs if _node(dg, o).meta.get("tensor_meta") is not None
+            and any(u.name not in members for u in _node(dg, o).users)]
     if not cuts:
         raise PassError(f"block range {start}..{end} has no output used after it")
     bases: dict[str, str] = {}
+    # the range's inputs stay computed: caching it must not skip the blocks before it
+    keep = [i for i in dict.fromkeys(i for b in layers[start:end] for i in b.inputs) if i not in members]
     if mode == DELTA:
         for cut in cuts:
             shape = _node(dg, cut).meta.get("tensor_meta")
@@ -269,10 +273,12 @@ def _range_region(dg: DiffusionGraph, layers: list[Any], start: int, end: int, n
                 raise PassError(f"cannot cache the residual of blocks {start}..{end}: no input of {first.name} has the "
                                 f"shape of its output {cut}; use mode='raw'")
             bases[cut] = match[0] if len(cuts) == 1 else match[min(cuts.index(cut), len(match) - 1)]
-    dead = region_nodes(dg.graph, cuts, list(bases.values()))
+    if mode == DELTA:
+        keep = []
+    dead = region_nodes(dg.graph, cuts, [*bases.values(), *keep])
     if not any(n.name in members for n in dead):
         raise PassError(f"caching blocks {start}..{end} would skip nothing: their outputs are needed elsewhere")
-    return Region(name, tuple(cuts), mode, bases)
+    return Region(name, tuple(cuts), mode, bases, keep=tuple(keep))
 
 
 def _residual_stream(dg: DiffusionGraph, layers: list[Any], start: int, candidates: list[str]) -> list[str]:
