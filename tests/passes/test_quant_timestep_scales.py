@@ -111,9 +111,20 @@ def test_backends_lower_the_rewritten_graph(tiny, stepwise, backend):
     record = next(iter(calibration.records(steps={STEPS - 1})))
     with torch.no_grad():
         want = simulate(stepwise.module, stepwise.annotations)(*_flat(dg, record))
+        full_precision = dg.module(*_flat(dg, record))[0]
     got = compile_graph(stepwise, backend, "int8")(**record.inputs)[0]
     want = want[0] if isinstance(want, (tuple, list)) else want
-    assert (got - want).norm() / want.norm() < 2e-2
+    if backend == "torch":
+        assert torch.equal(got, want)
+        return
+    # ONNX Runtime and torch sum a conv's products in different orders, so an activation on a rounding
+    # edge lands on the other int8 level in one of them, which moves this untrained UNet's output by up to
+    # a few percent (how many land there changes with the thread count): the lowered model must be as
+    # close to full precision as the simulation, and closer to the simulation than quantization's own error
+    quantization_error = float((want - full_precision).norm() / full_precision.norm())
+    lowered_error = float((got - full_precision).norm() / full_precision.norm())
+    assert lowered_error < 1.1 * quantization_error
+    assert (got - want).norm() / want.norm() < quantization_error
 
 
 def test_off_leaves_every_layer_with_one_scale(tiny):
