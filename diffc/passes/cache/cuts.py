@@ -261,8 +261,6 @@ def _range_region(dg: DiffusionGraph, layers: list[Any], start: int, end: int, n
     if not cuts:
         raise PassError(f"block range {start}..{end} has no output used after it")
     bases: dict[str, str] = {}
-    # the range's inputs stay computed: caching it must not skip the blocks before it
-    keep = [i for i in dict.fromkeys(i for b in layers[start:end] for i in b.inputs) if i not in members]
     if mode == DELTA:
         for cut in cuts:
             shape = _node(dg, cut).meta.get("tensor_meta")
@@ -273,8 +271,10 @@ def _range_region(dg: DiffusionGraph, layers: list[Any], start: int, end: int, n
                 raise PassError(f"cannot cache the residual of blocks {start}..{end}: no input of {first.name} has the "
                                 f"shape of its output {cut}; use mode='raw'")
             bases[cut] = match[0] if len(cuts) == 1 else match[min(cuts.index(cut), len(match) - 1)]
-    if mode == DELTA:
-        keep = []
+    # caching the range must not skip the blocks before it: the bases stop a residual's region there, and
+    # the range's inputs stop a raw one
+    keep = [] if mode == DELTA else [i for i in dict.fromkeys(i for b in layers[start:end] for i in b.inputs)
+                                     if i not in members]
     dead = region_nodes(dg.graph, cuts, [*bases.values(), *keep])
     if not any(n.name in members for n in dead):
         raise PassError(f"caching blocks {start}..{end} would skip nothing: their outputs are needed elsewhere")
