@@ -42,7 +42,7 @@ def _frontier_lines(results: dict[str, Any]) -> list[str]:
     if not frontier:
         return []
     lines = ["", f"## Frontier: speed-up at which {frontier['ours']} and the best peer reach each PSNR", "",
-             "(interpolated on each method's frontier over its settings; '-' = never reached)", "",
+             "(each method at its best setting, or two of its settings mixed over the images: time and squared error averaged; '-' = never reached)", "",
              "| PSNR dB | diffc | best peer | its speed-up | diffc reaches it |", "|---|---|---|---|---|"]
     for level, entry in frontier["levels"].items():
         wins = "-" if entry["diffc_wins"] is None else "yes" if entry["diffc_wins"] else "**no**"

@@ -2,7 +2,7 @@
 reaches at a fidelity level."""
 import pytest
 
-from diffc.bench.frontier import comparison, pareto, speedup_at
+from diffc.bench.frontier import comparison, mixed_speedup, pareto, speedup_at
 
 INF = float("inf")
 
@@ -12,12 +12,23 @@ def test_pareto_keeps_only_points_no_other_beats_on_both():
     assert pareto(points) == [(1.0, INF), (1.5, 40.0), (1.9, 32.0), (2.0, 30.0), (3.0, 20.0)]
 
 
-def test_speedup_at_interpolates_between_neighbouring_frontier_points():
+def test_speedup_at_mixes_two_settings_over_the_images():
     points = [(1.0, INF), (1.5, 40.0), (2.0, 30.0)]
     assert speedup_at(points, 40.0) == pytest.approx(1.5)
-    assert speedup_at(points, 35.0) == pytest.approx(1.75)
+    # 35 dB is an MSE of 10^-3.5: 24% of the images at 30 dB (1e-3), the rest at 40 dB (1e-4)
+    fast_share = (10 ** -3.5 - 1e-4) / (1e-3 - 1e-4)
+    assert speedup_at(points, 35.0) == pytest.approx(1 / ((1 - fast_share) / 1.5 + fast_share / 2.0))
     assert speedup_at(points, 30.0) == pytest.approx(2.0)
     assert speedup_at(points, 25.0) == pytest.approx(2.0)  # nothing faster measured: no extrapolation
+
+
+def test_measuring_one_more_setting_never_lowers_the_figure():
+    """(2.1, 27) is on the Pareto front between (2.0, 34) and (3.0, 26), but mixing it with (2.0, 34)
+    reaches 30 dB at less speed than mixing (3.0, 26) does: the figure stays the better mix."""
+    points = [(1.0, INF), (2.0, 34.0), (3.0, 26.0)]
+    alone = speedup_at(points, 30.0)
+    assert 2.0 < alone < 3.0
+    assert speedup_at([*points, (2.1, 27.0)], 30.0) == pytest.approx(alone)
 
 
 def test_a_method_that_never_reaches_a_level_has_no_speedup_there():
@@ -42,7 +53,8 @@ def test_comparison_names_the_best_peer_per_level_and_whether_diffc_reaches_it()
     ]}
     levels = comparison(rows)["levels"]
     assert levels["40"]["best_peer"] == "taylorseer" and levels["40"]["diffc_wins"] is False
-    assert levels["35"]["diffc"] == pytest.approx(1.9 + (36 - 35) / (36 - 31) * 0.7)
+    assert levels["35"]["diffc"] == pytest.approx(mixed_speedup((1.9, 36.0), (2.6, 31.0), 35.0))
+    assert 1.9 < levels["35"]["diffc"] < 2.6
     assert levels["30"]["diffc_wins"] is True and levels["30"]["best_peer"] == "fbc"
 
 
