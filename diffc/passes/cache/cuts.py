@@ -157,13 +157,18 @@ def _block_region(dg: DiffusionGraph, blocks: list[Any], name: str, mode: str) -
     members = {n for b in blocks for n in b.nodes}
     outputs = [o for b in blocks for o in b.outputs]
     cuts = [o for o in dict.fromkeys(outputs) if any(u.name not in members for u in _node(dg, o).users)]
-    keep = [i for i in dict.fromkeys(i for b in blocks for i in b.inputs) if i not in members]
+    keep = _outside_inputs(blocks, members)
     if not cuts:
         raise PassError(f"block {blocks[0].name} has no output used after it")
     dead = region_nodes(dg.graph, cuts, keep)
     if not any(n.name in members for n in dead):
         raise PassError(f"caching block {blocks[0].name} would skip nothing: its outputs are needed elsewhere")
     return Region(name, tuple(cuts), mode, keep=tuple(keep))
+
+
+def _outside_inputs(blocks: list[Any], members: set[str]) -> list[str]:
+    """The blocks' inputs computed outside `members`, in order, each once."""
+    return [i for i in dict.fromkeys(i for b in blocks for i in b.inputs) if i not in members]
 
 
 def _unet_stages(dg: DiffusionGraph) -> dict[str, list[str]]:
@@ -207,7 +212,8 @@ def _within_block_cut(dg: DiffusionGraph, up_block: Any, recomputed_layers: int)
     if recomputed_layers == len(resnets):
         return None
     first = resnets[len(resnets) - recomputed_layers]
-    concatenations = [_node(dg, i) for i in first.inputs if _node(dg, i).target == torch.ops.aten.cat.default]
+    inputs = [_node(dg, i) for i in first.inputs]
+    concatenations = [node for node in inputs if node.target == torch.ops.aten.cat.default]
     if len(concatenations) != 1 or not isinstance(concatenations[0].args[0][0], torch.fx.Node):
         raise PassError(f"cannot cut inside {up_block.name}: {first.name} does not take its hidden state concatenated "
                         "with a skip connection. Fix: leave recomputed_layers unset to cut between blocks")
@@ -273,8 +279,7 @@ def _range_region(dg: DiffusionGraph, layers: list[Any], start: int, end: int, n
             bases[cut] = match[0] if len(cuts) == 1 else match[min(cuts.index(cut), len(match) - 1)]
     # caching the range must not skip the blocks before it: the bases stop a residual's region there, and
     # the range's inputs stop a raw one
-    keep = [] if mode == DELTA else [i for i in dict.fromkeys(i for b in layers[start:end] for i in b.inputs)
-                                     if i not in members]
+    keep = [] if mode == DELTA else _outside_inputs(layers[start:end], members)
     dead = region_nodes(dg.graph, cuts, [*bases.values(), *keep])
     if not any(n.name in members for n in dead):
         raise PassError(f"caching blocks {start}..{end} would skip nothing: their outputs are needed elsewhere")
