@@ -209,10 +209,11 @@ class Bench:
             return choice.peer.build(self.pipe, self.attribute, self.settings.steps, choice.setting)
         from ..api import optimize
 
-        row.details.update(passes=choice.pass_specs(), target=choice.target,
+        row.details.update(passes=choice.pass_specs(), target=choice.target, compiled=choice.compiled,
                            calibration="shared by the diffc rows; its time is in the meta")
+        # compile=None is the backend's own choice (compiled on CUDA, eager on CPU)
         module = optimize(self.pipe, target=choice.target, passes=choice.pass_specs(), device=self.settings.device,
-                          calibration=self.shared_calibration())
+                          calibration=self.shared_calibration(), compile=True if choice.compiled else None)
         row.details["reports"] = [{"pass": e["pass"], "summary": _summary(e.get("report"))}
                                   for e in getattr(module, "report", [])]
         return module, contextlib.nullcontext

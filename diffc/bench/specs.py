@@ -4,10 +4,11 @@
     cache[full_fraction=0.5;forecast=true] the same pass with options (`;` between them)
     cache+quant:int4                       passes joined by `+`, target precision after `:` (torch backend)
     cache+quant:ort-int8                   or a whole target after `:` (backend-precision)
+    cache:compile, cache+quant:int8+compile  the torch backend's segments under torch.compile
     deepcache@3                            a peer at one setting (`@`); alone, the peer's documented default
     peers                                  every peer at every setting of its sweep
     cache-sweep                            diffc's own sweep: cache budgets with and without forecast (on a
-                                           UNet, also with DeepCache's shallowest cut)
+                                           UNet, also with DeepCache's shallowest cut), eager and compiled
 """
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ DEEP_SWEEP_MAX_GAP = {0.15: 8, 0.2: 8}
 # N = 2, 3, 4, 5 compute in full
 SHALLOW_UNET_CUT = "cut=deep;recomputed_layers=1"
 SHALLOW_SWEEP_FRACTIONS = (0.2, 0.25, 0.35, 0.5)
+# the same pass with the torch backend's segments under torch.compile, as the torchao peers are
+# compiled: at the high-fidelity end of the sweep, where kernel speed, not skipped work, decides
+COMPILED_SWEEP_FRACTIONS = (0.5, 0.7, 0.85)
+COMPILE_SUFFIX = "compile"
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ class DiffcPipeline:
     passes: tuple[str, ...]
     target: str
     options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # (pass, ((option, value), ...))
+    compiled: bool = False
 
     def pass_specs(self) -> list[Any]:
         """What `optimize(passes=...)` takes: a name, or {"pass": name, **options}."""
@@ -50,7 +56,8 @@ class DiffcPipeline:
     @property
     def family(self) -> str:
         """The frontier this row belongs to: the passes it runs, options aside."""
-        return "diffc " + "+".join(self.passes) + ("" if self.target == "torch" else f" ({self.target})")
+        return ("diffc " + "+".join(self.passes) + ("" if self.target == "torch" else f" ({self.target})")
+                + (" + torch.compile" if self.compiled else ""))
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,10 @@ def parse_pipeline(spec: str) -> DiffcPipeline | PeerChoice | None:
     body, precision = text, ""
     if ":" in text.rsplit("]", 1)[-1]:
         body, _, precision = text.rpartition(":")
+    precision, plus, flag = precision.rpartition("+") if "+" in precision else ("", "", precision)
+    compiled = flag.strip().lower() == COMPILE_SUFFIX
+    if not compiled:
+        precision = precision + plus + flag
     parsed = [_parse_pass(part, spec) for part in body.split("+") if part]
     names = tuple(name.lower() for name, _ in parsed)
     if names == ("all",):
@@ -111,7 +122,11 @@ def parse_pipeline(spec: str) -> DiffcPipeline | PeerChoice | None:
                          f"'cache-sweep', a peer ({', '.join(PEERS)}; name@setting for one of its settings) or "
                          "'peers'")
     target = _row_target(precision, "quant" in names, spec)
-    return DiffcPipeline(names, target, tuple((name.lower(), options) for name, options in parsed if options))
+    if compiled and not target.startswith("torch"):
+        raise DiffcError(f"pipeline {spec!r}: torch.compile runs the torch backend's segments, not {target}'s; drop "
+                         f"'+{COMPILE_SUFFIX}' or use a torch target (e.g. :int8+{COMPILE_SUFFIX})")
+    return DiffcPipeline(names, target, tuple((name.lower(), options) for name, options in parsed if options),
+                         compiled)
 
 
 def _row_target(suffix: str, quantizes: bool, spec: str) -> str:
@@ -145,7 +160,11 @@ def cache_sweep(unet: bool = False) -> list[str]:
                     for fraction in CACHE_SWEEP_FRACTIONS for forecast in ("true", "false")]
     shallow = [f"cache[{SHALLOW_UNET_CUT};full_fraction={fraction}{gap(fraction)};forecast={forecast};min_psnr=null]"
                for fraction in SHALLOW_SWEEP_FRACTIONS for forecast in ("true", "false")] if unet else []
-    return whole_blocks + shallow
+    compiled = [f"cache[full_fraction={fraction};forecast=true;min_psnr=null]:{COMPILE_SUFFIX}"
+                for fraction in COMPILED_SWEEP_FRACTIONS]
+    shallow_compiled = [f"cache[{SHALLOW_UNET_CUT};full_fraction={fraction};forecast=true;min_psnr=null]:"
+                        f"{COMPILE_SUFFIX}" for fraction in COMPILED_SWEEP_FRACTIONS] if unet else []
+    return whole_blocks + shallow + compiled + shallow_compiled
 
 
 def _split_outside_brackets(text: str) -> list[str]:

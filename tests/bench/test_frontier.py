@@ -58,6 +58,19 @@ def test_comparison_names_the_best_peer_per_level_and_whether_diffc_reaches_it()
     assert levels["30"]["diffc_wins"] is True and levels["30"]["best_peer"] == "fbc"
 
 
+def test_diffc_cache_eager_and_compiled_rows_make_one_frontier():
+    rows = {r["pipeline"]: r for r in [
+        _row("baseline", "baseline", None, 1.0, INF),
+        _row("cache", "diffc", "diffc cache", 2.0, 32.0),
+        _row("cache[full_fraction=0.7]:compile", "diffc", "diffc cache + torch.compile", 1.5, 41.0),
+        _row("cache+quant", "diffc", "diffc cache+quant (torch-int8)", 3.0, 45.0),  # another method
+        _row("torchao-int8-compile@wo", "peer", "torchao-int8-compile", 1.4, 44.0),
+    ]}
+    levels = comparison(rows)["levels"]
+    assert levels["40"]["diffc"] == pytest.approx(mixed_speedup((1.5, 41.0), (2.0, 32.0), 40.0))
+    assert levels["40"]["diffc_wins"] is True and levels["30"]["diffc"] == 2.0
+
+
 def test_a_method_whose_rows_all_declined_stays_at_the_unoptimized_speed():
     rows = {"baseline": _row("baseline", "baseline", None, 1.0, INF),
             "cache": _row("cache", "diffc", "diffc cache", 1.0, INF, status="no-op"),

@@ -31,7 +31,19 @@ def test_sweeps_expand_and_commas_inside_options_do_not_split():
     shallow = set(cache_sweep(unet=True)) - set(cache_sweep())
     assert shallow and all("recomputed_layers=1" in spec for spec in shallow)
     assert shallow <= set(split_pipelines("cache-sweep", unet=True)) and not shallow & set(specs)
-    assert all(parse_pipeline(spec).family == "diffc cache" for spec in shallow)  # one diffc frontier
+    assert all(parse_pipeline(spec).family in ("diffc cache", "diffc cache + torch.compile") for spec in shallow)
+    compiled = [parse_pipeline(spec) for spec in cache_sweep(unet=True) if spec.endswith(":compile")]
+    assert compiled and all(choice.compiled and choice.target == "torch" for choice in compiled)
+
+
+def test_compile_after_the_colon_runs_the_torch_backends_segments_under_torch_compile():
+    assert parse_pipeline("cache:compile") == bench.DiffcPipeline(("cache",), "torch", compiled=True)
+    choice = parse_pipeline("cache[full_fraction=0.5]+quant:int8+compile")
+    assert (choice.target, choice.compiled) == ("torch-int8", True)
+    assert choice.family == "diffc cache+quant (torch-int8) + torch.compile"
+    assert not parse_pipeline("cache+quant:int8").compiled
+    with pytest.raises(DiffcError, match="torch.compile runs the torch backend's segments, not ort-int8's"):
+        parse_pipeline("quant:ort-int8+compile")
 
 
 @pytest.mark.parametrize("spec, message", [
