@@ -37,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_prompt_arguments(opt)
     opt.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up round")
     opt.add_argument("--device", default=None)
+    opt.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                     help="run the torch backend's segments under torch.compile (default: on CUDA only; compiling "
+                          "happens in the untimed warm-up round)")
     opt.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     opt.add_argument("--work-dir", default=None,
                      help="where calibration and the graph after each pass are kept, so an interrupted run resumes "
@@ -63,7 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      "pipeline folder")
     bench.add_argument("--pipelines", default="baseline,cache,quant,prune,moe,cache+quant,all,peers",
                        help="comma-separated: baseline, diffc passes joined by '+' (cache, quant[:int4], prune, moe, "
-                            "all; options in brackets: cache[full_fraction=0.5;forecast=true]), 'cache-sweep' for "
+                            "all; options in brackets: cache[full_fraction=0.5;forecast=true]; ':compile' after "
+                            "them for torch.compile'd segments), 'cache-sweep' for "
                             "diffc's cache settings, peer names (fbc, taylorseer, magcache, fastercache, pab, "
                             "seacache, deepcache, cache-dit, torchao-...; name@setting for one setting) or 'peers' "
                             "for every peer at every setting")
@@ -277,7 +281,7 @@ def _optimize(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     passes = _parse_passes(args.passes)
     fast = optimize(pipe, target=args.target, passes=passes, device=args.device, progress=True, work_dir=work_dir,
-                    **request.calibration(passes, work_dir))
+                    compile=args.compile, **request.calibration(passes, work_dir))
     optimize_seconds = time.perf_counter() - started
     scorer = models.load_scorer() if args.model is None or args.model in models.available() else None
     labels = request.labels

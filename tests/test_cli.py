@@ -21,6 +21,18 @@ def test_optimize_prints_a_before_after_table_and_writes_outputs(capsys, tmp_pat
     assert not (tmp_path / "out.work").exists()  # the resume folder goes once the artifact is written
 
 
+@pytest.mark.slow
+def test_optimize_compile_runs_the_segments_under_torch_compile_and_the_artifact_keeps_it(capsys, tmp_path):
+    import json
+
+    out_dir = tmp_path / "out"
+    assert main(["optimize", "digits-dit", "--passes", "none", "--steps", "2", "--labels", "0", "--rounds", "1",
+                 "--compile", "--out", str(out_dir)]) == 0
+    assert "PSNR vs original (dB)" in capsys.readouterr().out
+    manifest = json.loads((out_dir / "model" / "manifest.json").read_text())
+    assert manifest["target"]["info"]["compile"] is True
+
+
 @pytest.mark.parametrize("argv, message", [
     (["optimize", "--target", "nonsense-int3"], "unknown target"),
     (["optimize", "no-such-model"], "neither an embedded model"),
