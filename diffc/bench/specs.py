@@ -37,7 +37,7 @@ SHALLOW_UNET_CUT = "cut=deep;recomputed_layers=1"
 SHALLOW_SWEEP_FRACTIONS = (0.2, 0.25, 0.35, 0.5)
 # the same pass with the torch backend's segments under torch.compile, as the torchao peers are
 # compiled: at the high-fidelity end of the sweep, where kernel speed, not skipped work, decides
-COMPILED_SWEEP_FRACTIONS = (0.5, 0.7, 0.85)
+COMPILED_SWEEP_FRACTIONS = (0.5, 0.7, 0.85, 0.95)
 COMPILE_SUFFIX = "compile"
 
 
