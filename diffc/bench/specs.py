@@ -107,10 +107,10 @@ def parse_pipeline(spec: str) -> DiffcPipeline | PeerChoice | None:
     body, precision = text, ""
     if ":" in text.rsplit("]", 1)[-1]:
         body, _, precision = text.rpartition(":")
-    precision, plus, flag = precision.rpartition("+") if "+" in precision else ("", "", precision)
+    before_flag, _, flag = precision.rpartition("+")
     compiled = flag.strip().lower() == COMPILE_SUFFIX
-    if not compiled:
-        precision = precision + plus + flag
+    if compiled:
+        precision = before_flag
     parsed = [_parse_pass(part, spec) for part in body.split("+") if part]
     names = tuple(name.lower() for name, _ in parsed)
     if names == ("all",):
@@ -160,11 +160,10 @@ def cache_sweep(unet: bool = False) -> list[str]:
                     for fraction in CACHE_SWEEP_FRACTIONS for forecast in ("true", "false")]
     shallow = [f"cache[{SHALLOW_UNET_CUT};full_fraction={fraction}{gap(fraction)};forecast={forecast};min_psnr=null]"
                for fraction in SHALLOW_SWEEP_FRACTIONS for forecast in ("true", "false")] if unet else []
-    compiled = [f"cache[full_fraction={fraction};forecast=true;min_psnr=null]:{COMPILE_SUFFIX}"
-                for fraction in COMPILED_SWEEP_FRACTIONS]
-    shallow_compiled = [f"cache[{SHALLOW_UNET_CUT};full_fraction={fraction};forecast=true;min_psnr=null]:"
-                        f"{COMPILE_SUFFIX}" for fraction in COMPILED_SWEEP_FRACTIONS] if unet else []
-    return whole_blocks + shallow + compiled + shallow_compiled
+    cut_options = ["", f"{SHALLOW_UNET_CUT};"] if unet else [""]
+    compiled = [f"cache[{cut}full_fraction={fraction};forecast=true;min_psnr=null]:{COMPILE_SUFFIX}"
+                for cut in cut_options for fraction in COMPILED_SWEEP_FRACTIONS]
+    return whole_blocks + shallow + compiled
 
 
 def _split_outside_brackets(text: str) -> list[str]:
