@@ -1,6 +1,7 @@
 """diffc.optimize, diffc.replay and diffc.load: the public entry points."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -196,11 +197,18 @@ def _run_pipeline(manager: PassManager, model_or_pipeline: Any, ctx: PassContext
     ctx.calibration = calibration_set
     # candidates run once or twice each: compiling them would cost more than it saves
     ctx.denoiser_for = lambda candidate: compile_graph(candidate, "torch", "fp32", device, compile=False)
+    ctx.format_times = functools.partial(_format_times, parse_target(ctx.target).backend, str(torch.device(device)))
     checkpoints = None
     if work_dir is not None:
         identity = {"model": graph_fingerprint(graph), "calibration": _calibration_fingerprint(calibration_set)}
         checkpoints = PassCheckpointFolder(work_dir, identity)
     return manager.run(graph, ctx, checkpoints)
+
+
+@functools.cache
+def _format_times(backend: str, device: str, formats: tuple[str, ...]) -> dict[str, float] | None:
+    """Measured once per process, backend, device and format set (a few seconds)."""
+    return get_backend(backend).relative_format_times(formats, torch.device(device))
 
 
 def _device_of(model_or_pipeline: Any, device: Any) -> Any:

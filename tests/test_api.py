@@ -129,3 +129,11 @@ def test_passes_that_fit_to_the_calibration_get_more_default_conditions(monkeypa
         assert asked["condition_count"] == count
     assert _default_conditions(pipe, diffc.api.FITTING_CONDITIONS) == list(range(10))
     assert _default_conditions(pipe, diffc.api.DEFAULT_CONDITIONS) == [0, 1, 2, 3, 5, 6, 7, 8]
+
+
+def test_latency_budget_is_judged_by_the_targets_measured_format_times(family):
+    # on a CPU torch fake-quantizes every low-bit format, so none is faster than the float layer
+    from diffc.errors import PassError
+
+    with pytest.raises(PassError, match=r"latency_ratio=0.5 is below every format's time.*measured on this machine"):
+        diffc.optimize(family("dit")[0], target="torch-mixed", passes=["quant"], latency_ratio=0.5)

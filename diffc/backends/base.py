@@ -5,6 +5,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
+
 from ..errors import TargetError
 from ..ir import CompiledPlan, Plan
 
@@ -43,6 +45,11 @@ class Backend(ABC):
         if compile and engine is not None:
             raise TargetError(f"compile=True asks for torch.compile, which does not apply to {engine}; drop it for "
                               f"{self.name} targets")
+
+    def relative_format_times(self, formats: tuple[str, ...], device: torch.device) -> dict[str, float] | None:
+        """Each layer format's time over the unquantized layer's, measured on `device` as this backend
+        runs them (diffc.backends.format_times); None where it cannot time layers on this machine."""
+        return None
 
     @abstractmethod
     def compile(self, plan: Plan, precision: str, device: Any = None, **options: Any) -> CompiledPlan:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx
 
 from .._progress import progress
 from ..errors import ArtifactError, InputError, TargetError
@@ -28,6 +29,7 @@ from ..ir.onnx_export import export_plan
 from ..ir.served_files import register_saved_form, register_served_file_maker
 from ..ir.onnx_segments import (SEGMENT_METADATA, flatten_values, onnx_io, read_segment_metadata, regroup_values,
                                   segment_values)
+from . import format_times
 from .base import LOW_BIT, Backend
 from .onnx_refit import InPlaceUpdate
 from .onnx_weights import map_weights, read_weight_map, restore_weights, strip_weights
@@ -112,6 +114,34 @@ class OnnxRuntimeBackend(Backend):
                             input_dtype=torch.float16 if precision == "fp16" else torch.float32, files=files,
                             info=info, refit=swap.refit, rescale=swap.rescale)
 
+    def relative_format_times(self, formats: tuple[str, ...], device: torch.device) -> dict[str, float] | None:
+        """Timed as ONNX Runtime runs the Q/DQ model `compile` lowers a layer to (its integer kernels
+        where it fuses the Q/DQ pairs), inputs fed from host memory."""
+        if self.unavailable_reason("mixed"):
+            return None
+        import onnx
+        import onnxruntime
+
+        from .onnx_qdq import quantize_segment_onnx
+
+        exported: list[Any] = []
+        with tempfile.TemporaryDirectory(prefix="diffc-format-times-") as directory:
+            def runner(module: torch.fx.GraphModule, annotations: Any, example: torch.Tensor) -> Callable[[], Any]:
+                if not exported:
+                    path = onnx_export.export_onnx(module, [example], Path(directory) / "layer.onnx", ["x"], ["y"],
+                                                   [{}])
+                    exported.append(onnx.load(str(path)))
+                    map_weights(exported[0], module)
+                model = exported[0] if annotations is None else \
+                    quantize_segment_onnx(exported[0], module, annotations, "mixed")
+                session = onnxruntime.InferenceSession(model.SerializeToString(), sess_options=_session_options(True),
+                                                       providers=_providers(device),
+                                                       disabled_optimizers=DISABLED_OPTIMIZERS)
+                feed = {"x": example.cpu().numpy()}
+                return lambda: session.run(None, feed)
+
+            return format_times.relative_times(formats, device, runner)
+
     @classmethod
     def artifact_options(cls, root: str | os.PathLike[str], manifest: Mapping[str, Any]) -> dict[str, Any]:
         """The compile options that open a saved artifact's ONNX models (hash-checked by
@@ -143,6 +173,17 @@ def _saved_form(files: Mapping[str, bytes], info: Mapping[str, Any]) -> dict[str
 register_saved_form("ort", _saved_form)
 register_served_file_maker("ort", lambda data, plan, name: restore_weights(data, plan.segments[name].module,
                                                                          plan.graph.annotations))
+
+
+def _session_options(fuse_qdq: bool) -> Any:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if not fuse_qdq:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+    return options
 
 
 def _providers(device: torch.device) -> list[str]:
@@ -283,11 +324,7 @@ class SegmentSession:
         import onnx
         import onnxruntime
 
-        options = onnxruntime.SessionOptions()
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        if not fuse_qdq:
-            options.add_session_config_entry("session.disable_quant_qdq", "1")
+        options = _session_options(fuse_qdq)
         provider_options: list[dict[str, Any]] = [{}] * len(providers)
         if device.type == "cuda":
             provider_options = [{"device_id": device.index or 0}, {}]

@@ -18,7 +18,7 @@ from ..ir import CompiledPlan, Plan
 from ..ir.fxutil import attr_value, copy_graph
 from ..ir.precision import precision_specs
 from ..ir.simulation import simulate
-from . import quantized
+from . import format_times, quantized
 from .base import LOW_BIT, Backend
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -104,6 +104,22 @@ class TorchBackend(Backend):
             info["kernels"] = {k: sum(v == k for v in kernels.values()) for k in sorted(set(kernels.values()))}
         return CompiledPlan(plan=plan, runners=runners, backend=self.name, precision=precision, device=device,
                             input_dtype=dtype, info=info)
+
+    def relative_format_times(self, formats: tuple[str, ...], device: torch.device) -> dict[str, float]:
+        """Timed as `compile` runs a layer, eagerly: the CUDA kernels, and on CPU the fake quantization
+        (which costs more than the layer it simulates: torch has no faster low-bit CPU matmul)."""
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+        def runner(module: torch.fx.GraphModule, annotations: Any, example: torch.Tensor) -> Callable[[], Any]:
+            weights = {n.target: attr_value(module, n.target) for n in module.graph.nodes if n.op == "get_attr"}
+            converted = torch.fx.GraphModule({k: v.to(dtype) if v.dim() >= 2 else v for k, v in weights.items()},
+                                             module.graph)
+            if annotations is not None:
+                converted = self._lower_precision(converted, module, annotations, device, dtype)[0]
+            run = converted if dtype == torch.float32 else _autocast(converted, device.type, dtype)
+            return lambda: run(example)
+
+        return format_times.relative_times(formats, device, runner)
 
     @staticmethod
     def _lower_precision(module: torch.fx.GraphModule, source: torch.fx.GraphModule, annotations: Any,

@@ -38,6 +38,9 @@ class PassContext:
     # Builds a runnable denoiser (same forward as the original) from a candidate graph, so passes
     # can re-run the real sampler with it; given by the API layer, which knows the backends.
     denoiser_for: Callable[[DiffusionGraph], Any] | None = None
+    # Each layer format's time over the unquantized layer's as the target's backend runs it on this
+    # machine (None where it cannot measure); given by the API layer, for latency budgets
+    format_times: Callable[[tuple[str, ...]], dict[str, float] | None] | None = None
     # the user asked for progress bars (optimize(progress=True)): passes show their long loops
     progress: bool = False
     # what final images are judged against: None for the recorded (original) ones, or, for a pass

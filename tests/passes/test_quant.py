@@ -207,6 +207,35 @@ def test_latency_budget_is_met(tiny):
     assert len(set(chosen.values())) > 1
 
 
+def test_latency_budget_places_by_the_backends_measured_times(tiny):
+    dg, calibration = tiny
+    measured = {"bf16": 1.0, "fp8": 1.6, "int8": 0.4, "int4": 1.1, "w4a8": 1.9}
+    asked = []
+    ctx = PassContext(calibration=calibration, target="torch-mixed",
+                      format_times=lambda formats: asked.append(formats) or measured)
+    quantized = PassManager([{"pass": "quant", "samples": 4, "probes": 2, "trajectories": 1,
+                              "latency_ratio": 0.7}]).run(dg, ctx)
+    report = quantized.applied[-1]["report"]
+    flops = {layer.node: layer.flops for layer in quantizable_layers(quantized, PROTECTIONS) if not layer.protected}
+    chosen = {e["node"]: e["format"] for e in report["layers"] if e["format"]}
+    assert asked == [("bf16", "fp8", "int8", "int4", "w4a8")]
+    assert sum(flops[n] * measured[f] for n, f in chosen.items()) <= 0.7 * sum(flops.values()) + 1
+    assert set(chosen.values()) <= {"bf16", "int8"}  # every other format is slower than bf16 here
+    assert "measured on this machine" in report["placement"] and "int8 0.40x" in report["placement"]
+
+
+def test_latency_budget_below_every_measured_format_refused_before_any_work(tiny):
+    dg, calibration = tiny
+    slower = {"bf16": 1.0, "fp8": 3.3, "int8": 2.7, "int4": 1.2, "w4a8": 2.7}
+    ctx = PassContext(calibration=calibration, target="torch-mixed", format_times=lambda formats: slower)
+    before = {k: v.clone() for k, v in dg.weights().items()}
+    with pytest.raises(PassError, match=r"latency_ratio=0.7 is below every format.*int8 2\.70x.*ort-mixed"):
+        PassManager([{"pass": "quant", "samples": 4, "probes": 2, "trajectories": 1, "latency_ratio": 0.7}]).run(
+            dg, ctx)
+    assert not dg.annotations
+    assert all(torch.equal(before[k], v) for k, v in dg.weights().items())
+
+
 def test_every_format_has_a_cost_for_the_latency_budget():
     from diffc.ir.precision import FORMATS
     from diffc.passes.quant.formats import RELATIVE_COST

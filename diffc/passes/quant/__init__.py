@@ -44,9 +44,9 @@ from ..base import PASSES, Pass, PassConfig, PassContext, PassResult, register_p
 from .annotate import (RANGE_METHODS, activation_scale, activation_types, annotate, dynamic_activation,
                        layer_activation)
 from .floor import DYNAMIC_SHARES, KEEP_SHARES, KEPT_REASON, drop_precision, keep_for_floor, with_dynamic_scales
-from .formats import RELATIVE_COST, formats_for, runs_dynamic_scales
+from .formats import formats_for, layer_times, latency_costs, place_by_latency, runs_dynamic_scales
 from .layers import PROTECTIONS, Attention, Layer, attention_nodes, quantizable_layers
-from .placement import pareto_front, place, place_by_size
+from .placement import pareto_front, place_by_size
 from .sensitivity import ACCUMULATIONS, Sensitivity, measure, sample_calls
 from .smooth import SEARCH_CALLS, search_alphas, smooth
 from .timestep_scales import TimestepScales, judged_timestep_scales
@@ -128,6 +128,7 @@ class QuantPass(Pass):
         untouched = dg.clone()
         formats = formats_for(ctx.target, cfg.formats)
         budget_kind, ratio = self._budget(ctx, formats)
+        costs, source = latency_costs(ctx.format_times, formats, ratio) if budget_kind == "latency" else ({}, "")
         layers = quantizable_layers(dg, cfg.protect)
         placeable = [layer for layer in layers if layer.protected is None]
         if not placeable:
@@ -157,9 +158,6 @@ class QuantPass(Pass):
                                for f in formats] for node in rows])
         sizes = np.array([[weight_bytes(layer.shape, f) for f in formats] for layer in placeable]
                          + [[0.0] * len(formats) for _ in attentions], float).reshape(len(rows), len(formats))
-        times = np.array([[layer.flops * RELATIVE_COST[f] for f in formats] for layer in placeable]
-                         + [[a.flops * (RELATIVE_COST[f] if f in attention_quant[a.node] else 1.0) for f in formats]
-                            for a in attentions], float).reshape(len(rows), len(formats))
         original_bytes = float(sum(weight_bytes(layer.shape, None) for layer in placeable))
         if len(formats) == 1:
             choice = [0] * len(rows)
@@ -168,9 +166,10 @@ class QuantPass(Pass):
             choice = place_by_size(objective, sizes, ratio * original_bytes, len(placeable))
             rule = f"minimum predicted error within size_ratio={ratio} of the fp32 weights"
         elif budget_kind == "latency":
-            choice = place(objective, times, ratio * float(sum(layer.flops for layer in placeable)
-                                                           + sum(a.flops for a in attentions)))
-            rule = f"minimum predicted error within latency_ratio={ratio} of bf16 matmul time"
+            choice = place_by_latency(objective, layer_times(placeable, attentions, attention_quant, formats, costs),
+                                      ratio * float(sum(x.flops for x in [*placeable, *attentions])), costs, source)
+            rule = f"minimum predicted error within latency_ratio={ratio} of the unquantized matmul time, by format " \
+                f"times {source}: " + ", ".join(f"{name} {cost:.2f}x" for name, cost in costs.items())
         else:
             reference = next((f for f in ("int8", "fp8") if f in formats), None)
             if reference is None:

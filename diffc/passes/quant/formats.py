@@ -1,8 +1,15 @@
-"""Which layer formats a target allows, and what each costs (bytes, estimated time)."""
+"""Which layer formats a target allows, and what each costs in time: measured by the target's
+backend on this machine where it can, estimated where it cannot."""
 from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
 
 from ...errors import PassError
 from ...ir.precision import FORMATS
+from .layers import Attention, Layer
+from .placement import place
 
 # Formats each low-bit target precision places by default. A single-format target quantizes every
 # unprotected layer to it; "mixed" chooses per layer under a budget.
@@ -14,12 +21,51 @@ TARGET_FORMATS: dict[str, tuple[str, ...]] = {
 OTHER_FORMATS: dict[str, tuple[str, ...]] = {"int8": ("int8_dynamic",), "mixed": ("int8_dynamic",)}
 # TensorRT's int8 Q/DQ takes static scales only; torch and ONNX Runtime run dynamic ones
 DYNAMIC_BACKENDS = ("torch", "ort")
-# Estimated matmul time per MAC relative to bf16: 8-bit tensor-core math runs at twice the bf16
-# rate on Hopper/Ada (dense fp8/int8 vs bf16 peak); int4 weight-only keeps bf16 math but moves a
-# quarter of the weight bytes, which pays off where layers are weight-bound (small batches).
-# Dynamic int8 adds a pass over the input per call (its largest magnitude per token).
+# Estimated matmul time per MAC relative to bf16, where the target's backend cannot time layers
+# on this machine (TensorRT): 8-bit tensor-core math runs at twice the bf16 rate on Hopper/Ada
+# (dense fp8/int8 vs bf16 peak); int4 weight-only keeps bf16 math but moves a quarter of the weight
+# bytes, which pays off where layers are weight-bound (small batches). Dynamic int8 adds a pass
+# over the input per call (its largest magnitude per token).
 RELATIVE_COST: dict[str, float] = {"bf16": 1.0, "fp16": 1.0, "fp8": 0.5, "int8": 0.5, "int8_dynamic": 0.55,
                                    "w4a8": 0.5, "int4": 0.8}
+ESTIMATED = "estimated for a Hopper/Ada GPU (the target's backend cannot time layers on this machine)"
+MEASURED = "measured on this machine: one linear layer in each format, as the target's backend runs it"
+# (formats) -> each format's time over the unquantized layer's, or None where it cannot be measured
+FormatTimer = Callable[[tuple[str, ...]], "dict[str, float] | None"]
+
+
+def latency_costs(timer: FormatTimer | None, formats: tuple[str, ...], ratio: float) -> tuple[dict[str, float], str]:
+    """Each format's matmul time over the unquantized layer's, and where the figures come from.
+    Refuses a latency ratio below every format's, before any sensitivity is measured."""
+    measured = timer(formats) if timer is not None else None
+    costs, source = (RELATIVE_COST, ESTIMATED) if measured is None else (measured, MEASURED)
+    if min(costs[f] for f in formats) > ratio:
+        raise PassError(_unmeetable(f"latency_ratio={ratio} is below every format's time", costs, source))
+    return costs, source
+
+
+def _unmeetable(problem: str, costs: dict[str, float], source: str) -> str:
+    table = ", ".join(f"{name} {cost:.2f}x" for name, cost in costs.items())
+    return (f"{problem}: relative to the unquantized layer the formats take {table} ({source}). Choose a target "
+            "whose low-bit kernels are faster here (on a CPU, ort-mixed), raise latency_ratio, or budget by size "
+            "(size_ratio)")
+
+
+def layer_times(layers: list[Layer], attentions: list[Attention], attention_formats: dict[str, Any],
+                formats: tuple[str, ...], costs: dict[str, float]) -> np.ndarray:
+    """Per layer (then attention) row and format, its FLOPs times the format's relative cost; an
+    attention keeps the unquantized cost in a format that leaves it alone."""
+    rows = [[layer.flops * costs[f] for f in formats] for layer in layers]
+    rows += [[a.flops * (costs[f] if f in attention_formats[a.node] else 1.0) for f in formats] for a in attentions]
+    return np.array(rows, float).reshape(len(rows), len(formats))
+
+
+def place_by_latency(objective: np.ndarray, times: np.ndarray, budget: float, costs: dict[str, float],
+                     source: str) -> list[int]:
+    try:
+        return place(objective, times, budget)
+    except PassError as exc:
+        raise PassError(_unmeetable(str(exc), costs, source)) from exc
 
 
 def target_precision(target: str) -> str:
