@@ -8,7 +8,9 @@ DequantizeLinear pairs (opset >= 21), the form ONNX Runtime and TensorRT consume
   float (Div, Round, Clip, Mul), since QuantizeLinear takes one scale per tensor or per axis;
 - a linear with per-token dynamic input and int8 weight: an integer matmul instead (MatMulInteger
   on the rounded input and the int8 weight, then each token's and channel's scale), which
-  computes the same values as the float form, faster;
+  computes the same values as the float form, faster; for ONNX Runtime also a linear with a
+  static int8 input scale (QuantizeLinear, MatMulInteger, the scales), where its fused Q/DQ
+  kernels ran slower than the float layer;
 - a quantized weight: its initializer replaced by the quantized values and a DequantizeLinear
   with per-channel scales (int8, float8e4m3fn) or, for int4, blocked scales (`block_size`);
 - bf16 / fp16 layers: the weight and activation rounded through a Cast pair;
@@ -42,10 +44,11 @@ _LAYER_OPS = ("Conv", "Gemm", "MatMul")
 
 
 def quantize_segment_onnx(model: Any, module: torch.fx.GraphModule, annotations: Mapping[str, Mapping[str, Any]],
-                          precision: str) -> Any:
+                          precision: str, static_integer: bool = False) -> Any:
     """A copy of `model` (the ONNX export of `module`) with every annotated layer of `module`
-    in Q/DQ form. Raises TargetError when the model's opset is below 21 or an annotated layer
-    cannot be found in it."""
+    in Q/DQ form; with `static_integer` (ONNX Runtime), int8 linears with a static input scale
+    are integer matmuls too, where TensorRT takes their Q/DQ pairs. Raises TargetError when the
+    model's opset is below 21 or an annotated layer cannot be found in it."""
     import onnx
 
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -81,7 +84,8 @@ def quantize_segment_onnx(model: Any, module: torch.fx.GraphModule, annotations:
             raise TargetError(f"node {node.name} carries a precision annotation but is not a linear or 2-d convolution")
         weight = attr_value(module, weight_node.target).detach().float()
         layer, flip = editor.claim_layer(node.name, weight)
-        slot = editor.integer_linear(layer, weight, spec, node.name) if _runs_integer_matmul(spec) else None
+        slot = editor.integer_linear(layer, weight, spec, node.name) if _runs_integer_matmul(spec, static_integer) \
+            else None
         if slot is None:
             if spec.activation is not None:
                 editor.quantize_input(layer, spec.activation, node.name)
@@ -283,7 +287,6 @@ class GraphEditor:
         slot = _weight_slot(name, spec, True)
         for tensor in _weight_initializers(slot, weight, spec):
             self.add(tensor)
-        self.add(helper.make_tensor(f"{name}_input_shift", TensorProto.FLOAT, [], [128.0]))
         self.add(helper.make_tensor(f"{name}_input_shift_u8", TensorProto.UINT8, [], [128]))
         biased = layer.op_type == "Gemm" and len(layer.input) > 2 and layer.input[2]
 
@@ -291,10 +294,17 @@ class GraphEditor:
             return helper.make_node(op, inputs, [output], name=output, **attributes)
 
         v = f"{name}_input_"
+        if spec.activation.dynamic is None:
+            # the static scale: QuantizeLinear onto uint8 around zero point 128 is the int8 grid shifted
+            self.add(helper.make_tensor(v + "scale", TensorProto.FLOAT, [], [spec.activation.scale]))
+            rounding = [step("QuantizeLinear", [layer.input[0], v + "scale", v + "shift_u8"], v + "u8")]
+        else:
+            self.add(helper.make_tensor(v + "shift", TensorProto.FLOAT, [], [128.0]))
+            rounding = [*self.dynamic_rounding_nodes(layer.input[0], spec.activation, name),
+                        step("Add", [v + "q", v + "shift"], v + "shifted"),
+                        step("Cast", [v + "shifted"], v + "u8", to=TensorProto.UINT8)]
         unbiased = f"{name}_unbiased" if biased else layer.output[0]
-        nodes = [*self.dynamic_rounding_nodes(layer.input[0], spec.activation, name),
-                 step("Add", [v + "q", v + "shift"], v + "shifted"),
-                 step("Cast", [v + "shifted"], v + "u8", to=TensorProto.UINT8),
+        nodes = [*rounding,
                  step("MatMulInteger", [v + "u8", slot.initializer, v + "shift_u8"], f"{name}_int32"),
                  step("Cast", [f"{name}_int32"], f"{name}_accumulated", to=TensorProto.FLOAT),
                  step("Mul", [f"{name}_accumulated", v + "scale"], f"{name}_token_scaled"),
@@ -318,10 +328,13 @@ class GraphEditor:
         self.graph.initializer.extend(keep)
 
 
-def _runs_integer_matmul(spec: PrecisionSpec) -> bool:
+def _runs_integer_matmul(spec: PrecisionSpec, static_integer: bool) -> bool:
     activation, weight = spec.activation, spec.weight
-    return (activation is not None and activation.dtype == INT8 and activation.dynamic == PER_TOKEN
-            and weight is not None and weight.dtype == INT8 and weight.granularity == PER_CHANNEL and weight.axis == 0)
+    if activation is None or activation.dtype != INT8 or weight is None or weight.dtype != INT8 or \
+            weight.granularity != PER_CHANNEL or weight.axis != 0:
+        return False
+    return activation.dynamic == PER_TOKEN or (static_integer and activation.dynamic is None
+                                               and not activation.group_sizes)
 
 
 def _weight_slot(name: str, spec: PrecisionSpec, flip: bool) -> WeightSlot:

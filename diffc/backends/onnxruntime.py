@@ -133,7 +133,7 @@ class OnnxRuntimeBackend(Backend):
                     exported.append(onnx.load(str(path)))
                     map_weights(exported[0], module)
                 model = exported[0] if annotations is None else \
-                    quantize_segment_onnx(exported[0], module, annotations, "mixed")
+                    quantize_segment_onnx(exported[0], module, annotations, "mixed", static_integer=True)
                 session = onnxruntime.InferenceSession(model.SerializeToString(), sess_options=_session_options(True),
                                                        providers=_providers(device),
                                                        disabled_optimizers=DISABLED_OPTIMIZERS)
@@ -226,7 +226,8 @@ def _lower(model: Any, plan: Plan, name: str, precision: str) -> Any:
     if precision in LOW_BIT:
         from .onnx_qdq import quantize_segment_onnx
 
-        return quantize_segment_onnx(model, plan.segments[name].module, plan.graph.annotations, precision)
+        return quantize_segment_onnx(model, plan.segments[name].module, plan.graph.annotations, precision,
+                                     static_integer=True)
     return model
 
 
