@@ -46,7 +46,8 @@ def evaluate(name: str, root: Path, samples: int, steps: int) -> dict:
     return {"family": f"{zoo_spec.family} ({type(denoiser).__name__})", "data": zoo_spec.data,
             "prediction": zoo_spec.prediction, "sampler": zoo_spec.sampler,
             "parameters_m": sum(p.numel() for p in denoiser.parameters()) / 1e6,
-            "accuracy": scorer.accuracy(images, asked), "samples": samples, "steps": steps,
+            "accuracy": scorer.accuracy(images, asked), "attribute_accuracy": scorer.attribute_accuracy(images, asked),
+            "samples": samples, "steps": steps,
             "guidance_scale": pipe.config.default_guidance_scale, "seconds": seconds, "prompts": asked[:16]}
 
 
@@ -57,13 +58,12 @@ def readme_table(results: dict) -> str:
         lines.append(f"| `{name}` | {entry['family']} | {entry['data']} | {entry['prediction']} | {entry['sampler']} "
                      f"| {entry['parameters_m']:.2f} | {entry['accuracy']:.3f} ({entry['samples']} samples, "
                      f"{entry['steps']} steps, CFG {entry['guidance_scale']:g}) | ![{name}](grids/{name}.png) |")
-    weak = [f"`{name}` ({entry['accuracy']:.0%})" for name, entry in results.items()
-            if entry["accuracy"] < RECOGNIZABLE]
+    weak = [f"`{name}` ({entry['accuracy']:.0%}; per attribute: "
+            + ", ".join(f"{attribute} {share:.0%}" for attribute, share in entry["attribute_accuracy"].items()) + ")"
+            for name, entry in results.items() if entry["accuracy"] < RECOGNIZABLE]
     if weak:
-        lines += ["", f"Not yet learned well enough (under {RECOGNIZABLE:.0%} of samples right): {', '.join(weak)}. "
-                  "Their samples show the asked colour and a part of the asked structure (see the grids); they are "
-                  "to be retrained (more steps, or a wider model where more steps did not help), and results on them are "
-                  "marked as such."]
+        lines += ["", f"Not yet learned well enough (under {RECOGNIZABLE:.0%} of samples right): {'; '.join(weak)}. "
+                  "They are to be retrained, and results on them are marked as such."]
     return "\n".join(lines) + "\n"
 
 

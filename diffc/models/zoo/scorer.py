@@ -51,8 +51,16 @@ class ZooScorer:
 
     def accuracy(self, images, prompts: list[str]) -> float:
         """Fraction of samples whose every attribute matches its prompt (in the data set's format)."""
+        return self._matches(images, prompts).all(dim=1).float().mean().item()
+
+    def attribute_accuracy(self, images, prompts: list[str]) -> dict[str, float]:
+        """Per attribute, the fraction of samples that show the prompt's value of it."""
+        shares = self._matches(images, prompts).float().mean(dim=0).tolist()
+        return {name: share for (name, _), share in zip(self.data.attributes, shares)}
+
+    def _matches(self, images, prompts: list[str]) -> torch.Tensor:
         wanted = torch.tensor([self.data.parse(prompt) for prompt in prompts])
-        return (self.predict(images) == wanted).all(dim=1).float().mean().item()
+        return self.predict(images) == wanted
 
 
 def build_classifier(data_name: str) -> AttributeClassifier:

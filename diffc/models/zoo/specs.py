@@ -87,8 +87,8 @@ def _flux(data: Dataset) -> FluxTransformer2DModel:
 
 def _pixart(data: Dataset) -> PixArtTransformer2DModel:
     return PixArtTransformer2DModel(
-        num_attention_heads=4, attention_head_dim=16, in_channels=3, out_channels=3, num_layers=5,
-        cross_attention_dim=64, sample_size=data.image_size, patch_size=4, caption_channels=TEXT_DIM,
+        num_attention_heads=6, attention_head_dim=16, in_channels=3, out_channels=3, num_layers=6,
+        cross_attention_dim=96, sample_size=data.image_size, patch_size=4, caption_channels=TEXT_DIM,
         use_additional_conditions=False, norm_num_groups=8,
     )
 
@@ -142,7 +142,7 @@ ZOO = {
         ZooSpec("shapes-flux", "flux", "shapes", "flow", "flow-matching Euler, shift 1", _flux, _flow_euler(1.0), 3.0,
                 train_steps=3000),
         ZooSpec("textures-pixart", "pixart", "textures-32", "epsilon", "DDIM", _pixart, _ddim_eps, 3.0,
-                train_steps=8000),
+                train_steps=12000),
         ZooSpec("motion-wan", "wan", "motion", "flow", "UniPC (flow, shift 2)", _wan, _unipc_flow, 3.0,
                 train_steps=2000),
     )
