@@ -18,7 +18,7 @@ from diffc.cli import main as diffc_main
 from diffc.models import zoo
 
 DEFAULT_MODELS = ("digits-unet", "digits-dit")
-FULL_PIPELINES = "baseline,cache,cache-sweep,quant,cache+quant,peers"
+FULL_PIPELINES = "baseline,cache,cache-sweep,quant,quant:ort-int8,cache+quant,cache+quant:ort-int8,peers"
 SMOKE_PIPELINES = "baseline,cache,fbc@0.2,torchao-int8"
 
 
