@@ -13,7 +13,7 @@ import torch.fx
 from ..ir.precision import FORMATS, FP8, FP8_MAX, spec_for
 
 aten = torch.ops.aten
-# (rows, input channels, output channels) of the timed layer: a small transformer's projection on
+# (tokens, input channels, output channels) of the timed layer: a small transformer's projection on
 # CPU, an SD/FLUX-size one (4096 tokens, 2048 channels) on a GPU, where small layers only time launches
 LAYER_SHAPES = {"cpu": (512, 512, 512), "cuda": (4096, 2048, 2048)}
 REPEATS = {"cpu": 7, "cuda": 25}
@@ -34,7 +34,8 @@ def one_linear(device: torch.device) -> tuple[torch.fx.GraphModule, torch.Tensor
     root = torch.nn.Module()
     for name, value in weights.items():
         root.register_buffer(name, value.to(device))
-    return torch.fx.GraphModule(root, graph), torch.randn(rows, inputs, generator=generator).to(device)
+    # tokens of one sample, as a transformer block's projections see them
+    return torch.fx.GraphModule(root, graph), torch.randn(1, rows, inputs, generator=generator).to(device)
 
 
 def layer_annotations(module: torch.fx.GraphModule, example: torch.Tensor, format_name: str) -> dict[str, Any]:

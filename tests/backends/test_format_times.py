@@ -18,7 +18,7 @@ LOW_BIT = ("fp8", "int8", "int8_dynamic", "int4", "w4a8")
 def test_the_timed_layer_is_the_annotated_format_and_quantizes():
     module, example = one_linear(CPU)
     rows, inputs, outputs = LAYER_SHAPES["cpu"]
-    assert tuple(example.shape) == (rows, inputs)
+    assert tuple(example.shape) == (1, rows, inputs)
     (reference,) = module(example)
     for name in LOW_BIT:
         annotations = layer_annotations(module, example, name)
@@ -35,7 +35,7 @@ def test_relative_times_divide_each_format_by_the_unquantized_layer():
     def runner(module, annotations, example):
         fmt = None if annotations is None else next(iter(precision_specs(annotations).values())).format
         calls.append(fmt)
-        return lambda: torch.mm(example, example.t()) if fmt == "int8" else example.sum()
+        return lambda: example @ example.transpose(-1, -2) if fmt == "int8" else example.sum()
 
     times = relative_times(("bf16", "int8"), CPU, runner)
     assert calls == [None, "bf16", "int8"]
