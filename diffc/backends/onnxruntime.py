@@ -120,7 +120,6 @@ class OnnxRuntimeBackend(Backend):
         if self.unavailable_reason("mixed"):
             return None
         import onnx
-        import onnxruntime
 
         from .onnx_qdq import quantize_segment_onnx
 
@@ -134,9 +133,7 @@ class OnnxRuntimeBackend(Backend):
                     map_weights(exported[0], module)
                 model = exported[0] if annotations is None else \
                     quantize_segment_onnx(exported[0], module, annotations, "mixed", static_integer=True)
-                session = onnxruntime.InferenceSession(model.SerializeToString(), sess_options=_session_options(True),
-                                                       providers=_providers(device),
-                                                       disabled_optimizers=DISABLED_OPTIMIZERS)
+                session = _inference_session(model.SerializeToString(), device, _providers(device), fuse_qdq=True)
                 feed = {"x": example.cpu().numpy()}
                 return lambda: session.run(None, feed)
 
@@ -175,7 +172,8 @@ register_served_file_maker("ort", lambda data, plan, name: restore_weights(data,
                                                                          plan.graph.annotations))
 
 
-def _session_options(fuse_qdq: bool) -> Any:
+def _inference_session(model: str | bytes, device: torch.device, providers: Sequence[str], fuse_qdq: bool) -> Any:
+    """An InferenceSession of `model` (a path or the bytes) with the backend's session settings."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -183,7 +181,11 @@ def _session_options(fuse_qdq: bool) -> Any:
     options.log_severity_level = 3
     if not fuse_qdq:
         options.add_session_config_entry("session.disable_quant_qdq", "1")
-    return options
+    provider_options: list[dict[str, Any]] = [{}] * len(providers)
+    if device.type == "cuda":
+        provider_options = [{"device_id": device.index or 0}, {}]
+    return onnxruntime.InferenceSession(model, sess_options=options, providers=list(providers),
+                                        provider_options=provider_options, disabled_optimizers=DISABLED_OPTIMIZERS)
 
 
 def _providers(device: torch.device) -> list[str]:
@@ -323,19 +325,12 @@ class SegmentSession:
     def __init__(self, name: str, path: str, device: torch.device, providers: Sequence[str],
                  fuse_qdq: bool = True) -> None:
         import onnx
-        import onnxruntime
 
-        options = _session_options(fuse_qdq)
-        provider_options: list[dict[str, Any]] = [{}] * len(providers)
-        if device.type == "cuda":
-            provider_options = [{"device_id": device.index or 0}, {}]
         self.name, self.device = name, device
         # the ONNX bytes of a session specialized to other shapes, which a LoRA swap rewrites (None: not kept)
         self.model_bytes: bytes | None = None
         try:
-            self.session = onnxruntime.InferenceSession(path, sess_options=options, providers=list(providers),
-                                                        provider_options=provider_options,
-                                                        disabled_optimizers=DISABLED_OPTIMIZERS)
+            self.session = _inference_session(path, device, providers, fuse_qdq)
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime refusing the graph (an op or type it lacks)
             raise TargetError(f"ONNX Runtime cannot load segment {name}: {' '.join(str(exc).split())[:300]}. Compile "
                               "for target='torch' to run this model") from exc

@@ -63,12 +63,10 @@ class TorchBackend(Backend):
         converted: dict[int, torch.Tensor] = {}
 
         def convert(tensor: torch.Tensor) -> torch.Tensor:
-            # one converted copy per source tensor, so segments and tied weights keep sharing it;
-            # only matmul/conv weights go low-precision, norms and biases stay fp32 for autocast
+            # one converted copy per source tensor, so segments and tied weights keep sharing it
             key = id(tensor)
             if key not in converted:
-                target_dtype = dtype if tensor.is_floating_point() and tensor.dim() >= 2 else tensor.dtype
-                converted[key] = torch.nn.Parameter(tensor.detach().to(device=device, dtype=target_dtype),
+                converted[key] = torch.nn.Parameter(_in_compute_dtype(tensor, dtype, device),
                                                     requires_grad=False) if tensor.is_floating_point() \
                     else tensor.detach().to(device)
             return converted[key]
@@ -111,9 +109,8 @@ class TorchBackend(Backend):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
         def runner(module: torch.fx.GraphModule, annotations: Any, example: torch.Tensor) -> Callable[[], Any]:
-            weights = {n.target: attr_value(module, n.target) for n in module.graph.nodes if n.op == "get_attr"}
-            converted = torch.fx.GraphModule({k: v.to(dtype) if v.dim() >= 2 else v for k, v in weights.items()},
-                                             module.graph)
+            converted = torch.fx.GraphModule({n.target: _in_compute_dtype(attr_value(module, n.target), dtype, device)
+                                              for n in module.graph.nodes if n.op == "get_attr"}, module.graph)
             if annotations is not None:
                 converted = self._lower_precision(converted, module, annotations, device, dtype)[0]
             run = converted if dtype == torch.float32 else _autocast(converted, device.type, dtype)
@@ -131,6 +128,12 @@ class TorchBackend(Backend):
         names = {n.name for n in module.graph.nodes}
         lowered = simulate(module, annotations, weights_from=source)
         return lowered, {n: quantized.SIMULATED for n in precision_specs(annotations) if n in names}
+
+
+def _in_compute_dtype(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Only matmul/conv weights go low-precision; norms and biases stay fp32 for autocast."""
+    low = tensor.is_floating_point() and tensor.dim() >= 2
+    return tensor.detach().to(device=device, dtype=dtype if low else tensor.dtype)
 
 
 def _retarget_devices(graph: torch.fx.Graph, device: torch.device) -> None:

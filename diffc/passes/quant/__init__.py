@@ -44,7 +44,7 @@ from ..base import PASSES, Pass, PassConfig, PassContext, PassResult, register_p
 from .annotate import (RANGE_METHODS, activation_scale, activation_types, annotate, dynamic_activation,
                        layer_activation)
 from .floor import DYNAMIC_SHARES, KEEP_SHARES, KEPT_REASON, drop_precision, keep_for_floor, with_dynamic_scales
-from .formats import formats_for, layer_times, latency_costs, place_by_latency, runs_dynamic_scales
+from .formats import cost_table, formats_for, layer_times, latency_costs, place_by_latency, runs_dynamic_scales
 from .layers import PROTECTIONS, Attention, Layer, attention_nodes, quantizable_layers
 from .placement import pareto_front, place_by_size
 from .sensitivity import ACCUMULATIONS, Sensitivity, measure, sample_calls
@@ -169,7 +169,7 @@ class QuantPass(Pass):
             choice = place_by_latency(objective, layer_times(placeable, attentions, attention_quant, formats, costs),
                                       ratio * float(sum(x.flops for x in [*placeable, *attentions])), costs, source)
             rule = f"minimum predicted error within latency_ratio={ratio} of the unquantized matmul time, by format " \
-                f"times {source}: " + ", ".join(f"{name} {cost:.2f}x" for name, cost in costs.items())
+                f"times {source}: {cost_table(costs)}"
         else:
             reference = next((f for f in ("int8", "fp8") if f in formats), None)
             if reference is None:

@@ -44,9 +44,12 @@ def latency_costs(timer: FormatTimer | None, formats: tuple[str, ...], ratio: fl
     return costs, source
 
 
+def cost_table(costs: dict[str, float]) -> str:
+    return ", ".join(f"{name} {cost:.2f}x" for name, cost in costs.items())
+
+
 def _unmeetable(problem: str, costs: dict[str, float], source: str) -> str:
-    table = ", ".join(f"{name} {cost:.2f}x" for name, cost in costs.items())
-    return (f"{problem}: relative to the unquantized layer the formats take {table} ({source}). Choose a target "
+    return (f"{problem}: relative to the unquantized layer the formats take {cost_table(costs)} ({source}). Choose a target "
             "whose low-bit kernels are faster here (on a CPU, ort-mixed), raise latency_ratio, or budget by size "
             "(size_ratio)")
 
