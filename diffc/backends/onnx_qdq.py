@@ -222,13 +222,26 @@ class GraphEditor:
         computes it: the values are `<name>_input_q`, the scales `<name>_input_scale`."""
         from onnx import TensorProto, helper
 
+        bounds = {"low": helper.make_tensor(f"{name}_input_low", TensorProto.FLOAT, [], [-128.0]),
+                  "high": helper.make_tensor(f"{name}_input_high", TensorProto.FLOAT, [], [127.0])}
+        for tensor in bounds.values():
+            self.add(tensor)
+        rounded = f"{name}_input_rounded"
+        return [*self.dynamic_scaling_nodes(source, activation, name),
+                helper.make_node("Round", [f"{name}_input_scaled"], [rounded], name=rounded),
+                helper.make_node("Clip", [rounded, bounds["low"].name, bounds["high"].name], [f"{name}_input_q"],
+                                 name=f"{name}_input_q")]
+
+    def dynamic_scaling_nodes(self, source: str, activation: ActivationQuant, name: str) -> list[Any]:
+        """`source` divided by its own scale per token or per sample, not yet rounded: the values
+        are `<name>_input_scaled`, the scales `<name>_input_scale`."""
+        from onnx import TensorProto, helper
+
         axes = [-1] if activation.dynamic == PER_TOKEN else [1, 2, 3]
         constants = {"axes": helper.make_tensor(f"{name}_input_axes", TensorProto.INT64, [len(axes)], axes),
                      "levels": helper.make_tensor(f"{name}_input_levels", TensorProto.FLOAT, [], [127.0]),
                      "zero": helper.make_tensor(f"{name}_input_zero", TensorProto.FLOAT, [], [0.0]),
-                     "one": helper.make_tensor(f"{name}_input_one", TensorProto.FLOAT, [], [1.0]),
-                     "low": helper.make_tensor(f"{name}_input_low", TensorProto.FLOAT, [], [-128.0]),
-                     "high": helper.make_tensor(f"{name}_input_high", TensorProto.FLOAT, [], [127.0])}
+                     "one": helper.make_tensor(f"{name}_input_one", TensorProto.FLOAT, [], [1.0])}
         for tensor in constants.values():
             self.add(tensor)
         c = {key: tensor.name for key, tensor in constants.items()}
@@ -244,9 +257,7 @@ class GraphEditor:
                 step("Greater", [value("amax"), c["zero"]], "nonzero"),
                 step("Div", [value("amax"), c["levels"]], "top"),
                 step("Where", [value("nonzero"), value("top"), c["one"]], "scale"),
-                step("Div", [source, value("scale")], "scaled"),
-                step("Round", [value("scaled")], "rounded"),
-                step("Clip", [value("rounded"), c["low"], c["high"]], "q")]
+                step("Div", [source, value("scale")], "scaled")]
 
     def quantize_weight(self, layer: Any, weight: torch.Tensor, flip: bool, spec: PrecisionSpec,
                         name: str) -> WeightSlot:
@@ -274,7 +285,7 @@ class GraphEditor:
 
     def integer_linear(self, layer: Any, weight: torch.Tensor, spec: PrecisionSpec, name: str) -> WeightSlot | None:
         """A linear with per-token dynamic int8 input and per-channel int8 weight as ONNX Runtime's
-        integer matmul: the rounded input shifted onto uint8 with zero point 128 (the product is
+        integer matmul: the input rounded onto uint8 around zero point 128 (the product is
         exactly the signed one; MLAS has fast u8 x s8 kernels where s8 x s8 falls back to slow
         ones), MatMulInteger with the weight stored [in, out], and the int32 result scaled by each
         token's and each channel's scale. None, with nothing changed, when the layer is not a
@@ -301,10 +312,11 @@ class GraphEditor:
             self.add(helper.make_tensor(v + "scale", TensorProto.FLOAT, [], [spec.activation.scale]))
             rounding = [step("QuantizeLinear", [layer.input[0], v + "scale", v + "shift_u8"], v + "u8")]
         else:
-            self.add(helper.make_tensor(v + "shift", TensorProto.FLOAT, [], [128.0]))
-            rounding = [*self.dynamic_rounding_nodes(layer.input[0], spec.activation, name),
-                        step("Add", [v + "q", v + "shift"], v + "shifted"),
-                        step("Cast", [v + "shifted"], v + "u8", to=TensorProto.UINT8)]
+            # rounding, clipping and the shift onto uint8 in one QuantizeLinear of unit scale (ties to
+            # even, as torch.round): one pass over the activation where Round, Clip, Add, Cast took four
+            self.add(helper.make_tensor(v + "unit", TensorProto.FLOAT, [], [1.0]))
+            rounding = [*self.dynamic_scaling_nodes(layer.input[0], spec.activation, name),
+                        step("QuantizeLinear", [v + "scaled", v + "unit", v + "shift_u8"], v + "u8")]
         unbiased = f"{name}_unbiased" if biased else layer.output[0]
         nodes = [*rounding,
                  step("MatMulInteger", [v + "u8", slot.initializer, v + "shift_u8"], f"{name}_int32"),
