@@ -23,7 +23,8 @@ from .._progress import progress
 from ..errors import CaptureError
 from .fxutil import copy_graph
 from .graph import DiffusionGraph
-from .onnx_fixups import describe_failure, quiet_exporter, rename_dims, rename_internal_clashes, without_noop_squeezes
+from .onnx_fixups import (describe_failure, interleaves_as_stacks, quiet_exporter, rename_dims, rename_internal_clashes,
+                          without_noop_squeezes)
 from .onnx_segments import (DIM_SYMBOL, SIZE, TENSOR, TENSORS, flatten_values, segment_metadata, segment_values,
                             value_entry)
 from .partition import DELTA_SUFFIX
@@ -61,7 +62,7 @@ def export_onnx(module: torch.fx.GraphModule, example_inputs: Sequence[torch.Ten
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dynamic_shapes = tuple({int(d): torch.export.Dim.AUTO for d in dims} or None for dims in dynamic_dims)
-    module = without_noop_squeezes(module)
+    module = interleaves_as_stacks(without_noop_squeezes(module))
 
     with quiet_exporter():
         try:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from diffc.errors import CaptureError
 from diffc.ir import onnx_export
 from diffc.ir.onnx_export import export_graph, export_onnx, export_plan, export_segment, onnx_names
+from diffc.ir.onnx_fixups import interleaves_as_stacks
 from diffc.ir.onnx_segments import SEGMENT_METADATA, onnx_safe_name, original_name, segment_values
 
 ort = pytest.importorskip("onnxruntime")
@@ -289,3 +290,41 @@ def test_an_output_named_like_an_internal_value_keeps_the_model_ssa(tmp_path):
     product, difference = session.run(None, {"x": example.numpy()})
     np.testing.assert_allclose(product, ((example + 1) * 2).numpy(), rtol=1e-6)
     np.testing.assert_allclose(difference, ((example + 1) * 2 - (example + 1)).numpy(), rtol=1e-6)
+
+
+class _Interleave(torch.nn.Module):
+    """Writes its two rotated halves interleaved, as Wan's rotary embedding does."""
+
+    def forward(self, x):
+        x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+        out = torch.empty_like(x)
+        out[..., 0::2] = x1 * 0.6 - x2 * 0.8
+        out[..., 1::2] = x1 * 0.8 + x2 * 0.6
+        return out
+
+
+def test_interleaving_scatters_export_as_a_stack_and_compute_the_same(tmp_path):
+    example = torch.randn(2, 4, 6, 8)
+    module = torch.export.export(_Interleave(), (example,)).run_decompositions({}).module()
+    assert sum(n.target == torch.ops.aten.slice_scatter.default for n in module.graph.nodes) == 2
+    rewritten = interleaves_as_stacks(module)
+    targets = [n.target for n in rewritten.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.slice_scatter.default not in targets and torch.ops.aten.stack.default in targets
+    assert torch.equal(rewritten(example), module(example))
+    path = export_onnx(module, [example], tmp_path / "m.onnx", ["x"], ["y"], [{}])
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "ScatterND" not in ops and "Transpose" not in ops
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    other = torch.randn(2, 4, 6, 8)
+    np.testing.assert_allclose(session.run(None, {"x": other.numpy()})[0], _Interleave()(other).numpy(), atol=1e-6)
+
+
+def test_a_scatter_that_leaves_part_of_the_dim_is_not_rewritten():
+    class Partial(torch.nn.Module):
+        def forward(self, x):
+            out = torch.zeros_like(x)
+            out[..., 0::2] = x[..., 1::2]
+            return out
+
+    module = torch.export.export(Partial(), (torch.randn(2, 8),)).run_decompositions({}).module()
+    assert interleaves_as_stacks(module) is module
