@@ -197,7 +197,10 @@ def _run_pipeline(manager: PassManager, model_or_pipeline: Any, ctx: PassContext
     ctx.calibration = calibration_set
     # candidates run once or twice each: compiling them would cost more than it saves
     ctx.denoiser_for = lambda candidate: compile_graph(candidate, "torch", "fp32", device, compile=False)
-    ctx.format_times = functools.partial(_format_times, parse_target(ctx.target).backend, str(torch.device(device)))
+    backend = parse_target(ctx.target).backend
+    ctx.format_times = functools.partial(_format_times, backend, str(torch.device(device)))
+    if get_backend(backend).runs_low_bit_kernels(torch.device(device)):
+        ctx.layer_format_times = functools.partial(_format_times, backend, str(torch.device(device)))
     checkpoints = None
     if work_dir is not None:
         identity = {"model": graph_fingerprint(graph), "calibration": _calibration_fingerprint(calibration_set)}
@@ -206,9 +209,10 @@ def _run_pipeline(manager: PassManager, model_or_pipeline: Any, ctx: PassContext
 
 
 @functools.cache
-def _format_times(backend: str, device: str, formats: tuple[str, ...]) -> dict[str, float] | None:
-    """Measured once per process, backend, device and format set (a few seconds)."""
-    return get_backend(backend).relative_format_times(formats, torch.device(device))
+def _format_times(backend: str, device: str, formats: tuple[str, ...],
+                  shape: tuple[int, int, int] | None = None) -> dict[str, float] | None:
+    """Measured once per process, backend, device, format set and layer shape (a second or a few)."""
+    return get_backend(backend).relative_format_times(formats, torch.device(device), shape)
 
 
 def _device_of(model_or_pipeline: Any, device: Any) -> Any:

@@ -9,6 +9,7 @@ import torch
 
 from ..errors import TargetError
 from ..ir import CompiledPlan, Plan
+from .format_times import LayerShape
 
 BACKEND_NAMES = ("torch", "ort", "trt")
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4", "mixed")
@@ -46,10 +47,17 @@ class Backend(ABC):
             raise TargetError(f"compile=True asks for torch.compile, which does not apply to {engine}; drop it for "
                               f"{self.name} targets")
 
-    def relative_format_times(self, formats: tuple[str, ...], device: torch.device) -> dict[str, float] | None:
+    def relative_format_times(self, formats: tuple[str, ...], device: torch.device,
+                              shape: LayerShape | None = None) -> dict[str, float] | None:
         """Each layer format's time over the unquantized layer's, measured on `device` as this backend
-        runs them (diffc.backends.format_times); None where it cannot time layers on this machine."""
+        runs them (diffc.backends.format_times), for a linear of `shape` (rows, in, out; None: the
+        cost table's layer); None where it cannot time layers on this machine."""
         return None
+
+    def runs_low_bit_kernels(self, device: torch.device) -> bool:
+        """Whether low-bit formats run as their own kernels on `device` (they can be faster than
+        the unquantized layer) rather than simulated in full precision."""
+        return False
 
     @abstractmethod
     def compile(self, plan: Plan, precision: str, device: Any = None, **options: Any) -> CompiledPlan:

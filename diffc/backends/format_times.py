@@ -1,6 +1,7 @@
 """What each layer format costs on this machine: one linear layer, timed as a backend runs it in
 that format, over the same layer unquantized. The quant pass's latency budget (`latency_ratio`)
-places formats by these ratios wherever the target's backend can time layers here."""
+places formats by these ratios wherever the target's backend can time layers here, and, timed at
+each layer's own shape, keeps the layers that no format makes faster at full precision."""
 from __future__ import annotations
 
 import statistics
@@ -13,17 +14,22 @@ import torch.fx
 from ..ir.precision import FORMATS, FP8, FP8_MAX, spec_for
 
 aten = torch.ops.aten
-# (tokens, input channels, output channels) of the timed layer: a small transformer's projection on
-# CPU, an SD/FLUX-size one (4096 tokens, 2048 channels) on a GPU, where small layers only time launches
+# (tokens, input channels, output channels) of the layer timed for the cost table: a small
+# transformer's projection on CPU, an SD/FLUX-size one (4096 tokens, 2048 channels) on a GPU,
+# where small layers only time launches
 LAYER_SHAPES = {"cpu": (512, 512, 512), "cuda": (4096, 2048, 2048)}
+LayerShape = tuple[int, int, int]
 REPEATS = {"cpu": 7, "cuda": 25}
+MIN_REPEAT_SECONDS, MAX_CALLS = 0.002, 200
+MIN_RATIO = 1e-3  # a format measured as free (its time within the noise of the call's fixed cost)
 # (the layer as an FX graph, its precision annotations or None, its input) -> one call of it
 RunnerMaker = Callable[[torch.fx.GraphModule, "dict[str, Any] | None", torch.Tensor], Callable[[], Any]]
 
 
-def one_linear(device: torch.device) -> tuple[torch.fx.GraphModule, torch.Tensor]:
-    """A graph of one aten.linear with seeded weights, as capture writes it, and an input for it."""
-    rows, inputs, outputs = LAYER_SHAPES["cuda" if device.type == "cuda" else "cpu"]
+def one_linear(device: torch.device, shape: LayerShape | None = None) -> tuple[torch.fx.GraphModule, torch.Tensor]:
+    """A graph of one aten.linear with seeded weights, as capture writes it, and an input for it:
+    `shape` (rows, in, out), by default the device's cost-table layer."""
+    rows, inputs, outputs = shape or LAYER_SHAPES["cuda" if device.type == "cuda" else "cpu"]
     generator = torch.Generator().manual_seed(0)
     graph = torch.fx.Graph()
     x = graph.placeholder("x")
@@ -38,6 +44,14 @@ def one_linear(device: torch.device) -> tuple[torch.fx.GraphModule, torch.Tensor
     return torch.fx.GraphModule(root, graph), torch.randn(1, rows, inputs, generator=generator).to(device)
 
 
+def passthrough(example: torch.Tensor) -> torch.fx.GraphModule:
+    """A graph that only copies its input: what a call costs without the layer (dispatch, feeding
+    inputs, returning outputs), subtracted from every timing, as a whole model's layers pay it once."""
+    graph = torch.fx.Graph()
+    graph.output((graph.call_function(aten.clone.default, (graph.placeholder("x"),)),))
+    return torch.fx.GraphModule(torch.nn.Module(), graph)
+
+
 def layer_annotations(module: torch.fx.GraphModule, example: torch.Tensor, format_name: str) -> dict[str, Any]:
     """The layer of `one_linear` annotated in `format_name`, its static input scale from `example`."""
     node = next(n for n in module.graph.nodes if n.target == aten.linear.default)
@@ -46,27 +60,42 @@ def layer_annotations(module: torch.fx.GraphModule, example: torch.Tensor, forma
     return {node.name: {"precision": spec_for(format_name, activation_scale=scale).to_json()}}
 
 
-def median_seconds(call: Callable[[], Any], device: torch.device) -> float:
-    def timed() -> float:
+def _timer(call: Callable[[], Any], device: torch.device) -> Callable[[], float]:
+    """One sample of `call`'s time: its mean over enough calls to last MIN_REPEAT_SECONDS (a small
+    layer takes microseconds, below the timer's noise)."""
+    def timed(calls: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        call()
+        for _ in range(calls):
+            call()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return time.perf_counter() - start
+        return (time.perf_counter() - start) / calls
 
-    timed(), timed()  # first calls allocate and pick kernels
-    return statistics.median(timed() for _ in range(REPEATS["cuda" if device.type == "cuda" else "cpu"]))
+    timed(1)  # the first call allocates and picks kernels
+    calls = max(1, min(MAX_CALLS, int(MIN_REPEAT_SECONDS / max(timed(1), 1e-7))))
+    return lambda: timed(calls)
 
 
-def relative_times(formats: tuple[str, ...], device: torch.device, make_runner: RunnerMaker) -> dict[str, float]:
-    """{format: time of the layer in that format / time of the layer unquantized}."""
-    module, example = one_linear(device)
+def relative_times(formats: tuple[str, ...], device: torch.device, make_runner: RunnerMaker,
+                   shape: LayerShape | None = None) -> dict[str, float]:
+    """{format: time of the layer in that format / time of the layer unquantized}, each without
+    the cost of a call that does no work (`passthrough`): the median over rounds that time every
+    variant in turn, so a load that comes and goes weighs on both sides of each ratio."""
+    module, example = one_linear(device, shape)
+    empty = passthrough(example)
     with torch.no_grad():
-        reference = median_seconds(make_runner(module, None, example), device)
-        return {name: median_seconds(make_runner(module, layer_annotations(module, example, name), example), device)
-                / reference for name in formats}
+        samplers = {name: _timer(make_runner(module, layer_annotations(module, example, name), example), device)
+                    for name in formats}
+        fixed, reference = (_timer(make_runner(graph, None, example), device) for graph in (empty, module))
+        ratios: dict[str, list[float]] = {name: [] for name in formats}
+        for _ in range(REPEATS["cuda" if device.type == "cuda" else "cpu"]):
+            overhead = fixed()
+            layer = max(reference() - overhead, 1e-9)
+            for name, sample in samplers.items():
+                ratios[name].append(max(sample() - overhead, 0.0) / layer)
+    return {name: max(statistics.median(values), MIN_RATIO) for name, values in ratios.items()}
 
 
-__all__ = ["LAYER_SHAPES", "layer_annotations", "one_linear", "relative_times"]
+__all__ = ["LAYER_SHAPES", "LayerShape", "layer_annotations", "one_linear", "passthrough", "relative_times"]

@@ -114,7 +114,8 @@ class OnnxRuntimeBackend(Backend):
                             input_dtype=torch.float16 if precision == "fp16" else torch.float32, files=files,
                             info=info, refit=swap.refit, rescale=swap.rescale)
 
-    def relative_format_times(self, formats: tuple[str, ...], device: torch.device) -> dict[str, float] | None:
+    def relative_format_times(self, formats: tuple[str, ...], device: torch.device,
+                              shape: format_times.LayerShape | None = None) -> dict[str, float] | None:
         """Timed as ONNX Runtime runs the Q/DQ model `compile` lowers a layer to (its integer kernels
         where it fuses the Q/DQ pairs), inputs fed from host memory."""
         if self.unavailable_reason("mixed"):
@@ -123,21 +124,24 @@ class OnnxRuntimeBackend(Backend):
 
         from .onnx_qdq import quantize_segment_onnx
 
-        exported: list[Any] = []
+        exported: dict[int, Any] = {}
         with tempfile.TemporaryDirectory(prefix="diffc-format-times-") as directory:
             def runner(module: torch.fx.GraphModule, annotations: Any, example: torch.Tensor) -> Callable[[], Any]:
-                if not exported:
-                    path = onnx_export.export_onnx(module, [example], Path(directory) / "layer.onnx", ["x"], ["y"],
-                                                   [{}])
-                    exported.append(onnx.load(str(path)))
-                    map_weights(exported[0], module)
-                model = exported[0] if annotations is None else \
-                    quantize_segment_onnx(exported[0], module, annotations, "mixed", static_integer=True)
+                if id(module) not in exported:
+                    path = onnx_export.export_onnx(module, [example], Path(directory) / f"{len(exported)}.onnx",
+                                                   ["x"], ["y"], [{}])
+                    exported[id(module)] = onnx.load(str(path))
+                    map_weights(exported[id(module)], module)
+                model = exported[id(module)] if annotations is None else \
+                    quantize_segment_onnx(exported[id(module)], module, annotations, "mixed", static_integer=True)
                 session = _inference_session(model.SerializeToString(), device, _providers(device), fuse_qdq=True)
                 feed = {"x": example.cpu().numpy()}
                 return lambda: session.run(None, feed)
 
-            return format_times.relative_times(formats, device, runner)
+            return format_times.relative_times(formats, device, runner, shape)
+
+    def runs_low_bit_kernels(self, device: torch.device) -> bool:
+        return True
 
     @classmethod
     def artifact_options(cls, root: str | os.PathLike[str], manifest: Mapping[str, Any]) -> dict[str, Any]:

@@ -103,7 +103,8 @@ class TorchBackend(Backend):
         return CompiledPlan(plan=plan, runners=runners, backend=self.name, precision=precision, device=device,
                             input_dtype=dtype, info=info)
 
-    def relative_format_times(self, formats: tuple[str, ...], device: torch.device) -> dict[str, float]:
+    def relative_format_times(self, formats: tuple[str, ...], device: torch.device,
+                              shape: format_times.LayerShape | None = None) -> dict[str, float]:
         """Timed as `compile` runs a layer, eagerly: the CUDA kernels, and on CPU the fake quantization
         (which costs more than the layer it simulates: torch has no faster low-bit CPU matmul)."""
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -116,7 +117,10 @@ class TorchBackend(Backend):
             run = converted if dtype == torch.float32 else _autocast(converted, device.type, dtype)
             return lambda: run(example)
 
-        return format_times.relative_times(formats, device, runner)
+        return format_times.relative_times(formats, device, runner, shape)
+
+    def runs_low_bit_kernels(self, device: torch.device) -> bool:
+        return device.type == "cuda"
 
     @staticmethod
     def _lower_precision(module: torch.fx.GraphModule, source: torch.fx.GraphModule, annotations: Any,

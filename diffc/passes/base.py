@@ -41,6 +41,9 @@ class PassContext:
     # Each layer format's time over the unquantized layer's as the target's backend runs it on this
     # machine (None where it cannot measure); given by the API layer, for latency budgets
     format_times: Callable[[tuple[str, ...]], dict[str, float] | None] | None = None
+    # The same, for a linear of a given (rows, in, out) shape; only where the backend runs low-bit
+    # formats as their own kernels on this device (not simulated), so a format can pay or not
+    layer_format_times: Callable[[tuple[str, ...], tuple[int, int, int]], dict[str, float] | None] | None = None
     # the user asked for progress bars (optimize(progress=True)): passes show their long loops
     progress: bool = False
     # what final images are judged against: None for the recorded (original) ones, or, for a pass

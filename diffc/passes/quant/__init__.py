@@ -23,7 +23,9 @@ are allowed: int8 / fp8 / int4 quantize every unprotected layer to that format; 
 format per layer minimizing the total HAWQ-v2 sensitivity (Hessian trace x perturbation) under
 a size or estimated-latency budget (by default the size of uniform W8A8), solved exactly as an
 integer program. Layers that carry the
-timestep embedding (TFMQ-DM), the first and the last layer stay at the backend's precision; the
+timestep embedding (TFMQ-DM), the first and the last layer stay at the backend's precision, and so,
+where the target's backend runs low-bit kernels (ONNX Runtime; torch on CUDA), does a linear that
+no allowed format makes faster at its own shape, timed there (speed.py); the
 report gives the reason for each, every layer's format, size and sensitivity, the cheap
 layer-output MSE proxy beside it, the Pareto front and the error measured on calibration data."""
 from __future__ import annotations
@@ -34,21 +36,22 @@ from typing import Any
 
 import numpy as np
 
-from ...calibration import Statistics, compute_statistics, output_error
+from ...calibration import Statistics, compute_statistics
 from ...errors import PassError
 from ...ir import DiffusionGraph
 from ...ir.precision import FORMATS, INT4, INT8, FP8, PER_TOKEN, ActivationQuant, attention_spec, weight_bytes
-from ...ir.simulation import simulate
 from .._search import fitting_items, unjudgeable
 from ..base import PASSES, Pass, PassConfig, PassContext, PassResult, register_pass
 from .annotate import (RANGE_METHODS, activation_scale, activation_types, annotate, dynamic_activation,
                        layer_activation)
-from .floor import DYNAMIC_SHARES, KEEP_SHARES, KEPT_REASON, drop_precision, keep_for_floor, with_dynamic_scales
+from .floor import DYNAMIC_SHARES, KEEP_SHARES, drop_precision, keep_for_floor, with_dynamic_scales
 from .formats import cost_table, formats_for, layer_times, latency_costs, place_by_latency, runs_dynamic_scales
 from .layers import PROTECTIONS, Attention, Layer, attention_nodes, quantizable_layers
-from .placement import pareto_front, place_by_size
-from .sensitivity import ACCUMULATIONS, Sensitivity, measure, sample_calls
+from .placement import place_by_size
+from .report import placement_report, predicted_error, rounded
+from .sensitivity import ACCUMULATIONS, Sensitivity, measure
 from .smooth import SEARCH_CALLS, search_alphas, smooth
+from .speed import SpeedCheck, check_speed
 from .timestep_scales import TimestepScales, judged_timestep_scales
 
 SENSITIVITIES = ("hessian", "mse")
@@ -84,6 +87,10 @@ class QuantConfig(PassConfig):
     # picked by the call's timestep, where that lowers their expected error enough (timestep_scales.py);
     # "auto": only when the re-sampled final images come closer with them
     timestep_scales: bool | str = "auto"
+    # where the target's backend runs low-bit kernels here (ONNX Runtime, torch on CUDA), a linear
+    # that no allowed format makes faster at its own shape stays at full precision (speed.py);
+    # False quantizes it anyway (for size)
+    only_where_faster: bool = True
 
     def __post_init__(self) -> None:
         if self.formats is not None:
@@ -138,14 +145,20 @@ class QuantPass(Pass):
             raise PassError(f"{dg.signature.model_class} has no linear or convolution layer left to quantize "
                             f"({len(layers)} found, all protected); protect fewer layer groups (protect=...)"
                             f"{earlier}")
+        speed = self._speed(dg, ctx, placeable, formats)
+        if len(speed.slower) == len(placeable):
+            return self._nothing_pays(untouched, ctx, speed)
+        layers = speed.mark(layers)
+        placeable = [layer for layer in layers if layer.protected is None]
         smoothed, alphas = self._smooth(dg, ctx, placeable, formats)
         if smoothed:
-            layers = quantizable_layers(dg, cfg.protect)
+            layers = speed.mark(quantizable_layers(dg, cfg.protect))
             placeable = [layer for layer in layers if layer.protected is None]
         activations, stats = self._activations(dg, ctx, placeable, formats)
         dg, activations, stepwise = self._timestep_scales(dg, ctx, placeable, formats, activations, stats)
         if stepwise.scales:
-            layers = quantizable_layers(dg, cfg.protect)
+            speed.rename(stepwise.renamed)
+            layers = speed.mark(quantizable_layers(dg, cfg.protect))
             placeable = [layer for layer in layers if layer.protected is None]
         attentions = attention_nodes(dg) if cfg.attention and activation_types(formats) else []
         attention_quant = self._attention_activations(dg, ctx, attentions, formats)
@@ -187,17 +200,19 @@ class QuantPass(Pass):
         placed = {**chosen, **{node: name for node, name in attention_chosen.items() if name in attention_quant[node]}}
         floor = self._floor(placed)
         kept, floor_check = self._final_image_floor(dg, ctx, placed, sensitivity, floor,
-                                                    {layer.node: dynamic_activation(layer) for layer in placeable})
+                                                    {layer.node: dynamic_activation(layer) for layer in placeable
+                                                     if layer.node not in speed.dynamic_slower})
         if kept is None:
-            return self._declined(untouched, floor_check, floor)
+            return self._declined(untouched, floor_check, floor, speed)
         for node in floor_check.get("dynamic_scales", []):
             chosen[node] = placed[node] = "int8_dynamic"
         dg.annotations = drop_precision(dg.annotations, kept)
         for node in kept:
             placed.pop(node)
             chosen.pop(node, None)
-        report = self._report(dg, ctx, layers, placeable, formats, chosen, sensitivity, sizes[:len(placeable)],
-                              objective[:len(placeable)], rule)
+        report = placement_report(cfg, dg, ctx, layers, placeable, formats, chosen, sensitivity,
+                                  sizes[:len(placeable)], objective[:len(placeable)], rule)
+        report["speed_check"] = speed.report()
         report["final_image_check"] = {**floor_check, "kept_full_precision": kept}
         report["attention"] = self._attention_report(attentions, attention_chosen, attention_quant, sensitivity,
                                                      set(kept))
@@ -254,7 +269,8 @@ class QuantPass(Pass):
         kept, check = keep_for_floor(dg, ctx, ranked, floor)
         return kept, {**check, **steps}
 
-    def _declined(self, untouched: DiffusionGraph, floor_check: dict[str, Any], floor: float) -> PassResult:
+    def _declined(self, untouched: DiffusionGraph, floor_check: dict[str, Any], floor: float,
+                  speed: SpeedCheck) -> PassResult:
         worst = [entry for entry in floor_check["search"] if "psnr" in entry or "held_out_psnr" in entry]
         measured = worst[-1].get("held_out_psnr", worst[-1].get("psnr")) if worst else None
         message = (f"quant: the final images miss {floor} dB PSNR even with {max(KEEP_SHARES):.0%} of "
@@ -262,7 +278,26 @@ class QuantPass(Pass):
                    "quantized and the model runs at full precision. Lower min_psnr to accept the loss, or use a "
                    "wider format (int8 rather than int4, fp8 rather than int8).")
         warnings.warn(message, stacklevel=3)
-        return PassResult(untouched, modified=False, report={"declined": message, "final_image_check": floor_check})
+        return PassResult(untouched, modified=False, report={"declined": message, "final_image_check": floor_check,
+                                                             "speed_check": speed.report()})
+
+    def _speed(self, dg: DiffusionGraph, ctx: PassContext, placeable: list[Layer],
+               formats: tuple[str, ...]) -> SpeedCheck:
+        if not self.config.only_where_faster:
+            return SpeedCheck(skipped="only_where_faster=False")
+        return check_speed(dg, placeable, formats, ctx.layer_format_times,
+                           runs_dynamic_scales(ctx.target) and self.config.min_psnr is not None,
+                           f"target {ctx.target} simulates its low-bit formats on this device, or cannot time them "
+                           "here")
+
+    @staticmethod
+    def _nothing_pays(untouched: DiffusionGraph, ctx: PassContext, speed: SpeedCheck) -> PassResult:
+        message = (f"quant: no layer of {untouched.signature.model_class} runs faster quantized on target "
+                   f"{ctx.target} here (each shape's time in every allowed format, over the unquantized layer's: "
+                   f"{speed.times}); nothing is quantized and the model runs at full precision. Pass "
+                   "only_where_faster=False to quantize for size anyway")
+        warnings.warn(message, stacklevel=3)
+        return PassResult(untouched, modified=False, report={"declined": message, "speed_check": speed.report()})
 
     def _smooth(self, dg: DiffusionGraph, ctx: PassContext, placeable: list[Layer],
                 formats: tuple[str, ...]) -> tuple[list[str], dict[str, float | None] | None]:
@@ -311,8 +346,8 @@ class QuantPass(Pass):
             quantized = name in quantization[a.node] and a.node not in kept
             entry: dict[str, Any] = {"node": a.node, "format": ("int8" if FORMATS[name].activation == INT8 else "fp8")
                                      if quantized else None,
-                                     "flops": a.flops, "sensitivity": _rounded(sensitivity.hessian[a.node]),
-                                     "mse_proxy": _rounded(sensitivity.mse[a.node])}
+                                     "flops": a.flops, "sensitivity": rounded(sensitivity.hessian[a.node]),
+                                     "mse_proxy": rounded(sensitivity.mse[a.node])}
             if quantized:
                 entry["scales"] = {role: float(f"{q.scale:.6g}")
                                    for role, q in zip(("query", "key", "value"), quantization[a.node][name])}
@@ -379,71 +414,6 @@ class QuantPass(Pass):
         return judged_timestep_scales(dg, ctx, candidates, static[0], activations,
                                       stats.node, cfg.groups, self._fitting(ctx),
                                       cfg.activation_range, cfg.percentile, judge=cfg.timestep_scales == "auto")
-
-    def _report(self, dg: DiffusionGraph, ctx: PassContext, layers: list[Layer], placeable: list[Layer],
-                formats: tuple[str, ...], chosen: dict[str, str], sensitivity: Sensitivity, sizes: np.ndarray,
-                objective: np.ndarray, rule: str) -> dict[str, Any]:
-        cfg = self.config
-        steps = {step for _, step in sample_calls(ctx.calibration, cfg.samples)}
-        errors = output_error(ctx.calibration, simulate(dg.module, dg.annotations), dg, steps=steps)
-        before = sum(weight_bytes(layer.shape, None) for layer in layers)
-        after = sum(weight_bytes(layer.shape, chosen.get(layer.node)) for layer in layers)
-        per_layer = []
-        for layer in layers:
-            entry: dict[str, Any] = {"node": layer.node, "weight": layer.weight, "shape": list(layer.shape),
-                                     "bytes_before": weight_bytes(layer.shape, None)}
-            if layer.protected or layer.node not in chosen:
-                entry.update(format=None, bytes_after=entry["bytes_before"], protected=layer.protected or KEPT_REASON)
-                if not layer.protected:  # kept for the floor: its sensitivity says why it went first
-                    entry["sensitivity"] = _rounded(sensitivity.hessian[layer.node])
-            else:
-                fmt = chosen[layer.node]
-                entry.update(format=fmt, bytes_after=weight_bytes(layer.shape, fmt),
-                             sensitivity=_rounded(sensitivity.hessian[layer.node]),
-                             mse_proxy=_rounded(sensitivity.mse[layer.node]),
-                             weight_trace=float(f"{sensitivity.weight_trace[layer.node]:.4g}"),
-                             activation_trace=float(f"{sensitivity.activation_trace[layer.node]:.4g}"))
-                spec = dg.annotations[layer.node]["precision"]
-                if spec.get("activation") and spec["activation"].get("scale"):
-                    entry["activation_scale"] = float(f"{spec['activation']['scale']:.6g}")
-                if spec.get("activation") and spec["activation"].get("group_scales"):
-                    entry["activation_group_scales"] = [float(f"{v:.6g}") for v in spec["activation"]["group_scales"]]
-                    entry["activation_group_sizes"] = list(spec["activation"]["group_sizes"])
-            per_layer.append(entry)
-        front = pareto_front(objective, sizes, cfg.pareto_points) if len(formats) > 1 else []
-        original = float(sum(weight_bytes(layer.shape, None) for layer in placeable))
-        return {
-            "target": ctx.target, "formats": list(formats), "placement": rule, "sensitivity": cfg.sensitivity,
-            "accumulate": cfg.accumulate,
-            "activation_range": cfg.activation_range, "calibration_calls": sensitivity.calls,
-            "hutchinson_probes": sensitivity.probes, "guided_sensitivity": sensitivity.guided,
-            "layers_quantized": {f: sum(v == f for v in chosen.values())
-                                 for f in dict.fromkeys([*formats, *chosen.values()])},
-            "layers_protected": sum(1 for layer in layers if layer.protected),
-            "weight_bytes_before": before, "weight_bytes_after": after,
-            "size_ratio": round(after / max(before, 1), 4),
-            "predicted_error": predicted_error(sensitivity, chosen),
-            "pareto_front": [{"size_ratio": round(size / original, 4), "predicted_error": float(f"{cost:.6g}"),
-                              "formats": {f: sum(formats[i] == f for i in c[:len(placeable)]) for f in formats}}
-                             for size, cost, c in front],
-            "relative_error_per_step": {int(s): float(f"{e:.6g}") for s, e in errors.relative.items()},
-            "relative_error": float(f"{errors.mean_relative:.6g}"),
-            "norms": "normalization layers are not quantized: they run at the backend's precision",
-            "split_shortcut": [layer.node for layer in placeable if layer.pieces and cfg.split_shortcut
-                               and layer.node in chosen and FORMATS[chosen[layer.node]].activation in (INT8, FP8)],
-            "layers": per_layer,
-        }
-
-
-def predicted_error(sensitivity: Sensitivity, placed: dict[str, str]) -> float:
-    """The placement's summed sensitivity; a layer the floor moved to int8_dynamic (not measured)
-    counts at its static int8 sensitivity, an upper bound."""
-    total = sum(sensitivity.hessian[n].get(f, sensitivity.hessian[n].get("int8", 0.0)) for n, f in placed.items())
-    return float(f"{total:.6g}")
-
-
-def _rounded(values: dict[str, float]) -> dict[str, float]:
-    return {k: float(f"{v:.4g}") for k, v in values.items()}
 
 
 __all__ = ["QuantConfig", "QuantPass"]

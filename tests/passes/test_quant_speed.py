@@ -1,0 +1,111 @@
+"""The quant pass on a backend that runs low-bit kernels: a linear that no allowed format makes faster
+at its own shape (timed by the backend) stays at full precision, with the timings in the report; when
+no layer pays, nothing is quantized and the pass says so."""
+import warnings
+
+import pytest
+import torch
+
+from diffc.api import compile_graph
+from diffc.calibration import collect
+from diffc.ir import capture, lint
+from diffc.ir.precision import precision_specs
+from diffc.models import load
+from diffc.passes import PassContext, PassManager
+from diffc.passes.quant.layers import PROTECTIONS, quantizable_layers
+from diffc.passes.quant.speed import layer_shape
+
+QUICK = {"samples": 4, "probes": 2, "trajectories": 1}
+
+
+@pytest.fixture(scope="module")
+def dit(tmp_path_factory):
+    """The embedded digits DiT: linears of a few shapes (attention, feed-forward, conditioning)."""
+    pipe = load("digits-dit")
+    pipe.set_progress_bar_config(disable=True)
+    calibration = collect(pipe, conditions=[1, 6, 3, 8], num_steps=4, out=tmp_path_factory.mktemp("dit"),
+                          progress=False)
+    return capture(pipe.transformer), calibration
+
+
+def _timer(slow_shapes, asked, dynamic=0.5):
+    """int8 pays (0.5x) except at `slow_shapes` (1.3x); int8_dynamic takes `dynamic`."""
+    def times(formats, shape):
+        asked.append((formats, shape))
+        return {"int8": 1.3 if shape in slow_shapes else 0.5, "int8_dynamic": dynamic}
+    return times
+
+
+def _quantize(dg, calibration, timer, live=False, **options):
+    denoiser_for = (lambda candidate: compile_graph(candidate, "torch", "fp32")) if live else None
+    ctx = PassContext(calibration=calibration, target="ort-int8", layer_format_times=timer, denoiser_for=denoiser_for)
+    return PassManager([{"pass": "quant", **QUICK, **options}]).run(dg, ctx)
+
+
+def _placeable_shapes(dg):
+    layers = [layer for layer in quantizable_layers(dg, PROTECTIONS) if layer.protected is None]
+    return {layer.node: layer_shape(dg, layer) for layer in layers}
+
+
+def test_linears_no_format_makes_faster_stay_at_full_precision_with_their_times(dit):
+    dg, calibration = dit
+    shapes = _placeable_shapes(dg)
+    assert None not in shapes.values() and len(set(shapes.values())) > 1
+    slow = {max(shapes.values(), key=lambda shape: shape[1] * shape[2])}
+    asked = []
+    quantized = _quantize(dg, calibration, _timer(slow, asked), min_psnr=None)
+    lint(quantized)
+    report = quantized.applied[-1]["report"]
+    kept = {node for node, shape in shapes.items() if shape in slow}
+    assert kept and set(report["speed_check"]["kept_slower"]) == kept
+    assert sorted(shape for _, shape in asked) == sorted(set(shapes.values()))  # each shape timed once
+    assert all(formats == ("int8",) for formats, _ in asked)  # no floor: nothing moves to dynamic scales
+    entries = {e["node"]: e for e in report["layers"]}
+    assert all(entries[n]["format"] is None and "no faster quantized here: int8 1.30x" in entries[n]["protected"]
+               for n in kept)
+    assert set(precision_specs(quantized.annotations)) == set(shapes) - kept
+    key = "x".join(map(str, next(iter(slow))))
+    assert report["speed_check"]["relative_times"][key] == {"int8": 1.3, "int8_dynamic": 0.5}
+
+
+def test_when_no_linear_pays_nothing_is_quantized_and_the_pass_says_so(dit):
+    dg, calibration = dit
+    before = {k: v.clone() for k, v in dg.weights().items()}
+    with pytest.warns(UserWarning, match=r"no layer of .* runs faster quantized on target ort-int8.*"
+                                         r"only_where_faster=False"):
+        result = _quantize(dg, calibration, _timer(set(_placeable_shapes(dg).values()), []), min_psnr=None)
+    assert not result.annotations
+    assert result.applied[-1]["report"]["speed_check"]["kept_slower"]
+    assert all(torch.equal(before[k], v) for k, v in result.weights().items())
+
+
+def test_only_where_faster_false_quantizes_every_layer_and_times_nothing(dit):
+    dg, calibration = dit
+    asked = []
+    quantized = _quantize(dg, calibration, _timer(set(_placeable_shapes(dg).values()), asked), min_psnr=None,
+                          only_where_faster=False)
+    assert not asked and set(precision_specs(quantized.annotations)) == set(_placeable_shapes(dg))
+    assert quantized.applied[-1]["report"]["speed_check"] == {"checked": False, "why": "only_where_faster=False"}
+
+
+def test_without_a_timer_the_placement_is_unchanged_and_the_report_says_why(dit):
+    dg, calibration = dit
+    quantized = _quantize(dg, calibration, None, min_psnr=None)
+    check = quantized.applied[-1]["report"]["speed_check"]
+    assert not check["checked"] and "simulates its low-bit formats" in check["why"]
+    assert set(precision_specs(quantized.annotations)) == set(_placeable_shapes(dg))
+
+
+def test_the_floor_gives_dynamic_scales_only_to_layers_they_do_not_slow_down(dit):
+    """Every layer pays in static int8 and none with dynamic scales: a floor int8 misses keeps layers
+    at full precision and never tries dynamic scales."""
+    dg, calibration = dit
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = _quantize(dg, calibration, _timer(set(), [], dynamic=1.4), live=True, min_psnr=90.0,
+                              timestep_scales=False)
+    report = quantized.applied[-1]["report"]
+    assert set(report["speed_check"]["no_dynamic_scales"]) == set(_placeable_shapes(dg))
+    check = report["final_image_check"]
+    assert "dynamic_search" not in check and not check.get("dynamic_scales")
+    assert all(spec.format != "int8_dynamic" for spec in precision_specs(quantized.annotations).values())
