@@ -38,3 +38,17 @@ def family():
 def captured():
     """captured(name) -> DiffusionGraph; shared, clone it before rewriting."""
     return _captured
+
+
+@pytest.fixture(scope="module")
+def trained_dit(tmp_path_factory):
+    """The embedded digits DiT (all linears: static int8 keeps ~43 dB, dynamic scales ~49 dB), captured,
+    and a calibration set of 4 conditions x 4 steps."""
+    from diffc.calibration import collect
+    from diffc.models import load
+
+    pipe = load("digits-dit")
+    pipe.set_progress_bar_config(disable=True)
+    calibration = collect(pipe, conditions=[1, 6, 3, 8], num_steps=4, out=tmp_path_factory.mktemp("dit"),
+                          progress=False)
+    return capture(pipe.transformer), calibration

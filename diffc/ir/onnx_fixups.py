@@ -9,7 +9,7 @@ import logging
 import pathlib
 import re
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -40,13 +40,7 @@ def without_noop_squeezes(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
         keep = [d for d in dims if isinstance(value.shape[d % rank], int) and value.shape[d % rank] == 1]
         return (keep, len(dims)) if len(keep) < len(dims) else None
 
-    if not any(noop_dims(n) for n in module.graph.nodes):
-        return module
-    graph = copy_graph(module.graph)
-    for node in list(graph.nodes):
-        found = noop_dims(node)
-        if found is None:
-            continue
+    def drop(graph: torch.fx.Graph, node: torch.fx.Node, found: tuple[list[int], int]) -> None:
         keep, _ = found
         if not keep:
             node.replace_all_uses_with(node.args[0])
@@ -54,8 +48,8 @@ def without_noop_squeezes(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
         else:
             node.target = torch.ops.aten.squeeze.dims
             node.args = (node.args[0], keep)
-    graph.lint()
-    return torch.fx.GraphModule(module, graph)
+
+    return _rewritten(module, noop_dims, drop)
 
 
 def interleaves_as_stacks(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -84,20 +78,30 @@ def interleaves_as_stacks(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
             return None
         return dim, [_copied_value(found[start]) for start in range(step)]
 
-    if not any(chain(n) for n in module.graph.nodes):
-        return module
-    graph = copy_graph(module.graph)
-    for node in list(graph.nodes):
-        found = chain(node)
-        if found is None:
-            continue
+    def stack(graph: torch.fx.Graph, node: torch.fx.Node, found: tuple[int, list[torch.fx.Node]]) -> None:
         dim, sources = found
         with graph.inserting_before(node):
             stacked = graph.call_function(torch.ops.aten.stack.default, (sources, dim + 1))
             interleaved = graph.call_function(torch.ops.aten.flatten.using_ints, (stacked, dim, dim + 1))
         node.replace_all_uses_with(interleaved)
+
+    return _rewritten(module, chain, stack)
+
+
+def _rewritten(module: torch.fx.GraphModule, match: Callable[[torch.fx.Node], Any],
+               rewrite: Callable[[torch.fx.Graph, torch.fx.Node, Any], None]) -> torch.fx.GraphModule:
+    """A copy of `module` (weights shared) with `rewrite` applied wherever `match` finds something (not
+    None), then the nodes left unused dropped (a scattered buffer, the copies into its slices);
+    `module` itself when `match` finds nothing."""
+    if all(match(node) is None for node in module.graph.nodes):
+        return module
+    graph = copy_graph(module.graph)
+    for node in list(graph.nodes):
+        found = match(node)
+        if found is not None:
+            rewrite(graph, node, found)
     rewritten = torch.fx.GraphModule(module, graph)
-    rewritten.graph.eliminate_dead_code()  # the scattered buffer and the copies into its slices
+    rewritten.graph.eliminate_dead_code()
     rewritten.graph.lint()
     rewritten.recompile()
     return rewritten

@@ -12,7 +12,6 @@ from diffc.calibration import collect, split_items, trajectory_error
 from diffc.ir import capture, lint
 from diffc.passes import PassContext, PassManager
 from diffc.ir.precision import PER_TOKEN, ActivationQuant, precision_specs
-from diffc.models import load
 from diffc.passes.quant.floor import DYNAMIC_REASON, KEPT_REASON, with_dynamic_scales, without_precision
 from digits_tiny import tiny_digits_pipeline
 
@@ -87,16 +86,6 @@ def test_a_floor_between_the_placement_and_full_precision_keeps_the_most_sensiti
 def _dynamic_layers(report):
     """{node: per token} for every static int8 linear of the placement (convolutions keep static scales)."""
     return {e["node"]: PER_TOKEN for e in report["layers"] if e["format"] == "int8" and len(e["shape"]) == 2}
-
-
-@pytest.fixture(scope="module")
-def trained_dit(tmp_path_factory):
-    """The embedded digits DiT (all linears): static int8 keeps ~43 dB, dynamic scales ~49 dB."""
-    pipe = load("digits-dit")
-    pipe.set_progress_bar_config(disable=True)
-    calibration = collect(pipe, conditions=[1, 6, 3, 8], num_steps=4, out=tmp_path_factory.mktemp("dit"),
-                          progress=False)
-    return capture(pipe.transformer), calibration
 
 
 def test_static_int8_linears_take_dynamic_scales_before_any_goes_back_to_full_precision(trained_dit):

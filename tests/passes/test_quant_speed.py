@@ -7,25 +7,13 @@ import pytest
 import torch
 
 from diffc.api import compile_graph
-from diffc.calibration import collect
-from diffc.ir import capture, lint
+from diffc.ir import lint
 from diffc.ir.precision import precision_specs
-from diffc.models import load
 from diffc.passes import PassContext, PassManager
 from diffc.passes.quant.layers import PROTECTIONS, quantizable_layers
 from diffc.passes.quant.speed import layer_shape
 
 QUICK = {"samples": 4, "probes": 2, "trajectories": 1}
-
-
-@pytest.fixture(scope="module")
-def dit(tmp_path_factory):
-    """The embedded digits DiT: linears of a few shapes (attention, feed-forward, conditioning)."""
-    pipe = load("digits-dit")
-    pipe.set_progress_bar_config(disable=True)
-    calibration = collect(pipe, conditions=[1, 6, 3, 8], num_steps=4, out=tmp_path_factory.mktemp("dit"),
-                          progress=False)
-    return capture(pipe.transformer), calibration
 
 
 def _timer(slow_shapes, asked, dynamic=0.5):
@@ -47,8 +35,8 @@ def _placeable_shapes(dg):
     return {layer.node: layer_shape(dg, layer) for layer in layers}
 
 
-def test_linears_no_format_makes_faster_stay_at_full_precision_with_their_times(dit):
-    dg, calibration = dit
+def test_linears_no_format_makes_faster_stay_at_full_precision_with_their_times(trained_dit):
+    dg, calibration = trained_dit
     shapes = _placeable_shapes(dg)
     assert None not in shapes.values() and len(set(shapes.values())) > 1
     slow = {max(shapes.values(), key=lambda shape: shape[1] * shape[2])}
@@ -68,8 +56,8 @@ def test_linears_no_format_makes_faster_stay_at_full_precision_with_their_times(
     assert report["speed_check"]["relative_times"][key] == {"int8": 1.3, "int8_dynamic": 0.5}
 
 
-def test_when_no_linear_pays_nothing_is_quantized_and_the_pass_says_so(dit):
-    dg, calibration = dit
+def test_when_no_linear_pays_nothing_is_quantized_and_the_pass_says_so(trained_dit):
+    dg, calibration = trained_dit
     before = {k: v.clone() for k, v in dg.weights().items()}
     with pytest.warns(UserWarning, match=r"no layer of .* runs faster quantized on target ort-int8.*"
                                          r"only_where_faster=False"):
@@ -79,8 +67,8 @@ def test_when_no_linear_pays_nothing_is_quantized_and_the_pass_says_so(dit):
     assert all(torch.equal(before[k], v) for k, v in result.weights().items())
 
 
-def test_only_where_faster_false_quantizes_every_layer_and_times_nothing(dit):
-    dg, calibration = dit
+def test_only_where_faster_false_quantizes_every_layer_and_times_nothing(trained_dit):
+    dg, calibration = trained_dit
     asked = []
     quantized = _quantize(dg, calibration, _timer(set(_placeable_shapes(dg).values()), asked), min_psnr=None,
                           only_where_faster=False)
@@ -88,18 +76,18 @@ def test_only_where_faster_false_quantizes_every_layer_and_times_nothing(dit):
     assert quantized.applied[-1]["report"]["speed_check"] == {"checked": False, "why": "only_where_faster=False"}
 
 
-def test_without_a_timer_the_placement_is_unchanged_and_the_report_says_why(dit):
-    dg, calibration = dit
+def test_without_a_timer_the_placement_is_unchanged_and_the_report_says_why(trained_dit):
+    dg, calibration = trained_dit
     quantized = _quantize(dg, calibration, None, min_psnr=None)
     check = quantized.applied[-1]["report"]["speed_check"]
     assert not check["checked"] and "simulates its low-bit formats" in check["why"]
     assert set(precision_specs(quantized.annotations)) == set(_placeable_shapes(dg))
 
 
-def test_the_floor_gives_dynamic_scales_only_to_layers_they_do_not_slow_down(dit):
+def test_the_floor_gives_dynamic_scales_only_to_layers_they_do_not_slow_down(trained_dit):
     """Every layer pays in static int8 and none with dynamic scales: a floor int8 misses keeps layers
     at full precision and never tries dynamic scales."""
-    dg, calibration = dit
+    dg, calibration = trained_dit
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantized = _quantize(dg, calibration, _timer(set(), [], dynamic=1.4), live=True, min_psnr=90.0,
