@@ -95,8 +95,8 @@ def _pixart(data: Dataset) -> PixArtTransformer2DModel:
 
 def _wan(data: Dataset) -> WanTransformer3DModel:
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=3, out_channels=3,
-        text_dim=TEXT_DIM, freq_dim=64, ffn_dim=128, num_layers=4, rope_max_seq_len=64,
+        patch_size=(1, 4, 4), num_attention_heads=6, attention_head_dim=16, in_channels=3, out_channels=3,
+        text_dim=TEXT_DIM, freq_dim=64, ffn_dim=256, num_layers=6, rope_max_seq_len=64,
     )
 
 
@@ -144,7 +144,7 @@ ZOO = {
         ZooSpec("textures-pixart", "pixart", "textures-32", "epsilon", "DDIM", _pixart, _ddim_eps, 3.0,
                 train_steps=12000),
         ZooSpec("motion-wan", "wan", "motion", "flow", "UniPC (flow, shift 2)", _wan, _unipc_flow, 3.0,
-                train_steps=2000),
+                train_steps=12000),
     )
 }
 
