@@ -38,7 +38,7 @@ from ..ir.fxutil import attr_value
 from ..ir.precision import (BF16, BLOCKED, FP8, FP16, INT4, INT8, PER_CHANNEL, PER_TOKEN, ActivationQuant, PrecisionSpec, QuantizedWeight,
                             blocked_scales, is_attention, precision_specs, quantizable_weight, quantize_weight)
 from ..ir.weight_storage import pack_int4
-from .onnx_weights import WeightSlot, read_weight_map, write_weight_map
+from .onnx_weights import WeightSlot, update_weight_map
 
 MIN_OPSET = 21
 _LAYER_OPS = ("Conv", "Gemm", "MatMul")
@@ -96,7 +96,7 @@ def quantize_segment_onnx(model: Any, module: torch.fx.GraphModule, annotations:
         if slot is not None:
             quantized.setdefault(str(weight_node.target), []).append(slot)
     editor.drop_unused_initializers()
-    _update_weight_map(lowered, quantized)
+    update_weight_map(lowered, quantized)
     lowered.ir_version = max(lowered.ir_version, 10)  # int4 and blocked DequantizeLinear
     return lowered
 
@@ -406,21 +406,6 @@ def activation_scale_tensors(annotations: Mapping[str, Mapping[str, Any]]) -> di
                                                                   [activation.scale])
             tensors[tensor.name] = tensor
     return tensors
-
-
-def _update_weight_map(model: Any, quantized: Mapping[str, list[WeightSlot]]) -> None:
-    """The model's weight map after lowering: slots whose initializer was replaced are dropped, the
-    quantized slots added (a weight the export could not map stays unmapped)."""
-    recorded = read_weight_map(model)
-    if recorded is None:
-        return
-    mapping, unmapped = recorded
-    kept = {i.name for i in model.graph.initializer}
-    updated = {w: [s for s in slots if s.initializer in kept] for w, slots in mapping.items()}
-    for weight, slots in quantized.items():
-        if weight in updated:
-            updated[weight] += slots
-    write_weight_map(model, {w: slots for w, slots in updated.items() if slots}, unmapped)
 
 
 def _onnx_layout(q: QuantizedWeight, flip: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:

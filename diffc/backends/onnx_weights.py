@@ -270,6 +270,21 @@ def _digest(dims: Iterable[int], data: bytes) -> bytes:
     return hashlib.sha256(repr(tuple(int(d) for d in dims)).encode() + data).digest()
 
 
+def update_weight_map(model: Any, quantized: Mapping[str, list[WeightSlot]]) -> None:
+    """The model's weight map after lowering: slots whose initializer was replaced are dropped, the
+    quantized slots added (a weight the export could not map stays unmapped)."""
+    recorded = read_weight_map(model)
+    if recorded is None:
+        return
+    mapping, unmapped = recorded
+    kept = {i.name for i in model.graph.initializer}
+    updated = {w: [s for s in slots if s.initializer in kept] for w, slots in mapping.items()}
+    for weight, slots in quantized.items():
+        if weight in updated:
+            updated[weight] += slots
+    write_weight_map(model, {w: slots for w, slots in updated.items() if slots}, unmapped)
+
+
 __all__ = ["UNMAPPED", "WEIGHTS_METADATA", "WeightMap", "WeightSlot", "check_refittable", "float_tensor",
            "in_float_type", "map_weights", "read_weight_map", "replace_initializers", "restore_weights",
-           "segment_weights", "strip_weights", "weight_tensors", "write_weight_map"]
+           "segment_weights", "strip_weights", "update_weight_map", "weight_tensors", "write_weight_map"]
