@@ -24,6 +24,18 @@ pytest.importorskip("onnxruntime")
 TOL = 1e-4
 
 
+def _spinning(fast) -> set[bool]:
+    """Whether each segment session's intra-op threads spin after a run (ONNX Runtime's default)."""
+    spinning = set()
+    for runner in fast._compiled.runners.values():
+        options = runner.primary.session.get_session_options()
+        try:
+            spinning.add(options.get_session_config_entry("session.intra_op.allow_spinning") != "0")
+        except RuntimeError:  # not set: ONNX Runtime's default, which spins
+            spinning.add(True)
+    return spinning
+
+
 def _call(fast, model, inputs):
     with torch.no_grad():
         return first_tensor(fast(**inputs)), first_tensor(model(**inputs))
@@ -41,6 +53,7 @@ def dit_ort():
 def test_single_segment_matches_the_model_at_two_batch_sizes(dit_ort):
     model, inputs, fast = dit_ort
     assert fast.target == "ort-fp32" and list(fast.plan.segments) == ["main"]
+    assert _spinning(fast) == {True}  # one session: its threads may spin between steps
     ours, theirs = _call(fast, model, inputs)
     assert (ours - theirs).abs().max() <= TOL
     # the export keeps the batch dynamic: the unconditional half of a CFG batch runs alone
@@ -78,6 +91,8 @@ def test_cached_plan_matches_the_torch_backend_over_a_loop(captured):
     torch_model = compile_graph(dg, "torch", "fp32")
     ort_model = compile_graph(dg, "ort", "fp32")
     assert set(ort_model.plan.segments) == {"main0", "cache_blocks", "apply_blocks", "main1"}
+    # sessions run one after another: threads left spinning would take the cores from the next
+    assert _spinning(ort_model) == {False}
     generator = torch.Generator().manual_seed(0)
     latent = torch.randn(2, 4, 8, 8, generator=generator)
     labels = torch.tensor([1, 2])
