@@ -198,9 +198,10 @@ def _run_pipeline(manager: PassManager, model_or_pipeline: Any, ctx: PassContext
     # candidates run once or twice each: compiling them would cost more than it saves
     ctx.denoiser_for = lambda candidate: compile_graph(candidate, "torch", "fp32", device, compile=False)
     backend = parse_target(ctx.target).backend
+    # one timer: called with formats it times the cost-table layer, with formats and a shape that layer
     ctx.format_times = functools.partial(_format_times, backend, str(torch.device(device)))
     if get_backend(backend).runs_low_bit_kernels(torch.device(device)):
-        ctx.layer_format_times = functools.partial(_format_times, backend, str(torch.device(device)))
+        ctx.layer_format_times = ctx.format_times
     checkpoints = None
     if work_dir is not None:
         identity = {"model": graph_fingerprint(graph), "calibration": _calibration_fingerprint(calibration_set)}

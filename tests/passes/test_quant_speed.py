@@ -11,7 +11,7 @@ from diffc.ir import lint
 from diffc.ir.precision import precision_specs
 from diffc.passes import PassContext, PassManager
 from diffc.passes.quant.layers import PROTECTIONS, quantizable_layers
-from diffc.passes.quant.speed import layer_shape
+from diffc.passes.quant.speed import layer_shapes
 
 QUICK = {"samples": 4, "probes": 2, "trajectories": 1}
 
@@ -32,7 +32,7 @@ def _quantize(dg, calibration, timer, live=False, **options):
 
 def _placeable_shapes(dg):
     layers = [layer for layer in quantizable_layers(dg, PROTECTIONS) if layer.protected is None]
-    return {layer.node: layer_shape(dg, layer) for layer in layers}
+    return layer_shapes(dg, layers)
 
 
 def test_linears_no_format_makes_faster_stay_at_full_precision_with_their_times(trained_dit):

@@ -51,17 +51,20 @@ class SpeedCheck:
                 "kept_slower": sorted(self.slower), "no_dynamic_scales": sorted(self.dynamic_slower)}
 
 
-def layer_shape(dg: DiffusionGraph, layer: Layer) -> tuple[int, int, int] | None:
-    """(rows, in, out) of a linear at the captured example's shape; None for a convolution or an
+def layer_shapes(dg: DiffusionGraph, layers: list[Layer]) -> dict[str, tuple[int, int, int] | None]:
+    """Each layer's (rows, in, out) at the captured example's shape; None for a convolution or an
     input of unknown shape."""
-    if len(layer.shape) != 2:
-        return None
-    source = next((n for n in dg.graph.nodes if n.name == layer.input), None)
-    shape = node_shape(source) if source is not None else None
-    if not shape or not all(isinstance(d, int) for d in shape):
-        return None
-    out_features, in_features = layer.shape
-    return math.prod(shape[:-1]), in_features, out_features
+    nodes = {node.name: node for node in dg.graph.nodes}
+    shapes: dict[str, tuple[int, int, int] | None] = {}
+    for layer in layers:
+        source = nodes.get(layer.input)
+        shape = node_shape(source) if source is not None and len(layer.shape) == 2 else None
+        if not shape or not all(isinstance(d, int) for d in shape):
+            shapes[layer.node] = None
+            continue
+        out_features, in_features = layer.shape
+        shapes[layer.node] = (math.prod(shape[:-1]), in_features, out_features)
+    return shapes
 
 
 def check_speed(dg: DiffusionGraph, layers: list[Layer], formats: tuple[str, ...], timer: LayerTimer | None,
@@ -72,8 +75,9 @@ def check_speed(dg: DiffusionGraph, layers: list[Layer], formats: tuple[str, ...
         return SpeedCheck(skipped=why_not)
     timed = tuple(dict.fromkeys([*formats, *([DYNAMIC] if dynamic_upgrade else [])]))
     check = SpeedCheck()
+    shapes = layer_shapes(dg, layers)
     for layer in layers:
-        shape = layer_shape(dg, layer)
+        shape = shapes[layer.node]
         if shape is None:
             continue
         key = "x".join(map(str, shape))
