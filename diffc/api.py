@@ -15,6 +15,7 @@ import torch
 
 from .backends import get_backend, parse_target
 from .backends.base import LOW_BIT
+from .backends.timing_cache import kept_times
 from .calibration import as_calibration_set, call_arguments, collect
 from .errors import CaptureError, DiffcError, TargetError
 from .ir import DiffusionGraph, Plan, capture, find_denoiser
@@ -212,8 +213,10 @@ def _run_pipeline(manager: PassManager, model_or_pipeline: Any, ctx: PassContext
 @functools.cache
 def _format_times(backend: str, device: str, formats: tuple[str, ...],
                   shape: tuple[int, int, int] | None = None) -> dict[str, float] | None:
-    """Measured once per process, backend, device, format set and layer shape (a second or a few)."""
-    return get_backend(backend).relative_format_times(formats, torch.device(device), shape)
+    """Measured once per machine (kept in diffc.backends.timing_cache), backend, device, format set and
+    layer shape (a second or a few), so a placement by timings decides the same way on each run."""
+    return kept_times(backend, torch.device(device), formats, shape,
+                      lambda: get_backend(backend).relative_format_times(formats, torch.device(device), shape))
 
 
 def _device_of(model_or_pipeline: Any, device: Any) -> Any:

@@ -6,6 +6,7 @@ import functools
 import pytest
 import torch
 
+from diffc.backends.timing_cache import CACHE_VARIABLE
 from diffc.ir import DiffusionGraph, capture
 
 FAMILY_NAMES = ("unet2dcond", "unet2d", "dit", "pixart", "sd3", "flux")
@@ -21,6 +22,14 @@ def _family(name: str) -> tuple[torch.nn.Module, dict]:
 @functools.lru_cache(maxsize=None)
 def _captured(name: str) -> DiffusionGraph:
     return capture(_family(name)[0])
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _format_timings_of_this_run(tmp_path_factory):
+    """Layers timed by tests are kept for the test run only, never in the user's per-machine file."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_VARIABLE, str(tmp_path_factory.mktemp("timings") / "format-times.json"))
+        yield
 
 
 @pytest.fixture(params=FAMILY_NAMES)

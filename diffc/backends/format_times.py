@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx
@@ -20,6 +20,11 @@ aten = torch.ops.aten
 LAYER_SHAPES = {"cpu": (512, 512, 512), "cuda": (4096, 2048, 2048)}
 LayerShape = tuple[int, int, int]
 REPEATS = {"cpu": 7, "cuda": 25}
+# rounds are added, up to this many times the first ones, while a ratio's middle half spans more than
+# SETTLED_SPREAD: a ratio that moves with the machine's load is measured until its median holds
+MAX_REPEAT_FACTOR, SETTLED_SPREAD = 3, 0.1
+# bumped when how a format is lowered or timed changes, so timings kept per machine are taken again
+TIMING_METHOD = 1
 MIN_REPEAT_SECONDS, MAX_CALLS = 0.002, 200
 MIN_RATIO = 1e-3  # a format measured as free (its time within the noise of the call's fixed cost)
 # (the layer as an FX graph, its precision annotations or None, its input) -> one call of it
@@ -90,12 +95,26 @@ def relative_times(formats: tuple[str, ...], device: torch.device, make_runner: 
                     for name in formats}
         fixed, reference = (_timer(make_runner(graph, None, example), device) for graph in (empty, module))
         ratios: dict[str, list[float]] = {name: [] for name in formats}
-        for _ in range(REPEATS["cuda" if device.type == "cuda" else "cpu"]):
-            overhead = fixed()
-            layer = max(reference() - overhead, 1e-9)
-            for name, sample in samplers.items():
-                ratios[name].append(max(sample() - overhead, 0.0) / layer)
+        repeats, rounds = REPEATS["cuda" if device.type == "cuda" else "cpu"], 0
+        while rounds == 0 or (rounds < MAX_REPEAT_FACTOR * repeats and _unsettled(ratios.values())):
+            for _ in range(repeats):
+                overhead = fixed()
+                layer = max(reference() - overhead, 1e-9)
+                for name, sample in samplers.items():
+                    ratios[name].append(max(sample() - overhead, 0.0) / layer)
+            rounds += repeats
     return {name: max(statistics.median(values), MIN_RATIO) for name, values in ratios.items()}
 
 
-__all__ = ["LAYER_SHAPES", "LayerShape", "layer_annotations", "one_linear", "passthrough", "relative_times"]
+def _unsettled(samples: Iterable[list[float]]) -> bool:
+    """Whether the middle half of any format's ratios spans more than SETTLED_SPREAD."""
+    return any(_middle_half(values) > SETTLED_SPREAD for values in samples if len(values) > 1)
+
+
+def _middle_half(values: list[float]) -> float:
+    low, _, high = statistics.quantiles(values, n=4)
+    return high - low
+
+
+__all__ = ["LAYER_SHAPES", "TIMING_METHOD", "LayerShape", "layer_annotations", "one_linear", "passthrough",
+           "relative_times"]

@@ -8,7 +8,9 @@ import torch
 
 from diffc import api
 from diffc.backends import get_backend
+from diffc.backends import format_times
 from diffc.backends.format_times import LAYER_SHAPES, layer_annotations, one_linear, passthrough, relative_times
+from diffc.backends.timing_cache import CACHE_VARIABLE
 from diffc.ir.precision import FORMATS, precision_specs
 from diffc.ir.simulation import simulate
 
@@ -53,6 +55,32 @@ def test_relative_times_divide_each_format_by_the_unquantized_layer_without_the_
     assert 0.8 < times["bf16"] < 1.25 and 2.4 < times["int8"] < 3.75
 
 
+@pytest.mark.parametrize("noisy", [False, True])
+def test_rounds_are_added_while_a_ratio_moves_with_the_load(monkeypatch, noisy):
+    samples = iter(range(10**6))
+
+    def sampler(call, device):
+        # the layer's time; a format's swings by 60% every other sample when the machine is loaded
+        def sample():
+            index = next(samples)
+            if call == "passthrough":
+                return 0.0
+            return 0.001 * (1 + (0.6 * (index % 2) if noisy and call == "int8" else 0))
+        return sample
+
+    monkeypatch.setattr(format_times, "_timer", sampler)
+    monkeypatch.setattr(format_times, "REPEATS", {"cpu": 4, "cuda": 4})
+    rounds = []
+    monkeypatch.setattr(format_times, "_unsettled", lambda ratios, real=format_times._unsettled:
+                        rounds.append(len(next(iter(ratios)))) or real(ratios))
+    def runner(module, annotations, example):
+        layer = any(n.target == torch.ops.aten.linear.default for n in module.graph.nodes)
+        return "int8" if annotations else "unquantized" if layer else "passthrough"
+
+    relative_times(("int8",), CPU, runner)
+    assert rounds == ([4, 8] if noisy else [4])
+
+
 def test_the_timed_layer_takes_the_asked_shape_and_the_passthrough_only_copies():
     module, example = one_linear(CPU, (24, 40, 8))
     assert tuple(example.shape) == (1, 24, 40) and tuple(module(example)[0].shape) == (1, 24, 8)
@@ -81,7 +109,8 @@ def test_tensorrt_measures_nothing_here():
     assert get_backend("trt").relative_format_times(("int8",), CPU) is None
 
 
-def test_api_measures_once_per_backend_device_and_formats(monkeypatch):
+def test_api_measures_once_per_backend_device_and_formats(monkeypatch, tmp_path):
+    monkeypatch.setenv(CACHE_VARIABLE, str(tmp_path / "times.json"))
     api._format_times.cache_clear()
     measured = []
     monkeypatch.setattr(type(get_backend("ort")), "relative_format_times",
