@@ -13,13 +13,6 @@ from diffc.models.zoo.report import RECOGNIZABLE, grid_image
 
 torch.set_num_threads(1)
 TRAINED = zoo.available()
-# models the zoo README marks as not yet learned well enough (benchmarks/zoo/samples.json), and why
-UNDERTRAINED = {
-    "motion-wan": "53% of 32 samples right (64 samples: shape 97%, direction 52%): patch (1, 4, 4), 6 heads x 16, "
-                  "6 layers, 12000 steps draws every shape and moves it along the asked axis, but the sign of the "
-                  "motion is a coin toss (left/right, up/down swapped half the time): the frame order is not learned. "
-                  "Before, patch (1, 2, 2) models (0.25-0.59M, 1700-4200 steps) reached 9-19%",
-}
 
 
 def untrained_pipeline(name: str) -> zoo.ZooPipeline:
@@ -124,8 +117,7 @@ def test_each_scorer_reads_held_out_data(name):
     assert min(shares.values()) >= scorer.accuracy(images / 2 + 0.5, prompts)
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xfail(reason=UNDERTRAINED[name], strict=False))
-                                  if name in UNDERTRAINED else name for name in sorted(zoo.ZOO)])
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
 def test_each_trained_model_draws_what_its_prompts_ask(name):
     if name not in TRAINED:
         pytest.skip(f"{name} is not trained in {zoo.default_root()}")

@@ -95,8 +95,8 @@ def _pixart(data: Dataset) -> PixArtTransformer2DModel:
 
 def _wan(data: Dataset) -> WanTransformer3DModel:
     return WanTransformer3DModel(
-        patch_size=(1, 4, 4), num_attention_heads=6, attention_head_dim=16, in_channels=3, out_channels=3,
-        text_dim=TEXT_DIM, freq_dim=64, ffn_dim=256, num_layers=6, rope_max_seq_len=64,
+        patch_size=(2, 4, 4), num_attention_heads=8, attention_head_dim=16, in_channels=3, out_channels=3,
+        text_dim=TEXT_DIM, freq_dim=64, ffn_dim=384, num_layers=6, rope_max_seq_len=64,
     )
 
 
