@@ -178,6 +178,31 @@ def test_dp_schedule_beats_uniform_at_equal_full_steps(digits_calibration):
     assert len(dp["relative_error_per_step"]) == 10
 
 
+def test_warmup_keeps_the_first_steps_in_full_and_the_budget_elsewhere(digits_calibration):
+    pipe, cal = digits_calibration
+    dg = diffc.capture(pipe.unet)
+    plain = _run([{"pass": "cache", "full_steps": 4, "min_psnr": None}], dg, cal).applied[-1]["report"]
+    warm = _run([{"pass": "cache", "full_steps": 4, "min_psnr": None, "warmup": 0.3}], dg, cal).applied[-1]["report"]
+    assert warm["full_steps"] == plain["full_steps"] == 4
+    assert warm["steps"][:3] == ["full"] * 3 and warm["steps"].count("full") == 4
+    # re-sampled on the pipeline: every candidate scored and the refined choice keep the warm-up
+    live = _cache_report(diffc.optimize(pipe, passes=[{"pass": "cache", "full_steps": 4, "min_psnr": None,
+                                                        "warmup": 0.3}], calibration=cal))
+    assert live["dp_candidates"] and all({0, 1, 2} <= set(c["full_steps"]) for c in live["dp_candidates"])
+    with pytest.raises(PassError, match=r"warmup=0.4 keeps the first 4 of 10 steps in full.*budget of 4"):
+        _run([{"pass": "cache", "full_steps": 4, "warmup": 0.4}], dg, cal)
+
+
+@pytest.mark.parametrize("options, message", [({"warmup": 1.0}, r"warmup must be a share of the steps in \[0, 1\)"),
+                                              ({"warmup": -0.1}, r"in \[0, 1\)"),
+                                              ({"warmup": 0.2, "schedule": "uniform"}, "schedule='dp'")])
+def test_warmup_refuses_a_share_outside_its_range_or_another_schedule(options, message):
+    from diffc.passes.cache import CacheConfig
+
+    with pytest.raises(ValueError, match=message):
+        CacheConfig(**options)
+
+
 def _cache_report(fast):
     return next(entry["report"] for entry in fast.report if entry["pass"] == "cache")
 
@@ -352,6 +377,10 @@ def test_refinement_moves_full_steps_downhill_within_its_budget_and_gaps():
     limited, _ = refine_full_steps(start, final_error(start), final_error, num_steps=12, max_gap=5, evaluations=2)
     assert len(calls) == 1 + 2 and limited != target  # stops after its re-runs
     assert refine_full_steps(start, 5.0, final_error, num_steps=12, max_gap=5, evaluations=0) == (start, 5.0)
+    calls.clear()
+    warm, _ = refine_full_steps({0, 1, 2, 3, 7}, final_error({0, 1, 2, 3, 7}), final_error, num_steps=12, max_gap=5,
+                                evaluations=50, warmup=4)
+    assert {0, 1, 2, 3} <= warm and all({0, 1, 2, 3} <= set(c) for c in calls)
 
 
 def test_forecast_extrapolates_the_cached_tensors_from_the_last_two_full_steps(captured):

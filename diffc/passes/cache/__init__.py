@@ -25,7 +25,8 @@ from .._search import unjudgeable
 from ..base import Pass, PassConfig, PassContext, PassResult, anchor_step_plan, register_pass
 from .bac import block_variants
 from .cuts import CUTS, block_regions, cached_variant_for, cut_regions, segment_flops
-from .schedules import SCHEDULES, adaptive_schedule, dp_schedule, measured_error, nonuniform_full_steps
+from .schedules import (SCHEDULES, adaptive_schedule, dp_schedule, measured_error, nonuniform_full_steps,
+                        warmup_steps)
 
 
 # how much the budget of full steps grows, as a share of the steps, each time the floor is missed
@@ -59,6 +60,10 @@ class CacheConfig(PassConfig):
     # keep on the held-out trajectories; below it the budget of full steps grows until it does, and
     # when even one cached step misses it the pass changes nothing and warns (None: no floor)
     min_psnr: float | None = 30.0
+    # schedule="dp": this share of the first steps always runs in full (MagCache's retention ratio,
+    # cache-dit's warm-up steps): while a sample's layout is undecided a small change can flip it
+    # to other content, which no per-step error on the calibration prompts foresees
+    warmup: float = 0.0
 
     def __post_init__(self) -> None:
         if self.cut not in CUTS:
@@ -76,6 +81,11 @@ class CacheConfig(PassConfig):
         if self.recomputed_layers is not None and (self.recomputed_layers < 1 or self.schedule == "bac"):
             raise ValueError(f"recomputed_layers must be >= 1 with a one-cut schedule (not 'bac', which picks whole "
                              f"blocks), got {self.recomputed_layers} with schedule={self.schedule!r}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup must be a share of the steps in [0, 1), got {self.warmup}")
+        if self.warmup and self.schedule != "dp":
+            raise ValueError(f"warmup bounds the dp schedule's choice; schedule={self.schedule!r} places its full "
+                             "steps itself. Fix: schedule='dp', or leave warmup at 0")
         if self.min_psnr is not None and not self.min_psnr > 0:
             raise ValueError(f"min_psnr must be a PSNR in dB above 0 (or None for no floor), got {self.min_psnr}")
 
@@ -131,6 +141,10 @@ class CachePass(Pass):
                 budget = cfg.full_steps or max(1, math.ceil(cfg.full_fraction * num_steps))
                 if budget > num_steps:
                     raise PassError(f"full_steps={budget} exceeds the calibration's {num_steps} steps")
+                if budget <= warmup_steps(cfg.warmup, num_steps) and cfg.schedule == "dp":
+                    raise PassError(f"warmup={cfg.warmup} keeps the first {warmup_steps(cfg.warmup, num_steps)} of "
+                                    f"{num_steps} steps in full, which takes the whole budget of {budget} full steps; "
+                                    "raise full_fraction (or full_steps) or lower warmup")
                 if cfg.schedule == "nonuniform":
                     full = nonuniform_full_steps(num_steps, budget)
                 else:
@@ -222,7 +236,8 @@ class CachePass(Pass):
         unmodified = ctx.denoiser_for(dg.clone()) if live else None  # its step plan runs every step in full
         full, candidates, forecast = dp_schedule(build_plan(dg), ctx.calibration, num_steps, budget, cfg.max_gap,
                                                  cfg.refine, cached_variant, fixed,
-                                                 (lambda f, m: final_error(f, m)["mse"]) if live else None, unmodified)
+                                                 (lambda f, m: final_error(f, m)["mse"]) if live else None, unmodified,
+                                                 warmup_steps(cfg.warmup, num_steps))
         if live:
             predicted = final_error(full, forecast)["psnr"]
             held_out_psnr = final_error(full, forecast, held_out)["psnr"] if held_out else None

@@ -28,7 +28,7 @@ SCHEDULES = ("dp", "uniform", "nonuniform", "adaptive", "bac")
 def dp_schedule(plan: Any, calibration: Any, num_steps: int, budget: int, max_gap: int, refine: int,
                 cached_variant: Any, fixed: bool | None,
                 final_error: Callable[[set[int], bool], float] | None,
-                reference: Any = None) -> tuple[set[int], list[dict[str, Any]], bool]:
+                reference: Any = None, warmup: int = 0) -> tuple[set[int], list[dict[str, Any]], bool]:
     """Full steps by dynamic programming on the per-step reuse errors. Each error is weighted
     by how strongly an output error at its step propagates to the final output, and the DP is
     solved for each gap limit up to max_gap; with the live pipeline (`final_error` of a schedule's
@@ -36,9 +36,10 @@ def dp_schedule(plan: Any, calibration: Any, num_steps: int, budget: int, max_ga
     re-sampled calibration trajectories end closest to the recorded ones wins (with and without
     forecasting, unless `fixed` fixes it), and is refined by moving single full steps while that
     lowers the error. `reference` (the unmodified denoiser) re-runs an identified loop to measure
-    the propagation when there is no pipeline. Returns the full steps, the scored candidates and
-    whether to forecast."""
-    errors = reuse_errors(plan, calibration, max_gap, cached_variant)
+    the propagation when there is no pipeline. The first `warmup` steps are never cached. Returns
+    the full steps, the scored candidates and whether to forecast."""
+    errors = {(i, j): e for (i, j), e in reuse_errors(plan, calibration, max_gap, cached_variant).items()
+              if j >= warmup}
     weights = propagation_weights(calibration, denoiser=reference)
     weightings = [errors] if weights is None else \
         [{(i, j): e * weights[j] for (i, j), e in errors.items()}, errors]
@@ -56,14 +57,14 @@ def dp_schedule(plan: Any, calibration: Any, num_steps: int, budget: int, max_ga
     if final_error is None:
         return candidates[0], [], bool(fixed)
     even = {round(i * num_steps / budget) for i in range(budget)}
-    if even not in candidates and _within_gap(even, num_steps, max_gap):
+    if even not in candidates and _within_gap(even, num_steps, max_gap) and set(range(warmup)) <= even:
         candidates.append(even)
     modes = (False, True) if fixed is None else (fixed,)
     scored = [(final_error(full, mode), sorted(full), mode) for full in candidates for mode in modes]
     best_error, best, forecast = min(scored)
     report = [{"full_steps": f, "forecast": m, "final_mse": round(e, 8)} for e, f, m in scored]
     refined, refined_error = refine_full_steps(set(best), best_error, lambda full: final_error(full, forecast),
-                                               num_steps, max_gap, refine)
+                                               num_steps, max_gap, refine, warmup)
     if refined != set(best):
         report.append({"full_steps": sorted(refined), "forecast": forecast, "final_mse": round(refined_error, 8),
                        "refined": True})
@@ -111,19 +112,25 @@ def reuse_errors(plan: Any, calibration: Any, max_gap: int, cached_variant: Any)
     return {k: float(np.mean(v)) for k, v in sums.items()}
 
 
+def warmup_steps(share: float, num_steps: int) -> int:
+    """How many first steps a warm-up `share` keeps in full."""
+    return math.ceil(share * num_steps)
+
+
 def _within_gap(full: set[int], num_steps: int, max_gap: int) -> bool:
     marks = sorted(full) + [num_steps]
     return 0 in full and all(b - a <= max_gap for a, b in zip(marks, marks[1:]))
 
 
 def refine_full_steps(full: set[int], error: float, final_error: Callable[[set[int]], float], num_steps: int,
-                      max_gap: int, evaluations: int) -> tuple[set[int], float]:
-    """First-improvement local search: move one full step (never step 0) to a neighbouring cached
-    step while the final error falls, within `evaluations` re-runs of the trajectories."""
+                      max_gap: int, evaluations: int, warmup: int = 0) -> tuple[set[int], float]:
+    """First-improvement local search: move one full step (never step 0 nor one of the first
+    `warmup`) to a neighbouring cached step while the final error falls, within `evaluations`
+    re-runs of the trajectories."""
     improved = True
     while improved and evaluations > 0:
         improved = False
-        for step in sorted(full - {0}):
+        for step in sorted(full - set(range(max(1, warmup)))):
             for moved in (step - 1, step + 1):
                 candidate = (full - {step}) | {moved}
                 if not 0 < moved < num_steps or moved in full or not _within_gap(candidate, num_steps, max_gap):
