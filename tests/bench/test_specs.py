@@ -35,6 +35,8 @@ def test_sweeps_expand_and_commas_inside_options_do_not_split():
     assert all(parse_pipeline(spec).family in OURS for spec in shallow)  # one diffc frontier
     compiled = [parse_pipeline(spec) for spec in cache_sweep(unet=True) if spec.endswith(":compile")]
     assert compiled and all(choice.compiled and choice.target == "torch" for choice in compiled)
+    warm = [parse_pipeline(spec) for spec in cache_sweep() if "warmup=" in spec]
+    assert len(warm) == 4 and all(choice.family in OURS for choice in warm)
 
 
 def test_compile_after_the_colon_runs_the_torch_backends_segments_under_torch_compile():
