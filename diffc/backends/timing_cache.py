@@ -12,13 +12,13 @@ import functools
 import json
 import os
 import platform
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from ..ir.graph_file import write_atomically
 from .format_times import TIMING_METHOD
 
 CACHE_VARIABLE = "DIFFC_FORMAT_TIMES"
@@ -75,12 +75,8 @@ def _read(path: Path) -> dict[str, dict[str, Timings]]:
 
 
 def _write(path: Path, table: dict[str, dict[str, Timings]]) -> None:
-    """Whole or not at all: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".part")
-    with os.fdopen(handle, "w") as stream:
-        json.dump(table, stream, indent=1, sort_keys=True)
-    os.replace(temporary, path)
+    write_atomically(path, json.dumps(table, indent=1, sort_keys=True).encode())
 
 
 def kept_times(backend: str, device: torch.device, formats: tuple[str, ...], shape: tuple[int, int, int] | None,

@@ -64,8 +64,8 @@ def save_graph(dg: DiffusionGraph, path: str | os.PathLike[str], extra: Mapping[
     data = save_tensors(weights, metadata=metadata)
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(final, data)
-    _write_atomically(_hash_path(final), hashlib.sha256(data).hexdigest().encode())
+    write_atomically(final, data)
+    write_atomically(_hash_path(final), hashlib.sha256(data).hexdigest().encode())
     return final
 
 
@@ -109,7 +109,9 @@ def _metadata(data: bytes) -> dict[str, str]:
         raise ArtifactError(f"not a safetensors graph file ({exc})") from exc
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` whole or not at all: a reader never sees half a file, and a failed
+    write leaves no staging file behind."""
     handle, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as out:

@@ -141,10 +141,11 @@ class CachePass(Pass):
                 budget = cfg.full_steps or max(1, math.ceil(cfg.full_fraction * num_steps))
                 if budget > num_steps:
                     raise PassError(f"full_steps={budget} exceeds the calibration's {num_steps} steps")
-                if budget <= warmup_steps(cfg.warmup, num_steps):
-                    raise PassError(f"warmup={cfg.warmup} keeps the first {warmup_steps(cfg.warmup, num_steps)} of "
-                                    f"{num_steps} steps in full, which takes the whole budget of {budget} full steps; "
-                                    "raise full_fraction (or full_steps) or lower warmup")
+                warm = warmup_steps(cfg.warmup, num_steps)
+                if budget <= warm:
+                    raise PassError(f"warmup={cfg.warmup} keeps the first {warm} of {num_steps} steps in full, which "
+                                    f"takes the whole budget of {budget} full steps; raise full_fraction (or "
+                                    "full_steps) or lower warmup")
                 if cfg.schedule == "nonuniform":
                     full = nonuniform_full_steps(num_steps, budget)
                 else:
