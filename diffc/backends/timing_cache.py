@@ -25,12 +25,17 @@ CACHE_VARIABLE = "DIFFC_FORMAT_TIMES"
 Timings = dict[str, float]
 
 
+def user_cache_folder() -> Path:
+    """diffc's folder of per-machine caches: `$XDG_CACHE_HOME/diffc`, by default `~/.cache/diffc`."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffc"
+
+
 def cache_path() -> Path | None:
     """Where timings are kept; None when `$DIFFC_FORMAT_TIMES` is set empty."""
     chosen = os.environ.get(CACHE_VARIABLE)
     if chosen is not None:
         return Path(chosen) if chosen else None
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffc" / "format-times.json"
+    return user_cache_folder() / "format-times.json"
 
 
 @functools.cache
@@ -100,4 +105,4 @@ def kept_times(backend: str, device: torch.device, formats: tuple[str, ...], sha
     return measured
 
 
-__all__ = ["CACHE_VARIABLE", "cache_path", "kept_times", "layer_key", "machine_key"]
+__all__ = ["CACHE_VARIABLE", "cache_path", "kept_times", "layer_key", "machine_key", "user_cache_folder"]

@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 from ...errors import TargetError
 from ...ir.onnx_segments import DIM_SYMBOL
 from ..base import LOW_BIT
+from ..timing_cache import user_cache_folder
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
-DEFAULT_TIMING_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffc" / "tensorrt.timing"
+DEFAULT_TIMING_CACHE = user_cache_folder() / "tensorrt.timing"
 # TensorRT's builder optimization levels (IBuilderConfig.builder_optimization_level): 0 (fastest build)
 # to 5; TensorRT's default is 3.
 OPTIMIZATION_LEVELS = range(0, 6)
