@@ -3,7 +3,10 @@ model and both default models, with diffc's cache sweep and every peer at every 
 benchmarks/results/<date>-cpu-x86_64/zoo/. Each model's rows are kept as they finish, so an
 interrupted run resumes where it stopped.
 
-    OMP_NUM_THREADS=2 python benchmarks/zoo_bench.py [--models shapes-flux,digits-unet] [--smoke]
+    OMP_NUM_THREADS=2 python benchmarks/zoo_bench.py [--models shapes-flux,digits-unet] [--pipelines ...] [--smoke]
+
+--pipelines runs those rows only (`diffc bench`'s spelling; the default is the whole comparison), e.g.
+`baseline,quant:ort-int8,cache+quant:ort-int8` for every model's int8 rows on ONNX Runtime in one run.
 
 --smoke runs one zoo model with 2 steps, 2 prompts and a few rows: the harness end to end in a
 minute or two, for CI-like machines.
@@ -22,10 +25,11 @@ FULL_PIPELINES = "baseline,cache,cache-sweep,quant,quant:ort-int8,cache+quant,ca
 SMOKE_PIPELINES = "baseline,cache,fbc@0.2,torchao-int8"
 
 
-def run(models: list[str], out: Path, smoke: bool) -> int:
+def run(models: list[str], out: Path, smoke: bool, pipelines: str | None = None) -> int:
     failures = []
     for model in models:
-        arguments = ["bench", model, "--out", str(out), "--pipelines", SMOKE_PIPELINES if smoke else FULL_PIPELINES]
+        chosen = pipelines or (SMOKE_PIPELINES if smoke else FULL_PIPELINES)
+        arguments = ["bench", model, "--out", str(out), "--pipelines", chosen]
         if smoke:
             arguments += ["--steps", "2", "--seeds", "0", "--repeats", "1", "--labels", "0,1"]
             if model in zoo.ZOO:
@@ -44,6 +48,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=None, help="comma-separated (default: the zoo and both default models)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--pipelines", default=None, help="the rows to run (default: the whole comparison)")
     parser.add_argument("--smoke", action="store_true")
     return parser.parse_args(argv)
 
@@ -53,4 +58,4 @@ if __name__ == "__main__":
     chosen = args.models.split(",") if args.models else ([zoo.available()[0]] if args.smoke else
                                                         [*zoo.available(), *DEFAULT_MODELS])
     out = args.out or Path(__file__).parent / "results" / f"{time.strftime('%Y-%m-%d')}-cpu-x86_64" / "zoo"
-    sys.exit(run(chosen, out, args.smoke))
+    sys.exit(run(chosen, out, args.smoke, args.pipelines))

@@ -203,6 +203,7 @@ def _run_pipeline(manager: PassManager, model_or_pipeline: Any, ctx: PassContext
     ctx.format_times = functools.partial(_format_times, backend, str(torch.device(device)))
     if get_backend(backend).runs_low_bit_kernels(torch.device(device)):
         ctx.layer_format_times = ctx.format_times
+        ctx.low_bit_convolutions = get_backend(backend).runs_low_bit_convolutions(torch.device(device))
     checkpoints = None
     if work_dir is not None:
         identity = {"model": graph_fingerprint(graph), "calibration": _calibration_fingerprint(calibration_set)}

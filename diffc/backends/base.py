@@ -59,6 +59,12 @@ class Backend(ABC):
         the unquantized layer) rather than simulated in full precision."""
         return False
 
+    def runs_low_bit_convolutions(self, device: torch.device) -> bool:
+        """Whether quantized convolutions run as low-bit kernels on `device`; where they do not, a
+        quantized convolution computes in float from weights dequantized on every call, slower than
+        the unquantized one."""
+        return False
+
     @abstractmethod
     def compile(self, plan: Plan, precision: str, device: Any = None, **options: Any) -> CompiledPlan:
         """Lowers every segment of `plan` once; variants share the compiled segments."""

@@ -27,6 +27,7 @@ from .onnx_fixups import (describe_failure, interleaves_as_stacks, quiet_exporte
                           without_noop_squeezes)
 from .onnx_segments import (DIM_SYMBOL, SIZE, TENSOR, TENSORS, flatten_values, segment_metadata, segment_values,
                             value_entry)
+from .onnx_speedups import faster_for_onnx_runtime
 from .partition import DELTA_SUFFIX
 from .plan import Plan
 
@@ -62,7 +63,7 @@ def export_onnx(module: torch.fx.GraphModule, example_inputs: Sequence[torch.Ten
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dynamic_shapes = tuple({int(d): torch.export.Dim.AUTO for d in dims} or None for dims in dynamic_dims)
-    module = interleaves_as_stacks(without_noop_squeezes(module))
+    module = faster_for_onnx_runtime(interleaves_as_stacks(without_noop_squeezes(module)))
 
     with quiet_exporter():
         try:

@@ -44,6 +44,9 @@ class PassContext:
     # The same, for a linear of a given (rows, in, out) shape; only where the backend runs low-bit
     # formats as their own kernels on this device (not simulated), so a format can pay or not
     layer_format_times: Callable[[tuple[str, ...], tuple[int, int, int]], dict[str, float] | None] | None = None
+    # whether that backend runs quantized convolutions as low-bit kernels too (not timed: where it does
+    # not, a quantized convolution is slower than the unquantized one and the speed check keeps it)
+    low_bit_convolutions: bool = True
     # the user asked for progress bars (optimize(progress=True)): passes show their long loops
     progress: bool = False
     # what final images are judged against: None for the recorded (original) ones, or, for a pass

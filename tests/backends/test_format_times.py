@@ -109,6 +109,14 @@ def test_tensorrt_measures_nothing_here():
     assert get_backend("trt").relative_format_times(("int8",), CPU) is None
 
 
+def test_only_tensorrt_runs_quantized_convolutions_as_low_bit_kernels():
+    # ONNX Runtime runs a Q/DQ convolution (no output quantization) in float from dequantized weights;
+    # torch has no low-bit convolution kernel; TensorRT fuses the Q/DQ pairs into int8 / fp8 convolutions
+    assert not get_backend("ort").runs_low_bit_convolutions(CPU)
+    assert not get_backend("torch").runs_low_bit_convolutions(torch.device("cuda"))
+    assert get_backend("trt").runs_low_bit_convolutions(torch.device("cuda"))
+
+
 def test_api_measures_once_per_backend_device_and_formats(monkeypatch, tmp_path):
     monkeypatch.setenv(CACHE_VARIABLE, str(tmp_path / "times.json"))
     api._format_times.cache_clear()

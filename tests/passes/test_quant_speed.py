@@ -1,6 +1,7 @@
 """The quant pass on a backend that runs low-bit kernels: a linear that no allowed format makes faster
-at its own shape (timed by the backend) stays at full precision, with the timings in the report; when
-no layer pays, nothing is quantized and the pass says so."""
+at its own shape (timed by the backend) stays at full precision, with the timings in the report; a
+convolution stays at full precision where the backend has no low-bit convolution kernel; when no layer
+pays, nothing is quantized and the pass says so."""
 import warnings
 
 import pytest
@@ -12,6 +13,7 @@ from diffc.ir.precision import precision_specs
 from diffc.passes import PassContext, PassManager
 from diffc.passes.quant.layers import PROTECTIONS, quantizable_layers
 from diffc.passes.quant.speed import layer_shapes
+from digits_tiny import tiny_digits_pipeline
 
 QUICK = {"samples": 4, "probes": 2, "trajectories": 1}
 
@@ -24,9 +26,10 @@ def _timer(slow_shapes, asked, dynamic=0.5):
     return times
 
 
-def _quantize(dg, calibration, timer, live=False, **options):
+def _quantize(dg, calibration, timer, live=False, low_bit_convolutions=True, **options):
     denoiser_for = (lambda candidate: compile_graph(candidate, "torch", "fp32")) if live else None
-    ctx = PassContext(calibration=calibration, target="ort-int8", layer_format_times=timer, denoiser_for=denoiser_for)
+    ctx = PassContext(calibration=calibration, target="ort-int8", layer_format_times=timer, denoiser_for=denoiser_for,
+                      low_bit_convolutions=low_bit_convolutions)
     return PassManager([{"pass": "quant", **QUICK, **options}]).run(dg, ctx)
 
 
@@ -97,3 +100,32 @@ def test_the_floor_gives_dynamic_scales_only_to_layers_they_do_not_slow_down(tra
     check = report["final_image_check"]
     assert "dynamic_search" not in check and not check.get("dynamic_scales")
     assert all(spec.format != "int8_dynamic" for spec in precision_specs(quantized.annotations).values())
+
+
+@pytest.fixture(scope="module")
+def tiny_unet(tmp_path_factory):
+    from diffc.calibration import collect
+    from diffc.ir import capture
+
+    pipe = tiny_digits_pipeline()
+    calibration = collect(pipe, conditions=[1, 6], num_steps=4, out=tmp_path_factory.mktemp("unet"), progress=False)
+    return capture(pipe.unet), calibration
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["no-conv-kernel", "conv-kernel"])
+def test_convolutions_stay_at_full_precision_where_the_backend_has_no_low_bit_kernel_for_them(tiny_unet, kernels):
+    dg, calibration = tiny_unet
+    layers = [layer for layer in quantizable_layers(dg, PROTECTIONS) if layer.protected is None]
+    convolutions = {layer.node for layer in layers if len(layer.shape) > 2}
+    linears = {layer.node for layer in layers} - convolutions
+    assert convolutions and linears
+    quantized = _quantize(dg, calibration, _timer(set(), []), low_bit_convolutions=kernels, min_psnr=None)
+    lint(quantized)
+    placed = set(precision_specs(quantized.annotations))
+    kept = set(quantized.applied[-1]["report"]["speed_check"]["kept_slower"])
+    if kernels:
+        assert convolutions <= placed and not kept & convolutions
+    else:
+        assert kept == convolutions and not placed & convolutions and linears <= placed
+        entries = {e["node"]: e for e in quantized.applied[-1]["report"]["layers"]}
+        assert all("no low-bit convolution kernel" in entries[n]["protected"] for n in convolutions)

@@ -69,6 +69,10 @@ class TensorRTBackend(Backend):
                     "on a machine with an NVIDIA GPU")
         return None
 
+    def runs_low_bit_convolutions(self, device: torch.device) -> bool:
+        # TensorRT fuses a convolution's Q/DQ pairs into its int8 and fp8 convolution kernels
+        return device.type == "cuda"
+
     def compile(self, plan: Plan, precision: str, device: Any = None, compile: bool = False,
                 engines: Mapping[str, Mapping[str, Any]] | None = None, built_for: Mapping[str, str] | None = None,
                 progress_bar: bool = False, **options: Any) -> CompiledPlan:

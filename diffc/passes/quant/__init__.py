@@ -288,7 +288,7 @@ class QuantPass(Pass):
         return check_speed(dg, placeable, formats, ctx.layer_format_times,
                            runs_dynamic_scales(ctx.target) and self.config.min_psnr is not None,
                            f"target {ctx.target} simulates its low-bit formats on this device, or cannot time them "
-                           "here")
+                           "here", ctx.low_bit_convolutions)
 
     @staticmethod
     def _nothing_pays(untouched: DiffusionGraph, ctx: PassContext, speed: SpeedCheck) -> PassResult:

@@ -3,7 +3,11 @@ their own kernels (ONNX Runtime; torch on CUDA), each linear is timed at its own
 the example's batch, input and output channels) in every format it may get, over the layer
 unquantized. On a small layer the quantization steps around the matmul (rounding the input, its
 dynamic scales, scaling the output) can cost more than the integer kernel saves: such a layer
-stays at full precision, faster and exact. Convolutions are not timed and stay placeable."""
+stays at full precision, faster and exact. Convolutions are not timed: they stay placeable where the
+backend runs quantized convolutions as kernels of their own (TensorRT), and at full precision where it does
+not (ONNX Runtime runs a Q/DQ convolution without output quantization in float, from weights dequantized on
+every call and never prepacked: shapes-unet's 33 convolutions took 9.8 ms a call unquantized, 19.3 ms in
+Q/DQ form; torch has no low-bit convolution kernel)."""
 from __future__ import annotations
 
 import dataclasses
@@ -68,9 +72,11 @@ def layer_shapes(dg: DiffusionGraph, layers: list[Layer]) -> dict[str, tuple[int
 
 
 def check_speed(dg: DiffusionGraph, layers: list[Layer], formats: tuple[str, ...], timer: LayerTimer | None,
-                dynamic_upgrade: bool, why_not: str) -> SpeedCheck:
+                dynamic_upgrade: bool, why_not: str, low_bit_convolutions: bool = True) -> SpeedCheck:
     """Times every distinct linear shape among `layers` in `formats` (and int8 with dynamic scales
-    where the final-image floor may move layers to it); `why_not` is reported when `timer` is None."""
+    where the final-image floor may move layers to it); `why_not` is reported when `timer` is None.
+    Without `low_bit_convolutions` (the backend has no low-bit convolution kernel), every convolution
+    stays at full precision."""
     if timer is None:
         return SpeedCheck(skipped=why_not)
     timed = tuple(dict.fromkeys([*formats, *([DYNAMIC] if dynamic_upgrade else [])]))
@@ -78,6 +84,11 @@ def check_speed(dg: DiffusionGraph, layers: list[Layer], formats: tuple[str, ...
     shapes = layer_shapes(dg, layers)
     for layer in layers:
         shape = shapes[layer.node]
+        if len(layer.shape) > 2 and not low_bit_convolutions:
+            check.slower[layer.node] = ("no faster quantized here: the target's backend has no low-bit convolution "
+                                        "kernel, so a quantized convolution computes in float from dequantized "
+                                        "weights")
+            continue
         if shape is None:
             continue
         key = "x".join(map(str, shape))
