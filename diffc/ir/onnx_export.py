@@ -63,16 +63,26 @@ def export_onnx(module: torch.fx.GraphModule, example_inputs: Sequence[torch.Ten
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dynamic_shapes = tuple({int(d): torch.export.Dim.AUTO for d in dims} or None for dims in dynamic_dims)
-    module = faster_for_onnx_runtime(interleaves_as_stacks(without_noop_squeezes(module)))
+    module = interleaves_as_stacks(without_noop_squeezes(module))
+    faster = faster_for_onnx_runtime(module)
+
+    def exported(chosen: torch.fx.GraphModule) -> Any:
+        return torch.onnx.export(chosen, example_inputs, dynamo=True, opset_version=opset,
+                                 input_names=list(input_names), output_names=list(output_names),
+                                 dynamic_shapes=dynamic_shapes, external_data=False, optimize=True,
+                                 verify=False, report=False, verbose=False)
 
     with quiet_exporter():
         try:
-            program = torch.onnx.export(module, example_inputs, dynamo=True, opset_version=opset,
-                                        input_names=list(input_names), output_names=list(output_names),
-                                        dynamic_shapes=dynamic_shapes, external_data=False, optimize=True,
-                                        verify=False, report=False, verbose=False)
+            program = exported(faster)
         except Exception as exc:  # noqa: BLE001 - re-raised with the failing op named
-            raise CaptureError(describe_failure(module, path, exc)) from exc
+            if faster is module:
+                raise CaptureError(describe_failure(module, path, exc)) from exc
+            # the speed rewrites are an optimization: a model they leave unexportable exports without them
+            try:
+                program = exported(module)
+            except Exception as plain_exc:  # noqa: BLE001
+                raise CaptureError(describe_failure(module, path, plain_exc)) from plain_exc
     if program is None:  # pragma: no cover - only when the legacy exporter is selected
         raise CaptureError(f"could not export to ONNX {path}: torch.onnx.export returned no program.")
     model = program.model

@@ -8,6 +8,7 @@ import onnx
 import pytest
 import torch
 
+from diffc.ir import onnx_export
 from diffc.ir.onnx_export import export_onnx
 from diffc.ir.onnx_speedups import faster_for_onnx_runtime
 
@@ -180,3 +181,21 @@ def test_group_norms_become_instance_norms_that_compute_the_same(tmp_path):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         np.testing.assert_allclose(session.run(None, {"x": other.numpy()})[0], norm(other).numpy(), atol=1e-5)
+
+
+def test_a_model_the_rewrites_leave_unexportable_exports_without_them(tmp_path, monkeypatch):
+    class Unexportable(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("a rewrite that broke the graph")
+
+    class HeadScale(torch.nn.Module):
+        def forward(self, x, weight):
+            return x * weight
+
+    monkeypatch.setattr(onnx_export, "faster_for_onnx_runtime", lambda module: Unexportable())
+    values = (torch.randn(3, 5, 2, 8), torch.randn(8))
+    module = torch.export.export(HeadScale(), values).run_decompositions({}).module()
+    path = export_onnx(module, values, tmp_path / "m.onnx", ["x", "weight"], ["y"], [{}, {}])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": values[0].numpy(), "weight": values[1].numpy()})[0]
+    np.testing.assert_allclose(got, (values[0] * values[1]).numpy(), rtol=1e-6)
