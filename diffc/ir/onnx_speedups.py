@@ -135,7 +135,7 @@ def _rms_norms_written_out(graph: torch.fx.Graph, node: torch.fx.Node, _: dict[s
 
 
 def _group_norms_as_instance_norms(graph: torch.fx.Graph, node: torch.fx.Node, _: dict[str, torch.Tensor]) -> bool:
-    if node.op != "call_function" or node.target != ATEN.group_norm.default:
+    if node.op != "call_function" or node.target != ATEN.group_norm.default or node.kwargs:
         return False
     source, groups, *rest = node.args
     weight, bias, eps = (rest + [None, None, 1e-5])[:3]
@@ -282,7 +282,9 @@ def _widened_shape(graph: torch.fx.Graph, node: torch.fx.Node, full: Any, small:
     if _hints(full_value) != shape:
         return None
     padded = [1] * (len(shape) - small_value.dim()) + [_hint(d) for d in small_value.shape]
-    if None in shape or None in padded or padded == shape or padded[0] != 1 or shape[0] < 2:
+    # a scalar-like operand (every dim 1) is ONNX Runtime's fast broadcast already
+    if None in shape or None in padded or padded == shape or padded[0] != 1 or shape[0] < 2 or \
+            all(size == 1 for size in padded):
         return None
     span = 1
     for dim in reversed(range(len(shape))):

@@ -3,7 +3,7 @@ import pytest
 
 from diffc import bench
 from diffc.bench.frontier import OURS
-from diffc.bench.specs import cache_sweep, parse_pipeline, peer_sweep, split_pipelines
+from diffc.bench.specs import WARMUP_SWEEP, cache_sweep, parse_pipeline, peer_sweep, split_pipelines
 from diffc.errors import DiffcError
 
 
@@ -36,7 +36,9 @@ def test_sweeps_expand_and_commas_inside_options_do_not_split():
     compiled = [parse_pipeline(spec) for spec in cache_sweep(unet=True) if spec.endswith(":compile")]
     assert compiled and all(choice.compiled and choice.target == "torch" for choice in compiled)
     warm = [parse_pipeline(spec) for spec in cache_sweep() if "warmup=" in spec]
-    assert len(warm) == 4 and all(choice.family in OURS for choice in warm)
+    assert len(warm) == 2 * len(WARMUP_SWEEP) and all(choice.family in OURS for choice in warm)  # eager, compiled
+    assert sorted(dict(dict(choice.options)["cache"])["warmup"] for choice in warm) == sorted(
+        2 * [warmup for _, warmup in WARMUP_SWEEP])
 
 
 def test_compile_after_the_colon_runs_the_torch_backends_segments_under_torch_compile():

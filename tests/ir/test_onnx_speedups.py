@@ -128,10 +128,11 @@ def test_attention_it_cannot_write_out_is_left_as_it_is():
 
 def test_broadcasts_already_in_long_spans_or_per_batch_are_not_widened():
     class Modulated(torch.nn.Module):
-        def forward(self, x, shift, bias):
-            return x * (1 + shift[:, None]) + bias  # adaLN: per-batch rows; a bias over 512 channels
+        def forward(self, x, shift, bias, gain):
+            # adaLN's per-batch rows, a bias over 512 channels, a scalar-like gain
+            return (x * (1 + shift[:, None]) + bias) * gain
 
-    values = (torch.randn(4, 3, 512), torch.randn(4, 512), torch.randn(512))
+    values = (torch.randn(4, 3, 512), torch.randn(4, 512), torch.randn(512), torch.randn(1, 1, 1))
     module = torch.export.export(Modulated(), values).run_decompositions({}).module()
     assert faster_for_onnx_runtime(module) is module
 
