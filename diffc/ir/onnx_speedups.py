@@ -77,8 +77,8 @@ def _attention_as_matmuls(graph: torch.fx.Graph, node: torch.fx.Node, _: dict[st
             return False
         scale = 1.0 / math.sqrt(head_dim)
     mask_value = _value(mask) if mask is not None else None
-    if mask is not None and (mask_value is None or mask_value.dtype == torch.bool):
-        return False
+    if mask is not None and (mask_value is None or mask_value.dtype != query_value.dtype):
+        return False  # a bool mask, or one that would promote the scores to another type
     with graph.inserting_before(node):
         # the scale on the query, as the exporter writes it: the Q/DQ lowering finds attention by that form
         # (onnx_qdq.attention_patterns) and ONNX Runtime folds it into the MatMul
