@@ -5,7 +5,7 @@ the zoo's models (2 threads, 20 rows a call):
 
 - attention: the exporter decomposes scaled_dot_product_attention with the keys reshaped to 3-D and
   transposed there ([batch * heads, tokens, head_dim] -> [.., head_dim, tokens]), a Transpose that takes ONNX
-  Runtime 200-270 us on 15-90 thousand values (12% of a Wan video transformer's call); a 4-D transpose of
+  Runtime 200-270 us on 15-90 thousand values (3 ms of a Wan video transformer's 31 ms call); a 4-D transpose of
   the last two dims next to the MatMul is fused into it or runs in 40-80 us.
 - broadcasts: an elementwise op whose smaller operand broadcasts inside the shape (rotary cos/sin
   [1, tokens, 1, head_dim] against [batch, tokens, heads, head_dim], a head norm's weight [head_dim]) runs
