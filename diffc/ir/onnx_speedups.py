@@ -162,7 +162,7 @@ def _group_norms_as_instance_norms(graph: torch.fx.Graph, node: torch.fx.Node, _
 
 
 def _rotations_as_matmuls(graph: torch.fx.Graph, node: torch.fx.Node, constants: dict[str, torch.Tensor]) -> bool:
-    found = _pair_rotation(node) or _half_rotation(node)
+    found = _rotation(node)
     if found is None:
         return False
     source, rotation, form = found
@@ -177,52 +177,38 @@ def _rotations_as_matmuls(graph: torch.fx.Graph, node: torch.fx.Node, constants:
     return True
 
 
-def _pair_rotation(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.Tensor, str] | None:
-    """(x, R) where `node` is flatten(stack([-b, a], -1)) of (a, b) = x reshaped into [..., pairs, 2] and
-    unbound on the last dim: x @ R with R[2i+1, 2i] = -1, R[2i, 2i+1] = 1."""
-    if not any(_calls(node, op) for op in _RESHAPES + (ATEN.flatten.using_ints,)) or \
-            not _calls(node.args[0], ATEN.stack.default):
+def _rotation(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.Tensor, str] | None:
+    """(x, R, form) where `node` is [-b, a] of (a, b) = x reshaped and unbound, put back along x's last dim:
+    "pairs" (reshaped [..., width/2, 2], unbound on the last dim, stacked there and flattened: FLUX) or
+    "halves" (reshaped [..., 2, width/2], unbound on dim -2, concatenated: rotate-half). x @ R with
+    R[b_i, a_i] = -1, R[a_i, b_i] = 1 for the positions a_i, b_i of x's i-th pair."""
+    if _calls(node, ATEN.cat.default):
+        form, joined = "halves", node
+    elif any(_calls(node, op) for op in _RESHAPES + (ATEN.flatten.using_ints,)) and \
+            _calls(node.args[0], ATEN.stack.default):
+        form, joined = "pairs", node.args[0]
+    else:
         return None
-    stack = node.args[0]
-    pieces = stack.args[0]
-    if not _last_dim(stack, stack.args[1] if len(stack.args) > 1 else 0) or len(pieces) != 2:
+    pieces = joined.args[0]
+    if len(pieces) != 2 or not _last_dim(joined, joined.args[1] if len(joined.args) > 1 else 0):
         return None
-    unbound = _unbound_halves(pieces, stack_dim_last=True)
+    unbound = _unbound_halves(pieces, stack_dim_last=form == "pairs")
     if unbound is None:
         return None
     source, reshaped = unbound
     width = _value(source).shape[-1]
-    if not isinstance(width, int) or _hints(_value(reshaped))[-2:] != [width // 2, 2] or \
-            _hints(_value(node)) != _hints(_value(source)):
-        return None
-    rotation = torch.zeros(width, width)
-    for pair in range(width // 2):
-        rotation[2 * pair + 1, 2 * pair] = -1.0
-        rotation[2 * pair, 2 * pair + 1] = 1.0
-    return source, rotation, "pairs"
-
-
-def _half_rotation(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.Tensor, str] | None:
-    """(x, R) where `node` is cat([-b, a], -1) of (a, b) = x reshaped into [..., 2, half] and unbound on
-    dim -2: x @ R with R[half + i, i] = -1, R[i, half + i] = 1."""
-    if not _calls(node, ATEN.cat.default) or len(node.args[0]) != 2:
-        return None
-    if not _last_dim(node, node.args[1] if len(node.args) > 1 else 0):
-        return None
-    unbound = _unbound_halves(node.args[0], stack_dim_last=False)
-    if unbound is None:
-        return None
-    source, reshaped = unbound
-    width = _value(source).shape[-1]
-    if not isinstance(width, int) or _hints(_value(reshaped))[-2:] != [2, width // 2] or \
-            _hints(_value(node)) != _hints(_value(source)):
+    if not isinstance(width, int) or _hints(_value(node)) != _hints(_value(source)):
         return None
     half = width // 2
+    if _hints(_value(reshaped))[-2:] != ([half, 2] if form == "pairs" else [2, half]):
+        return None
+    firsts = range(0, width, 2) if form == "pairs" else range(half)
+    seconds = range(1, width, 2) if form == "pairs" else range(half, width)
     rotation = torch.zeros(width, width)
-    for index in range(half):
-        rotation[half + index, index] = -1.0
-        rotation[index, half + index] = 1.0
-    return source, rotation, "halves"
+    for first, second in zip(firsts, seconds):
+        rotation[second, first] = -1.0
+        rotation[first, second] = 1.0
+    return source, rotation, form
 
 
 def _unbound_halves(pieces: Any, stack_dim_last: bool) -> tuple[torch.fx.Node, torch.fx.Node] | None:
