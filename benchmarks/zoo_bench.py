@@ -21,7 +21,9 @@ from diffc.cli import main as diffc_main
 from diffc.models import zoo
 
 DEFAULT_MODELS = ("digits-unet", "digits-dit")
-FULL_PIPELINES = "baseline,cache,cache-sweep,quant,quant:ort-int8,cache+quant,cache+quant:ort-int8,peers"
+# issue 25's 4-bit line: the mixed placement at 1.2x the size of uniform W4A8, beside uniform W4A8 as it comes
+W4A8_ROWS = 'quant[formats=["w4a8"];min_psnr=null]:mixed,quant[size_ratio=1.2;size_relative_to=w4a8]:mixed'
+FULL_PIPELINES = f"baseline,cache,cache-sweep,quant,quant:ort-int8,cache+quant,cache+quant:ort-int8,{W4A8_ROWS},peers"
 SMOKE_PIPELINES = "baseline,cache,fbc@0.2,torchao-int8"
 
 

@@ -216,6 +216,10 @@ class Bench:
                           calibration=self.shared_calibration(), compile=True if choice.compiled else None)
         row.details["reports"] = [{"pass": e["pass"], "summary": _summary(e.get("report"))}
                                   for e in getattr(module, "report", [])]
+        placements = [e["report"] for e in getattr(module, "report", [])
+                      if e["pass"] == "quant" and isinstance(e.get("report"), dict) and "size_ratio" in e["report"]]
+        if placements:
+            row.details["quant"] = {key: placements[-1].get(key) for key in QUANT_FIGURES}
         return module, contextlib.nullcontext
 
     def _measure(self, choice: DiffcPipeline | PeerChoice | None, row: Row) -> None:
@@ -257,6 +261,11 @@ class Bench:
                 torch.save(module.state_dict(), Path(tmp) / "state_dict.pt")
                 row.details["artifact"] = "torch.save(state_dict)"
             return directory_bytes(Path(tmp)) / 2**20
+
+
+# what a quant row's placement did, kept whole beside its truncated report: layers per format, the
+# weights' size against fp32 and, where a size budget bounds them, the placeable layers' against its reference
+QUANT_FIGURES = ("layers_quantized", "layers_protected", "size_ratio", "placeable_size_ratio")
 
 
 def _summary(report: Any) -> str:

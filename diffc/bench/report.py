@@ -29,6 +29,17 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
     temporary.replace(path)  # a crash mid-write never leaves a half-written results file
 
 
+def _placement_note(quant: dict[str, Any] | None) -> str:
+    if not quant:
+        return ""
+    formats = ", ".join(f"{count} {name}" for name, count in (quant.get("layers_quantized") or {}).items() if count)
+    placeable = quant.get("placeable_size_ratio") or {}
+    relative = (f"; placeable layers {placeable['ratio']:.2f}x their {placeable['relative_to']} size"
+                if placeable.get("relative_to", "fp32") != "fp32" else "")
+    return (f"layers: {formats or 'none'} quantized, {quant.get('layers_protected')} kept; weights "
+            f"{quant['size_ratio']:.2f} of fp32{relative}")
+
+
 def _cell(value: Any, fmt: str) -> str:
     if value is None:
         return "-"
@@ -67,7 +78,7 @@ def markdown_table(results: dict[str, Any]) -> str:
              "| artifact MB | PSNR dB | SSIM | accuracy | FID | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"].values():
-        note = row["reason"] or row["details"].get("peer", "")
+        note = row["reason"] or row["details"].get("peer", "") or _placement_note(row["details"].get("quant"))
         spread = row.get("speedup_spread")
         lines.append("| " + " | ".join([
             row["pipeline"], row["kind"], row["status"], _cell(row["speedup"], ".2f"),

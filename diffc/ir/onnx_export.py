@@ -24,7 +24,7 @@ from ..errors import CaptureError
 from .fxutil import copy_graph
 from .graph import DiffusionGraph
 from .onnx_fixups import (describe_failure, interleaves_as_stacks, quiet_exporter, rename_dims, rename_internal_clashes,
-                          without_noop_squeezes)
+                          without_exporter_traces, without_noop_squeezes)
 from .onnx_segments import (DIM_SYMBOL, SIZE, TENSOR, TENSORS, flatten_values, segment_metadata, segment_values,
                             value_entry)
 from .onnx_speedups import faster_for_onnx_runtime
@@ -88,6 +88,7 @@ def export_onnx(module: torch.fx.GraphModule, example_inputs: Sequence[torch.Ten
     model = program.model
     rename_internal_clashes(model)
     rename_dims(model, dynamic_dims)
+    without_exporter_traces(model)
     model.metadata_props.update(metadata or {})
 
     external = _initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD

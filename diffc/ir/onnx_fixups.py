@@ -1,7 +1,9 @@
 """Fix-ups export_onnx applies around torch.onnx.export: before it, squeezes the exporter mis-lowers are
 dropped from the FX graph and strided scatters that interleave become stacks; after it, the exporter's dim symbols get readable names and internal values
 that clash with the graph's input and output names are renamed; around it, the exporter's logging is
-silenced and its failures are described by the node that caused them."""
+silenced and its failures are described by the node that caused them. The exporter's per-node debug
+metadata (the FX node, its stack trace and module path) is dropped: on a small model it is most of
+the file, and nothing reads it."""
 from __future__ import annotations
 
 import contextlib
@@ -124,6 +126,19 @@ def _copied_value(source: torch.fx.Node) -> torch.fx.Node:
                 and held.dtype == into.dtype:
             return value
     return source
+
+
+# node metadata keys the exporter writes for debugging (the FX node, its stack trace, module scope)
+_EXPORTER_TRACE_KEYS = ("namespace", "pkg.torch.onnx.", "pkg.onnxscript.")
+
+
+def without_exporter_traces(model: Any) -> None:
+    """Drops the exporter's debug metadata from every node of the model and its functions."""
+    graphs = [model.graph, *model.functions.values()]
+    for graph in graphs:
+        for node in graph.all_nodes():
+            for key in [k for k in node.metadata_props if k.startswith(_EXPORTER_TRACE_KEYS)]:
+                del node.metadata_props[key]
 
 
 def rename_dims(model: Any, dynamic_dims: Sequence[Mapping[int, str]]) -> None:

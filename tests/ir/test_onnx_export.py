@@ -179,6 +179,7 @@ def test_tiny_export_is_deterministic_and_named(tmp_path):
     assert dims == [["batch", 4, "height", "width"], ["batch", "text_len", 8]]
     out_dims = [d.dim_param or d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim]
     assert out_dims == ["batch", 4, "height", "width"]
+    assert not [p.key for n in proto.graph.node for p in n.metadata_props]  # the exporter's traces are dropped
     session = ort.InferenceSession(str(a), providers=["CPUExecutionProvider"])
     other = (torch.randn(3, 4, 16, 24), torch.randn(3, 2, 8))
     got = session.run(None, {"sample": other[0].numpy(), "cond": other[1].numpy()})[0]

@@ -97,7 +97,20 @@ def test_mixed_budget_is_met_and_pareto_front_reported(tiny):
     assert all(a["predicted_error"] > b["predicted_error"] for a, b in zip(front, front[1:]))
 
 
+def test_size_budget_relative_to_uniform_w4a8(tiny):
+    dg, calibration = tiny
+    report = _quantize(dg, calibration, "torch-mixed", size_ratio=1.2, size_relative_to="w4a8",
+                       min_psnr=None).applied[-1]["report"]
+    placeable = [e for e in report["layers"] if not e.get("protected")]
+    uniform_w4a8 = sum(weight_bytes(tuple(e["shape"]), "w4a8") for e in placeable)
+    assert sum(e["bytes_after"] for e in placeable) <= 1.2 * uniform_w4a8 + 1
+    assert report["placeable_size_ratio"]["relative_to"] == "w4a8"
+    assert 1.0 < report["placeable_size_ratio"]["ratio"] <= 1.2  # the extra fifth is spent, not left
+    assert "of the weights in w4a8" in report["placement"]
+
+
 @pytest.mark.parametrize("target, options, message", [
+    ("torch-mixed", {"size_ratio": 0.3, "size_relative_to": "int3"}, "size_relative_to is 'fp32' or a format"),
     ("torch-mixed", {"size_ratio": 0.01}, "below the smallest possible"),
     ("torch-mixed", {"formats": ("int3",)}, "unknown format"),
     ("torch", {}, "not low-bit"),

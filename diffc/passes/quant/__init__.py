@@ -62,6 +62,9 @@ AUTO_FLOOR_8BIT, AUTO_FLOOR_4BIT = 40.0, 30.0
 class QuantConfig(PassConfig):
     formats: tuple[str, ...] | None = None
     size_ratio: float | None = None
+    # the size size_ratio multiplies: the weights in fp32, or every placeable layer in this format
+    # (size_ratio=1.2, size_relative_to="w4a8": 20% more than uniform W4A8)
+    size_relative_to: str = "fp32"
     latency_ratio: float | None = None
     sensitivity: str = "hessian"
     accumulate: str = "trajectory"
@@ -105,6 +108,9 @@ class QuantConfig(PassConfig):
         unknown = sorted(set(self.protect) - set(PROTECTIONS))
         if unknown:
             raise ValueError(f"protect names unknown layer groups {unknown}; choose from {PROTECTIONS}")
+        if self.size_relative_to != "fp32" and self.size_relative_to not in FORMATS:
+            raise ValueError(f"size_relative_to is 'fp32' or a format ({', '.join(FORMATS)}), got "
+                             f"{self.size_relative_to!r}")
         for name in ("size_ratio", "latency_ratio"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -171,13 +177,14 @@ class QuantPass(Pass):
                                for f in formats] for node in rows])
         sizes = np.array([[weight_bytes(layer.shape, f) for f in formats] for layer in placeable]
                          + [[0.0] * len(formats) for _ in attentions], float).reshape(len(rows), len(formats))
-        original_bytes = float(sum(weight_bytes(layer.shape, None) for layer in placeable))
+        relative_to = None if cfg.size_relative_to == "fp32" else cfg.size_relative_to
+        reference_bytes = float(sum(weight_bytes(layer.shape, relative_to) for layer in placeable))
         if len(formats) == 1:
             choice = [0] * len(rows)
             rule = f"every unprotected layer in {formats[0]} (target {ctx.target})"
         elif budget_kind == "size":
-            choice = place_by_size(objective, sizes, ratio * original_bytes, len(placeable))
-            rule = f"minimum predicted error within size_ratio={ratio} of the fp32 weights"
+            choice = place_by_size(objective, sizes, ratio * reference_bytes, len(placeable))
+            rule = f"minimum predicted error within size_ratio={ratio} of the weights in {cfg.size_relative_to}"
         elif budget_kind == "latency":
             choice = place_by_latency(objective, layer_times(placeable, attentions, attention_quant, formats, costs),
                                       ratio * float(sum(x.flops for x in [*placeable, *attentions])), costs, source)

@@ -49,6 +49,8 @@ def placement_report(cfg: Any, dg: DiffusionGraph, ctx: PassContext, layers: lis
         per_layer.append(entry)
     front = pareto_front(objective, sizes, cfg.pareto_points) if len(formats) > 1 else []
     original = float(sum(weight_bytes(layer.shape, None) for layer in placeable))
+    relative_to = None if cfg.size_relative_to == "fp32" else cfg.size_relative_to
+    placed_after = sum(weight_bytes(layer.shape, chosen.get(layer.node)) for layer in placeable)
     return {
         "target": ctx.target, "formats": list(formats), "placement": rule, "sensitivity": cfg.sensitivity,
         "accumulate": cfg.accumulate,
@@ -59,6 +61,9 @@ def placement_report(cfg: Any, dg: DiffusionGraph, ctx: PassContext, layers: lis
         "layers_protected": sum(1 for layer in layers if layer.protected),
         "weight_bytes_before": before, "weight_bytes_after": after,
         "size_ratio": round(after / max(before, 1), 4),
+        # what a size budget bounds: the placeable layers, against their size in size_relative_to
+        "placeable_size_ratio": {"relative_to": cfg.size_relative_to, "ratio": round(
+            placed_after / max(sum(weight_bytes(layer.shape, relative_to) for layer in placeable), 1), 4)},
         "predicted_error": predicted_error(sensitivity, chosen),
         "pareto_front": [{"size_ratio": round(size / original, 4), "predicted_error": float(f"{cost:.6g}"),
                           "formats": {f: sum(formats[i] == f for i in c[:len(placeable)]) for f in formats}}

@@ -1,0 +1,22 @@
+from diffc.bench.report import markdown_table
+
+
+def _results(details):
+    row = {"pipeline": "quant[size_ratio=1.2;size_relative_to=w4a8]:mixed", "kind": "diffc", "status": "ok",
+           "reason": "", "speedup": 0.9, "speedup_spread": [0.8, 1.0], "ms_per_image": 50.0,
+           "baseline_ms_per_image": 45.0, "optimize_seconds": 20.0, "peak_memory_mb": 100.0, "artifact_mb": 1.5,
+           "psnr": 32.4, "ssim": 0.98, "accuracy": 0.7, "fid": None, "details": details}
+    meta = {"model": "m", "device": "cpu", "date": "2026-12-06", "steps": 20, "seeds": [0], "repeats": 3,
+            "images": 10, "memory_method": "sampled RSS above start"}
+    return {"meta": meta, "rows": {row["pipeline"]: row}}
+
+
+def test_a_quant_row_notes_its_placement_and_budgeted_size():
+    quant = {"layers_quantized": {"int8": 19, "int4": 20, "w4a8": 8, "bf16": 0}, "layers_protected": 13,
+             "size_ratio": 0.4863, "placeable_size_ratio": {"relative_to": "w4a8", "ratio": 1.1987}}
+    table = markdown_table(_results({"quant": quant}))
+    assert ("layers: 19 int8, 20 int4, 8 w4a8 quantized, 13 kept; weights 0.49 of fp32; placeable layers 1.20x "
+            "their w4a8 size") in table
+    quant["placeable_size_ratio"] = {"relative_to": "fp32", "ratio": 0.5}
+    assert "placeable layers" not in markdown_table(_results({"quant": quant}))
+    assert markdown_table(_results({})).splitlines()[-1].endswith("|  |")  # no placement, no note
