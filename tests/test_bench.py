@@ -104,6 +104,15 @@ def test_the_harness_on_a_zoo_model_gives_rows_accuracy_and_the_frontier(tmp_pat
     assert len(results["meta"]["calibration_prompts"]) == 8 and results["meta"]["calibration_seconds"] > 0
     assert set(results["frontier"]["levels"]) == {"30", "35", "40"}
     assert "## Frontier" in (tmp_path / f"{name}.md").read_text()
+    summary = _script("zoo_summary").summarize(tmp_path)
+    assert f"| {name} | 30 |" in summary and "## int8 defaults against the bar" in summary
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 GPU_SCRIPT = Path(__file__).parents[1] / "benchmarks" / "gpu_bench.py"

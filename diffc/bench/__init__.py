@@ -244,7 +244,9 @@ class Bench:
         row.artifact_mb = self._artifact_mb(module, row)
         row.psnr, row.ssim = psnr(images, self.reference), ssim(images, self.reference)
         if choice is not None and np.array_equal(images, self.reference):
-            row.status, row.reason = NO_OP, "images bit-identical to the baseline's: the method changed nothing here"
+            why = choice.peer.unchanged(choice.setting) if isinstance(choice, PeerChoice) else ""
+            row.status, row.reason = NO_OP, ("images bit-identical to the baseline's: "
+                                             + (why or "the method changed nothing here"))
         if self.scorer is not None:
             conditions = [condition for _ in self.settings.seeds for condition in self.settings.conditions]
             row.accuracy = self.scorer.accuracy(images, conditions)

@@ -42,16 +42,21 @@ ATTENTION_MODULES = (r"(.+\.)?attn\d*",)
 class Peer:
     """A peer method. `build(pipe, attribute, steps, setting)` returns (denoiser module,
     per-image-set context); `setting` is one of `settings` (the values a sweep runs, as the peer's
-    docs suggest), `default` is the peer docs' own default. `describe(setting)` is the row's note."""
+    docs suggest), `default` is the peer docs' own default. `describe(setting)` is the row's note;
+    `unchanged(setting)` says why the peer can leave the images bit-identical at that setting."""
 
     name: str
     description: str  # may hold "{setting}"
     build: Callable[[Any, str, int, str], tuple[torch.nn.Module, Callable[[], Any]]]
     settings: tuple[str, ...] = ("",)
     default: str = ""
+    unchanged_because: str = ""  # may hold "{setting}"
 
     def describe(self, setting: str) -> str:
         return self.description.format(setting=setting)
+
+    def unchanged(self, setting: str) -> str:
+        return self.unchanged_because.format(setting=setting)
 
 
 def is_flow_matching(scheduler: Any) -> bool:
@@ -291,16 +296,20 @@ def _sea_cache(module: torch.nn.Module, loop: DenoisingLoop, setting: str) -> No
                                            raw_vision_callback=None if built_in_adapter else image_latents))
 
 
+# a threshold cache reuses a result only where its own measure of the step's change falls below the
+# threshold; images bit-identical to the baseline's mean it never did
+_BELOW_EVERY_CHANGE = ("at threshold {setting} the peer reused nothing: by its own measure every step changed the model's "
+                       "features by more than the threshold (a larger threshold skips steps)")
 PEERS: dict[str, Peer] = {p.name: p for p in [
     Peer("fbc", "diffusers FirstBlockCache(threshold={setting})",
          diffusers_cache("FirstBlockCache", f"caches the blocks after the first of {BLOCK_LISTS} (2 or more blocks)",
                          _first_block_cache),
-         settings=("0.05", "0.1", "0.2", "0.4"), default="0.05"),
+         settings=("0.05", "0.1", "0.2", "0.4"), default="0.05", unchanged_because=_BELOW_EVERY_CHANGE),
     Peer("taylorseer", "diffusers TaylorSeerCache(cache_interval={setting}, first 3 steps computed, order 1)",
          diffusers_cache("TaylorSeer", "caches attention modules (named attn, attn1, attn2, ...)", _taylorseer),
          settings=("2", "3", "5"), default="5"),
     Peer("magcache", "diffusers MagCache(threshold={setting}, mag_ratios from its calibration run)",
-         _build_mag_cache, settings=("0.06", "0.12", "0.24"), default="0.06"),
+         _build_mag_cache, settings=("0.06", "0.12", "0.24"), default="0.06", unchanged_because=_BELOW_EVERY_CHANGE),
     Peer("fastercache", "diffusers FasterCache(unconditional_batch_skip_range={setting}, spatial skip 2)",
          diffusers_cache("FasterCache", "caches attention and the unconditional half of a guidance batch of "
                          "image or video latents", _faster_cache),
@@ -311,14 +320,16 @@ PEERS: dict[str, Peer] = {p.name: p for p in [
          settings=("2", "3", "4"), default="2"),
     Peer("seacache", "diffusers SeaCache(threshold={setting})",
          diffusers_cache("SeaCache", f"replaces the repeated transformer blocks of {BLOCK_LISTS}", _sea_cache),
-         settings=("0.1", "0.25", "0.5"), default="0.25"),
+         settings=("0.1", "0.25", "0.5"), default="0.25", unchanged_because=_BELOW_EVERY_CHANGE),
     Peer("deepcache", "DeepCache(cache_interval={setting}, cache_branch_id=0)", build_deepcache,
          settings=("2", "3", "5"), default="3"),
     Peer("cache-dit", "cache-dit DBCache F1B1(residual_diff_threshold={setting}, first 8 steps computed)",
-         build_cache_dit(calibrated=False), settings=("0.08", "0.12", "0.2", "0.3"), default="0.08"),
+         build_cache_dit(calibrated=False), settings=("0.08", "0.12", "0.2", "0.3"), default="0.08",
+         unchanged_because=_BELOW_EVERY_CHANGE),
     Peer("cache-dit-taylorseer",
          "cache-dit DBCache F1B1(residual_diff_threshold={setting}, first 8 steps computed) + TaylorSeer order 1",
-         build_cache_dit(calibrated=True), settings=("0.08", "0.12", "0.2", "0.3"), default="0.08"),
+         build_cache_dit(calibrated=True), settings=("0.08", "0.12", "0.2", "0.3"), default="0.08",
+         unchanged_because=_BELOW_EVERY_CHANGE),
     Peer("torchao-int8", "torchao int8 {setting}", build_torchao(compile_model=False),
          settings=("weight-only", "dynamic"), default="weight-only"),
     Peer("torchao-int8-compile", "torchao int8 {setting} + torch.compile", build_torchao(compile_model=True),

@@ -120,3 +120,9 @@ def test_a_diffusers_hook_names_why_it_cannot_apply_to_a_zoo_transformer(peer_na
     pipe = SimpleNamespace(transformer=spec.build_denoiser(spec.dataset))  # these builds never call the pipeline
     with pytest.raises(PeerNotApplicable, match=reason):
         PEERS[peer_name].build(pipe, "transformer", STEPS, PEERS[peer_name].default)
+
+
+def test_a_threshold_peer_says_why_it_can_leave_the_images_unchanged():
+    for name in ("fbc", "magcache", "seacache", "cache-dit", "cache-dit-taylorseer"):
+        assert "at threshold 0.05 the peer reused nothing" in PEERS[name].unchanged("0.05")
+    assert PEERS["torchao-int8"].unchanged("dynamic") == ""  # a quantizer always changes the images
