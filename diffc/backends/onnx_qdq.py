@@ -15,6 +15,8 @@ DequantizeLinear pairs (opset >= 21), the form ONNX Runtime and TensorRT consume
 - a quantized weight: its initializer replaced by the quantized values and a DequantizeLinear
   with per-channel scales (int8, float8e4m3fn) or, for int4, blocked scales (`block_size`);
 - bf16 / fp16 layers: the weight and activation rounded through a Cast pair;
+- int8 weight-only layers: the weight dequantized once into a float initializer (the values the
+  layer computes with; the artifact stores them as int8);
 - an attention node: Q/DQ on its query, key and value where they enter the exported attention
   (see `GraphEditor.attention_patterns`), matched to the graph module's attention nodes in
   order; the softmax probabilities stay in float.
@@ -36,7 +38,8 @@ import torch.fx
 from ..errors import TargetError
 from ..ir.fxutil import attr_value
 from ..ir.precision import (BF16, BLOCKED, FP8, FP16, INT4, INT8, PER_CHANNEL, PER_TOKEN, ActivationQuant, PrecisionSpec, QuantizedWeight,
-                            blocked_scales, is_attention, precision_specs, quantizable_weight, quantize_weight)
+                            blocked_scales, dequantize_weight, is_attention, precision_specs, quantizable_weight,
+                            quantize_weight)
 from ..ir.weight_storage import pack_int4
 from .onnx_weights import WeightSlot, update_weight_map
 
@@ -353,8 +356,10 @@ def _runs_integer_matmul(spec: PrecisionSpec, static_integer: bool) -> bool:
 
 def _weight_slot(name: str, spec: PrecisionSpec, flip: bool) -> WeightSlot:
     """The initializers that hold the weight of annotated layer `name`: `<name>_weight_q` and
-    `<name>_weight_scale`, or `<name>_weight_rounded` for a bf16 / fp16 rounding."""
-    if spec.weight is not None and spec.weight.dtype in (BF16, FP16):
+    `<name>_weight_scale`, or `<name>_weight_rounded` for a bf16 / fp16 rounding and for int8
+    weight-only (the layer computes in float: its weight is dequantized once, here, not per call)."""
+    weight_only_int8 = spec.activation is None and spec.weight is not None and spec.weight.dtype == INT8
+    if spec.weight is not None and (spec.weight.dtype in (BF16, FP16) or weight_only_int8):
         return WeightSlot(f"{name}_weight_rounded", flip, name)
     return WeightSlot(f"{name}_weight_q", flip, name, f"{name}_weight_scale")
 
@@ -364,8 +369,8 @@ def _weight_initializers(slot: WeightSlot, weight: torch.Tensor, spec: Precision
 
     q = quantize_weight(weight, spec.weight)
     if slot.scale is None:  # a constant: rounded once, here
-        return [_raw_tensor(slot.initializer, (q.values.t() if slot.transposed else q.values).float(),
-                            TensorProto.FLOAT)]
+        values = dequantize_weight(q)
+        return [_raw_tensor(slot.initializer, (values.t() if slot.transposed else values).float(), TensorProto.FLOAT)]
     values, scale, _ = _onnx_layout(q, slot.transposed)
     kind = {INT8: TensorProto.INT8, FP8: TensorProto.FLOAT8E4M3FN, INT4: TensorProto.INT4}[spec.weight.dtype]
     return [_raw_tensor(slot.initializer, values, kind), _raw_tensor(slot.scale, scale, TensorProto.FLOAT)]

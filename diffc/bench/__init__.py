@@ -267,7 +267,7 @@ class Bench:
 
 # what a quant row's placement did, kept whole beside its truncated report: layers per format, the
 # weights' size against fp32 and, where a size budget bounds them, the placeable layers' against its reference
-QUANT_FIGURES = ("layers_quantized", "layers_protected", "size_ratio", "placeable_size_ratio")
+QUANT_FIGURES = ("layers_quantized", "layers_protected", "weight_only_layers", "size_ratio", "placeable_size_ratio")
 
 
 def _summary(report: Any) -> str:

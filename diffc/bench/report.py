@@ -36,8 +36,9 @@ def _placement_note(quant: dict[str, Any] | None) -> str:
     placeable = quant.get("placeable_size_ratio") or {}
     relative = (f"; placeable layers {placeable['ratio']:.2f}x their {placeable['relative_to']} size"
                 if placeable.get("relative_to", "fp32") != "fp32" else "")
-    return (f"layers: {formats or 'none'} quantized, {quant.get('layers_protected')} kept; weights "
-            f"{quant['size_ratio']:.2f} of fp32{relative}")
+    weight_only = sum((quant.get("weight_only_layers") or {}).values())
+    return (f"layers: {formats or 'none'} quantized, {quant.get('layers_protected')} kept at full-precision "
+            f"activations ({weight_only} of them with int8 weights); weights {quant['size_ratio']:.2f} of fp32{relative}")
 
 
 def _cell(value: Any, fmt: str) -> str:

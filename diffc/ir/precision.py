@@ -61,6 +61,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("int8_dynamic", INT8, INT8, "W8A8 int8: symmetric per-channel weights, activation scales computed at run "
            "time per token (linear) or per sample (convolution)", dynamic=True),
     Format("int4", INT4, None, "int4 weight-only, symmetric blocks of 128 input channels"),
+    Format("int8_weight", INT8, None, "int8 weight-only: symmetric per-channel weights, activations at the backend's "
+           "precision"),
     Format("w4a8", INT4, INT8, "int4 blocked weights with int8 activations"),
 )}
 

@@ -79,7 +79,7 @@ def _spec(node, name, scale):
     return spec_with(name, ActivationQuant("int8", dynamic=granularity))
 
 
-@pytest.mark.parametrize("name", ["int8", "int8_dynamic", "fp8", "int4", "w4a8", "bf16"])
+@pytest.mark.parametrize("name", ["int8", "int8_dynamic", "fp8", "int4", "w4a8", "bf16", "int8_weight"])
 def test_each_format_matches_the_simulation(small, name):
     module, flat, model = small
     layers = [n for n in module.graph.nodes if n.op == "call_function"]

@@ -13,10 +13,11 @@ def _results(details):
 
 def test_a_quant_row_notes_its_placement_and_budgeted_size():
     quant = {"layers_quantized": {"int8": 19, "int4": 20, "w4a8": 8, "bf16": 0}, "layers_protected": 13,
+             "weight_only_layers": {"int8_weight": 9},
              "size_ratio": 0.4863, "placeable_size_ratio": {"relative_to": "w4a8", "ratio": 1.1987}}
     table = markdown_table(_results({"quant": quant}))
-    assert ("layers: 19 int8, 20 int4, 8 w4a8 quantized, 13 kept; weights 0.49 of fp32; placeable layers 1.20x "
-            "their w4a8 size") in table
+    assert ("layers: 19 int8, 20 int4, 8 w4a8 quantized, 13 kept at full-precision activations (9 of them with int8 "
+            "weights); weights 0.49 of fp32; placeable layers 1.20x their w4a8 size") in table
     quant["placeable_size_ratio"] = {"relative_to": "fp32", "ratio": 0.5}
     assert "placeable layers" not in markdown_table(_results({"quant": quant}))
     assert markdown_table(_results({})).splitlines()[-1].endswith("|  |")  # no placement, no note

@@ -18,6 +18,11 @@ from digits_tiny import tiny_digits_pipeline
 QUICK = {"samples": 4, "probes": 2, "trajectories": 1}
 
 
+def _placed(quantized):
+    """The layers the placement quantized (the timestep path's int8 weight-only layers are not placed)."""
+    return {node for node, spec in precision_specs(quantized.annotations).items() if spec.format != "int8_weight"}
+
+
 def _timer(slow_shapes, asked, dynamic=0.5):
     """int8 pays (0.5x) except at `slow_shapes` (1.3x); int8_dynamic takes `dynamic`."""
     def times(formats, shape):
@@ -54,7 +59,10 @@ def test_linears_no_format_makes_faster_stay_at_full_precision_with_their_times(
     entries = {e["node"]: e for e in report["layers"]}
     assert all(entries[n]["format"] is None and "no faster quantized here: int8 1.30x" in entries[n]["protected"]
                for n in kept)
-    assert set(precision_specs(quantized.annotations)) == set(shapes) - kept
+    # their activations stay at full precision; their weights are stored int8 (computed from once-dequantized values)
+    assert all(entries[n]["weight_format"] == "int8_weight" for n in kept)
+    assert set(report["weight_only_int8"]["layers"]) >= kept
+    assert _placed(quantized) == set(shapes) - kept
     key = "x".join(map(str, next(iter(slow))))
     assert report["speed_check"]["relative_times"][key] == {"int8": 1.3, "int8_dynamic": 0.5}
 
@@ -75,7 +83,7 @@ def test_only_where_faster_false_quantizes_every_layer_and_times_nothing(trained
     asked = []
     quantized = _quantize(dg, calibration, _timer(set(_placeable_shapes(dg).values()), asked), min_psnr=None,
                           only_where_faster=False)
-    assert not asked and set(precision_specs(quantized.annotations)) == set(_placeable_shapes(dg))
+    assert not asked and _placed(quantized) == set(_placeable_shapes(dg))
     assert quantized.applied[-1]["report"]["speed_check"] == {"checked": False, "why": "only_where_faster=False"}
 
 
@@ -84,7 +92,7 @@ def test_without_a_timer_the_placement_is_unchanged_and_the_report_says_why(trai
     quantized = _quantize(dg, calibration, None, min_psnr=None)
     check = quantized.applied[-1]["report"]["speed_check"]
     assert not check["checked"] and "simulates its low-bit formats" in check["why"]
-    assert set(precision_specs(quantized.annotations)) == set(_placeable_shapes(dg))
+    assert _placed(quantized) == set(_placeable_shapes(dg))
 
 
 def test_the_floor_gives_dynamic_scales_only_to_layers_they_do_not_slow_down(trained_dit):
@@ -121,7 +129,7 @@ def test_convolutions_stay_at_full_precision_where_the_backend_has_no_low_bit_ke
     assert convolutions and linears
     quantized = _quantize(dg, calibration, _timer(set(), []), low_bit_convolutions=kernels, min_psnr=None)
     lint(quantized)
-    placed = set(precision_specs(quantized.annotations))
+    placed = _placed(quantized)
     kept = set(quantized.applied[-1]["report"]["speed_check"]["kept_slower"])
     if kernels:
         assert convolutions <= placed and not kept & convolutions

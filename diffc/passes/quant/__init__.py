@@ -53,6 +53,7 @@ from .sensitivity import ACCUMULATIONS, Sensitivity, measure
 from .smooth import SEARCH_CALLS, search_alphas, smooth
 from .speed import SpeedCheck, check_speed
 from .timestep_scales import TimestepScales, judged_timestep_scales
+from .weight_only import weight_only_int8
 
 SENSITIVITIES = ("hessian", "mse")
 AUTO_FLOOR_8BIT, AUTO_FLOOR_4BIT = 40.0, 30.0
@@ -94,6 +95,11 @@ class QuantConfig(PassConfig):
     # that no allowed format makes faster at its own shape stays at full precision (speed.py);
     # False quantizes it anyway (for size)
     only_where_faster: bool = True
+    # layers kept at full-precision activations for the timestep path (TFMQ-DM) or for speed (no
+    # faster low-bit kernel here) store and compute int8 per-channel weights (weight-only) where the
+    # backend runs that at full-precision speed and the final images keep min_psnr with them
+    # (weight_only.py): DiT-family adaLN modulation linears hold a quarter or more of the weights
+    weight_only_int8: bool = True
 
     def __post_init__(self) -> None:
         if self.formats is not None:
@@ -217,8 +223,11 @@ class QuantPass(Pass):
         for node in kept:
             placed.pop(node)
             chosen.pop(node, None)
+        weight_only, weight_only_check = weight_only_int8(dg, ctx, layers, set(speed.slower), floor,
+                                                          cfg.weight_only_int8)
         report = placement_report(cfg, dg, ctx, layers, placeable, formats, chosen, sensitivity,
-                                  sizes[:len(placeable)], objective[:len(placeable)], rule)
+                                  sizes[:len(placeable)], objective[:len(placeable)], rule, weight_only)
+        report["weight_only_int8"] = weight_only_check
         report["speed_check"] = speed.report()
         report["final_image_check"] = {**floor_check, "kept_full_precision": kept}
         report["attention"] = self._attention_report(attentions, attention_chosen, attention_quant, sensitivity,

@@ -21,13 +21,18 @@ TARGET_FORMATS: dict[str, tuple[str, ...]] = {
 OTHER_FORMATS: dict[str, tuple[str, ...]] = {"int8": ("int8_dynamic",), "mixed": ("int8_dynamic",)}
 # TensorRT's int8 Q/DQ takes static scales only; torch and ONNX Runtime run dynamic ones
 DYNAMIC_BACKENDS = ("torch", "ort")
+# backends that compute int8 weight-only layers from weights dequantized once (torch: the simulation's
+# constants; ONNX Runtime: a float initializer), so storing them as int8 costs no time. TensorRT's
+# weight-only quantization is documented for INT4 GEMMs; it is not relied on for int8
+WEIGHT_ONLY_INT8_BACKENDS = ("torch", "ort")
 # Estimated matmul time per MAC relative to bf16, where the target's backend cannot time layers
 # on this machine (TensorRT): 8-bit tensor-core math runs at twice the bf16 rate on Hopper/Ada
 # (dense fp8/int8 vs bf16 peak); int4 weight-only keeps bf16 math but moves a quarter of the weight
 # bytes, which pays off where layers are weight-bound (small batches). Dynamic int8 adds a pass
-# over the input per call (its largest magnitude per token).
+# over the input per call (its largest magnitude per token). int8 weight-only computes in full
+# precision from weights dequantized once: it saves bytes, not time.
 RELATIVE_COST: dict[str, float] = {"bf16": 1.0, "fp16": 1.0, "fp8": 0.5, "int8": 0.5, "int8_dynamic": 0.55,
-                                   "w4a8": 0.5, "int4": 0.8}
+                                   "w4a8": 0.5, "int4": 0.8, "int8_weight": 1.0}
 ESTIMATED = "estimated for a Hopper/Ada GPU (the target's backend cannot time layers on this machine)"
 MEASURED = "measured on this machine: one linear layer in each format, as the target's backend runs it"
 # (formats) -> each format's time over the unquantized layer's, or None where it cannot be measured
@@ -79,6 +84,10 @@ def target_precision(target: str) -> str:
 def runs_dynamic_scales(target: str) -> bool:
     """Whether the target's backend runs activation scales computed at run time."""
     return str(target).partition("-")[0] in DYNAMIC_BACKENDS
+
+
+def runs_int8_weight_only(target: str) -> bool:
+    return str(target).partition("-")[0] in WEIGHT_ONLY_INT8_BACKENDS
 
 
 def formats_for(target: str, requested: tuple[str, ...] | None) -> tuple[str, ...]:

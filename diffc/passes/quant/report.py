@@ -18,18 +18,23 @@ from .sensitivity import Sensitivity, sample_calls
 
 def placement_report(cfg: Any, dg: DiffusionGraph, ctx: PassContext, layers: list[Layer], placeable: list[Layer],
                      formats: tuple[str, ...], chosen: dict[str, str], sensitivity: Sensitivity, sizes: np.ndarray,
-                     objective: np.ndarray, rule: str) -> dict[str, Any]:
+                     objective: np.ndarray, rule: str, weight_only: dict[str, str]) -> dict[str, Any]:
     """The pass's report of a placement: every layer's format (or why it stays at full
-    precision), sizes, sensitivities, the Pareto front and the error on calibration data."""
+    precision), sizes, sensitivities, the Pareto front and the error on calibration data.
+    `weight_only`: the protected layers whose weights alone are quantized, with their format."""
     steps = {step for _, step in sample_calls(ctx.calibration, cfg.samples)}
     errors = output_error(ctx.calibration, simulate(dg.module, dg.annotations), dg, steps=steps)
+    stored = {**chosen, **weight_only}
     before = sum(weight_bytes(layer.shape, None) for layer in layers)
-    after = sum(weight_bytes(layer.shape, chosen.get(layer.node)) for layer in layers)
+    after = sum(weight_bytes(layer.shape, stored.get(layer.node)) for layer in layers)
     per_layer = []
     for layer in layers:
         entry: dict[str, Any] = {"node": layer.node, "weight": layer.weight, "shape": list(layer.shape),
                                  "bytes_before": weight_bytes(layer.shape, None)}
-        if layer.protected or layer.node not in chosen:
+        if layer.node in weight_only:  # protected from the placement; only its weight is stored low-bit
+            entry.update(format=None, weight_format=weight_only[layer.node], protected=layer.protected,
+                         bytes_after=weight_bytes(layer.shape, weight_only[layer.node]))
+        elif layer.protected or layer.node not in chosen:
             entry.update(format=None, bytes_after=entry["bytes_before"], protected=layer.protected or KEPT_REASON)
             if not layer.protected:  # kept for the floor: its sensitivity says why it went first
                 entry["sensitivity"] = rounded(sensitivity.hessian[layer.node])
@@ -59,6 +64,7 @@ def placement_report(cfg: Any, dg: DiffusionGraph, ctx: PassContext, layers: lis
         "layers_quantized": {f: sum(v == f for v in chosen.values())
                              for f in dict.fromkeys([*formats, *chosen.values()])},
         "layers_protected": sum(1 for layer in layers if layer.protected),
+        "weight_only_layers": {f: sum(v == f for v in weight_only.values()) for f in dict.fromkeys(weight_only.values())},
         "weight_bytes_before": before, "weight_bytes_after": after,
         "size_ratio": round(after / max(before, 1), 4),
         # what a size budget bounds: the placeable layers, against their size in size_relative_to

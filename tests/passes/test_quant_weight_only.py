@@ -1,0 +1,121 @@
+"""Layers kept at full-precision activations for the timestep path keep them but store and compute
+int8 weights (diffc/passes/quant/weight_only.py; layers kept for speed: test_quant_speed.py): where
+the target runs them, when the final images keep the floor with them, what the artifact stores, and
+what the report says."""
+import pytest
+import torch
+
+import diffc.passes.quant.weight_only as weight_only
+from diffc.api import compile_graph
+from diffc.calibration import collect
+from diffc.ir import capture, lint
+from diffc.ir.precision import INT8, precision_specs, weight_bytes
+from diffc.ir.simulation import simulate
+from diffc.passes import PassContext, PassManager
+from diffc.passes.quant.layers import PROTECTIONS, REASONS, TIMESTEP_PATH, quantizable_layers
+from digits_tiny import tiny_digits_pipeline
+
+QUICK = {"samples": 4, "probes": 2, "trajectories": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    pipe = tiny_digits_pipeline()
+    calibration = collect(pipe, conditions=[1, 6, 3, 8], num_steps=4, out=tmp_path_factory.mktemp("cal"),
+                          progress=False)
+    return capture(pipe.unet), calibration
+
+
+def _quantize(dg, calibration, target="torch-int8", **options):
+    context = PassContext(calibration=calibration, target=target,
+                          denoiser_for=lambda candidate: compile_graph(candidate, "torch", "fp32"))
+    return PassManager([{"pass": "quant", **QUICK, **options}]).run(dg, context)
+
+
+def _timestep_path(dg):
+    return [layer for layer in quantizable_layers(dg, PROTECTIONS) if layer.protected == REASONS[TIMESTEP_PATH]]
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny):
+    dg, calibration = tiny
+    return _quantize(dg, calibration, min_psnr=0.0)
+
+
+def test_timestep_path_layers_get_int8_weights_and_keep_full_precision_activations(tiny, quantized):
+    dg, _ = tiny
+    lint(quantized)
+    path = _timestep_path(quantized)
+    assert path and not dg.annotations
+    specs = precision_specs(quantized.annotations)
+    for layer in path:
+        spec = specs[layer.node]
+        assert spec.format == "int8_weight" and spec.activation is None and spec.weight.dtype == INT8
+        assert spec.weight.granularity == "per_channel" and "TFMQ-DM" in spec.reason
+    report = quantized.applied[-1]["report"]
+    check = report["weight_only_int8"]
+    assert check["layers"] == [layer.node for layer in path] and check["held_out_psnr"] >= 0.0
+    entries = {e["node"]: e for e in report["layers"]}
+    for layer in path:
+        entry = entries[layer.node]
+        assert entry["format"] is None and entry["weight_format"] == "int8_weight"
+        assert entry["bytes_after"] == weight_bytes(layer.shape, "int8_weight") < entry["bytes_before"] / 3
+    assert report["weight_bytes_after"] == sum(e["bytes_after"] for e in report["layers"])
+
+
+def test_the_weights_alone_are_quantized_with_a_small_error(tiny, quantized):
+    """Only the timestep path's weights: their outputs move by about int8's per-channel rounding."""
+    dg, calibration = tiny
+    only_weights = {node: entry for node, entry in quantized.annotations.items()
+                    if entry.get("precision", {}).get("format") == "int8_weight"}
+    record = next(calibration.records())
+    flat = [record.inputs[spec.name] for spec in dg.signature.inputs]
+    with torch.no_grad():
+        got, want = simulate(dg.module, only_weights)(*flat)[0], dg.module(*flat)[0]
+    error = float((got - want).norm() / want.norm())
+    assert 0 < error < 0.01
+
+
+@pytest.mark.parametrize("target, options, why", [
+    ("trt-int8", {}, "does not run int8 weight-only layers"),
+    ("torch-int8", {"weight_only_int8": False}, "weight_only_int8=False"),
+])
+def test_left_at_full_precision_where_the_target_or_the_user_says_so(tiny, target, options, why):
+    dg, calibration = tiny
+    result = _quantize(dg, calibration, target, min_psnr=None, **options)
+    check = result.applied[-1]["report"]["weight_only_int8"]
+    assert check["layers"] == [] and why in check["why"]
+    assert not any(precision_specs(result.annotations).get(layer.node) for layer in _timestep_path(result))
+
+
+def test_left_at_full_precision_when_the_final_images_miss_the_floor_with_them(tiny, monkeypatch):
+    dg, calibration = tiny
+    measured = weight_only.trajectory_error
+
+    def missing_with_weight_only(calibration, denoiser, items, reference):
+        result = dict(measured(calibration, denoiser, items, reference))
+        return {**result, "psnr": -1.0}
+
+    monkeypatch.setattr(weight_only, "trajectory_error", missing_with_weight_only)
+    result = _quantize(dg, calibration, min_psnr=0.0)
+    check = result.applied[-1]["report"]["weight_only_int8"]
+    assert check["layers"] == [] and check["held_out_psnr"] == -1.0 and "miss min_psnr" in check["why"]
+    assert not any(precision_specs(result.annotations).get(layer.node) for layer in _timestep_path(result))
+    assert any(spec.format == "int8" for spec in precision_specs(result.annotations).values())  # the rest stands
+
+
+def test_the_artifact_stores_them_as_int8_and_loads_the_same_model(tiny, quantized, tmp_path):
+    import diffc
+    from safetensors.torch import load_file
+
+    dg, calibration = tiny
+    model = compile_graph(quantized, "torch", "int8")
+    folder = model.save(tmp_path / "artifact")
+    stored = load_file(str(folder / "weights.safetensors"))
+    for layer in _timestep_path(quantized):
+        assert stored[layer.weight + ".quantized_values"].dtype == torch.int8
+    record = next(calibration.records())
+    loaded = diffc.load(folder)
+    call = {**record.inputs, "return_dict": False}
+    with torch.no_grad():
+        assert torch.equal(loaded(**call)[0], model(**call)[0])
