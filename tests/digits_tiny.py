@@ -16,3 +16,13 @@ def tiny_digits_pipeline(seed: int = 0) -> DigitsUNetPipeline:
     pipe = DigitsUNetPipeline(unet=unet, class_embedding=embedding, scheduler=DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def captured_and_calibrated(out, conditions=(1, 6, 3, 8), num_steps: int = 4):
+    """The tiny pipeline's UNet captured, and a calibration set of its pipeline (one loop per condition)."""
+    from diffc.calibration import collect
+    from diffc.ir import capture
+
+    pipe = tiny_digits_pipeline()
+    calibration = collect(pipe, conditions=list(conditions), num_steps=num_steps, out=out, progress=False)
+    return capture(pipe.unet), calibration

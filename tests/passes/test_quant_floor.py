@@ -9,21 +9,18 @@ import torch
 
 from diffc.api import compile_graph
 from diffc.calibration import collect, split_items, trajectory_error
-from diffc.ir import capture, lint
+from diffc.ir import lint
 from diffc.passes import PassContext, PassManager
 from diffc.ir.precision import PER_TOKEN, ActivationQuant, precision_specs
 from diffc.passes.quant.floor import DYNAMIC_REASON, KEPT_REASON, with_dynamic_scales, without_precision
-from digits_tiny import tiny_digits_pipeline
+from digits_tiny import captured_and_calibrated, tiny_digits_pipeline
 
 QUICK = {"samples": 4, "probes": 2, "trajectories": 1}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    pipe = tiny_digits_pipeline()
-    calibration = collect(pipe, conditions=[1, 6, 3, 8], num_steps=4, out=tmp_path_factory.mktemp("cal"),
-                          progress=False)
-    return capture(pipe.unet), calibration
+    return captured_and_calibrated(tmp_path_factory.mktemp("cal"))
 
 
 def _context(calibration, target, live=True):

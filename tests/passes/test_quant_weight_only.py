@@ -7,23 +7,19 @@ import torch
 
 import diffc.passes.quant.weight_only as weight_only
 from diffc.api import compile_graph
-from diffc.calibration import collect
-from diffc.ir import capture, lint
+from diffc.ir import lint
 from diffc.ir.precision import INT8, precision_specs, weight_bytes
 from diffc.ir.simulation import simulate
 from diffc.passes import PassContext, PassManager
 from diffc.passes.quant.layers import PROTECTIONS, REASONS, TIMESTEP_PATH, quantizable_layers
-from digits_tiny import tiny_digits_pipeline
+from digits_tiny import captured_and_calibrated
 
 QUICK = {"samples": 4, "probes": 2, "trajectories": 1}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    pipe = tiny_digits_pipeline()
-    calibration = collect(pipe, conditions=[1, 6, 3, 8], num_steps=4, out=tmp_path_factory.mktemp("cal"),
-                          progress=False)
-    return capture(pipe.unet), calibration
+    return captured_and_calibrated(tmp_path_factory.mktemp("cal"))
 
 
 def _quantize(dg, calibration, target="torch-int8", **options):
