@@ -9,6 +9,7 @@ import torch
 
 from diffc.api import compile_graph
 from diffc.ir import lint
+import diffc.passes.quant.weight_only as weight_only
 from diffc.ir.precision import precision_specs
 from diffc.passes import PassContext, PassManager
 from diffc.passes.quant.layers import PROTECTIONS, quantizable_layers
@@ -43,8 +44,9 @@ def _placeable_shapes(dg):
     return layer_shapes(dg, layers)
 
 
-def test_linears_no_format_makes_faster_stay_at_full_precision_with_their_times(trained_dit):
+def test_linears_no_format_makes_faster_stay_at_full_precision_with_their_times(trained_dit, monkeypatch):
     dg, calibration = trained_dit
+    monkeypatch.setattr(weight_only, "MIN_SAVING", 0.0)  # one layer shape is kept: a small share of the weights
     shapes = _placeable_shapes(dg)
     assert None not in shapes.values() and len(set(shapes.values())) > 1
     slow = {max(shapes.values(), key=lambda shape: shape[1] * shape[2])}

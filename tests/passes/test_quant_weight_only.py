@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import diffc.passes.quant.weight_only as weight_only
+from diffc.passes.quant.weight_only import MAX_LOSS_DB
 from diffc.api import compile_graph
 from diffc.ir import lint
 from diffc.ir.precision import INT8, precision_specs, weight_bytes
@@ -32,10 +33,18 @@ def _timestep_path(dg):
     return [layer for layer in quantizable_layers(dg, PROTECTIONS) if layer.protected == REASONS[TIMESTEP_PATH]]
 
 
+@pytest.fixture(autouse=True)
+def any_saving(monkeypatch):
+    """The tiny UNet's timestep path is a few percent of its weights, under MIN_SAVING (test_quant.py)."""
+    monkeypatch.setattr(weight_only, "MIN_SAVING", 0.0)
+
+
 @pytest.fixture(scope="module")
 def quantized(tiny):
     dg, calibration = tiny
-    return _quantize(dg, calibration, min_psnr=0.0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(weight_only, "MIN_SAVING", 0.0)
+        return _quantize(dg, calibration, min_psnr=0.0)
 
 
 def test_timestep_path_layers_get_int8_weights_and_keep_full_precision_activations(tiny, quantized):
@@ -50,7 +59,9 @@ def test_timestep_path_layers_get_int8_weights_and_keep_full_precision_activatio
         assert spec.weight.granularity == "per_channel" and "TFMQ-DM" in spec.reason
     report = quantized.applied[-1]["report"]
     check = report["weight_only_int8"]
-    assert check["layers"] == [layer.node for layer in path] and check["held_out_psnr"] >= 0.0
+    group = check["groups"]["timestep_path"]
+    assert check["layers"] == [layer.node for layer in path] == group["layers"] and group["kept"]
+    assert group["held_out_psnr"] >= group["held_out_psnr_without"] - MAX_LOSS_DB
     entries = {e["node"]: e for e in report["layers"]}
     for layer in path:
         entry = entries[layer.node]
@@ -84,18 +95,21 @@ def test_left_at_full_precision_where_the_target_or_the_user_says_so(tiny, targe
     assert not any(precision_specs(result.annotations).get(layer.node) for layer in _timestep_path(result))
 
 
-def test_left_at_full_precision_when_the_final_images_miss_the_floor_with_them(tiny, monkeypatch):
+@pytest.mark.parametrize("without, with_them", [(-1.0, -1.0), (45.0, 43.5)], ids=["under-the-floor", "losing-1.5-dB"])
+def test_left_at_full_precision_when_the_final_images_miss_the_floor_or_lose_too_much(tiny, monkeypatch, without,
+                                                                                       with_them):
     dg, calibration = tiny
-    measured = weight_only.trajectory_error
+    figures = iter([without, with_them])
 
-    def missing_with_weight_only(calibration, denoiser, items, reference):
-        result = dict(measured(calibration, denoiser, items, reference))
-        return {**result, "psnr": -1.0}
+    def measured(calibration, denoiser, items, reference):
+        return {"mse": 1.0, "psnr": next(figures), "trajectories": 1}
 
-    monkeypatch.setattr(weight_only, "trajectory_error", missing_with_weight_only)
+    monkeypatch.setattr(weight_only, "trajectory_error", measured)
     result = _quantize(dg, calibration, min_psnr=0.0)
     check = result.applied[-1]["report"]["weight_only_int8"]
-    assert check["layers"] == [] and check["held_out_psnr"] == -1.0 and "miss min_psnr" in check["why"]
+    group = check["groups"]["timestep_path"]
+    assert check["layers"] == [] and not group["kept"] and "lose more than 1.0 dB" in group["why"]
+    assert (group["held_out_psnr_without"], group["held_out_psnr"]) == (without, with_them)
     assert not any(precision_specs(result.annotations).get(layer.node) for layer in _timestep_path(result))
     assert any(spec.format == "int8" for spec in precision_specs(result.annotations).values())  # the rest stands
 
