@@ -129,3 +129,23 @@ def test_the_artifact_stores_them_as_int8_and_loads_the_same_model(tiny, quantiz
     call = {**record.inputs, "return_dict": False}
     with torch.no_grad():
         assert torch.equal(loaded(**call)[0], model(**call)[0])
+
+
+def test_a_weight_several_layers_read_keeps_its_values_and_the_rest_lowers_to_onnx(trained_dit):
+    """DiT computes block 0's conditioning embedding twice from the same weights; ONNX export merges
+    the two, so those layers stay as they are and the ort-int8 model compiles."""
+    from collections import Counter
+
+    dg, calibration = trained_dit
+    readers = Counter(layer.weight for layer in quantizable_layers(dg, PROTECTIONS))
+    shared = {layer.node for layer in quantizable_layers(dg, PROTECTIONS) if readers[layer.weight] > 1}
+    assert shared
+    result = PassManager([{"pass": "quant", **QUICK, "min_psnr": None}]).run(
+        dg, PassContext(calibration=calibration, target="ort-int8"))
+    taken = set(result.applied[-1]["report"]["weight_only_int8"]["layers"])
+    assert taken and not taken & shared
+    record = next(calibration.records())
+    compiled = compile_graph(result, "ort", "int8")
+    with torch.no_grad():
+        out = compiled(**record.inputs)[0]
+    assert torch.isfinite(out).all()

@@ -16,6 +16,7 @@ bench's 20 images lost 2.9 dB; a small saving is not worth that risk."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any
 
 from ...calibration import split_items, trajectory_error
@@ -38,8 +39,12 @@ def weight_only_int8(dg: DiffusionGraph, ctx: PassContext, layers: list[Layer], 
     the weight bytes of `layers`, and the held-out final images keep `floor` and lose at most
     MAX_LOSS_DB with it (unchecked where they cannot be re-sampled or there is no floor, as the
     placement is); returns those layers' format and the check's record."""
-    groups = {"timestep_path": [layer for layer in layers if layer.protected == REASONS[TIMESTEP_PATH]],
-              "kept_for_speed": [layer for layer in layers if layer.protected is not None
+    # a weight several layers read stays as it is: the ONNX exporter merges such layers when their
+    # inputs match too (DiT computes block 0's conditioning embedding twice), leaving one node to lower
+    readers = Counter(layer.weight for layer in layers)
+    alone = [layer for layer in layers if readers[layer.weight] == 1]
+    groups = {"timestep_path": [layer for layer in alone if layer.protected == REASONS[TIMESTEP_PATH]],
+              "kept_for_speed": [layer for layer in alone if layer.protected is not None
                                  and layer.node in kept_for_speed]}
     groups = {name: members for name, members in groups.items() if members}
     if not enabled or not groups:
