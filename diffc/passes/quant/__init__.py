@@ -45,7 +45,8 @@ from ..base import PASSES, Pass, PassConfig, PassContext, PassResult, register_p
 from .annotate import (RANGE_METHODS, activation_scale, activation_types, annotate, dynamic_activation,
                        layer_activation)
 from .floor import DYNAMIC_SHARES, KEEP_SHARES, drop_precision, keep_for_floor, with_dynamic_scales
-from .formats import cost_table, formats_for, layer_times, latency_costs, place_by_latency, runs_dynamic_scales
+from .formats import (cost_table, formats_for, layer_times, latency_costs, place_by_latency, runs_dynamic_scales,
+                      uniform_bytes)
 from .layers import PROTECTIONS, Attention, Layer, attention_nodes, quantizable_layers
 from .placement import place_by_size
 from .report import placement_report, predicted_error, rounded
@@ -183,13 +184,12 @@ class QuantPass(Pass):
                                for f in formats] for node in rows])
         sizes = np.array([[weight_bytes(layer.shape, f) for f in formats] for layer in placeable]
                          + [[0.0] * len(formats) for _ in attentions], float).reshape(len(rows), len(formats))
-        relative_to = None if cfg.size_relative_to == "fp32" else cfg.size_relative_to
-        reference_bytes = float(sum(weight_bytes(layer.shape, relative_to) for layer in placeable))
         if len(formats) == 1:
             choice = [0] * len(rows)
             rule = f"every unprotected layer in {formats[0]} (target {ctx.target})"
         elif budget_kind == "size":
-            choice = place_by_size(objective, sizes, ratio * reference_bytes, len(placeable))
+            choice = place_by_size(objective, sizes, ratio * uniform_bytes(placeable, cfg.size_relative_to),
+                                   len(placeable))
             rule = f"minimum predicted error within size_ratio={ratio} of the weights in {cfg.size_relative_to}"
         elif budget_kind == "latency":
             choice = place_by_latency(objective, layer_times(placeable, attentions, attention_quant, formats, costs),

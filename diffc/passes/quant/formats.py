@@ -7,7 +7,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ...errors import PassError
-from ...ir.precision import FORMATS
+from ...ir.precision import FORMATS, weight_bytes
 from .layers import Attention, Layer
 from .placement import place
 
@@ -84,6 +84,12 @@ def target_precision(target: str) -> str:
 def runs_dynamic_scales(target: str) -> bool:
     """Whether the target's backend runs activation scales computed at run time."""
     return str(target).partition("-")[0] in DYNAMIC_BACKENDS
+
+
+def uniform_bytes(layers: list[Layer], size_relative_to: str) -> float:
+    """The weight bytes of `layers` all in format `size_relative_to` ("fp32": as they are)."""
+    fmt = None if size_relative_to == "fp32" else size_relative_to
+    return float(sum(weight_bytes(layer.shape, fmt) for layer in layers))
 
 
 def runs_int8_weight_only(target: str) -> bool:

@@ -11,6 +11,7 @@ from ...ir.precision import FORMATS, FP8, INT8, weight_bytes
 from ...ir.simulation import simulate
 from ..base import PassContext
 from .floor import KEPT_REASON
+from .formats import uniform_bytes
 from .layers import Layer
 from .placement import pareto_front
 from .sensitivity import Sensitivity, sample_calls
@@ -53,8 +54,7 @@ def placement_report(cfg: Any, dg: DiffusionGraph, ctx: PassContext, layers: lis
                 entry["activation_group_sizes"] = list(spec["activation"]["group_sizes"])
         per_layer.append(entry)
     front = pareto_front(objective, sizes, cfg.pareto_points) if len(formats) > 1 else []
-    original = float(sum(weight_bytes(layer.shape, None) for layer in placeable))
-    relative_to = None if cfg.size_relative_to == "fp32" else cfg.size_relative_to
+    original = uniform_bytes(placeable, "fp32")
     placed_after = sum(weight_bytes(layer.shape, chosen.get(layer.node)) for layer in placeable)
     return {
         "target": ctx.target, "formats": list(formats), "placement": rule, "sensitivity": cfg.sensitivity,
@@ -69,7 +69,7 @@ def placement_report(cfg: Any, dg: DiffusionGraph, ctx: PassContext, layers: lis
         "size_ratio": round(after / max(before, 1), 4),
         # what a size budget bounds: the placeable layers, against their size in size_relative_to
         "placeable_size_ratio": {"relative_to": cfg.size_relative_to, "ratio": round(
-            placed_after / max(sum(weight_bytes(layer.shape, relative_to) for layer in placeable), 1), 4)},
+            placed_after / max(uniform_bytes(placeable, cfg.size_relative_to), 1), 4)},
         "predicted_error": predicted_error(sensitivity, chosen),
         "pareto_front": [{"size_ratio": round(size / original, 4), "predicted_error": float(f"{cost:.6g}"),
                           "formats": {f: sum(formats[i] == f for i in c[:len(placeable)]) for f in formats}}

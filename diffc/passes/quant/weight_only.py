@@ -21,11 +21,11 @@ from typing import Any
 
 from ...calibration import split_items, trajectory_error
 from ...ir import DiffusionGraph
+from ...ir.precision import weight_bytes
 from .._search import unjudgeable
 from ..base import PassContext
 from .annotate import annotate
-from .formats import runs_int8_weight_only
-from ...ir.precision import weight_bytes
+from .formats import runs_int8_weight_only, uniform_bytes
 from .layers import REASONS, TIMESTEP_PATH, Layer
 
 WEIGHT_ONLY = "int8_weight"
@@ -59,7 +59,7 @@ def weight_only_int8(dg: DiffusionGraph, ctx: PassContext, layers: list[Layer], 
         return round(trajectory_error(ctx.calibration, ctx.denoiser_for(graph), items, ctx.reference)["psnr"], 3)
 
     check: dict[str, Any] = {"min_psnr": floor, "max_loss_db": MAX_LOSS_DB, "min_saving": MIN_SAVING, "groups": {}}
-    total = sum(weight_bytes(layer.shape, None) for layer in layers)
+    total = uniform_bytes(layers, "fp32")
     savings = {name: sum(weight_bytes(layer.shape, None) - weight_bytes(layer.shape, WEIGHT_ONLY) for layer in members)
                / max(total, 1) for name, members in groups.items()}
     for name in [name for name, saving in savings.items() if saving < MIN_SAVING]:
