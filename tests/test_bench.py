@@ -40,6 +40,9 @@ def test_ratios_are_measured_against_the_same_run(bench_out):
     assert peer["speedup"] > 0 and peer["ms_per_image"] > 0 and peer["baseline_ms_per_image"] > 0
     assert peer["speedup"] == pytest.approx(peer["baseline_ms_per_image"] / peer["ms_per_image"])
     assert 0 <= peer["accuracy"] <= 1 and peer["artifact_mb"] > 0
+    per_image = peer["details"]["psnr_per_image"]
+    assert len(per_image) == 2 and peer["worst_psnr"] == pytest.approx(min(per_image), abs=0.01)
+    assert peer["worst_psnr"] <= peer["psnr"] + 0.01  # the batch's MSE is the images' mean
 
 
 def test_a_peer_that_does_not_cover_the_model_is_listed_with_its_reason(bench_out):

@@ -26,7 +26,7 @@ import torch
 from .._progress import progress
 from ..errors import PeerNotApplicable
 from ..evaluate import DenoiserTimer, weight_bytes
-from ..metrics import psnr, ssim
+from ..metrics import psnr, psnr_per_image, ssim
 from .frontier import comparison
 from .peers import PEERS, Peer
 from .specs import ALL_PASSES, DiffcPipeline, PeerChoice, parse_pipeline, split_pipelines
@@ -51,6 +51,7 @@ class Row:
     artifact_mb: float | None = None
     weights_mb: float | None = None
     psnr: float | None = None
+    worst_psnr: float | None = None  # the lowest of the images' own PSNRs (details["psnr_per_image"])
     ssim: float | None = None
     accuracy: float | None = None
     fid: float | None = None
@@ -243,6 +244,9 @@ class Bench:
             row.details["weights_mb"] = f"not measurable: {exc}"
         row.artifact_mb = self._artifact_mb(module, row)
         row.psnr, row.ssim = psnr(images, self.reference), ssim(images, self.reference)
+        per_image = psnr_per_image(images, self.reference)
+        row.worst_psnr = min(per_image)
+        row.details["psnr_per_image"] = [round(value, 2) for value in per_image]
         if choice is not None and np.array_equal(images, self.reference):
             why = choice.peer.unchanged(choice.setting) if isinstance(choice, PeerChoice) else ""
             row.status, row.reason = NO_OP, ("images bit-identical to the baseline's: "

@@ -72,12 +72,13 @@ def markdown_table(results: dict[str, Any]) -> str:
              "time per image, both timed in the same alternating rounds (spread: lowest-highest per-round ratio; "
              "each row's own baseline ms/image is given). Peak memory: "
              f"{meta['memory_method']}. Fidelity: final images vs the unoptimized model, same seeds. "
+             "worst image: the lowest PSNR of one image (a video: all its frames) against its own reference. "
              "no-op: images bit-identical to the baseline's."
              + (f" Load average at start {load[0]:.2f}, at end {meta['load_average_at_end'][0]:.2f}."
                 if load and meta.get("load_average_at_end") else ""), "",
              "| pipeline | kind | status | speed-up | spread | ms/image | baseline ms/image | optimize s | peak MB "
-             "| artifact MB | PSNR dB | SSIM | accuracy | FID | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| artifact MB | PSNR dB | worst image dB | SSIM | accuracy | FID | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"].values():
         note = row["reason"] or row["details"].get("peer", "") or _placement_note(row["details"].get("quant"))
         spread = row.get("speedup_spread")
@@ -86,7 +87,7 @@ def markdown_table(results: dict[str, Any]) -> str:
             f"{spread[0]:.2f}-{spread[1]:.2f}" if spread else "-", _cell(row["ms_per_image"], ".1f"),
             _cell(row.get("baseline_ms_per_image"), ".1f"), _cell(row["optimize_seconds"], ".1f"),
             _cell(row["peak_memory_mb"], ".1f"), _cell(row["artifact_mb"], ".2f"), _cell(row["psnr"], ".2f"),
-            _cell(row["ssim"], ".4f"), _cell(row["accuracy"], ".3f"), _cell(row["fid"], ".2f"),
+            _cell(row.get("worst_psnr"), ".2f"), _cell(row["ssim"], ".4f"), _cell(row["accuracy"], ".3f"), _cell(row["fid"], ".2f"),
             note.replace("|", "/")]) + " |")
     return "\n".join(lines + _frontier_lines(results)) + "\n"
 
