@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import diffc.passes.quant.weight_only as weight_only
-from diffc.passes.quant.weight_only import MAX_LOSS_DB
 from diffc.api import compile_graph
 from diffc.ir import lint
 from diffc.ir.precision import INT8, precision_specs, weight_bytes
@@ -61,7 +60,7 @@ def test_timestep_path_layers_get_int8_weights_and_keep_full_precision_activatio
     check = report["weight_only_int8"]
     group = check["groups"]["timestep_path"]
     assert check["layers"] == [layer.node for layer in path] == group["layers"] and group["kept"]
-    assert group["held_out_psnr"] >= group["held_out_psnr_without"] - MAX_LOSS_DB
+    assert weight_only._acceptable(group["held_out_psnr_without"], group["held_out_psnr"], 0.0)
     entries = {e["node"]: e for e in report["layers"]}
     for layer in path:
         entry = entries[layer.node]
@@ -95,7 +94,8 @@ def test_left_at_full_precision_where_the_target_or_the_user_says_so(tiny, targe
     assert not any(precision_specs(result.annotations).get(layer.node) for layer in _timestep_path(result))
 
 
-@pytest.mark.parametrize("without, with_them", [(-1.0, -1.0), (45.0, 43.5)], ids=["under-the-floor", "losing-1.5-dB"])
+@pytest.mark.parametrize("without, with_them", [(-1.0, -1.0), (5.0, 3.5)],
+                         ids=["under-the-floor", "losing-1.5-dB-near-the-floor"])
 def test_left_at_full_precision_when_the_final_images_miss_the_floor_or_lose_too_much(tiny, monkeypatch, without,
                                                                                        with_them):
     dg, calibration = tiny
@@ -109,6 +109,7 @@ def test_left_at_full_precision_when_the_final_images_miss_the_floor_or_lose_too
     check = result.applied[-1]["report"]["weight_only_int8"]
     group = check["groups"]["timestep_path"]
     assert check["layers"] == [] and not group["kept"] and "lose more than 1.0 dB" in group["why"]
+    assert "10% of its error" in group["why"]
     assert (group["held_out_psnr_without"], group["held_out_psnr"]) == (without, with_them)
     assert not any(precision_specs(result.annotations).get(layer.node) for layer in _timestep_path(result))
     assert any(spec.format == "int8" for spec in precision_specs(result.annotations).values())  # the rest stands
@@ -149,3 +150,14 @@ def test_a_weight_several_layers_read_keeps_its_values_and_the_rest_lowers_to_on
     with torch.no_grad():
         out = compiled(**record.inputs)[0]
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("before, after, floor, kept", [
+    (61.6, 55.3, 40.0, True),  # 6 dB lost far above the floor: 2% of the error the floor allows
+    (45.0, 43.5, 40.0, False),  # 1.5 dB lost near it: 14% of it
+    (45.0, 44.2, 40.0, True),  # within 1 dB
+    (41.0, 39.5, 40.0, False),  # under the floor
+    (float("inf"), 50.0, 40.0, True),  # nothing to lose against: the floor decides
+])
+def test_a_loss_is_judged_against_the_error_the_floor_allows(before, after, floor, kept):
+    assert weight_only._acceptable(before, after, floor) is kept

@@ -30,6 +30,7 @@ report gives the reason for each, every layer's format, size and sensitivity, th
 layer-output MSE proxy beside it, the Pareto front and the error measured on calibration data."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +45,8 @@ from .._search import fitting_items, unjudgeable
 from ..base import PASSES, Pass, PassConfig, PassContext, PassResult, register_pass
 from .annotate import (RANGE_METHODS, activation_scale, activation_types, annotate, dynamic_activation,
                        layer_activation)
-from .floor import DYNAMIC_SHARES, KEEP_SHARES, drop_precision, keep_for_floor, with_dynamic_scales
+from .floor import (DYNAMIC_SHARES, KEEP_SHARES, BudgetedRaise, drop_precision, keep_for_floor,
+                    raise_within_budget, with_dynamic_scales)
 from .formats import (cost_table, formats_for, layer_times, latency_costs, place_by_latency, runs_dynamic_scales,
                       uniform_bytes)
 from .layers import PROTECTIONS, Attention, Layer, attention_nodes, quantizable_layers
@@ -212,13 +214,20 @@ class QuantPass(Pass):
                                                                                   reason=rule).to_json()
         placed = {**chosen, **{node: name for node, name in attention_chosen.items() if name in attention_quant[node]}}
         floor = self._floor(placed)
+        within = None if budget_kind != "size" or len(formats) == 1 else BudgetedRaise(
+            [layer.node for layer in placeable], formats, objective[:len(placeable)], sizes[:len(placeable)],
+            np.array([weight_bytes(layer.shape, None) for layer in placeable], float),
+            ratio * uniform_bytes(placeable, cfg.size_relative_to), dict(placed), activations, {}, rule)
         kept, floor_check = self._final_image_floor(dg, ctx, placed, sensitivity, floor,
                                                     {layer.node: dynamic_activation(layer) for layer in placeable
-                                                     if layer.node not in speed.dynamic_slower})
+                                                     if layer.node not in speed.dynamic_slower}, within)
         if kept is None:
             return self._declined(untouched, floor_check, floor, speed)
         for node in floor_check.get("dynamic_scales", []):
             chosen[node] = placed[node] = "int8_dynamic"
+        for node, name in floor_check.get("raised_within_budget", {}).items():
+            if name is not None:
+                chosen[node] = placed[node] = name
         dg.annotations = drop_precision(dg.annotations, kept)
         for node in kept:
             placed.pop(node)
@@ -252,14 +261,14 @@ class QuantPass(Pass):
         return AUTO_FLOOR_4BIT if four_bit else AUTO_FLOOR_8BIT
 
     def _final_image_floor(self, dg: DiffusionGraph, ctx: PassContext, placed: dict[str, str],
-                           sensitivity: Sensitivity, floor: float | None,
-                           dynamic: dict[str, ActivationQuant]) -> tuple[list[str] | None, dict[str, Any]]:
+                           sensitivity: Sensitivity, floor: float | None, dynamic: dict[str, ActivationQuant],
+                           within: BudgetedRaise | None) -> tuple[list[str] | None, dict[str, Any]]:
         """The quantized nodes to keep at full precision for the final-image floor (floor.py):
         none when there is no floor or no way to re-sample (with a warning saying so), None when
         no share of them keeps it. Where the backend runs dynamic activation scales, static int8
         linears first take them (per token), the fewest that keep the floor, and those nodes are written into
         `dg` and listed as "dynamic_scales"; only when all of them together miss it are layers
-        kept at full precision (from the all-dynamic placement)."""
+        kept at full precision (from the all-dynamic placement), or raised `within` a size budget."""
         if floor is None:
             return [], {"min_psnr": None}
         why = unjudgeable(ctx)
@@ -282,6 +291,10 @@ class QuantPass(Pass):
             if upgraded is not None:
                 return [], {**steps, "dynamic_scales": upgraded}
             steps = {"dynamic_search": steps["search"], "dynamic_scales": static}
+        if within is not None:
+            kept, check = raise_within_budget(dg, ctx, ranked, floor, dataclasses.replace(
+                within, dynamic={node: dynamic[node] for node in static} if steps else {}))
+            return kept, {**check, **steps}
         kept, check = keep_for_floor(dg, ctx, ranked, floor)
         return kept, {**check, **steps}
 
@@ -289,10 +302,12 @@ class QuantPass(Pass):
                   speed: SpeedCheck) -> PassResult:
         worst = [entry for entry in floor_check["search"] if "psnr" in entry or "held_out_psnr" in entry]
         measured = worst[-1].get("held_out_psnr", worst[-1].get("psnr")) if worst else None
-        message = (f"quant: the final images miss {floor} dB PSNR even with {max(KEEP_SHARES):.0%} of "
-                   f"the quantized layers (the most sensitive) kept at full precision ({measured} dB), so nothing is "
-                   "quantized and the model runs at full precision. Lower min_psnr to accept the loss, or use a "
-                   "wider format (int8 rather than int4, fp8 rather than int8).")
+        budget = floor_check.get("within_size_budget")
+        moved = "raised to wider formats within size_ratio" if budget else "kept at full precision"
+        message = (f"quant: the final images miss {floor} dB PSNR even with up to {max(KEEP_SHARES):.0%} of "
+                   f"the quantized layers (the most sensitive) {moved} ({measured} dB), so nothing is "
+                   "quantized and the model runs at full precision. Lower min_psnr to accept the loss, or "
+                   + ("raise size_ratio." if budget else "use a wider format (int8 rather than int4, fp8 rather than int8)."))
         warnings.warn(message, stacklevel=3)
         return PassResult(untouched, modified=False, report={"declined": message, "final_image_check": floor_check,
                                                              "speed_check": speed.report()})

@@ -9,7 +9,9 @@ the simulation's constants; ONNX Runtime: a float initializer), they cost no tim
 weight error of about 0.2%; in DiT-family models the adaLN modulation linears on the timestep path
 hold a quarter or more of the weights (FLUX, SD3). It is a saving the user did not trade fidelity
 for, so a group is taken only where it saves at least MIN_SAVING of the weight bytes, and where the
-held-out final images keep min_psnr and lose at most MAX_LOSS_DB with it. The held-out check sees a
+held-out final images keep min_psnr and lose at most MAX_LOSS_DB with it, or far above the floor,
+add at most FLOOR_SHARE of the squared error the floor allows (shapes-unet's convolutions kept for
+speed on ONNX Runtime: 61.6 -> 55.3 dB against a 40 dB floor, 2% of its error). The held-out check sees a
 few trajectories only: on textures-pixart, whose timestep path is one shared adaLN linear that
 every block reads (7% of its weights), it measured +0.7 dB on two held-out trajectories while the
 bench's 20 images lost 2.9 dB; a small saving is not worth that risk."""
@@ -29,7 +31,7 @@ from .formats import runs_int8_weight_only, uniform_bytes
 from .layers import REASONS, TIMESTEP_PATH, Layer
 
 WEIGHT_ONLY = "int8_weight"
-MAX_LOSS_DB, MIN_SAVING = 1.0, 0.1
+MAX_LOSS_DB, MIN_SAVING, FLOOR_SHARE = 1.0, 0.1, 0.1
 
 
 def weight_only_int8(dg: DiffusionGraph, ctx: PassContext, layers: list[Layer], kept_for_speed: set[str],
@@ -37,7 +39,7 @@ def weight_only_int8(dg: DiffusionGraph, ctx: PassContext, layers: list[Layer], 
     """Annotates, group by group (the timestep path, then the layers in `kept_for_speed`), their
     layers int8 weight-only in `dg` where the target runs that, the group saves at least MIN_SAVING of
     the weight bytes of `layers`, and the held-out final images keep `floor` and lose at most
-    MAX_LOSS_DB with it (unchecked where they cannot be re-sampled or there is no floor, as the
+    MAX_LOSS_DB (or add at most FLOOR_SHARE of the floor's squared error) with it (unchecked where they cannot be re-sampled or there is no floor, as the
     placement is); returns those layers' format and the check's record."""
     # a weight several layers read stays as it is: the ONNX exporter merges such layers when their
     # inputs match too (DiT computes block 0's conditioning embedding twice), leaving one node to lower
@@ -58,7 +60,8 @@ def weight_only_int8(dg: DiffusionGraph, ctx: PassContext, layers: list[Layer], 
     def held_out_psnr(graph: DiffusionGraph) -> float:
         return round(trajectory_error(ctx.calibration, ctx.denoiser_for(graph), items, ctx.reference)["psnr"], 3)
 
-    check: dict[str, Any] = {"min_psnr": floor, "max_loss_db": MAX_LOSS_DB, "min_saving": MIN_SAVING, "groups": {}}
+    check: dict[str, Any] = {"min_psnr": floor, "max_loss_db": MAX_LOSS_DB, "floor_share": FLOOR_SHARE,
+                             "min_saving": MIN_SAVING, "groups": {}}
     total = uniform_bytes(layers, "fp32")
     savings = {name: sum(weight_bytes(layer.shape, None) - weight_bytes(layer.shape, WEIGHT_ONLY) for layer in members)
                / max(total, 1) for name, members in groups.items()}
@@ -78,15 +81,26 @@ def weight_only_int8(dg: DiffusionGraph, ctx: PassContext, layers: list[Layer], 
             assert floor is not None and before is not None
             entry["held_out_psnr"] = after = held_out_psnr(candidate)
             entry["held_out_psnr_without"] = before
-            # a placement that left the images as they were has no loss to compare with: the floor decides
-            loss = before - after if math.isfinite(before) else 0.0
-            if after < floor or loss > MAX_LOSS_DB:
+            if not _acceptable(before, after, floor):
                 check["groups"][name] = {**entry, "kept": False,
                                          "why": f"the held-out final images miss min_psnr={floor} dB or lose more "
-                                                f"than {MAX_LOSS_DB} dB with them"}
+                                                f"than {MAX_LOSS_DB} dB with them, closer to the floor than "
+                                                f"{FLOOR_SHARE:.0%} of its error"}
                 continue
             before = after
         check["groups"][name] = {**entry, "kept": True}
         dg.annotations = candidate.annotations
         chosen += members
     return {layer.node: WEIGHT_ONLY for layer in chosen}, {**check, "layers": [layer.node for layer in chosen]}
+
+
+def _acceptable(before: float, after: float, floor: float) -> bool:
+    """The final PSNR `after` keeps the floor and loses little against `before`: at most MAX_LOSS_DB,
+    or an added squared error within FLOOR_SHARE of the floor's. A placement that left the images
+    as they were (infinite PSNR) has no loss to compare with: the floor decides."""
+    if after < floor:
+        return False
+    if not math.isfinite(before):
+        return True
+    added = 10 ** (-after / 10) - 10 ** (-before / 10)
+    return before - after <= MAX_LOSS_DB or added <= FLOOR_SHARE * 10 ** (-floor / 10)
