@@ -217,6 +217,10 @@ class Bench:
                           calibration=self.shared_calibration(), compile=True if choice.compiled else None)
         row.details["reports"] = [{"pass": e["pass"], "summary": _summary(e.get("report"))}
                                   for e in getattr(module, "report", [])]
+        declined = [e["report"]["declined"] for e in getattr(module, "report", [])
+                    if isinstance(e.get("report"), dict) and e["report"].get("declined")]
+        if declined:
+            row.details["declined"] = declined
         placements = [e["report"] for e in getattr(module, "report", [])
                       if e["pass"] == "quant" and isinstance(e.get("report"), dict) and "size_ratio" in e["report"]]
         if placements:
@@ -248,7 +252,8 @@ class Bench:
         row.worst_psnr = min(per_image)
         row.details["psnr_per_image"] = [round(value, 2) for value in per_image]
         if choice is not None and np.array_equal(images, self.reference):
-            why = choice.peer.unchanged(choice.setting) if isinstance(choice, PeerChoice) else ""
+            why = choice.peer.unchanged(choice.setting) if isinstance(choice, PeerChoice) else \
+                " ".join(row.details.get("declined", []))
             row.status, row.reason = NO_OP, ("images bit-identical to the baseline's: "
                                              + (why or "the method changed nothing here"))
         if self.scorer is not None:

@@ -21,3 +21,31 @@ def test_a_quant_row_notes_its_placement_and_budgeted_size():
     quant["placeable_size_ratio"] = {"relative_to": "fp32", "ratio": 0.5}
     assert "placeable layers" not in markdown_table(_results({"quant": quant}))
     assert markdown_table(_results({})).splitlines()[-1].endswith("|  |")  # no placement, no note
+
+
+def _zoo_summary():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "benchmarks" / "zoo_summary.py"
+    spec = importlib.util.spec_from_file_location("zoo_summary", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_zoo_summary_shows_flips_and_a_declined_w4a8_row():
+    def row(pipeline, psnr, worst, status="ok", details=None):
+        return {"pipeline": pipeline, "kind": "peer" if "torchao" in pipeline else "diffc", "status": status,
+                "reason": "", "speedup": 1.2, "psnr": psnr, "worst_psnr": worst, "accuracy": 1.0,
+                "details": details or {}}
+
+    summary = _zoo_summary()
+    rows = {"baseline": row("baseline", float("inf"), float("inf")),
+            "torchao-int8@dynamic": row("torchao-int8@dynamic", 41.6, 35.5),
+            "quant": row("quant", 30.4, 17.7),
+            summary.W4A8_MIXED: row(summary.W4A8_MIXED, float("inf"), float("inf"), "no-op",
+                                    {"declined": ["quant: the final images miss 30.0 dB ..."]})}
+    text = "\n".join(summary.int8_lines({"m": {"rows": rows}}) + summary.w4a8_lines({"m": {"rows": rows}}))
+    assert "| m | quant | 1.20 | 30.4 | 17.7 | 38.6 | 35.5 | 1.00 (1.00) | **no** | yes |" in text
+    assert "| m | - | inf | - | **no** (declined: nothing quantized) |" in text
