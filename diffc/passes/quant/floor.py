@@ -97,7 +97,7 @@ WEIGHT_BITS = {INT4: 4, INT8: 8, FP8: 8, BF16: 16, FP16: 16}
 
 def _weight_bits(format_name: str | None) -> int:
     weight = FORMATS[format_name].weight if format_name is not None else None
-    return WEIGHT_BITS.get(weight, 32) if weight is not None else 32
+    return 32 if weight is None else WEIGHT_BITS[weight]
 
 
 @dataclass
