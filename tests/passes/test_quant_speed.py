@@ -69,15 +69,26 @@ def test_linears_no_format_makes_faster_stay_at_full_precision_with_their_times(
     assert report["speed_check"]["relative_times"][key] == {"int8": 1.3, "int8_dynamic": 0.5}
 
 
-def test_when_no_linear_pays_nothing_is_quantized_and_the_pass_says_so(trained_dit):
+@pytest.mark.parametrize("weight_only_int8", [True, False])
+def test_when_no_linear_pays_no_activation_is_quantized_and_the_pass_says_so(trained_dit, weight_only_int8):
+    """Only the weights may still be stored int8 (they cost no time); without that, nothing changes."""
     dg, calibration = trained_dit
     before = {k: v.clone() for k, v in dg.weights().items()}
     with pytest.warns(UserWarning, match=r"no layer of .* runs faster quantized on target ort-int8.*"
                                          r"only_where_faster=False"):
-        result = _quantize(dg, calibration, _timer(set(_placeable_shapes(dg).values()), []), min_psnr=None)
-    assert not result.annotations
-    assert result.applied[-1]["report"]["speed_check"]["kept_slower"]
+        result = _quantize(dg, calibration, _timer(set(_placeable_shapes(dg).values()), []), min_psnr=None,
+                           weight_only_int8=weight_only_int8)
+    report = result.applied[-1]["report"]
+    assert report["speed_check"]["kept_slower"]
     assert all(torch.equal(before[k], v) for k, v in result.weights().items())
+    specs = precision_specs(result.annotations)
+    if not weight_only_int8:
+        assert not specs and not result.applied[-1]["modified"] and "full precision" in report["declined"]
+        return
+    lint(result)
+    assert set(specs) >= set(_placeable_shapes(dg)) and {spec.format for spec in specs.values()} == {"int8_weight"}
+    assert report["layers_quantized"] == {} and report["weight_only_layers"] == {"int8_weight": len(specs)}
+    assert report["size_ratio"] < 0.5 and set(report["weight_only_int8"]["layers"]) == set(specs)
 
 
 def test_only_where_faster_false_quantizes_every_layer_and_times_nothing(trained_dit):

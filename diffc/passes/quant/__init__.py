@@ -56,7 +56,7 @@ from .sensitivity import ACCUMULATIONS, Sensitivity, measure
 from .smooth import SEARCH_CALLS, search_alphas, smooth
 from .speed import SpeedCheck, check_speed
 from .timestep_scales import TimestepScales, judged_timestep_scales
-from .weight_only import weight_only_int8
+from .weight_only import nothing_pays, weight_only_int8
 
 SENSITIVITIES = ("hessian", "mse")
 AUTO_FLOOR_8BIT, AUTO_FLOOR_4BIT = 40.0, 30.0
@@ -162,7 +162,7 @@ class QuantPass(Pass):
                             f"{earlier}")
         speed = self._speed(dg, ctx, placeable, formats)
         if len(speed.slower) == len(placeable):
-            return self._nothing_pays(untouched, ctx, speed)
+            return nothing_pays(dg, untouched, ctx, speed, speed.mark(layers), self._floor({}), cfg.weight_only_int8)
         layers = speed.mark(layers)
         placeable = [layer for layer in layers if layer.protected is None]
         smoothed, alphas = self._smooth(dg, ctx, placeable, formats)
@@ -320,15 +320,6 @@ class QuantPass(Pass):
                            runs_dynamic_scales(ctx.target) and self.config.min_psnr is not None,
                            f"target {ctx.target} simulates its low-bit formats on this device, or cannot time them "
                            "here", ctx.low_bit_convolutions)
-
-    @staticmethod
-    def _nothing_pays(untouched: DiffusionGraph, ctx: PassContext, speed: SpeedCheck) -> PassResult:
-        message = (f"quant: no layer of {untouched.signature.model_class} runs faster quantized on target "
-                   f"{ctx.target} here (each shape's time in every allowed format, over the unquantized layer's: "
-                   f"{speed.times}); nothing is quantized and the model runs at full precision. Pass "
-                   "only_where_faster=False to quantize for size anyway")
-        warnings.warn(message, stacklevel=3)
-        return PassResult(untouched, modified=False, report={"declined": message, "speed_check": speed.report()})
 
     def _smooth(self, dg: DiffusionGraph, ctx: PassContext, placeable: list[Layer],
                 formats: tuple[str, ...]) -> tuple[list[str], dict[str, float | None] | None]:

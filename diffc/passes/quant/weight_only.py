@@ -18,6 +18,7 @@ bench's 20 images lost 2.9 dB; a small saving is not worth that risk."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from typing import Any
 
@@ -25,10 +26,11 @@ from ...calibration import split_items, trajectory_error
 from ...ir import DiffusionGraph
 from ...ir.precision import weight_bytes
 from .._search import unjudgeable
-from ..base import PassContext
+from ..base import PassContext, PassResult
 from .annotate import annotate
 from .formats import runs_int8_weight_only, uniform_bytes
 from .layers import REASONS, TIMESTEP_PATH, Layer
+from .speed import SpeedCheck
 
 WEIGHT_ONLY = "int8_weight"
 MAX_LOSS_DB, MIN_SAVING, FLOOR_SHARE = 1.0, 0.1, 0.1
@@ -104,3 +106,30 @@ def _acceptable(before: float, after: float, floor: float) -> bool:
         return True
     added = 10 ** (-after / 10) - 10 ** (-before / 10)
     return before - after <= MAX_LOSS_DB or added <= FLOOR_SHARE * 10 ** (-floor / 10)
+
+
+def nothing_pays(dg: DiffusionGraph, untouched: DiffusionGraph, ctx: PassContext, speed: SpeedCheck,
+                 layers: list[Layer], floor: float | None, enabled: bool) -> PassResult:
+    """The quant pass where no layer runs faster in a low-bit format on the target (`speed`): nothing
+    is placed, but the layers kept for speed may still store int8 weights (weight_only_int8) where the
+    final images keep `floor`; otherwise the pass declines and the model stays as it was."""
+    message = (f"quant: no layer of {untouched.signature.model_class} runs faster quantized on target "
+               f"{ctx.target} here (each shape's time in every allowed format, over the unquantized layer's: "
+               f"{speed.times}); no activation is quantized")
+    weight_only, check = weight_only_int8(dg, ctx, layers, set(speed.slower), floor, enabled)
+    advice = ". Pass only_where_faster=False to quantize for size anyway"
+    if not weight_only:
+        message += f" and the model runs at full precision{advice}"
+        warnings.warn(message, stacklevel=3)
+        return PassResult(untouched, modified=False, report={"declined": message, "speed_check": speed.report(),
+                                                             "weight_only_int8": check})
+    message += f"; {len(weight_only)} layers store int8 weights (weight_only_int8: no time lost){advice}"
+    warnings.warn(message, stacklevel=3)
+    before = sum(weight_bytes(layer.shape, None) for layer in layers)
+    after = sum(weight_bytes(layer.shape, weight_only.get(layer.node)) for layer in layers)
+    return PassResult(dg, modified=True, report={
+        "target": ctx.target, "placement": message, "layers_quantized": {},
+        "layers_protected": sum(1 for layer in layers if layer.protected),
+        "weight_only_layers": {WEIGHT_ONLY: len(weight_only)}, "weight_only_int8": check,
+        "weight_bytes_before": before, "weight_bytes_after": after, "size_ratio": round(after / max(before, 1), 4),
+        "speed_check": speed.report()})
