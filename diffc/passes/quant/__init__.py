@@ -225,9 +225,9 @@ class QuantPass(Pass):
             return self._declined(untouched, floor_check, floor, speed)
         for node in floor_check.get("dynamic_scales", []):
             chosen[node] = placed[node] = "int8_dynamic"
-        for node, name in floor_check.get("raised_within_budget", {}).items():
-            if name is not None:
-                chosen[node] = placed[node] = name
+        for node, change in floor_check.get("raised_within_budget", {}).items():
+            if change["to"] is not None:
+                chosen[node] = placed[node] = change["to"]
         dg.annotations = drop_precision(dg.annotations, kept)
         for node in kept:
             placed.pop(node)

@@ -182,6 +182,7 @@ def raise_within_budget(dg: DiffusionGraph, ctx: PassContext, ranked: list[str],
         return None, {**check, "within_size_budget": within.budget}
     dg.annotations = within.apply(dg, moved).annotations
     written = within.written(moved)
-    changed = {node: name for node, name in written.items() if name != within.placed.get(node)}
+    changed = {node: {"from": within.placed.get(node), "to": name} for node, name in written.items()
+               if name != within.placed.get(node)}
     return [node for node, name in written.items() if name is FULL_PRECISION], {
         **check, "raised": moved, "raised_within_budget": changed}
