@@ -10,13 +10,18 @@ interrupted run resumes where it stopped.
 
 --smoke runs one zoo model with 2 steps, 2 prompts and a few rows: the harness end to end in a
 minute or two, for CI-like machines.
+
+--rerun-noisy 1.3 first drops every finished row whose per-round speed-ups spread wider than that
+(highest over lowest: timed while something else ran), so the resumed run measures them again.
 """
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
+from diffc.bench.report import write_results
 from diffc.cli import main as diffc_main
 from diffc.models import zoo
 
@@ -27,9 +32,28 @@ FULL_PIPELINES = f"baseline,cache,cache-sweep,quant,quant:ort-int8,cache+quant,c
 SMOKE_PIPELINES = "baseline,cache,fbc@0.2,torchao-int8"
 
 
-def run(models: list[str], out: Path, smoke: bool, pipelines: str | None = None) -> int:
+def drop_noisy_rows(path: Path, limit: float) -> list[str]:
+    """Removes from a results file the rows whose per-round speed-ups spread wider than `limit`
+    (highest over lowest); returns their names."""
+    if not path.is_file():
+        return []
+    results = json.loads(path.read_text())
+    noisy = [spec for spec, row in results["rows"].items()
+             if row.get("speedup_spread") and row["speedup_spread"][1] > limit * row["speedup_spread"][0]]
+    for spec in noisy:
+        del results["rows"][spec]
+    if noisy:
+        write_results(path, results)
+    return noisy
+
+
+def run(models: list[str], out: Path, smoke: bool, pipelines: str | None = None,
+        rerun_noisy: float | None = None) -> int:
     failures = []
     for model in models:
+        if rerun_noisy is not None:
+            for spec in drop_noisy_rows(out / f"{model}.json", rerun_noisy):
+                print(f"{model}: {spec} timed with a spread over {rerun_noisy}: measuring it again", flush=True)
         chosen = pipelines or (SMOKE_PIPELINES if smoke else FULL_PIPELINES)
         arguments = ["bench", model, "--out", str(out), "--pipelines", chosen]
         if smoke:
@@ -52,6 +76,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--pipelines", default=None, help="the rows to run (default: the whole comparison)")
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--rerun-noisy", type=float, default=None, metavar="LIMIT",
+                        help="first drop finished rows whose per-round speed-up spread (highest / lowest) exceeds it")
     return parser.parse_args(argv)
 
 
@@ -60,4 +86,4 @@ if __name__ == "__main__":
     chosen = args.models.split(",") if args.models else ([zoo.available()[0]] if args.smoke else
                                                         [*zoo.available(), *DEFAULT_MODELS])
     out = args.out or Path(__file__).parent / "results" / f"{time.strftime('%Y-%m-%d')}-cpu-x86_64" / "zoo"
-    sys.exit(run(chosen, out, args.smoke, args.pipelines))
+    sys.exit(run(chosen, out, args.smoke, args.pipelines, args.rerun_noisy))

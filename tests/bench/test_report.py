@@ -49,3 +49,21 @@ def test_the_zoo_summary_shows_flips_and_a_declined_w4a8_row():
     text = "\n".join(summary.int8_lines({"m": {"rows": rows}}) + summary.w4a8_lines({"m": {"rows": rows}}))
     assert "| m | quant | 1.20 | 30.4 | 17.7 | 38.6 | 35.5 | 1.00 (1.00) | **no** | yes |" in text
     assert "| m | - | inf | - | **no** (declined: nothing quantized) |" in text
+
+
+def test_rows_timed_beside_other_work_are_dropped_to_be_measured_again(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "benchmarks" / "zoo_bench.py"
+    spec = importlib.util.spec_from_file_location("zoo_bench", path)
+    zoo_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(zoo_bench)
+    rows = {"baseline": {"speedup_spread": [1.0, 1.0]}, "quiet": {"speedup_spread": [2.0, 2.4]},
+            "noisy": {"speedup_spread": [0.1, 2.6]}, "failed": {"speedup_spread": None}}
+    results = tmp_path / "m.json"
+    results.write_text(json.dumps({"meta": {"model": "m"}, "rows": rows}))
+    assert zoo_bench.drop_noisy_rows(results, 1.3) == ["noisy"]
+    assert list(json.loads(results.read_text())["rows"]) == ["baseline", "quiet", "failed"]
+    assert zoo_bench.drop_noisy_rows(results, 1.3) == [] and zoo_bench.drop_noisy_rows(tmp_path / "none.json", 1.3) == []
