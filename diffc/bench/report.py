@@ -87,7 +87,8 @@ def markdown_table(results: dict[str, Any]) -> str:
             f"{spread[0]:.2f}-{spread[1]:.2f}" if spread else "-", _cell(row["ms_per_image"], ".1f"),
             _cell(row.get("baseline_ms_per_image"), ".1f"), _cell(row["optimize_seconds"], ".1f"),
             _cell(row["peak_memory_mb"], ".1f"), _cell(row["artifact_mb"], ".2f"), _cell(row["psnr"], ".2f"),
-            _cell(row.get("worst_psnr"), ".2f"), _cell(row["ssim"], ".4f"), _cell(row["accuracy"], ".3f"), _cell(row["fid"], ".2f"),
+            _cell(row.get("worst_psnr"), ".2f"), _cell(row["ssim"], ".4f"), _cell(row["accuracy"], ".3f"),
+            _cell(row["fid"], ".2f"),
             note.replace("|", "/")]) + " |")
     return "\n".join(lines + _frontier_lines(results)) + "\n"
 

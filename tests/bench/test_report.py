@@ -66,4 +66,5 @@ def test_rows_timed_beside_other_work_are_dropped_to_be_measured_again(tmp_path)
     results.write_text(json.dumps({"meta": {"model": "m"}, "rows": rows}))
     assert zoo_bench.drop_noisy_rows(results, 1.3) == ["noisy"]
     assert list(json.loads(results.read_text())["rows"]) == ["baseline", "quiet", "failed"]
-    assert zoo_bench.drop_noisy_rows(results, 1.3) == [] and zoo_bench.drop_noisy_rows(tmp_path / "none.json", 1.3) == []
+    assert zoo_bench.drop_noisy_rows(results, 1.3) == []
+    assert zoo_bench.drop_noisy_rows(tmp_path / "none.json", 1.3) == []

@@ -307,7 +307,8 @@ class QuantPass(Pass):
         message = (f"quant: the final images miss {floor} dB PSNR even with up to {max(KEEP_SHARES):.0%} of "
                    f"the quantized layers (the most sensitive) {moved} ({measured} dB), so nothing is "
                    "quantized and the model runs at full precision. Lower min_psnr to accept the loss, or "
-                   + ("raise size_ratio." if budget else "use a wider format (int8 rather than int4, fp8 rather than int8)."))
+                   + ("raise size_ratio." if budget else
+                      "use a wider format (int8 rather than int4, fp8 rather than int8)."))
         warnings.warn(message, stacklevel=3)
         return PassResult(untouched, modified=False, report={"declined": message, "final_image_check": floor_check,
                                                              "speed_check": speed.report()})

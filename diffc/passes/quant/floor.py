@@ -67,6 +67,11 @@ def with_dynamic_scales(dg: DiffusionGraph, nodes: list[str],
     return candidate
 
 
+def most_sensitive(ranked: list[str], share: float) -> list[str]:
+    """The first `share` of `ranked` (most sensitive first), rounded up."""
+    return ranked[:math.ceil(share * len(ranked))]
+
+
 def keep_for_floor(dg: DiffusionGraph, ctx: PassContext, ranked: list[str], min_psnr: float,
                    change: Callable[[DiffusionGraph, list[str]], DiffusionGraph] = without_precision,
                    shares: tuple[float, ...] = KEEP_SHARES,
@@ -76,20 +81,17 @@ def keep_for_floor(dg: DiffusionGraph, ctx: PassContext, ranked: list[str], min_
     full precision) must move so that the re-sampled final images keep `min_psnr` on the held-out
     trajectories, the fewest of `shares`; None when even the largest share misses it. Callers
     check _search.unjudgeable first."""
-    def moved(share: float) -> list[str]:
-        return ranked[:math.ceil(share * len(ranked))]
-
     with warnings.catch_warnings():
         # search_grid's own "stays at the safest value" warning is the caller's to say, with the why
         warnings.filterwarnings("ignore", message=f"{knob}: ")
         share, searched = search_grid(
-            shares, lambda value: change(dg, moved(value)), ctx, knob=knob,
+            shares, lambda value: change(dg, most_sensitive(ranked, value)), ctx, knob=knob,
             offline_error=lambda candidate: math.inf, min_psnr=min_psnr, max_relative_error=None,
             quality_rises=True, fallback=math.inf, optimistic=True, infeasible=infeasible)
     check = {"min_psnr": min_psnr, "judged_on": resampling(ctx.calibration), "search": searched}
     if not math.isfinite(share):
         return None, check
-    return moved(share), {**check, knob: share}
+    return most_sensitive(ranked, share), {**check, knob: share}
 
 
 WEIGHT_BITS = {INT4: 4, INT8: 8, FP8: 8, BF16: 16, FP16: 16}
@@ -141,7 +143,7 @@ class BudgetedRaise:
         larger share passes where a smaller one does; one that cannot be placed would break that)."""
         def fits(share: float) -> bool:
             try:
-                self.placement(ranked[:math.ceil(share * len(ranked))])
+                self.placement(most_sensitive(ranked, share))
             except PassError:
                 return False
             return True
@@ -150,21 +152,27 @@ class BudgetedRaise:
 
     def apply(self, dg: DiffusionGraph, moved: list[str]) -> DiffusionGraph:
         """A copy of `dg` annotated with the placement that raises `moved`."""
-        chosen = self.placement(moved)
-        candidate = without_precision(dg, [node for node, name in chosen.items() if name is FULL_PRECISION])
-        quantized = {node: name for node, name in chosen.items() if name is not FULL_PRECISION}
-        annotate(candidate, {node: name for node, name in quantized.items() if not self._dynamic(node, name)},
-                 self.activations, {node: RAISED_REASON if node in moved else self.rule for node in quantized})
-        return with_dynamic_scales(candidate, [node for node, name in quantized.items() if self._dynamic(node, name)],
-                                   self.dynamic) if self.dynamic else candidate
+        return self.annotated(dg, moved, self.placement(moved))
 
-    def written(self, moved: list[str]) -> dict[str, str | None]:
-        """Each node's format as `apply` writes it (int8 given run-time scales reads int8_dynamic)."""
-        return {node: "int8_dynamic" if self._dynamic(node, name) else name
-                for node, name in self.placement(moved).items()}
+    def annotated(self, dg: DiffusionGraph, moved: list[str], placement: dict[str, str | None]) -> DiffusionGraph:
+        """A copy of `dg` annotated with `placement` (the one that raises `moved`)."""
+        candidate = without_precision(dg, [node for node, name in placement.items() if name is FULL_PRECISION])
+        converted = self._converted(placement)
+        static = {node: name for node, name in placement.items()
+                  if name is not FULL_PRECISION and node not in converted}
+        annotate(candidate, static, self.activations, {node: RAISED_REASON if node in moved else self.rule
+                                                       for node in static})
+        return with_dynamic_scales(candidate, converted, self.dynamic) if converted else candidate
 
-    def _dynamic(self, node: str, name: str | None) -> bool:
-        return name == "int8" and node in self.dynamic
+    def written(self, placement: dict[str, str | None]) -> dict[str, str | None]:
+        """Each node's format as `annotated` writes `placement` (int8 given run-time scales reads
+        int8_dynamic)."""
+        converted = set(self._converted(placement))
+        return {node: "int8_dynamic" if node in converted else name for node, name in placement.items()}
+
+    def _converted(self, placement: dict[str, str | None]) -> list[str]:
+        """The int8 nodes of `placement` that take run-time scales instead of their static ones."""
+        return [node for node, name in placement.items() if name == "int8" and node in self.dynamic]
 
 
 def raise_within_budget(dg: DiffusionGraph, ctx: PassContext, ranked: list[str], min_psnr: float,
@@ -180,8 +188,9 @@ def raise_within_budget(dg: DiffusionGraph, ctx: PassContext, ranked: list[str],
                                   infeasible=(PassError,))
     if moved is None:
         return None, {**check, "within_size_budget": within.budget}
-    dg.annotations = within.apply(dg, moved).annotations
-    written = within.written(moved)
+    placement = within.placement(moved)
+    dg.annotations = within.annotated(dg, moved, placement).annotations
+    written = within.written(placement)
     changed = {node: {"from": within.placed.get(node), "to": name} for node, name in written.items()
                if name != within.placed.get(node)}
     return [node for node, name in written.items() if name is FULL_PRECISION], {

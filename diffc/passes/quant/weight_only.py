@@ -41,8 +41,9 @@ def weight_only_int8(dg: DiffusionGraph, ctx: PassContext, layers: list[Layer], 
     """Annotates, group by group (the timestep path, then the layers in `kept_for_speed`), their
     layers int8 weight-only in `dg` where the target runs that, the group saves at least MIN_SAVING of
     the weight bytes of `layers`, and the held-out final images keep `floor` and lose at most
-    MAX_LOSS_DB (or add at most FLOOR_SHARE of the floor's squared error) with it (unchecked where they cannot be re-sampled or there is no floor, as the
-    placement is); returns those layers' format and the check's record."""
+    MAX_LOSS_DB (or add at most FLOOR_SHARE of the floor's squared error) with it (unchecked where
+    they cannot be re-sampled or there is no floor, as the placement is); returns those layers'
+    format and the check's record."""
     # a weight several layers read stays as it is: the ONNX exporter merges such layers when their
     # inputs match too (DiT computes block 0's conditioning embedding twice), leaving one node to lower
     readers = Counter(layer.weight for layer in layers)
@@ -68,9 +69,10 @@ def weight_only_int8(dg: DiffusionGraph, ctx: PassContext, layers: list[Layer], 
     savings = {name: sum(weight_bytes(layer.shape, None) - weight_bytes(layer.shape, WEIGHT_ONLY) for layer in members)
                / max(total, 1) for name, members in groups.items()}
     for name in [name for name, saving in savings.items() if saving < MIN_SAVING]:
-        check["groups"][name] = {"layers": [layer.node for layer in groups.pop(name)], "saving": round(savings[name], 4),
-                                 "kept": False, "why": f"saves {savings[name]:.1%} of the weight bytes, under "
-                                                       f"{MIN_SAVING:.0%}: not worth a risk to the images"}
+        check["groups"][name] = {"layers": [layer.node for layer in groups.pop(name)],
+                                 "saving": round(savings[name], 4), "kept": False,
+                                 "why": f"saves {savings[name]:.1%} of the weight bytes, under {MIN_SAVING:.0%}: not "
+                                        "worth a risk to the images"}
     before = held_out_psnr(dg) if judged and groups else None
     chosen: list[Layer] = []
     for name, members in groups.items():
@@ -125,7 +127,7 @@ def nothing_pays(dg: DiffusionGraph, untouched: DiffusionGraph, ctx: PassContext
                                                              "weight_only_int8": check})
     message += f"; {len(weight_only)} layers store int8 weights (weight_only_int8: no time lost){advice}"
     warnings.warn(message, stacklevel=3)
-    before = sum(weight_bytes(layer.shape, None) for layer in layers)
+    before = uniform_bytes(layers, "fp32")
     after = sum(weight_bytes(layer.shape, weight_only.get(layer.node)) for layer in layers)
     return PassResult(dg, modified=True, report={
         "target": ctx.target, "placement": message, "layers_quantized": {},
