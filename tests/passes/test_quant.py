@@ -134,6 +134,8 @@ def test_bad_config_and_order(tiny, int8_graph):
         PassManager([{"pass": "quant", "activation_range": "guess"}])
     with pytest.raises(PassError, match="accumulate"):
         PassManager([{"pass": "quant", "accumulate": "never"}])
+    with pytest.raises(PassError, match=r"formats is a list of format names, e.g. formats=\['int8_dynamic'\]"):
+        PassManager([{"pass": "quant", "formats": "int8_dynamic"}])
     with pytest.raises(PassError, match="requires full_precision"):
         _quantize(int8_graph, calibration, "torch-int8")  # quantizing twice
     with pytest.raises(PassError, match="requires calibrated"):

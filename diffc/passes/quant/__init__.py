@@ -105,6 +105,9 @@ class QuantConfig(PassConfig):
     weight_only_int8: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.formats, str):
+            raise ValueError(f"formats is a list of format names, e.g. formats=[{self.formats!r}], got the string "
+                             f"{self.formats!r}")
         if self.formats is not None:
             object.__setattr__(self, "formats", tuple(self.formats))
         object.__setattr__(self, "protect", tuple(self.protect))
