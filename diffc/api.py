@@ -192,6 +192,9 @@ def _run_pipeline(manager: PassManager, model_or_pipeline: Any, ctx: PassContext
         calibration_set.device = torch.device(device)
     if example_inputs is None and calibration_set is not None:
         example_inputs = _example_like(denoiser, calibration_set)
+    if example_inputs is None and calibration_set is None and not isinstance(model_or_pipeline, torch.nn.Module) \
+            and not _has_default_example(denoiser):
+        example_inputs = _example_like(denoiser, _one_short_call(model_or_pipeline, ctx.progress))
     graph = capture(denoiser, example_inputs=example_inputs)
     if calibration_set is not None:
         calibration_set.check_compatible(graph)
@@ -267,6 +270,21 @@ def _calibration_conditions(model_or_pipeline: Any, calibration: Any, prompts: S
     if not list(chosen):
         raise DiffcError("no prompt or condition given: pass at least one, or leave it out for the built-in set")
     return list(chosen)
+
+
+def _has_default_example(denoiser: torch.nn.Module) -> bool:
+    try:
+        default_example_inputs(denoiser)
+    except CaptureError:
+        return False
+    return True
+
+
+def _one_short_call(pipe: Any, progress: bool) -> Any:
+    """A recording of the pipeline's first denoiser calls at its defaults (one condition, one seed,
+    two steps): where diffc has no example for the denoiser's class and no pass calibrates, the
+    capture takes its inputs from the call the pipeline really makes."""
+    return collect(pipe, num_steps=2, condition_count=1, seeds=(0,), progress=progress)
 
 
 def _example_like(denoiser: torch.nn.Module, calibration_set: Any) -> dict[str, Any] | None:

@@ -274,6 +274,26 @@ def test_a_denoiser_diffc_has_no_example_for_is_captured_from_its_recorded_calls
     assert [i.name for i in fast.plan.graph.signature.inputs if i.role == "latent"] == ["hidden_states"]
 
 
+def test_a_pipeline_whose_denoiser_diffc_has_no_example_for_is_optimized_without_calibrating_passes():
+    """No pass calibrates, so capture takes its example from one short call of the pipeline (two steps),
+    and the optimized transformer computes what the original does at the bench's batch."""
+    from diffc.models import zoo
+
+    pipe = zoo.load("motion-wan")
+    pipe.set_progress_bar_config(disable=True)
+    fast = diffc.optimize(pipe, passes=[], progress=False)
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda _, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    with torch.no_grad():
+        pipe(zoo.prompts("motion-wan", 3), num_inference_steps=1, generator=torch.Generator().manual_seed(1))
+    hook.remove()
+    inputs = {name: value for name, value in calls[0].items() if name != "return_dict"}
+    with torch.no_grad():
+        expected = pipe.transformer(**inputs, return_dict=False)[0]
+        produced = fast(**inputs, return_dict=False)[0]
+    assert produced.shape == expected.shape and torch.allclose(produced, expected, atol=1e-5)
+
+
 def test_a_reference_denoiser_replaces_the_recorded_final_images(collected):
     from diffc.calibration import ResampledReference
 
