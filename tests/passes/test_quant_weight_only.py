@@ -2,6 +2,8 @@
 int8 weights (diffc/passes/quant/weight_only.py; layers kept for speed: test_quant_speed.py): where
 the target runs them, when the final images keep the floor with them, what the artifact stores, and
 what the report says."""
+import itertools
+
 import pytest
 import torch
 
@@ -99,7 +101,7 @@ def test_left_at_full_precision_where_the_target_or_the_user_says_so(tiny, targe
 def test_left_at_full_precision_when_the_final_images_miss_the_floor_or_lose_too_much(tiny, monkeypatch, without,
                                                                                        with_them):
     dg, calibration = tiny
-    figures = iter([without, with_them])
+    figures = itertools.chain([without], itertools.repeat(with_them))  # the group, then each part of it tried
 
     def measured(calibration, denoiser, items, reference):
         return {"mse": 1.0, "psnr": next(figures), "trajectories": 1}
@@ -109,10 +111,36 @@ def test_left_at_full_precision_when_the_final_images_miss_the_floor_or_lose_too
     check = result.applied[-1]["report"]["weight_only_int8"]
     group = check["groups"]["timestep_path"]
     assert check["layers"] == [] and not group["kept"] and "lose more than 1.0 dB" in group["why"]
-    assert "10% of its error" in group["why"]
+    assert "10% of its error" in group["why"] and "least sensitive 25%" in group["why"]
+    assert group["partial"] and not any(part["passes"] for part in group["partial"])
     assert (group["held_out_psnr_without"], group["held_out_psnr"]) == (without, with_them)
     assert not any(precision_specs(result.annotations).get(layer.node) for layer in _timestep_path(result))
     assert any(spec.format == "int8" for spec in precision_specs(result.annotations).values())  # the rest stands
+
+
+def test_a_group_the_images_refuse_keeps_its_most_sensitive_layers_and_stores_the_rest_as_int8(tiny, monkeypatch):
+    """The whole timestep path loses 15 dB; its least sensitive half (by bytes saved) loses 0.5 dB and
+    three quarters lose 20: the half is taken, found by bisection (half first, then three quarters)."""
+    dg, calibration = tiny
+    figures = iter([50.0, 35.0, 49.5, 30.0])
+
+    def measured(calibration, denoiser, items, reference):
+        return {"mse": 1.0, "psnr": next(figures), "trajectories": 1}
+
+    monkeypatch.setattr(weight_only, "trajectory_error", measured)
+    result = _quantize(dg, calibration, min_psnr=40.0, timestep_scales=False)
+    group = result.applied[-1]["report"]["weight_only_int8"]["groups"]["timestep_path"]
+    assert group["kept"] and group["held_out_psnr"] == 49.5
+    assert [(part["share"], part["passes"]) for part in group["partial"]] == [(0.5, True), (0.75, False)]
+    path = {layer.node: layer for layer in _timestep_path(result)}
+    taken = set(group["layers"])
+    assert taken and taken < set(path)
+    specs = precision_specs(result.annotations)
+    assert {node for node in path if specs.get(node) is not None and specs[node].format == "int8_weight"} == taken
+    saved = {node: weight_bytes(layer.shape, None) - weight_bytes(layer.shape, "int8_weight")
+             for node, layer in path.items()}
+    assert sum(saved[node] for node in taken) <= 0.5 * sum(saved.values())
+    lint(result)
 
 
 def test_the_artifact_stores_them_as_int8_and_loads_the_same_model(tiny, quantized, tmp_path):

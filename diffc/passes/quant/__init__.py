@@ -165,7 +165,7 @@ class QuantPass(Pass):
                             f"{earlier}")
         speed = self._speed(dg, ctx, placeable, formats)
         if len(speed.slower) == len(placeable):
-            return nothing_pays(dg, untouched, ctx, speed, speed.mark(layers), self._floor({}), cfg.weight_only_int8)
+            return nothing_pays(dg, untouched, ctx, speed, speed.mark(layers), self._floor({}), cfg)
         layers = speed.mark(layers)
         placeable = [layer for layer in layers if layer.protected is None]
         smoothed, alphas = self._smooth(dg, ctx, placeable, formats)
@@ -235,8 +235,7 @@ class QuantPass(Pass):
         for node in kept:
             placed.pop(node)
             chosen.pop(node, None)
-        weight_only, weight_only_check = weight_only_int8(dg, ctx, layers, set(speed.slower), floor,
-                                                          cfg.weight_only_int8)
+        weight_only, weight_only_check = weight_only_int8(dg, ctx, layers, set(speed.slower), floor, cfg)
         report = placement_report(cfg, dg, ctx, layers, placeable, formats, chosen, sensitivity,
                                   sizes[:len(placeable)], objective[:len(placeable)], rule, weight_only)
         report["weight_only_int8"] = weight_only_check
