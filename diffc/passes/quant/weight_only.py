@@ -124,7 +124,7 @@ def weight_only_int8(dg: DiffusionGraph, ctx: PassContext, layers: list[Layer], 
 def _least_sensitive_part(dg: DiffusionGraph, members: list[Layer], ctx: PassContext, cfg: Any,
                           psnr_with: Callable[[list[Layer]], float], before: float, floor: float,
                           total: float) -> dict[str, Any]:
-    """The largest share (PARTIAL_SHARES, bisected: the loss falls with the share) of the group's
+    """The largest share (PARTIAL_SHARES, bisected: the loss grows with the share) of the group's
     byte saving, its least sensitive layers per byte first, whose int8 weights the held-out images
     accept (_acceptable) and that still saves MIN_SAVING of `total`; "layers" None when none does."""
     sensitivity = measure(dg, members, (WEIGHT_ONLY,), {}, ctx.calibration, cfg.samples,
