@@ -58,8 +58,10 @@ def test_w8a8_keeps_30db(model):
 @pytest.mark.slow
 def test_w4a8_mixed_keeps_25db(model):
     budget = 1.2 * model[4]["w4a8"]  # mostly 4-bit weights, a fifth of the extra room for int8 layers
+    # the floor at the bar this test holds it to: at the automatic 30 dB no placement of these two formats within
+    # the budget keeps digits-dit's held-out images, and the pass declines
     images, reference, report = _final(model, "torch-mixed", [{"pass": "quant", "formats": ["w4a8", "int8"],
-                                                               "size_ratio": budget}])
+                                                               "size_ratio": budget, "min_psnr": 25.0}])
     assert report["layers_quantized"]["w4a8"] > report["layers_quantized"]["int8"]
     assert psnr(images, reference) >= 25.0
 
@@ -71,7 +73,9 @@ def test_hessian_placement_beats_uniform_and_the_mse_proxy_at_equal_size(model):
     for label, target, options in (("uniform", "torch-int8", {}),
                                    ("hessian", "torch-mixed", {"size_ratio": budget}),
                                    ("mse", "torch-mixed", {"size_ratio": budget, "sensitivity": "mse"})):
-        images, reference, report = _final(model, target, [{"pass": "quant", **options}])
+        # the placements alone: the final-image floor moves uniform int8's layers to dynamic scales or full
+        # precision past its size, and would confound what is compared
+        images, reference, report = _final(model, target, [{"pass": "quant", "min_psnr": None, **options}])
         errors[label] = float(np.mean((images - reference) ** 2))
     assert errors["hessian"] < errors["uniform"]
     assert errors["hessian"] < errors["mse"]
