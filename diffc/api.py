@@ -19,7 +19,7 @@ from .backends.timing_cache import kept_times
 from .calibration import as_calibration_set, call_arguments, collect
 from .errors import CaptureError, DiffcError, TargetError
 from .ir import DiffusionGraph, Plan, capture, find_denoiser
-from .ir.examples import example_inputs as default_example_inputs
+from .ir.examples import example_inputs as default_example_inputs, has_example
 from .ir.fxutil import module_device
 from .ir.graph_file import graph_fingerprint
 from .ir.probe import decode_constant
@@ -193,7 +193,7 @@ def _run_pipeline(manager: PassManager, model_or_pipeline: Any, ctx: PassContext
     if example_inputs is None and calibration_set is not None:
         example_inputs = _example_like(denoiser, calibration_set)
     if example_inputs is None and calibration_set is None and not isinstance(model_or_pipeline, torch.nn.Module) \
-            and not _has_default_example(denoiser):
+            and not has_example(denoiser):
         example_inputs = _example_like(denoiser, _one_short_call(model_or_pipeline, ctx.progress))
     graph = capture(denoiser, example_inputs=example_inputs)
     if calibration_set is not None:
@@ -270,14 +270,6 @@ def _calibration_conditions(model_or_pipeline: Any, calibration: Any, prompts: S
     if not list(chosen):
         raise DiffcError("no prompt or condition given: pass at least one, or leave it out for the built-in set")
     return list(chosen)
-
-
-def _has_default_example(denoiser: torch.nn.Module) -> bool:
-    try:
-        default_example_inputs(denoiser)
-    except CaptureError:
-        return False
-    return True
 
 
 def _one_short_call(pipe: Any, progress: bool) -> Any:

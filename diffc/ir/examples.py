@@ -21,6 +21,11 @@ SUPPORTED_FAMILIES = (
 )
 
 
+def has_example(model: torch.nn.Module) -> bool:
+    """Whether example_inputs can shape an example for `model`'s class from its config."""
+    return type(model).__name__ in _BUILDERS
+
+
 def example_inputs(model: torch.nn.Module, batch: int = EXAMPLE_BATCH) -> dict[str, Any]:
     """Keyword inputs for one forward call of `model`, shaped from its config, on the model's device
     (drawn on the CPU first, so that a seed gives the same example on every device)."""

@@ -131,12 +131,13 @@ def _least_sensitive_part(dg: DiffusionGraph, members: list[Layer], ctx: PassCon
                           cfg.probes, cfg.accumulate, cfg.trajectories, cfg.seed).hessian
     saved = {layer.node: weight_bytes(layer.shape, None) - weight_bytes(layer.shape, WEIGHT_ONLY) for layer in members}
     ranked = sorted(members, key=lambda layer: sensitivity[layer.node][WEIGHT_ONLY] / max(saved[layer.node], 1))
+    group_saving = sum(saved.values())
     tried: list[dict[str, Any]] = []
 
     def part(share: float) -> list[Layer]:
         cumulative, taken = 0.0, []
         for layer in ranked:
-            if cumulative + saved[layer.node] > share * sum(saved.values()):
+            if cumulative + saved[layer.node] > share * group_saving:
                 break
             cumulative += saved[layer.node]
             taken.append(layer)
