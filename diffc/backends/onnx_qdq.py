@@ -6,12 +6,12 @@ DequantizeLinear pairs (opset >= 21), the form ONNX Runtime and TensorRT consume
   scale repeated over its channels) for a split concatenation; a dynamic one computes its scale
   per token or per sample from the input (ReduceMax of Abs) and rounds onto the int8 grid in
   float (Div, Round, Clip, Mul), since QuantizeLinear takes one scale per tensor or per axis;
-- a linear with per-token dynamic input and int8 weight: an integer matmul instead (MatMulInteger
-  on the rounded input and the int8 weight, then each token's and channel's scale), which
+- a linear with per-token dynamic input and int8 weight: an integer matmul instead (ONNX Runtime's
+  MatMulIntegerToFloat on the rounded input and the int8 weight, then each token's scale), which
   computes the same values as the float form, faster; for ONNX Runtime also a Gemm (a linear
-  on a 2-d input) with a static int8 input scale (QuantizeLinear, MatMulInteger, the scales):
-  it fuses Q/DQ around a MatMul into its integer kernels but leaves a Gemm's dequantized in
-  float (a 512 x 512 x 512 layer: 1.27x the fp32 time; as an integer matmul 0.27x);
+  on a 2-d input) with a static int8 input scale (QuantizeLinear, then MatMulIntegerToFloat with
+  the scales and the bias): it fuses Q/DQ around a MatMul into its integer kernels but leaves a
+  Gemm's dequantized in float (a 512 x 512 x 512 layer: 1.27x the fp32 time; integer, 0.27x);
 - a quantized weight: its initializer replaced by the quantized values and a DequantizeLinear
   with per-channel scales (int8, float8e4m3fn) or, for int4, blocked scales (`block_size`);
 - bf16 / fp16 layers: the weight and activation rounded through a Cast pair;
@@ -44,6 +44,7 @@ from ..ir.weight_storage import pack_int4
 from .onnx_weights import WeightSlot, update_weight_map
 
 MIN_OPSET = 21
+CONTRIB_DOMAIN = "com.microsoft"  # ONNX Runtime's own operators
 _LAYER_OPS = ("Conv", "Gemm", "MatMul")
 
 
@@ -99,6 +100,9 @@ def quantize_segment_onnx(model: Any, module: torch.fx.GraphModule, annotations:
         if slot is not None:
             quantized.setdefault(str(weight_node.target), []).append(slot)
     editor.drop_unused_initializers()
+    if any(n.domain == CONTRIB_DOMAIN for n in lowered.graph.node) and \
+            not any(o.domain == CONTRIB_DOMAIN for o in lowered.opset_import):
+        lowered.opset_import.append(onnx.helper.make_opsetid(CONTRIB_DOMAIN, 1))
     update_weight_map(lowered, quantized)
     lowered.ir_version = max(lowered.ir_version, 10)  # int4 and blocked DequantizeLinear
     return lowered
@@ -290,9 +294,9 @@ class GraphEditor:
         """A linear with per-token dynamic int8 input and per-channel int8 weight as ONNX Runtime's
         integer matmul: the input rounded onto uint8 around zero point 128 (the product is
         exactly the signed one; MLAS has fast u8 x s8 kernels where s8 x s8 falls back to slow
-        ones), MatMulInteger with the weight stored [in, out], and the int32 result scaled by each
-        token's and each channel's scale. None, with nothing changed, when the layer is not a
-        plain MatMul or Gemm."""
+        ones), ONNX Runtime's MatMulIntegerToFloat with the weight stored [in, out] and each channel's
+        scale, then each token's scale. None, with nothing changed, when the layer is not a plain
+        MatMul or Gemm."""
         from onnx import TensorProto, helper
 
         attributes = {a.name: helper.get_attribute_value(a) for a in layer.attribute}
@@ -320,19 +324,29 @@ class GraphEditor:
             self.add(helper.make_tensor(v + "unit", TensorProto.FLOAT, [], [1.0]))
             rounding = [*self.dynamic_scaling_nodes(layer.input[0], spec.activation, name),
                         step("QuantizeLinear", [v + "scaled", v + "unit", v + "shift_u8"], v + "u8")]
-        unbiased = f"{name}_unbiased" if biased else layer.output[0]
-        nodes = [*rounding,
-                 step("MatMulInteger", [v + "u8", slot.initializer, v + "shift_u8"], f"{name}_int32"),
-                 step("Cast", [f"{name}_int32"], f"{name}_accumulated", to=TensorProto.FLOAT),
-                 step("Mul", [f"{name}_accumulated", v + "scale"], f"{name}_token_scaled"),
-                 step("Mul", [f"{name}_token_scaled", slot.scale], unbiased)]
-        if biased:
-            nodes.append(step("Add", [unbiased, layer.input[2]], layer.output[0]))
+        # ONNX Runtime's MatMulIntegerToFloat scales the int32 product per channel and adds the bias
+        # in its own pass over the output, where Cast, Mul, Mul and Add took four; its input scale is
+        # one per tensor, so a per-token scale is a Mul after it, and the bias an Add after that
+        per_token = spec.activation.dynamic is not None
+        bias_in_kernel = biased and not per_token and self.is_vector(layer.input[2])
+        nodes = [helper.make_node("MatMulIntegerToFloat",
+                                  [v + "u8", slot.initializer, v + ("unit" if per_token else "scale"), slot.scale,
+                                   v + "shift_u8", "", *([layer.input[2]] if bias_in_kernel else [])],
+                                  [f"{name}_product"], name=f"{name}_product", domain=CONTRIB_DOMAIN)]
+        if per_token:
+            nodes.append(step("Mul", [nodes[-1].output[0], v + "scale"], f"{name}_token_scaled"))
+        if biased and not bias_in_kernel:
+            nodes.append(step("Add", [nodes[-1].output[0], layer.input[2]], f"{name}_biased"))
+        nodes[-1].output[0] = layer.output[0]
+        nodes = [*rounding, *nodes]
         self.insert_before(layer, nodes)
         self.graph.node.remove(layer)
         if transposed_by is not None and not any(transposed_by.output[0] in n.input for n in self.graph.node):
             self.graph.node.remove(transposed_by)
         return slot
+
+    def is_vector(self, value: str) -> bool:
+        return value in self.initializers and len(self.initializers[value].dims) == 1
 
     def add(self, tensor: Any) -> None:
         self.graph.initializer.append(tensor)

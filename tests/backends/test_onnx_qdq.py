@@ -102,7 +102,7 @@ def test_dynamic_linears_run_integer_matmuls_with_the_simulations_values(small):
     onnx.checker.check_model(lowered)
     ops = collections.Counter(n.op_type for n in lowered.graph.node)
     linears = sum(1 for n in layers if n.target == torch.ops.aten.linear.default)
-    assert ops["MatMulInteger"] == linears and ops["Gemm"] == 0 and ops["MatMul"] == 0
+    assert ops["MatMulIntegerToFloat"] == linears and ops["Gemm"] == 0 and ops["MatMul"] == 0
     assert ops["Conv"] == 1  # a per-sample dynamic convolution keeps the float Q/DQ form
     weights = [i for i in lowered.graph.initializer if i.name.endswith("_weight_q")]
     assert len(weights) == linears + 1 and all(i.data_type == onnx.TensorProto.INT8 for i in weights)
@@ -121,12 +121,13 @@ def test_static_int8_gemms_run_integer_matmuls_for_onnx_runtime_only(small):
     exported = collections.Counter(n.op_type for n in model.graph.node)
     tensorrt_form = collections.Counter(n.op_type for n in quantize_segment_onnx(model, module, annotations,
                                                                                  "int8").graph.node)
-    assert tensorrt_form["MatMulInteger"] == 0 and tensorrt_form["QuantizeLinear"] == len(layers)
+    assert tensorrt_form["MatMulIntegerToFloat"] == 0 and tensorrt_form["QuantizeLinear"] == len(layers)
     lowered = quantize_segment_onnx(model, module, annotations, "int8", static_integer=True)
     onnx.checker.check_model(lowered)
     ops = collections.Counter(n.op_type for n in lowered.graph.node)
     # ONNX Runtime fuses the Q/DQ pairs around a MatMul itself, not around a Gemm
-    assert exported["Gemm"] == 1 and ops["MatMulInteger"] == 1 and ops["Gemm"] == 0
+    assert exported["Gemm"] == 1 and ops["MatMulIntegerToFloat"] == 1 and ops["Gemm"] == 0
+    assert ops["Add"] == exported["Add"] and ops["Cast"] == exported["Cast"]  # scales and bias inside the kernel
     assert ops["MatMul"] == exported["MatMul"] and ops["QuantizeLinear"] == len(layers)
     with torch.no_grad():
         references = simulate(module, annotations)(*flat)

@@ -225,7 +225,7 @@ def test_int8_lora_without_calibration_inputs_says_so(dit_int8):
 
 @pytest.fixture(scope="module")
 def dit_dynamic():
-    """The int8 DiT with every quantized linear on dynamic per-token scales: on ORT, MatMulInteger
+    """The int8 DiT with every quantized linear on dynamic per-token scales: on ORT, MatMulIntegerToFloat
     layers whose int8 weight is stored [in, out]; and the torch simulation of the same graph."""
     from conftest import _captured, _family
     from diffc.ir.precision import PER_TOKEN, ActivationQuant, spec_with
