@@ -8,10 +8,12 @@ DequantizeLinear pairs (opset >= 21), the form ONNX Runtime and TensorRT consume
   float (Div, Round, Clip, Mul), since QuantizeLinear takes one scale per tensor or per axis;
 - a linear with per-token dynamic input and int8 weight: an integer matmul instead (ONNX Runtime's
   MatMulIntegerToFloat on the rounded input and the int8 weight, then each token's scale), which
-  computes the same values as the float form, faster; for ONNX Runtime also a Gemm (a linear
-  on a 2-d input) with a static int8 input scale (QuantizeLinear, then MatMulIntegerToFloat with
-  the scales and the bias): it fuses Q/DQ around a MatMul into its integer kernels but leaves a
-  Gemm's dequantized in float (a 512 x 512 x 512 layer: 1.27x the fp32 time; integer, 0.27x);
+  computes the same values as the float form, faster; for ONNX Runtime also a linear with a
+  static int8 input scale (QuantizeLinear onto uint8, then MatMulIntegerToFloat with the scales
+  and the bias, a 3-d linear's bias Add folded in): ONNX Runtime's own Q/DQ fusion leaves a Gemm
+  dequantized in float (a 512 x 512 x 512 layer: 1.27x the fp32 time; integer, 0.27x) and a
+  MatMul on int8 x int8 kernels with its bias a separate pass (motion-wan and textures-pixart:
+  21.0 and 23.2 ms per call that way, 18.9 and 20.2 this way);
 - a quantized weight: its initializer replaced by the quantized values and a DequantizeLinear
   with per-channel scales (int8, float8e4m3fn) or, for int4, blocked scales (`block_size`);
 - bf16 / fp16 layers: the weight and activation rounded through a Cast pair;
@@ -37,10 +39,9 @@ import torch.fx
 
 from ..errors import TargetError
 from ..ir.fxutil import attr_value
-from ..ir.precision import (BF16, BLOCKED, FP8, FP16, INT4, INT8, PER_CHANNEL, PER_TOKEN, ActivationQuant, PrecisionSpec, QuantizedWeight,
-                            blocked_scales, dequantize_weight, is_attention, precision_specs, quantizable_weight,
-                            quantize_weight)
-from ..ir.weight_storage import pack_int4
+from ..ir.precision import (BF16, BLOCKED, FP16, INT8, PER_CHANNEL, PER_TOKEN, ActivationQuant, PrecisionSpec,
+                            is_attention, precision_specs, quantizable_weight)
+from .onnx_qdq_tensors import raw_tensor, weight_initializers, weight_slot
 from .onnx_weights import WeightSlot, update_weight_map
 
 MIN_OPSET = 21
@@ -89,8 +90,7 @@ def quantize_segment_onnx(model: Any, module: torch.fx.GraphModule, annotations:
             raise TargetError(f"node {node.name} carries a precision annotation but is not a linear or 2-d convolution")
         weight = attr_value(module, weight_node.target).detach().float()
         layer, flip = editor.claim_layer(node.name, weight)
-        # ONNX Runtime fuses Q/DQ around a MatMul into its integer kernels, but not around a Gemm
-        integer = _runs_integer_matmul(spec, static_integer and layer.op_type == "Gemm")
+        integer = _runs_integer_matmul(spec, static_integer)
         slot = editor.integer_linear(layer, weight, spec, node.name) if integer else None
         if slot is None:
             if spec.activation is not None:
@@ -208,8 +208,8 @@ class GraphEditor:
             zero_type = TensorProto.INT8 if activation.dtype == INT8 else TensorProto.FLOAT8E4M3FN
             if activation.group_sizes:  # one scale per channel along the axis: per-axis Q/DQ
                 scales = activation.scale_vector()
-                self.add(_raw_tensor(f"{name}_input_scale", scales, TensorProto.FLOAT))
-                self.add(_raw_tensor(f"{name}_input_zero", torch.zeros(scales.shape), zero_type))
+                self.add(raw_tensor(f"{name}_input_scale", scales, TensorProto.FLOAT))
+                self.add(raw_tensor(f"{name}_input_zero", torch.zeros(scales.shape), zero_type))
                 per_axis = {"axis": activation.axis}
             else:
                 self.add(helper.make_tensor(f"{name}_input_scale", TensorProto.FLOAT, [], [activation.scale]))
@@ -272,15 +272,15 @@ class GraphEditor:
         from onnx import helper
 
         _, transposed_by = self.constant_weight(layer)
-        slot = _weight_slot(name, spec, flip)
-        for tensor in _weight_initializers(slot, weight, spec):
+        slot = weight_slot(name, spec, flip)
+        for tensor in weight_initializers(slot, weight, spec):
             self.add(tensor)
         target = slot.initializer
         nodes = []
         if slot.scale is not None:
             target = f"{name}_weight_dq"
             kind = self.initializers[slot.initializer].data_type
-            self.add(_raw_tensor(f"{name}_weight_zero", torch.zeros(tuple(self.initializers[slot.scale].dims)), kind))
+            self.add(raw_tensor(f"{name}_weight_zero", torch.zeros(tuple(self.initializers[slot.scale].dims)), kind))
             nodes = [helper.make_node("DequantizeLinear", [slot.initializer, slot.scale, f"{name}_weight_zero"],
                                       [target], name=f"{name}_weight_dq", **_dq_attributes(spec, flip))]
         self.insert_before(transposed_by or layer, nodes)
@@ -304,8 +304,8 @@ class GraphEditor:
                 attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0:
             return None
         _, transposed_by = self.constant_weight(layer)
-        slot = _weight_slot(name, spec, True)
-        for tensor in _weight_initializers(slot, weight, spec):
+        slot = weight_slot(name, spec, True)
+        for tensor in weight_initializers(slot, weight, spec):
             self.add(tensor)
         self.add(helper.make_tensor(f"{name}_input_shift_u8", TensorProto.UINT8, [], [128]))
         biased = layer.op_type == "Gemm" and len(layer.input) > 2 and layer.input[2]
@@ -328,25 +328,40 @@ class GraphEditor:
         # in its own pass over the output, where Cast, Mul, Mul and Add took four; its input scale is
         # one per tensor, so a per-token scale is a Mul after it, and the bias an Add after that
         per_token = spec.activation.dynamic is not None
-        bias_in_kernel = biased and not per_token and self.is_vector(layer.input[2])
+        bias_add = None if biased or per_token else self.bias_add(layer, weight.shape[0])
+        bias = layer.input[2] if biased else bias_add[1] if bias_add is not None else None
+        bias_in_kernel = bias is not None and not per_token and self.is_bias(bias, weight.shape[0])
         nodes = [helper.make_node("MatMulIntegerToFloat",
                                   [v + "u8", slot.initializer, v + ("unit" if per_token else "scale"), slot.scale,
-                                   v + "shift_u8", "", *([layer.input[2]] if bias_in_kernel else [])],
+                                   v + "shift_u8", "", *([bias] if bias_in_kernel else [])],
                                   [f"{name}_product"], name=f"{name}_product", domain=CONTRIB_DOMAIN)]
         if per_token:
             nodes.append(step("Mul", [nodes[-1].output[0], v + "scale"], f"{name}_token_scaled"))
         if biased and not bias_in_kernel:
             nodes.append(step("Add", [nodes[-1].output[0], layer.input[2]], f"{name}_biased"))
-        nodes[-1].output[0] = layer.output[0]
+        nodes[-1].output[0] = (bias_add[0] if bias_add is not None else layer).output[0]
         nodes = [*rounding, *nodes]
         self.insert_before(layer, nodes)
         self.graph.node.remove(layer)
+        if bias_add is not None:
+            self.graph.node.remove(bias_add[0])
         if transposed_by is not None and not any(transposed_by.output[0] in n.input for n in self.graph.node):
             self.graph.node.remove(transposed_by)
         return slot
 
-    def is_vector(self, value: str) -> bool:
-        return value in self.initializers and len(self.initializers[value].dims) == 1
+    def bias_add(self, layer: Any, features: int) -> tuple[Any, str] | None:
+        """The Add that alone consumes a MatMul's output and adds a constant vector of `features`
+        values (its bias), and that vector; None where there is none."""
+        consumers = [n for n in self.graph.node if layer.output[0] in n.input]
+        if len(consumers) != 1 or consumers[0].op_type != "Add" or \
+                layer.output[0] in {o.name for o in self.graph.output}:
+            return None
+        add = consumers[0]
+        bias = add.input[1] if add.input[0] == layer.output[0] else add.input[0]
+        return (add, bias) if self.is_bias(bias, features) else None
+
+    def is_bias(self, value: str, features: int) -> bool:
+        return value in self.initializers and list(self.initializers[value].dims) == [features]
 
     def add(self, tensor: Any) -> None:
         self.graph.initializer.append(tensor)
@@ -368,93 +383,10 @@ def _runs_integer_matmul(spec: PrecisionSpec, static_integer: bool) -> bool:
                                                and not activation.group_sizes)
 
 
-def _weight_slot(name: str, spec: PrecisionSpec, flip: bool) -> WeightSlot:
-    """The initializers that hold the weight of annotated layer `name`: `<name>_weight_q` and
-    `<name>_weight_scale`, or `<name>_weight_rounded` for a bf16 / fp16 rounding and for int8
-    weight-only (the layer computes in float: its weight is dequantized once, here, not per call)."""
-    weight_only_int8 = spec.activation is None and spec.weight is not None and spec.weight.dtype == INT8
-    if spec.weight is not None and (spec.weight.dtype in (BF16, FP16) or weight_only_int8):
-        return WeightSlot(f"{name}_weight_rounded", flip, name)
-    return WeightSlot(f"{name}_weight_q", flip, name, f"{name}_weight_scale")
-
-
-def _weight_initializers(slot: WeightSlot, weight: torch.Tensor, spec: PrecisionSpec) -> list[Any]:
-    from onnx import TensorProto
-
-    q = quantize_weight(weight, spec.weight)
-    if slot.scale is None:  # a constant: rounded once, here
-        values = dequantize_weight(q)
-        return [_raw_tensor(slot.initializer, (values.t() if slot.transposed else values).float(), TensorProto.FLOAT)]
-    values, scale, _ = _onnx_layout(q, slot.transposed)
-    kind = {INT8: TensorProto.INT8, FP8: TensorProto.FLOAT8E4M3FN, INT4: TensorProto.INT4}[spec.weight.dtype]
-    return [_raw_tensor(slot.initializer, values, kind), _raw_tensor(slot.scale, scale, TensorProto.FLOAT)]
-
-
 def _dq_attributes(spec: PrecisionSpec, flip: bool) -> dict[str, int]:
     if spec.weight.granularity == BLOCKED:
         return {"axis": 1 - spec.weight.axis if flip else spec.weight.axis, "block_size": spec.weight.block_size}
     return {"axis": 1 if flip else 0}
 
 
-def quantized_weight_tensors(slot: WeightSlot, weight: torch.Tensor,
-                             annotations: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """The initializers of a quantized layer's weight slot recomputed for a new `weight`: its
-    quantized values and new per-channel (or blocked) scales, with the layer's weight scheme."""
-    specs = precision_specs({slot.node: annotations[slot.node]}) if slot.node in annotations else {}
-    spec = specs.get(slot.node or "")
-    if spec is None or spec.weight is None:
-        raise TargetError(f"the weight held by {slot.initializer!r} was quantized for node {slot.node!r}, which has no "
-                          "weight precision annotation any more; compile the plan again")
-    return {t.name: t for t in _weight_initializers(slot, weight.detach().float().cpu(), spec)}
-
-
-def activation_scale_tensors(annotations: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """The Q/DQ scale initializers of the quantized activations of `annotations` ({node: {"precision":
-    spec}}) as quantize_segment_onnx names them; a model holds those of its own layers."""
-    from onnx import TensorProto, helper
-
-    tensors = {}
-    for node, spec in precision_specs(annotations).items():
-        roles = [(node, spec.activation)] if not spec.operands else \
-            [(f"{node}_{role}", a) for role, a in zip(("query", "key", "value"), (spec.activation, *spec.operands))]
-        for name, activation in roles:
-            if activation is None or activation.dtype not in (INT8, FP8) or activation.dynamic is not None:
-                continue
-            tensor = _raw_tensor(f"{name}_input_scale", activation.scale_vector(), TensorProto.FLOAT) \
-                if activation.group_sizes else helper.make_tensor(f"{name}_input_scale", TensorProto.FLOAT, [],
-                                                                  [activation.scale])
-            tensors[tensor.name] = tensor
-    return tensors
-
-
-def _onnx_layout(q: QuantizedWeight, flip: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
-    """Quantized values, scales and DequantizeLinear attributes in the layout the ONNX weight
-    has (transposed for a MatMul that multiplies by W^T)."""
-    if q.scheme.granularity == BLOCKED:
-        axis, block = q.scheme.axis, q.scheme.block_size
-        values = q.values.flatten(axis, axis + 1).narrow(axis, 0, q.shape[axis])
-        scale = blocked_scales(q)
-        if flip:
-            values, scale, axis = values.t(), scale.t(), 1 - axis
-        return values.contiguous(), scale.contiguous(), {"axis": axis, "block_size": block}
-    scale = q.scale.reshape(-1)
-    values = q.values.t() if flip else q.values
-    return values.contiguous(), scale.contiguous(), {"axis": 1 if flip else 0}
-
-
-def _raw_tensor(name: str, values: torch.Tensor, kind: int) -> Any:
-    from onnx import TensorProto, helper
-
-    dims = list(values.shape)
-    if kind == TensorProto.INT8:
-        data = values.to(torch.int8).numpy().tobytes()
-    elif kind == TensorProto.FLOAT8E4M3FN:
-        data = values.to(torch.float8_e4m3fn).view(torch.uint8).numpy().tobytes()
-    elif kind == TensorProto.INT4:
-        data = pack_int4(values).numpy().tobytes()
-    else:
-        data = values.to(torch.float32).numpy().tobytes()
-    return helper.make_tensor(name, kind, dims, data, raw=True)
-
-
-__all__ = ["activation_scale_tensors", "quantize_segment_onnx", "quantized_weight_tensors"]
+__all__ = ["quantize_segment_onnx"]

@@ -43,7 +43,7 @@ class InPlaceUpdate:
             self._replace(name, tensors, specialized)
 
     def rescale(self, specs: Mapping[str, Mapping[str, Any]]) -> None:
-        from .onnx_qdq import activation_scale_tensors
+        from .onnx_qdq_tensors import activation_scale_tensors
 
         tensors = activation_scale_tensors({node: {"precision": spec} for node, spec in specs.items()})
         for name, runner in self.runners.items():

@@ -140,7 +140,7 @@ def weight_tensors(mapping: Mapping[str, Iterable[WeightSlot]], weights: Mapping
     for name, value in weights.items():
         for slot in mapping.get(name, ()):
             if slot.node is not None:
-                from .onnx_qdq import quantized_weight_tensors  # onnx_qdq imports this module
+                from .onnx_qdq_tensors import quantized_weight_tensors  # which imports this module
 
                 tensors.update({name: in_float_type(tensor, types.get(name))
                                 for name, tensor in quantized_weight_tensors(slot, value, annotations).items()})

@@ -114,9 +114,10 @@ def test_dynamic_linears_run_integer_matmuls_with_the_simulations_values(small):
             assert _relative(out, reference) <= 1e-10
 
 
-def test_static_int8_gemms_run_integer_matmuls_for_onnx_runtime_only(small):
+def test_static_int8_linears_run_integer_matmuls_for_onnx_runtime_only(small):
     module, flat, model = small
     layers = [n for n in module.graph.nodes if n.op == "call_function"]
+    linears = [n for n in layers if n.target == torch.ops.aten.linear.default]
     annotations = {n.name: {"precision": _spec(n, "int8", 0.05).to_json()} for n in layers}
     exported = collections.Counter(n.op_type for n in model.graph.node)
     tensorrt_form = collections.Counter(n.op_type for n in quantize_segment_onnx(model, module, annotations,
@@ -125,10 +126,10 @@ def test_static_int8_gemms_run_integer_matmuls_for_onnx_runtime_only(small):
     lowered = quantize_segment_onnx(model, module, annotations, "int8", static_integer=True)
     onnx.checker.check_model(lowered)
     ops = collections.Counter(n.op_type for n in lowered.graph.node)
-    # ONNX Runtime fuses the Q/DQ pairs around a MatMul itself, not around a Gemm
-    assert exported["Gemm"] == 1 and ops["MatMulIntegerToFloat"] == 1 and ops["Gemm"] == 0
-    assert ops["Add"] == exported["Add"] and ops["Cast"] == exported["Cast"]  # scales and bias inside the kernel
-    assert ops["MatMul"] == exported["MatMul"] and ops["QuantizeLinear"] == len(layers)
+    assert exported["Gemm"] == 1 and exported["MatMul"] == 2 and exported["Add"] == 1
+    assert ops["MatMulIntegerToFloat"] == len(linears) and ops["Gemm"] == 0 and ops["MatMul"] == 0
+    # the scales, the Gemm's bias and the 3-d linear's bias Add run inside the kernel
+    assert ops["Add"] == 0 and ops["Cast"] == exported["Cast"] and ops["QuantizeLinear"] == len(layers)
     with torch.no_grad():
         references = simulate(module, annotations)(*flat)
     for out, reference in zip(_run_onnx(lowered, flat), references):

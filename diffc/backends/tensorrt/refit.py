@@ -83,7 +83,7 @@ class EngineRefit:
             self._apply(name, tensors)
 
     def rescale(self, specs: Mapping[str, Mapping[str, Any]]) -> None:
-        from ..onnx_qdq import activation_scale_tensors
+        from ..onnx_qdq_tensors import activation_scale_tensors
 
         tensors = activation_scale_tensors({node: {"precision": spec} for node, spec in specs.items()})
         for name in self.runners:
@@ -98,7 +98,7 @@ class EngineRefit:
 
     def _current(self, segment: str, names: list[str]) -> dict[str, Any]:
         """The current values of named engine weights TensorRT asks for alongside those being set."""
-        from ..onnx_qdq import activation_scale_tensors
+        from ..onnx_qdq_tensors import activation_scale_tensors
 
         recorded = _recorded(self.records[segment])
         mapping = recorded[0] if recorded else {}
