@@ -111,7 +111,9 @@ def test_static_int8_linears_take_dynamic_scales_before_any_goes_back_to_full_pr
     assert all(specs[n].format == "int8" and specs[n].activation.scale > 0 for n in set(layers) - set(moved))
     entries = quantized.applied[-1]["report"]
     assert entries["layers_quantized"]["int8_dynamic"] == len(moved)
-    assert entries["size_ratio"] == report["size_ratio"]  # int8 weights either way
+    # the placed layers keep int8 weights either way (the weight-only group has its own check, which this
+    # floor may refuse)
+    assert entries["placeable_size_ratio"] == report["placeable_size_ratio"]
     assert _final_psnr(quantized, calibration, held_out) >= floor
 
 
