@@ -6,9 +6,9 @@ DequantizeLinear pairs (opset >= 21), the form ONNX Runtime and TensorRT consume
   scale repeated over its channels) for a split concatenation; a dynamic one computes its scale
   per token or per sample from the input (ReduceMax of Abs) and rounds onto the int8 grid in
   float (Div, Round, Clip, Mul), since QuantizeLinear takes one scale per tensor or per axis;
-- a linear with per-token dynamic input and int8 weight: an integer matmul instead (ONNX Runtime's
-  MatMulIntegerToFloat on the rounded input and the int8 weight, then each token's scale), which
-  computes the same values as the float form, faster; for ONNX Runtime also a linear with a
+- for ONNX Runtime on a CPU, a linear with per-token dynamic input and int8 weight: an integer
+  matmul instead (its MatMulIntegerToFloat on the rounded input and the int8 weight, then each
+  token's scale), which computes the same values as the float form, faster; also a linear with a
   static int8 input scale (QuantizeLinear onto uint8, then MatMulIntegerToFloat with the scales
   and the bias, a 3-d linear's bias Add folded in): ONNX Runtime's own Q/DQ fusion leaves a Gemm
   dequantized in float (a 512 x 512 x 512 layer: 1.27x the fp32 time; integer, 0.27x) and a
@@ -50,11 +50,12 @@ _LAYER_OPS = ("Conv", "Gemm", "MatMul")
 
 
 def quantize_segment_onnx(model: Any, module: torch.fx.GraphModule, annotations: Mapping[str, Mapping[str, Any]],
-                          precision: str, static_integer: bool = False) -> Any:
+                          precision: str, integer_kernels: bool = False) -> Any:
     """A copy of `model` (the ONNX export of `module`) with every annotated layer of `module`
-    in Q/DQ form; with `static_integer` (ONNX Runtime), int8 Gemms with a static input scale
-    are integer matmuls too, where TensorRT takes their Q/DQ pairs. Raises TargetError when the
-    model's opset is below 21 or an annotated layer cannot be found in it."""
+    in Q/DQ form; with `integer_kernels` (ONNX Runtime on a CPU), an int8 linear with per-channel
+    weights and a per-tensor or per-token input scale is ONNX Runtime's MatMulIntegerToFloat
+    instead, a CPU kernel: TensorRT and ONNX Runtime's CUDA provider take the Q/DQ pairs. Raises
+    TargetError when the model's opset is below 21 or an annotated layer cannot be found in it."""
     import onnx
 
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -90,7 +91,7 @@ def quantize_segment_onnx(model: Any, module: torch.fx.GraphModule, annotations:
             raise TargetError(f"node {node.name} carries a precision annotation but is not a linear or 2-d convolution")
         weight = attr_value(module, weight_node.target).detach().float()
         layer, flip = editor.claim_layer(node.name, weight)
-        integer = _runs_integer_matmul(spec, static_integer)
+        integer = integer_kernels and _runs_integer_matmul(spec)
         slot = editor.integer_linear(layer, weight, spec, node.name) if integer else None
         if slot is None:
             if spec.activation is not None:
@@ -374,13 +375,12 @@ class GraphEditor:
         self.graph.initializer.extend(keep)
 
 
-def _runs_integer_matmul(spec: PrecisionSpec, static_integer: bool) -> bool:
+def _runs_integer_matmul(spec: PrecisionSpec) -> bool:
     activation, weight = spec.activation, spec.weight
     if activation is None or activation.dtype != INT8 or weight is None or weight.dtype != INT8 or \
             weight.granularity != PER_CHANNEL or weight.axis != 0:
         return False
-    return activation.dynamic == PER_TOKEN or (static_integer and activation.dynamic is None
-                                               and not activation.group_sizes)
+    return activation.dynamic == PER_TOKEN or (activation.dynamic is None and not activation.group_sizes)
 
 
 def _dq_attributes(spec: PrecisionSpec, flip: bool) -> dict[str, int]:

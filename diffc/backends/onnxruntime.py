@@ -81,7 +81,7 @@ class OnnxRuntimeBackend(Backend):
                               "and `fuse_qdq`")
         device = torch.device(device or "cpu")
         providers = _providers(device)
-        models = _export_models(plan, precision, opset, progress_bar) if models is None else \
+        models = _export_models(plan, precision, opset, progress_bar, device) if models is None else \
             {name: restore_weights(data, plan.segments[name].module, plan.graph.annotations)
              if name in plan.segments else data for name, data in models.items()}
         missing = sorted(set(plan.segments) - set(models))
@@ -134,7 +134,8 @@ class OnnxRuntimeBackend(Backend):
                     exported[id(module)] = onnx.load(str(path))
                     map_weights(exported[id(module)], module)
                 model = exported[id(module)] if annotations is None else \
-                    quantize_segment_onnx(exported[id(module)], module, annotations, "mixed", static_integer=True)
+                    quantize_segment_onnx(exported[id(module)], module, annotations, "mixed",
+                                          integer_kernels=device.type == "cpu")
                 session = _inference_session(model.SerializeToString(), device, _providers(device), fuse_qdq=True)
                 feed = {"x": example.cpu().numpy()}
                 return lambda: session.run(None, feed)
@@ -216,7 +217,8 @@ def _providers(device: torch.device) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def _export_models(plan: Plan, precision: str, opset: int, progress_bar: bool) -> dict[str, bytes]:
+def _export_models(plan: Plan, precision: str, opset: int, progress_bar: bool, device: torch.device) \
+        -> dict[str, bytes]:
     """{segment: ONNX bytes} ({segment + ".data": weights} too for models over 2 GB), in `precision`."""
     import onnx
 
@@ -227,22 +229,22 @@ def _export_models(plan: Plan, precision: str, opset: int, progress_bar: bool) -
             path = Path(directory) / "lowered" / f"{name}.onnx"
             exported = onnx.load(str(paths[name]))
             map_weights(exported, plan.segments[name].module)
-            _save(_lower(exported, plan, name, precision), path)
+            _save(_lower(exported, plan, name, precision, device), path)
             models[name] = path.read_bytes()
             if path.with_name(path.name + ".data").exists():
                 models[name + ".data"] = path.with_name(path.name + ".data").read_bytes()
     return models
 
 
-def _lower(model: Any, plan: Plan, name: str, precision: str) -> Any:
-    """The exported fp32 model of segment `name` in `precision`."""
+def _lower(model: Any, plan: Plan, name: str, precision: str, device: torch.device) -> Any:
+    """The exported fp32 model of segment `name` in `precision`, for sessions on `device`."""
     if precision == "fp16":
         return _to_float16(model, plan)
     if precision in LOW_BIT:
         from .onnx_qdq import quantize_segment_onnx
 
         return quantize_segment_onnx(model, plan.segments[name].module, plan.graph.annotations, precision,
-                                     static_integer=True)
+                                     integer_kernels=device.type == "cpu")
     return model
 
 
@@ -269,7 +271,7 @@ def _specializer(plan: Plan, name: str, precision: str, opset: int, device: torc
             path = Path(directory) / f"{name}.onnx"
             model = onnx.load(str(exported))
             map_weights(model, plan.segments[name].module)
-            _save(_lower(model, plan, name, precision), path)
+            _save(_lower(model, plan, name, precision, device), path)
             session = SegmentSession(name, str(path), device, providers, fuse_qdq, spin)
             if not path.with_name(path.name + ".data").exists():
                 session.model_bytes = path.read_bytes()  # a LoRA swap rewrites it in place (InPlaceUpdate)

@@ -98,7 +98,9 @@ def test_dynamic_linears_run_integer_matmuls_with_the_simulations_values(small):
     module, flat, model = small
     layers = [n for n in module.graph.nodes if n.op == "call_function"]
     annotations = {n.name: {"precision": _spec(n, "int8_dynamic", 0.05).to_json()} for n in layers}
-    lowered = quantize_segment_onnx(model, module, annotations, "int8_dynamic")
+    float_form = quantize_segment_onnx(model, module, annotations, "int8_dynamic")  # TensorRT, ORT on CUDA
+    assert not any(n.op_type == "MatMulIntegerToFloat" for n in float_form.graph.node)
+    lowered = quantize_segment_onnx(model, module, annotations, "int8_dynamic", integer_kernels=True)
     onnx.checker.check_model(lowered)
     ops = collections.Counter(n.op_type for n in lowered.graph.node)
     linears = sum(1 for n in layers if n.target == torch.ops.aten.linear.default)
@@ -112,6 +114,8 @@ def test_dynamic_linears_run_integer_matmuls_with_the_simulations_values(small):
     for fused in (False, True):
         for out, reference in zip(_run_onnx(lowered, flat, fused=fused), references):
             assert _relative(out, reference) <= 1e-10
+    for out, reference in zip(_run_onnx(float_form, flat), references):
+        assert _relative(out, reference) <= EXACT
 
 
 def test_static_int8_linears_run_integer_matmuls_for_onnx_runtime_only(small):
@@ -123,7 +127,7 @@ def test_static_int8_linears_run_integer_matmuls_for_onnx_runtime_only(small):
     tensorrt_form = collections.Counter(n.op_type for n in quantize_segment_onnx(model, module, annotations,
                                                                                  "int8").graph.node)
     assert tensorrt_form["MatMulIntegerToFloat"] == 0 and tensorrt_form["QuantizeLinear"] == len(layers)
-    lowered = quantize_segment_onnx(model, module, annotations, "int8", static_integer=True)
+    lowered = quantize_segment_onnx(model, module, annotations, "int8", integer_kernels=True)
     onnx.checker.check_model(lowered)
     ops = collections.Counter(n.op_type for n in lowered.graph.node)
     assert exported["Gemm"] == 1 and exported["MatMul"] == 2 and exported["Add"] == 1

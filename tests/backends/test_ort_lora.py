@@ -131,7 +131,7 @@ def _saved_model(fast):
 def test_fp16_initializers_take_the_adapter_in_float16(dit_ort):
     model, inputs, fast = dit_ort
     plan = fast.plan
-    fp16 = _lower(onnx.load_from_string(_saved_model(fast)), plan, "main", "fp16")
+    fp16 = _lower(onnx.load_from_string(_saved_model(fast)), plan, "main", "fp16", torch.device("cpu"))
     half = diffc.runtime.OptimizedModel(OnnxRuntimeBackend().compile(plan, "fp16", models={
         "main": fp16.SerializeToString()}))
     adapter = _adapter(model, size=0.3)
