@@ -107,7 +107,7 @@ def split_items(calibration: CalibrationSet) -> tuple[set[str], set[str]]:
 
 
 def trajectory_error(calibration: CalibrationSet, candidate: Callable[..., Any], items: set[str] | None = None,
-                     reference: "ResampledReference | None" = None) -> dict[str, float]:
+                     reference: "ResampledReference | None" = None) -> dict[str, Any]:
     """Re-samples the calibration trajectories with `candidate` as the denoiser and compares the
     final outputs with the recorded ones (or, with `reference`, with those re-sampled by its
     denoiser): mean MSE and PSNR over trajectories. With the live pipeline the set was collected

@@ -117,18 +117,35 @@ def _run_step(candidate: Callable[..., Any], steps: list[LoopStep], states: list
 
 
 def loop_error(calibration: CalibrationSet, loop: SamplingLoop, candidate: Callable[..., Any],
-               items: set[str] | None = None) -> dict[str, float]:
+               items: set[str] | None = None) -> dict[str, Any]:
     """Final-latent error of the re-run loop against the recorded trajectories: mean MSE over
     trajectories, and its PSNR with LATENT_PEAK as the peak."""
     return final_error(replay_loop(calibration, loop, candidate, items), LATENT_PEAK)
 
 
-def final_error(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], peak: float) -> dict[str, float]:
-    """Mean MSE over trajectories of (produced, reference) final outputs, and its PSNR for `peak`."""
+def final_error(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], peak: float) -> dict[str, Any]:
+    """Mean MSE over trajectories of (produced, reference) final outputs, its PSNR for `peak`, and
+    each trajectory's PSNR."""
     mses = [float((produced.double() - reference.double()).pow(2).mean()) for produced, reference in pairs.values()]
     mse = float(np.mean(mses)) if mses else 0.0
-    return {"mse": mse, "psnr": math.inf if mse == 0 else float(10 * np.log10(peak ** 2 / mse)),
-            "trajectories": len(mses)}
+    return {"mse": mse, "psnr": _psnr(mse, peak), "trajectories": len(mses),
+            "trajectory_psnrs": [_psnr(m, peak) for m in mses]}
+
+
+def population_psnr(psnrs: list[float]) -> float | None:
+    """The PSNR of the mean squared error over every sample like these, from per-trajectory PSNRs
+    taken as normally distributed in dB (squared errors log-normal, as a few samples that change
+    content make them): mean - (ln 10 / 20) x variance. A handful of trajectories rarely holds the
+    sample that sets a batch's figure; their spread says how heavy that tail is. None with fewer
+    than three finite figures (trajectories reproduced exactly add no error and are left out)."""
+    finite = [p for p in psnrs if math.isfinite(p)]
+    if len(finite) < 3:
+        return None
+    return float(np.mean(finite) - math.log(10) / 20 * np.var(finite, ddof=1))
+
+
+def _psnr(mse: float, peak: float) -> float:
+    return math.inf if mse == 0 else float(10 * np.log10(peak ** 2 / mse))
 
 
 def guidance_loss(calibration: CalibrationSet, loop: SamplingLoop, candidate: Callable[..., Any],

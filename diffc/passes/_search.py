@@ -6,7 +6,8 @@ from __future__ import annotations
 import warnings
 from typing import Any, Callable, Sequence
 
-from ..calibration import guidance_loss, resampling, sampling_loop, split_items, trajectory_error
+from ..calibration import (guidance_loss, population_psnr, resampling, sampling_loop, split_items,
+                           trajectory_error)
 from ..ir import DiffusionGraph
 from .base import PassContext
 
@@ -40,7 +41,7 @@ def search_grid(grid: Sequence[float], build: Callable[[float], DiffusionGraph],
                 knob: str, offline_error: Callable[[DiffusionGraph], float], min_psnr: float,
                 max_relative_error: float | None, quality_rises: bool, fallback: float,
                 infeasible: tuple[type[Exception], ...] = (),
-                optimistic: bool = False) -> tuple[float, list[dict[str, Any]]]:
+                optimistic: bool = False, tail_aware: bool = False) -> tuple[float, list[dict[str, Any]]]:
     """The grid value at the edge of the quality bar: the smallest one that passes when quality
     rises with the knob, the largest one when it falls; `fallback` (the value that changes least)
     when no value passes.
@@ -58,7 +59,12 @@ def search_grid(grid: Sequence[float], build: Callable[[float], DiffusionGraph],
     in the knob: bisection measures about log2(len(grid)) candidates; with `optimistic`, the value
     that changes most is measured first, and when it passes that is the whole search. Each
     measurement is listed in the returned record as
-    {knob: value, "psnr" | "held_out_psnr" | "relative_error": ..., "passes": bool}."""
+    {knob: value, "psnr" | "held_out_psnr" | "relative_error": ..., "passes": bool}. With `tail_aware`,
+    a value passes only where the PSNR of the whole population of samples, estimated from the spread
+    of the trajectories' own PSNRs (calibration.population_psnr: selection trajectories in the
+    search, selection and held-out ones in the verification), keeps `min_psnr` too
+    ("population_psnr" in its entry): a few trajectories rarely hold the sample that sets the figure
+    of a batch, their spread says how heavy that tail is."""
     why = unjudgeable(ctx)
     how = None if why else resampling(ctx.calibration)
     if how is None and max_relative_error is None:
@@ -69,6 +75,7 @@ def search_grid(grid: Sequence[float], build: Callable[[float], DiffusionGraph],
     selection, held_out = split_items(ctx.calibration) if how else (None, set())
     loop = sampling_loop(ctx.calibration) if how else None
     searched: list[dict[str, Any]] = []
+    selection_psnrs: dict[float, list[float]] = {}
 
     def passes(value: float) -> bool:
         try:
@@ -78,8 +85,9 @@ def search_grid(grid: Sequence[float], build: Callable[[float], DiffusionGraph],
         entry: dict[str, Any] = {knob: value}
         if how:
             denoiser = ctx.denoiser_for(candidate)
-            entry["psnr"] = round(trajectory_error(ctx.calibration, denoiser, selection, ctx.reference)["psnr"], 3)
-            ok = entry["psnr"] >= min_psnr
+            error = trajectory_error(ctx.calibration, denoiser, selection, ctx.reference)
+            entry["psnr"], selection_psnrs[value] = round(error["psnr"], 3), error.get("trajectory_psnrs", [])
+            ok = entry["psnr"] >= min_psnr and _keeps_population(entry, selection_psnrs[value], min_psnr, tail_aware)
             if loop is not None and loop.usable:
                 lost = guidance_loss(ctx.calibration, loop, denoiser, selection)
                 if lost is not None:
@@ -125,11 +133,27 @@ def search_grid(grid: Sequence[float], build: Callable[[float], DiffusionGraph],
         except infeasible:
             edge += safer
             continue
-        psnr = round(trajectory_error(ctx.calibration, ctx.denoiser_for(candidate), held_out, ctx.reference)["psnr"], 3)
-        searched.append({knob: grid[edge], "held_out_psnr": psnr, "passes": psnr >= min_psnr})
-        if psnr >= min_psnr:
+        if tail_aware and grid[edge] not in selection_psnrs and not passes(grid[edge]):
+            edge += safer
+            continue
+        error = trajectory_error(ctx.calibration, ctx.denoiser_for(candidate), held_out, ctx.reference)
+        entry = {knob: grid[edge], "held_out_psnr": round(error["psnr"], 3)}
+        ok = entry["held_out_psnr"] >= min_psnr and _keeps_population(
+            entry, selection_psnrs.get(grid[edge], []) + error.get("trajectory_psnrs", []), min_psnr, tail_aware)
+        searched.append({**entry, "passes": ok})
+        if ok:
             return grid[edge], searched
         edge += safer
     warnings.warn(f"{knob}: no value keeps {min_psnr} dB on the held-out calibration trajectories, so it stays at "
                   f"{fallback} (the safest value)", stacklevel=3)
     return fallback, searched
+
+
+def _keeps_population(entry: dict[str, Any], psnrs: list[float], min_psnr: float, tail_aware: bool) -> bool:
+    """With `tail_aware`, whether the population PSNR estimated from `psnrs` (written into `entry`)
+    keeps `min_psnr`; True where it is off or there is no spread to estimate from."""
+    estimate = population_psnr(psnrs) if tail_aware else None
+    if estimate is None:
+        return True
+    entry["population_psnr"] = round(estimate, 3)
+    return estimate >= min_psnr

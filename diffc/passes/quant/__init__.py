@@ -46,12 +46,13 @@ from ..base import PASSES, Pass, PassConfig, PassContext, PassResult, register_p
 from .annotate import (RANGE_METHODS, activation_scale, activation_types, annotate, dynamic_activation,
                        layer_activation)
 from .floor import (DYNAMIC_SHARES, KEEP_SHARES, BudgetedRaise, drop_precision, keep_for_floor,
-                    raise_within_budget, with_dynamic_scales)
+                    raise_within_budget, with_dynamic_scales, without_precision)
 from .formats import (cost_table, formats_for, layer_times, latency_costs, place_by_latency, runs_dynamic_scales,
                       uniform_bytes)
 from .layers import PROTECTIONS, Attention, Layer, attention_nodes, quantizable_layers
 from .placement import place_by_size
-from .report import placement_report, predicted_error, rounded
+from .report import attention_report, placement_report, predicted_error
+from .rounding import ROUNDINGS, FourBitRounding, round_four_bit, spread_records
 from .sensitivity import ACCUMULATIONS, Sensitivity, measure
 from .smooth import SEARCH_CALLS, search_alphas, smooth
 from .speed import SpeedCheck, check_speed
@@ -103,6 +104,9 @@ class QuantConfig(PassConfig):
     # backend runs that at full-precision speed and the final images keep min_psnr with them
     # (weight_only.py): DiT-family adaLN modulation linears hold a quarter or more of the weights
     weight_only_int8: bool = True
+    # how 4-bit weights are rounded: "gptq" moves each column's rounding error onto the columns not
+    # yet rounded, minimizing the layer's output error on calibration inputs (rounding.py); "nearest"
+    rounding: str = "gptq"
 
     def __post_init__(self) -> None:
         if isinstance(self.formats, str):
@@ -137,6 +141,8 @@ class QuantConfig(PassConfig):
             raise ValueError(f"min_psnr is a PSNR in dB, 'auto' or None, got {self.min_psnr!r}")
         if not (isinstance(self.timestep_scales, bool) or self.timestep_scales == "auto"):
             raise ValueError(f"timestep_scales is True, False or 'auto', got {self.timestep_scales!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         if not 0 < self.percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
 
@@ -182,6 +188,8 @@ class QuantPass(Pass):
         attention_quant = self._attention_activations(dg, ctx, attentions, formats)
         sensitivity = measure(dg, placeable, formats, activations, ctx.calibration, cfg.samples, cfg.probes, cfg.accumulate,
                               cfg.trajectories, cfg.seed, attentions=attention_quant)
+        rounding = self._rounding(dg, ctx, placeable, formats)
+        rounding.discount(sensitivity)
         # attention rows follow the layers: no weight bytes in any format, matmul time at 8 bits
         # where the format quantizes activations, at bf16 where it leaves attention alone
         rows = [layer.node for layer in placeable] + [a.node for a in attentions]
@@ -210,6 +218,7 @@ class QuantPass(Pass):
             rule = f"minimum predicted error at the size of uniform {reference}"
         chosen = {layer.node: formats[i] for layer, i in zip(placeable, choice)}
         annotate(dg, chosen, activations, {layer.node: rule for layer in placeable})
+        rounding.apply(dg)
         attention_chosen = {a.node: formats[i] for a, i in zip(attentions, choice[len(placeable):])}
         for node, name in attention_chosen.items():
             if name in attention_quant[node]:
@@ -220,10 +229,10 @@ class QuantPass(Pass):
         within = None if budget_kind != "size" or len(formats) == 1 else BudgetedRaise(
             [layer.node for layer in placeable], formats, objective[:len(placeable)], sizes[:len(placeable)],
             np.array([weight_bytes(layer.shape, None) for layer in placeable], float),
-            ratio * uniform_bytes(placeable, cfg.size_relative_to), dict(placed), activations, {}, rule)
+            ratio * uniform_bytes(placeable, cfg.size_relative_to), dict(placed), activations, {}, rule, rounding)
         kept, floor_check = self._final_image_floor(dg, ctx, placed, sensitivity, floor,
                                                     {layer.node: dynamic_activation(layer) for layer in placeable
-                                                     if layer.node not in speed.dynamic_slower}, within)
+                                                     if layer.node not in speed.dynamic_slower}, within, rounding)
         if kept is None:
             return self._declined(untouched, floor_check, floor, speed)
         for node in floor_check.get("dynamic_scales", []):
@@ -232,6 +241,7 @@ class QuantPass(Pass):
             if change["to"] is not None:
                 chosen[node] = placed[node] = change["to"]
         dg.annotations = drop_precision(dg.annotations, kept)
+        rounding.apply(dg)
         for node in kept:
             placed.pop(node)
             chosen.pop(node, None)
@@ -241,13 +251,14 @@ class QuantPass(Pass):
         report["weight_only_int8"] = weight_only_check
         report["speed_check"] = speed.report()
         report["final_image_check"] = {**floor_check, "kept_full_precision": kept}
-        report["attention"] = self._attention_report(attentions, attention_chosen, attention_quant, sensitivity,
+        report["attention"] = attention_report(attentions, attention_chosen, attention_quant, sensitivity,
                                                      set(kept))
         report["smoothquant"] = None if cfg.smoothquant is None else {"alpha": cfg.smoothquant, "layers": smoothed} \
             if alphas is None else {"alpha": cfg.smoothquant, "layers": smoothed,
                                     "alphas": {node: alphas[node] for node in smoothed}}
         report["predicted_error"] = predicted_error(sensitivity, placed)
         report["timestep_scales"] = stepwise.report()
+        report["four_bit_rounding"] = rounding.report(dg)
         return PassResult(dg, modified=True, report=report)
 
     def _fitting(self, ctx: PassContext) -> set[str] | None:
@@ -264,7 +275,8 @@ class QuantPass(Pass):
 
     def _final_image_floor(self, dg: DiffusionGraph, ctx: PassContext, placed: dict[str, str],
                            sensitivity: Sensitivity, floor: float | None, dynamic: dict[str, ActivationQuant],
-                           within: BudgetedRaise | None) -> tuple[list[str] | None, dict[str, Any]]:
+                           within: BudgetedRaise | None,
+                           rounding: FourBitRounding) -> tuple[list[str] | None, dict[str, Any]]:
         """The quantized nodes to keep at full precision for the final-image floor (floor.py):
         none when there is no floor or no way to re-sample (with a warning saying so), None when
         no share of them keeps it. Where the backend runs dynamic activation scales, static int8
@@ -297,7 +309,8 @@ class QuantPass(Pass):
             kept, check = raise_within_budget(dg, ctx, ranked, floor, dataclasses.replace(
                 within, dynamic={node: dynamic[node] for node in static} if steps else {}))
             return kept, {**check, **steps}
-        kept, check = keep_for_floor(dg, ctx, ranked, floor)
+        kept, check = keep_for_floor(dg, ctx, ranked, floor,
+                                     change=lambda graph, nodes: rounding.apply(without_precision(graph, nodes)))
         return kept, {**check, **steps}
 
     def _declined(self, untouched: DiffusionGraph, floor_check: dict[str, Any], floor: float,
@@ -338,11 +351,16 @@ class QuantPass(Pass):
                                    progress=False, items=fitting)
         if cfg.smoothquant != "auto":
             return smooth(dg, linears, stats.node, float(cfg.smoothquant)), None
-        count = sum(len(item["calls"]) for item in ctx.calibration.items if fitting is None or item["id"] in fitting)
-        chosen = {round(k * (count - 1) / max(SEARCH_CALLS - 1, 1)) for k in range(min(SEARCH_CALLS, count))}
-        spread = [record for index, record in enumerate(ctx.calibration.records(items=fitting)) if index in chosen]
-        alphas = search_alphas(dg, linears, stats.node, spread, cfg.activation_range, cfg.percentile)
+        alphas = search_alphas(dg, linears, stats.node, list(spread_records(ctx.calibration, fitting, SEARCH_CALLS)),
+                               cfg.activation_range, cfg.percentile)
         return smooth(dg, linears, stats.node, alphas), alphas
+
+    def _rounding(self, dg: DiffusionGraph, ctx: PassContext, placeable: list[Layer],
+                  formats: tuple[str, ...]) -> FourBitRounding:
+        """GPTQ-rounded weights for the layers a 4-bit format may take (none with rounding="nearest")."""
+        if self.config.rounding == "nearest" or not any(FORMATS[f].weight == INT4 for f in formats):
+            return FourBitRounding()
+        return round_four_bit(dg, placeable, ctx.calibration, self._fitting(ctx))
 
     def _attention_activations(self, dg: DiffusionGraph, ctx: PassContext, attentions: list[Attention],
                                formats: tuple[str, ...]) -> dict[str, dict[str, tuple[ActivationQuant, ...]]]:
@@ -360,24 +378,6 @@ class QuantPass(Pass):
                                                                    cfg.activation_range, cfg.percentile),
                                                   cfg.activation_range) for i in a.inputs)
                          for f in quantized} for a in attentions}
-
-    @staticmethod
-    def _attention_report(attentions: list[Attention], chosen: dict[str, str],
-                          quantization: dict[str, dict[str, tuple[ActivationQuant, ...]]],
-                          sensitivity: Sensitivity, kept: set[str]) -> list[dict[str, Any]]:
-        entries = []
-        for a in attentions:
-            name = chosen[a.node]
-            quantized = name in quantization[a.node] and a.node not in kept
-            entry: dict[str, Any] = {"node": a.node, "format": ("int8" if FORMATS[name].activation == INT8 else "fp8")
-                                     if quantized else None,
-                                     "flops": a.flops, "sensitivity": rounded(sensitivity.hessian[a.node]),
-                                     "mse_proxy": rounded(sensitivity.mse[a.node])}
-            if quantized:
-                entry["scales"] = {role: float(f"{q.scale:.6g}")
-                                   for role, q in zip(("query", "key", "value"), quantization[a.node][name])}
-            entries.append(entry)
-        return entries
 
     def _budget(self, ctx: PassContext, formats: tuple[str, ...]) -> tuple[str | None, float | None]:
         cfg = self.config

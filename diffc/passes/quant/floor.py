@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -28,6 +28,7 @@ from .._search import search_grid
 from ..base import PassContext
 from .annotate import annotate
 from .placement import place
+from .rounding import FourBitRounding
 
 # shares of the quantized layers (most sensitive first) kept at full precision, tried in turn;
 # keeping them all is the fallback, where the pass changes nothing
@@ -87,7 +88,7 @@ def keep_for_floor(dg: DiffusionGraph, ctx: PassContext, ranked: list[str], min_
         share, searched = search_grid(
             shares, lambda value: change(dg, most_sensitive(ranked, value)), ctx, knob=knob,
             offline_error=lambda candidate: math.inf, min_psnr=min_psnr, max_relative_error=None,
-            quality_rises=True, fallback=math.inf, optimistic=True, infeasible=infeasible)
+            quality_rises=True, fallback=math.inf, optimistic=True, infeasible=infeasible, tail_aware=True)
     check = {"min_psnr": min_psnr, "judged_on": resampling(ctx.calibration), "search": searched}
     if not math.isfinite(share):
         return None, check
@@ -113,7 +114,8 @@ class BudgetedRaise:
     `full_bytes`: each one's weight bytes unquantized; `placed`: every quantized node's format
     (attention nodes too: moved, they run unquantized at no size); `dynamic`: the run-time
     activation quantization int8 layers take instead of their static scales (those the floor's
-    dynamic step already gave it)."""
+    dynamic step already gave it); `rounding`: the error-compensated 4-bit weights, carried by the
+    layers the placement leaves in a 4-bit format."""
 
     layers: list[str]
     formats: tuple[str, ...]
@@ -125,6 +127,7 @@ class BudgetedRaise:
     activations: dict[str, dict[str, ActivationQuant]]
     dynamic: dict[str, ActivationQuant]
     rule: str  # the reason the other layers' specs give
+    rounding: FourBitRounding = field(default_factory=FourBitRounding)
 
     def placement(self, moved: list[str]) -> dict[str, str | None]:
         raised = set(moved)
@@ -162,7 +165,7 @@ class BudgetedRaise:
                   if name is not FULL_PRECISION and node not in converted}
         annotate(candidate, static, self.activations, {node: RAISED_REASON if node in moved else self.rule
                                                        for node in static})
-        return with_dynamic_scales(candidate, converted, self.dynamic) if converted else candidate
+        return self.rounding.apply(with_dynamic_scales(candidate, converted, self.dynamic) if converted else candidate)
 
     def written(self, placement: dict[str, str | None]) -> dict[str, str | None]:
         """Each node's format as `annotated` writes `placement` (int8 given run-time scales reads

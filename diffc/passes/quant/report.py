@@ -7,12 +7,12 @@ import numpy as np
 
 from ...calibration import output_error
 from ...ir import DiffusionGraph
-from ...ir.precision import FORMATS, FP8, INT8, weight_bytes
+from ...ir.precision import FORMATS, FP8, INT8, ActivationQuant, weight_bytes
 from ...ir.simulation import simulate
 from ..base import PassContext
 from .floor import KEPT_REASON
 from .formats import uniform_bytes
-from .layers import Layer
+from .layers import Attention, Layer
 from .placement import pareto_front
 from .sensitivity import Sensitivity, sample_calls
 
@@ -92,3 +92,22 @@ def predicted_error(sensitivity: Sensitivity, placed: dict[str, str]) -> float:
 
 def rounded(values: dict[str, float]) -> dict[str, float]:
     return {k: float(f"{v:.4g}") for k, v in values.items()}
+
+
+def attention_report(attentions: list[Attention], chosen: dict[str, str],
+                     quantization: dict[str, dict[str, tuple[ActivationQuant, ...]]],
+                     sensitivity: Sensitivity, kept: set[str]) -> list[dict[str, Any]]:
+    """Per attention node: its format (None where it stays unquantized), sensitivity and scales."""
+    entries = []
+    for a in attentions:
+        name = chosen[a.node]
+        quantized = name in quantization[a.node] and a.node not in kept
+        entry: dict[str, Any] = {"node": a.node, "format": ("int8" if FORMATS[name].activation == INT8 else "fp8")
+                                 if quantized else None,
+                                 "flops": a.flops, "sensitivity": rounded(sensitivity.hessian[a.node]),
+                                 "mse_proxy": rounded(sensitivity.mse[a.node])}
+        if quantized:
+            entry["scales"] = {role: float(f"{q.scale:.6g}")
+                               for role, q in zip(("query", "key", "value"), quantization[a.node][name])}
+        entries.append(entry)
+    return entries
