@@ -1,6 +1,7 @@
 import warnings
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from diffc.errors import PassError
@@ -118,3 +119,38 @@ def test_fitting_items_leave_out_the_trajectories_a_choice_is_verified_on():
     selection, held_out = split_items(calibration)
     assert held_out and fitting_items(PassContext(calibration=calibration, denoiser_for=lambda g: g)) == selection
     assert fitting_items(PassContext(calibration=calibration)) is None  # nothing verifies: fit on everything
+
+
+def test_the_population_psnr_weighs_the_spread_of_the_trajectories():
+    from diffc.calibration import population_psnr
+
+    assert population_psnr([30.0, 30.0, 30.0]) == pytest.approx(30.0)
+    assert population_psnr([20.0, 30.0, 40.0]) == pytest.approx(30.0 - 100.0 * 2.302585 / 20, rel=1e-6)
+    assert population_psnr([30.0, 31.0]) is None and population_psnr([30.0, 31.0, float("inf")]) is None
+    # a log-normal population of squared errors: its mean's PSNR, from a sample's spread
+    generator = np.random.default_rng(0)
+    psnrs = generator.normal(32.0, 4.0, 200_000)
+    exact = 10 * np.log10(1.0 / np.mean(10 ** (-psnrs / 10)))
+    assert population_psnr(list(psnrs)) == pytest.approx(exact, abs=0.05)
+
+
+def test_tail_aware_search_backs_off_where_the_trajectories_spread_below_the_floor(monkeypatch):
+    """Values 0.3-0.5 keep 30 dB on average, but 0.4 and 0.5 spread so widely that the population
+    figure falls below it; without the tail the boldest value is chosen."""
+    import diffc.passes._search as search
+
+    spread = {0.1: 0.5, 0.2: 1.0, 0.3: 2.0, 0.4: 8.0, 0.5: 12.0}
+    monkeypatch.setattr(search, "resampling", lambda calibration: "loop")
+    monkeypatch.setattr(search, "sampling_loop", lambda calibration: SimpleNamespace(usable=False))
+    monkeypatch.setattr(search, "split_items", lambda calibration: ({"a", "b", "c"}, {"d", "e"}))
+    monkeypatch.setattr(search, "trajectory_error", lambda calibration, value, items, reference: {
+        "psnr": 34.0, "trajectory_psnrs": [34.0 + spread[value] * k for k in (-1, 0, 1)][:len(items)]})
+    ctx = PassContext(calibration=SimpleNamespace(pipeline=None), denoiser_for=lambda graph: graph)
+    for tail_aware, expected in ((False, 0.5), (True, 0.3)):
+        chosen, searched = search_grid(GRID, lambda v: v, ctx, knob="share", offline_error=lambda v: 0.0,
+                                       min_psnr=30.0, max_relative_error=None, quality_rises=False, fallback=0.0,
+                                       tail_aware=tail_aware)
+        assert chosen == expected
+        assert all(("population_psnr" in e) == tail_aware for e in searched)
+    verified = [e for e in searched if "held_out_psnr" in e]
+    assert verified[-1]["share"] == 0.3 and verified[-1]["passes"]
