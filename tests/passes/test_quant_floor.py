@@ -133,8 +133,9 @@ def test_a_placement_that_meets_the_floor_is_measured_once_and_kept_whole(tiny, 
     quantized = _quantize(dg, calibration, "torch-int8", min_psnr=10.0)
     check = quantized.applied[-1]["report"]["final_image_check"]
     assert check["kept_full_precision"] == [] and check["dynamic_share"] == 0.0 and check["dynamic_scales"] == []
-    assert [set(entry) - {"guidance_lost"} for entry in check["search"]] == [
+    assert [set(entry) - {"guidance_lost", "population_psnr"} for entry in check["search"]] == [
         {"dynamic_share", "psnr", "passes"}, {"dynamic_share", "held_out_psnr", "passes"}]
+    assert "population_psnr" in check["search"][-1]  # selection and held-out trajectories: enough to see a spread
     def layers(graph):  # by the layer's own node (the fitted trajectories may pick other timestep-scaled layers)
         return {name.removesuffix("_timestep_scaled") for name in graph.annotations}
 

@@ -2,7 +2,8 @@
 
 For each linear / 2-d convolution with a constant weight, the pass writes a frozen precision
 spec (diffc.ir.precision) into `dg.annotations[node]["precision"]`: the format (bf16, fp8 W8A8,
-int8 W8A8, int4 weight-only in blocks of 128, W4A8), the weight scheme and a static activation
+int8 W8A8, int4 weight-only in blocks of 128, W4A8; 4-bit weights rounded by GPTQ: rounding.py), the
+weight scheme and a static activation
 scale calibrated on the whole denoising trajectory (Q-Diffusion, PTQ4DM: ranges shift with the
 timestep, so statistics cover every timestep group), or where one scale per timestep group lowers
 the expected error enough, that one, picked by the call's timestep (timestep_scales.py). With `split_shortcut` (off by default: see
