@@ -28,7 +28,7 @@ import torch.fx
 from ...calibration import CalibrationSet, Record
 from ...ir import DiffusionGraph
 from ...ir.fxutil import attr_value
-from ...ir.precision import BLOCKED, FORMATS, INT4, INT4_BLOCK, WEIGHT_LEVELS, WeightQuant, fake_quantize_weight
+from ...ir.precision import FORMATS, INT4, WEIGHT_LEVELS, WeightQuant, fake_quantize_weight, spec_for
 from .layers import Layer
 from .sensitivity import Sensitivity
 
@@ -105,7 +105,8 @@ def round_four_bit(dg: DiffusionGraph, layers: list[Layer], calibration: Calibra
     every other trajectory of `items` (None: all), each layer's damping chosen, and its rounding kept
     only where it lowers the output error below round-to-nearest's, on the calls of the trajectories
     in between (with one trajectory: on every other call of it)."""
-    scheme = WeightQuant(INT4, BLOCKED, axis=1, block_size=INT4_BLOCK)
+    scheme = spec_for("int4").weight
+    assert scheme is not None
     nodes = {n.name: n for n in dg.graph.nodes}
     uses: Counter[str] = Counter()
     for n in dg.graph.nodes:
