@@ -220,16 +220,18 @@ def image_inputs(pipe: Any) -> list[str]:
 
 
 def call_pipeline(pipe: Any, condition: Any, num_steps: int, seed: int, call_kwargs: dict[str, Any]) -> Any:
-    """Runs the pipeline on one condition (a class label, a prompt, or a dict of call arguments)
-    with its generator seeded by `seed`, as `collect` does for each trajectory."""
+    """Runs the pipeline on one condition (a class label, a prompt, or a dict of call arguments),
+    or on a batch of prompts or of class labels (a list), with its generator seeded by `seed`, as
+    `collect` does for each trajectory."""
     generator = torch.Generator().manual_seed(seed)
     kwargs = dict(call_kwargs)
+    batch = condition if isinstance(condition, list) else [condition]
     if isinstance(condition, Mapping):
         kwargs.update(condition)
-    elif isinstance(condition, str):
+    elif all(isinstance(member, str) for member in batch):
         kwargs["prompt"] = condition
     else:
-        kwargs["class_labels"] = [int(condition)]
+        kwargs["class_labels"] = [int(member) for member in batch]
     return pipe(num_inference_steps=num_steps, generator=generator, **kwargs)
 
 

@@ -131,13 +131,19 @@ class ResampledReference:
     def __init__(self, denoiser: Callable[[], Any], after: list[str]) -> None:
         self.after, self.used = after, False
         self._denoiser, self._built, self._finals = denoiser, None, {}
+        # fresh held-out draws' outputs (calibration.draws), by draw
+        self.drawn: dict[Any, list[torch.Tensor]] = {}
+
+    def denoiser(self) -> Any:
+        """The received graph's denoiser, built on first use."""
+        self.used = True
+        self._built = self._built if self._built is not None else self._denoiser()
+        return self._built
 
     def finals(self, calibration: CalibrationSet, items: set[str]) -> dict[str, torch.Tensor]:
         missing = items - set(self._finals)
         if missing:
-            self.used = True
-            self._built = self._built if self._built is not None else self._denoiser()
-            pairs, _ = _resampled(calibration, self._built, missing)
+            pairs, _ = _resampled(calibration, self.denoiser(), missing)
             self._finals.update({item: produced for item, (produced, _) in pairs.items()})
         return {item: self._finals[item] for item in items}
 
@@ -155,24 +161,34 @@ def _resampled(calibration: CalibrationSet, candidate: Callable[..., Any],
     finals = {k: v for k, v in calibration.final_outputs().items() if items is None or k in items}
     by_id = {item["id"]: item for item in calibration.items}
     pairs = {}
+    with sampling_with(calibration, candidate):
+        for item_id, recorded in finals.items():
+            item = by_id[item_id]
+            condition = replay["conditions"][item["condition_index"]]
+            with torch.no_grad():
+                result = call_pipeline(pipe, condition, calibration.settings["num_steps"], item["seed"],
+                                       replay["call_kwargs"])
+            pairs[item_id] = (as_tensor(result), recorded)
+    return pairs, 1.0
+
+
+@contextlib.contextmanager
+def sampling_with(calibration: CalibrationSet, candidate: Any) -> Iterator[Any]:
+    """The calibration set's live pipeline as it was collected (its scheduler), with `candidate`
+    as the denoiser, restored afterwards."""
+    pipe, replay = calibration.pipeline, calibration.replay
+    assert pipe is not None and replay is not None
     original_scheduler = pipe.scheduler
     if replay["scheduler"] is not None:
         pipe.scheduler = replay["scheduler"]
     try:
         with _swapped_denoiser(pipe, candidate):
-            for item_id, recorded in finals.items():
-                item = by_id[item_id]
-                condition = replay["conditions"][item["condition_index"]]
-                with torch.no_grad():
-                    result = call_pipeline(pipe, condition, calibration.settings["num_steps"], item["seed"],
-                                            replay["call_kwargs"])
-                pairs[item_id] = (_as_tensor(result), recorded)
+            yield pipe
     finally:
         pipe.scheduler = original_scheduler
-    return pairs, 1.0
 
 
-def _as_tensor(result: Any) -> torch.Tensor:
+def as_tensor(result: Any) -> torch.Tensor:
     images = getattr(result, "images", None)
     if images is None:
         images = result[0] if isinstance(result, (tuple, list)) else result
@@ -221,7 +237,7 @@ def propagation_weights(calibration: CalibrationSet, relative_size: float = 0.01
                 result = call_pipeline(pipe, condition, num_steps, item["seed"], replay["call_kwargs"])
         finally:
             handle.remove()
-        return _as_tensor(result).double(), (injected[0] if injected else 0.0)
+        return as_tensor(result).double(), (injected[0] if injected else 0.0)
 
     clean, _ = run(None)
     weights = []

@@ -3,10 +3,11 @@ over a grid of values against the pass's quality bar, on final outputs of the ca
 trajectories, verified on trajectories the search did not see."""
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable, Sequence
 
-from ..calibration import (guidance_loss, population_psnr, resampling, sampling_loop, split_items,
+from ..calibration import (draw_error, guidance_loss, population_psnr, resampling, sampling_loop, split_items,
                            trajectory_error)
 from ..ir import DiffusionGraph
 from .base import PassContext
@@ -64,7 +65,9 @@ def search_grid(grid: Sequence[float], build: Callable[[float], DiffusionGraph],
     of the trajectories' own PSNRs (calibration.population_psnr: selection trajectories in the
     search, selection and held-out ones in the verification), keeps `min_psnr` too
     ("population_psnr" in its entry): a few trajectories rarely hold the sample that sets the figure
-    of a batch, their spread says how heavy that tail is."""
+    of a batch, their spread says how heavy that tail is; and where a live pipeline samples, the
+    verification adds fresh held-out draws (calibration.draw_error: new seeds for the calibration
+    conditions, counted in the entry's "fresh_draws") to the held-out trajectories."""
     why = unjudgeable(ctx)
     how = None if why else resampling(ctx.calibration)
     if how is None and max_relative_error is None:
@@ -136,8 +139,13 @@ def search_grid(grid: Sequence[float], build: Callable[[float], DiffusionGraph],
         if tail_aware and grid[edge] not in selection_psnrs and not passes(grid[edge]):
             edge += safer
             continue
-        error = trajectory_error(ctx.calibration, ctx.denoiser_for(candidate), held_out, ctx.reference)
+        denoiser = ctx.denoiser_for(candidate)
+        error = trajectory_error(ctx.calibration, denoiser, held_out, ctx.reference)
+        if tail_aware:
+            error = _with_fresh_draws(error, draw_error(ctx.calibration, denoiser, ctx.reference))
         entry = {knob: grid[edge], "held_out_psnr": round(error["psnr"], 3)}
+        if error.get("fresh_draws"):
+            entry["fresh_draws"] = error["fresh_draws"]
         ok = entry["held_out_psnr"] >= min_psnr and _keeps_population(
             entry, selection_psnrs.get(grid[edge], []) + error.get("trajectory_psnrs", []), min_psnr, tail_aware)
         searched.append({**entry, "passes": ok})
@@ -147,6 +155,19 @@ def search_grid(grid: Sequence[float], build: Callable[[float], DiffusionGraph],
     warnings.warn(f"{knob}: no value keeps {min_psnr} dB on the held-out calibration trajectories, so it stays at "
                   f"{fallback} (the safest value)", stacklevel=3)
     return fallback, searched
+
+
+def _with_fresh_draws(held_out: dict[str, Any], drawn: dict[str, Any] | None) -> dict[str, Any]:
+    """The held-out error over the recorded held-out trajectories and the fresh draws together
+    (final_error's figures, with "fresh_draws" counting the draws). Draws are sampled by the live
+    pipeline only, whose images PSNR reads with peak 1."""
+    if not drawn:
+        return held_out
+    count = held_out["trajectories"] + drawn["trajectories"]
+    mse = (held_out["mse"] * held_out["trajectories"] + drawn["mse"] * drawn["trajectories"]) / count
+    return {"mse": mse, "psnr": math.inf if mse == 0 else 10 * math.log10(1.0 / mse), "trajectories": count,
+            "trajectory_psnrs": held_out.get("trajectory_psnrs", []) + drawn["trajectory_psnrs"],
+            "fresh_draws": drawn["trajectories"]}
 
 
 def _keeps_population(entry: dict[str, Any], psnrs: list[float], min_psnr: float, tail_aware: bool) -> bool:

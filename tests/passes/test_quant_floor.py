@@ -2,13 +2,14 @@
 scales (on backends that run them), then the most sensitive layers go back to full precision, until
 the re-sampled final images keep min_psnr on held-out trajectories; when nothing keeps it, the pass
 changes nothing, warns, and a low-bit target compiles at fp32."""
+import math
 import warnings
 
 import pytest
 import torch
 
 from diffc.api import compile_graph
-from diffc.calibration import collect, split_items, trajectory_error
+from diffc.calibration import FRESH_DRAWS, collect, draw_error, split_items, trajectory_error
 from diffc.ir import lint
 from diffc.passes import PassContext, PassManager
 from diffc.ir.precision import PER_TOKEN, ActivationQuant, precision_specs
@@ -34,6 +35,17 @@ def _quantize(dg, calibration, target, live=True, **options):
 
 def _final_psnr(dg, calibration, items):
     return trajectory_error(calibration, compile_graph(dg, "torch", "fp32"), items)["psnr"]
+
+
+def _verified_psnr(dg, calibration):
+    """The final PSNR the floor verifies a choice on: the held-out trajectories and the fresh draws
+    (new seeds for the calibration conditions) together, measured here on their own."""
+    _, held_out = split_items(calibration)
+    denoiser = compile_graph(dg, "torch", "fp32")
+    held, drawn = trajectory_error(calibration, denoiser, held_out), draw_error(calibration, denoiser)
+    assert drawn["trajectories"] == FRESH_DRAWS
+    count = held["trajectories"] + drawn["trajectories"]
+    return 10 * math.log10(count / (held["mse"] * held["trajectories"] + drawn["mse"] * drawn["trajectories"]))
 
 
 def _floor_between(calibration, placement, better, why):
@@ -76,7 +88,8 @@ def test_a_floor_between_the_placement_and_full_precision_keeps_the_most_sensiti
     assert not any("precision" in quantized.annotations.get(node, {}) for node in kept)
     entries = {e["node"]: e for e in quantized.applied[-1]["report"]["layers"]}
     assert all(entries[node]["format"] is None and entries[node]["protected"] == KEPT_REASON for node in kept)
-    assert _final_psnr(quantized, calibration, held_out) >= floor
+    assert check["search"][-1]["fresh_draws"] == FRESH_DRAWS
+    assert _verified_psnr(quantized, calibration) >= floor
     assert check["search"][-1]["held_out_psnr"] >= floor
 
 
@@ -114,7 +127,8 @@ def test_static_int8_linears_take_dynamic_scales_before_any_goes_back_to_full_pr
     # the placed layers keep int8 weights either way (the weight-only group has its own check, which this
     # floor may refuse)
     assert entries["placeable_size_ratio"] == report["placeable_size_ratio"]
-    assert _final_psnr(quantized, calibration, held_out) >= floor
+    assert check["search"][-1]["fresh_draws"] == FRESH_DRAWS
+    assert _verified_psnr(quantized, calibration) >= floor
 
 
 def test_sensitivity_is_measured_on_the_guided_combination_where_the_loop_batches_guidance(tiny, unchecked_int8,
@@ -134,8 +148,9 @@ def test_a_placement_that_meets_the_floor_is_measured_once_and_kept_whole(tiny, 
     check = quantized.applied[-1]["report"]["final_image_check"]
     assert check["kept_full_precision"] == [] and check["dynamic_share"] == 0.0 and check["dynamic_scales"] == []
     assert [set(entry) - {"guidance_lost", "population_psnr"} for entry in check["search"]] == [
-        {"dynamic_share", "psnr", "passes"}, {"dynamic_share", "held_out_psnr", "passes"}]
-    assert "population_psnr" in check["search"][-1]  # selection and held-out trajectories: enough to see a spread
+        {"dynamic_share", "psnr", "passes"}, {"dynamic_share", "held_out_psnr", "fresh_draws", "passes"}]
+    # selection and held-out trajectories and the fresh draws: enough to see a spread
+    assert "population_psnr" in check["search"][-1] and check["search"][-1]["fresh_draws"] == FRESH_DRAWS
     def layers(graph):  # by the layer's own node (the fitted trajectories may pick other timestep-scaled layers)
         return {name.removesuffix("_timestep_scaled") for name in graph.annotations}
 

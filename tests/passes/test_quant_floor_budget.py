@@ -70,6 +70,7 @@ def test_a_floor_the_budgeted_placement_misses_is_met_within_the_budget(tiny, mo
 
     monkeypatch.setattr(search, "trajectory_error", final_images)
     monkeypatch.setattr(search, "guidance_loss", lambda *args: None)
+    monkeypatch.setattr(search, "draw_error", lambda *args: None)
     quantized = _quantize(dg, calibration, denoiser_for=lambda candidate: candidate, min_psnr=13.0,
                           timestep_scales=False)  # judged on re-sampled images of its own
     lint(quantized)

@@ -154,3 +154,38 @@ def test_tail_aware_search_backs_off_where_the_trajectories_spread_below_the_flo
         assert all(("population_psnr" in e) == tail_aware for e in searched)
     verified = [e for e in searched if "held_out_psnr" in e]
     assert verified[-1]["share"] == 0.3 and verified[-1]["passes"]
+
+
+def test_tail_aware_verification_adds_the_fresh_draws_to_the_held_out_trajectories(monkeypatch):
+    """Every value keeps 34 dB on the recorded trajectories; the fresh draws of 0.4 and 0.5 show a
+    tail the two held-out trajectories did not hold (24 draws at 26 dB), so the search backs off to
+    0.3, whose draws keep 33 dB. Without the tail check the draws are not sampled."""
+    import diffc.passes._search as search
+
+    monkeypatch.setattr(search, "resampling", lambda calibration: "pipeline")
+    monkeypatch.setattr(search, "sampling_loop", lambda calibration: SimpleNamespace(usable=False))
+    monkeypatch.setattr(search, "split_items", lambda calibration: ({"a", "b", "c"}, {"d", "e"}))
+    monkeypatch.setattr(search, "trajectory_error", lambda calibration, value, items, reference: {
+        "psnr": 34.0, "mse": 10 ** -3.4, "trajectories": len(items), "trajectory_psnrs": [34.0] * len(items)})
+    drawn_psnr = {0.1: 33.0, 0.2: 33.0, 0.3: 33.0, 0.4: 26.0, 0.5: 26.0}
+    sampled = []
+
+    def draws(calibration, value, reference):
+        sampled.append(value)
+        return {"psnr": drawn_psnr[value], "mse": 10 ** (-drawn_psnr[value] / 10), "trajectories": 24,
+                "trajectory_psnrs": [drawn_psnr[value]] * 24}
+
+    monkeypatch.setattr(search, "draw_error", draws)
+    ctx = PassContext(calibration=SimpleNamespace(pipeline=object()), denoiser_for=lambda graph: graph)
+    for tail_aware, expected in ((False, 0.5), (True, 0.3)):
+        sampled.clear()
+        chosen, searched = search_grid(GRID, lambda v: v, ctx, knob="share", offline_error=lambda v: 0.0,
+                                       min_psnr=30.0, max_relative_error=None, quality_rises=False, fallback=0.0,
+                                       tail_aware=tail_aware)
+        assert chosen == expected and bool(sampled) == tail_aware
+    verified = [e for e in searched if "held_out_psnr" in e]
+    assert [(e["share"], e["passes"], e["fresh_draws"]) for e in verified] == [
+        (0.5, False, 24), (0.4, False, 24), (0.3, True, 24)]
+    # 2 held-out trajectories at 34 dB and 24 draws at 26 dB: the mean squared error of all 26
+    assert verified[0]["held_out_psnr"] == pytest.approx(-10 * np.log10((2 * 10 ** -3.4 + 24 * 10 ** -2.6) / 26),
+                                                         abs=1e-3)
