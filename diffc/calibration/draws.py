@@ -55,20 +55,21 @@ def draw_error(calibration: CalibrationSet, candidate: Any, reference: Resampled
     return final_error(pairs, 1.0)
 
 
-# the pipeline's own denoiser's outputs on fresh draws, kept while that denoiser lives
-_ORIGINAL_OUTPUTS: "weakref.WeakKeyDictionary[Any, dict[Any, list[torch.Tensor]]]" = weakref.WeakKeyDictionary()
+# the pipeline's own denoiser's outputs on fresh draws, by calibration set (its conditions, steps and call
+# arguments make the draws) and denoiser, kept while both live
+_ORIGINAL_OUTPUTS: "weakref.WeakKeyDictionary[CalibrationSet, weakref.WeakKeyDictionary[Any, dict[Any, Any]]]" = \
+    weakref.WeakKeyDictionary()
 
 
 def _reference_outputs(calibration: CalibrationSet, draws: list[tuple[int, tuple[int, ...]]],
                        reference: ResampledReference | None) -> dict[Any, list[torch.Tensor]]:
-    if reference is not None:
-        kept, denoiser = reference.drawn, reference.denoiser
-    else:
-        original = find_denoiser(calibration.pipeline)[0]
-        kept, denoiser = _ORIGINAL_OUTPUTS.setdefault(original, {}), lambda: original
-    for draw in draws:
-        if draw not in kept:
-            kept[draw] = _sample(calibration, denoiser(), draw)
+    original = find_denoiser(calibration.pipeline)[0]
+    kept = reference.drawn if reference is not None else \
+        _ORIGINAL_OUTPUTS.setdefault(calibration, weakref.WeakKeyDictionary()).setdefault(original, {})
+    missing = [draw for draw in draws if draw not in kept]
+    if missing:
+        denoiser = reference.denoiser() if reference is not None else original
+        kept.update({draw: _sample(calibration, denoiser, draw) for draw in missing})
     return {draw: kept[draw] for draw in draws}
 
 

@@ -132,6 +132,14 @@ def final_error(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], peak: float
             "trajectory_psnrs": [_psnr(m, peak) for m in mses]}
 
 
+def merged_error(first: dict[str, Any], second: dict[str, Any], peak: float) -> dict[str, Any]:
+    """final_error's figures over the trajectories of two final_error results together."""
+    count = first["trajectories"] + second["trajectories"]
+    mse = (first["mse"] * first["trajectories"] + second["mse"] * second["trajectories"]) / count if count else 0.0
+    return {"mse": mse, "psnr": _psnr(mse, peak), "trajectories": count,
+            "trajectory_psnrs": first.get("trajectory_psnrs", []) + second.get("trajectory_psnrs", [])}
+
+
 def population_psnr(psnrs: list[float]) -> float | None:
     """The PSNR of the mean squared error over every sample like these, from per-trajectory PSNRs
     taken as normally distributed in dB (squared errors log-normal, as a few samples that change

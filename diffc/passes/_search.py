@@ -3,12 +3,11 @@ over a grid of values against the pass's quality bar, on final outputs of the ca
 trajectories, verified on trajectories the search did not see."""
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Callable, Sequence
 
-from ..calibration import (draw_error, guidance_loss, population_psnr, resampling, sampling_loop, split_items,
-                           trajectory_error)
+from ..calibration import (draw_error, guidance_loss, merged_error, population_psnr, resampling, sampling_loop,
+                           split_items, trajectory_error)
 from ..ir import DiffusionGraph
 from .base import PassContext
 
@@ -158,16 +157,12 @@ def search_grid(grid: Sequence[float], build: Callable[[float], DiffusionGraph],
 
 
 def _with_fresh_draws(held_out: dict[str, Any], drawn: dict[str, Any] | None) -> dict[str, Any]:
-    """The held-out error over the recorded held-out trajectories and the fresh draws together
-    (final_error's figures, with "fresh_draws" counting the draws). Draws are sampled by the live
-    pipeline only, whose images PSNR reads with peak 1."""
+    """The held-out error over the recorded held-out trajectories and the fresh draws together,
+    with "fresh_draws" counting the draws. Draws are sampled by the live pipeline only, whose
+    images PSNR reads with peak 1."""
     if not drawn:
         return held_out
-    count = held_out["trajectories"] + drawn["trajectories"]
-    mse = (held_out["mse"] * held_out["trajectories"] + drawn["mse"] * drawn["trajectories"]) / count
-    return {"mse": mse, "psnr": math.inf if mse == 0 else 10 * math.log10(1.0 / mse), "trajectories": count,
-            "trajectory_psnrs": held_out.get("trajectory_psnrs", []) + drawn["trajectory_psnrs"],
-            "fresh_draws": drawn["trajectories"]}
+    return {**merged_error(held_out, drawn, 1.0), "fresh_draws": drawn["trajectories"]}
 
 
 def _keeps_population(entry: dict[str, Any], psnrs: list[float], min_psnr: float, tail_aware: bool) -> bool:

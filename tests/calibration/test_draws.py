@@ -71,3 +71,13 @@ def test_a_perturbed_candidate_is_measured_on_each_sample(live):
             pair.append(torch.as_tensor(result.images).double())
         expected += [float((a - b).pow(2).mean()) for a, b in zip(*pair)]
     assert error["mse"] == pytest.approx(sum(expected) / len(expected), rel=1e-9)
+
+
+def test_the_reference_outputs_kept_belong_to_their_calibration_set(live, tmp_path):
+    """Two sets on the same pipeline draw the same seeds for other conditions: each set's reference
+    outputs are its own, so the unmodified denoiser reproduces both exactly."""
+    pipe, calibration = live
+    assert draw_error(calibration, pipe.unet, count=3)["psnr"] == float("inf")
+    other = collect(pipe, conditions=[7, 2, 9], num_steps=3, out=tmp_path, progress=False)
+    assert fresh_draws(other, 3) == fresh_draws(calibration, 3)
+    assert draw_error(other, pipe.unet, count=3)["psnr"] == float("inf")
